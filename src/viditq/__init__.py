@@ -1,0 +1,1 @@
+"""viditq: post-training quantization for diffusion transformers."""

@@ -1,0 +1,226 @@
+"""Quantization configs: frozen dataclasses that validate themselves, presets by name, YAML/JSON round trip.
+
+A :class:`QuantConfig` says how every linear layer of a transformer is quantized:
+
+* ``weight`` / ``act``: the default bit-widths and granularity (:class:`WeightSpec`, :class:`ActSpec`);
+* ``balance``: static-dynamic channel balancing (smoothing scales from calibration, then a Hadamard rotation);
+* ``keep_fp``: regexes of layer names left in high precision (embeddings, adaLN, final projection by default);
+* ``rules``: ordered per-layer overrides (:class:`LayerRule`, regex → bits), the output of mixed precision;
+* ``attention``: ``"bf16"`` (the model's own attention), ``"int8"`` or ``"fp8"`` (viditq's quantized attention).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMAT_VERSION = 1
+
+# Layers that condition the whole network (embeddings, timestep/adaLN modulation, final projection) are small and
+# sensitive: ViDiT-Q and every peer keep them in high precision. Matched with re.search on the module name.
+DEFAULT_KEEP_FP = (
+    r"^(pos_embed|patch_embed|x_embedder|context_embedder|time_embedding|time_embed|time_proj|time_text_embed"
+    r"|adaln_single|caption_projection|condition_embedder|text_proj|norm_out|norm_final|proj_out)(\.|$)",
+    r"(^|\.)norm\w*\.",  # adaLN modulation linears inside blocks (norm1.linear, norm1_context.linear, ...)
+)
+ATTENTION_CHOICES = ("bf16", "int8", "fp8")
+GRANULARITIES = ("per_token", "per_tensor_static")
+
+
+def _check_bits(bits: int, what: str) -> None:
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
+        raise ValueError(f"{what} bits must be an integer between 2 and 8, got {bits!r}")
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """Weights: ``bits`` per output channel, or per ``group_size`` input channels when set."""
+
+    bits: int = 8
+    symmetric: bool = True
+    group_size: int | None = None
+    per_tensor: bool = False  # naive baseline only: one scale for the whole matrix
+
+    def __post_init__(self):
+        _check_bits(self.bits, "weight")
+        if self.group_size is not None and (self.group_size < 2 or self.group_size & (self.group_size - 1)):
+            raise ValueError(f"weight group_size must be a power of two >= 2 or None, got {self.group_size!r}")
+        if self.per_tensor and self.group_size is not None:
+            raise ValueError("weight per_tensor and group_size are exclusive")
+
+
+@dataclass(frozen=True)
+class ActSpec:
+    """Activations: ``bits``, quantized per token at run time (``per_token``) or with one calibrated scale."""
+
+    bits: int = 8
+    granularity: str = "per_token"
+
+    def __post_init__(self):
+        _check_bits(self.bits, "activation")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"activation granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+
+
+@dataclass(frozen=True)
+class BalanceSpec:
+    """Static-dynamic channel balancing.
+
+    smooth: divide activations by per-channel scales ``s = max|X|^alpha / max|W|^(1-alpha)`` (folded into W).
+    alphas: candidate migration strengths; each layer keeps the one with the least calibration output error.
+    rotate: then rotate channels with a randomized Hadamard matrix (weights offline, activations online).
+    """
+
+    smooth: bool = True
+    alphas: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+    rotate: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "alphas", tuple(float(a) for a in self.alphas))
+        if self.smooth and (not self.alphas or any(not 0.0 <= a <= 1.0 for a in self.alphas)):
+            raise ValueError(f"balance alphas must be a non-empty list of values in [0, 1], got {self.alphas!r}")
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """Override for layers whose name matches ``pattern`` (re.search). Later rules win over earlier ones.
+
+    ``timesteps``: optional (lo, hi) range of diffusion timesteps (inclusive) in which the rule applies; a layer
+    with timestep rules keeps one weight copy per distinct bit-width it needs.
+    """
+
+    pattern: str
+    weight_bits: int | None = None
+    act_bits: int | None = None
+    keep_fp: bool = False
+    timesteps: tuple[float, float] | None = None
+
+    def __post_init__(self):
+        try:
+            re.compile(self.pattern)
+        except re.error as e:
+            raise ValueError(f"invalid layer rule pattern {self.pattern!r}: {e}") from None
+        for bits, what in ((self.weight_bits, "rule weight"), (self.act_bits, "rule activation")):
+            if bits is not None:
+                _check_bits(bits, what)
+        if self.timesteps is not None:
+            lo, hi = (float(t) for t in self.timesteps)
+            if lo > hi:
+                raise ValueError(f"rule timesteps must be (lo, hi) with lo <= hi, got {self.timesteps!r}")
+            object.__setattr__(self, "timesteps", (lo, hi))
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    name: str = "custom"
+    weight: WeightSpec = field(default_factory=WeightSpec)
+    act: ActSpec = field(default_factory=ActSpec)
+    balance: BalanceSpec | None = field(default_factory=BalanceSpec)
+    keep_fp: tuple[str, ...] = DEFAULT_KEEP_FP
+    rules: tuple[LayerRule, ...] = ()
+    attention: str = "bf16"
+    calib_rows_per_layer: int = 512  # input rows kept per layer for the alpha search (reservoir sample)
+    seed: int = 0
+    version: int = FORMAT_VERSION
+
+    def __post_init__(self):
+        object.__setattr__(self, "keep_fp", tuple(self.keep_fp))
+        object.__setattr__(self, "rules", tuple(self.rules))
+        for pattern in self.keep_fp:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"invalid keep_fp pattern {pattern!r}: {e}") from None
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {self.attention!r}")
+        if self.calib_rows_per_layer < 1:
+            raise ValueError(f"calib_rows_per_layer must be >= 1, got {self.calib_rows_per_layer}")
+        if self.version > FORMAT_VERSION:
+            raise ValueError(f"config format version {self.version} is newer than this viditq ({FORMAT_VERSION})")
+
+    # -- serialization -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown QuantConfig fields {sorted(unknown)}; known: {sorted(known)}")
+        if "weight" in d:
+            d["weight"] = WeightSpec(**d["weight"])
+        if "act" in d:
+            d["act"] = ActSpec(**d["act"])
+        if d.get("balance") is not None:
+            d["balance"] = BalanceSpec(**d["balance"])
+        if "rules" in d:
+            d["rules"] = tuple(LayerRule(**r) if isinstance(r, dict) else r for r in d["rules"])
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            path.write_text(yaml.safe_dump(json.loads(self.to_json()), sort_keys=False))
+        else:
+            path.write_text(self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "QuantConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"quantization config file not found: {path}")
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of QuantConfig fields")
+        return cls.from_dict(data)
+
+
+# ------------------------------------------------------------------------------------------ presets
+PRESETS: dict[str, QuantConfig] = {}
+
+
+def register_preset(config: QuantConfig) -> QuantConfig:
+    PRESETS[config.name] = config
+    return config
+
+
+register_preset(QuantConfig("w8a8", WeightSpec(8), ActSpec(8)))
+register_preset(QuantConfig("w6a6", WeightSpec(6), ActSpec(6)))
+register_preset(QuantConfig("w4a8", WeightSpec(4, symmetric=False, group_size=64), ActSpec(8)))
+register_preset(QuantConfig("w4a4", WeightSpec(4, symmetric=False, group_size=64), ActSpec(4)))
+# Ablations / baselines: per-token dynamic without balancing, and the naive static per-tensor scheme.
+register_preset(QuantConfig("w8a8-dynamic", WeightSpec(8), ActSpec(8), balance=None))
+register_preset(QuantConfig("w4a8-dynamic", WeightSpec(4, False, 64), ActSpec(8), balance=None))
+register_preset(
+    QuantConfig("w8a8-static", WeightSpec(8, per_tensor=True), ActSpec(8, "per_tensor_static"), balance=None)
+)
+
+
+def resolve_config(config: "QuantConfig | str | Path") -> QuantConfig:
+    """A QuantConfig from itself, a preset name, or a YAML/JSON file path."""
+    if isinstance(config, QuantConfig):
+        return config
+    if isinstance(config, (str, Path)):
+        key = str(config)
+        if key in PRESETS:
+            return PRESETS[key]
+        if Path(key).suffix in (".yaml", ".yml", ".json"):
+            return QuantConfig.load(key)
+        raise ValueError(f"unknown preset {key!r}; choose one of {sorted(PRESETS)} or pass a .yaml/.json path")
+    raise TypeError(f"config must be a QuantConfig, a preset name or a path, got {type(config).__name__}")

@@ -1,0 +1,58 @@
+"""PyTorch reference implementations of every kernel entry point (any device, float32 math).
+
+These define the numerics; the Triton kernels must match them. Shapes:
+  x (M, K) float; act codes int8 (M, K); act scale float32 (M, 1);
+  weight codes int8 (N, K) or packed int4 uint8 (N, K // 2); weight scale (N, G); weight zero int8 (N, G) | None.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..quant.hadamard import hadamard_rotate
+from ..quant.quantizers import dequantize_weight, quantize_per_token, unpack_int4
+
+
+def balance_activation(
+    x: torch.Tensor, smooth_inv: torch.Tensor | None, rot_signs: torch.Tensor | None, rot_m: int
+) -> torch.Tensor:
+    """Activation side of channel balancing: ``(x * smooth_inv) @ R`` in float32."""
+    y = x.float()
+    if smooth_inv is not None:
+        y = y * smooth_inv
+    if rot_signs is not None:
+        y = hadamard_rotate(y, rot_signs, rot_m)
+    return y
+
+
+def quantize_activation(
+    x: torch.Tensor,
+    bits: int,
+    smooth_inv: torch.Tensor | None = None,
+    rot_signs: torch.Tensor | None = None,
+    rot_m: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Balance then quantize per token: (M, K) → int8 codes (M, K), float32 scales (M, 1)."""
+    return quantize_per_token(balance_activation(x, smooth_inv, rot_signs, rot_m), bits)
+
+
+def unpack_weight_codes(w: torch.Tensor, packed_int4: bool) -> torch.Tensor:
+    return unpack_int4(w) if packed_int4 else w
+
+
+def int_linear(
+    x_codes: torch.Tensor,
+    x_scale: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero: torch.Tensor | None,
+    group_size: int,
+    packed_int4: bool,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``y = (x_codes * x_scale) @ dequant(W)^T + bias`` → (M, N) in ``out_dtype``."""
+    wf = dequantize_weight(unpack_weight_codes(w, packed_int4), w_scale, w_zero, group_size)
+    y = (x_codes.float() @ wf.t()) * x_scale
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
