@@ -1,0 +1,401 @@
+"""8-bit attention (Triton, Hopper): INT8 Q·Kᵀ with per-block scales and K smoothing, online softmax, FP8/BF16 P·V.
+
+``out = softmax(scale * Q Kᵀ + bias) V`` for ``q (B, H, Nq, D)``, ``k, v (B, H, Nkv, D)``, SageAttention-style:
+
+1. **K smoothing**: ``K -= mean_tokens(K)`` per (batch, head, channel). Softmax is invariant to adding the same
+   ``q · mean`` to every score of a row, and removing the common mean (large in DiTs) shrinks K's int8 range.
+2. **Per-block int8 Q and K**: one absmax scale per ``BLOCK_M`` query tokens / ``BLOCK_N`` key tokens and head.
+   ``scale * LOG2E`` is folded into the Q scales so the softmax runs on ``exp2``.
+3. **Online softmax** in float32 over key blocks (the flash-attention recurrence).
+4. **P·V**: mode ``"fp8"``: P and V in fp8 e4m3 (V with per-channel scales, P shifted by ``log2(448)`` so its
+   largest entry per row is 448 and small probabilities stay out of fp8's subnormal range); mode ``"int8"``:
+   P and V in bf16 (only Q·Kᵀ is 8-bit).
+
+Head dims up to 256 are padded to a power of two (72 → 128) in the quantized copies; sequence lengths are padded
+to whole blocks and padded keys are masked. ``bias`` is an optional additive key-padding bias (B, H, Nkv), the
+form text-padding masks take in cross-attention; masks that vary over queries are not supported here (the
+integration in :mod:`viditq.attention` leaves those to the model's own SDPA).
+
+:func:`quantized_attention_reference` is the PyTorch definition of the numerics (fake-quantized in float32, whole
+softmax rows at once instead of online); :func:`quantized_attention_triton` is the kernel. Layout of the kernel's
+quantized operands (all contiguous, padded):
+  q codes (B·H, Nq_pad, D_pad) int8, q scales (B·H, Nq_pad / BLOCK_M) float32 (include ``scale * LOG2E``);
+  k codes (B·H, Nkv_pad, D_pad) int8, k scales (B·H, Nkv_pad / BLOCK_N) float32;
+  v: fp8 mode (B·H, D_pad, Nkv_pad) e4m3 (transposed: fp8 tensor cores want P·V's reduction dim contiguous)
+     + per-channel scales (B·H, D_pad) float32; int8 mode (B·H, Nkv_pad, D_pad) bf16.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+MODES = ("int8", "fp8")
+LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E)
+INT8_MAX = 127.0
+FP8_E4M3_MAX = 448.0
+LOG2_FP8_E4M3_MAX = math.log2(FP8_E4M3_MAX)  # P = exp2(s - m + this) puts each row's largest P at 448
+MASKED_SCORE = -1.0e30  # finite "minus infinity": a fully masked key block gives exp2(0) terms, not NaN
+QUERY_CHUNK = 1024  # reference: query rows per chunk, to bound the (chunk, Nkv) score matrix
+
+
+# ------------------------------------------------------------------------------------------ configs
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Tile shape of the attention kernel; the quantization blocks of Q and K follow BLOCK_M / BLOCK_N."""
+
+    block_m: int = 128
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def default_config(head_dim_padded: int, mode: str) -> AttentionConfig:
+    """Heuristic tiles for DiT shapes (no autotuning: each shape compiles once)."""
+    if head_dim_padded >= 128:
+        return AttentionConfig(128, 64, 8, 3)
+    return AttentionConfig(128, 64, 4, 3)
+
+
+def padded_head_dim(d: int) -> int:
+    """Power of two >= max(d, 32) (32: int8 tensor-core K step)."""
+    return max(32, triton.next_power_of_2(d))
+
+
+def _round_half_away(x: torch.Tensor) -> torch.Tensor:
+    return torch.sign(x) * torch.floor(x.abs() + 0.5)
+
+
+# ------------------------------------------------------------------------------------------ reference
+def fake_quant_per_block(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Symmetric int8 fake quantization of (B, H, N, D) with one absmax scale per ``block`` tokens and head."""
+    b, h, n, d = x.shape
+    n_pad = triton.cdiv(n, block) * block
+    xp = torch.nn.functional.pad(x.float(), (0, 0, 0, n_pad - n)).view(b, h, n_pad // block, block, d)
+    amax = xp.abs().amax(dim=(-2, -1), keepdim=True)
+    scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
+    return (_round_half_away(xp / scale) * scale).view(b, h, n_pad, d)[:, :, :n]
+
+
+def fake_quant_fp8(x: torch.Tensor) -> torch.Tensor:
+    """Round float32 values to the nearest fp8 e4m3 value (saturating at ±448), back in float32."""
+    return x.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn).float()
+
+
+def quantized_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mode: str,
+    scale: float | None = None,
+    bias: torch.Tensor | None = None,
+    config: AttentionConfig | None = None,
+) -> torch.Tensor:
+    """PyTorch definition of the kernel's numerics, in float32 on any device.
+
+    q (B, H, Nq, D), k/v (B, H, Nkv, D), bias (B, H, Nkv) additive in natural-log units or None
+    → (B, H, Nq, D) in q.dtype. Differs from the kernel only in rounding order: P is quantized relative to each
+    row's final max here, to the running max there.
+    """
+    _check_inputs(q, k, v, mode, bias)
+    config = config or default_config(padded_head_dim(q.shape[-1]), mode)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q_dq = fake_quant_per_block(q, config.block_m)
+    k_float = k.float()
+    k_dq = fake_quant_per_block(k_float - k_float.mean(dim=2, keepdim=True), config.block_n)
+    if mode == "fp8":
+        v_scale = (v.float().abs().amax(dim=2, keepdim=True) / FP8_E4M3_MAX).clamp_min(1e-12)  # (B, H, 1, D)
+        v_dq = fake_quant_fp8(v.float() / v_scale) * v_scale
+    else:
+        v_dq = v.float()
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    for start in range(0, q.shape[2], QUERY_CHUNK):
+        rows = slice(start, start + QUERY_CHUNK)
+        s = (q_dq[:, :, rows] @ k_dq.transpose(-1, -2)) * (scale * LOG2E)  # (B, H, chunk, Nkv), log2 units
+        if bias is not None:
+            s = s + (bias.float() * LOG2E).clamp_min(MASKED_SCORE)[:, :, None, :]
+        s_max = s.amax(dim=-1, keepdim=True)
+        if mode == "fp8":
+            p = torch.exp2(s - s_max + LOG2_FP8_E4M3_MAX)  # row max 448
+            p_mma = fake_quant_fp8(p)
+        else:
+            p = torch.exp2(s - s_max)
+            p_mma = p.to(torch.bfloat16).float()
+        out[:, :, rows] = (p_mma @ v_dq) / p.sum(dim=-1, keepdim=True)
+    return out.to(q.dtype)
+
+
+def _check_inputs(q, k, v, mode, bias) -> None:
+    if mode not in MODES:
+        raise ValueError(f"quantized attention mode must be one of {MODES}, got {mode!r}")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"expected q, k, v of shape (B, H, N, D), got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    b, h, _, d = q.shape
+    if k.shape[:2] != (b, h) or v.shape[:2] != (b, h) or k.shape[2] != v.shape[2] or k.shape[3] != d:
+        raise ValueError(f"incompatible q, k, v shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if v.shape[3] != d:
+        raise ValueError(f"value head dim {v.shape[3]} must equal the query head dim {d}")
+    if d > 256:
+        raise ValueError(f"head dim must be <= 256, got {d}")
+    if bias is not None and bias.shape != (b, h, k.shape[2]):
+        raise ValueError(f"bias must have shape (B, H, Nkv) = {(b, h, k.shape[2])}, got {tuple(bias.shape)}")
+
+
+# ------------------------------------------------------------------------------------------ kernels
+@triton.jit
+def _quantize_blocks_kernel(
+    X, Mean, Codes, Scales,
+    stride_xb, stride_xh, stride_xn, stride_xd,
+    H, N, D, N_PAD, N_BLOCKS, multiplier,
+    BLOCK: tl.constexpr, HEAD_D: tl.constexpr, HAS_MEAN: tl.constexpr,
+):
+    """One (BLOCK, HEAD_D) tile of one head → int8 codes (zero in the padding) and one absmax scale."""
+    pid_blk = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_n = pid_blk * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_D)
+    mask = (offs_n < N)[:, None] & (offs_d < D)[None, :]
+    x_ptrs = X + b * stride_xb + h * stride_xh + offs_n[:, None] * stride_xn + offs_d[None, :] * stride_xd
+    x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_MEAN:
+        mean = tl.load(Mean + pid_bh * D + offs_d, mask=offs_d < D, other=0.0)
+        x = tl.where(mask, x - mean[None, :], 0.0)
+    amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+    scale = tl.where(amax > 0, amax / 127.0, 1.0)
+    y = x / scale
+    codes = tl.where(y >= 0, tl.floor(y + 0.5), -tl.floor(0.5 - y))  # round half away from zero
+    out_ptrs = Codes + pid_bh * N_PAD * HEAD_D + offs_n[:, None] * HEAD_D + offs_d[None, :]
+    tl.store(out_ptrs, codes.to(tl.int8))
+    tl.store(Scales + pid_bh * N_BLOCKS + pid_blk, scale * multiplier)
+
+
+@triton.jit
+def _quantize_v_fp8_kernel(
+    V, VScale, Out,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    H, N, D, N_PAD,
+    BLOCK: tl.constexpr, HEAD_D: tl.constexpr,
+):
+    """One (BLOCK, HEAD_D) tile of V / per-channel scale → fp8 e4m3, stored transposed as (HEAD_D, N_PAD)."""
+    pid_blk = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_n = pid_blk * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_D)
+    mask = (offs_n < N)[:, None] & (offs_d < D)[None, :]
+    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    v = tl.load(v_ptrs, mask=mask, other=0.0).to(tl.float32)
+    v_scale = tl.load(VScale + pid_bh * HEAD_D + offs_d)
+    v = tl.minimum(tl.maximum(v / v_scale[None, :], -448.0), 448.0)
+    out_ptrs = Out + pid_bh * HEAD_D * N_PAD + offs_d[None, :] * N_PAD + offs_n[:, None]
+    tl.store(out_ptrs, v.to(tl.float8e4nv))
+
+
+@triton.jit
+def _attn_block(
+    acc, m_i, l_i, q, q_scale, k_ptrs, v_ptrs, KScale, Bias, kv_block, start_n, N_KV,
+    BLOCK_N: tl.constexpr, MASK_KV: tl.constexpr, HAS_BIAS: tl.constexpr, PV_FP8: tl.constexpr,
+):
+    """One key/value block of the online softmax: update (acc, row max m_i, row sum l_i)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = tl.load(k_ptrs)  # (BLOCK_N, HEAD_D) int8
+    qk = tl.dot(q, tl.trans(k), out_dtype=tl.int32)  # (BLOCK_M, BLOCK_N) exact integer scores
+    s = qk.to(tl.float32) * (q_scale * tl.load(KScale + kv_block))  # log2 units: scale*LOG2E is in q_scale
+    if HAS_BIAS:
+        s += tl.load(Bias + offs_n)[None, :]
+    if MASK_KV:
+        s = tl.where((offs_n < N_KV)[None, :], s, -1.0e30)
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.math.exp2(m_i - m_new)
+    if PV_FP8:
+        # Shift by log2(448): the row's largest P is 448, the top of e4m3's range (acc and l share the factor).
+        p = tl.math.exp2(s - (m_new[:, None] - 8.807354922057604))
+        v = tl.load(v_ptrs)  # (HEAD_D, BLOCK_N) fp8, transposed
+        pv = tl.dot(p.to(tl.float8e4nv), tl.trans(v))
+    else:
+        p = tl.math.exp2(s - m_new[:, None])
+        v = tl.load(v_ptrs)  # (BLOCK_N, HEAD_D) bf16
+        pv = tl.dot(p.to(tl.bfloat16), v)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + pv
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q8, K8, V, QScale, KScale, VScale, Bias, Out,
+    stride_ob, stride_oh, stride_on, stride_od,
+    H, N_Q, N_KV, N_UNMASKED, D, NQ_PAD, NKV_PAD,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
+    PV_FP8: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    """One (BLOCK_M, HEAD_D) output tile of one head. Grid (Nq_pad / BLOCK_M, B·H): the query blocks of a head
+    run next to each other, so that head's K and V stay in L2."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_D)
+    q = tl.load(Q8 + pid_bh * NQ_PAD * HEAD_D + offs_m[:, None] * HEAD_D + offs_d[None, :])
+    q_scale = tl.load(QScale + pid_bh * (NQ_PAD // BLOCK_M) + pid_m)
+    k_ptrs = K8 + pid_bh * NKV_PAD * HEAD_D + offs_n[:, None] * HEAD_D + offs_d[None, :]
+    if PV_FP8:
+        v_ptrs = V + pid_bh * HEAD_D * NKV_PAD + offs_d[:, None] * NKV_PAD + offs_n[None, :]
+        v_step = BLOCK_N
+    else:
+        v_ptrs = V + pid_bh * NKV_PAD * HEAD_D + offs_n[:, None] * HEAD_D + offs_d[None, :]
+        v_step = BLOCK_N * HEAD_D
+    k_scales = KScale + pid_bh * (NKV_PAD // BLOCK_N)
+    bias_ptr = Bias + pid_bh * NKV_PAD
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
+    # Key blocks [0, N_UNMASKED) need no padding mask (with a bias, padded keys already carry MASKED_SCORE).
+    for start_n in range(0, N_UNMASKED, BLOCK_N):
+        acc, m_i, l_i = _attn_block(
+            acc, m_i, l_i, q, q_scale, k_ptrs, v_ptrs, k_scales, bias_ptr, start_n // BLOCK_N, start_n, N_KV,
+            BLOCK_N, False, HAS_BIAS, PV_FP8)
+        k_ptrs += BLOCK_N * HEAD_D
+        v_ptrs += v_step
+    if N_UNMASKED < N_KV:
+        acc, m_i, l_i = _attn_block(
+            acc, m_i, l_i, q, q_scale, k_ptrs, v_ptrs, k_scales, bias_ptr, N_UNMASKED // BLOCK_N, N_UNMASKED,
+            N_KV, BLOCK_N, True, HAS_BIAS, PV_FP8)
+    out = acc / l_i[:, None]
+    if PV_FP8:
+        out = out * tl.load(VScale + pid_bh * HEAD_D + offs_d)[None, :]
+    b = pid_bh // H
+    h = pid_bh % H
+    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m < N_Q)[:, None] & (offs_d < D)[None, :])
+
+
+# ------------------------------------------------------------------------------------------ launchers
+def quantize_per_block(
+    x: torch.Tensor, block: int, head_dim_padded: int, multiplier: float = 1.0, mean: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, H, N, D) → int8 codes (B·H, N_pad, D_pad), scales (B·H, N_pad / block) float32 (times multiplier).
+
+    ``mean`` (B, H, D) float32 is subtracted first (K smoothing)."""
+    b, h, n, d = x.shape
+    n_blocks = triton.cdiv(n, block)
+    codes = torch.empty((b * h, n_blocks * block, head_dim_padded), dtype=torch.int8, device=x.device)
+    scales = torch.empty((b * h, n_blocks), dtype=torch.float32, device=x.device)
+    mean_arg = mean.contiguous() if mean is not None else scales
+    _quantize_blocks_kernel[(n_blocks, b * h)](
+        x, mean_arg, codes, scales, *x.stride(), h, n, d, n_blocks * block, n_blocks, multiplier,
+        BLOCK=block, HEAD_D=head_dim_padded, HAS_MEAN=mean is not None)
+    return codes, scales
+
+
+def quantize_v_fp8(v: torch.Tensor, block: int, head_dim_padded: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, H, N, D) → fp8 e4m3 codes (B·H, D_pad, N_pad) (transposed), per-channel scales (B·H, D_pad)."""
+    b, h, n, d = v.shape
+    n_blocks = triton.cdiv(n, block)
+    v_scale = torch.ones((b * h, head_dim_padded), dtype=torch.float32, device=v.device)
+    amax = v.abs().amax(dim=2).float().reshape(b * h, d)
+    v_scale[:, :d] = (amax / FP8_E4M3_MAX).clamp_min(1e-12)
+    codes = torch.empty((b * h, head_dim_padded, n_blocks * block), dtype=torch.float8_e4m3fn, device=v.device)
+    _quantize_v_fp8_kernel[(n_blocks, b * h)](
+        v, v_scale, codes, *v.stride(), h, n, d, n_blocks * block, BLOCK=block, HEAD_D=head_dim_padded)
+    return codes, v_scale
+
+
+def _pad_v_bf16(v: torch.Tensor, block: int, head_dim_padded: int) -> torch.Tensor:
+    """(B, H, N, D) → bf16 (B·H, N_pad, D_pad), zero padded."""
+    b, h, n, d = v.shape
+    n_pad = triton.cdiv(n, block) * block
+    if n_pad == n and d == head_dim_padded and v.dtype == torch.bfloat16:
+        return v.reshape(b * h, n, d).contiguous()
+    out = torch.zeros((b, h, n_pad, head_dim_padded), dtype=torch.bfloat16, device=v.device)
+    out[:, :, :n, :d] = v
+    return out.view(b * h, n_pad, head_dim_padded)
+
+
+def _bias_log2(bias: torch.Tensor, n_pad: int) -> torch.Tensor:
+    """(B, H, Nkv) natural-log additive bias → (B·H, Nkv_pad) float32 in log2 units, padding masked."""
+    b, h, n = bias.shape
+    out = torch.full((b * h, n_pad), MASKED_SCORE, dtype=torch.float32, device=bias.device)
+    out[:, :n] = (bias.float() * LOG2E).clamp_min(MASKED_SCORE).reshape(b * h, n)
+    return out
+
+
+def quantized_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mode: str,
+    scale: float | None = None,
+    bias: torch.Tensor | None = None,
+    config: AttentionConfig | None = None,
+) -> torch.Tensor:
+    """Triton 8-bit attention. q (B, H, Nq, D), k/v (B, H, Nkv, D) (any strides), bias (B, H, Nkv) or None
+    → (B, H, Nq, D) in q.dtype, laid out as (B, Nq, H, D) in memory (what attention processors reshape next)."""
+    _check_inputs(q, k, v, mode, bias)
+    b, h, n_q, d = q.shape
+    n_kv = k.shape[2]
+    head_d = padded_head_dim(d)
+    config = config or default_config(head_d, mode)
+    scale = d ** -0.5 if scale is None else scale
+    q8, q_scale = quantize_per_block(q, config.block_m, head_d, multiplier=scale * LOG2E)
+    k_mean = k.mean(dim=2, dtype=torch.float32)  # (B, H, D)
+    k8, k_scale = quantize_per_block(k, config.block_n, head_d, mean=k_mean)
+    nkv_pad = k8.shape[1]
+    if mode == "fp8":
+        v_op, v_scale = quantize_v_fp8(v, config.block_n, head_d)
+    else:
+        v_op, v_scale = _pad_v_bf16(v, config.block_n, head_d), q_scale
+    bias_arg = _bias_log2(bias, nkv_pad) if bias is not None else q_scale
+    out = torch.empty((b, n_q, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
+    n_unmasked = nkv_pad if bias is not None else (n_kv // config.block_n) * config.block_n
+    grid = (q8.shape[1] // config.block_m, b * h)
+    _attn_fwd_kernel[grid](
+        q8, k8, v_op, q_scale, k_scale, v_scale, bias_arg, out, *out.stride(),
+        h, n_q, n_kv, n_unmasked, d, q8.shape[1], nkv_pad,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, HEAD_D=head_d,
+        PV_FP8=mode == "fp8", HAS_BIAS=bias is not None,
+        num_warps=config.num_warps, num_stages=config.num_stages)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ entry point
+@torch.library.custom_op("viditq::quantized_attention", mutates_args=())
+def _quantized_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, mode: str, scale: float
+) -> torch.Tensor:
+    if q.is_cuda and os.environ.get("VIDITQ_BACKEND", "auto") != "reference":
+        return quantized_attention_triton(q, k, v, mode, scale, bias)
+    out = quantized_attention_reference(q, k, v, mode, scale, bias)
+    return out.transpose(1, 2).contiguous().transpose(1, 2)  # same (B, Nq, H, D) memory layout as the kernel
+
+
+@_quantized_attention_op.register_fake
+def _(q, k, v, bias, mode, scale):
+    b, h, n_q, d = q.shape
+    return q.new_empty((b, n_q, h, d)).transpose(1, 2)
+
+
+def quantized_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mode: str,
+    scale: float | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """8-bit attention: the Triton kernel on CUDA, the PyTorch reference elsewhere (or with
+    ``VIDITQ_BACKEND=reference``). A ``torch.library`` op, so ``torch.compile`` keeps it as one opaque call.
+
+    q (B, H, Nq, D), k/v (B, H, Nkv, D), bias (B, H, Nkv) additive or None → (B, H, Nq, D) in q.dtype.
+    """
+    _check_inputs(q, k, v, mode, bias)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _quantized_attention_op(q, k, v, bias, mode, scale)
