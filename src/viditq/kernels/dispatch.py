@@ -1,23 +1,58 @@
 """Backend choice for the quantized linear path: Triton kernels on CUDA, the PyTorch reference elsewhere.
 
 ``VIDITQ_BACKEND=reference`` forces the reference everywhere (for debugging and A/B checks).
+
+Eager calls launch the Triton kernels directly (no custom-op overhead on the hot path). Under ``torch.compile``
+the same kernels are reached through the ``viditq::quantize_activation`` / ``viditq::int_linear`` custom ops
+(:mod:`.ops`), which the compiler treats as opaque nodes with known output shapes, so compiled graphs and CUDA
+graphs work. Triton is imported lazily: a machine without it simply uses the reference.
 """
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 
 import torch
 
-from . import reference
+from . import ops, reference
+
+
+@lru_cache(maxsize=1)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def use_triton(x: torch.Tensor) -> bool:
-    return x.is_cuda and os.environ.get("VIDITQ_BACKEND", "auto") != "reference"
+    return x.is_cuda and os.environ.get("VIDITQ_BACKEND", "auto") != "reference" and triton_available()
+
+
+def _act_kernel_supports(k: int, rot_signs: torch.Tensor | None, rot_m: int) -> bool:
+    from . import act_quant
+
+    return act_quant.rotation_supported(k, rot_m) if rot_signs is not None else act_quant.plain_supported(k)
 
 
 def quantize_activation(x, bits, smooth_inv=None, rot_signs=None, rot_m=1):
-    return reference.quantize_activation(x, bits, smooth_inv, rot_signs, rot_m)
+    """(M, K) float → int8 codes (M, K), float32 per-token scales (M, 1); see ``reference.quantize_activation``."""
+    if not (use_triton(x) and _act_kernel_supports(x.shape[-1], rot_signs, rot_m)):
+        return reference.quantize_activation(x, bits, smooth_inv, rot_signs, rot_m)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if torch.compiler.is_compiling():
+        return torch.ops.viditq.quantize_activation(x, bits, smooth_inv, rot_signs, rot_m)
+    return ops.quantize_activation_impl(x, bits, smooth_inv, rot_signs, rot_m)
 
 
 def int_linear(x_codes, x_scale, w, w_scale, w_zero, group_size, packed_int4, bias, out_dtype):
-    return reference.int_linear(x_codes, x_scale, w, w_scale, w_zero, group_size, packed_int4, bias, out_dtype)
+    """``(x_codes * x_scale) @ dequant(w)^T + bias`` → (M, N) ``out_dtype``; see ``reference.int_linear``."""
+    if not (use_triton(x_codes) and ops.gemm_supported(x_codes.shape[-1], group_size, packed_int4)):
+        return reference.int_linear(x_codes, x_scale, w, w_scale, w_zero, group_size, packed_int4, bias, out_dtype)
+    if torch.compiler.is_compiling():
+        return torch.ops.viditq.int_linear(
+            x_codes, x_scale, w, w_scale, w_zero, group_size, packed_int4, bias, out_dtype
+        )
+    return ops.int_linear_impl(x_codes, x_scale, w, w_scale, w_zero, group_size, packed_int4, bias, out_dtype)

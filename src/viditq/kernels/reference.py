@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..quant.hadamard import hadamard_rotate
-from ..quant.quantizers import dequantize_weight, quantize_per_token, unpack_int4
+from ..quant.quantizers import MIN_SCALE, dequantize_weight, quantize_per_token, unpack_int4
 
 
 def balance_activation(
@@ -53,6 +53,35 @@ def int_linear(
     """``y = (x_codes * x_scale) @ dequant(W)^T + bias`` → (M, N) in ``out_dtype``."""
     wf = dequantize_weight(unpack_weight_codes(w, packed_int4), w_scale, w_zero, group_size)
     y = (x_codes.float() @ wf.t()) * x_scale
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
+# ----------------------------------------------------------------------------------------- fp8 e4m3 variant
+FP8_E4M3_MAX = 448.0
+
+
+def quantize_per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token fp8: (M, K) float → fp8 e4m3 values (M, K), float32 scales (M, 1) with ``absmax / 448``."""
+    xf = x.float()
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_E4M3_MAX).clamp_min(MIN_SCALE)
+    return (xf / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn), scale
+
+
+def quantize_activation_fp8(
+    x: torch.Tensor, smooth_inv: torch.Tensor | None = None, rot_signs: torch.Tensor | None = None, rot_m: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Balance then quantize per token to fp8 e4m3 (the fp8 twin of :func:`quantize_activation`)."""
+    return quantize_per_token_fp8(balance_activation(x, smooth_inv, rot_signs, rot_m))
+
+
+def fp8_linear(
+    a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+    bias: torch.Tensor | None, out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``(a * a_scale) @ (w * w_scale)^T + bias`` for fp8 a (M, K), w (N, K), scales (M, 1) and (N, 1)."""
+    y = (a.float() @ w.float().t()) * a_scale * w_scale.float().reshape(1, -1)
     if bias is not None:
         y = y + bias.float()
     return y.to(out_dtype)

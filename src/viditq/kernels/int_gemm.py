@@ -1,0 +1,221 @@
+"""Quantized GEMM (Triton): int8 x int8 (W8A8), int8 x packed int4 (W4A8) and fp8 e4m3 x fp8 e4m3.
+
+``y = (a_codes * a_scale) @ dequant(W)^T + bias`` with a fused epilogue (per-token x per-channel scales, bias,
+cast to the output dtype). A is (M, K) int8 (or fp8) row-major, W is the layer's own (N, K) buffer — K-major, which
+is the layout the tensor cores want for B, so no transposed copy is needed:
+
+* int8 codes (N, K), or int4 codes packed two per byte (N, K // 2) and unpacked in the main loop;
+* per-channel scales (N, 1): int32 accumulation over all of K, scales applied once in the epilogue;
+* group-wise scales (N, G) (fp16, group_size a multiple of BLOCK_K): an int32 product per K tile, rescaled into a
+  float32 accumulator;
+* asymmetric zero points (N, G) int8: for int4, ``code - zero`` still fits int8 and is subtracted before the
+  product; for int8, ``zero * rowsum(a_codes)`` is subtracted from the integer product.
+
+With ``persistent`` the grid is one program per SM, each walking tiles ``pid, pid + programs, ...``; tiles are
+visited in groups of ``GROUP_M`` row-blocks so consecutive programs share B tiles in L2.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+# ----------------------------------------------------------------------------------------- configs
+@dataclass(frozen=True)
+class GemmConfig:
+    block_m: int = 128
+    block_n: int = 256
+    block_k: int = 128
+    group_m: int = 8
+    num_warps: int = 8
+    num_stages: int = 3
+    persistent: bool = False
+
+
+def default_config(m: int, n: int, k: int, packed_int4: bool, group_size: int, fp8: bool) -> GemmConfig:
+    """Heuristic tile choice for DiT shapes (no autotuning, so the first forward compiles each kernel once)."""
+    grouped = group_size < k
+    block_k = 128
+    if grouped:
+        block_k = min(128, group_size)
+    if m <= 64:
+        return GemmConfig(64, 128, min(block_k, 128), 8, 4, 4)
+    if packed_int4 or grouped:
+        return GemmConfig(128, 128, block_k, 8, 8, 4)
+    return GemmConfig(128, 256, block_k, 8, 8, 3)
+
+
+# ----------------------------------------------------------------------------------------- kernel
+@triton.jit
+def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Grouped ordering: GROUP_M row-blocks sweep the columns together so their B tiles are reused from L2."""
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = tile_id // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (tile_id % num_pid_in_group) % group_size_m
+    pid_n = (tile_id % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _load_b_tile(b_ptr, offs_n, k0, N, K, stride_bn, PACKED: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """B tile (BLOCK_K, BLOCK_N) of signed codes from the (N, K) or packed (N, K // 2) weight buffer."""
+    if PACKED:
+        offs_kp = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        mask = (offs_n[:, None] < N) & (offs_kp[None, :] < K // 2)
+        packed = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_kp[None, :], mask=mask, other=0)
+        byte = packed.to(tl.int8, bitcast=True)
+        low = (byte << 4) >> 4  # arithmetic shift sign-extends the low nibble (even k)
+        high = byte >> 4  # odd k
+        codes = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K))  # (n, 2j + t) interleaved back
+        return tl.trans(codes)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
+    return tl.load(b_ptr + offs_k[:, None] + offs_n[None, :] * stride_bn, mask=mask, other=0)
+
+
+@triton.jit
+def _gemm_tile(
+    tile_id, a_ptr, a_scale_ptr, b_ptr, w_scale_ptr, w_zero_ptr, bias_ptr, c_ptr,
+    M, N, K, stride_am, stride_bn, stride_cm, stride_sg, group_size,
+    PACKED: tl.constexpr, GROUPED: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+    FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """One (BLOCK_M, BLOCK_N) output tile: main loop over K, then the fused epilogue."""
+    pid_m, pid_n = _tile_coords(tile_id, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]
+    n_mask = offs_n < N
+    if FP8 or GROUPED:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    rowsum = tl.zeros((BLOCK_M,), dtype=tl.int32)  # sum of a codes, for int8 zero points
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < K - k0), other=0)
+        b = _load_b_tile(b_ptr, offs_n, k0, N, K, stride_bn, PACKED, BLOCK_N, BLOCK_K)
+        g = k0 // group_size
+        if HAS_ZERO and PACKED:  # int4 (code - zero) lies in [-15, 15]: still int8
+            z = tl.load(w_zero_ptr + offs_n * stride_sg + g, mask=n_mask, other=0)
+            b = b - z[None, :]
+        if FP8:
+            acc = tl.dot(a, b, acc)
+        elif GROUPED:
+            part = tl.dot(a, b, out_dtype=tl.int32)
+            if HAS_ZERO and not PACKED:
+                z = tl.load(w_zero_ptr + offs_n * stride_sg + g, mask=n_mask, other=0).to(tl.int32)
+                part -= tl.sum(a.to(tl.int32), axis=1)[:, None] * z[None, :]
+            s = tl.load(w_scale_ptr + offs_n * stride_sg + g, mask=n_mask, other=0.0).to(tl.float32)
+            acc += part.to(tl.float32) * s[None, :]
+        else:
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+            if HAS_ZERO and not PACKED:
+                rowsum += tl.sum(a.to(tl.int32), axis=1)
+        a_ptrs += BLOCK_K
+
+    # Epilogue: per-token x per-channel dequantization, bias, cast.
+    if not GROUPED and not FP8 and HAS_ZERO and not PACKED:
+        z = tl.load(w_zero_ptr + offs_n * stride_sg, mask=n_mask, other=0).to(tl.int32)
+        acc -= rowsum[:, None] * z[None, :]
+    y = acc.to(tl.float32)
+    if not GROUPED:
+        y = y * tl.load(w_scale_ptr + offs_n * stride_sg, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y = y * tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & n_mask[None, :])
+
+
+@triton.jit
+def _quant_gemm_kernel(
+    a_ptr, a_scale_ptr, b_ptr, w_scale_ptr, w_zero_ptr, bias_ptr, c_ptr,
+    M, N, K, stride_am, stride_bn, stride_cm, stride_sg, group_size, num_programs,
+    PACKED: tl.constexpr, GROUPED: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+    FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+):
+    if PERSISTENT:
+        num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        for tile_id in range(tl.program_id(0), num_tiles, num_programs):
+            _gemm_tile(tile_id, a_ptr, a_scale_ptr, b_ptr, w_scale_ptr, w_zero_ptr, bias_ptr, c_ptr,
+                       M, N, K, stride_am, stride_bn, stride_cm, stride_sg, group_size,
+                       PACKED, GROUPED, HAS_ZERO, HAS_BIAS, FP8, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+    else:
+        _gemm_tile(tl.program_id(0), a_ptr, a_scale_ptr, b_ptr, w_scale_ptr, w_zero_ptr, bias_ptr, c_ptr,
+                   M, N, K, stride_am, stride_bn, stride_cm, stride_sg, group_size,
+                   PACKED, GROUPED, HAS_ZERO, HAS_BIAS, FP8, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+
+
+# ----------------------------------------------------------------------------------------- launcher
+_SM_COUNT: dict[int, int] = {}
+INTERPRETER_PROGRAMS = 3  # persistent grid size off-GPU (CPU interpreter): several tiles per program
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return INTERPRETER_PROGRAMS
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def supported(k: int, group_size: int, packed_int4: bool, config: GemmConfig | None = None) -> bool:
+    """Shapes the kernel handles: K tiles must not straddle a scale group; packed K must be even."""
+    if packed_int4 and k % 2:
+        return False
+    if group_size < k:
+        block_k = config.block_k if config else min(128, group_size)
+        return group_size % block_k == 0 and k % group_size == 0 and block_k >= 32
+    return True
+
+
+def quant_linear(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero: torch.Tensor | None,
+    group_size: int,
+    packed_int4: bool,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    config: GemmConfig | None = None,
+) -> torch.Tensor:
+    """``(a * a_scale) @ dequant(w)^T + bias`` → (M, N) ``out_dtype``.
+
+    a: (M, K) int8 codes or fp8 e4m3; a_scale: (M, 1) f32; w: (N, K) int8 / fp8, or (N, K // 2) uint8 packed int4;
+    w_scale: (N, G); w_zero: (N, G) int8 or None; bias: (N,) or None.
+    """
+    m, k = a.shape
+    n = w.shape[0]
+    fp8 = a.dtype == torch.float8_e4m3fn
+    if fp8 and (w.dtype != torch.float8_e4m3fn or group_size != k or w_zero is not None):
+        raise ValueError("the fp8 GEMM takes fp8 e4m3 weights with per-channel scales and no zero point")
+    if w.shape[1] != (k // 2 if packed_int4 else k):
+        raise ValueError(f"weight shape {tuple(w.shape)} does not match K={k} (packed_int4={packed_int4})")
+    cfg = config or default_config(m, n, k, packed_int4, group_size, fp8)
+    if not supported(k, group_size, packed_int4, cfg):
+        raise ValueError(f"unsupported quantized GEMM: K={k}, group_size={group_size}, block_k={cfg.block_k}")
+    a, w, w_scale = a.contiguous(), w.contiguous(), w_scale.contiguous()
+    a_scale = a_scale.reshape(m).contiguous()
+    c = torch.empty(m, n, device=a.device, dtype=out_dtype)
+    num_tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    programs = min(num_tiles, _num_sms(a.device)) if cfg.persistent else num_tiles
+    _quant_gemm_kernel[(programs,)](
+        a, a_scale, w, w_scale, w_zero if w_zero is not None else w_scale, bias if bias is not None else a_scale, c,
+        m, n, k, a.stride(0), w.stride(0), c.stride(0), w_scale.stride(0), group_size, programs,
+        PACKED=packed_int4, GROUPED=group_size < k, HAS_ZERO=w_zero is not None,
+        HAS_BIAS=bias is not None, FP8=fp8,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        PERSISTENT=cfg.persistent, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return c

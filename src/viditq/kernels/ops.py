@@ -1,0 +1,60 @@
+"""``torch.library`` custom ops around the Triton kernels, so ``torch.compile`` and CUDA graphs can hold them.
+
+Registering an op only records a schema and two Python functions (no Triton import, no GPU work); the kernel
+modules are imported on the first real call.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def gemm_supported(k: int, group_size: int, packed_int4: bool) -> bool:
+    from . import int_gemm
+
+    return int_gemm.supported(k, group_size, packed_int4)
+
+
+def quantize_activation_impl(
+    x: torch.Tensor, bits: int, smooth_inv: Optional[torch.Tensor], rot_signs: Optional[torch.Tensor], rot_m: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from . import act_quant
+
+    return act_quant.quantize_activation(x, bits, smooth_inv, rot_signs, rot_m)
+
+
+def int_linear_impl(
+    x_codes: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+    w_zero: Optional[torch.Tensor], group_size: int, packed_int4: bool, bias: Optional[torch.Tensor],
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    from . import int_gemm
+
+    return int_gemm.quant_linear(x_codes, x_scale, w, w_scale, w_zero, group_size, packed_int4, bias, out_dtype)
+
+
+@torch.library.custom_op("viditq::quantize_activation", mutates_args=())
+def _quantize_activation_op(
+    x: torch.Tensor, bits: int, smooth_inv: Optional[torch.Tensor], rot_signs: Optional[torch.Tensor], rot_m: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_activation_impl(x, bits, smooth_inv, rot_signs, rot_m)
+
+
+@_quantize_activation_op.register_fake
+def _(x, bits, smooth_inv, rot_signs, rot_m):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0], 1), dtype=torch.float32)
+
+
+@torch.library.custom_op("viditq::int_linear", mutates_args=())
+def _int_linear_op(
+    x_codes: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+    w_zero: Optional[torch.Tensor], group_size: int, packed_int4: bool, bias: Optional[torch.Tensor],
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    return int_linear_impl(x_codes, x_scale, w, w_scale, w_zero, group_size, packed_int4, bias, out_dtype)
+
+
+@_int_linear_op.register_fake
+def _(x_codes, x_scale, w, w_scale, w_zero, group_size, packed_int4, bias, out_dtype):
+    return x_codes.new_empty((x_codes.shape[0], w.shape[0]), dtype=out_dtype)

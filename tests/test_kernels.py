@@ -1,0 +1,179 @@
+"""Triton kernels vs their PyTorch references, on fresh random shapes (odd sizes too).
+
+Without CUDA the kernels run under Triton's CPU interpreter: this module sets ``TRITON_INTERPRET=1`` before
+triton is first imported (so run it in its own process, or first, when CUDA is absent) and patches an interpreter
+incompatibility with NumPy >= 2.4 (``kernels.triton_compat``). Interpreter cases are small; the GPU adds DiT-sized
+cases (``gpu_only``). Numerics: plain quantization must match the reference code for code; the rotated path
+(bf16 hi/lo tensor-core products on the GPU) may flip a rare code at a rounding tie; GEMMs are checked by the
+relative error norm against the float32 reference.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+triton = pytest.importorskip("triton")
+
+from viditq.kernels import act_quant, dispatch, int_gemm, reference  # noqa: E402
+from viditq.kernels.triton_compat import patch_interpreter_scalar_index  # noqa: E402
+from viditq.quant.hadamard import hadamard_factors, random_signs  # noqa: E402
+from viditq.quant.quantizers import pack_int4, quantize_weight  # noqa: E402
+
+patch_interpreter_scalar_index()
+DEVICE = "cuda" if CUDA else "cpu"
+gpu_only = pytest.mark.skipif(not CUDA, reason="DiT-sized case: GPU only (too slow for the CPU interpreter)")
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    y, ref = y.double(), ref.double()
+    assert torch.isfinite(y).all()
+    return ((y - ref).norm() / ref.norm()).item()
+
+
+# ----------------------------------------------------------------------------------------- activation quantization
+ACT_PLAIN = [(5, 96), (3, 200), (17, 64)] + [pytest.param(*s, marks=gpu_only) for s in [(4096, 1152), (333, 4608),
+                                                                                       (1001, 7680), (77, 1921)]]
+
+
+@pytest.mark.parametrize("m,k", ACT_PLAIN)
+@pytest.mark.parametrize("smooth", [False, True])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_act_quant_plain_matches_reference_exactly(m, k, smooth, bits):
+    g = torch.Generator().manual_seed(m * k + bits)
+    x = (torch.randn(m, k, generator=g) * 3).to(DEVICE, torch.bfloat16)
+    smooth_inv = (torch.rand(k, generator=g) + 0.5).to(DEVICE) if smooth else None
+    codes, scale = act_quant.quantize_activation(x, bits, smooth_inv)
+    ref_codes, ref_scale = reference.quantize_activation(x, bits, smooth_inv)
+    assert codes.dtype == torch.int8 and scale.shape == (m, 1)
+    assert torch.equal(codes, ref_codes)
+    torch.testing.assert_close(scale, ref_scale, rtol=1e-6, atol=0)
+
+
+ACT_ROT = [(3, 1152), (2, 640), (5, 64)] + [pytest.param(*s, marks=gpu_only) for s in [(4096, 1152), (1001, 4608),
+                                                                                      (517, 1920), (300, 7680),
+                                                                                      (64, 2048)]]
+
+
+@pytest.mark.parametrize("m,k", ACT_ROT)
+@pytest.mark.parametrize("smooth", [False, True])
+def test_act_quant_rotated_matches_reference(m, k, smooth):
+    g = torch.Generator().manual_seed(m + k)
+    rot_m, _ = hadamard_factors(k)
+    assert act_quant.rotation_supported(k, rot_m)
+    x = torch.randn(m, k, generator=g)
+    x[:, :: max(1, k // 7)] *= 30  # outlier channels, the case the rotation exists for
+    x = x.to(DEVICE, torch.bfloat16)
+    smooth_inv = (torch.rand(k, generator=g) + 0.5).to(DEVICE) if smooth else None
+    signs = random_signs(k, seed=k).to(DEVICE)
+    codes, scale = act_quant.quantize_activation(x, 8, smooth_inv, signs, rot_m)
+    ref_codes, ref_scale = reference.quantize_activation(x, 8, smooth_inv, signs, rot_m)
+    torch.testing.assert_close(scale, ref_scale, rtol=1e-4, atol=0)
+    diff = (codes.int() - ref_codes.int()).abs()
+    assert diff.max().item() <= 1, "a code differs by more than a rounding tie"
+    assert diff.float().mean().item() < 1e-3
+
+
+@gpu_only
+@pytest.mark.parametrize("k", [96, 1152])
+def test_act_quant_fp8_matches_reference(k):
+    x = (torch.randn(513, k, device=DEVICE) * 5).to(torch.bfloat16)
+    codes, scale = act_quant.quantize_activation(x, 8, fp8=True)
+    ref_codes, ref_scale = reference.quantize_activation_fp8(x)
+    torch.testing.assert_close(scale, ref_scale, rtol=1e-6, atol=0)
+    assert torch.equal(codes.float(), ref_codes.float())
+
+
+# ----------------------------------------------------------------------------------------- GEMMs
+SMALL_CFG = int_gemm.GemmConfig(32, 32, 32, 4, 4, 2)
+SMALL_CFG_G64 = int_gemm.GemmConfig(32, 32, 64, 4, 4, 2)
+
+GEMM_VARIANTS = [  # (weight bits, symmetric, group_size)
+    (8, True, None), (8, False, None), (4, True, None), (4, False, 64), (8, False, 64), (4, True, 128),
+]
+GEMM_SHAPES = [(37, 45, 128), (20, 33, 256), (1, 16, 64)] + [
+    pytest.param(*s, marks=gpu_only) for s in [(333, 1152, 1152), (1000, 4608, 1152), (517, 1152, 4608),
+                                               (4096, 1920, 1920)]
+]
+
+
+def _make_weight(n, k, bits, symmetric, group_size, g):
+    qw = quantize_weight(torch.randn(n, k, generator=g), bits, symmetric, group_size)
+    packed = bits <= 4
+    codes = pack_int4(qw.codes) if packed else qw.codes
+    scale = qw.scale if qw.group_size == k else qw.scale.half()
+    zero = qw.zero.to(DEVICE) if qw.zero is not None else None
+    return codes.to(DEVICE), scale.to(DEVICE), zero, qw.group_size, packed
+
+
+@pytest.mark.parametrize("m,n,k", GEMM_SHAPES)
+@pytest.mark.parametrize("bits,symmetric,group_size", GEMM_VARIANTS)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_int_linear_matches_reference(m, n, k, bits, symmetric, group_size, out_dtype):
+    g = torch.Generator().manual_seed(m * n + k + bits)
+    if group_size is not None and k % group_size:
+        pytest.skip("group must divide K")
+    w, w_scale, w_zero, gs, packed = _make_weight(n, k, bits, symmetric, group_size, g)
+    a = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8).to(DEVICE)
+    a_scale = (torch.rand(m, 1, generator=g) + 0.1).to(DEVICE)
+    bias = torch.randn(n, generator=g).to(DEVICE, out_dtype)
+    config = None if CUDA else (SMALL_CFG_G64 if gs < k else SMALL_CFG)
+    y = int_gemm.quant_linear(a, a_scale, w, w_scale, w_zero, gs, packed, bias, out_dtype, config)
+    ref = reference.int_linear(a, a_scale, w, w_scale, w_zero, gs, packed, bias, torch.float32)
+    assert y.shape == (m, n) and y.dtype == out_dtype
+    # float32 out: only summation order differs; bf16 out: one output rounding (the CPU interpreter truncates).
+    assert rel_err(y, ref) < (1e-5 if out_dtype == torch.float32 else 8e-3)
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_int_linear_persistent_grid_covers_every_tile(persistent):
+    g = torch.Generator().manual_seed(7)
+    m, n, k = (700, 900, 256) if CUDA else (70, 90, 64)
+    w, w_scale, _, gs, packed = _make_weight(n, k, 8, True, None, g)
+    a = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8).to(DEVICE)
+    a_scale = (torch.rand(m, 1, generator=g) + 0.1).to(DEVICE)
+    cfg = int_gemm.GemmConfig(64, 64, 32, 4, 4, 3, persistent=persistent)
+    y = int_gemm.quant_linear(a, a_scale, w, w_scale, None, gs, packed, None, torch.float32, cfg)
+    assert rel_err(y, reference.int_linear(a, a_scale, w, w_scale, None, gs, packed, None, torch.float32)) < 1e-5
+
+
+@gpu_only
+@pytest.mark.parametrize("m,n,k", [(333, 1152, 1152), (77, 45, 96)])
+def test_fp8_linear_matches_reference(m, n, k):
+    x = torch.randn(m, k, device=DEVICE).to(torch.bfloat16)
+    a, a_scale = reference.quantize_per_token_fp8(x)
+    w, w_scale = reference.quantize_per_token_fp8(torch.randn(n, k, device=DEVICE))
+    bias = torch.randn(n, device=DEVICE, dtype=torch.bfloat16)
+    y = int_gemm.quant_linear(a, a_scale, w, w_scale, None, k, False, bias, torch.bfloat16)
+    assert rel_err(y, reference.fp8_linear(a, a_scale, w, w_scale, bias, torch.float32)) < 8e-3
+
+
+def test_quant_linear_rejects_bad_shapes():
+    w = torch.zeros(8, 32, dtype=torch.uint8, device=DEVICE)
+    a = torch.zeros(4, 96, dtype=torch.int8, device=DEVICE)
+    with pytest.raises(ValueError, match="does not match"):
+        int_gemm.quant_linear(a, torch.ones(4, 1, device=DEVICE), w, torch.ones(8, 1, device=DEVICE), None, 96, True,
+                              None, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------- dispatch (GPU)
+@gpu_only
+@pytest.mark.parametrize("preset_bits", [(8, True, None), (4, False, 64)])
+def test_quantlinear_triton_path_matches_reference_path(preset_bits, monkeypatch):
+    from viditq.layers import LayerSpec, QuantLinear
+
+    bits, symmetric, group = preset_bits
+    k, n = 1152, 4608
+    linear = torch.nn.Linear(k, n, device=DEVICE, dtype=torch.bfloat16)
+    spec = LayerSpec(k, n, True, bits, symmetric, group or k, 8, smooth=True, rotate=True, rot_m=36)
+    layer = QuantLinear.from_linear(linear, spec, smooth=torch.rand(k, device=DEVICE) + 0.5,
+                                    rotation=random_signs(k, 3).to(DEVICE))
+    x = torch.randn(2, 513, k, device=DEVICE, dtype=torch.bfloat16)
+    y = layer(x)
+    monkeypatch.setenv("VIDITQ_BACKEND", "reference")
+    assert not dispatch.use_triton(x)
+    assert rel_err(y, layer(x)) < 1e-2
