@@ -1,0 +1,90 @@
+"""Static-dynamic channel balancing (ViDiT-Q): smoothing scales from calibration, then a Hadamard rotation.
+
+The static part of the channel imbalance (from the pretrained adaLN scale-shift table) is moved into the weights
+by per-channel smoothing ``s = max|X|^alpha / max|W|^(1-alpha)``; what varies with the timestep is spread across
+channels by a randomized Hadamard rotation. For each layer we try every candidate alpha (and no smoothing) and keep
+the one whose quantized layer reproduces the float layer best on the calibration rows -- measured with the very
+QuantLinear that will be deployed, so the search optimizes the real numerics.
+"""
+from __future__ import annotations
+
+import dataclasses
+import zlib
+
+import torch
+from torch import nn
+
+from .calibrate import LayerStats
+from .config import BalanceSpec
+from .layers import LayerSpec, QuantLinear
+from .quant.hadamard import hadamard_factors, random_orthogonal, random_signs
+
+# Channels whose calibration range (or weight column) is exactly zero would give 0/0 scales; they get this floor.
+MIN_CHANNEL_RANGE = 1e-5
+# Keep smoothing factors within a sane dynamic range so that neither side overflows fp16/bf16.
+MAX_SMOOTH = 1e4
+
+
+def smoothing_scales(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Per-input-channel smoothing factors (K,): activations are divided by them, weight columns multiplied."""
+    a = act_absmax.float().clamp_min(MIN_CHANNEL_RANGE)
+    w = weight.detach().float().abs().amax(0).clamp_min(MIN_CHANNEL_RANGE)  # (K,) column absmax
+    s = a.pow(alpha) / w.pow(1.0 - alpha)
+    return s.clamp(1.0 / MAX_SMOOTH, MAX_SMOOTH)
+
+
+def layer_seed(name: str, seed: int) -> int:
+    return (zlib.crc32(name.encode()) + 1_000_003 * seed) % (2**31)
+
+
+def make_rotation(in_features: int, seed: int) -> tuple[torch.Tensor, int]:
+    """(signs (K,), m) of a randomized Hadamard rotation, or (dense orthogonal (K, K), 0) if none exists."""
+    factors = hadamard_factors(in_features)
+    if factors is None:
+        return random_orthogonal(in_features, seed), 0
+    return random_signs(in_features, seed), factors[0]
+
+
+def static_act_scale(layer: QuantLinear, rows: torch.Tensor) -> torch.Tensor:
+    """Per-tensor activation scale from the calibration rows (after balancing), for the static baseline."""
+    qmax = 2 ** (layer.spec.act_bits - 1) - 1
+    return (layer.balance(rows).abs().amax() / qmax).clamp_min(1e-8)
+
+
+def build_quant_linear(
+    linear: nn.Linear, spec: LayerSpec, stats: LayerStats, balance: BalanceSpec | None, name: str, seed: int
+) -> QuantLinear:
+    """Quantize ``linear`` with balancing chosen on the calibration rows (see module docstring)."""
+    rows = stats.sample.to(linear.weight.device)
+    rotation, rot_m = (None, 1)
+    if balance is not None and balance.rotate:
+        rotation, rot_m = make_rotation(linear.in_features, layer_seed(name, seed))
+        rotation = rotation.to(linear.weight.device)
+
+    with torch.no_grad():
+        reference = linear(rows.to(linear.weight.dtype)).float()
+
+        def candidate(alpha: float | None, rotate: bool) -> tuple[QuantLinear, float]:
+            smooth = None if alpha is None else smoothing_scales(stats.absmax.to(rows.device), linear.weight, alpha)
+            cand_spec = dataclasses.replace(spec, smooth=smooth is not None, rotate=rotate,
+                                            rot_m=rot_m if rotate else 1, alpha=alpha)
+            layer = QuantLinear.from_linear(linear, cand_spec, smooth=smooth, rotation=rotation if rotate else None)
+            if cand_spec.act_static:
+                layer.act_scale.copy_(static_act_scale(layer, rows))
+            err = (layer(rows.to(linear.weight.dtype)).float() - reference).pow(2).mean().item()
+            return layer, err
+
+        # The rotation is the method's default; it is dropped only where it measurably hurts this layer (random
+        # Gaussian-like weights and activations gain nothing from it at 4 bits).
+        best, best_err = candidate(None, rotation is not None)
+        rotate = rotation is not None
+        if rotate:
+            plain, plain_err = candidate(None, False)
+            if plain_err < best_err:
+                best, best_err, rotate = plain, plain_err, False
+        if balance is not None and balance.smooth:
+            for alpha in balance.alphas:
+                layer, err = candidate(alpha, rotate)
+                if err < best_err:
+                    best, best_err = layer, err
+    return best

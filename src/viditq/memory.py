@@ -1,0 +1,74 @@
+"""Weight memory accounting: bytes by storage kind, before (float) and after quantization."""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .layers import QuantLinear
+
+
+@dataclass
+class MemoryReport:
+    """``rows``: kind → (bytes before, bytes after); kinds like ``"W4 g64 asym"`` or ``"bfloat16 (kept)"``."""
+
+    rows: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def total_before(self) -> int:
+        return sum(b for b, _ in self.rows.values())
+
+    @property
+    def total_after(self) -> int:
+        return sum(a for _, a in self.rows.values())
+
+    @property
+    def ratio(self) -> float:
+        return self.total_before / max(self.total_after, 1)
+
+    def to_dict(self) -> dict:
+        return {"rows": {k: {"before": b, "after": a} for k, (b, a) in self.rows.items()},
+                "total_before": self.total_before, "total_after": self.total_after, "ratio": self.ratio}
+
+    def table(self) -> str:
+        lines = [f"{'weights':<28}{'before':>12}{'after':>12}"]
+        for kind, (b, a) in sorted(self.rows.items()):
+            lines.append(f"{kind:<28}{_mib(b):>12}{_mib(a):>12}")
+        lines.append(f"{'total':<28}{_mib(self.total_before):>12}{_mib(self.total_after):>12}"
+                     f"   ({self.ratio:.2f}x smaller)")
+        return "\n".join(lines)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def memory_report(model: nn.Module) -> MemoryReport:
+    """Weight bytes of ``model`` by kind; QuantLinear layers are compared with their float equivalent."""
+    rows: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    seen: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            s = module.spec
+            float_size = module.bias.element_size() if module.bias is not None else 2
+            before = s.in_features * s.out_features * float_size + (_nbytes(module.bias) if module.bias is not None else 0)
+            g = "per-tensor" if s.weight_per_tensor else ("per-channel" if s.group_size == s.in_features
+                                                          else f"g{s.group_size}")
+            kind = f"W{s.weight_bits} {g} {'sym' if s.weight_symmetric else 'asym'}"
+            rows[kind][0] += before
+            rows[kind][1] += module.weight_nbytes()
+            seen.update(id(t) for t in module.buffers())
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        kind = f"{str(t.dtype).removeprefix('torch.')} (kept)"
+        rows[kind][0] += _nbytes(t)
+        rows[kind][1] += _nbytes(t)
+    return MemoryReport({k: (v[0], v[1]) for k, v in rows.items()})

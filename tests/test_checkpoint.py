@@ -1,0 +1,147 @@
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import viditq
+from viditq.testing import calibration_set, forward_output, tiny_inputs, tiny_model, tiny_pixart_pipeline
+
+
+@pytest.fixture(scope="module")
+def quantized_pixart():
+    return {p: viditq.quantize(tiny_model("pixart"), p, calibration_set("pixart", n=2)) for p in ("w8a8", "w4a8")}
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "w4a8"])
+def test_round_trip_is_bit_identical(tmp_path, quantized_pixart, preset):
+    model = quantized_pixart[preset]
+    viditq.save_quantized(model, tmp_path / "ckpt")
+    loaded = viditq.load_quantized(tmp_path / "ckpt")  # rebuilt from the saved diffusers config
+    x = tiny_inputs("pixart", seed=7)
+    assert torch.equal(forward_output(model, x), forward_output(loaded, x))
+    assert loaded.viditq_config == model.viditq_config
+    assert type(loaded) is type(model)
+
+
+def test_no_pickle_and_layout(tmp_path, quantized_pixart):
+    viditq.save_quantized(quantized_pixart["w8a8"], tmp_path / "ckpt")
+    files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert files == ["config.json", "model.safetensors", "viditq.json"]
+    meta = json.loads((tmp_path / "ckpt" / "viditq.json").read_text())
+    assert meta["format_version"] == 1 and meta["quant_config"]["name"] == "w8a8"
+    assert not list(tmp_path.glob(".*tmp*"))  # nothing half-written left behind
+
+
+def test_checkpoint_size_reflects_bit_width(tmp_path):
+    """W4 (g64) weights ≈ 1/4 of 16-bit weights plus scales, W8 ≈ 1/2; measured on the quantized layers."""
+    torch.manual_seed(0)
+    calib = [{"x": torch.randn(8, 512)}]
+    sizes = {}
+    for preset in ("w8a8", "w4a8"):
+        model = nn.Sequential(nn.Linear(512, 1024, bias=False), nn.Linear(1024, 512, bias=False)).to(torch.bfloat16)
+
+        class Wrap(nn.Module):
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, x):
+                return self.inner(x.to(torch.bfloat16))
+
+        wrapped = viditq.quantize(Wrap(model), preset, calib)
+        viditq.save_quantized(wrapped, tmp_path / preset)
+        sizes[preset] = (tmp_path / preset / "model.safetensors").stat().st_size
+    bf16_bytes = 2 * (512 * 1024 * 2)
+    # W8: int8 codes + fp32 per-channel scales + smoothing/rotation vectors
+    assert 0.49 < sizes["w8a8"] / bf16_bytes < 0.53
+    # W4 g64: 4 bits + fp16 scale and int8 zero per 64 weights = 4.375 bits -> 0.273
+    assert 0.26 < sizes["w4a8"] / bf16_bytes < 0.29
+
+
+def test_memory_report(quantized_pixart):
+    rep = viditq.memory_report(quantized_pixart["w4a8"])
+    quant_rows = {k: v for k, v in rep.rows.items() if k.startswith("W4")}
+    assert quant_rows
+    before, after = next(iter(quant_rows.values()))
+    assert 5.0 < before / after < 7.4  # float32 weights: 32 bits -> 4.375 bits, plus bias/rotation vectors
+    assert rep.total_after < rep.total_before
+    assert "total" in rep.table()
+    float_rep = viditq.memory_report(tiny_model("pixart"))
+    assert float_rep.total_before == float_rep.total_after == rep.total_before
+
+
+def test_generic_module_needs_model_argument(tmp_path):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(32, 32)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    torch.manual_seed(0)
+    model = viditq.quantize(Net(), "w8a8", [{"x": torch.randn(4, 32)}])
+    viditq.save_quantized(model, tmp_path / "net")
+    with pytest.raises(ValueError, match="model=") as err:
+        viditq.load_quantized(tmp_path / "net")
+    assert "cannot be rebuilt" in str(err.value) or "cannot import" in str(err.value)
+    torch.manual_seed(1)
+    loaded = viditq.load_quantized(tmp_path / "net", model=Net())
+    x = torch.randn(3, 32)
+    assert torch.equal(model(x), loaded(x))
+
+
+def test_checkpoint_from_another_model_is_rejected(tmp_path, quantized_pixart):
+    viditq.save_quantized(quantized_pixart["w8a8"], tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="does not match the model"):
+        viditq.load_quantized(tmp_path / "ckpt", model=tiny_model("sd3"))
+
+
+def test_truncated_file_is_rejected(tmp_path, quantized_pixart):
+    viditq.save_quantized(quantized_pixart["w8a8"], tmp_path / "ckpt")
+    f = tmp_path / "ckpt" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        viditq.load_quantized(tmp_path / "ckpt")
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a viditq checkpoint"):
+        viditq.load_quantized(tmp_path)
+
+
+def test_saving_a_float_model_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="not quantized"):
+        viditq.save_quantized(tiny_model("pixart"), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path, quantized_pixart, monkeypatch):
+    viditq.save_quantized(quantized_pixart["w8a8"], tmp_path / "ckpt")
+    before = (tmp_path / "ckpt" / "model.safetensors").read_bytes()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("viditq.checkpoint.save_model", boom)
+    with pytest.raises(OSError, match="disk full"):
+        viditq.save_quantized(quantized_pixart["w4a8"], tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_pipeline_round_trip_generates_identical_images(tmp_path):
+    pipe = tiny_pixart_pipeline()
+    kw = dict(num_inference_steps=3, max_sequence_length=16, use_resolution_binning=False, output_type="np")
+    calib = viditq.capture_calibration(pipe, ["a red circle", "a blue square"], **kw)
+    assert len(calib) == 3 and calib[0]["hidden_states"].shape[0] == 4  # 2 prompts x 2 CFG branches
+    viditq.quantize(pipe.transformer, "w4a8", calib)
+    viditq.save_quantized(pipe, tmp_path / "pipe")
+    loaded = viditq.load_pipeline(tmp_path / "pipe")
+    assert loaded.transformer.viditq_config.name == "w4a8"
+
+    def gen(p):
+        return p("a red circle", generator=torch.Generator().manual_seed(0), **kw).images
+
+    assert (gen(pipe) == gen(loaded)).all()

@@ -1,0 +1,46 @@
+import pytest
+
+from viditq.config import PRESETS, ActSpec, BalanceSpec, LayerRule, QuantConfig, WeightSpec, resolve_config
+
+
+def test_presets_exist_and_resolve():
+    for name in ("w8a8", "w6a6", "w4a8", "w4a4", "w8a8-static"):
+        assert resolve_config(name) is PRESETS[name]
+    assert PRESETS["w4a8"].weight.bits == 4 and PRESETS["w4a8"].act.bits == 8
+    assert PRESETS["w8a8-static"].act.granularity == "per_tensor_static" and PRESETS["w8a8-static"].balance is None
+
+
+def test_unknown_preset_names_choices():
+    with pytest.raises(ValueError, match="unknown preset 'w3a3'.*w8a8"):
+        resolve_config("w3a3")
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_file_round_trip(tmp_path, suffix):
+    cfg = QuantConfig("mine", WeightSpec(4, False, 128), ActSpec(8), BalanceSpec(alphas=(0.5,)),
+                      rules=(LayerRule("ff", weight_bits=8), LayerRule("attn2", keep_fp=True, timesteps=(0, 500))))
+    path = tmp_path / f"cfg{suffix}"
+    cfg.save(path)
+    assert QuantConfig.load(path) == cfg
+    assert resolve_config(str(path)) == cfg
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: WeightSpec(9), "between 2 and 8"),
+    (lambda: WeightSpec(1), "between 2 and 8"),
+    (lambda: ActSpec(8, "per_channel"), "granularity"),
+    (lambda: WeightSpec(4, group_size=48), "power of two"),
+    (lambda: LayerRule("(", weight_bits=4), "invalid layer rule"),
+    (lambda: LayerRule("x", act_bits=12), "between 2 and 8"),
+    (lambda: QuantConfig(attention="int4"), "attention"),
+    (lambda: BalanceSpec(alphas=(1.5,)), "alphas"),
+    (lambda: QuantConfig.from_dict({"nbits": 8}), "unknown QuantConfig fields"),
+])
+def test_bad_values_raise_clear_errors(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        resolve_config(str(tmp_path / "nope.yaml"))

@@ -1,0 +1,152 @@
+"""End-to-end accuracy of viditq.quantize on real diffusers classes (small configs, random weights)."""
+import copy
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+import viditq
+from viditq.layers import QuantLinear
+from viditq.quantize import layer_group, plan_layers
+from viditq.testing import MODELS, calibration_set, forward_output, inject_outliers, sqnr_db, tiny_inputs, tiny_model
+
+PRESETS = ("w8a8", "w8a8-dynamic", "w8a8-static", "w4a8", "w4a8-dynamic", "w6a6", "w4a4")
+
+
+@functools.lru_cache(maxsize=None)
+def sqnr_table(name: str) -> dict[str, float]:
+    """SQNR (dB) of each preset vs the float model, on a model with injected channel outliers."""
+    model = tiny_model(name)
+    inject_outliers(model)
+    calib = calibration_set(name)
+    evals = [tiny_inputs(name, seed=s) for s in (1, 2)]
+    refs = [forward_output(model, x) for x in evals]
+    table = {}
+    for preset in PRESETS:
+        q = viditq.quantize(copy.deepcopy(model), preset, calib)
+        table[preset] = min(sqnr_db(r, forward_output(q, x)) for r, x in zip(refs, evals))
+    return table
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_w8a8_sqnr_at_least_30db_with_outliers(name):
+    assert sqnr_table(name)["w8a8"] >= 30.0
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_per_token_dynamic_beats_static(name):
+    t = sqnr_table(name)
+    assert t["w8a8-dynamic"] > t["w8a8-static"] + 3.0
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_balancing_helps(name):
+    t = sqnr_table(name)
+    assert t["w8a8"] > t["w8a8-dynamic"] + 2.0
+    assert t["w4a8"] >= t["w4a8-dynamic"] - 0.25  # never hurts at W4A8 ...
+
+
+def test_balancing_beats_no_balancing_at_w4a8_on_average():
+    gains = [sqnr_table(n)["w4a8"] - sqnr_table(n)["w4a8-dynamic"] for n in MODELS]
+    assert sum(gains) / len(gains) > 0.5  # ... and helps on average
+
+
+def test_bit_width_ordering():
+    for name in MODELS:
+        t = sqnr_table(name)
+        assert t["w8a8"] > t["w6a6"] > t["w4a4"]
+        assert t["w4a8"] > t["w4a4"]
+
+
+def test_quantize_swaps_linears_and_keeps_conditioning_layers():
+    model = tiny_model("pixart")
+    viditq.quantize(model, "w8a8", calibration_set("pixart", n=1))
+    names = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert "transformer_blocks.0.attn1.to_q" in names and "transformer_blocks.1.ff.net.2" in names
+    assert not any(n.startswith(("adaln_single", "caption_projection", "proj_out")) for n in names)
+    assert type(model.proj_out) is nn.Linear
+    assert model.viditq_config.name == "w8a8"
+
+
+def test_layer_groups():
+    assert layer_group("transformer_blocks.0.attn2.to_k") == "cross_attn"
+    assert layer_group("temporal_transformer_blocks.1.attn1.to_q") == "temporal_attn"
+    assert layer_group("transformer_blocks.0.attn1.to_out.0") == "self_attn"
+    assert layer_group("blocks.3.ffn.net.0.proj") == "ffn"
+    assert layer_group("single_transformer_blocks.0.proj_mlp") == "ffn"
+
+
+def test_rules_override_bits_and_keep_fp():
+    cfg = viditq.QuantConfig("mp", viditq.WeightSpec(4, False, 64), viditq.ActSpec(8),
+                             rules=(viditq.LayerRule(r"ff\.", weight_bits=8), viditq.LayerRule("attn2", keep_fp=True)))
+    plan = plan_layers(tiny_model("pixart"), cfg)
+    assert plan["transformer_blocks.0.ff.net.2"][1].weight_bits == 8
+    assert plan["transformer_blocks.0.attn1.to_q"][1].weight_bits == 4
+    assert not any("attn2" in n for n in plan)
+
+
+def test_empty_calibration_is_rejected():
+    with pytest.raises(ValueError, match="calibration data is empty"):
+        viditq.quantize(tiny_model("pixart"), "w8a8", [])
+
+
+def test_nan_in_calibration_is_rejected():
+    calib = calibration_set("pixart", n=2)
+    calib[1]["encoder_hidden_states"][0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="sample 1.*encoder_hidden_states.*NaN"):
+        viditq.quantize(tiny_model("pixart"), "w8a8", calib)
+
+
+def test_unknown_preset_is_rejected():
+    with pytest.raises(ValueError, match="unknown preset"):
+        viditq.quantize(tiny_model("pixart"), "int3", calibration_set("pixart", n=1))
+
+
+def test_quantizing_twice_is_rejected():
+    model = viditq.quantize(tiny_model("sd3"), "w8a8", calibration_set("sd3", n=1))
+    with pytest.raises(ValueError, match="already quantized"):
+        viditq.quantize(model, "w8a8", calibration_set("sd3", n=1))
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "w4a8", "w8a8-static"])
+def test_zero_range_channels_give_finite_output(preset):
+    """Dead input channels (always 0 in calibration) and an all-zero input must not produce NaN."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.Linear(128, 32))
+
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, x):
+            return self.net(x)
+
+    def sample():
+        x = torch.randn(16, 64)
+        x[:, :8] = 0  # zero-range channels
+        return {"x": x}
+
+    m = viditq.quantize(Wrapped(), preset, [sample() for _ in range(2)])
+    y = m(torch.zeros(4, 64))
+    assert torch.isfinite(y).all()
+    x = sample()["x"]
+    assert torch.isfinite(m(x)).all() and sqnr_db(model(x), m(x)) > 15
+
+
+def test_generic_module_with_any_kwargs():
+    class Mlp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(96, 192), nn.Linear(192, 96)
+
+        def forward(self, hidden, scale=1.0):
+            return self.fc2(torch.nn.functional.gelu(self.fc1(hidden))) * scale
+
+    torch.manual_seed(0)
+    m = Mlp()
+    ref_model = copy.deepcopy(m)
+    viditq.quantize(m, "w8a8", [{"hidden": torch.randn(2, 10, 96), "scale": 2.0} for _ in range(3)])
+    x = torch.randn(2, 10, 96)
+    assert sqnr_db(ref_model(x), m(x)) > 35
