@@ -1,0 +1,178 @@
+"""Command line: a thin layer over the Python API (same configs, same defaults)."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="viditq: quantize diffusion transformers.")
+console = Console()
+
+
+def _parse_pipe_args(pairs: list[str]) -> dict:
+    """``key=value`` pairs for the pipeline call; values are parsed as JSON when possible (16, false, 7.5)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected key=value, got {pair!r}", param_hint="--pipe-arg")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _read_prompts(path: Path) -> list[str]:
+    if not path.is_file():
+        raise typer.BadParameter(f"prompt file not found: {path}", param_hint="--prompts")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise typer.BadParameter(f"{path} has no prompts (one per line)", param_hint="--prompts")
+    return prompts
+
+
+def _load_any_pipeline(path: Path, device: str):
+    import diffusers
+
+    from .checkpoint import PIPELINE_META_FILE, load_pipeline
+
+    if not path.is_dir():
+        raise typer.BadParameter(f"not a directory: {path}", param_hint="--model")
+    if (path / PIPELINE_META_FILE).is_file():
+        return load_pipeline(path, device=device)
+    if not (path / "model_index.json").is_file():
+        raise typer.BadParameter(f"{path} is not a diffusers pipeline directory (no model_index.json)",
+                                 param_hint="--model")
+    return diffusers.DiffusionPipeline.from_pretrained(path).to(device)
+
+
+@app.command()
+def quantize(
+    model: Path = typer.Option(..., help="Local diffusers pipeline directory."),
+    preset: str = typer.Option("w8a8", help="Preset name, or a QuantConfig .yaml/.json path."),
+    prompts: Path = typer.Option(..., help="Calibration prompts, one per line."),
+    out: Path = typer.Option(..., help="Output directory (diffusers layout, quantized transformer)."),
+    steps: int = typer.Option(20, help="Denoising steps during calibration."),
+    attention: Optional[str] = typer.Option(None, help="Override the attention mode: bf16 | int8 | fp8."),
+    device: str = typer.Option("auto", help="cpu | cuda | auto."),
+    pipe_arg: list[str] = typer.Option([], help="Extra pipeline call argument key=value (repeatable)."),
+):
+    """Calibrate on PROMPTS, quantize the pipeline's transformer, and save the pipeline to OUT."""
+    import dataclasses
+
+    from . import capture_calibration, memory_report, save_quantized
+    from . import quantize as quantize_model
+    from .config import resolve_config
+
+    try:
+        config = resolve_config(preset)
+        if attention is not None:
+            config = dataclasses.replace(config, attention=attention)
+    except (ValueError, FileNotFoundError) as e:
+        raise typer.BadParameter(str(e), param_hint="--preset") from None
+    prompt_list = _read_prompts(prompts)
+    pipe = _load_any_pipeline(model, _device(device))
+    console.print(f"calibrating on {len(prompt_list)} prompts x {steps} steps")
+    calib = capture_calibration(pipe, prompt_list, num_inference_steps=steps, **_parse_pipe_args(pipe_arg))
+    quantize_model(pipe.transformer, config, calib)
+    save_quantized(pipe, out)
+    console.print(memory_report(pipe.transformer).table())
+    console.print(f"[green]saved[/green] {out}")
+
+
+@app.command()
+def generate(
+    model: Path = typer.Option(..., help="Quantized (or float) diffusers pipeline directory."),
+    prompt: list[str] = typer.Option(..., help="Prompt (repeatable)."),
+    out: Path = typer.Option(..., help="Output image (.png) or video (.gif/.mp4) path; one per prompt."),
+    steps: int = typer.Option(20),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto"),
+    pipe_arg: list[str] = typer.Option([], help="Extra pipeline call argument key=value (repeatable)."),
+):
+    """Generate images or videos with a (quantized) pipeline."""
+    import torch
+
+    from .media import save_media
+
+    pipe = _load_any_pipeline(model, _device(device))
+    kwargs = _parse_pipe_args(pipe_arg)
+    for i, text in enumerate(prompt):
+        generator = torch.Generator("cpu").manual_seed(seed + i)
+        result = pipe(prompt=text, num_inference_steps=steps, generator=generator, output_type="np", **kwargs)
+        media = result.frames[0] if hasattr(result, "frames") else result.images[0]
+        path = out if len(prompt) == 1 else out.with_name(f"{out.stem}_{i}{out.suffix}")
+        save_media(media, path)
+        console.print(f"[green]wrote[/green] {path}")
+
+
+@app.command()
+def info(path: Path = typer.Argument(..., help="A viditq checkpoint or quantized pipeline directory.")):
+    """Describe a quantized checkpoint: config, layers by bit-width, weight memory."""
+    from . import load_quantized, memory_report
+    from .checkpoint import PIPELINE_META_FILE, read_metadata
+
+    components = [path]
+    if (path / PIPELINE_META_FILE).is_file():
+        components = [path / n for n in json.loads((path / PIPELINE_META_FILE).read_text())["quantized_components"]]
+    for comp in components:
+        try:
+            meta = read_metadata(comp)
+        except (FileNotFoundError, ValueError) as e:
+            raise typer.BadParameter(str(e), param_hint="PATH") from None
+        cfg = meta["quant_config"]
+        kinds = Counter(f"W{s['weight_bits']}A{s['act_bits']}" for s in meta["layers"].values())
+        table = Table(title=f"{comp}  ({meta['model_class']}, preset {cfg['name']}, attention {cfg['attention']})")
+        table.add_column("layers")
+        table.add_column("count", justify="right")
+        for kind, n in sorted(kinds.items()):
+            table.add_row(kind, str(n))
+        console.print(table)
+        console.print(memory_report(load_quantized(comp)).table())
+
+
+@app.command()
+def presets():
+    """List the built-in presets."""
+    from .config import PRESETS
+
+    table = Table("preset", "weights", "activations", "balancing")
+    for name, cfg in PRESETS.items():
+        w = cfg.weight
+        g = "per-tensor" if w.per_tensor else (f"g{w.group_size}" if w.group_size else "per-channel")
+        bal = "smooth+rotate" if cfg.balance else "none"
+        table.add_row(name, f"{w.bits}-bit {g} {'sym' if w.symmetric else 'asym'}",
+                      f"{cfg.act.bits}-bit {cfg.act.granularity}", bal)
+    console.print(table)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("out/demo"), help="Report folder."),
+    full: bool = typer.Option(False, help="Evaluate enough samples for stable metrics (slower)."),
+    preset: list[str] = typer.Option([], help="Presets to run (default: all of the demo's)."),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto"),
+):
+    """Quantize the embedded tiny T2I/T2V models with each preset and write a visual report."""
+    from .demo import run_demo
+
+    run_demo(out, presets=preset or None, full=full, seed=seed, device=_device(device))
+
+
+def main():  # pragma: no cover
+    app()
