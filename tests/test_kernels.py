@@ -91,11 +91,15 @@ def test_act_quant_fp8_matches_reference(k):
 # ----------------------------------------------------------------------------------------- GEMMs
 SMALL_CFG = int_gemm.GemmConfig(32, 32, 32, 4, 4, 2)
 SMALL_CFG_G64 = int_gemm.GemmConfig(32, 32, 64, 4, 4, 2)
+TMA_CFG = int_gemm.GemmConfig(128, 128, 128, 8, 8, 3, persistent=True, tma=True) if CUDA else \
+    int_gemm.GemmConfig(32, 32, 32, 4, 4, 2, persistent=True, tma=True)
+TMA_CFG_G64 = int_gemm.GemmConfig(128, 128, 64, 8, 8, 3, persistent=True, tma=True) if CUDA else \
+    int_gemm.GemmConfig(32, 32, 64, 4, 4, 2, persistent=True, tma=True)
 
 GEMM_VARIANTS = [  # (weight bits, symmetric, group_size)
     (8, True, None), (8, False, None), (4, True, None), (4, False, 64), (8, False, 64), (4, True, 128),
 ]
-GEMM_SHAPES = [(37, 45, 128), (20, 33, 256), (1, 16, 64)] + [
+GEMM_SHAPES = [(37, 45, 128), (20, 33, 256), (1, 16, 64), (45, 40, 192)] + [
     pytest.param(*s, marks=gpu_only) for s in [(333, 1152, 1152), (1000, 4608, 1152), (517, 1152, 4608),
                                                (4096, 1920, 1920)]
 ]
@@ -113,7 +117,8 @@ def _make_weight(n, k, bits, symmetric, group_size, g):
 @pytest.mark.parametrize("m,n,k", GEMM_SHAPES)
 @pytest.mark.parametrize("bits,symmetric,group_size", GEMM_VARIANTS)
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
-def test_int_linear_matches_reference(m, n, k, bits, symmetric, group_size, out_dtype):
+@pytest.mark.parametrize("tma", [False, True])
+def test_int_linear_matches_reference(m, n, k, bits, symmetric, group_size, out_dtype, tma):
     g = torch.Generator().manual_seed(m * n + k + bits)
     if group_size is not None and k % group_size:
         pytest.skip("group must divide K")
@@ -121,7 +126,12 @@ def test_int_linear_matches_reference(m, n, k, bits, symmetric, group_size, out_
     a = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8).to(DEVICE)
     a_scale = (torch.rand(m, 1, generator=g) + 0.1).to(DEVICE)
     bias = torch.randn(n, generator=g).to(DEVICE, out_dtype)
-    config = None if CUDA else (SMALL_CFG_G64 if gs < k else SMALL_CFG)
+    if tma:
+        config = TMA_CFG_G64 if gs < k else TMA_CFG
+        if not int_gemm._tma_ok(a, w, torch.empty(m, n, device=DEVICE, dtype=out_dtype), w_zero, packed):
+            pytest.skip("shape breaks TMA alignment (the launcher falls back to the pointer kernel)")
+    else:
+        config = None if CUDA else (SMALL_CFG_G64 if gs < k else SMALL_CFG)
     y = int_gemm.quant_linear(a, a_scale, w, w_scale, w_zero, gs, packed, bias, out_dtype, config)
     ref = reference.int_linear(a, a_scale, w, w_scale, w_zero, gs, packed, bias, torch.float32)
     assert y.shape == (m, n) and y.dtype == out_dtype

@@ -33,6 +33,7 @@ class GemmConfig:
     num_warps: int = 8
     num_stages: int = 3
     persistent: bool = False
+    tma: bool = False  # TMA + persistent kernel (ignored where its alignment rules do not hold)
 
 
 def default_config(m: int, n: int, k: int, packed_int4: bool, group_size: int, fp8: bool) -> GemmConfig:
@@ -154,6 +155,64 @@ def _quant_gemm_kernel(
                    PACKED, GROUPED, HAS_ZERO, HAS_BIAS, FP8, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
 
+@triton.jit
+def _unpack_int4_tile(packed, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BLOCK_N, BLOCK_K // 2) packed bytes → (BLOCK_N, BLOCK_K) int8 codes (low nibble = even k)."""
+    byte = packed.to(tl.int8, bitcast=True)
+    return tl.reshape(tl.join((byte << 4) >> 4, byte >> 4), (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _quant_gemm_tma_kernel(
+    a_desc, b_desc, c_desc, a_scale_ptr, w_scale_ptr, w_zero_ptr, bias_ptr,
+    M, N, K, stride_sg, group_size, num_programs,
+    PACKED: tl.constexpr, GROUPED: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+    FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Persistent variant: A and B tiles arrive by TMA (bulk tensor copies, zero-filled at the edges), the tile
+    loop is flattened with the K loop so the next tile's loads overlap this tile's epilogue; C leaves by TMA.
+    Zero points only for packed int4 (int8 zero points need A in registers for the row sums: pointer kernel)."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_tiles = num_pid_m * num_pid_n
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for tile_id in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=True):
+        pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        if FP8 or GROUPED:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for ki in range(k_tiles):
+            k0 = ki * BLOCK_K
+            a = a_desc.load([pid_m * BLOCK_M, k0])
+            if PACKED:
+                b = _unpack_int4_tile(b_desc.load([pid_n * BLOCK_N, k0 // 2]), BLOCK_N, BLOCK_K)
+                if HAS_ZERO:
+                    z = tl.load(w_zero_ptr + offs_n * stride_sg + k0 // group_size, mask=n_mask, other=0)
+                    b = b - z[:, None]
+            else:
+                b = b_desc.load([pid_n * BLOCK_N, k0])
+            if FP8:
+                acc = tl.dot(a, tl.trans(b), acc)
+            elif GROUPED:
+                part = tl.dot(a, tl.trans(b), out_dtype=tl.int32)
+                s = tl.load(w_scale_ptr + offs_n * stride_sg + k0 // group_size, mask=n_mask, other=0.0)
+                acc += part.to(tl.float32) * s.to(tl.float32)[None, :]
+            else:
+                acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        y = acc.to(tl.float32)
+        if not GROUPED:
+            y = y * tl.load(w_scale_ptr + offs_n * stride_sg, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        y = y * tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], y.to(c_desc.dtype))
+
+
 # ----------------------------------------------------------------------------------------- launcher
 _SM_COUNT: dict[int, int] = {}
 INTERPRETER_PROGRAMS = 3  # persistent grid size off-GPU (CPU interpreter): several tiles per program
@@ -166,6 +225,33 @@ def _num_sms(device: torch.device) -> int:
     if index not in _SM_COUNT:
         _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
     return _SM_COUNT[index]
+
+
+def _tma_ok(a, w, c, w_zero, packed_int4) -> bool:
+    """TMA needs 16-byte aligned bases and row strides; int8 zero points need the pointer kernel's row sums."""
+    tensors = (a, w, c)
+    aligned = all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in tensors)
+    return aligned and (w_zero is None or packed_int4)
+
+
+def _launch_tma(a, a_scale, w, w_scale, w_zero, group_size, packed_int4, bias, c, cfg, fp8):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    m, k = a.shape
+    n = w.shape[0]
+    block_kw = cfg.block_k // 2 if packed_int4 else cfg.block_k
+    a_desc = TensorDescriptor.from_tensor(a, [cfg.block_m, cfg.block_k])
+    b_desc = TensorDescriptor.from_tensor(w, [cfg.block_n, block_kw])
+    c_desc = TensorDescriptor.from_tensor(c, [cfg.block_m, cfg.block_n])
+    num_tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    programs = min(num_tiles, _num_sms(a.device))
+    _quant_gemm_tma_kernel[(programs,)](
+        a_desc, b_desc, c_desc, a_scale, w_scale, w_zero if w_zero is not None else w_scale,
+        bias if bias is not None else a_scale, m, n, k, w_scale.stride(0), group_size, programs,
+        PACKED=packed_int4, GROUPED=group_size < k, HAS_ZERO=w_zero is not None, HAS_BIAS=bias is not None, FP8=fp8,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
 
 
 def supported(k: int, group_size: int, packed_int4: bool, config: GemmConfig | None = None) -> bool:
@@ -208,6 +294,11 @@ def quant_linear(
     a, w, w_scale = a.contiguous(), w.contiguous(), w_scale.contiguous()
     a_scale = a_scale.reshape(m).contiguous()
     c = torch.empty(m, n, device=a.device, dtype=out_dtype)
+    if m == 0:
+        return c
+    if cfg.tma and _tma_ok(a, w, c, w_zero, packed_int4):
+        _launch_tma(a, a_scale, w, w_scale, w_zero, group_size, packed_int4, bias, c, cfg, fp8)
+        return c
     num_tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     programs = min(num_tiles, _num_sms(a.device)) if cfg.persistent else num_tiles
     _quant_gemm_kernel[(programs,)](

@@ -1,0 +1,279 @@
+"""GEMM-level and activation-quantization benchmark on one GPU (run on an H100; see NOTES.md).
+
+Tables (one run, same card): bf16 cuBLAS (F.linear), fp8 ``torch._scaled_mm`` row-wise, ``torch._int_mm``, ours
+int8 / W4A8 (packed int4, g64, asymmetric) / fp8 GEMM with the fused epilogue, the full W8A8 layer (fused
+quantization + GEMM), the fused quantization alone (GB/s), a config sweep, and the device ceilings.
+
+    python benchmarks/bench_gemm.py --out results.json [--sweep]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+from viditq.kernels import act_quant, int_gemm, reference
+from viditq.quant.hadamard import hadamard_factors, random_signs
+from viditq.quant.quantizers import pack_int4, quantize_weight
+
+# (M, N, K): PixArt-α 1024 (batch 2 x 4096 tokens, hidden 1152, FFN 4608); CogVideoX-2B (2 x 17776, 1920, 7680).
+SHAPES = {
+    "pixart_qkvo": (8192, 1152, 1152),
+    "pixart_ff_up": (8192, 4608, 1152),
+    "pixart_ff_down": (8192, 1152, 4608),
+    "cogvideox_qkvo": (35552, 1920, 1920),
+    "cogvideox_ff_up": (35552, 7680, 1920),
+    "cogvideox_ff_down": (35552, 1920, 7680),
+    "square_8192": (8192, 8192, 8192),
+}
+INT8_SWEEP = [  # (BM, BN, BK, GROUP_M, warps, stages, persistent, tma)
+    (128, 256, 128, 8, 8, 3, False, False), (128, 256, 128, 8, 8, 4, False, False),
+    (128, 128, 128, 8, 8, 4, False, False), (128, 256, 64, 8, 8, 4, False, False),
+    (256, 128, 128, 8, 8, 3, False, False), (128, 256, 128, 8, 8, 3, True, False),
+    (128, 128, 128, 8, 4, 4, False, False), (64, 256, 128, 8, 4, 4, False, False),
+    (128, 256, 128, 8, 8, 3, True, True), (128, 256, 64, 8, 8, 4, True, True), (128, 128, 128, 8, 8, 4, True, True),
+    (128, 128, 128, 8, 4, 4, True, True), (256, 128, 128, 8, 8, 3, True, True),
+]
+W4_SWEEP = [
+    (128, 128, 64, 8, 8, 4, False, False), (128, 256, 64, 8, 8, 3, False, False),
+    (128, 128, 64, 8, 4, 4, False, False), (64, 128, 64, 8, 4, 4, False, False),
+    (128, 64, 64, 8, 4, 4, False, False), (128, 128, 64, 8, 8, 5, False, False),
+    (128, 128, 64, 8, 8, 4, True, True), (128, 128, 64, 8, 4, 4, True, True), (128, 256, 64, 8, 8, 3, True, True),
+    (64, 128, 64, 8, 4, 4, True, True),
+]
+FP8_SWEEP = [
+    (128, 256, 128, 8, 8, 3, False, False), (128, 256, 128, 8, 8, 4, False, False),
+    (128, 128, 128, 8, 8, 4, False, False), (128, 256, 128, 8, 8, 3, True, True),
+    (128, 256, 64, 8, 8, 4, True, True), (128, 128, 128, 8, 4, 4, True, True),
+]
+TMA8 = int_gemm.GemmConfig(128, 256, 128, 8, 8, 3, True, True)
+TMA4 = int_gemm.GemmConfig(128, 128, 64, 8, 8, 4, True, True)
+
+
+def ms(fn) -> float:
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def tflops(m, n, k, t_ms) -> float:
+    return 2 * m * n * k / (t_ms * 1e-3) / 1e12
+
+
+def first_call_s(fn) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def make_operands(m, n, k):
+    g = torch.Generator(device="cuda").manual_seed(m + n + k)
+    x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
+    w = (torch.randn(n, k, device="cuda", generator=g) * k**-0.5).to(torch.bfloat16)
+    bias = torch.randn(n, device="cuda", generator=g).to(torch.bfloat16)
+    a, a_scale = reference.quantize_activation(x, 8)
+    q8 = quantize_weight(w, 8)
+    q4 = quantize_weight(w, 4, symmetric=False, group_size=64)
+    fp8_a, fp8_a_scale = reference.quantize_per_token_fp8(x)
+    fp8_w, fp8_w_scale = reference.quantize_per_token_fp8(w)
+    return dict(x=x, w=w, bias=bias, a=a, a_scale=a_scale, w8=q8.codes, w8_scale=q8.scale,
+                w4=pack_int4(q4.codes), w4_scale=q4.scale.half(), w4_zero=q4.zero,
+                fp8_a=fp8_a, fp8_a_scale=fp8_a_scale, fp8_w=fp8_w, fp8_w_scale=fp8_w_scale)
+
+
+def gemm_fns(o, k, cfg=None, cfg4=None, cfg8=None):
+    """name → zero-arg callable for every GEMM variant on operands ``o``."""
+    fp8_wt = o["fp8_w"].t()  # (K, N) column-major: the layout _scaled_mm wants
+    w8t = o["w8"].t()
+    signs = random_signs(k, 0).cuda()
+    rot_m = hadamard_factors(k)[0]
+    smooth_inv = torch.rand(k, device="cuda") + 0.5
+
+    def layer_w8a8():
+        a, s = act_quant.quantize_activation(o["x"], 8, smooth_inv, signs, rot_m)
+        return int_gemm.quant_linear(a, s, o["w8"], o["w8_scale"], None, k, False, o["bias"], torch.bfloat16, cfg)
+
+    return {
+        "bf16_cublas": lambda: F.linear(o["x"], o["w"], o["bias"]),
+        "fp8_scaled_mm_rowwise": lambda: torch._scaled_mm(
+            o["fp8_a"], fp8_wt, scale_a=o["fp8_a_scale"], scale_b=o["fp8_w_scale"].reshape(1, -1),
+            out_dtype=torch.bfloat16),
+        "int8_torch_int_mm": lambda: torch._int_mm(o["a"], w8t),
+        "ours_int8": lambda: int_gemm.quant_linear(o["a"], o["a_scale"], o["w8"], o["w8_scale"], None, k, False,
+                                                   o["bias"], torch.bfloat16, cfg),
+        "ours_w4a8_g64": lambda: int_gemm.quant_linear(o["a"], o["a_scale"], o["w4"], o["w4_scale"], o["w4_zero"],
+                                                       64, True, o["bias"], torch.bfloat16, cfg4),
+        "ours_fp8": lambda: int_gemm.quant_linear(o["fp8_a"], o["fp8_a_scale"], o["fp8_w"], o["fp8_w_scale"], None,
+                                                  k, False, o["bias"], torch.bfloat16, cfg8),
+        "ours_int8_tma": lambda: int_gemm.quant_linear(o["a"], o["a_scale"], o["w8"], o["w8_scale"], None, k,
+                                                       False, o["bias"], torch.bfloat16, TMA8),
+        "ours_w4a8_g64_tma": lambda: int_gemm.quant_linear(o["a"], o["a_scale"], o["w4"], o["w4_scale"],
+                                                           o["w4_zero"], 64, True, o["bias"], torch.bfloat16, TMA4),
+        "ours_fp8_tma": lambda: int_gemm.quant_linear(o["fp8_a"], o["fp8_a_scale"], o["fp8_w"], o["fp8_w_scale"],
+                                                      None, k, False, o["bias"], torch.bfloat16, TMA8),
+        "ours_w8a8_layer_rot": layer_w8a8,
+    }
+
+
+def check(name, y, o, k):
+    """Relative error of a variant's output against the bf16 product (sanity: the benchmark times real work)."""
+    ref = F.linear(o["x"], o["w"], o["bias"]).float()
+    return ((y.float() - ref).norm() / ref.norm()).item()
+
+
+def bench_gemms(results):
+    for shape_name, (m, n, k) in SHAPES.items():
+        o = make_operands(m, n, k)
+        for name, fn in gemm_fns(o, k).items():
+            try:
+                compile_s = first_call_s(fn)
+                err = None if name in ("int8_torch_int_mm", "ours_w8a8_layer_rot") else check(name, fn(), o, k)
+                t = ms(fn)
+            except Exception as e:  # noqa: BLE001 — one failing baseline must not lose the table
+                results["errors"].append(f"{shape_name}/{name}: {type(e).__name__}: {e}"[:300])
+                continue
+            results["gemm"].append(dict(shape=shape_name, m=m, n=n, k=k, method=name, ms=t,
+                                        tflops=tflops(m, n, k, t), rel_err_vs_bf16=err, first_call_s=compile_s))
+        del o
+        torch.cuda.empty_cache()
+
+
+def bench_sweep(results):
+    for shape_name in ("pixart_qkvo", "pixart_ff_up", "pixart_ff_down", "cogvideox_qkvo", "cogvideox_ff_up"):
+        m, n, k = SHAPES[shape_name]
+        o = make_operands(m, n, k)
+        for kind, sweep in (("int8", INT8_SWEEP), ("w4a8_g64", W4_SWEEP), ("fp8", FP8_SWEEP)):
+            for c in sweep:
+                cfg = int_gemm.GemmConfig(*c)
+                fn = {
+                    "int8": lambda: int_gemm.quant_linear(o["a"], o["a_scale"], o["w8"], o["w8_scale"], None, k,
+                                                          False, o["bias"], torch.bfloat16, cfg),
+                    "w4a8_g64": lambda: int_gemm.quant_linear(o["a"], o["a_scale"], o["w4"], o["w4_scale"],
+                                                              o["w4_zero"], 64, True, o["bias"], torch.bfloat16, cfg),
+                    "fp8": lambda: int_gemm.quant_linear(o["fp8_a"], o["fp8_a_scale"], o["fp8_w"], o["fp8_w_scale"],
+                                                         None, k, False, o["bias"], torch.bfloat16, cfg),
+                }[kind]
+                try:
+                    fn()
+                    t = ms(fn)
+                except Exception as e:  # noqa: BLE001 — e.g. out of shared memory for one config
+                    results["errors"].append(f"sweep {shape_name}/{kind}/{c}: {type(e).__name__}: {e}"[:300])
+                    continue
+                results["sweep"].append(dict(shape=shape_name, kind=kind, config=list(c), ms=t,
+                                             tflops=tflops(m, n, k, t)))
+        del o
+        torch.cuda.empty_cache()
+
+
+def bench_act_quant(results):
+    """Fused quantization: effective bandwidth = bytes read (bf16) + written (int8 + scales) over time."""
+    for m, k in ((8192, 1152), (8192, 4608), (35552, 1920), (35552, 7680)):
+        copies = max(1, (200 << 20) // (m * k * 2))  # cycle through >= 200 MB of inputs so L2 cannot hold them
+        xs = [torch.randn(m, k, device="cuda").to(torch.bfloat16) for _ in range(copies)]
+        smooth_inv = torch.rand(k, device="cuda") + 0.5
+        signs = random_signs(k, 0).cuda()
+        rot_m = hadamard_factors(k)[0]
+        nbytes = m * k * 3 + m * 4
+        state = {"i": 0}
+
+        def nxt():
+            state["i"] = (state["i"] + 1) % copies
+            return xs[state["i"]]
+
+        variants = {
+            "ours_plain_smooth": lambda: act_quant.quantize_activation(nxt(), 8, smooth_inv),
+            "ours_rotate_smooth": lambda: act_quant.quantize_activation(nxt(), 8, smooth_inv, signs, rot_m),
+            "torch_eager_reference_rotate": lambda: reference.quantize_activation(nxt(), 8, smooth_inv, signs, rot_m),
+            "torch_eager_reference_plain": lambda: reference.quantize_activation(nxt(), 8, smooth_inv),
+        }
+        for name, fn in variants.items():
+            compile_s = first_call_s(fn)
+            t = ms(fn)
+            results["act_quant"].append(dict(m=m, k=k, method=name, ms=t, gbps=nbytes / (t * 1e-3) / 1e9,
+                                             first_call_s=compile_s))
+        del xs
+        torch.cuda.empty_cache()
+
+
+def bench_ceilings(results):
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    t = ms(lambda: dst.copy_(src))
+    results["ceilings"]["d2d_copy_gbps"] = 2 * src.numel() / (t * 1e-3) / 1e9
+    del src, dst
+
+
+def compiled_kernel_report() -> list[dict]:
+    """Registers, spills, shared memory and whether wgmma was emitted, for every compiled kernel (free to read)."""
+    report = []
+    for kernel in (int_gemm._quant_gemm_kernel, act_quant._act_quant_plain_kernel, act_quant._act_quant_rotate_kernel):
+        try:
+            caches = [c[0] for c in kernel.device_caches.values()]
+        except AttributeError:
+            continue
+        for cache in caches:
+            for key, ck in cache.items():
+                ptx = ck.asm.get("ptx", "")
+                report.append(dict(kernel=ck.name, key=str(key)[-300:], n_regs=getattr(ck, "n_regs", None),
+                                   n_spills=getattr(ck, "n_spills", None), shared=ck.metadata.shared,
+                                   wgmma="wgmma.mma_async" in ptx, mma_sync="mma.sync" in ptx))
+    return report
+
+
+def print_tables(results):
+    print(f"\n== {results['device']} ==")
+    print("ceilings:", {k: round(v, 1) for k, v in results["ceilings"].items()})
+    rows = results["gemm"]
+    for shape in SHAPES:
+        base = next((r["ms"] for r in rows if r["shape"] == shape and r["method"] == "bf16_cublas"), None)
+        for r in (r for r in rows if r["shape"] == shape):
+            speed = base / r["ms"] if base else float("nan")
+            print(f"{shape:18s} {r['method']:24s} {r['ms']:8.3f} ms {r['tflops']:7.1f} TF/s  x{speed:4.2f} vs bf16")
+    for r in results["act_quant"]:
+        print(f"actq {r['m']}x{r['k']} {r['method']:30s} {r['ms']:8.3f} ms {r['gbps']:7.0f} GB/s")
+    best = {}
+    for r in results["sweep"]:
+        key = (r["shape"], r["kind"])
+        if key not in best or r["ms"] < best[key]["ms"]:
+            best[key] = r
+    for (shape, kind), r in best.items():
+        print(f"best {shape:18s} {kind:9s} {r['config']} {r['ms']:.3f} ms {r['tflops']:.0f} TF/s")
+    for r in results.get("kernels", [])[:40]:
+        print(f"kern {r['kernel'][:40]:40s} regs={r['n_regs']} spills={r['n_spills']} smem={r['shared']} "
+              f"wgmma={r['wgmma']} mma.sync={r['mma_sync']}")
+    for e in results["errors"]:
+        print("ERROR", e)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--sweep", action="store_true")
+    args = parser.parse_args()
+    results = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), gemm=[], sweep=[], act_quant=[],
+                   ceilings={}, errors=[])
+    sections = [bench_ceilings, bench_act_quant, bench_gemms] + ([bench_sweep] if args.sweep else [])
+    for section in sections:
+        try:
+            section(results)
+        except Exception as e:  # noqa: BLE001 — keep the other tables
+            results["errors"].append(f"{section.__name__}: {type(e).__name__}: {e}"[:500])
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    try:
+        results["kernels"] = compiled_kernel_report()
+    except Exception as e:  # noqa: BLE001 — introspection of Triton internals is best effort
+        results["errors"].append(f"kernel report: {e}")
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+    print_tables(results)
+
+
+if __name__ == "__main__":
+    main()
