@@ -43,6 +43,7 @@ class WeightSpec:
     symmetric: bool = True
     group_size: int | None = None
     per_tensor: bool = False  # naive baseline only: one scale for the whole matrix
+    gptq: bool = False  # error-compensating rounding (GPTQ) from calibration inputs, for <= 4-bit weights
 
     def __post_init__(self):
         _check_bits(self.bits, "weight")
@@ -50,6 +51,8 @@ class WeightSpec:
             raise ValueError(f"weight group_size must be a power of two >= 2 or None, got {self.group_size!r}")
         if self.per_tensor and self.group_size is not None:
             raise ValueError("weight per_tensor and group_size are exclusive")
+        if self.per_tensor and self.gptq:
+            raise ValueError("weight per_tensor (naive baseline) and gptq are exclusive")
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,46 @@ class LayerRule:
             object.__setattr__(self, "timesteps", (lo, hi))
 
 
+MP_GROUPINGS = ("block", "role", "layer")
+
+
+@dataclass(frozen=True)
+class MixedPrecisionSpec:
+    """Automatic metric-decoupled bit allocation, run by :func:`viditq.quantize` before quantizing.
+
+    Sensitivity (output-MSE proxy on the calibration inputs) is measured per layer group and timestep range, then
+    groups get ``high_bits`` weights in the ranges where they hurt most until a budget is met:
+
+    budget_bits: average weight bits *as executed*, i.e. weighted by parameters and by the share of denoising
+        steps in each timestep range (the bandwidth / speed budget).
+    memory_bits: optional cap on average *stored* weight bits per parameter; a layer that needs two bit-widths
+        in different timestep ranges keeps both copies and pays for both (4 + 8 = 12).
+    allow_fp: let the most sensitive cells stay in 16-bit float (a third level above ``high_bits``).
+    cache: optional JSON file where the sensitivity table is kept and reused while the inputs are unchanged.
+    """
+
+    budget_bits: float | None = 5.0
+    memory_bits: float | None = None
+    high_bits: int = 8
+    timestep_ranges: int = 4
+    groups: str = "block"
+    timestep_aware: bool = True
+    allow_fp: bool = False
+    cache: str | None = None
+
+    def __post_init__(self):
+        _check_bits(self.high_bits, "mixed-precision high weight")
+        if self.budget_bits is None and self.memory_bits is None:
+            raise ValueError("mixed precision needs a budget: set budget_bits and/or memory_bits")
+        for value, what in ((self.budget_bits, "budget_bits"), (self.memory_bits, "memory_bits")):
+            if value is not None and not 2 <= value <= 32:
+                raise ValueError(f"mixed precision {what} must be between 2 and 32 bits, got {value!r}")
+        if self.timestep_ranges < 1:
+            raise ValueError(f"timestep_ranges must be >= 1, got {self.timestep_ranges!r}")
+        if self.groups not in MP_GROUPINGS:
+            raise ValueError(f"mixed precision groups must be one of {MP_GROUPINGS}, got {self.groups!r}")
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     name: str = "custom"
@@ -122,6 +165,7 @@ class QuantConfig:
     keep_fp: tuple[str, ...] = DEFAULT_KEEP_FP
     rules: tuple[LayerRule, ...] = ()
     attention: str = "bf16"
+    mixed_precision: MixedPrecisionSpec | None = None  # resolved into ``rules`` by viditq.quantize
     calib_rows_per_layer: int = 512  # input rows kept per layer for the alpha search (reservoir sample)
     seed: int = 0
     version: int = FORMAT_VERSION
@@ -158,6 +202,8 @@ class QuantConfig:
             d["act"] = ActSpec(**d["act"])
         if d.get("balance") is not None:
             d["balance"] = BalanceSpec(**d["balance"])
+        if d.get("mixed_precision") is not None:
+            d["mixed_precision"] = MixedPrecisionSpec(**d["mixed_precision"])
         if "rules" in d:
             d["rules"] = tuple(LayerRule(**r) if isinstance(r, dict) else r for r in d["rules"])
         return cls(**d)
@@ -204,6 +250,9 @@ register_preset(QuantConfig("w8a8", WeightSpec(8), ActSpec(8)))
 register_preset(QuantConfig("w6a6", WeightSpec(6), ActSpec(6)))
 register_preset(QuantConfig("w4a8", WeightSpec(4, symmetric=False, group_size=64), ActSpec(8)))
 register_preset(QuantConfig("w4a4", WeightSpec(4, symmetric=False, group_size=64), ActSpec(4)))
+# Metric-decoupled mixed precision: W4A8 base, 8-bit weights where (and when) the model is most sensitive.
+register_preset(QuantConfig("w4a8-mp", WeightSpec(4, symmetric=False, group_size=64), ActSpec(8),
+                            mixed_precision=MixedPrecisionSpec()))
 # Ablations / baselines: per-token dynamic without balancing, and the naive static per-tensor scheme.
 register_preset(QuantConfig("w8a8-dynamic", WeightSpec(8), ActSpec(8), balance=None))
 register_preset(QuantConfig("w4a8-dynamic", WeightSpec(4, False, 64), ActSpec(8), balance=None))
