@@ -83,6 +83,10 @@ class SDPARouter(TorchFunctionMode):
             out = quantized_sdpa(self.mode, *args, **kwargs)
             if out is not None:
                 return out
+        if func is torch.Tensor.unflatten:
+            # Tensor.unflatten is Python calling super(); torch.compile cannot trace that under a mode (a graph
+            # break in every Wan/Flux attention) but traces the functional form.
+            return torch.unflatten(*args, **kwargs)
         return func(*args, **kwargs)
 
 

@@ -4,6 +4,8 @@
 
 1. **K smoothing**: ``K -= mean_tokens(K)`` per (batch, head, channel). Softmax is invariant to adding the same
    ``q · mean`` to every score of a row, and removing the common mean (large in DiTs) shrinks K's int8 range.
+   **Channel balancing**: ``Q *= lam``, ``K /= lam`` per channel (exact for Q·Kᵀ), ``lam`` equalizing the
+   channel ranges, so that an outlier channel of Q or K does not coarsen the other channels' int8 step.
 2. **Per-block int8 Q and K**: one absmax scale per ``BLOCK_M`` query tokens / ``BLOCK_N`` key tokens and head.
    ``scale * LOG2E`` is folded into the Q scales so the softmax runs on ``exp2``.
 3. **Online softmax** in float32 over key blocks (the flash-attention recurrence).
@@ -81,6 +83,16 @@ def fake_quant_per_block(x: torch.Tensor, block: int) -> torch.Tensor:
     return (_round_half_away(xp / scale) * scale).view(b, h, n_pad, d)[:, :, :n]
 
 
+def channel_balance(q: torch.Tensor, k: torch.Tensor, k_mean: torch.Tensor) -> torch.Tensor:
+    """Per-channel factors ``lam`` (B, H, D) float32 with ``(q * lam) · (k / lam) = q · k`` that equalize the
+    channel ranges of Q and of mean-smoothed K: ``lam = sqrt(max|k - mean| / max|q|)``. Outlier channels of Q
+    (or K) then no longer set the int8 step of every other channel in their block."""
+    q_amax = q.abs().amax(dim=2).float()
+    k_min, k_max = torch.aminmax(k, dim=2)
+    k_amax = torch.maximum(k_max.float() - k_mean, k_mean - k_min.float())
+    return (k_amax.clamp_min(1e-6) / q_amax.clamp_min(1e-6)).sqrt().clamp(1e-3, 1e3)
+
+
 def fake_quant_fp8(x: torch.Tensor) -> torch.Tensor:
     """Round float32 values to the nearest fp8 e4m3 value (saturating at ±448), back in float32."""
     return x.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn).float()
@@ -104,9 +116,10 @@ def quantized_attention_reference(
     _check_inputs(q, k, v, mode, bias)
     config = config or default_config(padded_head_dim(q.shape[-1]), mode)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    q_dq = fake_quant_per_block(q, config.block_m)
-    k_float = k.float()
-    k_dq = fake_quant_per_block(k_float - k_float.mean(dim=2, keepdim=True), config.block_n)
+    k_mean = k.float().mean(dim=2)
+    balance = channel_balance(q, k, k_mean)[:, :, None, :]  # (B, H, 1, D)
+    q_dq = fake_quant_per_block(q.float() * balance, config.block_m) / balance
+    k_dq = fake_quant_per_block((k.float() - k_mean[:, :, None]) / balance, config.block_n) * balance
     if mode == "fp8":
         v_scale = (v.float().abs().amax(dim=2, keepdim=True) / FP8_E4M3_MAX).clamp_min(1e-12)  # (B, H, 1, D)
         v_dq = fake_quant_fp8(v.float() / v_scale) * v_scale
@@ -149,12 +162,13 @@ def _check_inputs(q, k, v, mode, bias) -> None:
 # ------------------------------------------------------------------------------------------ kernels
 @triton.jit
 def _quantize_blocks_kernel(
-    X, Mean, Codes, Scales,
+    X, Mean, ChanScale, Codes, Scales,
     stride_xb, stride_xh, stride_xn, stride_xd,
     H, N, D, N_PAD, N_BLOCKS, multiplier,
     BLOCK: tl.constexpr, HEAD_D: tl.constexpr, HAS_MEAN: tl.constexpr,
 ):
-    """One (BLOCK, HEAD_D) tile of one head → int8 codes (zero in the padding) and one absmax scale."""
+    """One (BLOCK, HEAD_D) tile of one head, ``(x - mean) * chan_scale`` → int8 codes (zero in the padding) and
+    one absmax scale."""
     pid_blk = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -167,6 +181,7 @@ def _quantize_blocks_kernel(
     if HAS_MEAN:
         mean = tl.load(Mean + pid_bh * D + offs_d, mask=offs_d < D, other=0.0)
         x = tl.where(mask, x - mean[None, :], 0.0)
+    x = x * tl.load(ChanScale + pid_bh * D + offs_d, mask=offs_d < D, other=0.0)[None, :]
     amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
     scale = tl.where(amax > 0, amax / 127.0, 1.0)
     y = x / scale
@@ -208,21 +223,27 @@ def _attn_block(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = tl.load(k_ptrs)  # (BLOCK_N, HEAD_D) int8
     qk = tl.dot(q, tl.trans(k), out_dtype=tl.int32)  # (BLOCK_M, BLOCK_N) exact integer scores
-    s = qk.to(tl.float32) * (q_scale * tl.load(KScale + kv_block))  # log2 units: scale*LOG2E is in q_scale
-    if HAS_BIAS:
-        s += tl.load(Bias + offs_n)[None, :]
-    if MASK_KV:
-        s = tl.where((offs_n < N_KV)[None, :], s, -1.0e30)
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    qk_scale = q_scale * tl.load(KScale + kv_block)  # scores in log2 units: scale * LOG2E is in q_scale
+    # fp8: shift by log2(448) so that each row's largest P is 448, the top of e4m3's range (acc and l share it).
+    p_shift = 8.807354922057604 if PV_FP8 else 0.0
+    if MASK_KV or HAS_BIAS:
+        s = qk.to(tl.float32) * qk_scale
+        if HAS_BIAS:
+            s += tl.load(Bias + offs_n)[None, :]
+        if MASK_KV:
+            s = tl.where((offs_n < N_KV)[None, :], s, -1.0e30)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.math.exp2(s - (m_new - p_shift)[:, None])
+    else:
+        # Hot path: row max on the integers (the scale is one positive scalar per tile), then one FFMA and one
+        # exp2 per score.
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1).to(tl.float32) * qk_scale)
+        p = tl.math.exp2(qk.to(tl.float32) * qk_scale - (m_new - p_shift)[:, None])
     alpha = tl.math.exp2(m_i - m_new)
+    v = tl.load(v_ptrs)  # fp8: (HEAD_D, BLOCK_N), transposed; bf16: (BLOCK_N, HEAD_D)
     if PV_FP8:
-        # Shift by log2(448): the row's largest P is 448, the top of e4m3's range (acc and l share the factor).
-        p = tl.math.exp2(s - (m_new[:, None] - 8.807354922057604))
-        v = tl.load(v_ptrs)  # (HEAD_D, BLOCK_N) fp8, transposed
         pv = tl.dot(p.to(tl.float8e4nv), tl.trans(v))
     else:
-        p = tl.math.exp2(s - m_new[:, None])
-        v = tl.load(v_ptrs)  # (BLOCK_N, HEAD_D) bf16
         pv = tl.dot(p.to(tl.bfloat16), v)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + pv
@@ -280,18 +301,18 @@ def _attn_fwd_kernel(
 
 # ------------------------------------------------------------------------------------------ launchers
 def quantize_per_block(
-    x: torch.Tensor, block: int, head_dim_padded: int, multiplier: float = 1.0, mean: torch.Tensor | None = None
+    x: torch.Tensor, block: int, head_dim_padded: int, chan_scale: torch.Tensor, multiplier: float = 1.0,
+    mean: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, H, N, D) → int8 codes (B·H, N_pad, D_pad), scales (B·H, N_pad / block) float32 (times multiplier).
-
-    ``mean`` (B, H, D) float32 is subtracted first (K smoothing)."""
+    """(B, H, N, D) → int8 codes of ``(x - mean) * chan_scale`` (B·H, N_pad, D_pad), scales (B·H, N_pad / block)
+    float32 (times multiplier). ``mean`` (B, H, D) float32 or None, ``chan_scale`` (B, H, D) float32."""
     b, h, n, d = x.shape
     n_blocks = triton.cdiv(n, block)
     codes = torch.empty((b * h, n_blocks * block, head_dim_padded), dtype=torch.int8, device=x.device)
     scales = torch.empty((b * h, n_blocks), dtype=torch.float32, device=x.device)
     mean_arg = mean.contiguous() if mean is not None else scales
     _quantize_blocks_kernel[(n_blocks, b * h)](
-        x, mean_arg, codes, scales, *x.stride(), h, n, d, n_blocks * block, n_blocks, multiplier,
+        x, mean_arg, chan_scale.contiguous(), codes, scales, *x.stride(), h, n, d, n_blocks * block, n_blocks, multiplier,
         BLOCK=block, HEAD_D=head_dim_padded, HAS_MEAN=mean is not None)
     return codes, scales
 
@@ -328,6 +349,53 @@ def _bias_log2(bias: torch.Tensor, n_pad: int) -> torch.Tensor:
     return out
 
 
+@dataclass
+class QuantizedOperands:
+    """Padded, quantized kernel operands (layouts in the module docstring)."""
+
+    q8: torch.Tensor
+    q_scale: torch.Tensor
+    k8: torch.Tensor
+    k_scale: torch.Tensor
+    v: torch.Tensor
+    v_scale: torch.Tensor | None
+    bias: torch.Tensor | None
+
+
+def quantize_operands(q, k, v, mode: str, scale: float, bias, config: AttentionConfig) -> QuantizedOperands:
+    """Step 1-2 of the module docstring (and V to fp8 / padded bf16): a few memory-bound passes."""
+    head_d = padded_head_dim(q.shape[-1])
+    k_mean = k.mean(dim=2, dtype=torch.float32)  # (B, H, D)
+    balance = channel_balance(q, k, k_mean)
+    q8, q_scale = quantize_per_block(q, config.block_m, head_d, balance, multiplier=scale * LOG2E)
+    k8, k_scale = quantize_per_block(k, config.block_n, head_d, 1.0 / balance, mean=k_mean)
+    if mode == "fp8":
+        v_op, v_scale = quantize_v_fp8(v, config.block_n, head_d)
+    else:
+        v_op, v_scale = _pad_v_bf16(v, config.block_n, head_d), None
+    bias_op = _bias_log2(bias, k8.shape[1]) if bias is not None else None
+    return QuantizedOperands(q8, q_scale, k8, k_scale, v_op, v_scale, bias_op)
+
+
+def attention_from_operands(
+    ops: QuantizedOperands, out: torch.Tensor, n_kv: int, config: AttentionConfig
+) -> torch.Tensor:
+    """Run the attention kernel into ``out`` (B, H, Nq, D) (any strides)."""
+    b, h, n_q, d = out.shape
+    nkv_pad = ops.k8.shape[1]
+    n_unmasked = nkv_pad if ops.bias is not None else (n_kv // config.block_n) * config.block_n
+    grid = (ops.q8.shape[1] // config.block_m, b * h)
+    dummy = ops.q_scale  # placeholder pointer for operands a mode does not use
+    _attn_fwd_kernel[grid](
+        ops.q8, ops.k8, ops.v, ops.q_scale, ops.k_scale,
+        ops.v_scale if ops.v_scale is not None else dummy, ops.bias if ops.bias is not None else dummy,
+        out, *out.stride(), h, n_q, n_kv, n_unmasked, d, ops.q8.shape[1], nkv_pad,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, HEAD_D=ops.q8.shape[2],
+        PV_FP8=ops.v_scale is not None, HAS_BIAS=ops.bias is not None,
+        num_warps=config.num_warps, num_stages=config.num_stages)
+    return out
+
+
 def quantized_attention_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -341,29 +409,11 @@ def quantized_attention_triton(
     → (B, H, Nq, D) in q.dtype, laid out as (B, Nq, H, D) in memory (what attention processors reshape next)."""
     _check_inputs(q, k, v, mode, bias)
     b, h, n_q, d = q.shape
-    n_kv = k.shape[2]
-    head_d = padded_head_dim(d)
-    config = config or default_config(head_d, mode)
+    config = config or default_config(padded_head_dim(d), mode)
     scale = d ** -0.5 if scale is None else scale
-    q8, q_scale = quantize_per_block(q, config.block_m, head_d, multiplier=scale * LOG2E)
-    k_mean = k.mean(dim=2, dtype=torch.float32)  # (B, H, D)
-    k8, k_scale = quantize_per_block(k, config.block_n, head_d, mean=k_mean)
-    nkv_pad = k8.shape[1]
-    if mode == "fp8":
-        v_op, v_scale = quantize_v_fp8(v, config.block_n, head_d)
-    else:
-        v_op, v_scale = _pad_v_bf16(v, config.block_n, head_d), q_scale
-    bias_arg = _bias_log2(bias, nkv_pad) if bias is not None else q_scale
+    ops = quantize_operands(q, k, v, mode, scale, bias, config)
     out = torch.empty((b, n_q, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
-    n_unmasked = nkv_pad if bias is not None else (n_kv // config.block_n) * config.block_n
-    grid = (q8.shape[1] // config.block_m, b * h)
-    _attn_fwd_kernel[grid](
-        q8, k8, v_op, q_scale, k_scale, v_scale, bias_arg, out, *out.stride(),
-        h, n_q, n_kv, n_unmasked, d, q8.shape[1], nkv_pad,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, HEAD_D=head_d,
-        PV_FP8=mode == "fp8", HAS_BIAS=bias is not None,
-        num_warps=config.num_warps, num_stages=config.num_stages)
-    return out
+    return attention_from_operands(ops, out, k.shape[2], config)
 
 
 # ------------------------------------------------------------------------------------------ entry point

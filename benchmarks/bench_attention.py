@@ -1,0 +1,193 @@
+"""8-bit attention vs bf16 SDPA (flash backend) on the GPU: correctness at real shapes, speed, a tile sweep.
+
+    PYTHONUNBUFFERED=1 python benchmarks/bench_attention.py --out $OUT/attention.json [--sweep]
+
+Shapes: CogVideoX-2B (2, 30, 17776, 64) self-attention (226 text + 17550 video tokens); PixArt-α 1024
+(2, 16, 4096, 72) self-attention and cross-attention to 120 text tokens (with a key-padding mask: 30 of the
+120 tokens padded). Data: Gaussian with outlier channels in Q and K and a large common K mean (the statistics
+that make K smoothing and channel balancing matter). Times: median of CUDA events (triton.testing.do_bench) after
+warm-up; quality vs float32 attention on the first ``--ref-rows`` queries of each batch/head.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from triton.testing import do_bench
+
+from viditq.kernels import attention as KA
+
+SHAPES = {
+    # name: (B, H, Nq, Nkv, D, masked text tokens)
+    "cogvideox_self": (2, 30, 17776, 17776, 64, 0),
+    "pixart_self": (2, 16, 4096, 4096, 72, 0),
+    "pixart_cross": (2, 16, 4096, 120, 72, 30),
+}
+SWEEP = [KA.AttentionConfig(*c) for c in [
+    (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3)]]
+
+
+def make_inputs(b, h, n_q, n_kv, d, n_masked, seed=0, device="cuda"):
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, device=device)
+
+    q = randn(b, h, n_q, d) * 1.5
+    k = randn(b, h, n_kv, d) + 2.0 * randn(1, h, 1, d)  # large common mean over tokens
+    v = randn(b, h, n_kv, d)
+    q[..., :2] *= 6.0  # outlier channels
+    k[..., 5] *= 4.0
+    mask = None
+    if n_masked:
+        mask = torch.ones(b, 1, 1, n_kv, dtype=torch.bool, device=device)
+        mask[..., n_kv - n_masked:] = False
+    return q.bfloat16(), k.bfloat16(), v.bfloat16(), mask
+
+
+def metrics(out, ref):
+    out, ref = out.float().flatten(), ref.float().flatten()
+    return {"cos": float(out @ ref / (out.norm() * ref.norm())), "rel_l2": float((out - ref).norm() / ref.norm()),
+            "finite": bool(torch.isfinite(out).all())}
+
+
+def bias_of(mask, b, h, n_kv):
+    if mask is None:
+        return None
+    return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, float("-inf")).expand(b, h, 1, n_kv)[:, :, 0]
+
+
+def sdpa_bf16(q, k, v, mask):
+    backend = SDPBackend.FLASH_ATTENTION if mask is None else SDPBackend.EFFICIENT_ATTENTION
+    with sdpa_kernel(backend):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def check_quality(name, q, k, v, mask, ref_rows):
+    b, h, n_q, d = q.shape
+    rows = slice(0, min(ref_rows, n_q))
+    ref = F.scaled_dot_product_attention(q[:, :, rows].float(), k.float(), v.float(), attn_mask=mask)
+    res = {"sdpa_bf16": metrics(sdpa_bf16(q, k, v, mask)[:, :, rows], ref)}
+    bias = bias_of(mask, b, h, k.shape[2])
+    for mode in KA.MODES:
+        out = KA.quantized_attention_triton(q, k, v, mode, bias=bias)
+        res[mode] = metrics(out[:, :, rows], ref)
+        res[mode]["all_rows_finite"] = bool(torch.isfinite(out).all())
+        if n_q * k.shape[2] <= 4096 * 4096:  # reference at full size where memory allows
+            res[mode]["vs_reference"] = metrics(out, KA.quantized_attention_reference(q, k, v, mode, bias=bias))
+    return res
+
+
+def bench(fn):
+    return do_bench(fn, warmup=30, rep=200, return_mode="median")
+
+
+def time_shape(name, q, k, v, mask, configs):
+    b, h, n_q, d = q.shape
+    n_kv = k.shape[2]
+    flops = 4.0 * b * h * n_q * n_kv * d
+    bias = bias_of(mask, b, h, n_kv)
+    res = {"shape": [b, h, n_q, n_kv, d], "flop": flops, "sdpa_bf16_ms": bench(lambda: sdpa_bf16(q, k, v, mask))}
+    res["sdpa_bf16_tflops"] = flops / res["sdpa_bf16_ms"] / 1e9
+    res["configs"] = {}
+    for mode in KA.MODES:
+        for cfg in configs:
+            key = f"{mode}_m{cfg.block_m}_n{cfg.block_n}_w{cfg.num_warps}_s{cfg.num_stages}"
+            try:
+                total = bench(lambda: KA.quantized_attention_triton(q, k, v, mode, bias=bias, config=cfg))
+                ops = KA.quantize_operands(q, k, v, mode, d ** -0.5, bias, cfg)
+                out = torch.empty((b, n_q, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
+                kernel = bench(lambda: KA.attention_from_operands(ops, out, n_kv, cfg))
+                prep = bench(lambda: KA.quantize_operands(q, k, v, mode, d ** -0.5, bias, cfg))
+            except Exception as e:  # a tile shape that does not compile (shared memory, registers) is skipped
+                res["configs"][key] = {"error": repr(e)[:300]}
+                continue
+            res["configs"][key] = {"total_ms": total, "kernel_ms": kernel, "prep_ms": prep,
+                                   "speedup_vs_sdpa": res["sdpa_bf16_ms"] / total,
+                                   "kernel_tflops": flops / kernel / 1e9}
+    for mode in KA.MODES:
+        ok = {k_: v_ for k_, v_ in res["configs"].items() if k_.startswith(mode) and "total_ms" in v_}
+        if ok:
+            best = min(ok, key=lambda k_: ok[k_]["total_ms"])
+            res[f"best_{mode}"] = {"config": best, **ok[best]}
+    return res
+
+
+def model_checks(device="cuda", compile_model=True):
+    """Tiny random-weight diffusers models in bf16: 8-bit attention vs the model's own, eager and compiled."""
+    from viditq.attention import apply_quantized_attention
+    from viditq.testing import tiny_inputs, tiny_model
+
+    res = {}
+    for name in ("pixart", "cogvideox", "latte", "wan"):
+        model = tiny_model(name).to(device, torch.bfloat16)
+        kw = {k_: (v_.to(device, torch.bfloat16) if torch.is_tensor(v_) and v_.is_floating_point() else
+                   v_.to(device) if torch.is_tensor(v_) else v_) for k_, v_ in tiny_inputs(name).items()}
+        if name == "pixart":  # text padding mask: the cross-attention key-padding path
+            mask = torch.ones(kw["encoder_hidden_states"].shape[:2], device=device)
+            mask[:, -3:] = 0
+            kw["encoder_attention_mask"] = mask
+        with torch.no_grad():
+            ref = model(**kw).sample.float()
+            res[name] = {}
+            for mode in KA.MODES:
+                n = apply_quantized_attention(model, mode)
+                out = model(**kw).sample.float()
+                res[name][mode] = {"converted": n, **metrics(out, ref)}
+                if compile_model and name in ("cogvideox", "wan"):  # compile time: the two that matter most
+                    torch._dynamo.reset()
+                    out_c = torch.compile(model)(**kw).sample.float()
+                    res[name][mode]["compiled_vs_eager"] = metrics(out_c, out)
+            apply_quantized_attention(model, "bf16")
+        print(name, json.dumps(res[name]), flush=True)
+    return res
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="attention.json")
+    parser.add_argument("--sweep", action="store_true", help="time every tile config in SWEEP")
+    parser.add_argument("--ref-rows", type=int, default=1024)
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--models", action="store_true", help="check tiny diffusers models (needs diffusers)")
+    args = parser.parse_args()
+    props = torch.cuda.get_device_properties(0)
+    result = {"device": props.name, "sm_count": props.multi_processor_count, "torch": torch.__version__,
+              "triton": __import__("triton").__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "shapes": {}}
+    print(result["device"], result["torch"], result["triton"], flush=True)
+    for name in filter(None, args.shapes.split(",")):
+        b, h, n_q, n_kv, d, n_masked = SHAPES[name]
+        q, k, v, mask = make_inputs(b, h, n_q, n_kv, d, n_masked)
+        head_d = KA.padded_head_dim(d)
+        configs = SWEEP if args.sweep else [KA.default_config(head_d, "fp8")]
+        t0 = time.time()
+        entry = {"quality": check_quality(name, q, k, v, mask, args.ref_rows)}
+        entry.update(time_shape(name, q, k, v, mask, configs))
+        entry["seconds"] = time.time() - t0
+        result["shapes"][name] = entry
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"{name}: {json.dumps(entry['quality'])}", flush=True)
+    if args.models:
+        result["models"] = model_checks()
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    print(f"\n{'shape':16s} {'sdpa ms':>8s} {'mode':5s} {'best config':26s} {'total':>7s} {'kernel':>7s} "
+          f"{'prep':>6s} {'x sdpa':>6s} {'cos':>8s}")
+    for name, e in result["shapes"].items():
+        for mode in KA.MODES:
+            best = e.get(f"best_{mode}")
+            if best:
+                print(f"{name:16s} {e['sdpa_bf16_ms']:8.3f} {mode:5s} {best['config']:26s} {best['total_ms']:7.3f} "
+                      f"{best['kernel_ms']:7.3f} {best['prep_ms']:6.3f} {best['speedup_vs_sdpa']:6.2f} "
+                      f"{e['quality'][mode]['cos']:8.5f}")
+
+
+if __name__ == "__main__":
+    main()
