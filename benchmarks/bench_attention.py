@@ -11,8 +11,8 @@ warm-up; quality vs float32 attention on the first ``--ref-rows`` queries of eac
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import math
 import time
 
 import torch
@@ -29,7 +29,9 @@ SHAPES = {
     "pixart_cross": (2, 16, 4096, 120, 72, 30),
 }
 SWEEP = [KA.AttentionConfig(*c) for c in [
-    (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3)]]
+    (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3),
+    (256, 64, 8, 2), (256, 128, 8, 2)]]
+SWEEP_SIZE = {"cogvideox_self": 8, "pixart_self": 4, "pixart_cross": 2}  # tiles tried per shape (compile time)
 
 
 def make_inputs(b, h, n_q, n_kv, d, n_masked, seed=0, device="cuda"):
@@ -87,7 +89,28 @@ def bench(fn):
     return do_bench(fn, warmup=30, rep=200, return_mode="median")
 
 
-def time_shape(name, q, k, v, mask, configs):
+def config_key(mode, cfg):
+    return (f"{mode}_m{cfg.block_m}_n{cfg.block_n}_w{cfg.num_warps}_s{cfg.num_stages}"
+            f"{'_magic' if cfg.magic_i2f else ''}{'_rowsum' if cfg.rowsum_mma else ''}")
+
+
+def time_config(q, k, v, bias, mode, cfg, flops, sdpa_ms):
+    """Total (prep + kernel), kernel-only and prep-only medians for one tile config."""
+    b, h, n_q, d = q.shape
+    try:
+        total = bench(lambda: KA.quantized_attention_triton(q, k, v, mode, bias=bias, config=cfg))
+        ops = KA.quantize_operands(q, k, v, mode, d ** -0.5, bias, cfg)
+        out = torch.empty((b, n_q, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
+        kernel = bench(lambda: KA.attention_from_operands(ops, out, k.shape[2], cfg))
+        prep = bench(lambda: KA.quantize_operands(q, k, v, mode, d ** -0.5, bias, cfg))
+    except Exception as e:  # a tile shape that does not compile (shared memory, registers) is skipped
+        return {"error": repr(e)[:300]}
+    return {"total_ms": total, "kernel_ms": kernel, "prep_ms": prep, "speedup_vs_sdpa": sdpa_ms / total,
+            "kernel_tflops": flops / kernel / 1e9}
+
+
+def time_shape(name, q, k, v, mask, configs, variants):
+    """SDPA, then every tile config (plain variant), then the best tile with the kernel variants."""
     b, h, n_q, d = q.shape
     n_kv = k.shape[2]
     flops = 4.0 * b * h * n_q * n_kv * d
@@ -96,25 +119,23 @@ def time_shape(name, q, k, v, mask, configs):
     res["sdpa_bf16_tflops"] = flops / res["sdpa_bf16_ms"] / 1e9
     res["configs"] = {}
     for mode in KA.MODES:
+        timed = {}
         for cfg in configs:
-            key = f"{mode}_m{cfg.block_m}_n{cfg.block_n}_w{cfg.num_warps}_s{cfg.num_stages}"
-            try:
-                total = bench(lambda: KA.quantized_attention_triton(q, k, v, mode, bias=bias, config=cfg))
-                ops = KA.quantize_operands(q, k, v, mode, d ** -0.5, bias, cfg)
-                out = torch.empty((b, n_q, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
-                kernel = bench(lambda: KA.attention_from_operands(ops, out, n_kv, cfg))
-                prep = bench(lambda: KA.quantize_operands(q, k, v, mode, d ** -0.5, bias, cfg))
-            except Exception as e:  # a tile shape that does not compile (shared memory, registers) is skipped
-                res["configs"][key] = {"error": repr(e)[:300]}
-                continue
-            res["configs"][key] = {"total_ms": total, "kernel_ms": kernel, "prep_ms": prep,
-                                   "speedup_vs_sdpa": res["sdpa_bf16_ms"] / total,
-                                   "kernel_tflops": flops / kernel / 1e9}
-    for mode in KA.MODES:
-        ok = {k_: v_ for k_, v_ in res["configs"].items() if k_.startswith(mode) and "total_ms" in v_}
+            timed[cfg] = time_config(q, k, v, bias, mode, cfg, flops, res["sdpa_bf16_ms"])
+        ok = [c for c in timed if "total_ms" in timed[c]]
+        if ok and variants:
+            tile = min(ok, key=lambda c: timed[c]["total_ms"])
+            for magic, rowsum in ((True, False), (False, True), (True, True)):
+                cfg = dataclasses.replace(tile, magic_i2f=magic, rowsum_mma=rowsum)
+                timed[cfg] = time_config(q, k, v, bias, mode, cfg, flops, res["sdpa_bf16_ms"])
+        for cfg, r in timed.items():
+            res["configs"][config_key(mode, cfg)] = r
+        ok = [c for c in timed if "total_ms" in timed[c]]
         if ok:
-            best = min(ok, key=lambda k_: ok[k_]["total_ms"])
-            res[f"best_{mode}"] = {"config": best, **ok[best]}
+            best = min(ok, key=lambda c: timed[c]["total_ms"])
+            res[f"best_{mode}"] = {"config": config_key(mode, best), **timed[best]}
+        print(f"  {name} {mode}: " + ", ".join(
+            f"{config_key(mode, c)} {r.get('total_ms', float('nan')):.3f}" for c, r in timed.items()), flush=True)
     return res
 
 
@@ -165,10 +186,10 @@ def main():
         b, h, n_q, n_kv, d, n_masked = SHAPES[name]
         q, k, v, mask = make_inputs(b, h, n_q, n_kv, d, n_masked)
         head_d = KA.padded_head_dim(d)
-        configs = SWEEP if args.sweep else [KA.default_config(head_d, "fp8")]
+        configs = SWEEP[:SWEEP_SIZE[name]] if args.sweep else [KA.default_config(head_d, "fp8")]
         t0 = time.time()
         entry = {"quality": check_quality(name, q, k, v, mask, args.ref_rows)}
-        entry.update(time_shape(name, q, k, v, mask, configs))
+        entry.update(time_shape(name, q, k, v, mask, configs, variants=args.sweep and name != "pixart_cross"))
         entry["seconds"] = time.time() - t0
         result["shapes"][name] = entry
         with open(args.out, "w") as f:

@@ -54,6 +54,8 @@ class AttentionConfig:
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 3
+    magic_i2f: bool = False  # int32 scores → float32 by an integer add instead of a conversion instruction
+    rowsum_mma: bool = False  # softmax row sums as P @ ones on the tensor cores instead of FADDs
 
 
 def default_config(head_dim_padded: int, mode: str) -> AttentionConfig:
@@ -218,8 +220,11 @@ def _quantize_v_fp8_kernel(
 def _attn_block(
     acc, m_i, l_i, q, q_scale, k_ptrs, v_ptrs, KScale, Bias, kv_block, start_n, N_KV,
     BLOCK_N: tl.constexpr, MASK_KV: tl.constexpr, HAS_BIAS: tl.constexpr, PV_FP8: tl.constexpr,
+    MAGIC_I2F: tl.constexpr, ROWSUM_MMA: tl.constexpr,
 ):
-    """One key/value block of the online softmax: update (acc, row max m_i, row sum l_i)."""
+    """One key/value block of the online softmax: update (acc, row max m_i, row sum l_i).
+
+    l_i is (BLOCK_M,) float32, or with ROWSUM_MMA (BLOCK_M, ROWSUM_COLS) whose every column is the row sum."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = tl.load(k_ptrs)  # (BLOCK_N, HEAD_D) int8
     qk = tl.dot(q, tl.trans(k), out_dtype=tl.int32)  # (BLOCK_M, BLOCK_N) exact integer scores
@@ -238,14 +243,29 @@ def _attn_block(
         # Hot path: row max on the integers (the scale is one positive scalar per tile), then one FFMA and one
         # exp2 per score.
         m_new = tl.maximum(m_i, tl.max(qk, axis=1).to(tl.float32) * qk_scale)
-        p = tl.math.exp2(qk.to(tl.float32) * qk_scale - (m_new - p_shift)[:, None])
+        if MAGIC_I2F:
+            # int32 → float32 without a conversion instruction: the bits of (qk + 0x4B400000) are the float
+            # 1.5 * 2^23 + qk, exact while |qk| < 2^22 (head dim 256 x 127 x 127 = 4.13e6 < 4.19e6); the offset
+            # folds into the FFMA's addend.
+            f = (qk + 0x4B400000).to(tl.float32, bitcast=True)
+            p = tl.math.exp2(f * qk_scale - (m_new - p_shift + 12582912.0 * qk_scale)[:, None])
+        else:
+            p = tl.math.exp2(qk.to(tl.float32) * qk_scale - (m_new - p_shift)[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     v = tl.load(v_ptrs)  # fp8: (HEAD_D, BLOCK_N), transposed; bf16: (BLOCK_N, HEAD_D)
     if PV_FP8:
-        pv = tl.dot(p.to(tl.float8e4nv), tl.trans(v))
+        p_mma = p.to(tl.float8e4nv)
+        pv = tl.dot(p_mma, tl.trans(v))
     else:
-        pv = tl.dot(p.to(tl.bfloat16), v)
-    l_i = l_i * alpha + tl.sum(p, axis=1)
+        p_mma = p.to(tl.bfloat16)
+        pv = tl.dot(p_mma, v)
+    if ROWSUM_MMA:
+        # Row sums on the tensor cores (P @ ones) instead of one FADD per score; they sum the rounded P that
+        # the P·V product used.
+        ones = tl.full((BLOCK_N, 16), 1.0, dtype=tl.float32).to(p_mma.dtype)
+        l_i = tl.dot(p_mma, ones, l_i * alpha[:, None])
+    else:
+        l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + pv
     return acc, m_new, l_i
 
@@ -256,7 +276,7 @@ def _attn_fwd_kernel(
     stride_ob, stride_oh, stride_on, stride_od,
     H, N_Q, N_KV, N_UNMASKED, D, NQ_PAD, NKV_PAD,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
-    PV_FP8: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PV_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, MAGIC_I2F: tl.constexpr, ROWSUM_MMA: tl.constexpr,
 ):
     """One (BLOCK_M, HEAD_D) output tile of one head. Grid (Nq_pad / BLOCK_M, B·H): the query blocks of a head
     run next to each other, so that head's K and V stay in L2."""
@@ -277,20 +297,26 @@ def _attn_fwd_kernel(
     k_scales = KScale + pid_bh * (NKV_PAD // BLOCK_N)
     bias_ptr = Bias + pid_bh * NKV_PAD
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if ROWSUM_MMA:
+        l_i = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
+    else:
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
     # Key blocks [0, N_UNMASKED) need no padding mask (with a bias, padded keys already carry MASKED_SCORE).
     for start_n in range(0, N_UNMASKED, BLOCK_N):
         acc, m_i, l_i = _attn_block(
             acc, m_i, l_i, q, q_scale, k_ptrs, v_ptrs, k_scales, bias_ptr, start_n // BLOCK_N, start_n, N_KV,
-            BLOCK_N, False, HAS_BIAS, PV_FP8)
+            BLOCK_N, False, HAS_BIAS, PV_FP8, MAGIC_I2F, ROWSUM_MMA)
         k_ptrs += BLOCK_N * HEAD_D
         v_ptrs += v_step
     if N_UNMASKED < N_KV:
         acc, m_i, l_i = _attn_block(
             acc, m_i, l_i, q, q_scale, k_ptrs, v_ptrs, k_scales, bias_ptr, N_UNMASKED // BLOCK_N, N_UNMASKED,
-            N_KV, BLOCK_N, True, HAS_BIAS, PV_FP8)
-    out = acc / l_i[:, None]
+            N_KV, BLOCK_N, True, HAS_BIAS, PV_FP8, MAGIC_I2F, ROWSUM_MMA)
+    if ROWSUM_MMA:
+        out = acc / (tl.sum(l_i, axis=1) * (1.0 / 16))[:, None]
+    else:
+        out = acc / l_i[:, None]
     if PV_FP8:
         out = out * tl.load(VScale + pid_bh * HEAD_D + offs_d)[None, :]
     b = pid_bh // H
@@ -392,7 +418,7 @@ def attention_from_operands(
         out, *out.stride(), h, n_q, n_kv, n_unmasked, d, ops.q8.shape[1], nkv_pad,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, HEAD_D=ops.q8.shape[2],
         PV_FP8=ops.v_scale is not None, HAS_BIAS=ops.bias is not None,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        MAGIC_I2F=config.magic_i2f, ROWSUM_MMA=config.rowsum_mma, num_warps=config.num_warps, num_stages=config.num_stages)
     return out
 
 
