@@ -150,3 +150,17 @@ def test_generic_module_with_any_kwargs():
     viditq.quantize(m, "w8a8", [{"hidden": torch.randn(2, 10, 96), "scale": 2.0} for _ in range(3)])
     x = torch.randn(2, 10, 96)
     assert sqnr_db(ref_model(x), m(x)) > 35
+
+
+def test_casting_the_model_keeps_scales_in_full_precision():
+    model = viditq.quantize(tiny_model("pixart"), "w4a8", calibration_set("pixart", n=1))
+    x = tiny_inputs("pixart", seed=3)
+    ref = forward_output(model, x)
+    layer = model.transformer_blocks[0].ff.net[2]  # K = 256: g64 scales
+    dtypes = {n: b.dtype for n, b in layer.named_buffers() if n != "bias"}
+    assert dtypes["weight_scale"] == torch.float16
+    model.to(torch.bfloat16)
+    assert dtypes == {n: b.dtype for n, b in layer.named_buffers() if n != "bias"}
+    assert layer.bias.dtype == torch.bfloat16 and layer.weight.dtype == torch.bfloat16
+    xb = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in x.items()}
+    assert sqnr_db(ref, forward_output(model, xb)) > 20  # bf16 activations, same integer weights

@@ -10,10 +10,12 @@ from .checkpoint import load_pipeline, load_quantized, save_quantized
 from .config import PRESETS, ActSpec, BalanceSpec, LayerRule, QuantConfig, WeightSpec
 from .layers import QuantLinear
 from .memory import MemoryReport, memory_report
+from .pipeline import quantize_pipeline, quantize_weights_only
 from .quantize import quantize
 
 __version__ = "0.1.0"
 __all__ = [
     "ActSpec", "BalanceSpec", "LayerRule", "MemoryReport", "PRESETS", "QuantConfig", "QuantLinear", "WeightSpec",
-    "capture_calibration", "load_pipeline", "load_quantized", "memory_report", "quantize", "save_quantized",
+    "capture_calibration", "load_pipeline", "load_quantized", "memory_report", "quantize", "quantize_pipeline",
+    "quantize_weights_only", "save_quantized",
 ]

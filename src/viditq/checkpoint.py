@@ -72,8 +72,10 @@ def _write_model(model: nn.Module, directory: Path) -> None:
         raise ValueError(f"{type(model).__name__} is not quantized: call viditq.quantize(model, config, calib) first")
     cls = type(model)
     directory.mkdir(parents=True, exist_ok=True)
-    if hasattr(model, "save_config"):
+    if hasattr(model, "save_config"):  # diffusers
         model.save_config(directory)
+    elif hasattr(getattr(model, "config", None), "save_pretrained"):  # transformers
+        model.config.save_pretrained(directory)
     save_model(model, str(directory / TENSORS_FILE))
     meta = {
         "format_version": FORMAT_VERSION,
@@ -168,10 +170,13 @@ def _build_model(path: Path, meta: dict) -> nn.Module:
     except (ImportError, AttributeError):
         raise ValueError(f"cannot import the checkpoint's model class {meta['model_class']!r}; "
                          "pass the float model with load_quantized(path, model=...)") from None
-    if not hasattr(cls, "from_config") or not (path / "config.json").is_file():
-        raise ValueError(f"{meta['model_class']} cannot be rebuilt from a saved config; "
-                         "pass the float model with load_quantized(path, model=...)")
-    return cls.from_config(cls.load_config(path))
+    if (path / "config.json").is_file():
+        if hasattr(cls, "from_config") and hasattr(cls, "load_config"):  # diffusers
+            return cls.from_config(cls.load_config(path))
+        if hasattr(cls, "config_class"):  # transformers
+            return cls(cls.config_class.from_pretrained(path)).eval()
+    raise ValueError(f"{meta['model_class']} cannot be rebuilt from a saved config; "
+                     "pass the float model with load_quantized(path, model=...)")
 
 
 def load_quantized(path: str | Path, model: nn.Module | None = None, device: str | torch.device | None = None):

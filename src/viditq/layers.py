@@ -13,7 +13,9 @@ from torch import nn
 
 from .kernels import dispatch, reference
 from .quant.hadamard import hadamard_rotate
-from .quant.quantizers import pack_int4, quantize_per_tensor_static, quantize_weight, resolve_group_size
+from .quant.quantizers import (
+    dequantize_weight, pack_int4, quantize_per_tensor_static, quantize_weight, resolve_group_size,
+)
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,7 @@ class LayerSpec:
     act_bits: int
     weight_per_tensor: bool = False
     act_static: bool = False
+    weight_only: bool = False  # no activation quantization: dequantize W and run a float matmul (text encoders)
     smooth: bool = False
     rotate: bool = False
     rot_m: int = 1  # Paley factor of the rotation (0: dense random orthogonal matrix)
@@ -47,6 +50,7 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.spec = spec
         self.in_features, self.out_features = spec.in_features, spec.out_features
+        self.float_dtype = out_dtype  # dtype of the float model around this layer
         n, k = spec.out_features, spec.in_features
         groups = k // spec.group_size
         # Per-channel scales stay float32; group-wise ones are float16 so they cost 1/4 bit per weight at g64.
@@ -67,6 +71,25 @@ class QuantLinear(nn.Module):
             self.register_buffer("rot_matrix", None)
             self.register_buffer("rot_signs", torch.empty(k, device=device) if spec.rotate else None)
         self.register_buffer("act_scale", torch.empty((), device=device) if spec.act_static else None)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Shape/dtype stand-in for model code that inspects ``linear.weight.dtype`` (T5, some diffusers blocks).
+        It lives on the meta device: the values are in ``weight_codes`` / ``dequantized_weight()``."""
+        return torch.empty(self.out_features, self.in_features, dtype=self.float_dtype, device="meta")
+
+    def _apply(self, fn, recurse=True):
+        # Casting the model (model.to(torch.bfloat16), .half()) must not round the scales, zero points, smoothing
+        # or rotation tensors: they keep their dtype and only move device. The bias follows the model's dtype.
+        for name, buf in self._buffers.items():
+            if buf is None:
+                continue
+            moved = fn(buf)
+            if name != "bias" and moved.dtype != buf.dtype:
+                moved = buf.to(moved.device)
+            self._buffers[name] = moved
+        self.float_dtype = fn(torch.empty(0, dtype=self.float_dtype)).dtype
+        return self
 
     # -- construction --------------------------------------------------------------------------------
     @classmethod
@@ -109,7 +132,18 @@ class QuantLinear(nn.Module):
         else:
             qw = quantize_weight(w, spec.weight_bits, spec.weight_symmetric, spec.group_size)
             codes, scale, zero = qw.codes, qw.scale, qw.zero
-        self.weight_codes.copy_(pack_int4(codes) if spec.packed_int4 else codes)
+        self._store_weight(codes, scale, zero)
+
+    def set_quantized_weight(self, qw: QuantizedWeight) -> None:
+        """Replace the weights by already quantized ones (e.g. from GPTQ) of this layer's bits and groups."""
+        spec = self.spec
+        if qw.codes.shape != (spec.out_features, spec.in_features) or qw.group_size != spec.group_size:
+            raise ValueError(f"quantized weight {tuple(qw.codes.shape)} g{qw.group_size} does not fit layer "
+                             f"({spec.out_features}, {spec.in_features}) g{spec.group_size}")
+        self._store_weight(qw.codes, qw.scale, qw.zero)
+
+    def _store_weight(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> None:
+        self.weight_codes.copy_(pack_int4(codes) if self.spec.packed_int4 else codes)
         self.weight_scale.copy_(scale)
         if zero is not None:
             self.weight_zero.copy_(zero)
@@ -119,8 +153,16 @@ class QuantLinear(nn.Module):
         y = reference.balance_activation(x2d, self.smooth_inv, self.rot_signs, self.spec.rot_m)
         return y @ self.rot_matrix if self.rot_matrix is not None else y
 
+    def dequantized_weight(self) -> torch.Tensor:
+        """Float32 (N, K) weight as the integer codes represent it (balancing folded in)."""
+        codes = reference.unpack_weight_codes(self.weight_codes, self.spec.packed_int4)
+        return dequantize_weight(codes, self.weight_scale, self.weight_zero, self.spec.group_size)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         spec = self.spec
+        if spec.weight_only:
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return nn.functional.linear(x, self.dequantized_weight().to(x.dtype), bias)
         x2d = x.reshape(-1, spec.in_features)  # (M, K), M = batch * tokens
         if spec.act_static or self.rot_matrix is not None:
             xb = self.balance(x2d)
@@ -146,7 +188,7 @@ class QuantLinear(nn.Module):
         s = self.spec
         g = "per-channel" if s.group_size == s.in_features else f"g{s.group_size}"
         bal = "+".join(n for n, on in (("smooth", s.smooth), ("rotate", s.rotate)) if on) or "none"
-        act = "static" if s.act_static else "per-token"
+        act = "none" if s.weight_only else ("static" if s.act_static else "per-token")
         return (f"in={s.in_features}, out={s.out_features}, W{s.weight_bits}({g}, "
                 f"{'sym' if s.weight_symmetric else 'asym'}), A{s.act_bits}({act}), balance={bal}")
 
@@ -161,3 +203,87 @@ def make_layer_spec(linear: nn.Linear, weight, act, *, smooth=False, rotate=Fals
         act_bits=act.bits, weight_per_tensor=weight.per_tensor, act_static=act.granularity == "per_tensor_static",
         smooth=smooth, rotate=rotate, rot_m=rot_m, alpha=alpha,
     )
+
+
+# ------------------------------------------------------------------------------ timestep-dependent precision
+class TimestepSwitchLinear(nn.Module):
+    """A linear layer whose precision depends on the diffusion timestep (mixed precision over the schedule).
+
+    ``variants`` holds one module per distinct precision the layer needs (``QuantLinear``, or the float
+    ``nn.Linear`` under the key ``"fp"``); every copy is a real buffer, so memory reports count all of them.
+    ``schedule`` is a list of ``(lo, hi, key)`` closed timestep intervals, searched in order; a timestep in none
+    of them (or an unknown one) uses ``default``. The current timestep is set by :func:`install_timestep_hook`
+    on the top model, from its ``timestep`` forward argument.
+    """
+
+    def __init__(self, variants: dict[str, nn.Module], schedule: list[tuple[float, float, str]], default: str):
+        super().__init__()
+        unknown = {key for _, _, key in schedule} - set(variants) | ({default} - set(variants))
+        if unknown:
+            raise ValueError(f"timestep schedule uses precisions {sorted(unknown)} with no variant "
+                             f"(variants: {sorted(variants)})")
+        self.variants = nn.ModuleDict(variants)
+        self.schedule = [(float(lo), float(hi), key) for lo, hi, key in schedule]
+        self.default = default
+        self.timestep: float | None = None
+        first = next(iter(variants.values()))
+        self.in_features, self.out_features = first.in_features, first.out_features
+
+    def active_key(self) -> str:
+        t = self.timestep
+        if t is not None:
+            for lo, hi, key in self.schedule:
+                if lo <= t <= hi:
+                    return key
+        return self.default
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.variants[self.active_key()](x)
+
+    def schedule_dict(self) -> dict:
+        """JSON-able description (saved in checkpoints next to the variants' LayerSpecs)."""
+        return {"schedule": [list(s) for s in self.schedule], "default": self.default,
+                "variants": list(self.variants)}
+
+    def extra_repr(self) -> str:
+        spans = ", ".join(f"[{lo:g}, {hi:g}]→{key}" for lo, hi, key in self.schedule)
+        return f"default={self.default}, schedule=({spans})"
+
+
+def current_timestep(args: tuple, kwargs: dict, position: int | None) -> float | None:
+    """The scalar timestep of a transformer call: its ``timestep`` argument's first element (all samples of a
+    CFG batch share it), or None when the call has none."""
+    t = kwargs.get("timestep")
+    if t is None and position is not None and position < len(args):
+        t = args[position]
+    if t is None:
+        return None
+    if isinstance(t, torch.Tensor):
+        return float(t.reshape(-1)[0]) if t.numel() else None
+    return float(t)
+
+
+def install_timestep_hook(model: nn.Module) -> int:
+    """Make every TimestepSwitchLinear of ``model`` follow the ``timestep`` argument of ``model``'s forward.
+
+    Idempotent (an earlier hook is replaced). Returns the number of switching layers.
+    """
+    import inspect
+
+    old = getattr(model, "_viditq_timestep_hook", None)
+    if old is not None:
+        old.remove()
+        model._viditq_timestep_hook = None
+    switches = [m for m in model.modules() if isinstance(m, TimestepSwitchLinear)]
+    if not switches:
+        return 0
+    params = list(inspect.signature(model.forward).parameters)
+    position = params.index("timestep") if "timestep" in params else None
+
+    def hook(module, args, kwargs):
+        t = current_timestep(args, kwargs, position)
+        for layer in switches:
+            layer.timestep = t
+
+    model._viditq_timestep_hook = model.register_forward_pre_hook(hook, with_kwargs=True)
+    return len(switches)

@@ -49,8 +49,14 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def memory_report(model: nn.Module) -> MemoryReport:
-    """Weight bytes of ``model`` by kind; QuantLinear layers are compared with their float equivalent."""
+def memory_report(model) -> MemoryReport:
+    """Weight bytes of ``model`` by kind; QuantLinear layers are compared with their float equivalent.
+
+    For a diffusers pipeline the rows are its components (transformer, text_encoder, vae, ...).
+    """
+    if not isinstance(model, nn.Module) and hasattr(model, "components"):
+        return MemoryReport({name: (r.total_before, r.total_after) for name, comp in model.components.items()
+                             if isinstance(comp, nn.Module) for r in [memory_report(comp)]})
     rows: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     seen: set[int] = set()
     for module in model.modules():
