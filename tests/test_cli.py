@@ -27,10 +27,13 @@ def test_quantize_info_generate(float_pipeline_dir):
               "--out", d / "q", "--steps", 2, "--device", "cpu", *PIPE_ARGS)
     assert res.exit_code == 0, res.output
     assert "smaller" in res.output and (d / "q" / "transformer" / "viditq.json").is_file()
+    assert "text_encoder: text-embedding cosine" in res.output
+    assert (d / "q" / "text_encoder" / "viditq.json").is_file()
 
     res = run("info", d / "q")
     assert res.exit_code == 0, res.output
     assert "w4a8" in res.output and "W4A8" in res.output
+    assert "text_encoder" in res.output and "vae" in res.output  # per-component memory table
 
     res = run("generate", "--model", d / "q", "--prompt", "a red circle", "--out", d / "img.png", "--steps", 2,
               "--device", "cpu", *PIPE_ARGS)

@@ -67,6 +67,7 @@ def quantize(
     prompts: Path = typer.Option(..., help="Calibration prompts, one per line."),
     out: Path = typer.Option(..., help="Output directory (diffusers layout, quantized transformer)."),
     steps: int = typer.Option(20, help="Denoising steps during calibration."),
+    text_encoder_bits: int = typer.Option(8, help="Weight-only bits for the text encoder(s): 8, 4, or 0 to keep."),
     attention: Optional[str] = typer.Option(None, help="Override the attention mode: bf16 | int8 | fp8."),
     device: str = typer.Option("auto", help="cpu | cuda | auto."),
     pipe_arg: list[str] = typer.Option([], help="Extra pipeline call argument key=value (repeatable)."),
@@ -74,8 +75,7 @@ def quantize(
     """Calibrate on PROMPTS, quantize the pipeline's transformer, and save the pipeline to OUT."""
     import dataclasses
 
-    from . import capture_calibration, memory_report, save_quantized
-    from . import quantize as quantize_model
+    from . import memory_report, quantize_pipeline, save_quantized
     from .config import resolve_config
 
     try:
@@ -84,13 +84,17 @@ def quantize(
             config = dataclasses.replace(config, attention=attention)
     except (ValueError, FileNotFoundError) as e:
         raise typer.BadParameter(str(e), param_hint="--preset") from None
+    if text_encoder_bits not in (0, 4, 8):
+        raise typer.BadParameter(f"expected 8, 4 or 0, got {text_encoder_bits}", param_hint="--text-encoder-bits")
     prompt_list = _read_prompts(prompts)
     pipe = _load_any_pipeline(model, _device(device))
     console.print(f"calibrating on {len(prompt_list)} prompts x {steps} steps")
-    calib = capture_calibration(pipe, prompt_list, num_inference_steps=steps, **_parse_pipe_args(pipe_arg))
-    quantize_model(pipe.transformer, config, calib)
+    quantize_pipeline(pipe, config, prompt_list, text_encoder_bits=text_encoder_bits or None,
+                      num_inference_steps=steps, **_parse_pipe_args(pipe_arg))
+    for name, cos in pipe.quantization_report["text_embedding_cosine"].items():
+        console.print(f"{name}: text-embedding cosine similarity vs float {cos:.5f}")
     save_quantized(pipe, out)
-    console.print(memory_report(pipe.transformer).table())
+    console.print(memory_report(pipe).table())
     console.print(f"[green]saved[/green] {out}")
 
 
@@ -127,7 +131,8 @@ def info(path: Path = typer.Argument(..., help="A viditq checkpoint or quantized
     from .checkpoint import PIPELINE_META_FILE, read_metadata
 
     components = [path]
-    if (path / PIPELINE_META_FILE).is_file():
+    is_pipeline = (path / PIPELINE_META_FILE).is_file()
+    if is_pipeline:
         components = [path / n for n in json.loads((path / PIPELINE_META_FILE).read_text())["quantized_components"]]
     for comp in components:
         try:
@@ -142,7 +147,12 @@ def info(path: Path = typer.Argument(..., help="A viditq checkpoint or quantized
         for kind, n in sorted(kinds.items()):
             table.add_row(kind, str(n))
         console.print(table)
-        console.print(memory_report(load_quantized(comp)).table())
+        if not is_pipeline:
+            console.print(memory_report(load_quantized(comp)).table())
+    if is_pipeline:
+        from .checkpoint import load_pipeline
+
+        console.print(memory_report(load_pipeline(path)).table())
 
 
 @app.command()
