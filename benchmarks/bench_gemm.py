@@ -15,7 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 import triton
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 from viditq.kernels import act_quant, int_gemm, reference
 from viditq.quant.hadamard import hadamard_factors, random_signs
@@ -31,31 +31,33 @@ SHAPES = {
     "cogvideox_ff_down": (35552, 1920, 7680),
     "square_8192": (8192, 8192, 8192),
 }
-INT8_SWEEP = [  # (BM, BN, BK, GROUP_M, warps, stages, persistent, tma)
-    (128, 256, 128, 8, 8, 3, False, False), (128, 256, 128, 8, 8, 4, False, False),
-    (128, 128, 128, 8, 8, 4, False, False), (128, 256, 64, 8, 8, 4, False, False),
-    (256, 128, 128, 8, 8, 3, False, False), (128, 256, 128, 8, 8, 3, True, False),
-    (128, 128, 128, 8, 4, 4, False, False), (64, 256, 128, 8, 4, 4, False, False),
-    (128, 256, 128, 8, 8, 3, True, True), (128, 256, 64, 8, 8, 4, True, True), (128, 128, 128, 8, 8, 4, True, True),
-    (128, 128, 128, 8, 4, 4, True, True), (256, 128, 128, 8, 8, 3, True, True),
+INT8_SWEEP = [  # (BM, BN, BK, GROUP_M, warps, stages, persistent, tma); call-1 winners + variants for small K
+    (128, 256, 128, 8, 8, 3, False, False), (256, 128, 128, 8, 8, 3, True, True), (128, 256, 128, 8, 8, 3, True, True),
+    (256, 128, 128, 8, 8, 4, True, True), (256, 128, 64, 8, 8, 4, True, True), (128, 128, 128, 8, 4, 4, True, True),
+    (256, 128, 128, 4, 8, 3, True, True), (128, 128, 128, 8, 8, 3, False, False),
 ]
 W4_SWEEP = [
-    (128, 128, 64, 8, 8, 4, False, False), (128, 256, 64, 8, 8, 3, False, False),
-    (128, 128, 64, 8, 4, 4, False, False), (64, 128, 64, 8, 4, 4, False, False),
-    (128, 64, 64, 8, 4, 4, False, False), (128, 128, 64, 8, 8, 5, False, False),
-    (128, 128, 64, 8, 8, 4, True, True), (128, 128, 64, 8, 4, 4, True, True), (128, 256, 64, 8, 8, 3, True, True),
-    (64, 128, 64, 8, 4, 4, True, True),
+    (128, 128, 64, 8, 8, 4, False, False), (128, 256, 64, 8, 8, 3, False, False), (128, 128, 64, 8, 4, 4, False, False),
+    (64, 128, 64, 8, 4, 4, False, False), (256, 128, 64, 8, 8, 3, False, False), (128, 128, 64, 8, 8, 3, True, False),
+    (128, 128, 64, 8, 8, 4, True, True), (128, 256, 64, 8, 8, 3, True, True), (256, 128, 64, 8, 8, 3, True, True),
+    (128, 128, 128, 8, 8, 3, False, False),
 ]
 FP8_SWEEP = [
-    (128, 256, 128, 8, 8, 3, False, False), (128, 256, 128, 8, 8, 4, False, False),
-    (128, 128, 128, 8, 8, 4, False, False), (128, 256, 128, 8, 8, 3, True, True),
-    (128, 256, 64, 8, 8, 4, True, True), (128, 128, 128, 8, 4, 4, True, True),
+    (128, 256, 128, 8, 8, 3, True, True), (256, 128, 128, 8, 8, 3, True, True), (128, 256, 128, 8, 8, 4, True, True),
+    (128, 128, 128, 8, 4, 4, True, True),
 ]
 TMA8 = int_gemm.GemmConfig(128, 256, 128, 8, 8, 3, True, True)
 TMA4 = int_gemm.GemmConfig(128, 128, 64, 8, 8, 4, True, True)
+PTR8 = int_gemm.GemmConfig(128, 256, 128, 8, 8, 3)
 
 
 def ms(fn) -> float:
+    """Median device time per call, replayed from a CUDA graph: kernel time without Python launch overhead."""
+    return do_bench_cudagraph(fn, rep=100, return_mode="median")
+
+
+def ms_eager(fn) -> float:
+    """Median time per call launched from Python (includes launch overhead when it exceeds the kernel time)."""
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
@@ -98,6 +100,15 @@ def gemm_fns(o, k, cfg=None, cfg4=None, cfg8=None):
         a, s = act_quant.quantize_activation(o["x"], 8, smooth_inv, signs, rot_m)
         return int_gemm.quant_linear(a, s, o["w8"], o["w8_scale"], None, k, False, o["bias"], torch.bfloat16, cfg)
 
+    def layer_w8a8_plain():
+        a, s = act_quant.quantize_activation(o["x"], 8, smooth_inv)
+        return int_gemm.quant_linear(a, s, o["w8"], o["w8_scale"], None, k, False, o["bias"], torch.bfloat16, cfg)
+
+    def layer_w4a8():
+        a, s = act_quant.quantize_activation(o["x"], 8, smooth_inv, signs, rot_m)
+        return int_gemm.quant_linear(a, s, o["w4"], o["w4_scale"], o["w4_zero"], 64, True, o["bias"],
+                                     torch.bfloat16, cfg4)
+
     return {
         "bf16_cublas": lambda: F.linear(o["x"], o["w"], o["bias"]),
         "fp8_scaled_mm_rowwise": lambda: torch._scaled_mm(
@@ -106,17 +117,17 @@ def gemm_fns(o, k, cfg=None, cfg4=None, cfg8=None):
         "int8_torch_int_mm": lambda: torch._int_mm(o["a"], w8t),
         "ours_int8": lambda: int_gemm.quant_linear(o["a"], o["a_scale"], o["w8"], o["w8_scale"], None, k, False,
                                                    o["bias"], torch.bfloat16, cfg),
+        "ours_int8_pointer": lambda: int_gemm.quant_linear(o["a"], o["a_scale"], o["w8"], o["w8_scale"], None, k,
+                                                           False, o["bias"], torch.bfloat16, PTR8),
         "ours_w4a8_g64": lambda: int_gemm.quant_linear(o["a"], o["a_scale"], o["w4"], o["w4_scale"], o["w4_zero"],
                                                        64, True, o["bias"], torch.bfloat16, cfg4),
         "ours_fp8": lambda: int_gemm.quant_linear(o["fp8_a"], o["fp8_a_scale"], o["fp8_w"], o["fp8_w_scale"], None,
                                                   k, False, o["bias"], torch.bfloat16, cfg8),
-        "ours_int8_tma": lambda: int_gemm.quant_linear(o["a"], o["a_scale"], o["w8"], o["w8_scale"], None, k,
-                                                       False, o["bias"], torch.bfloat16, TMA8),
         "ours_w4a8_g64_tma": lambda: int_gemm.quant_linear(o["a"], o["a_scale"], o["w4"], o["w4_scale"],
                                                            o["w4_zero"], 64, True, o["bias"], torch.bfloat16, TMA4),
-        "ours_fp8_tma": lambda: int_gemm.quant_linear(o["fp8_a"], o["fp8_a_scale"], o["fp8_w"], o["fp8_w_scale"],
-                                                      None, k, False, o["bias"], torch.bfloat16, TMA8),
         "ours_w8a8_layer_rot": layer_w8a8,
+        "ours_w8a8_layer_smooth_only": layer_w8a8_plain,
+        "ours_w4a8_layer_rot": layer_w4a8,
     }
 
 
@@ -132,12 +143,14 @@ def bench_gemms(results):
         for name, fn in gemm_fns(o, k).items():
             try:
                 compile_s = first_call_s(fn)
-                err = None if name in ("int8_torch_int_mm", "ours_w8a8_layer_rot") else check(name, fn(), o, k)
+                err = None if name.startswith(("int8_torch", "ours_w8a8_layer", "ours_w4a8_layer")) else \
+                    check(name, fn(), o, k)
                 t = ms(fn)
+                t_eager = ms_eager(fn)
             except Exception as e:  # noqa: BLE001 — one failing baseline must not lose the table
                 results["errors"].append(f"{shape_name}/{name}: {type(e).__name__}: {e}"[:300])
                 continue
-            results["gemm"].append(dict(shape=shape_name, m=m, n=n, k=k, method=name, ms=t,
+            results["gemm"].append(dict(shape=shape_name, m=m, n=n, k=k, method=name, ms=t, ms_eager=t_eager,
                                         tflops=tflops(m, n, k, t), rel_err_vs_bf16=err, first_call_s=compile_s))
         del o
         torch.cuda.empty_cache()
@@ -195,7 +208,7 @@ def bench_act_quant(results):
             compile_s = first_call_s(fn)
             t = ms(fn)
             results["act_quant"].append(dict(m=m, k=k, method=name, ms=t, gbps=nbytes / (t * 1e-3) / 1e9,
-                                             first_call_s=compile_s))
+                                             ms_eager=ms_eager(fn), first_call_s=compile_s))
         del xs
         torch.cuda.empty_cache()
 
@@ -233,9 +246,11 @@ def print_tables(results):
         base = next((r["ms"] for r in rows if r["shape"] == shape and r["method"] == "bf16_cublas"), None)
         for r in (r for r in rows if r["shape"] == shape):
             speed = base / r["ms"] if base else float("nan")
-            print(f"{shape:18s} {r['method']:24s} {r['ms']:8.3f} ms {r['tflops']:7.1f} TF/s  x{speed:4.2f} vs bf16")
+            print(f"{shape:18s} {r['method']:24s} {r['ms']:8.3f} ms {r['tflops']:7.1f} TF/s  x{speed:4.2f} vs bf16"
+                  f"  (eager launch {r['ms_eager']:.3f} ms)")
     for r in results["act_quant"]:
-        print(f"actq {r['m']}x{r['k']} {r['method']:30s} {r['ms']:8.3f} ms {r['gbps']:7.0f} GB/s")
+        print(f"actq {r['m']}x{r['k']} {r['method']:30s} {r['ms']:8.3f} ms {r['gbps']:7.0f} GB/s"
+              f"  (eager {r['ms_eager']:.3f} ms)")
     best = {}
     for r in results["sweep"]:
         key = (r["shape"], r["kind"])

@@ -3,7 +3,8 @@
 One program quantizes ``BLOCK_M`` whole rows: the row is read once from device memory (bf16/fp16/fp32),
 multiplied by ``smooth_inv * signs``, rotated by ``(H_m ⊗ H_p) / sqrt(K)`` in registers, reduced to its absmax and
 written as int8 codes (or fp8 e4m3 values) plus one float32 scale. Numerics follow
-``reference.quantize_activation`` (round half to even, IEEE division, ``MIN_SCALE`` floor).
+``reference.quantize_activation`` (round half to even, ``MIN_SCALE`` floor, scale = absmax times the float32
+reciprocal of qmax as PyTorch does on CUDA, IEEE division of each value by it).
 
 The rotation of a row seen as an ``(m, p)`` matrix ``X`` is ``H_m^T X H_p`` (see ``quant.hadamard``): two small
 tensor-core products, ``(rows·m, p) @ H_p`` then ``(rows·p, m) @ H_m``, with ``m`` zero-padded to a power of two.
@@ -27,15 +28,18 @@ MAX_ROW_ELEMENTS = 8192  # one row (padded to powers of two) must fit a program'
 
 
 # ----------------------------------------------------------------------------------------- configs
+PROGRAMS_PER_SM = 4  # grid-stride programs per SM; each prefetches its next row block while it computes
+
+
 def _plain_config(k: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_K, num_warps): ~8k elements per program, 16-byte loads along K."""
+    """(BLOCK_M, BLOCK_K, num_warps): ~8k elements per row block, 16-byte loads along K."""
     block_k = triton.next_power_of_2(k)
     block_m = max(1, min(16, 8192 // block_k))
     return block_m, block_k, 8 if block_k >= 2048 else 4
 
 
 def _rotate_config(m_pad: int, p: int) -> tuple[int, int]:
-    """(BLOCK_M, num_warps): ~8k padded elements per program, and at least 16 rows in each tensor-core product."""
+    """(BLOCK_M, num_warps): ~8k padded elements per row block, and at least 16 rows in each tensor-core product."""
     row = m_pad * p
     block_m = max(1, 8192 // row)
     block_m = max(block_m, triton.cdiv(16, min(m_pad, p)))
@@ -54,33 +58,48 @@ def _round_half_even(v):
 
 
 @triton.jit
-def _round_codes(y, scale, QMAX: tl.constexpr, FP8: tl.constexpr):
-    """Codes of ``y / scale``: int8 rounded half-to-even and clamped, or fp8 e4m3 (round to nearest even)."""
+def _row_scale(absmax, QMAX: tl.constexpr, MIN_S: tl.constexpr, CUDA_SCALAR_DIV: tl.constexpr):
+    """``max(absmax / qmax, MIN_SCALE)`` exactly as the reference computes it: PyTorch on CUDA multiplies by the
+    float32 reciprocal of a scalar divisor, on the CPU it divides."""
+    if CUDA_SCALAR_DIV:
+        return tl.maximum(absmax * (1.0 / QMAX), MIN_S)
+    return tl.maximum(tl.math.div_rn(absmax, QMAX), MIN_S)
+
+
+@triton.jit
+def _store_codes(codes_ptrs, y, scale, mask, QMAX: tl.constexpr, FP8: tl.constexpr):
+    """Store ``y / scale`` as int8 (rounded half to even, clamped) or fp8 e4m3 (round to nearest even).
+    IEEE division, not a reciprocal multiply: bf16 inputs hit exact rounding ties often, and ties must match."""
     v = tl.math.div_rn(y, scale)
     if FP8:
-        return tl.clamp(v, -QMAX, QMAX).to(tl.float8e4nv)
-    return tl.clamp(_round_half_even(v), -QMAX, QMAX).to(tl.int8)
+        tl.store(codes_ptrs, tl.clamp(v, -QMAX, QMAX).to(tl.float8e4nv), mask=mask)
+    else:
+        tl.store(codes_ptrs, tl.clamp(_round_half_even(v), -QMAX, QMAX).to(tl.int8), mask=mask)
 
 
 @triton.jit
 def _act_quant_plain_kernel(
     x_ptr, smooth_ptr, codes_ptr, scale_ptr,
-    M, K, stride_xm, stride_cm,
+    M, K, stride_xm, stride_cm, num_programs,
     HAS_SMOOTH: tl.constexpr, QMAX: tl.constexpr, MIN_S: tl.constexpr, FP8: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    CUDA_SCALAR_DIV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
-    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-    x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :], mask=mask, other=0.0)
-    y = x.to(tl.float32)
+    k_mask = offs_k < K
     if HAS_SMOOTH:
-        y = y * tl.load(smooth_ptr + offs_k, mask=offs_k < K, other=0.0)[None, :]
-    scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(y), axis=1), QMAX), MIN_S)  # (BLOCK_M,)
-    codes = _round_codes(y, scale[:, None], QMAX, FP8)
-    tl.store(codes_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_k[None, :], codes, mask=mask)
-    tl.store(scale_ptr + offs_m, scale, mask=offs_m < M)
+        smooth = tl.load(smooth_ptr + offs_k, mask=k_mask, other=0.0)
+    # Grid-stride over row blocks: the pipeliner issues the next block's loads before this block's math.
+    for block in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M), num_programs, num_stages=NUM_STAGES):
+        offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask = (offs_m[:, None] < M) & k_mask[None, :]
+        x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :], mask=mask, other=0.0)
+        y = x.to(tl.float32)
+        if HAS_SMOOTH:
+            y = y * smooth[None, :]
+        scale = _row_scale(tl.max(tl.abs(y), axis=1), QMAX, MIN_S, CUDA_SCALAR_DIV)  # (BLOCK_M,)
+        codes_ptrs = codes_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_k[None, :]
+        _store_codes(codes_ptrs, y, scale[:, None], mask, QMAX, FP8)
+        tl.store(scale_ptr + offs_m, scale, mask=offs_m < M)
 
 
 @triton.jit
@@ -99,73 +118,99 @@ def _dot_split(a, b_bf16, EXACT_FP32: tl.constexpr):
 @triton.jit
 def _act_quant_rotate_kernel(
     x_ptr, smooth_ptr, signs_ptr, hp_ptr, hm_ptr, codes_ptr, scale_ptr,
-    M, K, stride_xm, stride_cm, inv_sqrt_k,
+    M, K, stride_xm, stride_cm, inv_sqrt_k, num_programs,
     HAS_SMOOTH: tl.constexpr, QMAX: tl.constexpr, MIN_S: tl.constexpr, FP8: tl.constexpr,
-    M_H: tl.constexpr, M_PAD: tl.constexpr, P: tl.constexpr, BLOCK_M: tl.constexpr, EXACT_FP32: tl.constexpr,
+    CUDA_SCALAR_DIV: tl.constexpr, M_H: tl.constexpr, M_PAD: tl.constexpr, P: tl.constexpr, BLOCK_M: tl.constexpr, EXACT_FP32: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_i = tl.arange(0, M_PAD)  # Paley axis (padded)
     offs_j = tl.arange(0, P)  # power-of-two axis
     offs_k = offs_i[:, None] * P + offs_j[None, :]  # (M_PAD, P) channel index i * P + j
     mask_k = offs_i[:, None] < M_H
-    mask = (offs_m[:, None, None] < M) & mask_k[None, :, :]
-    row_off = offs_m[:, None, None].to(tl.int64) * stride_xm
-    x = tl.load(x_ptr + row_off + offs_k[None, :, :], mask=mask, other=0.0).to(tl.float32)  # (BLOCK_M, M_PAD, P)
     v = tl.load(signs_ptr + offs_k, mask=mask_k, other=0.0) * inv_sqrt_k
     if HAS_SMOOTH:
         v = v * tl.load(smooth_ptr + offs_k, mask=mask_k, other=0.0)
-    x = x * v[None, :, :]
-
-    # X H_p: rows of length P times the (P, P) Sylvester matrix.
     hp = tl.load(hp_ptr + offs_j[:, None] * P + offs_j[None, :])
-    y = _dot_split(tl.reshape(x, (BLOCK_M * M_PAD, P)), hp, EXACT_FP32)
-    if M_PAD > 1:
-        # H_m^T Y: move the Paley axis last, then (rows * P, M_PAD) @ H_m (zero-padded rows/cols).
-        y = tl.permute(tl.reshape(y, (BLOCK_M, M_PAD, P)), (0, 2, 1))
-        hm = tl.load(hm_ptr + offs_i[:, None] * M_PAD + offs_i[None, :])
-        y = _dot_split(tl.reshape(y, (BLOCK_M * P, M_PAD)), hm, EXACT_FP32)
-        y = tl.permute(tl.reshape(y, (BLOCK_M, P, M_PAD)), (0, 2, 1))
-    y = tl.reshape(y, (BLOCK_M, M_PAD, P))
-
-    absmax = tl.max(tl.max(tl.abs(y), axis=2), axis=1)  # padded channels are exactly 0
-    scale = tl.maximum(tl.math.div_rn(absmax, QMAX), MIN_S)  # (BLOCK_M,)
-    codes = _round_codes(y, scale[:, None, None], QMAX, FP8)
-    out_off = offs_m[:, None, None].to(tl.int64) * stride_cm
-    tl.store(codes_ptr + out_off + offs_k[None, :, :], codes, mask=mask)
-    tl.store(scale_ptr + offs_m, scale, mask=offs_m < M)
+    hm = tl.load(hm_ptr + offs_i[:, None] * M_PAD + offs_i[None, :])
+    for block in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M), num_programs, num_stages=NUM_STAGES):
+        offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask = (offs_m[:, None, None] < M) & mask_k[None, :, :]
+        row_off = offs_m[:, None, None].to(tl.int64) * stride_xm
+        x = tl.load(x_ptr + row_off + offs_k[None, :, :], mask=mask, other=0.0).to(tl.float32)  # (BM, M_PAD, P)
+        x = x * v[None, :, :]
+        # X H_p: rows of length P times the (P, P) Sylvester matrix.
+        y = _dot_split(tl.reshape(x, (BLOCK_M * M_PAD, P)), hp, EXACT_FP32)
+        if M_PAD > 1:
+            # H_m^T Y: move the Paley axis last, then (rows * P, M_PAD) @ H_m (zero-padded rows/cols).
+            y = tl.permute(tl.reshape(y, (BLOCK_M, M_PAD, P)), (0, 2, 1))
+            y = _dot_split(tl.reshape(y, (BLOCK_M * P, M_PAD)), hm, EXACT_FP32)
+            y = tl.permute(tl.reshape(y, (BLOCK_M, P, M_PAD)), (0, 2, 1))
+        y = tl.reshape(y, (BLOCK_M, M_PAD, P))
+        absmax = tl.max(tl.max(tl.abs(y), axis=2), axis=1)  # padded channels are exactly 0
+        scale = _row_scale(absmax, QMAX, MIN_S, CUDA_SCALAR_DIV)  # (BLOCK_M,)
+        out_off = offs_m[:, None, None].to(tl.int64) * stride_cm
+        _store_codes(codes_ptr + out_off + offs_k[None, :, :], y, scale[:, None, None], mask, QMAX, FP8)
+        tl.store(scale_ptr + offs_m, scale, mask=offs_m < M)
 
 
 # ----------------------------------------------------------------------------------------- launcher
 _HADAMARD_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _hadamard_operands(m: int, p: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """bf16 ``H_p`` (p, p) and zero-padded ``H_m`` (m_pad, m_pad), cached per device (built once, off the hot path)."""
+def _sylvester(p: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < p:
+        h = torch.kron(h, torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64))
+    return h
+
+
+def _kernel_factors(k: int, rot_m: int) -> tuple[int, int]:
+    """(m, p) as the kernel applies them. A power-of-two width (rot_m == 1) wider than 128 is split as
+    H_k = H_(k/p) ⊗ H_p (Sylvester matrices nest), so both products stay small: p <= 128, m >= 16."""
+    p = k // rot_m
+    if rot_m == 1 and p > 128:
+        p_inner = 128 if p >= 2048 else p // 16
+        return p // p_inner, p_inner
+    return rot_m, p
+
+
+def _hadamard_operands(k: int, rot_m: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
+    """bf16 ``H_p`` (p, p), zero-padded ``H_m`` (m_pad, m_pad), m, m_pad, p; cached per device."""
+    m, p = _kernel_factors(k, rot_m)
     m_pad = triton.next_power_of_2(m) if m > 1 else 1
-    key = (m, p, str(device))
+    key = (k, rot_m, str(device))
     if key not in _HADAMARD_CACHE:
-        hp = torch.ones(1, 1, dtype=torch.float64)
-        while hp.shape[0] < p:
-            hp = torch.kron(hp, torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64))
-        hm = torch.zeros(max(m_pad, 1), max(m_pad, 1), dtype=torch.float64)
-        hm[:m, :m] = paley_hadamard(m)
-        _HADAMARD_CACHE[key] = (hp.to(device, torch.bfloat16), hm.to(device, torch.bfloat16))
+        hm = torch.zeros(m_pad, m_pad, dtype=torch.float64)
+        hm[:m, :m] = paley_hadamard(m) if rot_m > 1 else _sylvester(m)
+        _HADAMARD_CACHE[key] = (_sylvester(p).to(device, torch.bfloat16), hm.to(device, torch.bfloat16))
     hp, hm = _HADAMARD_CACHE[key]
-    return hp, hm, m_pad
+    return hp, hm, m, m_pad, p
 
 
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_SM_COUNT: dict[int, int] = {}
+
+
+def _grid_size(device: torch.device, num_blocks: int) -> int:
+    """Grid-stride programs: a few per SM on the GPU; several blocks per program under the interpreter."""
+    if device.type != "cuda":
+        return max(1, min(num_blocks, 3))
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return max(1, min(num_blocks, _SM_COUNT[index] * PROGRAMS_PER_SM))
+
+
 def rotation_supported(k: int, rot_m: int) -> bool:
     """Whether the fused kernel can apply the ``(H_m ⊗ H_p)`` rotation of width ``k`` (else use the reference)."""
-    if rot_m < 1 or k % rot_m:
+    if rot_m < 1 or k % rot_m or (k // rot_m) & (k // rot_m - 1):
         return False
-    p = k // rot_m
-    m_pad = triton.next_power_of_2(rot_m) if rot_m > 1 else 1
-    return p >= 16 and p & (p - 1) == 0 and (m_pad == 1 or m_pad >= 16) and m_pad * p <= MAX_ROW_ELEMENTS
+    m, p = _kernel_factors(k, rot_m)
+    m_pad = triton.next_power_of_2(m) if m > 1 else 1
+    return 16 <= p <= 128 and (m_pad == 1 or m_pad >= 16) and m_pad * p <= MAX_ROW_ELEMENTS
 
 
 def plain_supported(k: int) -> bool:
@@ -191,21 +236,24 @@ def quantize_activation(
     codes = torch.empty(m_rows, k, device=x.device, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
     scale = torch.empty(m_rows, 1, device=x.device, dtype=torch.float32)
     smooth = smooth_inv if smooth_inv is not None else scale  # dummy pointer when unused
-    common = dict(HAS_SMOOTH=smooth_inv is not None, QMAX=qmax, MIN_S=MIN_SCALE, FP8=fp8)
+    common = dict(HAS_SMOOTH=smooth_inv is not None, QMAX=qmax, MIN_S=MIN_SCALE, FP8=fp8,
+                  CUDA_SCALAR_DIV=x.device.type == "cuda")
+    if m_rows == 0:
+        return codes, scale
     if rot_signs is None:
         block_m, block_k, warps = _plain_config(k)
-        grid = (triton.cdiv(m_rows, block_m),)
-        _act_quant_plain_kernel[grid](
-            x, smooth, codes, scale, m_rows, k, x.stride(0), codes.stride(0),
-            BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps, **common,
+        programs = _grid_size(x.device, triton.cdiv(m_rows, block_m))
+        _act_quant_plain_kernel[(programs,)](
+            x, smooth, codes, scale, m_rows, k, x.stride(0), codes.stride(0), programs,
+            BLOCK_M=block_m, BLOCK_K=block_k, NUM_STAGES=2, num_warps=warps, **common,
         )
         return codes, scale
-    p = k // rot_m
-    hp, hm, m_pad = _hadamard_operands(rot_m, p, x.device)
+    hp, hm, m_h, m_pad, p = _hadamard_operands(k, rot_m, x.device)
     block_m, warps = _rotate_config(m_pad, p)
-    grid = (triton.cdiv(m_rows, block_m),)
-    _act_quant_rotate_kernel[grid](
+    programs = _grid_size(x.device, triton.cdiv(m_rows, block_m))
+    _act_quant_rotate_kernel[(programs,)](
         x, smooth, rot_signs, hp, hm, codes, scale, m_rows, k, x.stride(0), codes.stride(0), 1.0 / math.sqrt(k),
-        M_H=rot_m, M_PAD=m_pad, P=p, BLOCK_M=block_m, EXACT_FP32=_interpreted(), num_warps=warps, **common,
+        programs, M_H=m_h, M_PAD=m_pad, P=p, BLOCK_M=block_m, EXACT_FP32=_interpreted(), NUM_STAGES=2,
+        num_warps=warps, **common,
     )
     return codes, scale

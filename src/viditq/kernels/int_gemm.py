@@ -17,6 +17,7 @@ visited in groups of ``GROUP_M`` row-blocks so consecutive programs share B tile
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import triton
@@ -36,17 +37,18 @@ class GemmConfig:
     tma: bool = False  # TMA + persistent kernel (ignored where its alignment rules do not hold)
 
 
+@lru_cache(maxsize=None)
 def default_config(m: int, n: int, k: int, packed_int4: bool, group_size: int, fp8: bool) -> GemmConfig:
-    """Heuristic tile choice for DiT shapes (no autotuning, so the first forward compiles each kernel once)."""
+    """Tile choice for DiT shapes from the H100 sweep in benchmarks/NOTES.md (no autotuning, so a first forward
+    compiles each kernel once and nothing else)."""
     grouped = group_size < k
-    block_k = 128
-    if grouped:
-        block_k = min(128, group_size)
     if m <= 64:
-        return GemmConfig(64, 128, min(block_k, 128), 8, 4, 4)
+        return GemmConfig(64, 128, 64 if grouped else 128, 8, 4, 4)
     if packed_int4 or grouped:
-        return GemmConfig(128, 128, block_k, 8, 8, 4)
-    return GemmConfig(128, 256, block_k, 8, 8, 3)
+        return GemmConfig(128, 128, min(64, group_size), 8, 8, 4)
+    if fp8:
+        return GemmConfig(128, 256, 128, 8, 8, 3, persistent=True, tma=True)
+    return GemmConfig(256, 128, 128, 8, 8, 3, persistent=True, tma=True)
 
 
 # ----------------------------------------------------------------------------------------- kernel
@@ -63,21 +65,25 @@ def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _load_b_tile(b_ptr, offs_n, k0, N, K, stride_bn, PACKED: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
-    """B tile (BLOCK_K, BLOCK_N) of signed codes from the (N, K) or packed (N, K // 2) weight buffer."""
-    if PACKED:
-        offs_kp = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        mask = (offs_n[:, None] < N) & (offs_kp[None, :] < K // 2)
-        packed = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_kp[None, :], mask=mask, other=0)
-        byte = packed.to(tl.int8, bitcast=True)
-        low = (byte << 4) >> 4  # arithmetic shift sign-extends the low nibble (even k)
-        high = byte >> 4  # odd k
-        codes = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K))  # (n, 2j + t) interleaved back
-        return tl.trans(codes)
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
-    return tl.load(b_ptr + offs_k[:, None] + offs_n[None, :] * stride_bn, mask=mask, other=0)
+def _int4_halves(packed):
+    """Packed bytes → (even-k codes, odd-k codes), each int8 of the same shape: no interleaving shuffle needed,
+    because the A operand is split into its even and odd columns instead."""
+    byte = packed.to(tl.int8, bitcast=True)
+    return (byte << 4) >> 4, byte >> 4  # arithmetic shifts sign-extend each nibble
+
+
+@triton.jit
+def _epilogue(acc, offs_m, offs_n, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, stride_sg,
+              GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Per-token x per-channel dequantization (group scales were applied in the main loop) and bias, in f32."""
+    n_mask = offs_n < N
+    y = acc.to(tl.float32)
+    if not GROUPED:
+        y = y * tl.load(w_scale_ptr + offs_n * stride_sg, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y = y * tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    return y
 
 
 @triton.jit
@@ -87,52 +93,74 @@ def _gemm_tile(
     PACKED: tl.constexpr, GROUPED: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """One (BLOCK_M, BLOCK_N) output tile: main loop over K, then the fused epilogue."""
+    """One (BLOCK_M, BLOCK_N) output tile: main loop over K, then the fused epilogue.
+
+    Packed int4: A is read as its even and odd columns (two strided loads of the same bytes, the second from L1)
+    and multiplied with the low- and high-nibble halves of B: two products, no shuffle of B in registers."""
     pid_m, pid_n = _tile_coords(tile_id, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]
+    m_mask = offs_m[:, None] < M
     n_mask = offs_n < N
+    if PACKED:
+        offs_kh = tl.arange(0, BLOCK_K // 2)
+        a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + 2 * offs_kh[None, :]  # even columns
+        b_ptrs = b_ptr + offs_kh[:, None] + offs_n[None, :] * stride_bn  # (BLOCK_K // 2, BLOCK_N) bytes
+    else:
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]
+        b_ptrs = b_ptr + offs_k[:, None] + offs_n[None, :] * stride_bn  # (BLOCK_K, BLOCK_N), K-major
     if FP8 or GROUPED:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     rowsum = tl.zeros((BLOCK_M,), dtype=tl.int32)  # sum of a codes, for int8 zero points
     for k0 in range(0, K, BLOCK_K):
-        a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < K - k0), other=0)
-        b = _load_b_tile(b_ptr, offs_n, k0, N, K, stride_bn, PACKED, BLOCK_N, BLOCK_K)
         g = k0 // group_size
-        if HAS_ZERO and PACKED:  # int4 (code - zero) lies in [-15, 15]: still int8
-            z = tl.load(w_zero_ptr + offs_n * stride_sg + g, mask=n_mask, other=0)
-            b = b - z[None, :]
-        if FP8:
-            acc = tl.dot(a, b, acc)
-        elif GROUPED:
-            part = tl.dot(a, b, out_dtype=tl.int32)
-            if HAS_ZERO and not PACKED:
-                z = tl.load(w_zero_ptr + offs_n * stride_sg + g, mask=n_mask, other=0).to(tl.int32)
-                part -= tl.sum(a.to(tl.int32), axis=1)[:, None] * z[None, :]
-            s = tl.load(w_scale_ptr + offs_n * stride_sg + g, mask=n_mask, other=0.0).to(tl.float32)
-            acc += part.to(tl.float32) * s[None, :]
+        if PACKED:
+            kh_mask = offs_kh < (K - k0) // 2
+            a_even = tl.load(a_ptrs, mask=m_mask & kh_mask[None, :], other=0)
+            a_odd = tl.load(a_ptrs + 1, mask=m_mask & kh_mask[None, :], other=0)
+            low, high = _int4_halves(tl.load(b_ptrs, mask=kh_mask[:, None] & n_mask[None, :], other=0))
+            if HAS_ZERO:  # int4 (code - zero) lies in [-15, 15]: still int8
+                z = tl.load(w_zero_ptr + offs_n * stride_sg + g, mask=n_mask, other=0)
+                low = low - z[None, :]
+                high = high - z[None, :]
+            if GROUPED:
+                part = tl.dot(a_even, low, out_dtype=tl.int32)
+                part = tl.dot(a_odd, high, part, out_dtype=tl.int32)
+                s = tl.load(w_scale_ptr + offs_n * stride_sg + g, mask=n_mask, other=0.0).to(tl.float32)
+                acc += part.to(tl.float32) * s[None, :]
+            else:
+                acc = tl.dot(a_even, low, acc, out_dtype=tl.int32)
+                acc = tl.dot(a_odd, high, acc, out_dtype=tl.int32)
+            b_ptrs += BLOCK_K // 2
         else:
-            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
-            if HAS_ZERO and not PACKED:
-                rowsum += tl.sum(a.to(tl.int32), axis=1)
+            k_mask = offs_k < K - k0
+            a = tl.load(a_ptrs, mask=m_mask & k_mask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            if FP8:
+                acc = tl.dot(a, b, acc)
+            elif GROUPED:
+                part = tl.dot(a, b, out_dtype=tl.int32)
+                if HAS_ZERO:
+                    z = tl.load(w_zero_ptr + offs_n * stride_sg + g, mask=n_mask, other=0).to(tl.int32)
+                    part -= tl.sum(a.to(tl.int32), axis=1)[:, None] * z[None, :]
+                s = tl.load(w_scale_ptr + offs_n * stride_sg + g, mask=n_mask, other=0.0).to(tl.float32)
+                acc += part.to(tl.float32) * s[None, :]
+            else:
+                acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+                if HAS_ZERO:
+                    rowsum += tl.sum(a.to(tl.int32), axis=1)
+            b_ptrs += BLOCK_K
         a_ptrs += BLOCK_K
 
-    # Epilogue: per-token x per-channel dequantization, bias, cast.
     if not GROUPED and not FP8 and HAS_ZERO and not PACKED:
         z = tl.load(w_zero_ptr + offs_n * stride_sg, mask=n_mask, other=0).to(tl.int32)
         acc -= rowsum[:, None] * z[None, :]
-    y = acc.to(tl.float32)
-    if not GROUPED:
-        y = y * tl.load(w_scale_ptr + offs_n * stride_sg, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    y = y * tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y = _epilogue(acc, offs_m, offs_n, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, stride_sg, GROUPED, HAS_BIAS)
     c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
-    tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & n_mask[None, :])
+    tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=m_mask & n_mask[None, :])
 
 
 @triton.jit
@@ -156,28 +184,23 @@ def _quant_gemm_kernel(
 
 
 @triton.jit
-def _unpack_int4_tile(packed, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(BLOCK_N, BLOCK_K // 2) packed bytes → (BLOCK_N, BLOCK_K) int8 codes (low nibble = even k)."""
-    byte = packed.to(tl.int8, bitcast=True)
-    return tl.reshape(tl.join((byte << 4) >> 4, byte >> 4), (BLOCK_N, BLOCK_K))
-
-
-@triton.jit
 def _quant_gemm_tma_kernel(
-    a_desc, b_desc, c_desc, a_scale_ptr, w_scale_ptr, w_zero_ptr, bias_ptr,
-    M, N, K, stride_sg, group_size, num_programs,
+    a_desc, b_desc, c_desc, a_ptr, a_scale_ptr, w_scale_ptr, w_zero_ptr, bias_ptr,
+    M, N, K, stride_am, stride_sg, group_size, num_programs,
     PACKED: tl.constexpr, GROUPED: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """Persistent variant: A and B tiles arrive by TMA (bulk tensor copies, zero-filled at the edges), the tile
-    loop is flattened with the K loop so the next tile's loads overlap this tile's epilogue; C leaves by TMA.
-    Zero points only for packed int4 (int8 zero points need A in registers for the row sums: pointer kernel)."""
+    """Persistent variant: B (and A, except for packed int4 where A's even/odd columns are read by pointer) arrive by
+    TMA (bulk tensor copies, zero-filled at the edges); the tile loop is flattened with the K loop so the next
+    tile's loads overlap this tile's epilogue; C leaves by TMA. Zero points only for packed int4 (int8 zero points
+    need A in registers for the row sums: pointer kernel)."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_tiles = num_pid_m * num_pid_n
     k_tiles = tl.cdiv(K, BLOCK_K)
     for tile_id in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=True):
         pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         if FP8 or GROUPED:
@@ -186,30 +209,36 @@ def _quant_gemm_tma_kernel(
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         for ki in range(k_tiles):
             k0 = ki * BLOCK_K
-            a = a_desc.load([pid_m * BLOCK_M, k0])
             if PACKED:
-                b = _unpack_int4_tile(b_desc.load([pid_n * BLOCK_N, k0 // 2]), BLOCK_N, BLOCK_K)
+                offs_kh = tl.arange(0, BLOCK_K // 2)
+                a_mask = (offs_m[:, None] < M) & (offs_kh[None, :] < (K - k0) // 2)
+                a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + k0 + 2 * offs_kh[None, :]
+                a_even = tl.load(a_ptrs, mask=a_mask, other=0)
+                a_odd = tl.load(a_ptrs + 1, mask=a_mask, other=0)
+                low, high = _int4_halves(b_desc.load([pid_n * BLOCK_N, k0 // 2]))  # (BLOCK_N, BLOCK_K // 2)
                 if HAS_ZERO:
                     z = tl.load(w_zero_ptr + offs_n * stride_sg + k0 // group_size, mask=n_mask, other=0)
-                    b = b - z[:, None]
+                    low = low - z[:, None]
+                    high = high - z[:, None]
+                part = tl.dot(a_even, tl.trans(low), out_dtype=tl.int32)
+                part = tl.dot(a_odd, tl.trans(high), part, out_dtype=tl.int32)
+                if GROUPED:
+                    s = tl.load(w_scale_ptr + offs_n * stride_sg + k0 // group_size, mask=n_mask, other=0.0)
+                    acc += part.to(tl.float32) * s.to(tl.float32)[None, :]
+                else:
+                    acc += part
             else:
+                a = a_desc.load([pid_m * BLOCK_M, k0])
                 b = b_desc.load([pid_n * BLOCK_N, k0])
-            if FP8:
-                acc = tl.dot(a, tl.trans(b), acc)
-            elif GROUPED:
-                part = tl.dot(a, tl.trans(b), out_dtype=tl.int32)
-                s = tl.load(w_scale_ptr + offs_n * stride_sg + k0 // group_size, mask=n_mask, other=0.0)
-                acc += part.to(tl.float32) * s.to(tl.float32)[None, :]
-            else:
-                acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
-
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        y = acc.to(tl.float32)
-        if not GROUPED:
-            y = y * tl.load(w_scale_ptr + offs_n * stride_sg, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        y = y * tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+                if FP8:
+                    acc = tl.dot(a, tl.trans(b), acc)
+                elif GROUPED:
+                    part = tl.dot(a, tl.trans(b), out_dtype=tl.int32)
+                    s = tl.load(w_scale_ptr + offs_n * stride_sg + k0 // group_size, mask=n_mask, other=0.0)
+                    acc += part.to(tl.float32) * s.to(tl.float32)[None, :]
+                else:
+                    acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+        y = _epilogue(acc, offs_m, offs_n, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, stride_sg, GROUPED, HAS_BIAS)
         c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], y.to(c_desc.dtype))
 
 
@@ -246,8 +275,8 @@ def _launch_tma(a, a_scale, w, w_scale, w_zero, group_size, packed_int4, bias, c
     num_tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     programs = min(num_tiles, _num_sms(a.device))
     _quant_gemm_tma_kernel[(programs,)](
-        a_desc, b_desc, c_desc, a_scale, w_scale, w_zero if w_zero is not None else w_scale,
-        bias if bias is not None else a_scale, m, n, k, w_scale.stride(0), group_size, programs,
+        a_desc, b_desc, c_desc, a, a_scale, w_scale, w_zero if w_zero is not None else w_scale,
+        bias if bias is not None else a_scale, m, n, k, a.stride(0), w_scale.stride(0), group_size, programs,
         PACKED=packed_int4, GROUPED=group_size < k, HAS_ZERO=w_zero is not None, HAS_BIAS=bias is not None, FP8=fp8,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -259,8 +288,9 @@ def supported(k: int, group_size: int, packed_int4: bool, config: GemmConfig | N
     if packed_int4 and k % 2:
         return False
     if group_size < k:
-        block_k = config.block_k if config else min(128, group_size)
-        return group_size % block_k == 0 and k % group_size == 0 and block_k >= 32
+        block_k = config.block_k if config else min(64, group_size)
+        min_block_k = 64 if packed_int4 else 32  # each int4 half feeds a K >= 32 int8 product
+        return group_size % block_k == 0 and k % group_size == 0 and block_k >= min_block_k
     return True
 
 

@@ -1,0 +1,219 @@
+"""End-to-end transformer forward: latency, weight bytes, peak memory, time to first forward (see NOTES.md).
+
+Models are built from their diffusers configs with random bf16 weights (random weights give real timings):
+PixArt-α 1024 (batch 2 = CFG, 4096 image + 120 text tokens) and CogVideoX-2B (49 frames 480x720, 17 550 + 226
+tokens). Each (model, variant) runs in its own subprocess with a timeout, so one failure or hang (a slow compile)
+does not lose the table and each peak-memory number starts clean.
+
+    python benchmarks/bench_e2e.py --models pixart --variants bf16_eager,bf16_compile,w8a8,w4a8 --out e2e.json
+    python benchmarks/bench_e2e.py --one pixart:w8a8          # a single run, JSON on stdout
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+VARIANTS = ("bf16_eager", "bf16_graph", "bf16_compile", "torchao_fp8_compile", "w8a8", "w8a8_graph",
+            "w8a8_compile", "w4a8", "w4a8_graph", "w8a8_dynamic", "w8a8_dynamic_graph")
+
+
+# ----------------------------------------------------------------------------------------- models and inputs
+def build_model(name: str, device: str, tiny: bool):
+    """(model, forward kwargs) with random weights in bf16; ``tiny`` shrinks it for a CPU smoke test."""
+    from diffusers import CogVideoXTransformer3DModel, PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    dtype = torch.bfloat16
+    if name == "pixart":
+        cfg = dict(sample_size=128, caption_channels=4096)
+        size, tokens = 128, 120
+        if tiny:
+            cfg.update(num_layers=2, num_attention_heads=2, attention_head_dim=32, sample_size=16, caption_channels=64,
+                       cross_attention_dim=64)
+            size, tokens = 16, 8
+        model = PixArtTransformer2DModel(**cfg).to(device, dtype).eval()
+        kwargs = dict(
+            hidden_states=torch.randn(2, 4, size, size, device=device, dtype=dtype),
+            encoder_hidden_states=torch.randn(2, tokens, cfg["caption_channels"], device=device, dtype=dtype),
+            timestep=torch.tensor([500, 500], device=device),
+            added_cond_kwargs=dict(resolution=torch.tensor([[1024.0, 1024.0]] * 2, device=device, dtype=dtype),
+                                   aspect_ratio=torch.tensor([[1.0]] * 2, device=device, dtype=dtype)),
+            return_dict=False,
+        )
+        return model, kwargs
+    if name == "cogvideox":
+        cfg = {}
+        latents, tokens, text_dim = (2, 13, 16, 60, 90), 226, 4096
+        if tiny:
+            cfg = dict(num_layers=2, num_attention_heads=2, attention_head_dim=32, text_embed_dim=64,
+                       sample_height=16, sample_width=16, sample_frames=5, max_text_seq_length=8)
+            latents, tokens, text_dim = (2, 2, 16, 16, 16), 8, 64
+        model = CogVideoXTransformer3DModel(**cfg).to(device, dtype).eval()
+        kwargs = dict(
+            hidden_states=torch.randn(*latents, device=device, dtype=dtype),
+            encoder_hidden_states=torch.randn(2, tokens, text_dim, device=device, dtype=dtype),
+            timestep=torch.tensor([500, 500], device=device),
+            return_dict=False,
+        )
+        return model, kwargs
+    raise ValueError(f"unknown model {name!r}; choose pixart or cogvideox")
+
+
+def module_bytes(model: torch.nn.Module) -> int:
+    """Bytes of parameters and buffers as stored (packed int4 counts half a byte per weight)."""
+    tensors = list(model.parameters()) + [b for b in model.buffers() if b is not None]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# ----------------------------------------------------------------------------------------- variants
+def prepare(variant: str, model, kwargs):
+    """Apply the variant to ``model``; returns (callable forward, notes)."""
+    base = variant
+    for mode in ("_eager", "_graph", "_compile"):
+        base = base.removesuffix(mode)
+    notes = {}
+    if base in ("w8a8", "w4a8", "w8a8_dynamic"):
+        import viditq
+
+        viditq.quantize(model, base.replace("_", "-"), calib=[kwargs])
+        notes["quantized_layers"] = sum(type(m).__name__ == "QuantLinear" for m in model.modules())
+    elif base == "torchao_fp8":
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+        quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+    elif base != "bf16":
+        raise ValueError(f"unknown variant {variant!r}")
+    if variant.endswith("_compile"):
+        return torch.compile(model), notes
+    return model, notes
+
+
+def graph_forward(fn, kwargs):
+    """Capture one forward in a CUDA graph (after warm-up on a side stream) and return a replay callable."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn(**kwargs)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(**kwargs)
+    return lambda **_: (graph.replay(), out)[1]
+
+
+def time_forward(fn, kwargs, iters: int) -> list[float]:
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(**kwargs)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run_one(model_name: str, variant: str, iters: int, tiny: bool) -> dict:
+    """Build, prepare, check against the bf16 output, time. Without CUDA (smoke test) it stops after the check."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    t0 = time.perf_counter()
+    model, kwargs = build_model(model_name, device, tiny)
+    _sync()
+    result = dict(model=model_name, variant=variant, build_s=time.perf_counter() - t0,
+                  device=torch.cuda.get_device_name() if device == "cuda" else "cpu")
+    with torch.inference_mode():
+        ref = model(**kwargs)[0].float()
+        t1 = time.perf_counter()
+        fn, notes = prepare(variant, model, kwargs)
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        _sync()
+        result.update(notes, prepare_s=time.perf_counter() - t1, weight_bytes=module_bytes(model),
+                      allocated_after_prepare=torch.cuda.memory_allocated() if device == "cuda" else 0)
+        t2 = time.perf_counter()
+        out = fn(**kwargs)[0].float()
+        _sync()
+        result["first_forward_s"] = time.perf_counter() - t2
+        result["ready_s"] = result["prepare_s"] + result["first_forward_s"]
+        result["rel_err_vs_bf16"] = ((out - ref).norm() / ref.norm()).item()
+        del ref, out
+        if device != "cuda":
+            return result
+        if variant.endswith("_graph"):
+            fn = graph_forward(fn, kwargs)
+        time_forward(fn, kwargs, 3)  # warm-up (compiled variants may recompile once)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        times = time_forward(fn, kwargs, iters)
+        result.update(ms_median=sorted(times)[len(times) // 2], ms_all=times,
+                      peak_bytes=torch.cuda.max_memory_allocated())
+    return result
+
+
+# ----------------------------------------------------------------------------------------- driver
+def run_all(models, variants, iters, timeout_s, out_path, tiny):
+    results = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), runs=[], errors=[])
+    for model_name in models:
+        for variant in variants:
+            cmd = [sys.executable, __file__, "--one", f"{model_name}:{variant}", "--iters", str(iters)]
+            if tiny:
+                cmd.append("--tiny")
+            t0 = time.perf_counter()
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=os.environ)
+            except subprocess.TimeoutExpired:
+                results["errors"].append(f"{model_name}:{variant}: timed out after {timeout_s} s")
+                continue
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+            if proc.returncode != 0 or not lines:
+                results["errors"].append(f"{model_name}:{variant}: rc={proc.returncode} {proc.stderr[-1500:]}")
+                continue
+            run = json.loads(lines[-1])
+            run["wall_s"] = time.perf_counter() - t0
+            results["runs"].append(run)
+            run.setdefault("ms_median", float("nan"))
+            run.setdefault("peak_bytes", 0)
+            print(f"{model_name:10s} {variant:22s} {run['ms_median']:9.2f} ms  weights {run['weight_bytes']/2**20:8.1f}"
+                  f" MiB  peak {run['peak_bytes']/2**30:6.2f} GiB  ready {run['ready_s']:6.1f} s"
+                  f"  err {run['rel_err_vs_bf16']:.4f}", flush=True)
+            with open(out_path, "w") as f:
+                json.dump(results, f, indent=1)
+    with open(out_path, "w") as f:
+        json.dump(results, f, indent=1)
+    for e in results["errors"]:
+        print("ERROR", e[:1500])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--models", default="pixart,cogvideox")
+    parser.add_argument("--variants", default="bf16_eager,bf16_compile,w8a8,w4a8")
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--timeout", type=int, default=300)
+    parser.add_argument("--out", default="e2e.json")
+    parser.add_argument("--one", help="model:variant, run in this process, print JSON")
+    parser.add_argument("--tiny", action="store_true", help="tiny models (smoke test of this script)")
+    args = parser.parse_args()
+    if args.one:
+        model_name, variant = args.one.split(":")
+        print(json.dumps(run_one(model_name, variant, args.iters, args.tiny)))
+        return
+    run_all(args.models.split(","), args.variants.split(","), args.iters, args.timeout, args.out, args.tiny)
+
+
+if __name__ == "__main__":
+    main()
