@@ -156,11 +156,17 @@ def bench_gemms(results):
         torch.cuda.empty_cache()
 
 
+SWEEP_KINDS = ["int8", "w4a8_g64", "fp8"]
+SWEEP_SHAPES = ["pixart_qkvo", "pixart_ff_up", "pixart_ff_down", "cogvideox_qkvo", "cogvideox_ff_up"]
+
+
 def bench_sweep(results):
-    for shape_name in ("pixart_qkvo", "pixart_ff_up", "pixart_ff_down", "cogvideox_qkvo", "cogvideox_ff_up"):
+    for shape_name in SWEEP_SHAPES:
         m, n, k = SHAPES[shape_name]
         o = make_operands(m, n, k)
         for kind, sweep in (("int8", INT8_SWEEP), ("w4a8_g64", W4_SWEEP), ("fp8", FP8_SWEEP)):
+            if kind not in SWEEP_KINDS:
+                continue
             for c in sweep:
                 cfg = int_gemm.GemmConfig(*c)
                 fn = {
@@ -269,7 +275,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", required=True)
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--sweep-shapes", default=",".join(SWEEP_SHAPES))
+    parser.add_argument("--sweep-kinds", default="int8,w4a8_g64,fp8")
     args = parser.parse_args()
+    SWEEP_SHAPES[:] = args.sweep_shapes.split(",")
+    SWEEP_KINDS[:] = args.sweep_kinds.split(",")
     results = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), gemm=[], sweep=[], act_quant=[],
                    ceilings={}, errors=[])
