@@ -164,3 +164,14 @@ def test_casting_the_model_keeps_scales_in_full_precision():
     assert layer.bias.dtype == torch.bfloat16 and layer.weight.dtype == torch.bfloat16
     xb = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in x.items()}
     assert sqnr_db(ref, forward_output(model, xb)) > 20  # bf16 activations, same integer weights
+
+
+def test_quantized_model_traces_under_torch_compile():
+    """Dynamo captures QuantLinear without graph breaks and the compiled model matches eager exactly."""
+    model = viditq.quantize(tiny_model("pixart"), "w4a8", calibration_set("pixart", n=1))
+    layer = model.transformer_blocks[0].ff.net[2]
+    x = torch.randn(2, 16, layer.in_features)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(x), layer(x))
+    inputs = tiny_inputs("pixart", seed=3)
+    assert torch.equal(forward_output(torch.compile(model, backend="aot_eager"), inputs), forward_output(model, inputs))
