@@ -6,6 +6,10 @@ that condition the network (embeddings, adaLN, final projection) are kept in hig
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
+import math
 import re
 from pathlib import Path
 from typing import Iterable
@@ -13,9 +17,10 @@ from typing import Iterable
 from torch import nn
 
 from .balance import build_quant_linear
-from .calibrate import collect_activation_stats, validate_calibration
+from .calibrate import LayerStats, collect_activation_stats, validate_calibration
 from .config import ActSpec, QuantConfig, WeightSpec, resolve_config
-from .layers import LayerSpec, QuantLinear, make_layer_spec
+from .gptq import apply_gptq, hessian_hooks
+from .layers import LayerSpec, QuantLinear, TimestepSwitchLinear, install_timestep_hook, make_layer_spec
 from .progress import progress
 
 LAYER_GROUPS = ("cross_attn", "temporal_attn", "self_attn", "ffn", "other")
@@ -34,31 +39,82 @@ def layer_group(name: str) -> str:
     return "other"
 
 
-def _layer_precision(name: str, config: QuantConfig) -> tuple[WeightSpec, ActSpec] | None:
-    """Weight/activation spec of layer ``name`` after keep_fp and rules; None means keep high precision."""
+Precision = "tuple[WeightSpec, ActSpec] | None"  # None: the layer stays in high (float) precision
+
+
+def _layer_precision(name: str, config: QuantConfig, timestep: float | None = None) -> tuple[WeightSpec, ActSpec] | None:
+    """Weight/activation spec of layer ``name`` after keep_fp and rules; None means keep high precision.
+
+    Rules with ``timesteps`` apply only when ``timestep`` is given and lies in their range.
+    """
     keep = any(re.search(p, name) for p in config.keep_fp)
     weight, act = config.weight, config.act
     for rule in config.rules:
-        if rule.timesteps is not None or not re.search(rule.pattern, name):
+        if rule.timesteps is not None and (timestep is None or not rule.timesteps[0] <= timestep <= rule.timesteps[1]):
+            continue
+        if not re.search(rule.pattern, name):
             continue
         keep = rule.keep_fp
         if rule.weight_bits is not None:
-            weight = WeightSpec(rule.weight_bits, weight.symmetric,
-                                weight.group_size if rule.weight_bits <= 4 else None, weight.per_tensor)
+            weight = dataclasses.replace(weight, bits=rule.weight_bits,
+                                         group_size=config.weight.group_size if rule.weight_bits <= 4 else None)
         if rule.act_bits is not None:
             act = ActSpec(rule.act_bits, act.granularity)
     return None if keep else (weight, act)
 
 
+def layer_schedule(name: str, config: QuantConfig) -> tuple[Precision, list[tuple[float, float, Precision]]]:
+    """(default precision, [(lo, hi, precision), ...]) of layer ``name``: closed timestep intervals in which its
+    precision differs from the default (from the config's timestep rules; empty when it has none).
+
+    The rules' range endpoints cut the timestep axis into points and open gaps; each piece takes the precision
+    the rules give at it, adjacent equal pieces merge, and open ends become closed with ``math.nextafter``.
+    """
+    ranges = [r.timesteps for r in config.rules if r.timesteps is not None and re.search(r.pattern, name)]
+    default = _layer_precision(name, config)
+    if not ranges:
+        return default, []
+    points = sorted({v for r in ranges for v in r})
+    pieces = []  # (lo, hi, precision) in timestep order
+    for p, q in zip(points, points[1:] + [None]):
+        pieces.append((p, p, _layer_precision(name, config, p)))
+        if q is not None:
+            lo, hi = math.nextafter(p, math.inf), math.nextafter(q, -math.inf)
+            if lo <= hi:
+                pieces.append((lo, hi, _layer_precision(name, config, (p + q) / 2)))
+    merged: list[tuple[float, float, Precision]] = []
+    for lo, hi, precision in pieces:
+        if merged and merged[-1][2] == precision:
+            merged[-1] = (merged[-1][0], hi, precision)
+        else:
+            merged.append((lo, hi, precision))
+    return default, [piece for piece in merged if piece[2] != default]
+
+
+def precision_key(precision: Precision) -> str:
+    """Name of a precision inside a TimestepSwitchLinear: ``"w4a8"``, ``"w8a8"``, ... or ``"fp"``."""
+    return "fp" if precision is None else f"w{precision[0].bits}a{precision[1].bits}"
+
+
 def plan_layers(model: nn.Module, config: QuantConfig) -> dict[str, tuple[nn.Linear, LayerSpec]]:
-    """name → (linear, spec) for every linear layer that ``config`` quantizes."""
+    """name → (linear, spec) for every linear layer that ``config`` quantizes (at its default precision; see
+    :func:`plan_schedules` for layers whose precision depends on the timestep)."""
+    plan = {}
+    for name, (linear, default, _) in plan_schedules(model, config).items():
+        if default is not None:
+            plan[name] = (linear, make_layer_spec(linear, *default))
+    return plan
+
+
+def plan_schedules(model: nn.Module, config: QuantConfig) -> dict[str, tuple[nn.Linear, Precision, list]]:
+    """name → (linear, default precision, timestep schedule) for every linear layer quantized at some timestep."""
     plan = {}
     for name, module in model.named_modules():
         if type(module) is not nn.Linear:
             continue
-        precision = _layer_precision(name, config)
-        if precision is not None:
-            plan[name] = (module, make_layer_spec(module, *precision))
+        default, schedule = layer_schedule(name, config)
+        if default is not None or schedule:
+            plan[name] = (module, default, schedule)
     return plan
 
 
@@ -79,23 +135,62 @@ def quantize(model: nn.Module, config: QuantConfig | str | Path, calib: Iterable
     if getattr(model, "viditq_config", None) is not None:
         raise ValueError("model is already quantized by viditq; quantize the float model")
     samples = validate_calibration(calib)
-    plan = plan_layers(model, config)
+    if config.mixed_precision is not None:
+        from .mixed_precision import resolve_mixed_precision
+
+        config = resolve_mixed_precision(model, config, samples)
+    plan = plan_schedules(model, config)
     if not plan:
         raise ValueError(f"no nn.Linear layer of {type(model).__name__} is selected for quantization "
                          f"(keep_fp={config.keep_fp}, rules={config.rules})")
-    layers = {name: linear for name, (linear, _) in plan.items()}
-    stats = collect_activation_stats(model, layers, samples, config.calib_rows_per_layer, config.seed)
-    for name, (linear, spec) in progress(plan.items(), desc=f"quantizing ({config.name})", total=len(plan)):
+    layers = {name: linear for name, (linear, _, _) in plan.items()}
+    stats, hessians = calibrate_layers(model, layers, samples, config)
+    for name, (linear, default, schedule) in progress(plan.items(), desc=f"quantizing ({config.name})",
+                                                      total=len(plan)):
         if not stats[name].call_absmax:
             raise ValueError(f"layer {name!r} was never called during calibration; keep it in high precision "
                              "with a keep_fp pattern or calibrate with inputs that reach it")
-        _set_submodule(model, name, build_quant_linear(linear, spec, stats[name], config.balance, name, config.seed))
+        build = functools.partial(build_layer, linear, stats=stats[name], hessian=hessians.get(name),
+                                  config=config, name=name)
+        if not schedule:
+            _set_submodule(model, name, build(default))
+            continue
+        variants = {precision_key(p): p for p in [default] + [piece[2] for piece in schedule]}
+        switch = TimestepSwitchLinear({key: build(p) for key, p in variants.items()},
+                                      [(lo, hi, precision_key(p)) for lo, hi, p in schedule], precision_key(default))
+        _set_submodule(model, name, switch)
     _mark_quantized(model, config)
     return model
 
 
+def needs_gptq(config: QuantConfig) -> bool:
+    return config.weight.gptq
+
+
+def calibrate_layers(model: nn.Module, layers: dict[str, nn.Linear], samples: list[dict], config: QuantConfig):
+    """One calibration pass: activation statistics of ``layers`` (and input Hessians when GPTQ is on)."""
+    with contextlib.ExitStack() as stack:
+        hessians = stack.enter_context(hessian_hooks(layers)) if needs_gptq(config) else {}
+        stats = collect_activation_stats(model, layers, samples, config.calib_rows_per_layer, config.seed)
+    return stats, hessians
+
+
+def build_layer(linear: nn.Linear, precision: Precision, *, stats: LayerStats, hessian, config: QuantConfig,
+                name: str) -> nn.Module:
+    """The module replacing ``linear`` at ``precision``: the float linear itself (None), or a balanced
+    QuantLinear, GPTQ-rounded when the config asks for it and the weights have <= 4 bits."""
+    if precision is None:
+        return linear
+    spec = make_layer_spec(linear, *precision)
+    layer = build_quant_linear(linear, spec, stats, config.balance, name, config.seed)
+    if precision[0].gptq and precision[0].bits <= 4 and hessian is not None:
+        apply_gptq(layer, linear, hessian, stats.sample)
+    return layer
+
+
 def _mark_quantized(model: nn.Module, config: QuantConfig) -> None:
     model.viditq_config = config
+    install_timestep_hook(model)
     if config.attention != "bf16":
         from .attention import apply_quantized_attention
 
