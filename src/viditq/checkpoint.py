@@ -25,7 +25,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from .config import FORMAT_VERSION, QuantConfig
-from .layers import LayerSpec, QuantLinear
+from .layers import LayerSpec, QuantLinear, TimestepSwitchLinear
 from .quantize import _mark_quantized, _set_submodule, quantized_layers
 
 META_FILE = "viditq.json"
@@ -83,6 +83,8 @@ def _write_model(model: nn.Module, directory: Path) -> None:
         "dtype": str(_float_dtype(model)).removeprefix("torch."),
         "quant_config": config.to_dict(),
         "layers": {name: layer.spec.to_dict() for name, layer in quantized_layers(model).items()},
+        "switch_layers": {name: m.schedule_dict() for name, m in model.named_modules()
+                          if isinstance(m, TimestepSwitchLinear)},
         "tensors_bytes": (directory / TENSORS_FILE).stat().st_size,
         "tensors_sha256": _sha256(directory / TENSORS_FILE),
     }
@@ -179,6 +181,19 @@ def _build_model(path: Path, meta: dict) -> nn.Module:
                      "pass the float model with load_quantized(path, model=...)")
 
 
+def _float_linear(model: nn.Module, name: str, spec_dict: dict | None) -> nn.Linear:
+    """The float ``nn.Linear`` at ``name``, checked against the saved LayerSpec (when there is one)."""
+    try:
+        linear = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"checkpoint does not match the model: it has no layer {name!r}") from None
+    shape = None if spec_dict is None else (spec_dict["in_features"], spec_dict["out_features"])
+    if not isinstance(linear, nn.Linear) or (shape is not None and (linear.in_features, linear.out_features) != shape):
+        raise ValueError(f"checkpoint does not match the model at {name!r}: expected Linear{shape or ''}, "
+                         f"found {linear}")
+    return linear
+
+
 def load_quantized(path: str | Path, model: nn.Module | None = None, device: str | torch.device | None = None):
     """Load a checkpoint written by :func:`save_quantized`.
 
@@ -194,16 +209,18 @@ def load_quantized(path: str | Path, model: nn.Module | None = None, device: str
     elif getattr(model, "viditq_config", None) is not None:
         raise ValueError("load_quantized needs the float model architecture, got an already quantized model")
     model = model.to(getattr(torch, meta["dtype"]))
+    switches = meta.get("switch_layers", {})
+    for name, info in switches.items():  # timestep-dependent layers: one variant per precision
+        linear = _float_linear(model, name, meta["layers"].get(f"{name}.variants.{info['default']}"))
+        variants = {key: linear if key == "fp" else
+                    QuantLinear(LayerSpec(**meta["layers"][f"{name}.variants.{key}"]), out_dtype=linear.weight.dtype)
+                    for key in info["variants"]}
+        _set_submodule(model, name, TimestepSwitchLinear(variants, info["schedule"], info["default"]))
     for name, spec_dict in meta["layers"].items():
+        if any(name.startswith(f"{s}.variants.") for s in switches):
+            continue
         spec = LayerSpec(**spec_dict)
-        try:
-            linear = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"checkpoint does not match the model: it has no layer {name!r}") from None
-        if not isinstance(linear, nn.Linear) or (linear.in_features, linear.out_features) != (
-            spec.in_features, spec.out_features):
-            raise ValueError(f"checkpoint does not match the model at {name!r}: expected Linear"
-                             f"({spec.in_features}, {spec.out_features}), found {linear}")
+        linear = _float_linear(model, name, spec_dict)
         _set_submodule(model, name, QuantLinear(spec, out_dtype=linear.weight.dtype))
     try:
         missing, unexpected = load_model(model, str(tensors), strict=False)
