@@ -1,0 +1,288 @@
+"""8-bit attention: Triton kernel vs its PyTorch reference vs exact SDPA, and the diffusers integration.
+
+Without CUDA the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported) at tiny
+shapes. Triton 3.6's interpreter with numpy 2.x mis-handles scalar loop bounds, bf16/fp8 dot operands and fp8
+rounding; ``_fix_triton_interpreter`` patches those three spots so that it computes what the GPU computes.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from viditq import attention as VA  # noqa: E402
+from viditq.kernels import attention as KA  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ------------------------------------------------------------------------------------------ interpreter fixes
+_TORCH_FLOATS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8e4nv": torch.float8_e4m3fn}
+_INT_VIEWS = {32: (torch.int32, np.uint32), 16: (torch.int16, np.uint16), 8: (torch.uint8, np.uint8)}
+
+
+def _fix_triton_interpreter():
+    import triton.language as tl
+    from triton._C.libtriton import ir
+    from triton.runtime import interpreter
+
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patched_tensor(tensor, scope):  # scalars are 1-element arrays; numpy 2 refuses int() on them
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    convert = interpreter._convert_float
+
+    def torch_convert(data, src, dst, rounding_mode):  # the numpy version drops the carry out of the mantissa
+        if src.name in _TORCH_FLOATS and dst.name in _TORCH_FLOATS and rounding_mode in (None, ir.ROUNDING_MODE.RTNE):
+            arr = np.ascontiguousarray(data)
+            src_int, _ = _INT_VIEWS[src.primitive_bitwidth]
+            dst_int, dst_np = _INT_VIEWS[dst.primitive_bitwidth]
+            t = torch.from_numpy(arr.copy()).view(src_int).view(_TORCH_FLOATS[src.name])
+            return t.to(_TORCH_FLOATS[dst.name]).view(dst_int).numpy().view(dst_np).reshape(arr.shape)
+        return convert(data, src, dst, rounding_mode)
+
+    def as_float32(handle):
+        if handle.dtype.name in ("bf16", "fp8e4nv"):
+            bits = _INT_VIEWS[handle.dtype.primitive_bitwidth][0]
+            return torch.from_numpy(handle.data.copy()).view(bits).view(_TORCH_FLOATS[handle.dtype.name]).float().numpy()
+        return handle.data
+
+    create_dot = interpreter.InterpreterBuilder.create_dot
+
+    def float_dot(self, a, b, d, input_precision, max_num_imprecise_acc):  # bf16 / fp8 operands, exactly
+        if {a.dtype.name, b.dtype.name} & {"bf16", "fp8e4nv"}:
+            out = np.matmul(as_float32(a), as_float32(b), dtype=np.float32) + d.data
+            return interpreter.TensorHandle(out.astype(d.data.dtype), d.dtype.scalar)
+        return create_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    interpreter._patch_lang_tensor = patched_tensor
+    interpreter._convert_float = torch_convert
+    interpreter.InterpreterBuilder.create_dot = float_dot
+    assert tl is not None
+
+
+if DEVICE == "cpu":
+    _fix_triton_interpreter()
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def rel_l2(out, ref):
+    return float((out.float() - ref.float()).norm() / ref.float().norm())
+
+
+def cosine(out, ref):
+    out, ref = out.float().flatten(), ref.float().flatten()
+    return float(out @ ref / (out.norm() * ref.norm()))
+
+
+def realistic_qkv(b, h, n_q, n_kv, d, seed=0, sharpness=1.5):
+    """Gaussian Q/K/V with outlier channels in Q and K and a large common mean in K (DiT-like statistics)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, n_q, d, generator=g) * sharpness
+    k = torch.randn(b, h, n_kv, d, generator=g) + 2.0 * torch.randn(1, h, 1, d, generator=g)
+    v = torch.randn(b, h, n_kv, d, generator=g)
+    q[..., :2] *= 6.0
+    k[..., 5] *= 4.0
+    return [x.to(DEVICE, torch.bfloat16) for x in (q, k, v)]
+
+
+def exact_attention(q, k, v, mask=None):
+    return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
+
+
+# ------------------------------------------------------------------------------------------ kernel
+SHAPES = [  # (B, H, Nq, Nkv, D): ragged self-attention, cross-attention with text-like lengths, head dims
+    (1, 2, 130, 130, 64),
+    (2, 1, 96, 40, 72),
+    (1, 1, 64, 200, 128),
+]
+
+
+@pytest.mark.parametrize("mode", KA.MODES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kernel_matches_reference_and_sdpa(shape, mode):
+    b, h, n_q, n_kv, d = shape
+    q, k, v = realistic_qkv(b, h, n_q, n_kv, d, seed=sum(shape))
+    out = KA.quantized_attention_triton(q, k, v, mode)
+    ref = KA.quantized_attention_reference(q, k, v, mode)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert torch.isfinite(out).all()  # every row and channel written
+    # Only the rounding order of P differs (running vs final row max): fp8 P has a 2^-4 step.
+    assert rel_l2(out, ref) < (0.003 if mode == "int8" else 0.03)
+    exact = exact_attention(q, k, v)
+    assert cosine(out, exact) >= 0.999
+    assert rel_l2(out, exact) < (0.03 if mode == "int8" else 0.045)
+
+
+@pytest.mark.parametrize("mode", KA.MODES)
+def test_kernel_key_padding_bias(mode):
+    """Cross-attention text mask: padded keys get -inf, passed as an additive (B, H, Nkv) bias."""
+    b, h, n_q, n_kv, d = 2, 2, 70, 45, 64
+    q, k, v = realistic_qkv(b, h, n_q, n_kv, d, seed=3)
+    keep = torch.ones(b, 1, 1, n_kv, dtype=torch.bool, device=DEVICE)
+    keep[0, ..., 30:] = False
+    keep[1, ..., 40:] = False
+    bias = torch.zeros(keep.shape, device=DEVICE).masked_fill(~keep, float("-inf")).expand(b, h, 1, n_kv)[:, :, 0]
+    out = KA.quantized_attention_triton(q, k, v, mode, bias=bias)
+    assert rel_l2(out, KA.quantized_attention_reference(q, k, v, mode, bias=bias)) < 0.03
+    exact = exact_attention(q, k, v, keep)
+    assert cosine(out, exact) >= 0.999
+    unmasked = exact_attention(q, k, v)
+    assert rel_l2(out, exact) < 0.5 * rel_l2(unmasked, exact)  # the mask really applied
+
+
+def test_scale_argument():
+    q, k, v = realistic_qkv(1, 2, 64, 64, 64, seed=5)
+    out = KA.quantized_attention(q, k, v, "int8", scale=0.05)
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=0.05)
+    assert cosine(out, exact) >= 0.9995
+
+
+def test_channel_balance_is_exact_and_k_smoothing_matters():
+    q, k, _ = (x.float() for x in realistic_qkv(1, 2, 256, 256, 64, seed=7))
+    k_mean = k.mean(dim=2)
+    lam = KA.channel_balance(q, k, k_mean)[:, :, None]
+    assert torch.allclose((q * lam) @ (k / lam).transpose(-1, -2), q @ k.transpose(-1, -2), rtol=1e-4, atol=1e-3)
+    # Without smoothing the common K mean sets every K block's int8 step: a much larger score error.
+    scores = q @ k.transpose(-1, -2)
+    naive = KA.fake_quant_per_block(q, 128) @ KA.fake_quant_per_block(k, 64).transpose(-1, -2)
+    k_s = (k - k_mean[:, :, None]) / lam
+    ours = KA.fake_quant_per_block(q * lam, 128) @ KA.fake_quant_per_block(k_s, 64).transpose(-1, -2)
+    ours = ours + (q @ k_mean[:, :, :, None])  # the per-row constant that softmax ignores
+    assert rel_l2(ours, scores) < 0.5 * rel_l2(naive, scores)
+
+
+def test_bad_inputs():
+    q, k, v = realistic_qkv(1, 1, 8, 8, 64)
+    with pytest.raises(ValueError, match="mode"):
+        KA.quantized_attention(q, k, v, "int4")
+    with pytest.raises(ValueError, match="shape"):
+        KA.quantized_attention(q[0], k, v, "int8")
+    with pytest.raises(ValueError, match="attention mode"):
+        VA.apply_quantized_attention(torch.nn.Linear(2, 2), "fp16")
+
+
+# ------------------------------------------------------------------------------------------ real activations
+def _capture_qkv(model, kwargs):
+    """q, k, v of every SDPA call in one forward pass."""
+    captured = []
+
+    class Capture(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kw=None):
+            kw = kw or {}
+            if func is F.scaled_dot_product_attention:
+                captured.append(tuple(t.detach().clone() for t in args[:3]))
+            return func(*args, **kw)
+
+    with torch.no_grad(), Capture():
+        model(**kwargs)
+    return captured
+
+
+def test_kernel_on_cogvideox_activations():
+    """Statistics of a (random-weight) CogVideoX: LayerNorm'd Q/K, rotary embeddings, text+video tokens."""
+    from viditq.testing import tiny_inputs, tiny_model
+
+    model = tiny_model("cogvideox").to(DEVICE)
+    kwargs = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in tiny_inputs("cogvideox").items()}
+    calls = _capture_qkv(model, kwargs)
+    assert len(calls) == 2
+    q, k, v = (t.to(torch.bfloat16) for t in calls[-1])  # (2, heads, 8 text + 48 video tokens, 32)
+    exact = exact_attention(q, k, v)
+    for mode in KA.MODES:
+        out = KA.quantized_attention_triton(q, k, v, mode)
+        assert cosine(out, exact) >= 0.999
+        assert rel_l2(out, exact) < 0.03
+
+
+# ------------------------------------------------------------------------------------------ integration
+MODEL_ATTENTION_COUNTS = {"pixart": 4, "cogvideox": 2, "latte": 6, "wan": 4, "sd3": 2, "flux": 2}
+
+
+@pytest.fixture
+def reference_calls(monkeypatch):
+    """Counts quantized-attention calls that reach the reference (CPU path)."""
+    calls = []
+    original = KA.quantized_attention_reference
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(KA, "quantized_attention_reference", counting)
+    return calls
+
+
+@pytest.mark.parametrize("name", list(MODEL_ATTENTION_COUNTS))
+def test_apply_quantized_attention_on_diffusers_models(name, reference_calls):
+    from viditq.testing import forward_output, tiny_inputs, tiny_model
+
+    model = tiny_model(name)
+    kwargs = tiny_inputs(name)
+    if name == "pixart":  # text padding: the cross-attention key-padding path
+        mask = torch.ones(kwargs["encoder_hidden_states"].shape[:2])
+        mask[:, -3:] = 0
+        kwargs["encoder_attention_mask"] = mask
+    ref = forward_output(model, kwargs)
+    for mode in KA.MODES:
+        assert VA.apply_quantized_attention(model, mode) == MODEL_ATTENTION_COUNTS[name]
+        assert VA.apply_quantized_attention(model, mode) == MODEL_ATTENTION_COUNTS[name]  # idempotent
+        assert VA.quantized_attention_mode(model) == mode
+        reference_calls.clear()
+        out = forward_output(model, kwargs)
+        assert len(reference_calls) == MODEL_ATTENTION_COUNTS[name]  # every attention ran quantized
+        assert cosine(out, ref) >= 0.9999
+        assert rel_l2(out, ref) < (0.005 if mode == "int8" else 0.01)
+        assert rel_l2(out, ref) > 0  # and did change something
+    assert VA.apply_quantized_attention(model, "bf16") == 0
+    assert VA.quantized_attention_mode(model) == "bf16"
+    assert torch.equal(forward_output(model, kwargs), ref)
+
+
+def test_processor_keeps_signature_and_attributes():
+    """diffusers drops kwargs a processor does not declare; CogVideoX needs image_rotary_emb to get through."""
+    import inspect
+
+    from viditq.testing import tiny_model
+
+    model = tiny_model("cogvideox")
+    attn = model.transformer_blocks[0].attn1
+    inner = attn.processor
+    VA.apply_quantized_attention(model, "fp8")
+    assert "image_rotary_emb" in inspect.signature(attn.processor.__call__).parameters
+    assert attn.processor.processor is inner
+    wan_attn = tiny_model("wan").blocks[0].attn1
+    VA.apply_quantized_attention(wan_attn, "int8")
+    assert wan_attn.processor._attention_backend is None  # read through to the wrapped processor
+
+
+def test_router_falls_back_where_kernel_does_not_apply(reference_calls):
+    q, k, v = (x.float() for x in realistic_qkv(1, 2, 16, 16, 32))
+    with VA.SDPARouter("int8"):
+        causal = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        per_query_mask = F.scaled_dot_product_attention(q, k, v, attn_mask=torch.rand(16, 16) > 0.5)
+        routed = F.scaled_dot_product_attention(q, k, v)
+    assert len(reference_calls) == 1
+    assert torch.allclose(causal, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    assert per_query_mask.shape == q.shape
+    assert cosine(routed, exact_attention(q, k, v)) >= 0.999
+
+
+def test_compile_traces_without_graph_breaks():
+    from viditq.testing import tiny_inputs, tiny_model
+
+    for name in ("cogvideox", "wan"):
+        model = tiny_model(name)
+        VA.apply_quantized_attention(model, "int8")
+        torch._dynamo.reset()
+        explanation = torch._dynamo.explain(model)(**tiny_inputs(name))
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        targets = {str(n.target) for g in explanation.graphs for n in g.graph.nodes}
+        assert "viditq.quantized_attention.default" in targets
