@@ -28,10 +28,13 @@ SHAPES = {
     "pixart_self": (2, 16, 4096, 4096, 72, 0),
     "pixart_cross": (2, 16, 4096, 120, 72, 30),
 }
-SWEEP = [KA.AttentionConfig(*c) for c in [
-    (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3),
-    (256, 64, 8, 2), (256, 128, 8, 2)]]
-SWEEP_SIZE = {"cogvideox_self": 8, "pixart_self": 4, "pixart_cross": 2}  # tiles tried per shape (compile time)
+TILES = {  # (block_m, block_n, num_warps, num_stages) tried per shape; the best then gets the kernel variants
+    "cogvideox_self": [(64, 128, 4, 3), (64, 128, 4, 2), (64, 128, 4, 4), (128, 64, 4, 3), (64, 64, 4, 3),
+                       (128, 64, 8, 3)],
+    "pixart_self": [(128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3)],
+    "pixart_cross": [(128, 64, 8, 3), (64, 64, 4, 3)],
+}
+VARIANTS = [dict(pipeline_qk=True), dict(magic_i2f=False)]
 
 
 def make_inputs(b, h, n_q, n_kv, d, n_masked, seed=0, device="cuda"):
@@ -91,7 +94,7 @@ def bench(fn):
 
 def config_key(mode, cfg):
     return (f"{mode}_m{cfg.block_m}_n{cfg.block_n}_w{cfg.num_warps}_s{cfg.num_stages}"
-            f"{'_magic' if cfg.magic_i2f else ''}{'_rowsum' if cfg.rowsum_mma else ''}")
+            f"{'' if cfg.magic_i2f else '_nomagic'}{'_pipeqk' if cfg.pipeline_qk else ''}")
 
 
 def time_config(q, k, v, bias, mode, cfg, flops, sdpa_ms):
@@ -117,6 +120,12 @@ def time_shape(name, q, k, v, mask, configs, variants):
     bias = bias_of(mask, b, h, n_kv)
     res = {"shape": [b, h, n_q, n_kv, d], "flop": flops, "sdpa_bf16_ms": bench(lambda: sdpa_bf16(q, k, v, mask))}
     res["sdpa_bf16_tflops"] = flops / res["sdpa_bf16_ms"] / 1e9
+    res["sdpa_default_ms"] = bench(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    try:
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            res["sdpa_cudnn_ms"] = bench(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    except RuntimeError as e:
+        res["sdpa_cudnn_ms"] = repr(e)[:200]
     res["configs"] = {}
     for mode in KA.MODES:
         timed = {}
@@ -125,8 +134,8 @@ def time_shape(name, q, k, v, mask, configs, variants):
         ok = [c for c in timed if "total_ms" in timed[c]]
         if ok and variants:
             tile = min(ok, key=lambda c: timed[c]["total_ms"])
-            for magic, rowsum in ((True, False), (False, True), (True, True)):
-                cfg = dataclasses.replace(tile, magic_i2f=magic, rowsum_mma=rowsum)
+            for variant in VARIANTS:
+                cfg = dataclasses.replace(tile, **variant)
                 timed[cfg] = time_config(q, k, v, bias, mode, cfg, flops, res["sdpa_bf16_ms"])
         for cfg, r in timed.items():
             res["configs"][config_key(mode, cfg)] = r
@@ -169,13 +178,99 @@ def model_checks(device="cuda", compile_model=True):
     return res
 
 
+def build_model(name, device="cuda", tiny=False):
+    """Random-weight diffusers transformer in bf16 + forward kwargs: CogVideoX-2B (49 frames 480x720, 226 text
+    tokens) or PixArt-α 1024 (120 text tokens, the last 100 padded). ``tiny``: 1 layer, small latents (CPU check)."""
+    import diffusers
+
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, device=device, dtype=torch.bfloat16)
+
+    with torch.device(device):
+        if name == "cogvideox_2b":
+            extra = dict(num_layers=1, sample_width=8, sample_height=8, sample_frames=5) if tiny else {}
+            model = diffusers.CogVideoXTransformer3DModel(**extra)
+            frames, h, w = (2, 8, 8) if tiny else (13, 60, 90)
+            kwargs = dict(hidden_states=randn(2, frames, 16, h, w), encoder_hidden_states=randn(2, 226, 4096),
+                          timestep=torch.tensor([500, 500], device=device))
+        elif name == "pixart_1024":
+            model = diffusers.PixArtTransformer2DModel(sample_size=128, caption_channels=4096,
+                                                       **(dict(num_layers=1) if tiny else {}))
+            size = 16 if tiny else 128
+            mask = torch.zeros(2, 120, device=device)
+            mask[:, :20] = 1
+            kwargs = dict(hidden_states=randn(2, 4, size, size), encoder_hidden_states=randn(2, 120, 4096),
+                          encoder_attention_mask=mask, timestep=torch.tensor([500, 500], device=device),
+                          added_cond_kwargs={"resolution": torch.tensor([[1024.0, 1024.0]] * 2, device=device),
+                                             "aspect_ratio": torch.tensor([[1.0]] * 2, device=device)})
+        else:
+            raise ValueError(f"unknown model {name!r}")
+    return model.to(torch.bfloat16).eval(), kwargs
+
+
+def time_forward(model, kwargs, reps):
+    """Median forward time (ms) over ``reps`` runs after two warm-up runs, CUDA events."""
+    times = []
+    with torch.no_grad():
+        for i in range(reps + 2):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            model(**kwargs)
+            end.record()
+            torch.cuda.synchronize()
+            if i >= 2:
+                times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def end_to_end(names=("cogvideox_2b", "pixart_1024"), compile_names=("pixart_1024",), deadline_s=420.0):
+    """bf16 model with its own SDPA vs the same model with 8-bit attention (eager; compiled where time allows)."""
+    from viditq.attention import apply_quantized_attention
+
+    t0 = time.time()
+    res = {}
+    for name in names:
+        model, kwargs = build_model(name)
+        reps = 5 if name.startswith("cogvideox") else 20
+        entry = {}
+        with torch.no_grad():
+            ref = model(**kwargs).sample.float()
+        for mode in ("bf16",) + KA.MODES:
+            apply_quantized_attention(model, mode)
+            with torch.no_grad():
+                out = model(**kwargs).sample.float()
+            entry[mode] = {"eager_ms": time_forward(model, kwargs, reps), **metrics(out, ref)}
+        if name in compile_names:
+            for mode in ("bf16", "fp8"):
+                if time.time() - t0 > deadline_s:
+                    entry[f"compiled_{mode}"] = "skipped: time"
+                    continue
+                apply_quantized_attention(model, mode)
+                torch._dynamo.reset()
+                compiled = torch.compile(model)
+                entry[mode]["compiled_ms"] = time_forward(compiled, kwargs, reps)
+        apply_quantized_attention(model, "bf16")
+        for mode in KA.MODES:
+            entry[mode]["eager_speedup"] = entry["bf16"]["eager_ms"] / entry[mode]["eager_ms"]
+        if "compiled_ms" in entry["fp8"] and "compiled_ms" in entry["bf16"]:
+            entry["fp8"]["compiled_speedup"] = entry["bf16"]["compiled_ms"] / entry["fp8"]["compiled_ms"]
+        res[name] = entry
+        print(name, json.dumps(entry), flush=True)
+        del model
+        torch.cuda.empty_cache()
+    return res
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="attention.json")
-    parser.add_argument("--sweep", action="store_true", help="time every tile config in SWEEP")
+    parser.add_argument("--sweep", action="store_true", help="time the tiles in TILES, then VARIANTS of the best")
     parser.add_argument("--ref-rows", type=int, default=1024)
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--models", action="store_true", help="check tiny diffusers models (needs diffusers)")
+    parser.add_argument("--e2e", action="store_true", help="CogVideoX-2B / PixArt-α forward, attention bf16 vs 8-bit")
     args = parser.parse_args()
     props = torch.cuda.get_device_properties(0)
     result = {"device": props.name, "sm_count": props.multi_processor_count, "torch": torch.__version__,
@@ -186,7 +281,8 @@ def main():
         b, h, n_q, n_kv, d, n_masked = SHAPES[name]
         q, k, v, mask = make_inputs(b, h, n_q, n_kv, d, n_masked)
         head_d = KA.padded_head_dim(d)
-        configs = SWEEP[:SWEEP_SIZE[name]] if args.sweep else [KA.default_config(head_d, "fp8")]
+        configs = ([KA.AttentionConfig(*t) for t in TILES[name]] if args.sweep
+                   else [KA.default_config(head_d, "fp8", n_kv)])
         t0 = time.time()
         entry = {"quality": check_quality(name, q, k, v, mask, args.ref_rows)}
         entry.update(time_shape(name, q, k, v, mask, configs, variants=args.sweep and name != "pixart_cross"))
@@ -199,6 +295,13 @@ def main():
         result["models"] = model_checks()
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
+    if args.e2e:
+        result["end_to_end"] = end_to_end()
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    for name, e in result["shapes"].items():
+        print(f"{name}: sdpa flash {e['sdpa_bf16_ms']:.3f} ms, default {e['sdpa_default_ms']:.3f} ms, "
+              f"cudnn {e['sdpa_cudnn_ms']}")
     print(f"\n{'shape':16s} {'sdpa ms':>8s} {'mode':5s} {'best config':26s} {'total':>7s} {'kernel':>7s} "
           f"{'prep':>6s} {'x sdpa':>6s} {'cos':>8s}")
     for name, e in result["shapes"].items():

@@ -286,3 +286,11 @@ def test_compile_traces_without_graph_breaks():
         assert explanation.graph_break_count == 0, explanation.break_reasons
         targets = {str(n.target) for g in explanation.graphs for n in g.graph.nodes}
         assert "viditq.quantized_attention.default" in targets
+
+
+@pytest.mark.parametrize("config", [KA.AttentionConfig(64, 64, 4, 3, magic_i2f=False),
+                                    KA.AttentionConfig(64, 32, 4, 3, pipeline_qk=True)])
+def test_kernel_variants_match_reference(config):
+    q, k, v = realistic_qkv(1, 2, 100, 150, 64, seed=11)
+    out = KA.quantized_attention_triton(q, k, v, "fp8", config=config)
+    assert rel_l2(out, KA.quantized_attention_reference(q, k, v, "fp8", config=config)) < 0.03

@@ -58,10 +58,13 @@ class AttentionConfig:
     pipeline_qk: bool = False  # next block's Q·Kᵀ issued before this block's softmax
 
 
-def default_config(head_dim_padded: int, mode: str) -> AttentionConfig:
-    """Heuristic tiles for DiT shapes (no autotuning: each shape compiles once)."""
-    if head_dim_padded >= 128:
+def default_config(head_dim_padded: int, mode: str, n_kv: int = 4096) -> AttentionConfig:
+    """Tiles measured best on an H100 for DiT shapes (benchmarks/NOTES.md, "8-bit attention"); no autotuning,
+    so each shape compiles once."""
+    if n_kv <= 256:  # cross-attention to text: one or two key blocks
         return AttentionConfig(128, 64, 8, 3)
+    if mode == "fp8":
+        return AttentionConfig(128, 128, 8, 3) if head_dim_padded >= 128 else AttentionConfig(64, 128, 4, 3)
     return AttentionConfig(128, 64, 4, 3)
 
 
@@ -116,7 +119,7 @@ def quantized_attention_reference(
     row's final max here, to the running max there.
     """
     _check_inputs(q, k, v, mode, bias)
-    config = config or default_config(padded_head_dim(q.shape[-1]), mode)
+    config = config or default_config(padded_head_dim(q.shape[-1]), mode, k.shape[2])
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     k_mean = k.float().mean(dim=2)
     balance = channel_balance(q, k, k_mean)[:, :, None, :]  # (B, H, 1, D)
@@ -515,7 +518,7 @@ def quantized_attention_triton(
     → (B, H, Nq, D) in q.dtype, laid out as (B, Nq, H, D) in memory (what attention processors reshape next)."""
     _check_inputs(q, k, v, mode, bias)
     b, h, n_q, d = q.shape
-    config = config or default_config(padded_head_dim(d), mode)
+    config = config or default_config(padded_head_dim(d), mode, k.shape[2])
     scale = d ** -0.5 if scale is None else scale
     ops = quantize_operands(q, k, v, mode, scale, bias, config)
     out = torch.empty((b, n_q, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
