@@ -22,6 +22,7 @@ from triton.testing import do_bench
 
 from viditq.kernels import attention as KA
 
+START = time.time()
 SHAPES = {
     # name: (B, H, Nq, Nkv, D, masked text tokens)
     "cogvideox_self": (2, 30, 17776, 17776, 64, 0),
@@ -225,12 +226,11 @@ def time_forward(model, kwargs, reps):
     return sorted(times)[len(times) // 2]
 
 
-def end_to_end(names=("cogvideox_2b", "pixart_1024"), compile_names=("pixart_1024",), deadline_s=420.0):
-    """bf16 model with its own SDPA vs the same model with 8-bit attention (eager; compiled where time allows)."""
+def end_to_end(res, save, names=("pixart_1024", "cogvideox_2b"), compile_deadline_s=330.0):
+    """bf16 model with its own SDPA vs the same model with 8-bit attention, eager, then compiled while less than
+    ``compile_deadline_s`` have passed since the script started. Fills ``res`` and calls ``save`` per model."""
     from viditq.attention import apply_quantized_attention
 
-    t0 = time.time()
-    res = {}
     for name in names:
         model, kwargs = build_model(name)
         reps = 5 if name.startswith("cogvideox") else 20
@@ -242,25 +242,25 @@ def end_to_end(names=("cogvideox_2b", "pixart_1024"), compile_names=("pixart_102
             with torch.no_grad():
                 out = model(**kwargs).sample.float()
             entry[mode] = {"eager_ms": time_forward(model, kwargs, reps), **metrics(out, ref)}
-        if name in compile_names:
-            for mode in ("bf16", "fp8"):
-                if time.time() - t0 > deadline_s:
-                    entry[f"compiled_{mode}"] = "skipped: time"
-                    continue
-                apply_quantized_attention(model, mode)
-                torch._dynamo.reset()
-                compiled = torch.compile(model)
-                entry[mode]["compiled_ms"] = time_forward(compiled, kwargs, reps)
+        res[name] = entry
+        save()
+        for mode in ("bf16", "fp8"):
+            if time.time() - START > compile_deadline_s:
+                entry[mode]["compiled_ms"] = "skipped: time"
+                continue
+            apply_quantized_attention(model, mode)
+            torch._dynamo.reset()
+            compiled = torch.compile(model)
+            entry[mode]["compiled_ms"] = time_forward(compiled, kwargs, reps)
         apply_quantized_attention(model, "bf16")
         for mode in KA.MODES:
             entry[mode]["eager_speedup"] = entry["bf16"]["eager_ms"] / entry[mode]["eager_ms"]
-        if "compiled_ms" in entry["fp8"] and "compiled_ms" in entry["bf16"]:
+        if all(isinstance(entry[m].get("compiled_ms"), float) for m in ("bf16", "fp8")):
             entry["fp8"]["compiled_speedup"] = entry["bf16"]["compiled_ms"] / entry["fp8"]["compiled_ms"]
-        res[name] = entry
+        save()
         print(name, json.dumps(entry), flush=True)
         del model
         torch.cuda.empty_cache()
-    return res
 
 
 def main():
@@ -272,6 +272,10 @@ def main():
     parser.add_argument("--models", action="store_true", help="check tiny diffusers models (needs diffusers)")
     parser.add_argument("--e2e", action="store_true", help="CogVideoX-2B / PixArt-α forward, attention bf16 vs 8-bit")
     args = parser.parse_args()
+    def save():
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
     props = torch.cuda.get_device_properties(0)
     result = {"device": props.name, "sm_count": props.multi_processor_count, "torch": torch.__version__,
               "triton": __import__("triton").__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -296,9 +300,8 @@ def main():
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
     if args.e2e:
-        result["end_to_end"] = end_to_end()
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        result["end_to_end"] = {}
+        end_to_end(result["end_to_end"], save)
     for name, e in result["shapes"].items():
         print(f"{name}: sdpa flash {e['sdpa_bf16_ms']:.3f} ms, default {e['sdpa_default_ms']:.3f} ms, "
               f"cudnn {e['sdpa_cudnn_ms']}")
