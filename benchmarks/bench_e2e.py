@@ -109,6 +109,30 @@ def graph_forward(fn, kwargs):
     return lambda **_: (graph.replay(), out)[1]
 
 
+KERNEL_CATEGORIES = (  # first match wins; names of cuBLAS / cuDNN / Triton / PyTorch kernels seen on H100
+    ("act_quant", ("_act_quant",)),
+    ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "_quant_gemm", "_w4a8", "matmul")),
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("norm", ("norm",)),
+)
+
+
+def kernel_profile(fn, kwargs) -> dict[str, float]:
+    """Device time (ms) of one forward by kernel category, from the PyTorch profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn(**kwargs)
+        torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        name = event.key.lower()
+        category = next((c for c, keys in KERNEL_CATEGORIES if any(k in name for k in keys)), "other")
+        device_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        totals[category] = totals.get(category, 0.0) + device_us / 1e3
+    return totals
+
+
 def time_forward(fn, kwargs, iters: int) -> list[float]:
     times = []
     for _ in range(iters):
@@ -153,6 +177,11 @@ def run_one(model_name: str, variant: str, iters: int, tiny: bool) -> dict:
         del ref, out
         if device != "cuda":
             return result
+        if os.environ.get("VIDITQ_PROFILE") == "1":
+            try:
+                result["profile_ms"] = kernel_profile(fn, kwargs)
+            except Exception as e:  # noqa: BLE001 — the profile is optional
+                result["profile_error"] = repr(e)[:300]
         if variant.endswith("_graph"):
             fn = graph_forward(fn, kwargs)
         time_forward(fn, kwargs, 3)  # warm-up (compiled variants may recompile once)
@@ -190,6 +219,8 @@ def run_all(models, variants, iters, timeout_s, out_path, tiny):
             print(f"{model_name:10s} {variant:22s} {run['ms_median']:9.2f} ms  weights {run['weight_bytes']/2**20:8.1f}"
                   f" MiB  peak {run['peak_bytes']/2**30:6.2f} GiB  ready {run['ready_s']:6.1f} s"
                   f"  err {run['rel_err_vs_bf16']:.4f}", flush=True)
+            if run.get("profile_ms"):
+                print("   profile (ms):", {k: round(v, 2) for k, v in run["profile_ms"].items()}, flush=True)
             with open(out_path, "w") as f:
                 json.dump(results, f, indent=1)
     with open(out_path, "w") as f:

@@ -36,11 +36,12 @@ INT8_SWEEP = [  # (BM, BN, BK, GROUP_M, warps, stages, persistent, tma); call-1 
     (256, 128, 128, 8, 8, 4, True, True), (256, 128, 64, 8, 8, 4, True, True), (128, 128, 128, 8, 4, 4, True, True),
     (256, 128, 128, 4, 8, 3, True, True), (128, 128, 128, 8, 8, 3, False, False),
 ]
-W4_SWEEP = [
-    (128, 128, 64, 8, 8, 4, False, False), (128, 256, 64, 8, 8, 3, False, False), (128, 128, 64, 8, 4, 4, False, False),
-    (64, 128, 64, 8, 4, 4, False, False), (256, 128, 64, 8, 8, 3, False, False), (128, 128, 64, 8, 8, 3, True, False),
-    (128, 128, 64, 8, 8, 4, True, True), (128, 256, 64, 8, 8, 3, True, True), (256, 128, 64, 8, 8, 3, True, True),
-    (128, 128, 128, 8, 8, 3, False, False),
+W4_SWEEP = [  # (..., persistent, tma, w4_mode): 0 interleave B, 1 split A, 2 weights as register operand
+    (128, 128, 64, 8, 8, 3, False, False, 0), (128, 128, 64, 8, 8, 3, False, False, 1),
+    (128, 128, 64, 8, 8, 3, False, False, 2), (256, 128, 64, 8, 8, 3, False, False, 2),
+    (128, 256, 64, 8, 8, 3, False, False, 0), (128, 256, 64, 8, 8, 3, True, True, 1),
+    (128, 128, 64, 8, 4, 4, False, False, 2), (64, 128, 64, 8, 4, 4, False, False, 2),
+    (128, 64, 64, 8, 4, 4, False, False, 2), (128, 128, 64, 8, 8, 4, True, True, 1),
 ]
 FP8_SWEEP = [
     (128, 256, 128, 8, 8, 3, True, True), (256, 128, 128, 8, 8, 3, True, True), (128, 256, 128, 8, 8, 4, True, True),
@@ -168,7 +169,7 @@ def bench_sweep(results):
             if kind not in SWEEP_KINDS:
                 continue
             for c in sweep:
-                cfg = int_gemm.GemmConfig(*c)
+                cfg = int_gemm.GemmConfig(*c[:6], bool(c[6]), bool(c[7]), *c[8:])
                 fn = {
                     "int8": lambda: int_gemm.quant_linear(o["a"], o["a_scale"], o["w8"], o["w8_scale"], None, k,
                                                           False, o["bias"], torch.bfloat16, cfg),
@@ -212,7 +213,7 @@ def bench_act_quant(results):
         }
         for name, fn in variants.items():
             compile_s = first_call_s(fn)
-            t = ms(fn)
+            t = ms_eager(fn) if "reference" in name else ms(fn)  # the reference copies to the GPU: no graphs
             results["act_quant"].append(dict(m=m, k=k, method=name, ms=t, gbps=nbytes / (t * 1e-3) / 1e9,
                                              ms_eager=ms_eager(fn), first_call_s=compile_s))
         del xs
@@ -264,6 +265,8 @@ def print_tables(results):
             best[key] = r
     for (shape, kind), r in best.items():
         print(f"best {shape:18s} {kind:9s} {r['config']} {r['ms']:.3f} ms {r['tflops']:.0f} TF/s")
+    if results.get("best_w4_config"):
+        print("best W4A8 config over the sweep shapes:", results["best_w4_config"])
     for r in results.get("kernels", [])[:40]:
         print(f"kern {r['kernel'][:40]:40s} regs={r['n_regs']} spills={r['n_spills']} smem={r['shared']} "
               f"wgmma={r['wgmma']} mma.sync={r['mma_sync']}")
@@ -277,9 +280,13 @@ def main():
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--sweep-shapes", default=",".join(SWEEP_SHAPES))
     parser.add_argument("--sweep-kinds", default="int8,w4a8_g64,fp8")
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--best-w4-out", help="write the fastest W4A8 config here (VIDITQ_W4_CONFIG format)")
     args = parser.parse_args()
     SWEEP_SHAPES[:] = args.sweep_shapes.split(",")
     SWEEP_KINDS[:] = args.sweep_kinds.split(",")
+    for name in set(SHAPES) - set(args.shapes.split(",")):
+        del SHAPES[name]
     results = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), gemm=[], sweep=[], act_quant=[],
                    ceilings={}, errors=[])
@@ -291,6 +298,17 @@ def main():
             results["errors"].append(f"{section.__name__}: {type(e).__name__}: {e}"[:500])
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
+    w4 = {}
+    for r in results["sweep"]:
+        if r["kind"] == "w4a8_g64":
+            w4.setdefault(tuple(r["config"]), []).append(r["ms"])
+    complete = {c: sum(t) for c, t in w4.items() if len(t) == len(SWEEP_SHAPES)}
+    if complete:
+        best = min(complete, key=complete.get)
+        results["best_w4_config"] = ",".join(str(int(v)) for v in best)
+        if args.best_w4_out:
+            with open(args.best_w4_out, "w") as f:
+                f.write(results["best_w4_config"])
     try:
         results["kernels"] = compiled_kernel_report()
     except Exception as e:  # noqa: BLE001 — introspection of Triton internals is best effort

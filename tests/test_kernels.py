@@ -147,6 +147,25 @@ def test_int_linear_matches_reference(m, n, k, bits, symmetric, group_size, out_
     assert rel_err(y, ref) < (1e-5 if out_dtype == torch.float32 else 8e-3)
 
 
+W4_SHAPES = [(37, 45, 128), (16, 32, 192)] + [pytest.param(*s, marks=gpu_only) for s in [(333, 1152, 1152),
+                                                                                      (1000, 4608, 1152)]]
+
+
+@pytest.mark.parametrize("m,n,k", W4_SHAPES)
+@pytest.mark.parametrize("w4_mode", [0, 1, 2])
+@pytest.mark.parametrize("symmetric,group_size", [(False, 64), (True, None)])
+def test_w4a8_modes_match_reference(m, n, k, w4_mode, symmetric, group_size):
+    g = torch.Generator().manual_seed(m + n + k + w4_mode)
+    w, w_scale, w_zero, gs, packed = _make_weight(n, k, 4, symmetric, group_size, g)
+    a = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8).to(DEVICE)
+    a_scale = (torch.rand(m, 1, generator=g) + 0.1).to(DEVICE)
+    bias = torch.randn(n, generator=g).to(DEVICE)
+    cfg = int_gemm.GemmConfig(*((128, 128, 64, 8, 8, 3) if CUDA else (32, 32, 64, 4, 4, 2)), w4_mode=w4_mode)
+    y = int_gemm.quant_linear(a, a_scale, w, w_scale, w_zero, gs, packed, bias, torch.float32, cfg)
+    ref = reference.int_linear(a, a_scale, w, w_scale, w_zero, gs, packed, bias, torch.float32)
+    assert rel_err(y, ref) < 1e-5
+
+
 @pytest.mark.parametrize("persistent", [False, True])
 def test_int_linear_persistent_grid_covers_every_tile(persistent):
     g = torch.Generator().manual_seed(7)

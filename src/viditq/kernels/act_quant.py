@@ -4,7 +4,7 @@ One program quantizes ``BLOCK_M`` whole rows: the row is read once from device m
 multiplied by ``smooth_inv * signs``, rotated by ``(H_m ⊗ H_p) / sqrt(K)`` in registers, reduced to its absmax and
 written as int8 codes (or fp8 e4m3 values) plus one float32 scale. Numerics follow
 ``reference.quantize_activation`` (round half to even, ``MIN_SCALE`` floor, scale = absmax times the float32
-reciprocal of qmax as PyTorch does on CUDA, IEEE division of each value by it).
+reciprocal of qmax as PyTorch does on CUDA; codes equal to rounding the IEEE quotient, see ``_round_quotient``).
 
 The rotation of a row seen as an ``(m, p)`` matrix ``X`` is ``H_m^T X H_p`` (see ``quant.hadamard``): two small
 tensor-core products, ``(rows·m, p) @ H_p`` then ``(rows·p, m) @ H_m``, with ``m`` zero-padded to a power of two.
@@ -19,6 +19,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from ..quant.hadamard import paley_hadamard
 from ..quant.quantizers import MIN_SCALE, signed_range
@@ -67,14 +68,31 @@ def _row_scale(absmax, QMAX: tl.constexpr, MIN_S: tl.constexpr, CUDA_SCALAR_DIV:
 
 
 @triton.jit
-def _store_codes(codes_ptrs, y, scale, mask, QMAX: tl.constexpr, FP8: tl.constexpr):
-    """Store ``y / scale`` as int8 (rounded half to even, clamped) or fp8 e4m3 (round to nearest even).
-    IEEE division, not a reciprocal multiply: bf16 inputs hit exact rounding ties often, and ties must match."""
-    v = tl.math.div_rn(y, scale)
+def _round_quotient(y, scale, inv_scale, GPU: tl.constexpr):
+    """``round_half_even(y / scale)`` exactly as with an IEEE division, at the cost of a multiply and an FMA.
+
+    ``v = y * (1/scale)`` is within a few ulps of the true quotient q, so q rounds to one of the two integers
+    around ``t``, the half-integer nearest to v. The sign of ``y - t * scale`` (one FMA, rounded once, so its sign
+    is exact) says on which side of t the true q lies; zero is an exact tie (bf16 inputs hit those often).
+    The CPU interpreter has no fused multiply-add, so there the quotient is divided and rounded directly."""
+    if not GPU:
+        return _round_half_even(tl.math.div_rn(y, scale))
+    v = y * inv_scale
+    r = libdevice.rint(v)
+    t = r + tl.where(v >= r, 0.5, -0.5)
+    residual = tl.fma(-t, scale, y)
+    return tl.where(residual > 0, t + 0.5, tl.where(residual < 0, t - 0.5, libdevice.rint(t)))
+
+
+@triton.jit
+def _store_codes(codes_ptrs, y, scale, mask, QMAX: tl.constexpr, FP8: tl.constexpr, GPU: tl.constexpr):
+    """Store ``y / scale`` as int8 (rounded half to even, clamped) or fp8 e4m3 (round to nearest even)."""
+    inv_scale = 1.0 / scale
     if FP8:
-        tl.store(codes_ptrs, tl.clamp(v, -QMAX, QMAX).to(tl.float8e4nv), mask=mask)
+        tl.store(codes_ptrs, tl.clamp(y * inv_scale, -QMAX, QMAX).to(tl.float8e4nv), mask=mask)
     else:
-        tl.store(codes_ptrs, tl.clamp(_round_half_even(v), -QMAX, QMAX).to(tl.int8), mask=mask)
+        codes = tl.clamp(_round_quotient(y, scale, inv_scale, GPU), -QMAX, QMAX)
+        tl.store(codes_ptrs, codes.to(tl.int8), mask=mask)
 
 
 @triton.jit
@@ -98,7 +116,7 @@ def _act_quant_plain_kernel(
             y = y * smooth[None, :]
         scale = _row_scale(tl.max(tl.abs(y), axis=1), QMAX, MIN_S, CUDA_SCALAR_DIV)  # (BLOCK_M,)
         codes_ptrs = codes_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_k[None, :]
-        _store_codes(codes_ptrs, y, scale[:, None], mask, QMAX, FP8)
+        _store_codes(codes_ptrs, y, scale[:, None], mask, QMAX, FP8, CUDA_SCALAR_DIV)
         tl.store(scale_ptr + offs_m, scale, mask=offs_m < M)
 
 
@@ -149,7 +167,8 @@ def _act_quant_rotate_kernel(
         absmax = tl.max(tl.max(tl.abs(y), axis=2), axis=1)  # padded channels are exactly 0
         scale = _row_scale(absmax, QMAX, MIN_S, CUDA_SCALAR_DIV)  # (BLOCK_M,)
         out_off = offs_m[:, None, None].to(tl.int64) * stride_cm
-        _store_codes(codes_ptr + out_off + offs_k[None, :, :], y, scale[:, None, None], mask, QMAX, FP8)
+        _store_codes(codes_ptr + out_off + offs_k[None, :, :], y, scale[:, None, None], mask, QMAX, FP8,
+                     CUDA_SCALAR_DIV)
         tl.store(scale_ptr + offs_m, scale, mask=offs_m < M)
 
 

@@ -16,6 +16,7 @@ visited in groups of ``GROUP_M`` row-blocks so consecutive programs share B tile
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -35,6 +36,12 @@ class GemmConfig:
     num_stages: int = 3
     persistent: bool = False
     tma: bool = False  # TMA + persistent kernel (ignored where its alignment rules do not hold)
+    w4_mode: int = 1  # packed int4 main loop: 0 interleave B, 1 split A, 2 weights as the register operand
+
+
+W4_MODES = {0: "interleave the unpacked B halves back along K (join + reshape)",
+            1: "split A into even / odd columns in registers; two products with the B halves",
+            2: "swap operands: unpacked weights are the register-side operand, activations come from shared memory"}
 
 
 @lru_cache(maxsize=None)
@@ -42,6 +49,10 @@ def default_config(m: int, n: int, k: int, packed_int4: bool, group_size: int, f
     """Tile choice for DiT shapes from the H100 sweep in benchmarks/NOTES.md (no autotuning, so a first forward
     compiles each kernel once and nothing else)."""
     grouped = group_size < k
+    override = os.environ.get("VIDITQ_W4_CONFIG" if packed_int4 else "VIDITQ_GEMM_CONFIG")
+    if override:  # "BM,BN,BK,GROUP_M,warps,stages,persistent,tma[,w4_mode]" from a benchmark sweep
+        fields = [int(v) for v in override.split(",")]
+        return GemmConfig(*fields[:6], bool(fields[6]), bool(fields[7]), *fields[8:])
     if m <= 64:
         return GemmConfig(64, 128, 64 if grouped else 128, 8, 4, 4)
     if packed_int4 or grouped:
@@ -92,23 +103,23 @@ def _gemm_tile(
     M, N, K, stride_am, stride_bn, stride_cm, stride_sg, group_size,
     PACKED: tl.constexpr, GROUPED: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    W4_MODE: tl.constexpr,
 ):
     """One (BLOCK_M, BLOCK_N) output tile: main loop over K, then the fused epilogue.
 
-    Packed int4: A is read as its even and odd columns (two strided loads of the same bytes, the second from L1)
-    and multiplied with the low- and high-nibble halves of B: two products, no shuffle of B in registers."""
+    Packed int4 (``W4_MODES``): the B bytes are split into low (even k) and high (odd k) nibbles; mode 0 interleaves
+    them back into one (BLOCK_K, BLOCK_N) tile, mode 1 splits A into even / odd columns instead (two products)."""
     pid_m, pid_n = _tile_coords(tile_id, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m[:, None] < M
     n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]
     if PACKED:
         offs_kh = tl.arange(0, BLOCK_K // 2)
-        a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + 2 * offs_kh[None, :]  # even columns
         b_ptrs = b_ptr + offs_kh[:, None] + offs_n[None, :] * stride_bn  # (BLOCK_K // 2, BLOCK_N) bytes
     else:
-        offs_k = tl.arange(0, BLOCK_K)
-        a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]
         b_ptrs = b_ptr + offs_k[:, None] + offs_n[None, :] * stride_bn  # (BLOCK_K, BLOCK_N), K-major
     if FP8 or GROUPED:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -119,21 +130,24 @@ def _gemm_tile(
         g = k0 // group_size
         if PACKED:
             kh_mask = offs_kh < (K - k0) // 2
-            a_even = tl.load(a_ptrs, mask=m_mask & kh_mask[None, :], other=0)
-            a_odd = tl.load(a_ptrs + 1, mask=m_mask & kh_mask[None, :], other=0)
+            a = tl.load(a_ptrs, mask=m_mask & (offs_k[None, :] < K - k0), other=0)
             low, high = _int4_halves(tl.load(b_ptrs, mask=kh_mask[:, None] & n_mask[None, :], other=0))
             if HAS_ZERO:  # int4 (code - zero) lies in [-15, 15]: still int8
                 z = tl.load(w_zero_ptr + offs_n * stride_sg + g, mask=n_mask, other=0)
                 low = low - z[None, :]
                 high = high - z[None, :]
-            if GROUPED:
+            if W4_MODE == 0:
+                b = tl.reshape(tl.permute(tl.join(low, high), (0, 2, 1)), (BLOCK_K, BLOCK_N))  # rows 2j, 2j + 1
+                part = tl.dot(a, b, out_dtype=tl.int32)
+            else:
+                a_even, a_odd = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))
                 part = tl.dot(a_even, low, out_dtype=tl.int32)
                 part = tl.dot(a_odd, high, part, out_dtype=tl.int32)
+            if GROUPED:
                 s = tl.load(w_scale_ptr + offs_n * stride_sg + g, mask=n_mask, other=0.0).to(tl.float32)
                 acc += part.to(tl.float32) * s[None, :]
             else:
-                acc = tl.dot(a_even, low, acc, out_dtype=tl.int32)
-                acc = tl.dot(a_odd, high, acc, out_dtype=tl.int32)
+                acc += part
             b_ptrs += BLOCK_K // 2
         else:
             k_mask = offs_k < K - k0
@@ -169,18 +183,18 @@ def _quant_gemm_kernel(
     M, N, K, stride_am, stride_bn, stride_cm, stride_sg, group_size, num_programs,
     PACKED: tl.constexpr, GROUPED: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PERSISTENT: tl.constexpr,
+    PERSISTENT: tl.constexpr, W4_MODE: tl.constexpr,
 ):
     if PERSISTENT:
         num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
         for tile_id in range(tl.program_id(0), num_tiles, num_programs):
             _gemm_tile(tile_id, a_ptr, a_scale_ptr, b_ptr, w_scale_ptr, w_zero_ptr, bias_ptr, c_ptr,
                        M, N, K, stride_am, stride_bn, stride_cm, stride_sg, group_size,
-                       PACKED, GROUPED, HAS_ZERO, HAS_BIAS, FP8, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+                       PACKED, GROUPED, HAS_ZERO, HAS_BIAS, FP8, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, W4_MODE)
     else:
         _gemm_tile(tl.program_id(0), a_ptr, a_scale_ptr, b_ptr, w_scale_ptr, w_zero_ptr, bias_ptr, c_ptr,
                    M, N, K, stride_am, stride_bn, stride_cm, stride_sg, group_size,
-                   PACKED, GROUPED, HAS_ZERO, HAS_BIAS, FP8, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+                   PACKED, GROUPED, HAS_ZERO, HAS_BIAS, FP8, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, W4_MODE)
 
 
 @triton.jit
@@ -190,8 +204,8 @@ def _quant_gemm_tma_kernel(
     PACKED: tl.constexpr, GROUPED: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """Persistent variant: B (and A, except for packed int4 where A's even/odd columns are read by pointer) arrive by
-    TMA (bulk tensor copies, zero-filled at the edges); the tile loop is flattened with the K loop so the next
+    """Persistent variant: A and B arrive by TMA (bulk tensor copies, zero-filled at the edges; packed int4 as in
+    ``W4_MODES`` 1); the tile loop is flattened with the K loop so the next
     tile's loads overlap this tile's epilogue; C leaves by TMA. Zero points only for packed int4 (int8 zero points
     need A in registers for the row sums: pointer kernel)."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -210,11 +224,7 @@ def _quant_gemm_tma_kernel(
         for ki in range(k_tiles):
             k0 = ki * BLOCK_K
             if PACKED:
-                offs_kh = tl.arange(0, BLOCK_K // 2)
-                a_mask = (offs_m[:, None] < M) & (offs_kh[None, :] < (K - k0) // 2)
-                a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + k0 + 2 * offs_kh[None, :]
-                a_even = tl.load(a_ptrs, mask=a_mask, other=0)
-                a_odd = tl.load(a_ptrs + 1, mask=a_mask, other=0)
+                a_even, a_odd = tl.split(tl.reshape(a_desc.load([pid_m * BLOCK_M, k0]), (BLOCK_M, BLOCK_K // 2, 2)))
                 low, high = _int4_halves(b_desc.load([pid_n * BLOCK_N, k0 // 2]))  # (BLOCK_N, BLOCK_K // 2)
                 if HAS_ZERO:
                     z = tl.load(w_zero_ptr + offs_n * stride_sg + k0 // group_size, mask=n_mask, other=0)
@@ -240,6 +250,57 @@ def _quant_gemm_tma_kernel(
                     acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
         y = _epilogue(acc, offs_m, offs_n, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, stride_sg, GROUPED, HAS_BIAS)
         c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], y.to(c_desc.dtype))
+
+
+@triton.jit
+def _w4a8_swap_kernel(
+    a_ptr, a_scale_ptr, b_ptr, w_scale_ptr, w_zero_ptr, bias_ptr, c_ptr,
+    M, N, K, stride_am, stride_bn, stride_cm, stride_sg, group_size,
+    GROUPED: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Packed int4 ``W4_MODES`` 2: computes the (BLOCK_N, BLOCK_M) tile of ``C^T = W A^T`` so the weights, unpacked
+    in registers, feed the tensor cores from registers, while the activation tile goes through shared memory as the
+    K-major second operand (no register → shared-memory round trip for the unpacked weights)."""
+    pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_kh = tl.arange(0, BLOCK_K // 2)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]  # (BLOCK_M, BLOCK_K)
+    b_ptrs = b_ptr + offs_n[:, None] * stride_bn + offs_kh[None, :]  # (BLOCK_N, BLOCK_K // 2) bytes
+    if GROUPED:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(a_ptrs, mask=m_mask[:, None] & (offs_k[None, :] < K - k0), other=0)
+        packed = tl.load(b_ptrs, mask=n_mask[:, None] & (offs_kh[None, :] < (K - k0) // 2), other=0)
+        low, high = _int4_halves(packed)
+        g = k0 // group_size
+        if HAS_ZERO:
+            z = tl.load(w_zero_ptr + offs_n * stride_sg + g, mask=n_mask, other=0)
+            low = low - z[:, None]
+            high = high - z[:, None]
+        w = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K))  # (n, 2j + t)
+        if GROUPED:
+            part = tl.dot(w, tl.trans(a), out_dtype=tl.int32)
+            s = tl.load(w_scale_ptr + offs_n * stride_sg + g, mask=n_mask, other=0.0).to(tl.float32)
+            acc += part.to(tl.float32) * s[:, None]
+        else:
+            acc = tl.dot(w, tl.trans(a), acc, out_dtype=tl.int32)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K // 2
+    y = acc.to(tl.float32)
+    if not GROUPED:
+        y = y * tl.load(w_scale_ptr + offs_n * stride_sg, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+    y = y * tl.load(a_scale_ptr + offs_m, mask=m_mask, other=0.0)[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+    c_ptrs = c_ptr + offs_m[None, :].to(tl.int64) * stride_cm + offs_n[:, None]
+    tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
 
 
 # ----------------------------------------------------------------------------------------- launcher
@@ -326,6 +387,16 @@ def quant_linear(
     c = torch.empty(m, n, device=a.device, dtype=out_dtype)
     if m == 0:
         return c
+    if packed_int4 and cfg.w4_mode == 2:
+        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+        _w4a8_swap_kernel[grid](
+            a, a_scale, w, w_scale, w_zero if w_zero is not None else w_scale, bias if bias is not None else a_scale, c,
+            m, n, k, a.stride(0), w.stride(0), c.stride(0), w_scale.stride(0), group_size,
+            GROUPED=group_size < k, HAS_ZERO=w_zero is not None, HAS_BIAS=bias is not None,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        return c
     if cfg.tma and _tma_ok(a, w, c, w_zero, packed_int4):
         _launch_tma(a, a_scale, w, w_scale, w_zero, group_size, packed_int4, bias, c, cfg, fp8)
         return c
@@ -337,6 +408,6 @@ def quant_linear(
         PACKED=packed_int4, GROUPED=group_size < k, HAS_ZERO=w_zero is not None,
         HAS_BIAS=bias is not None, FP8=fp8,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        PERSISTENT=cfg.persistent, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PERSISTENT=cfg.persistent, W4_MODE=cfg.w4_mode, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return c
