@@ -10,8 +10,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .config import MixedPrecisionSpec
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="viditq: quantize diffusion transformers.")
 console = Console()
+
+
+_MP_DEFAULTS = MixedPrecisionSpec()
 
 
 def _parse_pipe_args(pairs: list[str]) -> dict:
@@ -168,6 +173,48 @@ def presets():
         table.add_row(name, f"{w.bits}-bit {g} {'sym' if w.symmetric else 'asym'}",
                       f"{cfg.act.bits}-bit {cfg.act.granularity}", bal)
     console.print(table)
+
+
+@app.command()
+def sensitivity(
+    model: Path = typer.Option(..., help="Local diffusers pipeline directory (float)."),
+    prompts: Path = typer.Option(..., help="Calibration prompts, one per line."),
+    out: Path = typer.Option(Path("out/sensitivity"), help="Folder for sensitivity.json/.png and config.yaml."),
+    preset: str = typer.Option("w4a8", help="Low-precision base: preset name or QuantConfig .yaml/.json."),
+    ranges: int = typer.Option(_MP_DEFAULTS.timestep_ranges, help="Number of timestep ranges."),
+    groups: str = typer.Option(_MP_DEFAULTS.groups, help="Layer grouping: block | role | layer."),
+    high_bits: int = typer.Option(_MP_DEFAULTS.high_bits, help="Weight bits of upgraded groups."),
+    budget_bits: float = typer.Option(_MP_DEFAULTS.budget_bits, help="Average weight bits as executed."),
+    memory_bits: Optional[float] = typer.Option(_MP_DEFAULTS.memory_bits, help="Cap on average stored bits."),
+    steps: int = typer.Option(20, help="Denoising steps during calibration."),
+    device: str = typer.Option("auto", help="cpu | cuda | auto."),
+    pipe_arg: list[str] = typer.Option([], help="Extra pipeline call argument key=value (repeatable)."),
+):
+    """Measure each layer group's sensitivity per timestep range (output-MSE proxy), plot a heatmap, and write
+    the mixed-precision QuantConfig that meets the budget (use it with `viditq quantize --preset`)."""
+    from . import capture_calibration
+    from .config import resolve_config
+    from .mixed_precision import allocate, measure_sensitivity, plot_sensitivity
+
+    try:
+        base = resolve_config(preset)
+    except (ValueError, FileNotFoundError) as e:
+        raise typer.BadParameter(str(e), param_hint="--preset") from None
+    prompt_list = _read_prompts(prompts)
+    pipe = _load_any_pipeline(model, _device(device))
+    console.print(f"calibrating on {len(prompt_list)} prompts x {steps} steps")
+    calib = capture_calibration(pipe, prompt_list, num_inference_steps=steps, **_parse_pipe_args(pipe_arg))
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        table = measure_sensitivity(pipe.transformer, calib, groups=groups, timestep_ranges=ranges,
+                                    base_config=base, high_bits=high_bits, cache=out / "sensitivity.json")
+        allocation = allocate(table, base, budget_bits=budget_bits, memory_bits=memory_bits)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    plot_sensitivity(table, out / "sensitivity.png")
+    allocation.config.save(out / "config.yaml")
+    console.print(allocation.summary())
+    console.print(f"[green]wrote[/green] {out / 'sensitivity.json'}, {out / 'sensitivity.png'}, {out / 'config.yaml'}")
 
 
 @app.command()
