@@ -1,0 +1,616 @@
+"""Metric-decoupled mixed precision: sensitivity per layer group × timestep range × metric, then bit allocation.
+
+Two steps, one direction:
+
+1. :func:`measure_sensitivity` quantizes one layer group (block × role: self-/cross-/temporal attention, FFN) in
+   one timestep range at a time, the rest of the model staying float, and records the damage on every metric:
+   the output-MSE proxy on the calibration inputs (always; works on any model) and any user metrics (callables
+   on the model, e.g. alignment / visual quality / temporal consistency of generated samples). All variants are
+   built once; each probe only flips which variant a :class:`~viditq.layers.TimestepSwitchLinear` uses in which
+   timestep range, so a probe costs one evaluation.
+2. :func:`allocate` turns the table into bits under a budget. It is *decoupled*: every metric family is
+   normalized by its own total damage, and at each step the family with the most damage left (as a fraction of
+   its own total) gets its most damaging cell upgraded (best damage per bit). No family's large raw numbers can
+   crowd out another's most sensitive layers. The result is a plain :class:`~viditq.config.QuantConfig` with
+   :class:`~viditq.config.LayerRule` s (``timesteps=(lo, hi)`` where a group needs more bits only in part of the
+   schedule) that :func:`viditq.quantize` consumes; the ``"w4a8-mp"`` preset runs both steps automatically.
+
+Budgets: ``budget_bits`` is the average weight bit-width *as executed* (parameters × share of denoising steps),
+``memory_bits`` the average *stored* bits per weight, where a layer holding a 4-bit and an 8-bit copy pays 12.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from .calibrate import _map_tensors, _model_device, _iter_tensors, validate_calibration
+from .config import LayerRule, QuantConfig, resolve_config
+from .layers import TimestepSwitchLinear, current_timestep, install_timestep_hook
+from .progress import progress
+from .quantize import (
+    _layer_precision, _set_submodule, build_layer, calibrate_layers, layer_group, plan_layers, precision_key,
+)
+
+MSE = "mse"  # name of the built-in output-MSE proxy metric
+FP_LEVEL = "fp"
+FP_BITS = 16
+SENSITIVITY_VERSION = 1
+
+
+# ------------------------------------------------------------------------------------------ groups and ranges
+def group_key(name: str, grouping: str = "block") -> str:
+    """Group of layer ``name``: ``"<block>/<role>"`` (block = path up to its first index, e.g.
+    ``transformer_blocks.3``), ``"<role>"``, or the layer itself (``grouping="layer"``)."""
+    if grouping == "layer":
+        return name
+    role = layer_group(name)
+    if grouping == "role":
+        return role
+    if grouping != "block":
+        raise ValueError(f"grouping must be 'block', 'role' or 'layer', got {grouping!r}")
+    match = re.match(r"^(.*?\.\d+)(\.|$)", name)
+    return f"{match.group(1) if match else 'model'}/{role}"
+
+
+def layer_groups(names: Iterable[str], grouping: str = "block") -> dict[str, list[str]]:
+    """group → layer names, in model order."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(group_key(name, grouping), []).append(name)
+    return groups
+
+
+def group_pattern(layer_names: list[str]) -> str:
+    """A regex matching exactly these layer names (for a LayerRule)."""
+    return "^(?:" + "|".join(re.escape(n) for n in layer_names) + ")$"
+
+
+def sample_timestep(sample: dict) -> float | None:
+    return current_timestep((), sample, None)
+
+
+def split_timesteps(samples: list[dict], n: int) -> tuple[list[tuple[float, float]], list[float]]:
+    """Split the calibration timesteps into ``n`` contiguous ranges with (nearly) equal numbers of distinct
+    timesteps. Returns (ranges [(lo, hi)], share of samples in each). Boundaries sit half-way between
+    neighbouring ranges and the outer ones reach 0 and the training horizon (1000, or 1 for [0, 1] schedules),
+    so timesteps not seen in calibration still fall in a range."""
+    if n < 1:
+        raise ValueError(f"timestep_ranges must be >= 1, got {n}")
+    times = [sample_timestep(s) for s in samples]
+    if any(t is None for t in times):
+        return [(-math.inf, math.inf)], [1.0]
+    values = sorted(set(times))
+    n = min(n, len(values))
+    chunks = [values[len(values) * i // n: len(values) * (i + 1) // n] for i in range(n)]
+    cuts = [(a[-1] + b[0]) / 2 for a, b in zip(chunks, chunks[1:])]
+    horizon = 1000.0 if values[-1] > 1 else 1.0
+    los = [min(values[0], 0.0)] + cuts
+    his = cuts + [max(values[-1], horizon)]
+    ranges = list(zip(los, his))
+    index = [range_index(t, ranges) for t in times]
+    return ranges, [index.count(i) / len(times) for i in range(len(ranges))]
+
+
+def range_index(t: float | None, ranges: list[tuple[float, float]]) -> int | None:
+    """First range containing ``t`` (the same first-match rule TimestepSwitchLinear uses)."""
+    if t is None:
+        return None
+    return next((i for i, (lo, hi) in enumerate(ranges) if lo <= t <= hi), None)
+
+
+# ------------------------------------------------------------------------------------------ levels
+def level_rule(level: str, pattern: str = ".*", timesteps=None) -> LayerRule:
+    """LayerRule setting precision ``level`` (``"w8a8"``, ``"w4a8"``, ... or ``"fp"``)."""
+    if level == FP_LEVEL:
+        return LayerRule(pattern, keep_fp=True, timesteps=timesteps)
+    match = re.fullmatch(r"w(\d+)a(\d+)", level)
+    if not match:
+        raise ValueError(f"precision level must look like 'w8a8' or be 'fp', got {level!r}")
+    return LayerRule(pattern, weight_bits=int(match.group(1)), act_bits=int(match.group(2)), timesteps=timesteps)
+
+
+def level_bits(level: str) -> int:
+    return FP_BITS if level == FP_LEVEL else int(re.fullmatch(r"w(\d+)a\d+", level).group(1))
+
+
+def sensitivity_levels(base: QuantConfig, high_bits: int) -> list[str]:
+    """Measured levels, low → high: the base config's precision and ``high_bits`` weights at the same
+    activation bits (the activations stay at the base's bits: 8 for W4A8)."""
+    low = f"w{base.weight.bits}a{base.act.bits}"
+    high = f"w{high_bits}a{base.act.bits}"
+    if high_bits <= base.weight.bits:
+        raise ValueError(f"high_bits ({high_bits}) must exceed the base weight bits ({base.weight.bits})")
+    return [low, high]
+
+
+# ------------------------------------------------------------------------------------------ the table
+@dataclass
+class SensitivityTable:
+    """Damage of quantizing each group alone, per timestep range and metric.
+
+    damage: float64 (L, G, T, M) = (levels, groups, timestep ranges, metrics); damage > 0 means worse than float
+    (``reference - value`` for higher-is-better metrics, ``value - reference`` otherwise; the MSE proxy is the
+    output squared error relative to the float output's power).
+    """
+
+    groups: dict[str, list[str]]  # group → layer names
+    group_params: dict[str, int]  # group → weight parameters
+    ranges: list[tuple[float, float]]
+    range_shares: list[float]  # share of denoising steps (calibration samples) in each range
+    metrics: list[str]
+    higher_is_better: dict[str, bool]
+    levels: list[str]  # measured precision levels, low → high
+    damage: torch.Tensor
+    reference: dict[str, float] = field(default_factory=dict)  # metric values of the float model
+    fingerprint: str = ""
+
+    @property
+    def group_names(self) -> list[str]:
+        return list(self.groups)
+
+    def to_dict(self) -> dict:
+        return {
+            "version": SENSITIVITY_VERSION, "groups": self.groups, "group_params": self.group_params,
+            "ranges": [list(r) for r in self.ranges], "range_shares": self.range_shares, "metrics": self.metrics,
+            "higher_is_better": self.higher_is_better, "levels": self.levels, "damage": self.damage.tolist(),
+            "reference": self.reference, "fingerprint": self.fingerprint,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SensitivityTable":
+        if d.get("version") != SENSITIVITY_VERSION:
+            raise ValueError(f"sensitivity table version {d.get('version')!r} is not {SENSITIVITY_VERSION}")
+        return cls(d["groups"], d["group_params"], [tuple(r) for r in d["ranges"]], d["range_shares"],
+                   d["metrics"], d["higher_is_better"], d["levels"], torch.tensor(d["damage"], dtype=torch.float64),
+                   d["reference"], d["fingerprint"])
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict()))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SensitivityTable":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def ranking(self, metric: str, level: int = 0) -> list[tuple[str, int, float]]:
+        """(group, range index, damage) cells from most to least damaging for ``metric``."""
+        m = self.metrics.index(metric)
+        cells = [(g, r, float(self.damage[level, i, r, m])) for i, g in enumerate(self.groups)
+                 for r in range(len(self.ranges))]
+        return sorted(cells, key=lambda c: -c[2])
+
+
+# ------------------------------------------------------------------------------------------ measuring
+@dataclass(frozen=True)
+class Metric:
+    """A user metric: ``fn(model) -> float`` (e.g. generate samples with the model, score them)."""
+
+    fn: Callable[[nn.Module], float]
+    higher_is_better: bool = True
+
+
+def _as_metric(value) -> Metric:
+    if isinstance(value, Metric):
+        return value
+    if callable(value):
+        return Metric(value)
+    raise TypeError(f"metrics values must be callables or viditq.mixed_precision.Metric, got {type(value).__name__}")
+
+
+def _fingerprint(model: nn.Module, layers: dict[str, nn.Linear], samples: list[dict], parts: dict) -> str:
+    """Hash of what the table depends on: layer names/shapes/weights, calibration tensors, settings."""
+    h = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
+    h.update(type(model).__name__.encode())
+    for name, linear in layers.items():
+        w = linear.weight.detach().double()
+        h.update(f"{name}{tuple(w.shape)}{w.sum().item():.12e}{w.pow(2).sum().item():.12e}".encode())
+    for sample in samples:
+        for key, t in _iter_tensors(sample):
+            h.update(key.encode())
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _output(result) -> torch.Tensor:
+    out = result.sample if hasattr(result, "sample") else (result[0] if isinstance(result, (tuple, list)) else result)
+    return out.float()
+
+
+class _Probe:
+    """Every quantized layer of the model wrapped as a TimestepSwitchLinear of {"fp", level...}; ``set(cells)``
+    sends a group to a level in a timestep range, ``restore()`` puts the float linears back."""
+
+    def __init__(self, model: nn.Module, layers: dict[str, nn.Linear], variants: dict[str, dict[str, nn.Module]]):
+        self.model, self.layers = model, layers
+        self.switches = {}
+        for name, linear in layers.items():
+            switch = TimestepSwitchLinear({FP_LEVEL: linear, **variants[name]}, [], FP_LEVEL)
+            _set_submodule(model, name, switch)
+            self.switches[name] = switch
+        install_timestep_hook(model)
+
+    def set(self, names: list[str], level: str | None, timesteps: tuple[float, float] | None) -> None:
+        for switch in self.switches.values():
+            switch.schedule = []
+        if level is not None:
+            lo, hi = timesteps
+            for name in names:
+                self.switches[name].schedule = [(lo, hi, level)]
+
+    def restore(self) -> None:
+        for name, linear in self.layers.items():
+            _set_submodule(self.model, name, linear)
+        install_timestep_hook(self.model)
+
+
+def measure_sensitivity(
+    model: nn.Module,
+    calib: Iterable[dict],
+    metrics: Mapping[str, Callable | Metric] | None = None,
+    groups: str = "block",
+    timestep_ranges: int = 4,
+    base_config: QuantConfig | str | Path = "w4a8",
+    high_bits: int = 8,
+    measure_high: bool = True,
+    cache: str | Path | None = None,
+) -> SensitivityTable:
+    """Damage table (see :class:`SensitivityTable`) of ``model`` quantized group by group, range by range.
+
+    Args:
+        model: float transformer (left unchanged on return); its forward gets the ``timestep`` keyword.
+        calib: kwargs dicts for ``model.forward`` (e.g. :func:`viditq.capture_calibration`); used to calibrate
+            the quantized variants, to split the timestep ranges, and for the output-MSE proxy.
+        metrics: name → callable(model) -> float (or :class:`Metric` with a direction); each is called with the
+            probed model, e.g. to generate samples and score alignment / quality / temporal consistency. The
+            MSE proxy (``"mse"``) is always measured.
+        groups: "block" (block × role), "role" or "layer".
+        base_config: the low precision (a preset or QuantConfig); its balancing and keep_fp are used.
+        high_bits: weight bits of the upgraded level (measured too unless ``measure_high=False``, then assumed
+            lossless).
+        cache: JSON path; reused when its fingerprint (layers, weights, calibration, settings, metric names)
+            matches, written otherwise.
+    """
+    base = dataclasses.replace(resolve_config(base_config), mixed_precision=None, rules=())
+    samples = validate_calibration(calib)
+    user_metrics = {name: _as_metric(m) for name, m in (metrics or {}).items()}
+    if MSE in user_metrics:
+        raise ValueError(f"metric name {MSE!r} is reserved for the built-in output-MSE proxy")
+    plan = plan_layers(model, base)
+    if not plan:
+        raise ValueError(f"no layer of {type(model).__name__} is quantized by {base.name!r}")
+    layers = {name: linear for name, (linear, _) in plan.items()}
+    levels = sensitivity_levels(base, high_bits)
+    measured = levels if measure_high else levels[:1]
+    ranges, shares = split_timesteps(samples, timestep_ranges)
+    settings = dict(base=base.to_dict(), groups=groups, ranges=ranges, levels=measured, metrics=sorted(user_metrics))
+    fingerprint = _fingerprint(model, layers, samples, settings)
+    if cache is not None and Path(cache).is_file():
+        table = SensitivityTable.load(cache)
+        if table.fingerprint == fingerprint:
+            return table
+
+    group_map = layer_groups(layers, groups)
+    names = [MSE] + list(user_metrics)
+    damage = torch.zeros(len(levels), len(group_map), len(ranges), len(names), dtype=torch.float64)
+    probe = _build_probe(model, layers, samples, base, measured)
+    try:
+        reference, ref_outputs = _evaluate_float(model, samples, user_metrics)
+        sample_ranges = [range_index(sample_timestep(s), ranges) for s in samples]
+        cells = [(li, gi, ri) for li in range(len(measured)) for gi in range(len(group_map))
+                 for ri in range(len(ranges))]
+        group_lists = list(group_map.values())
+        for li, gi, ri in progress(cells, desc="sensitivity"):
+            probe.set(group_lists[gi], measured[li], ranges[ri])
+            damage[li, gi, ri, 0] = _mse_damage(model, samples, ref_outputs, sample_ranges, ri)
+            for mi, (name, metric) in enumerate(user_metrics.items(), start=1):
+                value = float(metric.fn(model))
+                damage[li, gi, ri, mi] = reference[name] - value if metric.higher_is_better else value - reference[name]
+    finally:
+        probe.restore()
+    table = SensitivityTable(
+        groups=group_map, group_params={g: sum(layers[n].weight.numel() for n in ns) for g, ns in group_map.items()},
+        ranges=ranges, range_shares=shares, metrics=names,
+        higher_is_better={MSE: False, **{n: m.higher_is_better for n, m in user_metrics.items()}},
+        levels=levels, damage=damage, reference=reference, fingerprint=fingerprint,
+    )
+    if cache is not None:
+        table.save(cache)
+    return table
+
+
+def _build_probe(model, layers, samples, base: QuantConfig, levels: list[str]) -> _Probe:
+    """Quantize every layer at every measured level once (shared calibration pass), then wrap them."""
+    stats, hessians = calibrate_layers(model, layers, samples, base)
+    variants: dict[str, dict[str, nn.Module]] = {name: {} for name in layers}
+    for level in levels:
+        config = dataclasses.replace(base, rules=(level_rule(level),))
+        for name, linear in progress(layers.items(), desc=f"quantizing ({level})"):
+            precision = _layer_precision(name, config)
+            variants[name][level] = build_layer(linear, precision, stats=stats[name], hessian=hessians.get(name),
+                                                config=config, name=name)
+    return _Probe(model, layers, variants)
+
+
+@torch.no_grad()
+def _evaluate_float(model, samples, user_metrics) -> tuple[dict[str, float], list[torch.Tensor]]:
+    device = _model_device(model)
+    outputs = [_output(model(**_map_tensors(s, lambda t: t.to(device)))) for s in samples]
+    reference = {MSE: 0.0, **{name: float(m.fn(model)) for name, m in user_metrics.items()}}
+    return reference, outputs
+
+
+@torch.no_grad()
+def _mse_damage(model, samples, ref_outputs, sample_ranges, range_idx: int) -> float:
+    """Squared output error on the samples of one timestep range, relative to the total output power of all
+    samples (so the cells of one group add up to its whole-schedule damage)."""
+    device = _model_device(model)
+    power = sum(float(r.pow(2).mean()) for r in ref_outputs)
+    err = 0.0
+    for sample, ref, r in zip(samples, ref_outputs, sample_ranges):
+        if r == range_idx:
+            out = _output(model(**_map_tensors(sample, lambda t: t.to(device))))
+            err += float((out - ref).pow(2).mean())
+    return err / max(power, 1e-30)
+
+
+# ------------------------------------------------------------------------------------------ allocation
+@dataclass
+class Allocation:
+    """Bits chosen per group × timestep range, and the QuantConfig that applies them.
+
+    levels: group → precision level per timestep range (``table.ranges``, or one whole-schedule entry when the
+    allocation is not timestep-aware); damage_left: per metric, the estimated damage left as a fraction of the
+    damage of the all-low-precision model (sum of single-group damages).
+    """
+
+    config: QuantConfig
+    levels: dict[str, list[str]]
+    executed_bits: float
+    stored_bits: float
+    damage_left: dict[str, float]
+
+    def summary(self) -> str:
+        upgraded = {g: lv for g, lv in self.levels.items() if len(set(lv)) > 1 or lv[0] != self.config_low}
+        lines = [f"average weight bits: {self.executed_bits:.2f} executed, {self.stored_bits:.2f} stored",
+                 "damage left (fraction of all-low): " + ", ".join(f"{m} {v:.2f}" for m, v in self.damage_left.items()),
+                 f"{len(upgraded)} of {len(self.levels)} groups above {self.config_low}:"]
+        lines += [f"  {g:<40} {' '.join(lv)}" for g, lv in upgraded.items()]
+        return "\n".join(lines)
+
+    @property
+    def config_low(self) -> str:
+        return f"w{self.config.weight.bits}a{self.config.act.bits}"
+
+
+class _Budget:
+    """Executed / stored average bits of an allocation state (G, T) of level indices."""
+
+    def __init__(self, params: torch.Tensor, shares: torch.Tensor, bits: torch.Tensor):
+        self.params, self.shares, self.bits = params, shares, bits  # (G,), (T,), (L,)
+        self.total = float(params.sum())
+
+    def executed(self, state: torch.Tensor) -> float:
+        per_group = (self.bits[state] * self.shares).sum(1)  # (G,)
+        return float((per_group * self.params).sum()) / self.total
+
+    def stored(self, state: torch.Tensor) -> float:
+        used = torch.zeros(state.shape[0], len(self.bits), dtype=torch.bool)
+        used.scatter_(1, state, True)
+        return float(((used.double() * self.bits).sum(1) * self.params).sum()) / self.total
+
+    def step_costs(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(executed, stored) bit increase (G, T) of moving each cell one level up."""
+        top = len(self.bits) - 1
+        up = (state + 1).clamp(max=top)
+        g_w = self.params[:, None] / self.total
+        executed = (self.bits[up] - self.bits[state]) * self.shares[None, :] * g_w
+        counts = torch.zeros(state.shape[0], len(self.bits), dtype=torch.long)
+        counts.scatter_add_(1, state, torch.ones_like(state))
+        new_copy = counts.gather(1, up) == 0
+        last_copy = counts.gather(1, state) == 1
+        stored = (self.bits[up] * new_copy - self.bits[state] * last_copy) * g_w
+        return executed, stored
+
+
+def allocate(
+    table: SensitivityTable,
+    base_config: QuantConfig | str | Path = "w4a8",
+    budget_bits: float | None = 5.0,
+    memory_bits: float | None = None,
+    metrics: list[str] | None = None,
+    timestep_aware: bool = True,
+    allow_fp: bool = False,
+    name: str | None = None,
+) -> Allocation:
+    """Choose a precision level per group and timestep range (see the module docstring for the method).
+
+    Args:
+        table: from :func:`measure_sensitivity` with the same ``base_config``.
+        budget_bits: cap on the average weight bits as executed (None: no cap).
+        memory_bits: cap on the average stored weight bits, every copy counted (None: no cap).
+        metrics: metric families to protect (default: all in the table).
+        timestep_aware: False gives every group one precision over the whole schedule.
+        allow_fp: let cells go up to 16-bit float after ``high_bits``.
+    """
+    base = dataclasses.replace(resolve_config(base_config), mixed_precision=None)
+    if budget_bits is None and memory_bits is None:
+        raise ValueError("allocate needs a budget: budget_bits and/or memory_bits")
+    if table.levels[0] != f"w{base.weight.bits}a{base.act.bits}":
+        raise ValueError(f"the table's low level {table.levels[0]!r} does not match base config "
+                         f"{base.name!r} (w{base.weight.bits}a{base.act.bits})")
+    chosen = metrics or table.metrics
+    unknown = set(chosen) - set(table.metrics)
+    if unknown:
+        raise ValueError(f"unknown metrics {sorted(unknown)}; the table has {table.metrics}")
+    levels = table.levels + ([FP_LEVEL] if allow_fp else [])
+    damage = table.damage[..., [table.metrics.index(m) for m in chosen]].clamp_min(0)  # (L, G, T, M)
+    damage = torch.cat([damage, damage.new_zeros(len(levels) - damage.shape[0], *damage.shape[1:])])
+    ranges, shares = table.ranges, table.range_shares
+    if not timestep_aware:
+        damage = damage.sum(2, keepdim=True)
+        ranges, shares = [(table.ranges[0][0], table.ranges[-1][1])], [1.0]
+    budget = _Budget(torch.tensor([float(table.group_params[g]) for g in table.groups], dtype=torch.float64),
+                     torch.tensor(shares, dtype=torch.float64),
+                     torch.tensor([float(level_bits(lv)) for lv in levels], dtype=torch.float64))
+    state = torch.zeros(len(table.groups), len(ranges), dtype=torch.long)
+    lowest = budget.executed(state)
+    if budget_bits is not None and budget_bits < lowest - 1e-9:
+        raise ValueError(f"budget_bits {budget_bits} is below the all-{levels[0]} average ({lowest:.2f})")
+    _greedy_decoupled(state, damage, budget, budget_bits, memory_bits)
+    _complete_partial_groups(state, budget, budget_bits, memory_bits)
+    total = damage[0].sum((0, 1))
+    left = _damage_at(state, damage).sum((0, 1))
+    config = allocation_config(table.groups, state, levels, ranges, base, name or f"{base.name}-mp")
+    return Allocation(
+        config=config, levels={g: [levels[i] for i in row] for g, row in zip(table.groups, state.tolist())},
+        executed_bits=budget.executed(state), stored_bits=budget.stored(state),
+        damage_left={m: float(left[i] / total[i]) if total[i] > 0 else 0.0 for i, m in enumerate(chosen)},
+    )
+
+
+def _damage_at(state: torch.Tensor, damage: torch.Tensor) -> torch.Tensor:
+    """Damage (G, T, M) of every cell at its current level; damage is (L, G, T, M)."""
+    return damage.gather(0, state[None, :, :, None].expand(1, *state.shape, damage.shape[-1]))[0]
+
+
+def _fits(executed: float, stored: float, budget_bits, memory_bits) -> bool:
+    return (budget_bits is None or executed <= budget_bits + 1e-9) and (memory_bits is None or stored <= memory_bits + 1e-9)
+
+
+def _greedy_decoupled(state, damage, budget: _Budget, budget_bits, memory_bits) -> None:
+    """Upgrade one step at a time: the metric family with the largest share of its own damage left takes its
+    best gain-per-bit move that fits the budgets; stop when no family can improve. A move is one cell (group ×
+    timestep range) one level up, or a whole uniform group one level up (the only move a tight memory cap
+    allows, since a single range would add a second weight copy)."""
+    total = damage[0].sum((0, 1)).clamp_min(1e-30)  # (M,)
+    while True:
+        gain, fits, cost = _cell_moves(state, damage, budget, budget_bits, memory_bits)  # (G, T, M), (G, T), (G, T)
+        g_gain, g_fits, g_cost = _group_moves(state, gain, budget, budget_bits, memory_bits)  # (G, M), (G,), (G,)
+        left = _damage_at(state, damage).sum((0, 1)) / total  # (M,) share of each family's damage still there
+        for m in torch.argsort(left, descending=True).tolist():
+            cell_score = torch.where(fits & (gain[..., m] > 0), gain[..., m] / cost, torch.zeros_like(cost))
+            group_score = torch.where(g_fits & (g_gain[:, m] > 0), g_gain[:, m] / g_cost, torch.zeros_like(g_cost))
+            if left[m] <= 0 or max(cell_score.max(), group_score.max()) <= 0:
+                continue
+            if cell_score.max() >= group_score.max():
+                g, r = divmod(int(cell_score.argmax()), state.shape[1])
+                state[g, r] += 1
+            else:
+                state[int(group_score.argmax())] += 1
+            break
+        else:
+            return
+
+
+def _cell_moves(state, damage, budget: _Budget, budget_bits, memory_bits):
+    """Gain (G, T, M), feasibility (G, T) and cost (G, T) of raising each cell one level."""
+    top = damage.shape[0] - 1
+    up = (state + 1).clamp(max=top)
+    gain = _damage_at(state, damage) - _damage_at(up, damage)
+    gain[state == top] = 0
+    d_exec, d_stored = budget.step_costs(state)
+    fits = state < top
+    if budget_bits is not None:
+        fits &= budget.executed(state) + d_exec <= budget_bits + 1e-9
+    if memory_bits is not None:
+        fits &= budget.stored(state) + d_stored <= memory_bits + 1e-9
+    cost = (d_exec if budget_bits is not None else d_stored).clamp_min(1e-12)
+    return gain, fits, cost
+
+
+def _group_moves(state, gain, budget: _Budget, budget_bits, memory_bits):
+    """Gain (G, M), feasibility (G,) and cost (G,) of raising every range of a uniform group one level."""
+    top = len(budget.bits) - 1
+    level = state[:, 0]
+    uniform = (state == level[:, None]).all(1) & (level < top)
+    step_bits = budget.bits[(level + 1).clamp(max=top)] - budget.bits[level]  # (G,)
+    d_bits = step_bits * budget.params / budget.total  # same executed and stored increase for a uniform group
+    fits = uniform.clone()
+    if budget_bits is not None:
+        fits &= budget.executed(state) + d_bits <= budget_bits + 1e-9
+    if memory_bits is not None:
+        fits &= budget.stored(state) + d_bits <= memory_bits + 1e-9
+    return gain.sum(1), fits, d_bits.clamp_min(1e-12)
+
+
+def _complete_partial_groups(state, budget: _Budget, budget_bits, memory_bits) -> None:
+    """A group with two precisions in different ranges stores two copies; raising all its ranges to its top
+    level drops a copy (less memory) and can only help accuracy: do it wherever the budgets allow."""
+    for g in range(state.shape[0]):
+        if len(set(state[g].tolist())) < 2:
+            continue
+        trial = state.clone()
+        trial[g] = state[g].max()
+        if _fits(budget.executed(trial), budget.stored(trial), budget_bits, memory_bits):
+            state[g] = trial[g]
+
+
+def allocation_config(groups: dict[str, list[str]], state: torch.Tensor, levels: list[str],
+                      ranges: list[tuple[float, float]], base: QuantConfig, name: str) -> QuantConfig:
+    """QuantConfig = ``base`` + one LayerRule per upgraded group (and merged run of timestep ranges)."""
+    rules = []
+    for layer_names, row in zip(groups.values(), state.tolist()):
+        pattern = group_pattern(layer_names)
+        if len(set(row)) == 1:
+            if row[0] > 0:
+                rules.append(level_rule(levels[row[0]], pattern))
+            continue
+        start = 0
+        for r in range(1, len(row) + 1):
+            if r == len(row) or row[r] != row[start]:
+                if row[start] > 0:
+                    rules.append(level_rule(levels[row[start]], pattern, (ranges[start][0], ranges[r - 1][1])))
+                start = r
+    return dataclasses.replace(base, name=name, rules=base.rules + tuple(rules), mixed_precision=None)
+
+
+def resolve_mixed_precision(model: nn.Module, config: QuantConfig, samples: list[dict]) -> QuantConfig:
+    """The plain QuantConfig that ``config.mixed_precision`` asks for (sensitivity with the MSE proxy on
+    ``samples``, then :func:`allocate`); called by :func:`viditq.quantize`."""
+    spec = config.mixed_precision
+    base = dataclasses.replace(config, mixed_precision=None)
+    table = measure_sensitivity(model, samples, groups=spec.groups, timestep_ranges=spec.timestep_ranges,
+                                base_config=base, high_bits=spec.high_bits, cache=spec.cache)
+    allocation = allocate(table, base, budget_bits=spec.budget_bits, memory_bits=spec.memory_bits,
+                          timestep_aware=spec.timestep_aware, allow_fp=spec.allow_fp, name=config.name)
+    return allocation.config
+
+
+# ------------------------------------------------------------------------------------------ plots
+def plot_sensitivity(table: SensitivityTable, path: str | Path, level: int = 0) -> Path:
+    """Heatmap PNG of group × timestep range, one panel per metric (each scaled to its own maximum, the
+    decoupled view the allocation uses)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n_groups, n_metrics = len(table.groups), len(table.metrics)
+    fig, axes = plt.subplots(1, n_metrics, figsize=(2.2 + 2.0 * n_metrics, 1.2 + 0.22 * n_groups), squeeze=False)
+    labels = [f"[{lo:g},{hi:g}]" for lo, hi in table.ranges]
+    for m, ax in enumerate(axes[0]):
+        values = table.damage[level, :, :, m].clamp_min(0)
+        scaled = (values / values.max()).numpy() if values.max() > 0 else values.numpy()
+        ax.imshow(scaled, aspect="auto", cmap="magma", vmin=0, vmax=1)
+        ax.set_title(f"{table.metrics[m]} ({table.levels[level]})", fontsize=9)
+        ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=7)
+        ax.set_yticks(range(n_groups), table.group_names if m == 0 else [""] * n_groups, fontsize=7)
+        ax.set_xlabel("timestep range", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,258 @@
+"""Mixed precision: timestep-aware layers, sensitivity measurement, decoupled bit allocation, w4a8-mp."""
+import copy
+import dataclasses
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import viditq
+from viditq.config import ActSpec, BalanceSpec, LayerRule, MixedPrecisionSpec, QuantConfig, WeightSpec
+from viditq.layers import TimestepSwitchLinear
+from viditq.mixed_precision import (
+    MSE, Metric, SensitivityTable, allocate, group_key, layer_groups, measure_sensitivity, plot_sensitivity,
+    split_timesteps,
+)
+from viditq.quantize import layer_schedule
+from viditq.testing import calibration_set, forward_output, inject_outliers, sqnr_db, tiny_inputs, tiny_model
+
+W4A8 = QuantConfig("w4a8", WeightSpec(4, False, 64), ActSpec(8))
+# Fewer balancing candidates and calibration rows than the presets: same code paths, faster tests.
+FAST = dict(balance=BalanceSpec(alphas=(0.5,)), calib_rows_per_layer=128)
+
+
+# ------------------------------------------------------------------------------------------ a tiny generic model
+class TimeMlp(nn.Module):
+    """Three residual blocks (attention-like + FFN linears) whose input scale grows with the timestep."""
+
+    def __init__(self, width: int = 64, blocks: int = 3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(nn.ModuleDict({
+            "attn1": nn.ModuleDict({"to_q": nn.Linear(width, width), "to_out": nn.Linear(width, width)}),
+            "ff": nn.ModuleDict({"fc": nn.Linear(width, width)}),
+        }) for _ in range(blocks))
+
+    def forward(self, hidden_states, timestep):
+        h = hidden_states * (1 + timestep.float()[:, None, None] / 250)
+        for block in self.blocks:
+            h = h + block["attn1"]["to_out"](torch.tanh(block["attn1"]["to_q"](h)))
+            h = h + block["ff"]["fc"](torch.relu(h))
+        return h
+
+
+def mlp_sample(t: int, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 16, 64, generator=g)
+    x[..., :2] *= 10  # outlier channels
+    return {"hidden_states": x, "timestep": torch.full((2,), t)}
+
+
+MLP_CALIB = [mlp_sample(t, i) for i, t in enumerate((50, 300, 550, 800, 950, 150, 700, 400))]
+
+
+# ------------------------------------------------------------------------------------------ config / schedule
+def test_layer_schedule_from_timestep_rules():
+    cfg = QuantConfig("t", WeightSpec(4, False, 64), ActSpec(8), rules=(
+        LayerRule("attn", weight_bits=8, timesteps=(0, 500)), LayerRule("to_q", keep_fp=True, timesteps=(400, 600))))
+    default, schedule = layer_schedule("blocks.0.attn1.to_q", cfg)
+    assert default[0].bits == 4
+    assert [(lo, hi, None if p is None else p[0].bits) for lo, hi, p in schedule] == [
+        (0.0, math.nextafter(400.0, -math.inf), 8), (400.0, 600.0, None)]
+    assert layer_schedule("blocks.0.ff.fc", cfg) == (default, [])
+
+
+def test_groups_and_timestep_ranges():
+    assert group_key("transformer_blocks.3.attn2.to_k") == "transformer_blocks.3/cross_attn"
+    assert group_key("transformer_blocks.3.ff.net.2", "role") == "ffn"
+    groups = layer_groups(["b.0.attn1.to_q", "b.0.attn1.to_k", "b.1.ff.fc"])
+    assert groups == {"b.0/self_attn": ["b.0.attn1.to_q", "b.0.attn1.to_k"], "b.1/ffn": ["b.1.ff.fc"]}
+    ranges, shares = split_timesteps(MLP_CALIB, 4)
+    assert ranges[0][0] == 0 and ranges[-1][1] == 1000 and len(ranges) == 4
+    assert shares == [0.25] * 4 and ranges[0][1] == (150 + 300) / 2
+
+
+# ------------------------------------------------------------------------------------------ switching layers
+def test_timestep_switching_uses_the_weights_of_the_range():
+    """Outputs at t in [0, 500] are bit-identical to a model with 8-bit weights everywhere, outside to W4A8."""
+    mixed_cfg = QuantConfig("m", WeightSpec(4, False, 64), ActSpec(8),
+                            rules=(LayerRule("attn1", weight_bits=8, timesteps=(0, 500)),))
+    w8_cfg = QuantConfig("w", WeightSpec(4, False, 64), ActSpec(8), rules=(LayerRule("attn1", weight_bits=8),))
+    model = TimeMlp()
+    mixed, w8, w4 = (viditq.quantize(copy.deepcopy(model), dataclasses.replace(cfg, **FAST), MLP_CALIB)
+                     for cfg in (mixed_cfg, w8_cfg, W4A8))
+    switch = mixed.blocks[0]["attn1"]["to_q"]
+    assert isinstance(switch, TimestepSwitchLinear) and set(switch.variants) == {"w4a8", "w8a8"}
+    early, late = mlp_sample(200, 99), mlp_sample(800, 99)
+    assert torch.equal(mixed(**early), w8(**early)) and not torch.equal(mixed(**early), w4(**early))
+    assert switch.active_key() == "w8a8"
+    assert torch.equal(mixed(**late), w4(**late)) and switch.active_key() == "w4a8"
+
+
+def test_mixed_checkpoint_round_trip_and_honest_memory(tmp_path):
+    cfg = QuantConfig("m", WeightSpec(4, False, 64), ActSpec(8), rules=(
+        LayerRule(r"transformer_blocks\.0\.attn1", weight_bits=8, timesteps=(0, 500)),
+        LayerRule(r"transformer_blocks\.1\.ff", keep_fp=True, timesteps=(500, 1000))))
+    model = viditq.quantize(tiny_model("pixart"), dataclasses.replace(cfg, **FAST), calibration_set("pixart", n=2))
+    viditq.save_quantized(model, tmp_path / "ck")
+    loaded = viditq.load_quantized(tmp_path / "ck")
+    for t in (100, 900):
+        x = tiny_inputs("pixart", seed=5)
+        x["timestep"] = torch.full((2,), t)
+        assert torch.equal(forward_output(model, x), forward_output(loaded, x))
+    switch = loaded.get_submodule("transformer_blocks.0.attn1.to_q")
+    assert isinstance(switch, TimestepSwitchLinear) and set(switch.variants) == {"w4a8", "w8a8"}
+    # both copies are stored, and the memory report counts every stored tensor once
+    codes = {key: v.weight_codes for key, v in switch.variants.items()}
+    assert codes["w8a8"].numel() == 64 * 64 and codes["w4a8"].numel() == 64 * 32  # int8 and packed int4
+    tensors = {id(t): t for t in [*loaded.parameters(), *loaded.buffers()]}
+    stored = sum(t.numel() * t.element_size() for t in tensors.values())
+    assert viditq.memory_report(loaded).total_after == stored
+
+
+# ------------------------------------------------------------------------------------------ allocation
+def synthetic_table(damage: torch.Tensor, params=None, metrics=("a",)) -> SensitivityTable:
+    """damage (L, G, T, M)."""
+    _, g, t, _ = damage.shape
+    groups = {f"b.{i}/ffn": [f"b.{i}.ff.fc"] for i in range(g)}
+    params = params or [100] * g
+    ranges = [(i * 1000 / t, (i + 1) * 1000 / t) for i in range(t)]
+    return SensitivityTable(groups, dict(zip(groups, params)), ranges, [1 / t] * t, list(metrics),
+                            {m: False for m in metrics}, ["w4a8", "w8a8"], damage.double())
+
+
+def test_allocation_respects_budget_and_prefers_sensitive_groups():
+    low = torch.tensor([1.0, 8.0, 2.0, 6.0])[:, None, None]  # (G, T=1, M=1)
+    table = synthetic_table(torch.stack([low, torch.zeros_like(low)]))
+    a = allocate(table, W4A8, budget_bits=6.0)  # half the parameters may be 8-bit
+    assert a.executed_bits <= 6.0 and a.executed_bits == pytest.approx(6.0)
+    assert [lv[0] for lv in a.levels.values()] == ["w4a8", "w8a8", "w4a8", "w8a8"]
+    assert a.damage_left["a"] == pytest.approx(3 / 17)
+    # bigger groups cost more: a sensitive but huge group loses to two smaller ones with more damage per bit
+    table = synthetic_table(torch.stack([low, torch.zeros_like(low)]), params=[100, 300, 100, 100])
+    a = allocate(table, W4A8, budget_bits=5.6)
+    assert [lv[0] for lv in a.levels.values()] == ["w4a8", "w4a8", "w8a8", "w8a8"]
+
+
+def test_allocation_is_decoupled_across_metrics():
+    """Metric b's numbers are 1000x smaller; summing would serve only metric a. Each family gets its top group."""
+    a_dmg = torch.tensor([900.0, 1000.0, 0.0, 0.0])
+    b_dmg = torch.tensor([0.0, 0.0, 0.5, 0.1])
+    low = torch.stack([a_dmg, b_dmg], -1)[:, None, :]  # (G, 1, 2)
+    table = synthetic_table(torch.stack([low, torch.zeros_like(low)]), metrics=("a", "b"))
+    a = allocate(table, W4A8, budget_bits=6.0)
+    assert [lv[0] for lv in a.levels.values()] == ["w4a8", "w8a8", "w8a8", "w4a8"]
+    assert a.damage_left["b"] == pytest.approx(0.1 / 0.6)
+    only_a = allocate(table, W4A8, budget_bits=6.0, metrics=["a"])
+    assert [lv[0] for lv in only_a.levels.values()] == ["w8a8", "w8a8", "w4a8", "w4a8"]
+
+
+def test_timestep_aware_allocation_and_memory_cap(tmp_path):
+    # group 0 hurts only in range 0, group 1 everywhere a bit less per range
+    low = torch.tensor([[[10.0], [0.0], [0.0], [0.0]], [[3.0], [3.0], [3.0], [3.0]]])  # (G=2, T=4, 1)
+    table = synthetic_table(torch.stack([low, torch.zeros_like(low)]))
+    a = allocate(table, W4A8, budget_bits=5.0)  # 1/4 of the parameter-steps at 8 bits: 2 cells
+    assert a.levels["b.0/ffn"] == ["w8a8", "w4a8", "w4a8", "w4a8"]
+    assert a.levels["b.1/ffn"].count("w8a8") == 1
+    assert a.executed_bits == pytest.approx(5.0) and a.stored_bits == pytest.approx(12.0)  # two copies each
+    rules = [r for r in a.config.rules if r.timesteps is not None]
+    assert len(rules) == 2 and rules[0].timesteps == (0.0, 250.0) and rules[0].weight_bits == 8
+    a.config.save(tmp_path / "mp.yaml")
+    assert QuantConfig.load(tmp_path / "mp.yaml") == a.config
+    # with a memory cap of 6 stored bits only one group may hold 8-bit weights, and then in every range
+    capped = allocate(table, W4A8, budget_bits=None, memory_bits=6.0)
+    assert capped.stored_bits <= 6.0 and capped.levels["b.1/ffn"] == ["w8a8"] * 4
+    assert capped.levels["b.0/ffn"] == ["w4a8"] * 4
+    whole = allocate(table, W4A8, budget_bits=6.0, timestep_aware=False)
+    assert whole.levels == {"b.0/ffn": ["w4a8"], "b.1/ffn": ["w8a8"]} and all(r.timesteps is None for r in whole.config.rules)
+
+
+def test_allow_fp_keeps_the_most_sensitive_cells_in_float():
+    low = torch.tensor([10.0, 1.0])[:, None, None]
+    high = torch.tensor([5.0, 0.0])[:, None, None]  # group 0 stays bad at 8 bits
+    a = allocate(synthetic_table(torch.stack([low, high])), W4A8, budget_bits=10.0, allow_fp=True)
+    assert a.levels["b.0/ffn"] == ["fp"] and a.config.rules[-1].keep_fp
+
+
+def test_allocation_rejects_impossible_budget():
+    table = synthetic_table(torch.ones(2, 2, 1, 1))
+    with pytest.raises(ValueError, match="below the all-w4a8"):
+        allocate(table, W4A8, budget_bits=3.0)
+    with pytest.raises(ValueError, match="low level"):
+        allocate(table, "w8a8")
+
+
+# ------------------------------------------------------------------------------------------ sensitivity
+def test_sensitivity_proxy_user_metric_and_cache(tmp_path):
+    model = TimeMlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    evals = [mlp_sample(t, 50 + t) for t in (100, 900)]
+    refs = [model(**x) for x in evals]
+
+    def neg_error(m):  # a user metric, higher is better
+        with torch.no_grad():
+            return -sum(float((m(**x) - r).pow(2).mean()) for x, r in zip(evals, refs))
+
+    calls = []
+    metric = Metric(lambda m: calls.append(1) or neg_error(m), higher_is_better=True)
+    base = dataclasses.replace(W4A8, **FAST)
+    table = measure_sensitivity(model, MLP_CALIB, {"err": metric}, timestep_ranges=4, base_config=base,
+                                cache=tmp_path / "s.json")
+    assert table.metrics == [MSE, "err"] and table.damage.shape == (2, 6, 4, 2)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # model restored
+    assert type(model.blocks[0]["ff"]["fc"]) is nn.Linear and model._viditq_timestep_hook is None
+    assert (table.damage[0] >= 0).all() and (table.damage[0, ..., 0] > table.damage[1, ..., 0]).all()
+    # the user metric sees only eval timesteps 100 and 900: ranges 1 and 2 (t in 225..875) do no damage to it
+    assert (table.damage[:, :, 1:3, 1].abs() < 1e-12).all() and (table.damage[0, :, 0, 1] > 0).all()
+    n_calls = len(calls)
+    again = measure_sensitivity(model, MLP_CALIB, {"err": metric}, timestep_ranges=4, base_config=base,
+                                cache=tmp_path / "s.json")
+    assert len(calls) == n_calls and torch.equal(again.damage, table.damage)  # from the cache
+    measure_sensitivity(model, MLP_CALIB[:4], {"err": metric}, timestep_ranges=4, base_config=base,
+                        cache=tmp_path / "s.json")
+    assert len(calls) > n_calls  # other calibration data: recomputed
+    png = plot_sensitivity(table, tmp_path / "s.png")
+    assert png.stat().st_size > 1000
+
+
+def test_w4a8_mp_lies_between_w4a8_and_w8a8_on_a_diffusers_model():
+    model = tiny_model("pixart")
+    inject_outliers(model)
+    calib = calibration_set("pixart", n=4)
+    evals = [tiny_inputs("pixart", seed=s) for s in (1, 2, 3)]
+    refs = [forward_output(model, x) for x in evals]
+
+    def sqnr(q):
+        return sum(sqnr_db(r, forward_output(q, x)) for r, x in zip(refs, evals)) / len(evals)
+
+    w4_cfg = dataclasses.replace(viditq.PRESETS["w4a8"], **FAST)
+    w8_cfg = dataclasses.replace(viditq.PRESETS["w8a8"], **FAST)
+    mp_cfg = dataclasses.replace(w4_cfg, name="w4a8-mp6",
+                                 mixed_precision=MixedPrecisionSpec(budget_bits=6.0, timestep_aware=False))
+    w4, w8 = (sqnr(viditq.quantize(copy.deepcopy(model), p, calib)) for p in (w4_cfg, w8_cfg))
+    mp_model = viditq.quantize(copy.deepcopy(model), mp_cfg, calib)
+    mp = sqnr(mp_model)
+    assert w4 + 1.0 < mp < w8
+    assert mp_model.viditq_config.mixed_precision is None and mp_model.viditq_config.rules
+    assert viditq.PRESETS["w4a8-mp"].mixed_precision.budget_bits == 5.0
+
+
+def test_cli_sensitivity_writes_cache_heatmap_and_config(tmp_path):
+    from typer.testing import CliRunner
+
+    from viditq.cli import app
+    from viditq.testing import tiny_pixart_pipeline
+
+    tiny_pixart_pipeline().save_pretrained(tmp_path / "float")
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
+    args = ["sensitivity", "--model", tmp_path / "float", "--prompts", tmp_path / "prompts.txt", "--out",
+            tmp_path / "s", "--steps", 2, "--ranges", 2, "--budget-bits", 6, "--device", "cpu",
+            "--pipe-arg", "max_sequence_length=16", "--pipe-arg", "use_resolution_binning=false"]
+    res = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    table = SensitivityTable.load(tmp_path / "s" / "sensitivity.json")
+    assert table.damage.shape == (2, 6, 2, 1) and len(table.ranges) == 2
+    assert (tmp_path / "s" / "sensitivity.png").stat().st_size > 1000
+    config = QuantConfig.load(tmp_path / "s" / "config.yaml")
+    assert config.rules and config.mixed_precision is None and "executed" in res.output
