@@ -11,7 +11,6 @@ warm-up; quality vs float32 attention on the first ``--ref-rows`` queries of eac
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 
@@ -29,13 +28,12 @@ SHAPES = {
     "pixart_self": (2, 16, 4096, 4096, 72, 0),
     "pixart_cross": (2, 16, 4096, 120, 72, 30),
 }
-TILES = {  # (block_m, block_n, num_warps, num_stages) tried per shape; the best then gets the kernel variants
+TILES = {  # (block_m, block_n, num_warps, num_stages) tried per shape
     "cogvideox_self": [(64, 128, 4, 3), (64, 128, 4, 2), (64, 128, 4, 4), (128, 64, 4, 3), (64, 64, 4, 3),
                        (128, 64, 8, 3)],
     "pixart_self": [(128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3)],
     "pixart_cross": [(128, 64, 8, 3), (64, 64, 4, 3)],
 }
-VARIANTS = [dict(pipeline_qk=True), dict(magic_i2f=False)]
 
 
 def make_inputs(b, h, n_q, n_kv, d, n_masked, seed=0, device="cuda"):
@@ -94,8 +92,7 @@ def bench(fn):
 
 
 def config_key(mode, cfg):
-    return (f"{mode}_m{cfg.block_m}_n{cfg.block_n}_w{cfg.num_warps}_s{cfg.num_stages}"
-            f"{'' if cfg.magic_i2f else '_nomagic'}{'_pipeqk' if cfg.pipeline_qk else ''}")
+    return f"{mode}_m{cfg.block_m}_n{cfg.block_n}_w{cfg.num_warps}_s{cfg.num_stages}"
 
 
 def time_config(q, k, v, bias, mode, cfg, flops, sdpa_ms):
@@ -113,8 +110,8 @@ def time_config(q, k, v, bias, mode, cfg, flops, sdpa_ms):
             "kernel_tflops": flops / kernel / 1e9}
 
 
-def time_shape(name, q, k, v, mask, configs, variants):
-    """SDPA, then every tile config (plain variant), then the best tile with the kernel variants."""
+def time_shape(name, q, k, v, mask, configs):
+    """SDPA (flash, default backend, cuDNN), then every tile config."""
     b, h, n_q, d = q.shape
     n_kv = k.shape[2]
     flops = 4.0 * b * h * n_q * n_kv * d
@@ -132,12 +129,6 @@ def time_shape(name, q, k, v, mask, configs, variants):
         timed = {}
         for cfg in configs:
             timed[cfg] = time_config(q, k, v, bias, mode, cfg, flops, res["sdpa_bf16_ms"])
-        ok = [c for c in timed if "total_ms" in timed[c]]
-        if ok and variants:
-            tile = min(ok, key=lambda c: timed[c]["total_ms"])
-            for variant in VARIANTS:
-                cfg = dataclasses.replace(tile, **variant)
-                timed[cfg] = time_config(q, k, v, bias, mode, cfg, flops, res["sdpa_bf16_ms"])
         for cfg, r in timed.items():
             res["configs"][config_key(mode, cfg)] = r
         ok = [c for c in timed if "total_ms" in timed[c]]
@@ -266,7 +257,7 @@ def end_to_end(res, save, names=("pixart_1024", "cogvideox_2b"), compile_deadlin
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="attention.json")
-    parser.add_argument("--sweep", action="store_true", help="time the tiles in TILES, then VARIANTS of the best")
+    parser.add_argument("--sweep", action="store_true", help="time the tiles in TILES (default: default_config)")
     parser.add_argument("--ref-rows", type=int, default=1024)
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--models", action="store_true", help="check tiny diffusers models (needs diffusers)")
@@ -289,7 +280,7 @@ def main():
                    else [KA.default_config(head_d, "fp8", n_kv)])
         t0 = time.time()
         entry = {"quality": check_quality(name, q, k, v, mask, args.ref_rows)}
-        entry.update(time_shape(name, q, k, v, mask, configs, variants=args.sweep and name != "pixart_cross"))
+        entry.update(time_shape(name, q, k, v, mask, configs))
         entry["seconds"] = time.time() - t0
         result["shapes"][name] = entry
         with open(args.out, "w") as f:

@@ -54,8 +54,6 @@ class AttentionConfig:
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 3
-    magic_i2f: bool = True  # int32 scores → float32 by an integer add instead of a conversion instruction
-    pipeline_qk: bool = False  # next block's Q·Kᵀ issued before this block's softmax
 
 
 def default_config(head_dim_padded: int, mode: str, n_kv: int = 4096) -> AttentionConfig:
@@ -64,8 +62,8 @@ def default_config(head_dim_padded: int, mode: str, n_kv: int = 4096) -> Attenti
     if n_kv <= 256:  # cross-attention to text: one or two key blocks
         return AttentionConfig(128, 64, 8, 3)
     if mode == "fp8":
-        return AttentionConfig(128, 128, 8, 3) if head_dim_padded >= 128 else AttentionConfig(64, 128, 4, 3)
-    return AttentionConfig(128, 64, 4, 3)
+        return AttentionConfig(64, 128, 4, 3)
+    return AttentionConfig(128, 128, 8, 3) if head_dim_padded >= 128 else AttentionConfig(128, 64, 4, 3)
 
 
 def padded_head_dim(d: int) -> int:
@@ -166,73 +164,14 @@ def _check_inputs(q, k, v, mode, bias) -> None:
 
 # ------------------------------------------------------------------------------------------ kernels
 @triton.jit
-def _channel_stats_kernel(
-    X, Partials,
+def _quantize_blocks_kernel(
+    X, Mean, ChanScale, Codes, Scales,
     stride_xb, stride_xh, stride_xn, stride_xd,
-    H, N, D, ROWS_PER_SPLIT,
-    SPLIT: tl.constexpr, BLOCK: tl.constexpr, HEAD_D: tl.constexpr,
+    H, N, D, N_PAD, N_BLOCKS, multiplier,
+    BLOCK: tl.constexpr, HEAD_D: tl.constexpr, HAS_MEAN: tl.constexpr,
 ):
-    """Per-channel (sum, min, max) of one head over one of SPLIT token ranges → Partials (B·H, SPLIT, 3, HEAD_D).
-
-    Grid (B·H, SPLIT); the consumers finish the reduction over SPLIT (a handful of vector loads each)."""
-    pid_bh = tl.program_id(0)
-    pid_split = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_d = tl.arange(0, HEAD_D)
-    x_base = X + b * stride_xb + h * stride_xh + offs_d[None, :] * stride_xd
-    acc_sum = tl.zeros([HEAD_D], dtype=tl.float32)
-    acc_min = tl.full([HEAD_D], float("inf"), dtype=tl.float32)
-    acc_max = tl.full([HEAD_D], float("-inf"), dtype=tl.float32)
-    row_end = tl.minimum((pid_split + 1) * ROWS_PER_SPLIT, N)
-    for start in range(pid_split * ROWS_PER_SPLIT, row_end, BLOCK):
-        offs_n = start + tl.arange(0, BLOCK)
-        mask = (offs_n < row_end)[:, None] & (offs_d < D)[None, :]
-        x = tl.load(x_base + offs_n[:, None] * stride_xn, mask=mask, other=0.0).to(tl.float32)
-        acc_sum += tl.sum(x, axis=0)
-        acc_min = tl.minimum(acc_min, tl.min(tl.where(mask, x, float("inf")), axis=0))
-        acc_max = tl.maximum(acc_max, tl.max(tl.where(mask, x, float("-inf")), axis=0))
-    out = Partials + (pid_bh * SPLIT + pid_split) * 3 * HEAD_D + offs_d
-    tl.store(out, acc_sum)
-    tl.store(out + HEAD_D, acc_min)
-    tl.store(out + 2 * HEAD_D, acc_max)
-
-
-@triton.jit
-def _finish_stats(Partials, pid_bh, N, SPLIT: tl.constexpr, HEAD_D: tl.constexpr):
-    """Reduce the SPLIT partials of one head → per-channel (mean, min, max), each (HEAD_D,) float32."""
-    offs_d = tl.arange(0, HEAD_D)
-    base = Partials + pid_bh * SPLIT * 3 * HEAD_D + offs_d
-    total = tl.zeros([HEAD_D], dtype=tl.float32)
-    lo = tl.full([HEAD_D], float("inf"), dtype=tl.float32)
-    hi = tl.full([HEAD_D], float("-inf"), dtype=tl.float32)
-    for i in tl.static_range(SPLIT):
-        total += tl.load(base + i * 3 * HEAD_D)
-        lo = tl.minimum(lo, tl.load(base + i * 3 * HEAD_D + HEAD_D))
-        hi = tl.maximum(hi, tl.load(base + i * 3 * HEAD_D + 2 * HEAD_D))
-    return total / N, lo, hi
-
-
-@triton.jit
-def _balance_factors(QPartials, KPartials, pid_bh, N_Q, N_KV, SPLIT: tl.constexpr, HEAD_D: tl.constexpr):
-    """Channel balancing (see :func:`channel_balance`) and K's mean, from the stats partials."""
-    _, q_min, q_max = _finish_stats(QPartials, pid_bh, N_Q, SPLIT, HEAD_D)
-    k_mean, k_min, k_max = _finish_stats(KPartials, pid_bh, N_KV, SPLIT, HEAD_D)
-    q_amax = tl.maximum(q_max, -q_min)
-    k_amax = tl.maximum(k_max - k_mean, k_mean - k_min)
-    lam = tl.sqrt(tl.maximum(k_amax, 1e-6) / tl.maximum(q_amax, 1e-6))
-    return tl.minimum(tl.maximum(lam, 1e-3), 1e3), k_mean
-
-
-@triton.jit
-def _quantize_qk_kernel(
-    X, QPartials, KPartials, Codes, Scales,
-    stride_xb, stride_xh, stride_xn, stride_xd,
-    H, N, D, N_Q, N_KV, N_PAD, N_BLOCKS, multiplier,
-    IS_K: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr, HEAD_D: tl.constexpr,
-):
-    """One (BLOCK, HEAD_D) tile of Q (``q * lam``) or K (``(k - mean) / lam``) → int8 codes (zero in the
-    padding) and one absmax scale (times ``multiplier``)."""
+    """One (BLOCK, HEAD_D) tile of one head, ``(x - mean) * chan_scale`` → int8 codes (zero in the padding) and
+    one absmax scale."""
     pid_blk = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -242,11 +181,10 @@ def _quantize_qk_kernel(
     mask = (offs_n < N)[:, None] & (offs_d < D)[None, :]
     x_ptrs = X + b * stride_xb + h * stride_xh + offs_n[:, None] * stride_xn + offs_d[None, :] * stride_xd
     x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
-    lam, k_mean = _balance_factors(QPartials, KPartials, pid_bh, N_Q, N_KV, SPLIT, HEAD_D)
-    if IS_K:
-        x = tl.where(mask, (x - k_mean[None, :]) / lam[None, :], 0.0)
-    else:
-        x = x * lam[None, :]
+    if HAS_MEAN:
+        mean = tl.load(Mean + pid_bh * D + offs_d, mask=offs_d < D, other=0.0)
+        x = tl.where(mask, x - mean[None, :], 0.0)
+    x = x * tl.load(ChanScale + pid_bh * D + offs_d, mask=offs_d < D, other=0.0)[None, :]
     amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
     scale = tl.where(amax > 0, amax / 127.0, 1.0)
     y = x / scale
@@ -258,13 +196,12 @@ def _quantize_qk_kernel(
 
 @triton.jit
 def _quantize_v_fp8_kernel(
-    V, VPartials, VScale, Out,
+    V, VScale, Out,
     stride_vb, stride_vh, stride_vn, stride_vd,
     H, N, D, N_PAD,
-    SPLIT: tl.constexpr, BLOCK: tl.constexpr, HEAD_D: tl.constexpr,
+    BLOCK: tl.constexpr, HEAD_D: tl.constexpr,
 ):
-    """One (BLOCK, HEAD_D) tile of V / per-channel scale (absmax / 448) → fp8 e4m3, stored transposed as
-    (HEAD_D, N_PAD); the first tile of each head also writes the scales (B·H, HEAD_D)."""
+    """One (BLOCK, HEAD_D) tile of V / per-channel scale → fp8 e4m3, stored transposed as (HEAD_D, N_PAD)."""
     pid_blk = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -274,9 +211,7 @@ def _quantize_v_fp8_kernel(
     mask = (offs_n < N)[:, None] & (offs_d < D)[None, :]
     v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
     v = tl.load(v_ptrs, mask=mask, other=0.0).to(tl.float32)
-    _, v_min, v_max = _finish_stats(VPartials, pid_bh, N, SPLIT, HEAD_D)
-    v_scale = tl.where(offs_d < D, tl.maximum(tl.maximum(v_max, -v_min) / 448.0, 1e-12), 1.0)
-    tl.store(VScale + pid_bh * HEAD_D + offs_d, v_scale, mask=(offs_d < HEAD_D) & (pid_blk == 0))
+    v_scale = tl.load(VScale + pid_bh * HEAD_D + offs_d)
     v = tl.minimum(tl.maximum(v / v_scale[None, :], -448.0), 448.0)
     out_ptrs = Out + pid_bh * HEAD_D * N_PAD + offs_d[None, :] * N_PAD + offs_n[:, None]
     tl.store(out_ptrs, v.to(tl.float8e4nv))
@@ -286,7 +221,6 @@ def _quantize_v_fp8_kernel(
 def _softmax_pv(
     acc, m_i, l_i, qk, qk_scale, v_ptrs, Bias, start_n, N_KV,
     BLOCK_N: tl.constexpr, MASK_KV: tl.constexpr, HAS_BIAS: tl.constexpr, PV_FP8: tl.constexpr,
-    MAGIC_I2F: tl.constexpr,
 ):
     """Online-softmax update with one key/value block: integer scores qk (BLOCK_M, BLOCK_N) → (acc, m_i, l_i).
 
@@ -306,14 +240,7 @@ def _softmax_pv(
         # Hot path: row max on the integers (the scale is one positive scalar per tile), then one FFMA and one
         # exp2 per score.
         m_new = tl.maximum(m_i, tl.max(qk, axis=1).to(tl.float32) * qk_scale)
-        if MAGIC_I2F:
-            # int32 → float32 without a conversion instruction: the bits of (qk + 0x4B400000) are the float
-            # 1.5 * 2^23 + qk, exact while |qk| < 2^22 (head dim 256 x 127 x 127 = 4.13e6 < 4.19e6); the offset
-            # folds into the FFMA's addend.
-            f = (qk + 0x4B400000).to(tl.float32, bitcast=True)
-            p = tl.math.exp2(f * qk_scale - (m_new - p_shift + 12582912.0 * qk_scale)[:, None])
-        else:
-            p = tl.math.exp2(qk.to(tl.float32) * qk_scale - (m_new - p_shift)[:, None])
+        p = tl.math.exp2(qk.to(tl.float32) * qk_scale - (m_new - p_shift)[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     v = tl.load(v_ptrs)  # fp8: (HEAD_D, BLOCK_N), transposed; bf16: (BLOCK_N, HEAD_D)
     if PV_FP8:
@@ -331,13 +258,10 @@ def _attn_fwd_kernel(
     stride_ob, stride_oh, stride_on, stride_od,
     H, N_Q, N_KV, N_UNMASKED, D, NQ_PAD, NKV_PAD,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
-    PV_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, MAGIC_I2F: tl.constexpr, PIPELINE_QK: tl.constexpr,
+    PV_FP8: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     """One (BLOCK_M, HEAD_D) output tile of one head. Grid (Nq_pad / BLOCK_M, B·H): the query blocks of a head
-    run next to each other, so that head's K and V stay in L2.
-
-    PIPELINE_QK: issue block j+1's Q·Kᵀ before block j's softmax, so that the (asynchronous) tensor-core product
-    can overlap the exp2 work instead of waiting for it."""
+    run next to each other, so that head's K and V stay in L2."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -359,34 +283,18 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
     # Key blocks [0, N_UNMASKED) need no padding mask (with a bias, padded keys already carry MASKED_SCORE).
     n_blocks = N_UNMASKED // BLOCK_N
-    if PIPELINE_QK and n_blocks > 0:
-        qk = tl.dot(q, tl.trans(tl.load(k_ptrs)), out_dtype=tl.int32)
-        for j in range(0, n_blocks - 1):
-            k_ptrs += BLOCK_N * HEAD_D
-            qk_next = tl.dot(q, tl.trans(tl.load(k_ptrs)), out_dtype=tl.int32)
-            acc, m_i, l_i = _softmax_pv(
-                acc, m_i, l_i, qk, q_scale * tl.load(k_scales + j), v_ptrs, bias_ptr, j * BLOCK_N, N_KV,
-                BLOCK_N, False, HAS_BIAS, PV_FP8, MAGIC_I2F)
-            v_ptrs += v_step
-            qk = qk_next
+    for j in range(0, n_blocks):
+        qk = tl.dot(q, tl.trans(tl.load(k_ptrs)), out_dtype=tl.int32)  # (BLOCK_M, BLOCK_N) exact integers
         acc, m_i, l_i = _softmax_pv(
-            acc, m_i, l_i, qk, q_scale * tl.load(k_scales + n_blocks - 1), v_ptrs, bias_ptr,
-            (n_blocks - 1) * BLOCK_N, N_KV, BLOCK_N, False, HAS_BIAS, PV_FP8, MAGIC_I2F)
+            acc, m_i, l_i, qk, q_scale * tl.load(k_scales + j), v_ptrs, bias_ptr, j * BLOCK_N, N_KV,
+            BLOCK_N, False, HAS_BIAS, PV_FP8)
         k_ptrs += BLOCK_N * HEAD_D
         v_ptrs += v_step
-    else:
-        for j in range(0, n_blocks):
-            qk = tl.dot(q, tl.trans(tl.load(k_ptrs)), out_dtype=tl.int32)  # (BLOCK_M, BLOCK_N) exact integers
-            acc, m_i, l_i = _softmax_pv(
-                acc, m_i, l_i, qk, q_scale * tl.load(k_scales + j), v_ptrs, bias_ptr, j * BLOCK_N, N_KV,
-                BLOCK_N, False, HAS_BIAS, PV_FP8, MAGIC_I2F)
-            k_ptrs += BLOCK_N * HEAD_D
-            v_ptrs += v_step
     if N_UNMASKED < N_KV:  # the last, partial key block
         qk = tl.dot(q, tl.trans(tl.load(k_ptrs)), out_dtype=tl.int32)
         acc, m_i, l_i = _softmax_pv(
             acc, m_i, l_i, qk, q_scale * tl.load(k_scales + n_blocks), v_ptrs, bias_ptr, N_UNMASKED, N_KV,
-            BLOCK_N, True, HAS_BIAS, PV_FP8, MAGIC_I2F)
+            BLOCK_N, True, HAS_BIAS, PV_FP8)
     out = acc / l_i[:, None]
     if PV_FP8:
         out = out * tl.load(VScale + pid_bh * HEAD_D + offs_d)[None, :]
@@ -397,45 +305,33 @@ def _attn_fwd_kernel(
 
 
 # ------------------------------------------------------------------------------------------ launchers
-STATS_SPLIT = 16  # token ranges per head for the channel statistics (parallelism for few heads)
-
-
-def channel_stats(x: torch.Tensor, head_dim_padded: int) -> torch.Tensor:
-    """(B, H, N, D) → per-channel partial (sum, min, max) (B·H, STATS_SPLIT, 3, D_pad) float32."""
-    b, h, n, d = x.shape
-    partials = torch.empty((b * h, STATS_SPLIT, 3, head_dim_padded), dtype=torch.float32, device=x.device)
-    rows = triton.cdiv(triton.cdiv(n, STATS_SPLIT), 64) * 64
-    _channel_stats_kernel[(b * h, STATS_SPLIT)](
-        x, partials, *x.stride(), h, n, d, rows, SPLIT=STATS_SPLIT, BLOCK=64, HEAD_D=head_dim_padded)
-    return partials
-
-
-def quantize_qk(
-    x: torch.Tensor, is_k: bool, q_stats: torch.Tensor, k_stats: torch.Tensor, n_q: int, n_kv: int, block: int,
-    multiplier: float = 1.0,
+def quantize_per_block(
+    x: torch.Tensor, block: int, head_dim_padded: int, chan_scale: torch.Tensor, multiplier: float = 1.0,
+    mean: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q (``is_k`` False) or K (B, H, N, D) → int8 codes (B·H, N_pad, D_pad), scales (B·H, N_pad / block)."""
+    """(B, H, N, D) → int8 codes of ``(x - mean) * chan_scale`` (B·H, N_pad, D_pad), scales (B·H, N_pad / block)
+    float32 (times multiplier). ``mean`` (B, H, D) float32 or None, ``chan_scale`` (B, H, D) float32."""
     b, h, n, d = x.shape
-    head_d = q_stats.shape[-1]
     n_blocks = triton.cdiv(n, block)
-    codes = torch.empty((b * h, n_blocks * block, head_d), dtype=torch.int8, device=x.device)
+    codes = torch.empty((b * h, n_blocks * block, head_dim_padded), dtype=torch.int8, device=x.device)
     scales = torch.empty((b * h, n_blocks), dtype=torch.float32, device=x.device)
-    _quantize_qk_kernel[(n_blocks, b * h)](
-        x, q_stats, k_stats, codes, scales, *x.stride(), h, n, d, n_q, n_kv, n_blocks * block, n_blocks,
-        multiplier, IS_K=is_k, SPLIT=STATS_SPLIT, BLOCK=block, HEAD_D=head_d)
+    mean_arg = mean.contiguous() if mean is not None else scales
+    _quantize_blocks_kernel[(n_blocks, b * h)](
+        x, mean_arg, chan_scale.contiguous(), codes, scales, *x.stride(), h, n, d, n_blocks * block, n_blocks, multiplier,
+        BLOCK=block, HEAD_D=head_dim_padded, HAS_MEAN=mean is not None)
     return codes, scales
 
 
-def quantize_v_fp8(v: torch.Tensor, v_stats: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_v_fp8(v: torch.Tensor, block: int, head_dim_padded: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, H, N, D) → fp8 e4m3 codes (B·H, D_pad, N_pad) (transposed), per-channel scales (B·H, D_pad)."""
     b, h, n, d = v.shape
-    head_d = v_stats.shape[-1]
     n_blocks = triton.cdiv(n, block)
-    v_scale = torch.empty((b * h, head_d), dtype=torch.float32, device=v.device)
-    codes = torch.empty((b * h, head_d, n_blocks * block), dtype=torch.float8_e4m3fn, device=v.device)
+    v_scale = torch.ones((b * h, head_dim_padded), dtype=torch.float32, device=v.device)
+    amax = v.abs().amax(dim=2).float().reshape(b * h, d)
+    v_scale[:, :d] = (amax / FP8_E4M3_MAX).clamp_min(1e-12)
+    codes = torch.empty((b * h, head_dim_padded, n_blocks * block), dtype=torch.float8_e4m3fn, device=v.device)
     _quantize_v_fp8_kernel[(n_blocks, b * h)](
-        v, v_stats, v_scale, codes, *v.stride(), h, n, d, n_blocks * block,
-        SPLIT=STATS_SPLIT, BLOCK=block, HEAD_D=head_d)
+        v, v_scale, codes, *v.stride(), h, n, d, n_blocks * block, BLOCK=block, HEAD_D=head_dim_padded)
     return codes, v_scale
 
 
@@ -474,12 +370,12 @@ class QuantizedOperands:
 def quantize_operands(q, k, v, mode: str, scale: float, bias, config: AttentionConfig) -> QuantizedOperands:
     """Step 1-2 of the module docstring (and V to fp8 / padded bf16): a few memory-bound passes."""
     head_d = padded_head_dim(q.shape[-1])
-    n_q, n_kv = q.shape[2], k.shape[2]
-    q_stats, k_stats = channel_stats(q, head_d), channel_stats(k, head_d)
-    q8, q_scale = quantize_qk(q, False, q_stats, k_stats, n_q, n_kv, config.block_m, multiplier=scale * LOG2E)
-    k8, k_scale = quantize_qk(k, True, q_stats, k_stats, n_q, n_kv, config.block_n)
+    k_mean = k.mean(dim=2, dtype=torch.float32)  # (B, H, D)
+    balance = channel_balance(q, k, k_mean)
+    q8, q_scale = quantize_per_block(q, config.block_m, head_d, balance, multiplier=scale * LOG2E)
+    k8, k_scale = quantize_per_block(k, config.block_n, head_d, 1.0 / balance, mean=k_mean)
     if mode == "fp8":
-        v_op, v_scale = quantize_v_fp8(v, channel_stats(v, head_d), config.block_n)
+        v_op, v_scale = quantize_v_fp8(v, config.block_n, head_d)
     else:
         v_op, v_scale = _pad_v_bf16(v, config.block_n, head_d), None
     bias_op = _bias_log2(bias, k8.shape[1]) if bias is not None else None
@@ -501,7 +397,7 @@ def attention_from_operands(
         out, *out.stride(), h, n_q, n_kv, n_unmasked, d, ops.q8.shape[1], nkv_pad,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, HEAD_D=ops.q8.shape[2],
         PV_FP8=ops.v_scale is not None, HAS_BIAS=ops.bias is not None,
-        MAGIC_I2F=config.magic_i2f, PIPELINE_QK=config.pipeline_qk, num_warps=config.num_warps, num_stages=config.num_stages)
+        num_warps=config.num_warps, num_stages=config.num_stages)
     return out
 
 
