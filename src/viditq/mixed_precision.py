@@ -195,10 +195,19 @@ class SensitivityTable:
 # ------------------------------------------------------------------------------------------ measuring
 @dataclass(frozen=True)
 class Metric:
-    """A user metric: ``fn(model) -> float`` (e.g. generate samples with the model, score them)."""
+    """A user metric: ``fn(model)`` returns a float, or a dict of named floats (several metric families scored
+    on one set of generated samples). ``higher_is_better`` is one flag, or a dict giving each name's direction.
+    """
 
-    fn: Callable[[nn.Module], float]
-    higher_is_better: bool = True
+    fn: Callable[[nn.Module], "float | dict[str, float]"]
+    higher_is_better: "bool | dict[str, bool]" = True
+
+    def direction(self, key: str) -> bool:
+        if isinstance(self.higher_is_better, bool):
+            return self.higher_is_better
+        if key not in self.higher_is_better:
+            raise ValueError(f"metric {key!r} has no direction in higher_is_better={self.higher_is_better}")
+        return self.higher_is_better[key]
 
 
 def _as_metric(value) -> Metric:
@@ -207,6 +216,17 @@ def _as_metric(value) -> Metric:
     if callable(value):
         return Metric(value)
     raise TypeError(f"metrics values must be callables or viditq.mixed_precision.Metric, got {type(value).__name__}")
+
+
+def _evaluate_metrics(model: nn.Module, user_metrics: dict[str, Metric]) -> dict[str, tuple[float, bool]]:
+    """name → (value, higher_is_better) of every user metric on ``model`` (dict results expanded)."""
+    values = {}
+    for name, metric in user_metrics.items():
+        result = metric.fn(model)
+        items = result.items() if isinstance(result, Mapping) else [(name, result)]
+        for key, value in items:
+            values[key] = (float(value), metric.direction(key))
+    return values
 
 
 def _fingerprint(model: nn.Module, layers: dict[str, nn.Linear], samples: list[dict], parts: dict) -> str:
@@ -302,11 +322,11 @@ def measure_sensitivity(
             return table
 
     group_map = layer_groups(layers, groups)
-    names = [MSE] + list(user_metrics)
-    damage = torch.zeros(len(levels), len(group_map), len(ranges), len(names), dtype=torch.float64)
     probe = _build_probe(model, layers, samples, base, measured)
     try:
         reference, ref_outputs = _evaluate_float(model, samples, user_metrics)
+        names = [MSE] + list(reference)
+        damage = torch.zeros(len(levels), len(group_map), len(ranges), len(names), dtype=torch.float64)
         sample_ranges = [range_index(sample_timestep(s), ranges) for s in samples]
         cells = [(li, gi, ri) for li in range(len(measured)) for gi in range(len(group_map))
                  for ri in range(len(ranges))]
@@ -314,16 +334,18 @@ def measure_sensitivity(
         for li, gi, ri in progress(cells, desc="sensitivity"):
             probe.set(group_lists[gi], measured[li], ranges[ri])
             damage[li, gi, ri, 0] = _mse_damage(model, samples, ref_outputs, sample_ranges, ri)
-            for mi, (name, metric) in enumerate(user_metrics.items(), start=1):
-                value = float(metric.fn(model))
-                damage[li, gi, ri, mi] = reference[name] - value if metric.higher_is_better else value - reference[name]
+            values = _evaluate_metrics(model, user_metrics)
+            for mi, name in enumerate(names[1:], start=1):
+                (ref, higher_is_better), value = reference[name], values[name][0]
+                damage[li, gi, ri, mi] = ref - value if higher_is_better else value - ref
     finally:
         probe.restore()
     table = SensitivityTable(
         groups=group_map, group_params={g: sum(layers[n].weight.numel() for n in ns) for g, ns in group_map.items()},
         ranges=ranges, range_shares=shares, metrics=names,
-        higher_is_better={MSE: False, **{n: m.higher_is_better for n, m in user_metrics.items()}},
-        levels=levels, damage=damage, reference=reference, fingerprint=fingerprint,
+        higher_is_better={MSE: False, **{n: hib for n, (_, hib) in reference.items()}},
+        levels=levels, damage=damage, reference={MSE: 0.0, **{n: v for n, (v, _) in reference.items()}},
+        fingerprint=fingerprint,
     )
     if cache is not None:
         table.save(cache)
@@ -344,10 +366,12 @@ def _build_probe(model, layers, samples, base: QuantConfig, levels: list[str]) -
 
 
 @torch.no_grad()
-def _evaluate_float(model, samples, user_metrics) -> tuple[dict[str, float], list[torch.Tensor]]:
+def _evaluate_float(model, samples, user_metrics) -> tuple[dict[str, tuple[float, bool]], list[torch.Tensor]]:
     device = _model_device(model)
     outputs = [_output(model(**_map_tensors(s, lambda t: t.to(device)))) for s in samples]
-    reference = {MSE: 0.0, **{name: float(m.fn(model)) for name, m in user_metrics.items()}}
+    reference = _evaluate_metrics(model, user_metrics)
+    if MSE in reference:
+        raise ValueError(f"metric name {MSE!r} is reserved for the built-in output-MSE proxy")
     return reference, outputs
 
 
