@@ -55,7 +55,7 @@ def make_inputs(b, h, n_q, n_kv, d, n_masked, seed=0, device="cuda"):
 
 
 def metrics(out, ref):
-    out, ref = out.float().flatten(), ref.float().flatten()
+    out, ref = out.double().flatten(), ref.double().flatten()
     return {"cos": float(out @ ref / (out.norm() * ref.norm())), "rel_l2": float((out - ref).norm() / ref.norm()),
             "finite": bool(torch.isfinite(out).all())}
 
@@ -254,6 +254,73 @@ def end_to_end(res, save, names=("pixart_1024", "cogvideox_2b"), compile_deadlin
         torch.cuda.empty_cache()
 
 
+def capture_sdpa_inputs(model, kwargs):
+    """q, k, v (and mask) of every SDPA call in one forward pass of ``model``."""
+    captured = []
+
+    class Capture(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kw=None):
+            kw = kw or {}
+            if func is F.scaled_dot_product_attention:
+                captured.append([t.detach().clone() if torch.is_tensor(t) else t for t in args[:3]]
+                                + [kw.get("attn_mask")])
+            return func(*args, **kw)
+
+    with torch.no_grad(), Capture():
+        model(**kwargs)
+    return captured
+
+
+def activation_quality(which):
+    """8-bit attention (the PyTorch reference, bit-for-bit the kernel's numerics up to P rounding order) vs exact
+    attention on q/k/v captured from a model: "cogvideox" = random-weight CogVideoX-2B-width blocks (30 heads x
+    64, LayerNorm'd Q/K, 226 text + 660 video tokens, 2 layers), "t2v" = the embedded T2V model (trained weights
+    if shipped, else its random init)."""
+    import diffusers
+
+    from viditq.attention import _mask_to_key_bias
+
+    torch.manual_seed(0)
+    if which == "cogvideox":
+        model = diffusers.CogVideoXTransformer3DModel(num_layers=2, sample_frames=9, sample_height=30,
+                                                      sample_width=44).eval()
+        kwargs = dict(hidden_states=torch.randn(2, 3, 16, 30, 44), encoder_hidden_states=torch.randn(2, 226, 4096),
+                      timestep=torch.tensor([500, 500]))
+        source = "random-weight CogVideoX-2B blocks"
+    else:
+        from viditq import models
+
+        try:
+            pipe = models.load_t2v_pipeline()
+            source = "embedded T2V (trained)"
+        except (FileNotFoundError, OSError):
+            pipe = models.new_pipeline("t2v")
+            source = "embedded T2V architecture, random init (no shipped weights)"
+        model = pipe.transformer.eval()
+        cfg = model.config
+        kwargs = dict(hidden_states=torch.randn(2, cfg.in_channels, cfg.video_length, cfg.sample_size,
+                                                cfg.sample_size),
+                      encoder_hidden_states=torch.randn(2, 16, cfg.caption_channels), timestep=torch.tensor([500, 500]),
+                      enable_temporal_attentions=True)
+    calls = capture_sdpa_inputs(model, kwargs)
+    res = {"source": source, "calls": []}
+    for q, k, v, mask in calls:
+        b, h, n_q, _ = q.shape
+        bias = _mask_to_key_bias(mask, b, h, n_q, k.shape[2]) if mask is not None else None
+        exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
+        entry = {"shape": list(q.shape), "n_kv": k.shape[2]}
+        for mode in KA.MODES:
+            out = KA.quantized_attention_reference(q.bfloat16(), k.bfloat16(), v.bfloat16(), mode, bias=bias)
+            entry[mode] = metrics(out, exact)
+        entry["bf16_sdpa"] = metrics(F.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(),
+                                                                    attn_mask=mask), exact)
+        res["calls"].append(entry)
+    for mode in KA.MODES + ("bf16_sdpa",):
+        res[f"min_cos_{mode}"] = min(c[mode]["cos"] for c in res["calls"])
+        res[f"max_rel_l2_{mode}"] = max(c[mode]["rel_l2"] for c in res["calls"])
+    return res
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="attention.json")
@@ -262,7 +329,15 @@ def main():
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--models", action="store_true", help="check tiny diffusers models (needs diffusers)")
     parser.add_argument("--e2e", action="store_true", help="CogVideoX-2B / PixArt-α forward, attention bf16 vs 8-bit")
+    parser.add_argument("--activations", default="", help="CPU: comma list of cogvideox,t2v (see activation_quality)")
     args = parser.parse_args()
+    if args.activations:
+        result = {name: activation_quality(name) for name in args.activations.split(",")}
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        for name, r in result.items():
+            print(name, r["source"], {k: round(v, 5) for k, v in r.items() if k.startswith(("min_", "max_"))})
+        return
     def save():
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
