@@ -112,12 +112,25 @@ def generate(
     seed: int = typer.Option(0),
     device: str = typer.Option("auto"),
     pipe_arg: list[str] = typer.Option([], help="Extra pipeline call argument key=value (repeatable)."),
+    gpus: int = typer.Option(1, help="GPUs for context-parallel (Ulysses) generation; with --device cpu, processes."),
 ):
     """Generate images or videos with a (quantized) pipeline."""
     import torch
 
     from .media import save_media
 
+    if gpus != 1:
+        from .parallel import generate_parallel
+
+        try:
+            paths = generate_parallel(model, prompt, out, gpus, steps=steps, seed=seed,
+                                      pipe_kwargs=_parse_pipe_args(pipe_arg),
+                                      device="cuda" if device == "auto" else device)
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--gpus") from None
+        for path in paths:
+            console.print(f"[green]wrote[/green] {path}")
+        return
     pipe = _load_any_pipeline(model, _device(device))
     kwargs = _parse_pipe_args(pipe_arg)
     for i, text in enumerate(prompt):
