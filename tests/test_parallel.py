@@ -5,6 +5,7 @@ attention call) with W8A8 QuantLinear layers and INT8 attention, and compare wit
 forward of the same checkpoint.
 """
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -206,18 +207,45 @@ def wan_dir(tmp_path_factory):
     return root / "quant"
 
 
-def test_generate_parallel_matches_single_gpu(wan_dir, tmp_path):
+def test_cli_generate_gpus_matches_single_gpu(wan_dir, tmp_path):
+    """`viditq generate --gpus 2` (here: 2 CPU processes) against the in-process single-device generation."""
     import numpy as np
+    from typer.testing import CliRunner
 
-    quant_dir = wan_dir
-    kw = dict(steps=2, seed=3, pipe_kwargs=PIPE_KW, device="cpu")
-    (single,) = generate_parallel(quant_dir, PROMPTS[:1], tmp_path / "single.npy", world_size=1, **kw)
-    (parallel,) = generate_parallel(quant_dir, PROMPTS[:1], tmp_path / "parallel.npy", world_size=WORLD, **kw)
+    from viditq.cli import app
+
+    (single,) = generate_parallel(wan_dir, PROMPTS[:1], tmp_path / "single.npy", world_size=1, steps=2, seed=3,
+                                  pipe_kwargs=PIPE_KW, device="cpu")
+    parallel = tmp_path / "parallel.npy"
+    pipe_args = [a for k, v in PIPE_KW.items() for a in ("--pipe-arg", f"{k}={v}")]
+    result = CliRunner().invoke(app, ["generate", "--model", str(wan_dir), "--prompt", PROMPTS[0], "--out",
+                                      str(parallel), "--steps", "2", "--seed", "3", "--device", "cpu", "--gpus",
+                                      str(WORLD), *pipe_args])
+    assert result.exit_code == 0, result.output
     a, b = torch.from_numpy(np.load(single)), torch.from_numpy(np.load(parallel))
     assert a.shape == b.shape == (5, 32, 32, 3)  # (frames, H, W, RGB) in [0, 1]
     assert a.std() > 0.01  # not a blank video
     assert sqnr_db(a, b) > 50, sqnr_db(a, b)
     assert (a - b).abs().max() < 2 / 255  # the same 8-bit video up to rounding
+
+
+def test_cli_generate_gpus_errors(tmp_path):
+    from typer.testing import CliRunner
+
+    from viditq.cli import app
+    from viditq.testing import tiny_pixart_pipeline
+
+    def error(args):  # typer's error box wraps lines: compare the words
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code != 0
+        return re.sub(r"[\s│╭╮╰╯─]+", " ", result.output)
+
+    tiny_pixart_pipeline().save_pretrained(tmp_path / "pixart")
+    base = ["generate", "--model", str(tmp_path / "pixart"), "--prompt", "a cat", "--out", str(tmp_path / "x.png")]
+    if torch.cuda.device_count() < 64:
+        assert "64 GPUs requested" in error([*base, "--gpus", "64"])  # --device auto means CUDA for --gpus > 1
+    assert "PixArtTransformer2DModel has no context-parallel plan" in error([*base, "--gpus", "2", "--device", "cpu"])
+    assert "must be >= 1" in error([*base, "--gpus", "0"])
 
 
 def test_capture_calibration_parallel_records_full_inputs(wan_dir):

@@ -278,6 +278,23 @@ def generate_media(pipe, prompts: list[str], out: Path, steps: int, seed: int, p
     return paths
 
 
+def check_pipeline_dir(model_dir: str | Path) -> None:
+    """ValueError unless ``model_dir`` is a pipeline directory whose transformer class has a context-parallel plan
+    (checked from its config before any process starts)."""
+    import json
+
+    import diffusers
+
+    config_file = Path(model_dir) / "transformer" / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{model_dir} is not a pipeline directory with a transformer (no {config_file})")
+    class_name = json.loads(config_file.read_text()).get("_class_name", "")
+    cls = getattr(diffusers, class_name, None)
+    if class_name not in _EXTRA_PLANS and getattr(cls, "_cp_plan", None) is None:
+        raise ValueError(f"{class_name or 'this transformer'} has no context-parallel plan; supported: diffusers "
+                         f"models with a _cp_plan (Wan, Flux, LTX, Qwen-Image, ...) and {sorted(_EXTRA_PLANS)}")
+
+
 def _generate_worker(rank: int, world_size: int, device: torch.device, model_dir: str, prompts: list[str],
                      out: str, steps: int, seed: int, pipe_kwargs: dict, kind: str, uneven: bool | None) -> None:
     pipe = load_parallel_pipeline(model_dir, world_size, device, kind, uneven)
@@ -300,6 +317,7 @@ def generate_parallel(model_dir: str | Path, prompts: list[str], out: str | Path
     if world_size == 1:
         pipe = load_parallel_pipeline(model_dir, 1, torch.device(device))
         return generate_media(pipe, list(prompts), Path(out), steps, seed, pipe_kwargs)
+    check_pipeline_dir(model_dir)
     launch(_generate_worker, world_size, str(model_dir), list(prompts), str(out), steps, seed, pipe_kwargs, kind,
            uneven, device=device)
     return _output_paths(Path(out), len(prompts))
@@ -330,6 +348,8 @@ def capture_calibration_parallel(model_dir: str | Path, prompts: list[str], worl
     transformer inputs, on CPU), ready for ``viditq.quantize(transformer, config, calib=records)``.
     """
     pipe_kwargs = dict(pipe_kwargs or {})
+    check_world(world_size, device)
+    check_pipeline_dir(model_dir)
     with tempfile.TemporaryDirectory(prefix="viditq-calib-") as tmp:
         records_file = str(Path(tmp) / "records.pt")
         launch(_capture_worker, world_size, str(model_dir), list(prompts), num_inference_steps, seed, pipe_kwargs,
