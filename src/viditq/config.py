@@ -250,9 +250,13 @@ register_preset(QuantConfig("w8a8", WeightSpec(8), ActSpec(8)))
 register_preset(QuantConfig("w6a6", WeightSpec(6), ActSpec(6)))
 register_preset(QuantConfig("w4a8", WeightSpec(4, symmetric=False, group_size=64), ActSpec(8)))
 register_preset(QuantConfig("w4a4", WeightSpec(4, symmetric=False, group_size=64), ActSpec(4)))
-# Metric-decoupled mixed precision: W4A8 base, 8-bit weights where (and when) the model is most sensitive.
-register_preset(QuantConfig("w4a8-mp", WeightSpec(4, symmetric=False, group_size=64), ActSpec(8),
-                            mixed_precision=MixedPrecisionSpec()))
+# Error-compensating (GPTQ) rounding of the 4-bit weights, from the calibration inputs' Hessians.
+register_preset(QuantConfig("w4a8-gptq", WeightSpec(4, symmetric=False, group_size=64, gptq=True), ActSpec(8)))
+register_preset(QuantConfig("w4a4-gptq", WeightSpec(4, symmetric=False, group_size=64, gptq=True), ActSpec(4)))
+# Metric-decoupled mixed precision: W4A8 (GPTQ) base, 8-bit weights where (and when) the model is most sensitive,
+# 5 bits on average as executed and at most 6 stored (a second weight copy only where it pays for itself).
+register_preset(QuantConfig("w4a8-mp", WeightSpec(4, symmetric=False, group_size=64, gptq=True), ActSpec(8),
+                            mixed_precision=MixedPrecisionSpec(budget_bits=5.0, memory_bits=6.0)))
 # Ablations / baselines: per-token dynamic without balancing, and the naive static per-tensor scheme.
 register_preset(QuantConfig("w8a8-dynamic", WeightSpec(8), ActSpec(8), balance=None))
 register_preset(QuantConfig("w4a8-dynamic", WeightSpec(4, False, 64), ActSpec(8), balance=None))
