@@ -95,6 +95,26 @@ def test_act_quant_fp8_matches_reference(k):
     assert (diff > 0).float().mean().item() < 1e-3
 
 
+def test_fast_rounding_algorithm_equals_division():
+    """The GPU rounding in ``act_quant._round_quotient`` (reciprocal multiply, the sign of ``y - t * scale`` at the
+    nearest half-integer t, and the half-ulp test for quotients that round to t) equals rounding the IEEE
+    quotient, ties and near ties included. Emulated in float64, where ``t * scale`` is exact like the FMA."""
+    g = torch.Generator().manual_seed(0)
+    scale = (torch.rand(4096, 1, generator=g) * 0.1 + 1e-3).float()
+    k = torch.randint(-127, 127, (4096, 64), generator=g).float()
+    ties = ((k + 0.5) * scale).float()  # many exact or near ties
+    y = torch.cat([ties, (torch.randn(4096, 64, generator=g) * 127 * scale).float()], dim=1)
+    v = y * (1.0 / scale)
+    r = torch.round(v)
+    t = r + torch.where(v >= r, 0.5, -0.5)
+    residual = (y.double() - t.double() * scale.double()).float()
+    ulp = (t.abs().view(torch.int32) + 1).view(torch.float32) - t.abs()
+    is_tie = residual.abs() < 0.5 * ulp * scale
+    fast = torch.where(is_tie, torch.round(t), torch.where(residual > 0, t + 0.5, t - 0.5))
+    assert (fast != torch.round(v)).any(), "the test must contain cases where rounding v alone is wrong"
+    assert torch.equal(fast, torch.round(y / scale))
+
+
 # ----------------------------------------------------------------------------------------- GEMMs
 SMALL_CFG = int_gemm.GemmConfig(32, 32, 32, 4, 4, 2)
 SMALL_CFG_G64 = int_gemm.GemmConfig(32, 32, 64, 4, 4, 2)

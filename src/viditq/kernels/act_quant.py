@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import torch
 import triton
@@ -30,6 +31,7 @@ MAX_ROW_ELEMENTS = 8192  # one row (padded to powers of two) must fit a program'
 
 # ----------------------------------------------------------------------------------------- configs
 PROGRAMS_PER_SM = 4  # grid-stride programs per SM; each prefetches its next row block while it computes
+_FAST_ROUND_OK = [True]  # cleared if this Triton cannot build the rint + FMA rounding (see quantize_activation)
 
 
 def _plain_config(k: int) -> tuple[int, int, int]:
@@ -68,30 +70,35 @@ def _row_scale(absmax, QMAX: tl.constexpr, MIN_S: tl.constexpr, CUDA_SCALAR_DIV:
 
 
 @triton.jit
-def _round_quotient(y, scale, inv_scale, GPU: tl.constexpr):
-    """``round_half_even(y / scale)`` exactly as with an IEEE division, at the cost of a multiply and an FMA.
+def _round_quotient(y, scale, inv_scale, FAST_ROUND: tl.constexpr):
+    """``round_half_even(fl(y / scale))`` — what the reference computes, IEEE quotient then rounding — without a
+    division per element.
 
-    ``v = y * (1/scale)`` is within a few ulps of the true quotient q, so q rounds to one of the two integers
-    around ``t``, the half-integer nearest to v. The sign of ``y - t * scale`` (one FMA, rounded once, so its sign
-    is exact) says on which side of t the true q lies; zero is an exact tie (bf16 inputs hit those often).
-    The CPU interpreter has no fused multiply-add, so there the quotient is divided and rounded directly."""
-    if not GPU:
+    ``v = y * (1/scale)`` is within a few ulps of the true quotient q, so the answer is one of the two integers
+    around ``t``, the half-integer nearest to v. ``y - t * scale`` (one FMA, rounded once, so its sign is exact)
+    says on which side of t q lies. If q is within half an ulp of t, the IEEE quotient *is* t and the reference
+    rounds that tie to even (bf16 inputs hit exact and near ties often). The CPU interpreter has no fused
+    multiply-add, so there the quotient is divided and rounded directly."""
+    if not FAST_ROUND:
         return _round_half_even(tl.math.div_rn(y, scale))
     v = y * inv_scale
     r = libdevice.rint(v)
     t = r + tl.where(v >= r, 0.5, -0.5)
     residual = tl.fma(-t, scale, y)
-    return tl.where(residual > 0, t + 0.5, tl.where(residual < 0, t - 0.5, libdevice.rint(t)))
+    t_abs = tl.abs(t)
+    ulp = (t_abs.to(tl.int32, bitcast=True) + 1).to(tl.float32, bitcast=True) - t_abs
+    is_tie = tl.abs(residual) < 0.5 * ulp * scale
+    return tl.where(is_tie, libdevice.rint(t), tl.where(residual > 0, t + 0.5, t - 0.5))
 
 
 @triton.jit
-def _store_codes(codes_ptrs, y, scale, mask, QMAX: tl.constexpr, FP8: tl.constexpr, GPU: tl.constexpr):
+def _store_codes(codes_ptrs, y, scale, mask, QMAX: tl.constexpr, FP8: tl.constexpr, FAST_ROUND: tl.constexpr):
     """Store ``y / scale`` as int8 (rounded half to even, clamped) or fp8 e4m3 (round to nearest even)."""
     inv_scale = 1.0 / scale
     if FP8:
         tl.store(codes_ptrs, tl.clamp(y * inv_scale, -QMAX, QMAX).to(tl.float8e4nv), mask=mask)
     else:
-        codes = tl.clamp(_round_quotient(y, scale, inv_scale, GPU), -QMAX, QMAX)
+        codes = tl.clamp(_round_quotient(y, scale, inv_scale, FAST_ROUND), -QMAX, QMAX)
         tl.store(codes_ptrs, codes.to(tl.int8), mask=mask)
 
 
@@ -100,7 +107,7 @@ def _act_quant_plain_kernel(
     x_ptr, smooth_ptr, codes_ptr, scale_ptr,
     M, K, stride_xm, stride_cm, num_programs,
     HAS_SMOOTH: tl.constexpr, QMAX: tl.constexpr, MIN_S: tl.constexpr, FP8: tl.constexpr,
-    CUDA_SCALAR_DIV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+    CUDA_SCALAR_DIV: tl.constexpr, FAST_ROUND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     offs_k = tl.arange(0, BLOCK_K)
     k_mask = offs_k < K
@@ -116,7 +123,7 @@ def _act_quant_plain_kernel(
             y = y * smooth[None, :]
         scale = _row_scale(tl.max(tl.abs(y), axis=1), QMAX, MIN_S, CUDA_SCALAR_DIV)  # (BLOCK_M,)
         codes_ptrs = codes_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_k[None, :]
-        _store_codes(codes_ptrs, y, scale[:, None], mask, QMAX, FP8, CUDA_SCALAR_DIV)
+        _store_codes(codes_ptrs, y, scale[:, None], mask, QMAX, FP8, FAST_ROUND)
         tl.store(scale_ptr + offs_m, scale, mask=offs_m < M)
 
 
@@ -138,7 +145,7 @@ def _act_quant_rotate_kernel(
     x_ptr, smooth_ptr, signs_ptr, hp_ptr, hm_ptr, codes_ptr, scale_ptr,
     M, K, stride_xm, stride_cm, inv_sqrt_k, num_programs,
     HAS_SMOOTH: tl.constexpr, QMAX: tl.constexpr, MIN_S: tl.constexpr, FP8: tl.constexpr,
-    CUDA_SCALAR_DIV: tl.constexpr, M_H: tl.constexpr, M_PAD: tl.constexpr, P: tl.constexpr, BLOCK_M: tl.constexpr, EXACT_FP32: tl.constexpr,
+    CUDA_SCALAR_DIV: tl.constexpr, FAST_ROUND: tl.constexpr, M_H: tl.constexpr, M_PAD: tl.constexpr, P: tl.constexpr, BLOCK_M: tl.constexpr, EXACT_FP32: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
     offs_i = tl.arange(0, M_PAD)  # Paley axis (padded)
@@ -168,7 +175,7 @@ def _act_quant_rotate_kernel(
         scale = _row_scale(absmax, QMAX, MIN_S, CUDA_SCALAR_DIV)  # (BLOCK_M,)
         out_off = offs_m[:, None, None].to(tl.int64) * stride_cm
         _store_codes(codes_ptr + out_off + offs_k[None, :, :], y, scale[:, None, None], mask, QMAX, FP8,
-                     CUDA_SCALAR_DIV)
+                     FAST_ROUND)
         tl.store(scale_ptr + offs_m, scale, mask=offs_m < M)
 
 
@@ -255,10 +262,26 @@ def quantize_activation(
     codes = torch.empty(m_rows, k, device=x.device, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
     scale = torch.empty(m_rows, 1, device=x.device, dtype=torch.float32)
     smooth = smooth_inv if smooth_inv is not None else scale  # dummy pointer when unused
+    on_gpu = x.device.type == "cuda"
     common = dict(HAS_SMOOTH=smooth_inv is not None, QMAX=qmax, MIN_S=MIN_SCALE, FP8=fp8,
-                  CUDA_SCALAR_DIV=x.device.type == "cuda")
+                  CUDA_SCALAR_DIV=on_gpu, FAST_ROUND=on_gpu and _FAST_ROUND_OK[0])
     if m_rows == 0:
         return codes, scale
+    try:
+        _launch(x, smooth, rot_signs, rot_m, codes, scale, common)
+    except triton.CompilationError:
+        if not common["FAST_ROUND"]:
+            raise
+        # The fast rounding (libdevice rint + FMA tie check) was added after the last H100 run; if this Triton
+        # cannot build it, use the division path measured there (same codes, slower) from now on.
+        warnings.warn("viditq act_quant: fast rounding failed to compile; using IEEE division", stacklevel=2)
+        _FAST_ROUND_OK[0] = False
+        _launch(x, smooth, rot_signs, rot_m, codes, scale, dict(common, FAST_ROUND=False))
+    return codes, scale
+
+
+def _launch(x, smooth, rot_signs, rot_m, codes, scale, common) -> None:
+    m_rows, k = x.shape
     if rot_signs is None:
         block_m, block_k, warps = _plain_config(k)
         programs = _grid_size(x.device, triton.cdiv(m_rows, block_m))
@@ -266,7 +289,7 @@ def quantize_activation(
             x, smooth, codes, scale, m_rows, k, x.stride(0), codes.stride(0), programs,
             BLOCK_M=block_m, BLOCK_K=block_k, NUM_STAGES=2, num_warps=warps, **common,
         )
-        return codes, scale
+        return
     hp, hm, m_h, m_pad, p = _hadamard_operands(k, rot_m, x.device)
     block_m, warps = _rotate_config(m_pad, p)
     programs = _grid_size(x.device, triton.cdiv(m_rows, block_m))
@@ -275,4 +298,3 @@ def quantize_activation(
         programs, M_H=m_h, M_PAD=m_pad, P=p, BLOCK_M=block_m, EXACT_FP32=_interpreted(), NUM_STAGES=2,
         num_warps=warps, **common,
     )
-    return codes, scale

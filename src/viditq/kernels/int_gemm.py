@@ -55,7 +55,9 @@ def default_config(m: int, n: int, k: int, packed_int4: bool, group_size: int, f
         return GemmConfig(*fields[:6], bool(fields[6]), bool(fields[7]), *fields[8:])
     if m <= 64:
         return GemmConfig(64, 128, 64 if grouped else 128, 8, 4, 4)
-    if packed_int4 or grouped:
+    if packed_int4:  # the fastest W4A8 variant measured on H100 (v1 in NOTES.md; far from the int8 rate)
+        return GemmConfig(128, 256, min(64, group_size), 8, 8, 3, persistent=True, tma=True, w4_mode=0)
+    if grouped:
         return GemmConfig(128, 128, min(64, group_size), 8, 8, 4)
     if fp8:
         return GemmConfig(128, 256, 128, 8, 8, 3, persistent=True, tma=True)
@@ -203,6 +205,7 @@ def _quant_gemm_tma_kernel(
     M, N, K, stride_am, stride_sg, group_size, num_programs,
     PACKED: tl.constexpr, GROUPED: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    W4_MODE: tl.constexpr,
 ):
     """Persistent variant: A and B arrive by TMA (bulk tensor copies, zero-filled at the edges; packed int4 as in
     ``W4_MODES`` 1); the tile loop is flattened with the K loop so the next
@@ -224,14 +227,19 @@ def _quant_gemm_tma_kernel(
         for ki in range(k_tiles):
             k0 = ki * BLOCK_K
             if PACKED:
-                a_even, a_odd = tl.split(tl.reshape(a_desc.load([pid_m * BLOCK_M, k0]), (BLOCK_M, BLOCK_K // 2, 2)))
+                a = a_desc.load([pid_m * BLOCK_M, k0])
                 low, high = _int4_halves(b_desc.load([pid_n * BLOCK_N, k0 // 2]))  # (BLOCK_N, BLOCK_K // 2)
                 if HAS_ZERO:
                     z = tl.load(w_zero_ptr + offs_n * stride_sg + k0 // group_size, mask=n_mask, other=0)
                     low = low - z[:, None]
                     high = high - z[:, None]
-                part = tl.dot(a_even, tl.trans(low), out_dtype=tl.int32)
-                part = tl.dot(a_odd, tl.trans(high), part, out_dtype=tl.int32)
+                if W4_MODE == 0:  # the variant measured on H100 (NOTES.md, v1)
+                    b = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K))  # (n, 2j + t)
+                    part = tl.dot(a, tl.trans(b), out_dtype=tl.int32)
+                else:
+                    a_even, a_odd = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))
+                    part = tl.dot(a_even, tl.trans(low), out_dtype=tl.int32)
+                    part = tl.dot(a_odd, tl.trans(high), part, out_dtype=tl.int32)
                 if GROUPED:
                     s = tl.load(w_scale_ptr + offs_n * stride_sg + k0 // group_size, mask=n_mask, other=0.0)
                     acc += part.to(tl.float32) * s.to(tl.float32)[None, :]
@@ -339,7 +347,7 @@ def _launch_tma(a, a_scale, w, w_scale, w_zero, group_size, packed_int4, bias, c
         a_desc, b_desc, c_desc, a, a_scale, w_scale, w_zero if w_zero is not None else w_scale,
         bias if bias is not None else a_scale, m, n, k, a.stride(0), w_scale.stride(0), group_size, programs,
         PACKED=packed_int4, GROUPED=group_size < k, HAS_ZERO=w_zero is not None, HAS_BIAS=bias is not None, FP8=fp8,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, W4_MODE=cfg.w4_mode,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
