@@ -234,3 +234,22 @@ def test_quantlinear_triton_path_matches_reference_path(preset_bits, monkeypatch
     monkeypatch.setenv("VIDITQ_BACKEND", "reference")
     assert not dispatch.use_triton(x)
     assert rel_err(y, layer(x)) < 1e-2
+
+
+# ----------------------------------------------------------------------------------------- custom ops (compile)
+def test_custom_ops_pass_opcheck():
+    """``viditq::quantize_activation`` / ``viditq::int_linear`` (what torch.compile sees): schema, fake-tensor
+    shapes and dtypes agree with the real kernels (run here on the interpreter or the GPU)."""
+    from viditq.kernels import ops  # noqa: F401 — registers the ops
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 64, generator=g).to(DEVICE, torch.bfloat16)
+    signs = random_signs(64, 1).to(DEVICE)
+    torch.library.opcheck(torch.ops.viditq.quantize_activation.default, (x, 8, None, signs, 1),
+                          test_utils=("test_schema", "test_faketensor"))
+    w, w_scale, w_zero, gs, packed = _make_weight(16, 64, 4, False, None, g)
+    codes, scale = reference.quantize_activation(x, 8)
+    bias = torch.randn(16, generator=g).to(DEVICE, torch.bfloat16)
+    torch.library.opcheck(torch.ops.viditq.int_linear.default,
+                          (codes, scale, w, w_scale, w_zero, gs, packed, bias, torch.bfloat16),
+                          test_utils=("test_schema", "test_faketensor"))

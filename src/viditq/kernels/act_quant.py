@@ -1,6 +1,7 @@
 """Fused per-token activation quantization (Triton): smoothing, online Hadamard rotation, absmax, round.
 
-One program quantizes ``BLOCK_M`` whole rows: the row is read once from device memory (bf16/fp16/fp32),
+Programs walk blocks of ``BLOCK_M`` whole rows (grid-stride, next block prefetched); each row is read once from
+device memory (bf16/fp16/fp32),
 multiplied by ``smooth_inv * signs``, rotated by ``(H_m ⊗ H_p) / sqrt(K)`` in registers, reduced to its absmax and
 written as int8 codes (or fp8 e4m3 values) plus one float32 scale. Numerics follow
 ``reference.quantize_activation`` (round half to even, ``MIN_SCALE`` floor, scale = absmax times the float32

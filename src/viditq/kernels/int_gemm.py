@@ -36,7 +36,7 @@ class GemmConfig:
     num_stages: int = 3
     persistent: bool = False
     tma: bool = False  # TMA + persistent kernel (ignored where its alignment rules do not hold)
-    w4_mode: int = 1  # packed int4 main loop: 0 interleave B, 1 split A, 2 weights as the register operand
+    w4_mode: int = 0  # packed int4 main loop (W4_MODES): 0 interleave B (measured), 1 split A, 2 swapped operands
 
 
 W4_MODES = {0: "interleave the unpacked B halves back along K (join + reshape)",
@@ -54,7 +54,8 @@ def default_config(m: int, n: int, k: int, packed_int4: bool, group_size: int, f
         fields = [int(v) for v in override.split(",")]
         return GemmConfig(*fields[:6], bool(fields[6]), bool(fields[7]), *fields[8:])
     if m <= 64:
-        return GemmConfig(64, 128, 64 if grouped else 128, 8, 4, 4)
+        return GemmConfig(64, 128, 64 if grouped or packed_int4 else 128, 8, 4, 4, persistent=packed_int4,
+                          tma=packed_int4)
     if packed_int4:  # the fastest W4A8 variant measured on H100 (v1 in NOTES.md; far from the int8 rate)
         return GemmConfig(128, 256, min(64, group_size), 8, 8, 3, persistent=True, tma=True, w4_mode=0)
     if grouped:
