@@ -254,8 +254,8 @@ def test_capture_calibration_parallel_records_full_inputs(wan_dir):
     quant_dir = wan_dir
     pipe = viditq.load_pipeline(quant_dir)
     pipe.set_progress_bar_config(disable=True)
-    single = viditq.capture_calibration(pipe, PROMPTS, num_inference_steps=2, generator=torch.Generator().manual_seed(5),
-                                        **PIPE_KW)
+    generator = torch.Generator().manual_seed(5)
+    single = viditq.capture_calibration(pipe, PROMPTS, num_inference_steps=2, generator=generator, **PIPE_KW)
     parallel = capture_calibration_parallel(quant_dir, PROMPTS, WORLD, num_inference_steps=2, seed=5,
                                             pipe_kwargs=PIPE_KW, device="cpu")
     assert len(parallel) == len(single) == 4  # 2 steps x (conditional, unconditional): Wan runs CFG as 2 calls

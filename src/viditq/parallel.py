@@ -20,6 +20,7 @@ Entry points: :func:`enable_context_parallel` (inside processes you launched, e.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import tempfile
@@ -133,20 +134,31 @@ def _check_request(model: nn.Module, world_size: int, kind: str, attention_mode:
                          "return; use kind='ulysses' or bf16 attention")
 
 
+def _check_head_split(heads: int | None, world_size: int, kind: str, uneven: bool) -> None:
+    """Ulysses gives each rank ceil(heads / world_size) heads; diffusers pads the missing ones, and only accepts
+    fewer padded heads than that (30 heads on 4 GPUs: 8 per rank, 2 padded, fine; 4 on 3: 2 per rank, 2 padded,
+    refused)."""
+    if kind != "ulysses" or heads is None or heads % world_size == 0:
+        return
+    if not uneven:
+        raise ValueError(f"{heads} attention heads do not split evenly over {world_size} ranks: pass uneven=True")
+    per_rank = -(-heads // world_size)
+    if per_rank * world_size - heads >= per_rank:
+        raise ValueError(f"Ulysses cannot split {heads} attention heads over {world_size} ranks (diffusers pads at "
+                         f"most {per_rank - 1} heads); use a world size that divides {heads} or ring attention")
+
+
+@contextlib.contextmanager
 def _accelerator_count_at_least_one():
     """diffusers 0.42.1 picks the rank's device as ``rank % torch.accelerator.device_count()``, a division by zero
     on a CPU-only host; for the CPU (gloo) path, count the CPU as one device while the mesh is built."""
     original = torch.accelerator.device_count
-
-    class _Shim:
-        def __enter__(self):
-            if original() == 0:
-                torch.accelerator.device_count = lambda: 1
-
-        def __exit__(self, *exc):
-            torch.accelerator.device_count = original
-
-    return _Shim()
+    if original() == 0:
+        torch.accelerator.device_count = lambda: 1
+    try:
+        yield
+    finally:
+        torch.accelerator.device_count = original
 
 
 def enable_context_parallel(model: nn.Module, world_size: int | None = None, kind: str = "ulysses",
@@ -174,7 +186,8 @@ def enable_context_parallel(model: nn.Module, world_size: int | None = None, kin
     _check_request(model, world_size, kind, attention_mode)
     heads = _heads(model)
     if uneven is None:
-        uneven = heads is not None and heads % world_size != 0
+        uneven = kind == "ulysses" and heads is not None and heads % world_size != 0
+    _check_head_split(heads, world_size, kind, uneven)
     degree = {"ring_degree": world_size} if kind == "ring" else {"ulysses_degree": world_size}
     anything = {"ring_anything": uneven} if kind == "ring" else {"ulysses_anything": uneven}
     config = ContextParallelConfig(**degree, **anything)
