@@ -111,6 +111,11 @@ def test_requests_that_cannot_work_are_refused(one_process_group):
         enable_context_parallel(tiny_model("wan"), 2, kind="zigzag")
     with pytest.raises(ValueError, match="world_size >= 2"):
         enable_context_parallel(tiny_model("wan"), 1)
+    # 2 heads over 3 ranks: 1 head each, 1 padded, which diffusers does not accept; nor, unasked, an uneven split
+    with pytest.raises(ValueError, match="cannot split 2 attention heads over 3 ranks"):
+        enable_context_parallel(tiny_model("wan"), 3)
+    with pytest.raises(ValueError, match="pass uneven=True"):
+        enable_context_parallel(tiny_model("wan"), 3, uneven=False)
 
 
 def test_needs_a_process_group():
@@ -173,19 +178,25 @@ def test_context_parallel_matches_single_process(parallel_run, case):
 
 
 # ------------------------------------------------------------------------------------------ pipelines
-PIPE_KW = dict(height=32, width=32, num_frames=5, max_sequence_length=16)
+WAN_KW = dict(height=32, width=32, num_frames=5, max_sequence_length=16)  # 2 latent frames x 2 x 2 patches
+COG_KW = dict(height=32, width=32, num_frames=9, max_sequence_length=8)  # 3 latent frames x 2 x 2 patches, 8 text
 PROMPTS = ["a red circle", "a blue square above a green triangle"]
+
+
+def _tiny_text_encoder():
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = tiny_word_tokenizer()
+    return tokenizer, T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=48, d_kv=16, d_ff=96, num_layers=2,
+                                              num_heads=3, relative_attention_num_buckets=8)).eval()
 
 
 def tiny_wan_pipeline(seed: int = 0):
     """A Wan-2.1-shaped text-to-video pipeline (T5 encoder, Wan VAE, Wan transformer) with tiny random weights."""
     import diffusers
-    from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
-    tokenizer = tiny_word_tokenizer()
-    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=48, d_kv=16, d_ff=96, num_layers=2,
-                                           num_heads=3, relative_attention_num_buckets=8)).eval()
+    tokenizer, text_encoder = _tiny_text_encoder()
     vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                                      temperal_downsample=[False, True, True]).eval()
     transformer = diffusers.WanTransformer3DModel(
@@ -195,29 +206,47 @@ def tiny_wan_pipeline(seed: int = 0):
                                  scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
 
 
+def tiny_cogvideox_pipeline(seed: int = 0):
+    """A CogVideoX-2B-shaped pipeline (T5 encoder, CogVideoX VAE, transformer) with tiny random weights."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    tokenizer, text_encoder = _tiny_text_encoder()
+    vae = diffusers.AutoencoderKLCogVideoX(
+        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
+        layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4).eval()
+    return diffusers.CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
+                                       transformer=tiny_model("cogvideox", seed),
+                                       scheduler=diffusers.CogVideoXDDIMScheduler())
+
+
 @pytest.fixture(scope="module")
-def wan_dir(tmp_path_factory):
-    """A quantized (W8A8, INT8 attention) tiny Wan pipeline directory."""
-    root = tmp_path_factory.mktemp("wan")
-    pipe = tiny_wan_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    calib = viditq.capture_calibration(pipe, PROMPTS, num_inference_steps=2, **PIPE_KW)
-    viditq.quantize(pipe.transformer, CONFIG, calib)
-    viditq.save_quantized(pipe, root / "quant")
-    return root / "quant"
+def pipeline_dirs(tmp_path_factory):
+    """Quantized (W8A8, INT8 attention) tiny Wan and CogVideoX pipeline directories."""
+    root = tmp_path_factory.mktemp("pipelines")
+    dirs = {}
+    for name, build, kw in (("wan", tiny_wan_pipeline, WAN_KW), ("cogvideox", tiny_cogvideox_pipeline, COG_KW)):
+        pipe = build()
+        pipe.set_progress_bar_config(disable=True)
+        calib = viditq.capture_calibration(pipe, PROMPTS, num_inference_steps=2, **kw)
+        viditq.quantize(pipe.transformer, CONFIG, calib)
+        dirs[name] = viditq.save_quantized(pipe, root / name)
+    return dirs
 
 
-def test_cli_generate_gpus_matches_single_gpu(wan_dir, tmp_path):
+def test_cli_generate_gpus_matches_single_gpu(pipeline_dirs, tmp_path):
     """`viditq generate --gpus 2` (here: 2 CPU processes) against the in-process single-device generation."""
     import numpy as np
     from typer.testing import CliRunner
 
     from viditq.cli import app
 
+    wan_dir = pipeline_dirs["wan"]
     (single,) = generate_parallel(wan_dir, PROMPTS[:1], tmp_path / "single.npy", world_size=1, steps=2, seed=3,
-                                  pipe_kwargs=PIPE_KW, device="cpu")
+                                  pipe_kwargs=WAN_KW, device="cpu")
     parallel = tmp_path / "parallel.npy"
-    pipe_args = [a for k, v in PIPE_KW.items() for a in ("--pipe-arg", f"{k}={v}")]
+    pipe_args = [a for k, v in WAN_KW.items() for a in ("--pipe-arg", f"{k}={v}")]
     result = CliRunner().invoke(app, ["generate", "--model", str(wan_dir), "--prompt", PROMPTS[0], "--out",
                                       str(parallel), "--steps", "2", "--seed", "3", "--device", "cpu", "--gpus",
                                       str(WORLD), *pipe_args])
@@ -248,23 +277,22 @@ def test_cli_generate_gpus_errors(tmp_path):
     assert "must be >= 1" in error([*base, "--gpus", "0"])
 
 
-def test_capture_calibration_parallel_records_full_inputs(wan_dir):
-    # The quantized directory: diffusers cannot load the float Wan transformer here without `accelerate`
-    # (keep_in_fp32_modules needs low_cpu_mem_usage); the capture does not care what the transformer holds.
-    quant_dir = wan_dir
-    pipe = viditq.load_pipeline(quant_dir)
+def test_capture_calibration_parallel_records_full_inputs(pipeline_dirs):
+    # (The quantized CogVideoX pipeline: the capture does not care what the transformer holds.)
+    cog_dir = pipeline_dirs["cogvideox"]
+    pipe = viditq.load_pipeline(cog_dir)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(5)
-    single = viditq.capture_calibration(pipe, PROMPTS, num_inference_steps=2, generator=generator, **PIPE_KW)
-    parallel = capture_calibration_parallel(quant_dir, PROMPTS, WORLD, num_inference_steps=2, seed=5,
-                                            pipe_kwargs=PIPE_KW, device="cpu")
-    assert len(parallel) == len(single) == 4  # 2 steps x (conditional, unconditional): Wan runs CFG as 2 calls
+    single = viditq.capture_calibration(pipe, PROMPTS, num_inference_steps=2, generator=generator, **COG_KW)
+    parallel = capture_calibration_parallel(cog_dir, PROMPTS, WORLD, num_inference_steps=2, seed=5,
+                                            pipe_kwargs=COG_KW, device="cpu")
+    assert len(parallel) == len(single) == 2  # one record per step (CFG batch of 2 x 2 prompts)
     for i, (rec_s, rec_p) in enumerate(zip(single, parallel)):
         assert rec_p.keys() == rec_s.keys()
-        assert rec_p["hidden_states"].shape == rec_s["hidden_states"].shape  # full inputs, not one rank's share
-        if i < 2:  # step 0: the seeded latents themselves
+        assert rec_p["hidden_states"].shape == rec_s["hidden_states"].shape == (4, 3, 4, 4, 4)  # full, unsharded
+        if i == 0:  # step 0: the seeded latents themselves
             torch.testing.assert_close(rec_p["hidden_states"], rec_s["hidden_states"], rtol=0, atol=0)
-        else:  # step 1 follows the transformer output, which carries Wan's cross-attention 8-bit noise (see above)
-            assert sqnr_db(rec_s["hidden_states"], rec_p["hidden_states"]) > 45
+        else:  # step 1 follows the context-parallel transformer output (exact up to float order for CogVideoX)
+            assert sqnr_db(rec_s["hidden_states"], rec_p["hidden_states"]) > 80
         torch.testing.assert_close(rec_p["encoder_hidden_states"], rec_s["encoder_hidden_states"])
         torch.testing.assert_close(rec_p["timestep"], rec_s["timestep"])
