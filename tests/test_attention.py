@@ -293,3 +293,17 @@ def test_kernel_tiles_match_reference(config):
     q, k, v = realistic_qkv(1, 2, 100, 150, 64, seed=11)
     out = KA.quantized_attention_triton(q, k, v, "fp8", config=config)
     assert rel_l2(out, KA.quantized_attention_reference(q, k, v, "fp8", config=config)) < 0.03
+
+
+def test_wrapper_forwards_attribute_writes_to_the_wrapped_processor():
+    from viditq.attention import QuantizedAttnProcessor
+
+    class Proc:
+        _attention_backend = None
+
+    inner = Proc()
+    wrapper = QuantizedAttnProcessor(inner, "int8")
+    wrapper._attention_backend = "native"
+    wrapper._parallel_config = "cfg"
+    assert inner._attention_backend == "native" and inner._parallel_config == "cfg"
+    assert wrapper.mode == "int8" and wrapper.processor is inner

@@ -94,8 +94,11 @@ class SDPARouter(TorchFunctionMode):
 class QuantizedAttnProcessor:
     """Wraps a diffusers attention processor; its SDPA runs as 8-bit attention of ``mode`` ("int8" | "fp8").
 
-    Attribute reads fall through to the wrapped processor (``_attention_backend`` and the like).
+    Attribute reads and writes (other than its own ``processor`` and ``mode``) go to the wrapped processor, so
+    diffusers' ``set_attention_backend`` / ``enable_parallelism`` configure the processor that really runs.
     """
+
+    _OWN = ("processor", "mode")
 
     def __init__(self, processor, mode: str):
         self.processor = processor
@@ -104,6 +107,12 @@ class QuantizedAttnProcessor:
     def __call__(self, attn, *args, **kwargs):
         with SDPARouter(self.mode):
             return self.processor(attn, *args, **kwargs)
+
+    def __setattr__(self, name, value):
+        if name in self._OWN or "processor" not in self.__dict__:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.processor, name, value)
 
     def __getattr__(self, name):
         processor = self.__dict__.get("processor")
