@@ -11,7 +11,7 @@ import viditq
 from viditq.config import ActSpec, BalanceSpec, LayerRule, MixedPrecisionSpec, QuantConfig, WeightSpec
 from viditq.layers import TimestepSwitchLinear
 from viditq.mixed_precision import (
-    MSE, Metric, SensitivityTable, allocate, group_key, layer_groups, measure_sensitivity, plot_sensitivity,
+    MSE, Metric, OutputMetric, SensitivityTable, allocate, group_key, layer_groups, measure_sensitivity, plot_sensitivity,
     split_timesteps,
 )
 from viditq.quantize import layer_schedule
@@ -199,18 +199,24 @@ def test_sensitivity_proxy_user_metric_and_cache(tmp_path):
     base = dataclasses.replace(W4A8, **FAST)
     # a metric set: two names from one evaluation, with their own directions
     pair = Metric(lambda m: {"err_up": -neg_error(m), "err_down": neg_error(m)}, {"err_up": False, "err_down": True})
-    table = measure_sensitivity(model, MLP_CALIB, {"err": metric, "pair": pair}, timestep_ranges=4,
+    # output metrics score the calibration outputs of the probed range only (no extra model calls)
+    outs = OutputMetric(lambda o, s: {"power": sum(float(x.pow(2).mean()) for x in o) / len(o), "const": 1.0},
+                        {"power": True, "const": True})
+    table = measure_sensitivity(model, MLP_CALIB, {"err": metric, "pair": pair, "outs": outs}, timestep_ranges=4,
                                 base_config=base, cache=tmp_path / "s.json")
-    assert table.metrics == [MSE, "err", "err_up", "err_down"] and table.damage.shape == (2, 6, 4, 4)
+    assert table.metrics == [MSE, "err", "err_up", "err_down", "power", "const"]
+    assert table.damage.shape == (2, 6, 4, 6)
     torch.testing.assert_close(table.damage[..., 2], table.damage[..., 1])
     torch.testing.assert_close(table.damage[..., 3], table.damage[..., 1])
+    assert (table.damage[..., 5] == 0).all() and (table.damage[..., 4].abs() > 0).all()
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # model restored
     assert type(model.blocks[0]["ff"]["fc"]) is nn.Linear and model._viditq_timestep_hook is None
-    assert (table.damage[0] >= 0).all() and (table.damage[0, ..., 0] > table.damage[1, ..., 0]).all()
+    assert (table.damage[0, ..., :4] >= 0).all() and (table.damage[0, ..., 0] > table.damage[1, ..., 0]).all()
     # the user metric sees only eval timesteps 100 and 900: ranges 1 and 2 (t in 225..875) do no damage to it
     assert (table.damage[:, :, 1:3, 1].abs() < 1e-12).all() and (table.damage[0, :, 0, 1] > 0).all()
     n_calls = len(calls)
-    again = measure_sensitivity(model, MLP_CALIB, {"err": metric, "pair": pair}, timestep_ranges=4, base_config=base,
+    again = measure_sensitivity(model, MLP_CALIB, {"err": metric, "pair": pair, "outs": outs}, timestep_ranges=4,
+                                base_config=base,
                                 cache=tmp_path / "s.json")
     assert len(calls) == n_calls and torch.equal(again.damage, table.damage)  # from the cache
     measure_sensitivity(model, MLP_CALIB[:4], {"err": metric}, timestep_ranges=4, base_config=base,

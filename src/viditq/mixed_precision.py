@@ -210,6 +210,16 @@ class Metric:
         return self.higher_is_better[key]
 
 
+@dataclass(frozen=True)
+class OutputMetric(Metric):
+    """A metric of the model's *outputs on the calibration inputs*, as cheap as the MSE proxy (one forward per
+    sample of the probed timestep range, no sampling loop): ``fn(outputs, samples)`` gets the outputs (list of
+    tensors) and the kwargs dicts of those samples, and returns a float or a dict of named floats (e.g. a probe's
+    alignment with the prompt and feature distances of the one-step denoised prediction). A probed cell's damage
+    is the change on its range's samples, weighted by their share of all samples.
+    """
+
+
 def _as_metric(value) -> Metric:
     if isinstance(value, Metric):
         return value
@@ -331,12 +341,21 @@ def measure_sensitivity(
         cells = [(li, gi, ri) for li in range(len(measured)) for gi in range(len(group_map))
                  for ri in range(len(ranges))]
         group_lists = list(group_map.values())
+        model_metrics = {n: m for n, m in user_metrics.items() if not isinstance(m, OutputMetric)}
+        output_metrics = {n: m for n, m in user_metrics.items() if isinstance(m, OutputMetric)}
+        range_refs = [_output_metric_values(output_metrics, samples, ref_outputs, sample_ranges, ri)
+                      for ri in range(len(ranges))]
         for li, gi, ri in progress(cells, desc="sensitivity"):
             probe.set(group_lists[gi], measured[li], ranges[ri])
-            damage[li, gi, ri, 0] = _mse_damage(model, samples, ref_outputs, sample_ranges, ri)
-            values = _evaluate_metrics(model, user_metrics)
+            outputs = _range_outputs(model, samples, sample_ranges, ri)
+            damage[li, gi, ri, 0] = _mse_damage(outputs, ref_outputs, sample_ranges, ri)
+            values = {**_evaluate_metrics(model, model_metrics),
+                      **_output_metric_values(output_metrics, samples, outputs, sample_ranges, ri)}
+            refs = {**reference, **range_refs[ri]}
             for mi, name in enumerate(names[1:], start=1):
-                (ref, higher_is_better), value = reference[name], values[name][0]
+                if name not in values:  # an output metric on a range without calibration samples: no damage
+                    continue
+                (ref, higher_is_better), value = refs[name], values[name][0]
                 damage[li, gi, ri, mi] = ref - value if higher_is_better else value - ref
     finally:
         probe.restore()
@@ -367,26 +386,48 @@ def _build_probe(model, layers, samples, base: QuantConfig, levels: list[str]) -
 
 @torch.no_grad()
 def _evaluate_float(model, samples, user_metrics) -> tuple[dict[str, tuple[float, bool]], list[torch.Tensor]]:
-    device = _model_device(model)
-    outputs = [_output(model(**_map_tensors(s, lambda t: t.to(device)))) for s in samples]
-    reference = _evaluate_metrics(model, user_metrics)
+    """Float outputs of every sample, and every user metric's reference value (output metrics: on all samples,
+    only to learn their names and directions; their per-range references are computed separately)."""
+    outputs = _range_outputs(model, samples, [0] * len(samples), 0)
+    model_metrics = {n: m for n, m in user_metrics.items() if not isinstance(m, OutputMetric)}
+    output_metrics = {n: m for n, m in user_metrics.items() if isinstance(m, OutputMetric)}
+    reference = {**_evaluate_metrics(model, model_metrics),
+                 **_output_metric_values(output_metrics, samples, outputs, [0] * len(samples), 0)}
     if MSE in reference:
         raise ValueError(f"metric name {MSE!r} is reserved for the built-in output-MSE proxy")
     return reference, outputs
 
 
 @torch.no_grad()
-def _mse_damage(model, samples, ref_outputs, sample_ranges, range_idx: int) -> float:
+def _range_outputs(model, samples, sample_ranges, range_idx: int) -> list[torch.Tensor | None]:
+    """Model outputs of the samples in one timestep range (None for the others)."""
+    device = _model_device(model)
+    return [_output(model(**_map_tensors(s, lambda t: t.to(device)))) if r == range_idx else None
+            for s, r in zip(samples, sample_ranges)]
+
+
+def _mse_damage(outputs, ref_outputs, sample_ranges, range_idx: int) -> float:
     """Squared output error on the samples of one timestep range, relative to the total output power of all
     samples (so the cells of one group add up to its whole-schedule damage)."""
-    device = _model_device(model)
     power = sum(float(r.pow(2).mean()) for r in ref_outputs)
-    err = 0.0
-    for sample, ref, r in zip(samples, ref_outputs, sample_ranges):
-        if r == range_idx:
-            out = _output(model(**_map_tensors(sample, lambda t: t.to(device))))
-            err += float((out - ref).pow(2).mean())
+    err = sum(float((out - ref).pow(2).mean()) for out, ref, r in zip(outputs, ref_outputs, sample_ranges)
+              if r == range_idx)
     return err / max(power, 1e-30)
+
+
+def _output_metric_values(output_metrics, samples, outputs, sample_ranges, range_idx: int) -> dict:
+    """name → (value × share of samples in the range, direction) of every output metric on that range."""
+    chosen = [i for i, r in enumerate(sample_ranges) if r == range_idx]
+    if not chosen:
+        return {}
+    share = len(chosen) / len(samples)
+    values = {}
+    for name, metric in output_metrics.items():
+        result = metric.fn([outputs[i] for i in chosen], [samples[i] for i in chosen])
+        items = result.items() if isinstance(result, Mapping) else [(name, result)]
+        for key, value in items:
+            values[key] = (float(value) * share, metric.direction(key))
+    return values
 
 
 # ------------------------------------------------------------------------------------------ allocation
