@@ -200,15 +200,18 @@ def test_sensitivity_proxy_user_metric_and_cache(tmp_path):
     # a metric set: two names from one evaluation, with their own directions
     pair = Metric(lambda m: {"err_up": -neg_error(m), "err_down": neg_error(m)}, {"err_up": False, "err_down": True})
     # output metrics score the calibration outputs of the probed range only (no extra model calls)
-    outs = OutputMetric(lambda o, s: {"power": sum(float(x.pow(2).mean()) for x in o) / len(o), "const": 1.0},
-                        {"power": True, "const": True})
+    outs = OutputMetric(lambda o, s, r: {"power": sum(float(x.pow(2).mean()) for x in o) / len(o),
+                                         "out_err": -sum(float((x - y).pow(2).mean()) for x, y in zip(o, r))},
+                        {"power": True, "out_err": True})
     table = measure_sensitivity(model, MLP_CALIB, {"err": metric, "pair": pair, "outs": outs}, timestep_ranges=4,
                                 base_config=base, cache=tmp_path / "s.json")
-    assert table.metrics == [MSE, "err", "err_up", "err_down", "power", "const"]
+    assert table.metrics == [MSE, "err", "err_up", "err_down", "power", "out_err"]
     assert table.damage.shape == (2, 6, 4, 6)
     torch.testing.assert_close(table.damage[..., 2], table.damage[..., 1])
     torch.testing.assert_close(table.damage[..., 3], table.damage[..., 1])
-    assert (table.damage[..., 5] == 0).all() and (table.damage[..., 4].abs() > 0).all()
+    assert (table.damage[..., 4].abs() > 0).all()
+    ratio = table.damage[..., 5] / table.damage[..., 0]  # same squared error, other normalization: proportional
+    torch.testing.assert_close(ratio, ratio.flatten()[0].expand_as(ratio))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # model restored
     assert type(model.blocks[0]["ff"]["fc"]) is nn.Linear and model._viditq_timestep_hook is None
     assert (table.damage[0, ..., :4] >= 0).all() and (table.damage[0, ..., 0] > table.damage[1, ..., 0]).all()

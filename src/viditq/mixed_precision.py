@@ -213,8 +213,8 @@ class Metric:
 @dataclass(frozen=True)
 class OutputMetric(Metric):
     """A metric of the model's *outputs on the calibration inputs*, as cheap as the MSE proxy (one forward per
-    sample of the probed timestep range, no sampling loop): ``fn(outputs, samples)`` gets the outputs (list of
-    tensors) and the kwargs dicts of those samples, and returns a float or a dict of named floats (e.g. a probe's
+    sample of the probed timestep range, no sampling loop): ``fn(outputs, samples, references)`` gets the outputs
+    (list of tensors), the kwargs dicts of those samples and the float model's outputs on them, and returns a float or a dict of named floats (e.g. a probe's
     alignment with the prompt and feature distances of the one-step denoised prediction). A probed cell's damage
     is the change on its range's samples, weighted by their share of all samples.
     """
@@ -343,14 +343,14 @@ def measure_sensitivity(
         group_lists = list(group_map.values())
         model_metrics = {n: m for n, m in user_metrics.items() if not isinstance(m, OutputMetric)}
         output_metrics = {n: m for n, m in user_metrics.items() if isinstance(m, OutputMetric)}
-        range_refs = [_output_metric_values(output_metrics, samples, ref_outputs, sample_ranges, ri)
+        range_refs = [_output_metric_values(output_metrics, samples, ref_outputs, ref_outputs, sample_ranges, ri)
                       for ri in range(len(ranges))]
         for li, gi, ri in progress(cells, desc="sensitivity"):
             probe.set(group_lists[gi], measured[li], ranges[ri])
             outputs = _range_outputs(model, samples, sample_ranges, ri)
             damage[li, gi, ri, 0] = _mse_damage(outputs, ref_outputs, sample_ranges, ri)
             values = {**_evaluate_metrics(model, model_metrics),
-                      **_output_metric_values(output_metrics, samples, outputs, sample_ranges, ri)}
+                      **_output_metric_values(output_metrics, samples, outputs, ref_outputs, sample_ranges, ri)}
             refs = {**reference, **range_refs[ri]}
             for mi, name in enumerate(names[1:], start=1):
                 if name not in values:  # an output metric on a range without calibration samples: no damage
@@ -392,7 +392,7 @@ def _evaluate_float(model, samples, user_metrics) -> tuple[dict[str, tuple[float
     model_metrics = {n: m for n, m in user_metrics.items() if not isinstance(m, OutputMetric)}
     output_metrics = {n: m for n, m in user_metrics.items() if isinstance(m, OutputMetric)}
     reference = {**_evaluate_metrics(model, model_metrics),
-                 **_output_metric_values(output_metrics, samples, outputs, [0] * len(samples), 0)}
+                 **_output_metric_values(output_metrics, samples, outputs, outputs, [0] * len(samples), 0)}
     if MSE in reference:
         raise ValueError(f"metric name {MSE!r} is reserved for the built-in output-MSE proxy")
     return reference, outputs
@@ -415,7 +415,7 @@ def _mse_damage(outputs, ref_outputs, sample_ranges, range_idx: int) -> float:
     return err / max(power, 1e-30)
 
 
-def _output_metric_values(output_metrics, samples, outputs, sample_ranges, range_idx: int) -> dict:
+def _output_metric_values(output_metrics, samples, outputs, ref_outputs, sample_ranges, range_idx: int) -> dict:
     """name → (value × share of samples in the range, direction) of every output metric on that range."""
     chosen = [i for i, r in enumerate(sample_ranges) if r == range_idx]
     if not chosen:
@@ -423,7 +423,7 @@ def _output_metric_values(output_metrics, samples, outputs, sample_ranges, range
     share = len(chosen) / len(samples)
     values = {}
     for name, metric in output_metrics.items():
-        result = metric.fn([outputs[i] for i in chosen], [samples[i] for i in chosen])
+        result = metric.fn([outputs[i] for i in chosen], [samples[i] for i in chosen], [ref_outputs[i] for i in chosen])
         items = result.items() if isinstance(result, Mapping) else [(name, result)]
         for key, value in items:
             values[key] = (float(value) * share, metric.direction(key))
