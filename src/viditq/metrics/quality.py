@@ -20,7 +20,8 @@ def gaussian_frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray
     middle = sqrt_c1 @ cov2 @ sqrt_c1
     tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2.0 * tr_covmean)
+    distance = float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2.0 * tr_covmean)
+    return max(distance, 0.0)  # round-off can leave identical distributions a hair below zero
 
 
 def frechet_distance(feats_a: np.ndarray | torch.Tensor, feats_b: np.ndarray | torch.Tensor) -> float:

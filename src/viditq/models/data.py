@@ -56,6 +56,8 @@ DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down
 SPEEDS = {"slowly": 0.5, "fast": 1.0}  # pixels per frame
 PAN_SPEED = 0.5
 HELD_OUT_MODULUS = 10  # 1 in 10 attribute combinations is held out of training
+# What the shipped models are trained on: images with 1-2 plain objects, videos with one moving object, no pans.
+TRAINED_SCENES = {"t2i": ("image", {"max_objects": 2}), "t2v": ("video", {"max_objects": 1})}
 
 # The extent of a shape beyond its radius (a triangle's apex reaches 1.15 r above its centre).
 _EXTENT = 1.15
@@ -228,7 +230,7 @@ def sample_video_scene(
     pan = _choice(rng, DIRECTIONS) if rng.random() < pan_prob else None
     cam = np.array(DIRECTIONS[pan]) * PAN_SPEED if pan else np.zeros(2)
     n = int(rng.integers(1, max_objects + 1))
-    for _ in range(_MAX_PLACEMENT_TRIES):
+    for _ in range(4 * _MAX_PLACEMENT_TRIES):  # two moving objects often cross paths: more tries
         objects, velocities = [], []
         for shape, colour, size, texture in _sample_looks(rng, n, texture_prob):
             direction, speed = _choice(rng, DIRECTIONS), _choice(rng, SPEEDS)
@@ -260,6 +262,14 @@ def _videos_collide(objects: list[SceneObject], velocities: list[tuple[float, fl
 
 
 SPLITS = ("all", "train", "test")
+
+
+def model_scenes(model: str, n: int, seed: int, split: str = "test") -> list[Scene]:
+    """Scenes of the distribution the shipped ``model`` ("t2i" | "t2v") was trained on (held-out by default)."""
+    if model not in TRAINED_SCENES:
+        raise ValueError(f"model must be one of {sorted(TRAINED_SCENES)}, got {model!r}")
+    kind, kwargs = TRAINED_SCENES[model]
+    return sample_scenes(n, seed, kind, split, **kwargs)
 
 
 def sample_scenes(n: int, seed: int, kind: str = "image", split: str = "all", **kwargs) -> list[Scene]:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset
 
-from .data import label_arrays, pack_scenes, render_packed, sample_image_scene, sample_video_scene
+from .data import TRAINED_SCENES, label_arrays, pack_scenes, render_packed, sample_image_scene, sample_video_scene
 from .text import build_tokenizer
 
 CFG_DROP = 0.1
@@ -168,9 +168,8 @@ def train_diffusion(kind: str, args) -> dict:
         m.eval().requires_grad_(False)
     params = list(pipe.transformer.parameters()) + list(pipe.text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
-    scene_kind = "image" if kind == "t2i" else "video"
-    loader = make_loader(scene_kind, args.batch_size, args.seed, args.workers,
-                         scene_kwargs={scene_kind: _scene_kwargs(kind)})
+    scene_kind, scene_kwargs = TRAINED_SCENES[kind]
+    loader = make_loader(scene_kind, args.batch_size, args.seed, args.workers, scene_kwargs={scene_kind: scene_kwargs})
     schedule, out_path = Schedule(args.lr, args.time_budget, args.max_steps), Path(args.out) / f"{kind}.safetensors"
     step, losses, last_save = 0, [], time.perf_counter()
     info = {}
@@ -194,7 +193,7 @@ def train_diffusion(kind: str, args) -> dict:
             info = {"model": kind, "steps": step, "samples": step * args.batch_size, "batch_size": args.batch_size,
                     "train_time_s": round(schedule.elapsed(), 1), "final_loss": float(np.mean(losses[-200:])),
                     "device": device_name(device), "seed": args.seed, "command": " ".join(sys.argv),
-                    "scene_kwargs": _scene_kwargs(kind)}
+                    "scene_kwargs": scene_kwargs}
             save_pipeline_weights(ema, out_path, kind, info)
             last_save = time.perf_counter()
         if finished:
@@ -203,9 +202,7 @@ def train_diffusion(kind: str, args) -> dict:
     return info
 
 
-def _scene_kwargs(kind: str) -> dict:
-    """What the shipped models are trained on: images with 1-2 plain objects, videos with one moving object."""
-    return {"max_objects": 2} if kind in ("t2i", "image") else {"max_objects": 1}
+PROBE_SCENES = {"image": TRAINED_SCENES["t2i"][1], "video": TRAINED_SCENES["t2v"][1]}
 
 
 # ------------------------------------------------------------------------------------------ probe
@@ -240,7 +237,7 @@ def probe_accuracy(probe, device: torch.device, n_batches: int, batch_size: int,
     """Per-head accuracy on fresh real samples (all splits), without augmentation."""
     probe.eval()
     loader = iter(make_loader("probe", batch_size, seed, 0, split="all",
-                              scene_kwargs={"image": _scene_kwargs("image"), "video": _scene_kwargs("video")}))
+                              scene_kwargs=PROBE_SCENES))
     hits, counts = {}, {}
     for _ in range(n_batches):
         x, labels = probe_inputs(next(loader), device, noise=False)
@@ -260,7 +257,7 @@ def train_probe(args) -> dict:
     probe = AttributeProbe().to(device).train()
     opt = torch.optim.AdamW(probe.parameters(), lr=args.lr, weight_decay=0.01)
     loader = make_loader("probe", args.batch_size, args.seed, args.workers, split="all",
-                         scene_kwargs={"image": _scene_kwargs("image"), "video": _scene_kwargs("video")})
+                         scene_kwargs=PROBE_SCENES)
     schedule, step, losses = Schedule(args.lr, args.time_budget, args.max_steps), 0, []
     for batch in loader:
         for group in opt.param_groups:
@@ -293,7 +290,7 @@ def evaluate_all(args) -> dict:
     from ..metrics.evaluate import evaluate_samples, generate
     from ..metrics.probe import load_probe
     from . import load_pipeline_weights
-    from .data import sample_scenes
+    from .data import model_scenes
 
     device, out = torch.device(args.device), Path(args.out)
     probe = load_probe(out / "probe.safetensors", device)
@@ -304,8 +301,7 @@ def evaluate_all(args) -> dict:
             continue
         pipe = load_pipeline_weights(path, device)
         pipe.set_progress_bar_config(disable=True)
-        scenes = sample_scenes(n, args.seed + 20_000, "image" if kind == "t2i" else "video", split="test",
-                               **_scene_kwargs(kind))
+        scenes = model_scenes(kind, n, args.seed + 20_000, split="test")
         prompts = [s.caption for s in scenes]
         for steps, guidance in args.eval_settings:
             t0 = time.perf_counter()
