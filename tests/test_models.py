@@ -10,7 +10,7 @@ from safetensors import safe_open
 from viditq.metrics import attribute_accuracy, generate, load_probe
 from viditq.models import (
     TinyT2IPipeline, TinyT2VPipeline, load_pipeline_weights, load_t2i_pipeline, load_t2v_pipeline, new_pipeline,
-    save_pipeline_weights,
+    pipeline_class_for, save_pipeline_weights,
 )
 from viditq.models.data import model_scenes
 from viditq.models.weights import WEIGHTS_DIR
@@ -80,6 +80,7 @@ def test_pretrained_round_trip(t2i, tmp_path):
     t2i.save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
     assert index["_class_name"] == "TinyT2IPipeline" and index["transformer"] == ["diffusers", "PixArtTransformer2DModel"]
+    assert pipeline_class_for(tmp_path) is TinyT2IPipeline
     again = TinyT2IPipeline.from_pretrained(tmp_path)
     again.set_progress_bar_config(disable=True)
     a = t2i(PROMPTS, num_inference_steps=2, generator=_seeded(2), output_type="pt").images

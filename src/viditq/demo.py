@@ -44,7 +44,7 @@ class DemoSize:
     batch_size: int
 
 
-DEFAULT_SIZE = DemoSize(images=4, videos=2, steps=8, calib_prompts=1, batch_size=8)
+DEFAULT_SIZE = DemoSize(images=4, videos=1, steps=8, calib_prompts=1, batch_size=8)
 FULL_SIZE = DemoSize(images=256, videos=64, steps=20, calib_prompts=8, batch_size=32)
 
 

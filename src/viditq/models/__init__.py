@@ -20,11 +20,25 @@ from .text import MAX_TEXT_TOKENS, build_text_encoder, build_tokenizer, build_vo
 from .weights import load_bundle, load_state, save_bundle, weights_path
 
 PIPELINE_CLASSES = {"t2i": TinyT2IPipeline, "t2v": TinyT2VPipeline}
+# For loaders that read model_index.json's "_class_name" (diffusers itself only knows its own classes).
+PIPELINE_CLASSES_BY_NAME = {cls.__name__: cls for cls in PIPELINE_CLASSES.values()}
 
 __all__ = [
-    "TinyT2IPipeline", "TinyT2VPipeline", "TinyT2VPipelineOutput", "new_pipeline", "save_pipeline_weights",
-    "load_pipeline_weights", "load_t2i_pipeline", "load_t2v_pipeline",
+    "PIPELINE_CLASSES_BY_NAME", "TinyT2IPipeline", "TinyT2VPipeline", "TinyT2VPipelineOutput", "new_pipeline", "save_pipeline_weights",
+    "load_pipeline_weights", "load_t2i_pipeline", "load_t2v_pipeline", "pipeline_class_for",
 ]
+
+
+def pipeline_class_for(path: str | Path):
+    """The class that loads the diffusers folder ``path``: a tiny pipeline class if its model_index.json names
+    one, else :class:`diffusers.DiffusionPipeline` (which resolves diffusers' own classes itself)."""
+    import json
+
+    import diffusers
+
+    index = Path(path) / "model_index.json"
+    name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+    return PIPELINE_CLASSES_BY_NAME.get(name, diffusers.DiffusionPipeline)
 
 
 def _check_kind(kind: str) -> None:
