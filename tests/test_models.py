@@ -150,3 +150,14 @@ def test_t2v_colour_and_background_follow_the_prompt(t2v, probe):
     videos = generate(t2v, [s.caption for s in scenes], seed=0, num_inference_steps=8, batch_size=3)
     acc = attribute_accuracy(videos, scenes, probe)
     assert acc["per_attribute"]["colour0"] >= 0.6 and acc["background_accuracy"] >= 0.9
+
+
+def test_training_script_runs_and_writes_loadable_weights(tmp_path):
+    from viditq.models.train import main
+
+    main(["--model", "t2i", "--max-steps", "2", "--out", str(tmp_path), "--batch-size", "2", "--workers", "0",
+          "--device", "cpu"])
+    pipe = load_pipeline_weights(tmp_path / "t2i.safetensors")
+    with safe_open(str(tmp_path / "t2i.safetensors"), "pt") as st:
+        info = json.loads(st.metadata()["info"])
+    assert isinstance(pipe, TinyT2IPipeline) and info["steps"] == 2 and info["samples"] == 4

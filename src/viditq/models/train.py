@@ -155,10 +155,10 @@ def diffusion_loss(pipe, batch: dict, device: torch.device) -> torch.Tensor:
     return F.mse_loss(pred.float(), noise - x0)
 
 
-def train_diffusion(kind: str, args) -> dict:
-    from . import new_pipeline, save_pipeline_weights
+def _diffusion_setup(kind: str, args, device: torch.device):
+    """(pipeline in train mode, its frozen EMA copy, trained parameters, optimizer)."""
+    from . import new_pipeline
 
-    device = torch.device(args.device)
     torch.manual_seed(args.seed)
     pipe = new_pipeline(kind)
     pipe.transformer.to(device).train()
@@ -168,11 +168,27 @@ def train_diffusion(kind: str, args) -> dict:
         m.eval().requires_grad_(False)
     params = list(pipe.transformer.parameters()) + list(pipe.text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
+    return pipe, ema, params, opt
+
+
+def _run_info(kind: str, args, step: int, schedule: Schedule, losses: list[float], device) -> dict:
+    """What a weight file records about the run that made it."""
+    return {"model": kind, "steps": step, "samples": step * args.batch_size, "batch_size": args.batch_size,
+            "lr": args.lr, "train_time_s": round(schedule.elapsed(), 1), "final_loss": float(np.mean(losses[-200:])),
+            "device": device_name(device), "seed": args.seed, "command": " ".join(sys.argv),
+            "scene_kwargs": TRAINED_SCENES[kind][1]}
+
+
+def train_diffusion(kind: str, args) -> dict:
+    """Train the ``kind`` ("t2i" | "t2v") pipeline until the budget ends; saves EMA snapshots as it goes."""
+    from . import save_pipeline_weights
+
+    device = torch.device(args.device)
+    pipe, ema, params, opt = _diffusion_setup(kind, args, device)
     scene_kind, scene_kwargs = TRAINED_SCENES[kind]
     loader = make_loader(scene_kind, args.batch_size, args.seed, args.workers, scene_kwargs={scene_kind: scene_kwargs})
     schedule, out_path = Schedule(args.lr, args.time_budget, args.max_steps), Path(args.out) / f"{kind}.safetensors"
-    step, losses, last_save = 0, [], time.perf_counter()
-    info = {}
+    step, losses, last_save, info = 0, [], time.perf_counter(), {}
     for batch in loader:
         for group in opt.param_groups:
             group["lr"] = schedule.lr(step)
@@ -190,10 +206,7 @@ def train_diffusion(kind: str, args) -> dict:
                            "loss": round(float(np.mean(losses[-args.log_every:])), 5), "lr": schedule.lr(step)})
         finished = schedule.done(step)
         if finished or time.perf_counter() - last_save > args.save_every:
-            info = {"model": kind, "steps": step, "samples": step * args.batch_size, "batch_size": args.batch_size,
-                    "train_time_s": round(schedule.elapsed(), 1), "final_loss": float(np.mean(losses[-200:])),
-                    "device": device_name(device), "seed": args.seed, "command": " ".join(sys.argv),
-                    "scene_kwargs": scene_kwargs}
+            info = _run_info(kind, args, step, schedule, losses, device)
             save_pipeline_weights(ema, out_path, kind, info)
             last_save = time.perf_counter()
         if finished:
