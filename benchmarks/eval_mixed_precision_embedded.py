@@ -85,9 +85,12 @@ def x0_metric(kind: str, probe, scenes) -> OutputMetric:
     return OutputMetric(fn, {"alignment": True, "quality_dist": False, "temporal": True})
 
 
-def configs(decoupled: viditq.QuantConfig | None) -> dict:
+def configs(decoupled: viditq.QuantConfig | None, mse_allocated: viditq.QuantConfig | None = None) -> dict:
+    """Configs by label; ``mse_allocated`` (the MSE column of the same sensitivity table, allocated exactly as the
+    ``w4a8-mp`` preset does) saves re-measuring the table inside ``quantize``."""
     w4a4 = viditq.PRESETS["w4a4"]
-    out = {"fp": None, "w8a8": "w8a8", "w4a8": "w4a8", "w4a8-gptq": "w4a8-gptq", "w4a8-mp (mse proxy)": "w4a8-mp"}
+    out = {"fp": None, "w8a8": "w8a8", "w4a8": "w4a8", "w4a8-gptq": "w4a8-gptq",
+           "w4a8-mp (mse proxy)": mse_allocated or "w4a8-mp"}
     if decoupled is not None:
         out["w4a8-mp (decoupled metrics)"] = decoupled
     out.update({"w4a4 naive": dataclasses.replace(w4a4, balance=None), "w4a4": "w4a4", "w4a4-gptq": "w4a4-gptq"})
@@ -123,8 +126,15 @@ def run(kind: str, args, probe) -> dict:
         print(f"{kind} sensitivity {time.time() - t0:.0f}s\n{allocation.summary()}", flush=True)
         decoupled = allocation.config
         allocation.config.save(Path(args.out) / f"w4a8_mp_decoupled_{kind}.yaml")
+        mse_allocation = allocate(table, "w4a8-gptq", budget_bits=5.0, memory_bits=6.0, name="w4a8-mp",
+                                  metrics=["mse"])
+        print(f"{kind} MSE-proxy allocation\n{mse_allocation.summary()}", flush=True)
+        mse_allocation.config.save(Path(args.out) / f"w4a8_mp_mse_{kind}.yaml")
     if args.proxy_only:
-        return proxy_table(pipe, kind, probe, calib, configs(decoupled), args)
+        chosen = configs(decoupled, mse_allocation.config if decoupled is not None else None)
+        if args.only:
+            chosen = {k: v for k, v in chosen.items() if k in args.only.split(",")}
+        return proxy_table(pipe, kind, probe, calib, chosen, args)
     fp_x, fp_m = evaluate(0)
     _, noise_m = evaluate(NOISE_SEED)
     results = {"fp": fp_m, "fp (other seeds)": noise_m}
@@ -189,6 +199,7 @@ def main():
     parser.add_argument("--calib-prompts", type=int, default=8)
     parser.add_argument("--skip-decoupled", action="store_true")
     parser.add_argument("--proxy-only", action="store_true", help="teacher-forced metrics only (no sampling)")
+    parser.add_argument("--only", default="", help="comma-separated config labels (--proxy-only)")
     parser.add_argument("--n-proxy", type=int, default=8, help="held-out prompts for --proxy-only")
     parser.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0, 1],
                         help="quantization seeds for --proxy-only (spread = run-to-run noise)")
