@@ -70,3 +70,31 @@ def test_pipeline_round_trip_with_quantized_text_encoder(tmp_path, pipelines):
 def test_empty_prompts_rejected():
     with pytest.raises(ValueError, match="at least one"):
         viditq.quantize_pipeline(tiny_pixart_pipeline(), "w8a8", [], **KW)
+
+
+def test_embedded_pipeline_quantize_save_load_and_cli(tmp_path):
+    """The shipped tiny T2I pipeline (a custom DiffusionPipeline class) round-trips through save/load and the CLI."""
+    from typer.testing import CliRunner
+
+    from viditq.cli import app
+    from viditq.models import load_t2i_pipeline
+
+    pipe = load_t2i_pipeline()
+    pipe.save_pretrained(tmp_path / "float")
+    kw = dict(num_inference_steps=2, output_type="pt")
+    viditq.quantize_pipeline(pipe, "w8a8", ["a red circle", "a large blue square"], **kw)
+    viditq.save_quantized(pipe, tmp_path / "q")
+    loaded = viditq.load_pipeline(tmp_path / "q")
+    assert type(loaded) is type(pipe)
+    gen = lambda p: p("a red circle", generator=torch.Generator().manual_seed(0), **kw).images  # noqa: E731
+    assert torch.equal(gen(pipe), gen(loaded))
+
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    res = CliRunner().invoke(app, ["quantize", "--model", str(tmp_path / "float"), "--preset", "w4a8", "--prompts",
+                                   str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "cli"), "--steps", "2",
+                                   "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, ["generate", "--model", str(tmp_path / "cli"), "--prompt", "a red circle", "--out",
+                                   str(tmp_path / "img.png"), "--steps", "2", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "img.png").is_file()

@@ -127,7 +127,7 @@ def save_quantized(obj, path: str | Path) -> Path:
 
 def load_pipeline(path: str | Path, device: str | torch.device | None = None, **kwargs):
     """Load a pipeline saved by :func:`save_quantized` (quantized components restored, the rest by diffusers)."""
-    import diffusers
+    from .models import pipeline_class_for
 
     path = Path(path)
     meta_file = path / PIPELINE_META_FILE
@@ -135,7 +135,7 @@ def load_pipeline(path: str | Path, device: str | torch.device | None = None, **
         raise FileNotFoundError(f"{path} is not a quantized viditq pipeline (no {PIPELINE_META_FILE})")
     meta = json.loads(meta_file.read_text())
     components = {name: load_quantized(path / name) for name in meta["quantized_components"]}
-    pipe = diffusers.DiffusionPipeline.from_pretrained(path, **components, **kwargs)
+    pipe = pipeline_class_for(path).from_pretrained(path, **components, **kwargs)
     return pipe.to(device) if device is not None else pipe
 
 

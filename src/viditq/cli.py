@@ -51,9 +51,8 @@ def _read_prompts(path: Path) -> list[str]:
 
 
 def _load_any_pipeline(path: Path, device: str):
-    import diffusers
-
     from .checkpoint import PIPELINE_META_FILE, load_pipeline
+    from .models import pipeline_class_for
 
     if not path.is_dir():
         raise typer.BadParameter(f"not a directory: {path}", param_hint="--model")
@@ -62,7 +61,7 @@ def _load_any_pipeline(path: Path, device: str):
     if not (path / "model_index.json").is_file():
         raise typer.BadParameter(f"{path} is not a diffusers pipeline directory (no model_index.json)",
                                  param_hint="--model")
-    return diffusers.DiffusionPipeline.from_pretrained(path).to(device)
+    return pipeline_class_for(path).from_pretrained(path).to(device)
 
 
 @app.command()

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .layers import QuantLinear
+from .layers import QuantLinear, TimestepSwitchLinear
 
 
 @dataclass
@@ -57,17 +57,17 @@ def memory_report(model) -> MemoryReport:
     if not isinstance(model, nn.Module) and hasattr(model, "components"):
         return MemoryReport({name: (r.total_before, r.total_after) for name, comp in model.components.items()
                              if isinstance(comp, nn.Module) for r in [memory_report(comp)]})
+    # A timestep-switching layer stores one copy per precision; the float model had one: extra copies add to
+    # "after" only.
+    extra_copies = {id(t) for m in model.modules() if isinstance(m, TimestepSwitchLinear)
+                    for variant in list(m.variants.values())[1:] for t in variant.state_dict(keep_vars=True).values()}
     rows: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     seen: set[int] = set()
     for module in model.modules():
         if isinstance(module, QuantLinear):
-            s = module.spec
-            float_size = module.bias.element_size() if module.bias is not None else 2
-            before = s.in_features * s.out_features * float_size + (_nbytes(module.bias) if module.bias is not None else 0)
-            g = "per-tensor" if s.weight_per_tensor else ("per-channel" if s.group_size == s.in_features
-                                                          else f"g{s.group_size}")
-            kind = f"W{s.weight_bits} {g} {'sym' if s.weight_symmetric else 'asym'}"
-            rows[kind][0] += before
+            kind, float_bytes = _quant_kind(module)
+            is_extra = any(id(t) in extra_copies for t in module.buffers())
+            rows[kind][0] += 0 if is_extra else float_bytes
             rows[kind][1] += module.weight_nbytes()
             seen.update(id(t) for t in module.buffers())
     for t in list(model.parameters()) + list(model.buffers()):
@@ -75,6 +75,16 @@ def memory_report(model) -> MemoryReport:
             continue
         seen.add(id(t))
         kind = f"{str(t.dtype).removeprefix('torch.')} (kept)"
-        rows[kind][0] += _nbytes(t)
+        rows[kind][0] += 0 if id(t) in extra_copies else _nbytes(t)
         rows[kind][1] += _nbytes(t)
     return MemoryReport({k: (v[0], v[1]) for k, v in rows.items()})
+
+
+def _quant_kind(layer: QuantLinear) -> tuple[str, int]:
+    """(row label, bytes of the float layer it replaced) for a QuantLinear."""
+    s = layer.spec
+    itemsize = torch.empty(0, dtype=layer.float_dtype).element_size()
+    float_bytes = (s.in_features + s.bias) * s.out_features * itemsize
+    g = "per-tensor" if s.weight_per_tensor else ("per-channel" if s.group_size == s.in_features else f"g{s.group_size}")
+    mode = "weight-only" if s.weight_only else ("sym" if s.weight_symmetric else "asym")
+    return f"W{s.weight_bits} {g} {mode}", float_bytes
