@@ -2,9 +2,10 @@
 
 The static part of the channel imbalance (from the pretrained adaLN scale-shift table) is moved into the weights
 by per-channel smoothing ``s = max|X|^alpha / max|W|^(1-alpha)``; what varies with the timestep is spread across
-channels by a randomized Hadamard rotation. For each layer we try every candidate alpha (and no smoothing) and keep
-the one whose quantized layer reproduces the float layer best on the calibration rows -- measured with the very
-QuantLinear that will be deployed, so the search optimizes the real numerics.
+channels by a randomized Hadamard rotation. For each layer we keep the rotation unless it measurably hurts, then try
+every candidate alpha (and no smoothing) and keep the one whose quantized layer reproduces the float layer best on
+the calibration rows -- measured with the very QuantLinear that will be deployed, so the search optimizes the real
+numerics.
 """
 from __future__ import annotations
 
