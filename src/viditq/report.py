@@ -72,20 +72,22 @@ def save_video_grid(rows: list[torch.Tensor], labels: list[str], path_stem: Path
 
 
 # ------------------------------------------------------------------------------------------ tables
-def _fmt(value) -> str:
+def _fmt(value, decimals: int = 3) -> str:
     if value is None:
         return "–"
     if isinstance(value, float):
         if math.isinf(value) or math.isnan(value):
             return str(value)
-        return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
+        if abs(value) >= 100:  # Fréchet distances
+            return f"{value:.0f}"
+        return f"{value:.1f}" if abs(value) >= 10 else f"{value:.{decimals}f}"  # dB / MiB and seconds / rates
     return str(value)
 
 
 SHORT_NAMES = {
     "attribute_accuracy": "attr acc", "all_correct": "all ok", "fd_probe": "FD", "psnr_vs_fp": "PSNR",
     "ssim_vs_fp": "SSIM", "weight_mib": "MiB", "gen_s": "gen s", "direction_accuracy": "dir acc",
-    "speed_accuracy": "speed acc", "frame_consistency": "consist", "flicker": "flicker",
+    "speed_accuracy": "spd acc", "frame_consistency": "consist", "flicker": "flicker",
 }
 
 
@@ -98,14 +100,17 @@ def markdown_table(rows: dict[str, dict], columns: list[str]) -> str:
 
 
 def rich_table(rows: dict[str, dict], columns: list[str], title: str):
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=title)
-    table.add_column("preset")
-    for c in columns:
-        table.add_column(SHORT_NAMES.get(c, c), justify="right")
-    for name, vals in rows.items():
-        table.add_row(name, *(_fmt(vals.get(c)) for c in columns))
+    # A light box, short numbers and two-line headers keep the 11-column video table whole in 80 columns.
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    cells = {name: [_fmt(vals.get(c), decimals=2) for c in columns] for name, vals in rows.items()}
+    table.add_column("preset", no_wrap=True, min_width=max(map(len, cells)))
+    for i, c in enumerate(columns):  # values never wrap; headers may, onto two lines
+        table.add_column(SHORT_NAMES.get(c, c), justify="right", min_width=max(len(v[i]) for v in cells.values()))
+    for name, values in cells.items():
+        table.add_row(name, *values)
     return table
 
 
