@@ -163,14 +163,10 @@ def quantize(model: nn.Module, config: QuantConfig | str | Path, calib: Iterable
     return model
 
 
-def needs_gptq(config: QuantConfig) -> bool:
-    return config.weight.gptq
-
-
 def calibrate_layers(model: nn.Module, layers: dict[str, nn.Linear], samples: list[dict], config: QuantConfig):
     """One calibration pass: activation statistics of ``layers`` (and input Hessians when GPTQ is on)."""
-    with contextlib.ExitStack() as stack:
-        hessians = stack.enter_context(hessian_hooks(layers)) if needs_gptq(config) else {}
+    hooks = hessian_hooks(layers) if config.weight.gptq else contextlib.nullcontext({})
+    with hooks as hessians:
         stats = collect_activation_stats(model, layers, samples, config.calib_rows_per_layer, config.seed)
     return stats, hessians
 

@@ -17,22 +17,20 @@ from .data import IMAGE_SIZE, NUM_FRAMES
 TEXT_DIM = 128
 
 
+# What the two tiny transformers share: width 128 (4 heads x 32), RGB pixels, PixArt-style adaLN-single blocks.
+_SHARED = dict(
+    num_attention_heads=4, attention_head_dim=32, in_channels=3, out_channels=3, cross_attention_dim=128,
+    sample_size=IMAGE_SIZE, caption_channels=TEXT_DIM, norm_type="ada_norm_single", norm_elementwise_affine=False,
+    norm_eps=1e-6, num_embeds_ada_norm=1000, attention_bias=True, activation_fn="gelu-approximate", dropout=0.0,
+)
+
+
 def t2i_transformer_config() -> dict:
-    return dict(
-        num_attention_heads=4, attention_head_dim=32, in_channels=3, out_channels=3, num_layers=6,
-        cross_attention_dim=128, sample_size=IMAGE_SIZE, patch_size=2, caption_channels=TEXT_DIM,
-        norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6, num_embeds_ada_norm=1000,
-        attention_bias=True, activation_fn="gelu-approximate", use_additional_conditions=False, dropout=0.0,
-    )
+    return dict(_SHARED, num_layers=6, patch_size=2, use_additional_conditions=False)
 
 
 def t2v_transformer_config() -> dict:
-    return dict(
-        num_attention_heads=4, attention_head_dim=32, in_channels=3, out_channels=3, num_layers=3,
-        cross_attention_dim=128, sample_size=IMAGE_SIZE, patch_size=4, caption_channels=TEXT_DIM,
-        norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6, num_embeds_ada_norm=1000,
-        attention_bias=True, activation_fn="gelu-approximate", video_length=NUM_FRAMES, dropout=0.0,
-    )
+    return dict(_SHARED, num_layers=3, patch_size=4, video_length=NUM_FRAMES)
 
 
 def build_transformer(kind: str, config: dict | None = None):
