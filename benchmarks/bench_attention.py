@@ -158,7 +158,7 @@ def model_checks(device="cuda", compile_model=True):
             ref = model(**kw).sample.float()
             res[name] = {}
             for mode in KA.MODES:
-                n = apply_quantized_attention(model, mode)
+                n = apply_quantized_attention(model, mode, min_kv_tokens=0)  # tiny: every call has < 512 keys
                 out = model(**kw).sample.float()
                 res[name][mode] = {"converted": n, **metrics(out, ref)}
                 if compile_model and name in ("cogvideox", "wan"):  # compile time: the two that matter most
@@ -217,10 +217,13 @@ def time_forward(model, kwargs, reps):
     return sorted(times)[len(times) // 2]
 
 
-def end_to_end(res, save, names=("pixart_1024", "cogvideox_2b"), compile_deadline_s=330.0):
+def end_to_end(res, save, names=("pixart_1024", "cogvideox_2b"), compile_deadline_s=330.0, min_kv_tokens=None):
     """bf16 model with its own SDPA vs the same model with 8-bit attention, eager, then compiled while less than
-    ``compile_deadline_s`` have passed since the script started. Fills ``res`` and calls ``save`` per model."""
-    from viditq.attention import apply_quantized_attention
+    ``compile_deadline_s`` have passed since the script started. Fills ``res`` and calls ``save`` per model.
+    Attention over fewer than ``min_kv_tokens`` keys (default ``viditq.attention.MIN_KV_TOKENS``) stays on SDPA."""
+    from viditq.attention import MIN_KV_TOKENS, apply_quantized_attention, attention_call_counts
+
+    min_kv_tokens = MIN_KV_TOKENS if min_kv_tokens is None else min_kv_tokens
 
     for name in names:
         model, kwargs = build_model(name)
@@ -229,17 +232,19 @@ def end_to_end(res, save, names=("pixart_1024", "cogvideox_2b"), compile_deadlin
         with torch.no_grad():
             ref = model(**kwargs).sample.float()
         for mode in ("bf16",) + KA.MODES:
-            apply_quantized_attention(model, mode)
+            apply_quantized_attention(model, mode, min_kv_tokens)
             with torch.no_grad():
                 out = model(**kwargs).sample.float()
-            entry[mode] = {"eager_ms": time_forward(model, kwargs, reps), **metrics(out, ref)}
+            calls = attention_call_counts(model)  # one forward's routing (before the timed runs)
+            entry[mode] = {"eager_ms": time_forward(model, kwargs, reps), **metrics(out, ref),
+                           "calls_per_forward": calls, "min_kv_tokens": min_kv_tokens}
         res[name] = entry
         save()
         for mode in ("bf16", "fp8"):
             if time.time() - START > compile_deadline_s:
                 entry[mode]["compiled_ms"] = "skipped: time"
                 continue
-            apply_quantized_attention(model, mode)
+            apply_quantized_attention(model, mode, min_kv_tokens)
             torch._dynamo.reset()
             compiled = torch.compile(model)
             entry[mode]["compiled_ms"] = time_forward(compiled, kwargs, reps)
@@ -329,6 +334,8 @@ def main():
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--models", action="store_true", help="check tiny diffusers models (needs diffusers)")
     parser.add_argument("--e2e", action="store_true", help="CogVideoX-2B / PixArt-α forward, attention bf16 vs 8-bit")
+    parser.add_argument("--min-kv-tokens", type=int, default=None,
+                        help="--e2e: attention over fewer keys stays on SDPA (default viditq.attention.MIN_KV_TOKENS)")
     parser.add_argument("--activations", default="", help="CPU: comma list of cogvideox,t2v (see activation_quality)")
     args = parser.parse_args()
     if args.activations:
@@ -367,7 +374,7 @@ def main():
             json.dump(result, f, indent=1)
     if args.e2e:
         result["end_to_end"] = {}
-        end_to_end(result["end_to_end"], save)
+        end_to_end(result["end_to_end"], save, min_kv_tokens=args.min_kv_tokens)
     for name, e in result["shapes"].items():
         print(f"{name}: sdpa flash {e['sdpa_bf16_ms']:.3f} ms, default {e['sdpa_default_ms']:.3f} ms, "
               f"cudnn {e['sdpa_cudnn_ms']}")

@@ -231,9 +231,9 @@ def test_apply_quantized_attention_on_diffusers_models(name, reference_calls):
         mask[:, -3:] = 0
         kwargs["encoder_attention_mask"] = mask
     ref = forward_output(model, kwargs)
-    for mode in KA.MODES:
-        assert VA.apply_quantized_attention(model, mode) == MODEL_ATTENTION_COUNTS[name]
-        assert VA.apply_quantized_attention(model, mode) == MODEL_ATTENTION_COUNTS[name]  # idempotent
+    for mode in KA.MODES:  # tiny models have < 512 keys everywhere: min_kv_tokens=0 quantizes every call
+        assert VA.apply_quantized_attention(model, mode, min_kv_tokens=0) == MODEL_ATTENTION_COUNTS[name]
+        assert VA.apply_quantized_attention(model, mode, min_kv_tokens=0) == MODEL_ATTENTION_COUNTS[name]  # idempotent
         assert VA.quantized_attention_mode(model) == mode
         reference_calls.clear()
         out = forward_output(model, kwargs)
@@ -265,7 +265,7 @@ def test_processor_keeps_signature_and_attributes():
 
 def test_router_falls_back_where_kernel_does_not_apply(reference_calls):
     q, k, v = (x.float() for x in realistic_qkv(1, 2, 16, 16, 32))
-    with VA.SDPARouter("int8"):
+    with VA.SDPARouter("int8", min_kv_tokens=0):
         causal = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         per_query_mask = F.scaled_dot_product_attention(q, k, v, attn_mask=torch.rand(16, 16) > 0.5)
         routed = F.scaled_dot_product_attention(q, k, v)
@@ -280,7 +280,7 @@ def test_compile_traces_without_graph_breaks():
 
     for name in ("cogvideox", "wan"):
         model = tiny_model(name)
-        VA.apply_quantized_attention(model, "int8")
+        VA.apply_quantized_attention(model, "int8", min_kv_tokens=0)
         torch._dynamo.reset()
         explanation = torch._dynamo.explain(model)(**tiny_inputs(name))
         assert explanation.graph_break_count == 0, explanation.break_reasons
@@ -307,3 +307,52 @@ def test_wrapper_forwards_attribute_writes_to_the_wrapped_processor():
     wrapper._parallel_config = "cfg"
     assert inner._attention_backend == "native" and inner._parallel_config == "cfg"
     assert wrapper.mode == "int8" and wrapper.processor is inner
+
+
+# ------------------------------------------------------------------------------------------ short-key routing
+def test_router_sends_short_key_sequences_to_sdpa(reference_calls):
+    q, k, v = (x.float() for x in realistic_qkv(1, 2, 16, 16, 32))
+    counts = VA._new_counts()
+    with VA.SDPARouter("fp8", min_kv_tokens=17, counts=counts):  # 16 keys < 17: the float SDPA, bit for bit
+        short = F.scaled_dot_product_attention(q, k, v)
+    with VA.SDPARouter("fp8", min_kv_tokens=16, counts=counts):  # 16 keys, not fewer than 16: quantized
+        routed = F.scaled_dot_product_attention(q, key=k, value=v)
+    with VA.SDPARouter("fp8", min_kv_tokens=0, counts=counts):  # causal: falls back
+        F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert torch.equal(short, F.scaled_dot_product_attention(q, k, v))
+    assert len(reference_calls) == 1 and not torch.equal(routed, short)
+    assert counts == {"quantized": 1, "short_kv_sdpa": 1, "fallback_sdpa": 1}
+    assert VA.MIN_KV_TOKENS == 512 and VA.SDPARouter("fp8").min_kv_tokens == 512
+
+
+def test_default_threshold_keeps_text_cross_attention_on_sdpa(reference_calls):
+    """Tiny PixArt: 16 image tokens (self-attention keys), 8 text tokens (cross-attention keys), 2 blocks."""
+    from viditq.testing import forward_output, tiny_inputs, tiny_model
+
+    model = tiny_model("pixart")
+    kwargs = tiny_inputs("pixart")
+    ref = forward_output(model, kwargs)
+    VA.apply_quantized_attention(model, "fp8")  # default 512: every call here is short
+    assert torch.equal(forward_output(model, kwargs), ref) and not reference_calls
+    assert VA.attention_call_counts(model) == {"quantized": 0, "short_kv_sdpa": 4, "fallback_sdpa": 0}
+    VA.apply_quantized_attention(model, "fp8", min_kv_tokens=10)  # self-attention (16 keys) quantized, text not
+    out = forward_output(model, kwargs)
+    assert [tuple(s) for s in reference_calls] == [(2, 2, 16, 32)] * 2
+    assert VA.attention_call_counts(model, reset=True) == {"quantized": 2, "short_kv_sdpa": 2, "fallback_sdpa": 0}
+    assert VA.attention_call_counts(model) == {"quantized": 0, "short_kv_sdpa": 0, "fallback_sdpa": 0}
+    assert 0 < rel_l2(out, ref) < 0.01
+    attn1 = model.transformer_blocks[0].attn1
+    assert attn1.processor.min_kv_tokens == 10  # the wrapper's own attribute, not the wrapped processor's
+    assert not hasattr(attn1.processor.processor, "min_kv_tokens")
+
+
+def test_compile_counts_short_and_quantized_calls_without_graph_breaks():
+    from viditq.testing import tiny_inputs, tiny_model
+
+    model = tiny_model("pixart")
+    VA.apply_quantized_attention(model, "int8", min_kv_tokens=10)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(**tiny_inputs("pixart"))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    targets = [str(n.target) for g in explanation.graphs for n in g.graph.nodes]
+    assert targets.count("viditq.quantized_attention.default") == 2  # the two self-attentions only

@@ -12,6 +12,15 @@ Calls the 8-bit kernel cannot express fall back to the original SDPA: dropout, c
 queries (key-padding masks, the cross-attention text masks, are supported), grouped-query attention with unequal
 head counts, head dims above 256, non-float inputs. Attention run through a non-native ``dispatch_attention_fn``
 backend (flash-attn, sage, ...) is left as the user chose it.
+
+Short key sequences also stay on the model's own SDPA (bf16 in a bf16 model): calls with fewer than
+``min_kv_tokens`` keys (default :data:`MIN_KV_TOKENS` = 512; an argument of :func:`apply_quantized_attention`, 0
+quantizes every call). Those are the text cross-attentions (120 text tokens in PixArt) and short temporal
+attentions (Latte's frames), where the 8-bit path's preparation — K mean and channel statistics, quantizing Q, K
+and V, ~0.3 ms of launches at PixArt's 4096 x 120 cross-attention on an H100 — costs more than the whole bf16 SDPA
+call (0.05 ms; benchmarks/NOTES.md, "8-bit attention"), and the attention FLOPs saved are negligible.
+:func:`attention_call_counts` reports how many calls ran quantized, went to SDPA for their short keys, or fell
+back for the reasons above.
 """
 from __future__ import annotations
 
@@ -26,6 +35,8 @@ from .kernels.attention import MODES, quantized_attention
 
 ATTENTION_MODES = ("bf16",) + MODES
 MAX_HEAD_DIM = 256
+MIN_KV_TOKENS = 512  # default: attention over fewer keys runs the model's own SDPA (module docstring)
+COUNT_KEYS = ("quantized", "short_kv_sdpa", "fallback_sdpa")
 
 
 # ------------------------------------------------------------------------------------------ SDPA routing
@@ -70,19 +81,33 @@ def quantized_sdpa(
     return quantized_attention(query, key, value, mode, scale=scale, bias=bias)
 
 
-class SDPARouter(TorchFunctionMode):
-    """Inside this context, ``F.scaled_dot_product_attention`` runs 8-bit attention (mode "int8" or "fp8")."""
+def _new_counts() -> dict[str, int]:
+    return dict.fromkeys(COUNT_KEYS, 0)
 
-    def __init__(self, mode: str):
+
+class SDPARouter(TorchFunctionMode):
+    """Inside this context, ``F.scaled_dot_product_attention`` runs 8-bit attention (mode "int8" or "fp8"),
+    except over fewer than ``min_kv_tokens`` keys. ``counts`` (dict of :data:`COUNT_KEYS`) is incremented per
+    call: Python-level calls (eager or compiled forwards; CUDA-graph replays run no Python and are not counted)."""
+
+    def __init__(self, mode: str, min_kv_tokens: int = MIN_KV_TOKENS, counts: dict[str, int] | None = None):
         super().__init__()
         self.mode = mode
+        self.min_kv_tokens = min_kv_tokens
+        self.counts = counts if counts is not None else _new_counts()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
+            key = args[1] if len(args) > 1 else kwargs.get("key")
+            if isinstance(key, torch.Tensor) and key.dim() >= 2 and key.shape[-2] < self.min_kv_tokens:
+                self.counts["short_kv_sdpa"] += 1
+                return func(*args, **kwargs)
             out = quantized_sdpa(self.mode, *args, **kwargs)
             if out is not None:
+                self.counts["quantized"] += 1
                 return out
+            self.counts["fallback_sdpa"] += 1
         if func is torch.Tensor.unflatten:
             # Tensor.unflatten is Python calling super(); torch.compile cannot trace that under a mode (a graph
             # break in every Wan/Flux attention) but traces the functional form.
@@ -94,18 +119,21 @@ class SDPARouter(TorchFunctionMode):
 class QuantizedAttnProcessor:
     """Wraps a diffusers attention processor; its SDPA runs as 8-bit attention of ``mode`` ("int8" | "fp8").
 
-    Attribute reads and writes (other than its own ``processor`` and ``mode``) go to the wrapped processor, so
-    diffusers' ``set_attention_backend`` / ``enable_parallelism`` configure the processor that really runs.
+    Attribute reads and writes (other than its own ``processor``, ``mode``, ``min_kv_tokens`` and ``counts``) go
+    to the wrapped processor, so diffusers' ``set_attention_backend`` / ``enable_parallelism`` configure the
+    processor that really runs. Calls over fewer than ``min_kv_tokens`` keys run the model's own SDPA.
     """
 
-    _OWN = ("processor", "mode")
+    _OWN = ("processor", "mode", "min_kv_tokens", "counts")
 
-    def __init__(self, processor, mode: str):
+    def __init__(self, processor, mode: str, min_kv_tokens: int = MIN_KV_TOKENS):
         self.processor = processor
         self.mode = mode
+        self.min_kv_tokens = int(min_kv_tokens)
+        self.counts = _new_counts()
 
     def __call__(self, attn, *args, **kwargs):
-        with SDPARouter(self.mode):
+        with SDPARouter(self.mode, self.min_kv_tokens, self.counts):
             return self.processor(attn, *args, **kwargs)
 
     def __setattr__(self, name, value):
@@ -130,7 +158,7 @@ def _wrapper_class(processor_cls: type) -> type:
     ``Attention.forward`` drops keyword arguments (``image_rotary_emb``...) the processor does not declare."""
 
     def __call__(self, attn, *args, **kwargs):
-        with SDPARouter(self.mode):
+        with SDPARouter(self.mode, self.min_kv_tokens, self.counts):
             return self.processor(attn, *args, **kwargs)
 
     __call__.__signature__ = inspect.signature(processor_cls.__call__)
@@ -147,12 +175,14 @@ def _attention_modules(model: torch.nn.Module):
             yield name, module
 
 
-def apply_quantized_attention(model: torch.nn.Module, mode: str) -> int:
+def apply_quantized_attention(model: torch.nn.Module, mode: str, min_kv_tokens: int = MIN_KV_TOKENS) -> int:
     """Route the attention of every diffusers attention module in ``model`` through 8-bit attention.
 
     mode: "int8" (INT8 Q·Kᵀ, BF16 P·V), "fp8" (INT8 Q·Kᵀ, FP8 P·V) or "bf16" (the model's own attention: removes
     wrappers a previous call installed). Idempotent; returns the number of attention modules now quantized.
-    Processors that are ``nn.Module`` s (trainable IP-adapter processors) are left alone.
+    Calls with fewer than ``min_kv_tokens`` keys (default 512: text cross-attention) keep the model's own SDPA;
+    0 quantizes every call the kernel supports. Processors that are ``nn.Module`` s (trainable IP-adapter
+    processors) are left alone.
     """
     if mode not in ATTENTION_MODES:
         raise ValueError(f"attention mode must be one of {ATTENTION_MODES}, got {mode!r}")
@@ -166,9 +196,23 @@ def apply_quantized_attention(model: torch.nn.Module, mode: str) -> int:
         if mode == "bf16":
             module.processor = processor
             continue
-        module.processor = _wrapper_class(type(processor))(processor, mode)
+        module.processor = _wrapper_class(type(processor))(processor, mode, min_kv_tokens)
         converted += 1
     return converted
+
+
+def attention_call_counts(model: torch.nn.Module, reset: bool = False) -> dict[str, int]:
+    """Attention calls of ``model``'s wrapped processors since they were installed (or last reset):
+    ``quantized`` (8-bit kernel), ``short_kv_sdpa`` (fewer keys than ``min_kv_tokens``: the model's own SDPA),
+    ``fallback_sdpa`` (masks, dropout, ... the kernel cannot express). CUDA-graph replays are not counted."""
+    total = _new_counts()
+    for _, module in _attention_modules(model):
+        if isinstance(module.processor, QuantizedAttnProcessor):
+            for key, n in module.processor.counts.items():
+                total[key] += n
+            if reset:
+                module.processor.counts.update(_new_counts())
+    return total
 
 
 def quantized_attention_mode(model: torch.nn.Module) -> str:
