@@ -4,6 +4,14 @@ In PixArt the T5-XXL text encoder (4.7 B parameters) dwarfs the 0.6 B transforme
 deployed pipeline comes mostly from it. Text encoders run once per prompt, so they are quantized weight-only
 (int8 per channel, or int4 group-wise) without calibration, and the text embeddings are compared with the float
 ones (cosine similarity) to show they stay close.
+
+Model CPU offload (diffusers' ``pipe.enable_model_cpu_offload()``, accelerate's ``CpuOffload`` hooks) works on a
+quantized pipeline, before or after quantization: the hooks move whole components with ``module.to(device)``,
+which moves every QuantLinear buffer (packed codes, scales, smoothing/rotation vectors) and keeps their dtypes, and
+they find a component's device from its first parameter — the layers kept in high precision (embeddings, norms)
+provide one. Text is encoded on the hook's execution device (:func:`execution_device`), so quantizing an
+offloaded pipeline calibrates on the accelerator. ``benchmarks/check_offload.py`` compares generations with and
+without offload on a GPU.
 """
 from __future__ import annotations
 
@@ -48,14 +56,28 @@ def text_encoder_pairs(pipe) -> list[tuple[str, str]]:
     return pairs
 
 
+def execution_device(module: nn.Module) -> torch.device:
+    """Where ``module`` computes: an accelerate offload hook's execution device (the module itself may sit on
+    the CPU between calls), else the device of its first parameter or buffer (CPU for an empty module)."""
+    for sub in module.modules():
+        device = getattr(getattr(sub, "_hf_hook", None), "execution_device", None)
+        if device is not None:
+            return torch.device(device)
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
 @torch.no_grad()
 def encode_text(text_encoder: nn.Module, tokenizer, prompts: list[str], max_length: int = 77) -> torch.Tensor:
     """Last hidden states (B, T, C) of ``text_encoder`` for ``prompts`` (padding positions zeroed)."""
-    device = next(text_encoder.parameters(), torch.empty(0)).device
+    device = execution_device(text_encoder)
     batch = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
     mask = batch["attention_mask"].to(device)
     hidden = text_encoder(input_ids=batch["input_ids"].to(device), attention_mask=mask)[0]
-    return hidden.float() * mask[..., None]
+    return hidden.float() * mask.to(hidden.device)[..., None]
 
 
 def embedding_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
