@@ -5,8 +5,17 @@ PixArt-α 1024 (batch 2 = CFG, 4096 image + 120 text tokens) and CogVideoX-2B (4
 tokens). Each (model, variant) runs in its own subprocess with a timeout, so one failure or hang (a slow compile)
 does not lose the table and each peak-memory number starts clean.
 
+Variant = base + optional ``_attn`` + run mode. Bases: ``bf16``, ``torchao_fp8`` (torchao's
+``Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())``; reported as skipped when torchao cannot be
+imported), ``w8a8``, ``w4a8``, ``w8a8_dynamic`` (viditq presets). ``_attn``: 8-bit attention, fp8 mode
+(``viditq.attention.apply_quantized_attention``; attention over fewer than ``--min-kv-tokens`` keys — the text
+cross-attention — stays on SDPA). Run modes: ``_eager`` (or none), ``_graph`` (one forward captured in a CUDA
+graph and replayed), ``_compile`` (``torch.compile``). Examples: ``bf16_compile``, ``torchao_fp8_compile``,
+``w8a8_graph``, ``w8a8_attn_graph``.
+
     python benchmarks/bench_e2e.py --models pixart --variants bf16_eager,bf16_compile,w8a8,w4a8 --out e2e.json
     python benchmarks/bench_e2e.py --one pixart:w8a8          # a single run, JSON on stdout
+    python benchmarks/bench_e2e.py --tiny --variants all      # CPU smoke test: every variant builds and runs
 """
 from __future__ import annotations
 
@@ -21,7 +30,13 @@ import time
 import torch
 
 VARIANTS = ("bf16_eager", "bf16_graph", "bf16_compile", "torchao_fp8_compile", "w8a8", "w8a8_graph",
-            "w8a8_compile", "w4a8", "w4a8_graph", "w8a8_dynamic", "w8a8_dynamic_graph")
+            "w8a8_compile", "w4a8", "w4a8_graph", "w8a8_dynamic", "w8a8_dynamic_graph", "w8a8_attn",
+            "w8a8_attn_graph", "w8a8_attn_compile", "bf16_attn_graph")
+ATTENTION_MODE = "fp8"  # mode of the "_attn" variants
+
+
+class VariantUnavailable(Exception):
+    """The variant cannot run here (a missing optional package); reported as skipped, not as an error."""
 
 
 # ----------------------------------------------------------------------------------------- models and inputs
@@ -38,7 +53,9 @@ def build_model(name: str, device: str, tiny: bool):
             cfg.update(num_layers=2, num_attention_heads=2, attention_head_dim=32, sample_size=16, caption_channels=64,
                        cross_attention_dim=64)
             size, tokens = 16, 8
-        model = PixArtTransformer2DModel(**cfg).to(device, dtype).eval()
+        with torch.device(device):  # random init on the GPU: seconds instead of a minute of CPU init for 2B params
+            model = PixArtTransformer2DModel(**cfg)
+        model = model.to(dtype).eval()
         kwargs = dict(
             hidden_states=torch.randn(2, 4, size, size, device=device, dtype=dtype),
             encoder_hidden_states=torch.randn(2, tokens, cfg["caption_channels"], device=device, dtype=dtype),
@@ -55,7 +72,9 @@ def build_model(name: str, device: str, tiny: bool):
             cfg = dict(num_layers=2, num_attention_heads=2, attention_head_dim=32, text_embed_dim=64,
                        sample_height=16, sample_width=16, sample_frames=5, max_text_seq_length=8)
             latents, tokens, text_dim = (2, 2, 16, 16, 16), 8, 64
-        model = CogVideoXTransformer3DModel(**cfg).to(device, dtype).eval()
+        with torch.device(device):
+            model = CogVideoXTransformer3DModel(**cfg)
+        model = model.to(dtype).eval()
         kwargs = dict(
             hidden_states=torch.randn(*latents, device=device, dtype=dtype),
             encoder_hidden_states=torch.randn(2, tokens, text_dim, device=device, dtype=dtype),
@@ -73,24 +92,53 @@ def module_bytes(model: torch.nn.Module) -> int:
 
 
 # ----------------------------------------------------------------------------------------- variants
-def prepare(variant: str, model, kwargs):
+def parse_variant(variant: str) -> tuple[str, bool, str]:
+    """``w8a8_attn_graph`` → ("w8a8", True, "graph"): (base, 8-bit attention, run mode eager|graph|compile)."""
+    run_mode = "eager"
+    for mode in ("eager", "graph", "compile"):
+        if variant.endswith("_" + mode):
+            variant, run_mode = variant.removesuffix("_" + mode), mode
+            break
+    attn = variant.endswith("_attn")
+    base = variant.removesuffix("_attn")
+    if base not in ("bf16", "torchao_fp8", "w8a8", "w4a8", "w8a8_dynamic"):
+        raise ValueError(f"unknown variant base {base!r}")
+    return base, attn, run_mode
+
+
+def _torchao_fp8_rowwise():
+    try:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+    except Exception as e:  # noqa: BLE001 — ImportError, or a torchao built for another torch
+        raise VariantUnavailable(f"torchao not importable: {type(e).__name__}: {str(e)[:200]}") from None
+    if not torch.cuda.is_available():
+        raise VariantUnavailable("torchao fp8 quantization needs a CUDA GPU of compute capability >= 8.9")
+    return quantize_, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+
+
+def prepare(variant: str, model, kwargs, min_kv_tokens: int | None = None):
     """Apply the variant to ``model``; returns (callable forward, notes)."""
-    base = variant
-    for mode in ("_eager", "_graph", "_compile"):
-        base = base.removesuffix(mode)
+    base, attn, run_mode = parse_variant(variant)
     notes = {}
     if base in ("w8a8", "w4a8", "w8a8_dynamic"):
         import viditq
 
+        t0 = time.perf_counter()
         viditq.quantize(model, base.replace("_", "-"), calib=[kwargs])
+        _sync()
+        notes["quantize_s"] = time.perf_counter() - t0
         notes["quantized_layers"] = sum(type(m).__name__ == "QuantLinear" for m in model.modules())
     elif base == "torchao_fp8":
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+        quantize_, config = _torchao_fp8_rowwise()
+        with torch.inference_mode(False), torch.no_grad():  # torchao's usual setting: weights stay normal tensors
+            quantize_(model, config)
+    if attn:
+        from viditq.attention import MIN_KV_TOKENS, apply_quantized_attention
 
-        quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
-    elif base != "bf16":
-        raise ValueError(f"unknown variant {variant!r}")
-    if variant.endswith("_compile"):
+        min_kv_tokens = MIN_KV_TOKENS if min_kv_tokens is None else min_kv_tokens
+        notes["attention"] = dict(mode=ATTENTION_MODE, min_kv_tokens=min_kv_tokens,
+                                  modules=apply_quantized_attention(model, ATTENTION_MODE, min_kv_tokens))
+    if run_mode == "compile":
         return torch.compile(model), notes
     return model, notes
 
@@ -150,9 +198,11 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def run_one(model_name: str, variant: str, iters: int, tiny: bool) -> dict:
-    """Build, prepare, check against the bf16 output, time. Without CUDA (smoke test) it stops after the check."""
+def run_one(model_name: str, variant: str, iters: int, tiny: bool, min_kv_tokens: int | None = None) -> dict:
+    """Build, prepare, check against the bf16 output, time. Without CUDA (smoke test) it stops after the check.
+    A variant that cannot run here (torchao missing) returns ``{"skipped": reason}``."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    parse_variant(variant)  # unknown names fail before the model is built
     t0 = time.perf_counter()
     model, kwargs = build_model(model_name, device, tiny)
     _sync()
@@ -161,7 +211,10 @@ def run_one(model_name: str, variant: str, iters: int, tiny: bool) -> dict:
     with torch.inference_mode():
         ref = model(**kwargs)[0].float()
         t1 = time.perf_counter()
-        fn, notes = prepare(variant, model, kwargs)
+        try:
+            fn, notes = prepare(variant, model, kwargs, min_kv_tokens)
+        except VariantUnavailable as e:
+            return {**result, "skipped": str(e)}
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -173,6 +226,10 @@ def run_one(model_name: str, variant: str, iters: int, tiny: bool) -> dict:
         _sync()
         result["first_forward_s"] = time.perf_counter() - t2
         result["ready_s"] = result["prepare_s"] + result["first_forward_s"]
+        if "attention" in notes:  # routing of one forward's attention calls (CUDA-graph replays are not counted)
+            from viditq.attention import attention_call_counts
+
+            result["attention"]["calls_per_forward"] = attention_call_counts(model, reset=True)
         result["rel_err_vs_bf16"] = ((out - ref).norm() / ref.norm()).item()
         del ref, out
         if device != "cuda":
@@ -194,25 +251,49 @@ def run_one(model_name: str, variant: str, iters: int, tiny: bool) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- driver
-def run_all(models, variants, iters, timeout_s, out_path, tiny):
-    results = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), runs=[], errors=[])
+def run_all(models, variants, iters, timeout_s, out_path, tiny, min_kv_tokens=None, timeouts=None, deadline_s=None):
+    """Every (model, variant) in its own subprocess. ``timeouts``: per-variant overrides of ``timeout_s``;
+    ``deadline_s``: no run may end later than this many seconds after the start (each timeout is cut to fit;
+    a run with under 10 s left is not started)."""
+    start = time.perf_counter()
+    results = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), runs=[], errors=[], skipped=[],
+                   timed_out=[])
+    timeouts = timeouts or {}
     for model_name in models:
         for variant in variants:
             cmd = [sys.executable, __file__, "--one", f"{model_name}:{variant}", "--iters", str(iters)]
             if tiny:
                 cmd.append("--tiny")
+            if min_kv_tokens is not None:
+                cmd += ["--min-kv-tokens", str(min_kv_tokens)]
+            limit = timeouts.get(variant, timeout_s)
+            if deadline_s is not None:
+                limit = min(limit, deadline_s - (time.perf_counter() - start))
+                if limit < 10:
+                    results["timed_out"].append(f"{model_name}:{variant}: not started (deadline)")
+                    print(f"{model_name:10s} {variant:22s} not started: deadline", flush=True)
+                    continue
             t0 = time.perf_counter()
             try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=os.environ)
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit, env=os.environ)
             except subprocess.TimeoutExpired:
-                results["errors"].append(f"{model_name}:{variant}: timed out after {timeout_s} s")
+                results["timed_out"].append(f"{model_name}:{variant}: timed out after {limit:.0f} s")
+                print(f"{model_name:10s} {variant:22s} timed out after {limit:.0f} s", flush=True)
+                _save(results, out_path)
                 continue
             lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
             if proc.returncode != 0 or not lines:
                 results["errors"].append(f"{model_name}:{variant}: rc={proc.returncode} {proc.stderr[-1500:]}")
+                print(f"{model_name:10s} {variant:22s} ERROR rc={proc.returncode}", flush=True)
+                _save(results, out_path)
                 continue
             run = json.loads(lines[-1])
             run["wall_s"] = time.perf_counter() - t0
+            if run.get("skipped"):
+                results["skipped"].append(f"{model_name}:{variant}: {run['skipped']}")
+                print(f"{model_name:10s} {variant:22s} skipped: {run['skipped']}", flush=True)
+                _save(results, out_path)
+                continue
             results["runs"].append(run)
             run.setdefault("ms_median", float("nan"))
             run.setdefault("peak_bytes", 0)
@@ -221,29 +302,46 @@ def run_all(models, variants, iters, timeout_s, out_path, tiny):
                   f"  err {run['rel_err_vs_bf16']:.4f}", flush=True)
             if run.get("profile_ms"):
                 print("   profile (ms):", {k: round(v, 2) for k, v in run["profile_ms"].items()}, flush=True)
-            with open(out_path, "w") as f:
-                json.dump(results, f, indent=1)
-    with open(out_path, "w") as f:
-        json.dump(results, f, indent=1)
+            if run.get("attention"):
+                print("   attention:", run["attention"], flush=True)
+            _save(results, out_path)
+    _save(results, out_path)
     for e in results["errors"]:
         print("ERROR", e[:1500])
+    return results
+
+
+def _save(results: dict, out_path: str) -> None:
+    with open(out_path, "w") as f:
+        json.dump(results, f, indent=1)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--models", default="pixart,cogvideox")
-    parser.add_argument("--variants", default="bf16_eager,bf16_compile,w8a8,w4a8")
+    parser.add_argument("--variants", default="bf16_eager,bf16_compile,w8a8,w4a8", help="comma list, or 'all'")
     parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--timeout", type=int, default=300)
+    parser.add_argument("--timeout", type=int, default=300, help="seconds per (model, variant) subprocess")
+    parser.add_argument("--variant-timeout", action="append", default=[], metavar="VARIANT=S",
+                        help="per-variant timeout override, e.g. torchao_fp8_compile=150 (repeatable)")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="seconds from the start by which every run must have ended (timeouts are cut to fit)")
+    parser.add_argument("--min-kv-tokens", type=int, default=None,
+                        help="_attn variants: attention over fewer keys stays on SDPA (default: viditq's 512)")
     parser.add_argument("--out", default="e2e.json")
     parser.add_argument("--one", help="model:variant, run in this process, print JSON")
     parser.add_argument("--tiny", action="store_true", help="tiny models (smoke test of this script)")
     args = parser.parse_args()
     if args.one:
         model_name, variant = args.one.split(":")
-        print(json.dumps(run_one(model_name, variant, args.iters, args.tiny)))
+        print(json.dumps(run_one(model_name, variant, args.iters, args.tiny, args.min_kv_tokens)))
         return
-    run_all(args.models.split(","), args.variants.split(","), args.iters, args.timeout, args.out, args.tiny)
+    variants = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+    for v in variants:
+        parse_variant(v)
+    timeouts = {k: float(v) for k, v in (item.split("=") for item in args.variant_timeout)}
+    run_all(args.models.split(","), variants, args.iters, args.timeout, args.out, args.tiny, args.min_kv_tokens,
+            timeouts, args.deadline)
 
 
 if __name__ == "__main__":
