@@ -145,3 +145,14 @@ def test_pipeline_round_trip_generates_identical_images(tmp_path):
         return p("a red circle", generator=torch.Generator().manual_seed(0), **kw).images
 
     assert (gen(pipe) == gen(loaded)).all()
+
+
+def test_round_trip_keeps_shared_input_groups(tmp_path, quantized_pixart):
+    model = quantized_pixart["w8a8"]
+    viditq.save_quantized(model, tmp_path / "ckpt")
+    loaded = viditq.load_quantized(tmp_path / "ckpt")
+    attn = loaded.transformer_blocks[1].attn1
+    assert attn.to_q.spec.input_group == "transformer_blocks.1.attn1.to_q+to_k+to_v"
+    assert attn.to_q._input_cache is attn.to_k._input_cache is attn.to_v._input_cache is not None
+    x = tiny_inputs("pixart", seed=8)
+    assert torch.equal(forward_output(model, x), forward_output(loaded, x))

@@ -83,6 +83,60 @@ def test_act_quant_rotated_matches_reference(m, k, smooth):
     assert_codes_close(codes, ref_codes, max_flips=1e-3)
 
 
+@pytest.mark.parametrize("config", [act_quant.ActQuantConfig(1, 4), act_quant.ActQuantConfig(4, 2),
+                                    act_quant.ActQuantConfig(2, 4, persistent=True, programs_per_sm=1),
+                                    act_quant.ActQuantConfig(8, 4, persistent=True)])
+@pytest.mark.parametrize("k", [96, 200, 64])  # 64 + 32, 128 + 72 (padded tail), one tile
+def test_act_quant_launch_shapes_give_identical_codes(config, k):
+    """Every launch shape (rows per step, persistent grid-stride, ragged last block, main + tail tiles) gives the
+    codes of the default launch, plain and rotated."""
+    g = torch.Generator().manual_seed(k)
+    m = 13
+    x = (torch.randn(m, k, generator=g) * 4).to(DEVICE, torch.bfloat16)
+    smooth_inv = (torch.rand(k, generator=g) + 0.5).to(DEVICE)
+    codes, scale = act_quant.quantize_activation(x, 8, smooth_inv, config=config)
+    ref_codes, ref_scale = reference.quantize_activation(x, 8, smooth_inv)
+    assert torch.equal(codes, ref_codes) and torch.equal(scale, ref_scale)
+    if k == 64:
+        signs = random_signs(k, 1).to(DEVICE)
+        codes, scale = act_quant.quantize_activation(x, 8, None, signs, 1, config=config)
+        ref_codes, ref_scale = reference.quantize_activation(x, 8, None, signs, 1)
+        torch.testing.assert_close(scale, ref_scale, rtol=1e-5, atol=0)
+        assert_codes_close(codes, ref_codes, max_flips=1e-3)
+
+
+def test_act_quant_split_width_and_defaults():
+    assert act_quant.split_width(1152) == (1024, 128)
+    assert act_quant.split_width(4608) == (4096, 512)
+    assert act_quant.split_width(1920) == (1024, 1024)
+    assert act_quant.split_width(2048) == (2048, 0)
+    assert act_quant.split_width(1) == (1, 0)
+    for k, rot_m in [(1152, None), (4608, None), (1920, None), (7680, None), (1152, 36), (7680, 60)]:
+        cfg = act_quant.default_config(k, rot_m)
+        assert isinstance(cfg, act_quant.ActQuantConfig) and cfg.block_m >= 1
+
+
+def test_act_quant_rejects_bad_input(monkeypatch):
+    x = torch.randn(4, 64).to(DEVICE, torch.bfloat16)
+    with pytest.raises(ValueError, match="2-D tensor"):
+        act_quant.quantize_activation(x.reshape(2, 2, 64), 8)
+    with pytest.raises(ValueError, match="smooth_inv must be a contiguous float32 vector of 64"):
+        act_quant.quantize_activation(x, 8, torch.ones(32, device=DEVICE))
+    with pytest.raises(ValueError, match="rot_signs must be"):
+        act_quant.quantize_activation(x, 8, None, torch.ones(64, device=DEVICE, dtype=torch.float64), 1)
+    with pytest.raises(ValueError, match="no fused rotation"):
+        act_quant.quantize_activation(x[:, :48].contiguous(), 8, None, torch.ones(48, device=DEVICE), 3)
+    with pytest.raises(ValueError, match="power of two"):
+        act_quant.ActQuantConfig(3, 4)
+    with pytest.raises(ValueError, match="num_warps"):
+        act_quant.ActQuantConfig(2, 3)
+    monkeypatch.setenv("VIDITQ_ACT_QUANT_CONFIG", "2,4,1,3")
+    assert act_quant.default_config(1152, None) == act_quant.ActQuantConfig(2, 4, True, 3)
+    monkeypatch.setenv("VIDITQ_ACT_QUANT_CONFIG", "2")
+    with pytest.raises(ValueError, match="VIDITQ_ACT_QUANT_CONFIG"):
+        act_quant.default_config(1152, None)
+
+
 @gpu_only
 @pytest.mark.parametrize("k", [96, 1152])
 def test_act_quant_fp8_matches_reference(k):

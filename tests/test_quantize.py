@@ -8,7 +8,7 @@ from torch import nn
 
 import viditq
 from viditq.layers import QuantLinear
-from viditq.quantize import layer_group, plan_layers
+from viditq.quantize import layer_group, plan_layers, quantized_layers
 from viditq.testing import MODELS, calibration_set, forward_output, inject_outliers, sqnr_db, tiny_inputs, tiny_model
 
 PRESETS = ("w8a8", "w8a8-dynamic", "w8a8-static", "w4a8", "w4a8-dynamic", "w6a6", "w4a4")
@@ -175,3 +175,92 @@ def test_quantized_model_traces_under_torch_compile():
     assert torch.equal(compiled(x), layer(x))
     inputs = tiny_inputs("pixart", seed=3)
     assert torch.equal(forward_output(torch.compile(model, backend="aot_eager"), inputs), forward_output(model, inputs))
+
+
+# ----------------------------------------------------------------------------------------- shared q/k/v input
+def _quant_calls(monkeypatch):
+    from viditq.kernels import dispatch
+
+    calls = []
+    real = dispatch.quantize_activation
+
+    def counting(x, *args, **kwargs):
+        calls.append(tuple(x.shape))
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(dispatch, "quantize_activation", counting)
+    return calls
+
+
+def test_qkv_share_one_balancing_and_one_quantization(monkeypatch):
+    """Self-attention q/k/v (and cross-attention k/v, which read the text states) share smoothing + rotation,
+    and each group's input is quantized once per forward, with outputs bit-identical to quantizing per layer."""
+    model = viditq.quantize(tiny_model("pixart"), "w8a8", calibration_set("pixart", n=2))
+    attn1, attn2 = model.transformer_blocks[0].attn1, model.transformer_blocks[0].attn2
+    assert {attn1.to_q.spec.input_group, attn1.to_k.spec.input_group, attn1.to_v.spec.input_group} == \
+        {"transformer_blocks.0.attn1.to_q+to_k+to_v"}
+    assert attn2.to_q.spec.input_group is None
+    assert attn2.to_k.spec.input_group == attn2.to_v.spec.input_group == "transformer_blocks.0.attn2.to_k+to_v"
+    for a, b in [(attn1.to_q, attn1.to_k), (attn1.to_q, attn1.to_v), (attn2.to_k, attn2.to_v)]:
+        assert a._input_cache is b._input_cache is not None
+        for name in ("smooth_inv", "rot_signs"):
+            ta, tb = getattr(a, name), getattr(b, name)
+            assert (ta is None and tb is None) or torch.equal(ta, tb)
+    inputs = tiny_inputs("pixart", seed=3)
+    calls = _quant_calls(monkeypatch)
+    shared = forward_output(model, inputs)
+    n_shared = len(calls)
+    for layer in quantized_layers(model).values():
+        layer._input_cache = None
+    calls.clear()
+    separate = forward_output(model, inputs)
+    assert torch.equal(shared, separate)
+    # 2 blocks: 3 - 1 calls saved in attn1, 2 - 1 in attn2
+    assert len(calls) - n_shared == 2 * (2 + 1)
+    assert all(layer._input_cache is None or layer._input_cache._ref is None
+               for layer in quantized_layers(model).values() if layer.spec.input_group)  # nothing held after
+
+
+def test_shared_input_cache_misses_on_a_modified_or_different_tensor():
+    from viditq.layers import LayerSpec, install_input_sharing
+
+    torch.manual_seed(0)
+    spec = LayerSpec(64, 32, True, 8, True, 64, 8, smooth=True, input_group="g")
+    smooth = torch.rand(64) + 0.5
+    mods = nn.ModuleList(QuantLinear.from_linear(nn.Linear(64, 32), spec, smooth=smooth) for _ in range(2))
+    assert install_input_sharing(mods) == 1
+    x = torch.randn(5, 64)
+    y0 = mods[0](x)
+    x.mul_(2.0)  # in place: the cached codes are stale
+    separate = QuantLinear.from_linear(nn.Linear(64, 32), spec, smooth=smooth)
+    separate.load_state_dict(mods[1].state_dict())
+    assert torch.equal(mods[1](x), separate(x))
+    assert torch.equal(mods[0](x.clone()), separate_first(mods[0], x))
+    assert y0.shape == (5, 32)
+    # deep copies get their own (empty) cache, still shared within the copy
+    copied = copy.deepcopy(mods)
+    assert copied[0]._input_cache is copied[1]._input_cache is not mods[0]._input_cache
+    # different balancing tensors: not shared
+    mods[1].smooth_inv.mul_(2)
+    assert install_input_sharing(mods) == 0 and mods[0]._input_cache is None
+
+
+def separate_first(layer, x):
+    cache, layer._input_cache = layer._input_cache, None
+    try:
+        return layer(x)
+    finally:
+        layer._input_cache = cache
+
+
+def test_share_inputs_off_keeps_separate_balancing():
+    model = viditq.quantize(tiny_model("pixart"), "w8a8", calibration_set("pixart", n=1), share_inputs=False)
+    assert all(layer.spec.input_group is None and layer._input_cache is None
+               for layer in quantized_layers(model).values())
+
+
+def test_shared_qkv_under_torch_compile_matches_eager():
+    model = viditq.quantize(tiny_model("pixart"), "w8a8", calibration_set("pixart", n=1))
+    inputs = tiny_inputs("pixart", seed=4)
+    assert torch.equal(forward_output(torch.compile(model, backend="aot_eager"), inputs),
+                       forward_output(model, inputs))

@@ -52,6 +52,42 @@ def static_act_scale(layer: QuantLinear, rows: torch.Tensor) -> torch.Tensor:
     return (layer.balance(rows).abs().amax() / qmax).clamp_min(1e-8)
 
 
+def concat_linears(linears: list[nn.Linear]) -> nn.Linear:
+    """One linear with the members' output rows stacked (N = sum of N_i), for a joint balancing search."""
+    first = linears[0]
+    n = sum(lin.out_features for lin in linears)
+    has_bias = any(lin.bias is not None for lin in linears)
+    cat = nn.Linear(first.in_features, n, bias=has_bias, device=first.weight.device, dtype=first.weight.dtype)
+    with torch.no_grad():
+        cat.weight.copy_(torch.cat([lin.weight.detach() for lin in linears]))
+        if has_bias:
+            cat.bias.copy_(torch.cat([lin.bias.detach() if lin.bias is not None else
+                                      torch.zeros(lin.out_features, device=first.weight.device,
+                                                  dtype=first.weight.dtype) for lin in linears]))
+    return cat
+
+
+def split_quant_linear(layer: QuantLinear, linears: list[nn.Linear], group: str) -> list[QuantLinear]:
+    """Cut a QuantLinear built on :func:`concat_linears` back into one layer per member (rows of the weight
+    codes, scales, zero points and bias), each with the shared balancing tensors and ``input_group=group``.
+
+    Weights are quantized per output row (or per row group along K), so every member keeps exactly the codes the
+    joint layer had."""
+    out, row = [], 0
+    for lin in linears:
+        n = lin.out_features
+        spec = dataclasses.replace(layer.spec, out_features=n, bias=lin.bias is not None, input_group=group)
+        part = QuantLinear(spec, out_dtype=layer.float_dtype, device=layer.weight_codes.device)
+        with torch.no_grad():
+            for name, buf in part.named_buffers():
+                src = getattr(layer, name)
+                buf.copy_(src[row:row + n] if name in ("weight_codes", "weight_scale", "weight_zero", "bias")
+                          else src)
+        out.append(part)
+        row += n
+    return out
+
+
 def build_quant_linear(
     linear: nn.Linear, spec: LayerSpec, stats: LayerStats, balance: BalanceSpec | None, name: str, seed: int
 ) -> QuantLinear:

@@ -6,6 +6,7 @@ forward dispatches to Triton kernels on CUDA and to the PyTorch reference elsewh
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import asdict, dataclass
 
 import torch
@@ -36,6 +37,9 @@ class LayerSpec:
     rotate: bool = False
     rot_m: int = 1  # Paley factor of the rotation (0: dense random orthogonal matrix)
     alpha: float | None = None  # chosen smoothing strength (informational)
+    # Layers with the same input_group read the same input (q/k/v of one attention) and share their smoothing
+    # and rotation: the quantized activation is computed once per forward and reused (install_input_sharing).
+    input_group: str | None = None
 
     @property
     def packed_int4(self) -> bool:
@@ -71,6 +75,7 @@ class QuantLinear(nn.Module):
             self.register_buffer("rot_matrix", None)
             self.register_buffer("rot_signs", torch.empty(k, device=device) if spec.rotate else None)
         self.register_buffer("act_scale", torch.empty((), device=device) if spec.act_static else None)
+        self._input_cache: SharedInputCache | None = None  # set by install_input_sharing
 
     @property
     def weight(self) -> torch.Tensor:
@@ -172,14 +177,25 @@ class QuantLinear(nn.Module):
             else:
                 codes, scale = reference.quantize_per_token(xb, spec.act_bits)
         else:
-            codes, scale = dispatch.quantize_activation(
-                x2d, spec.act_bits, self.smooth_inv, self.rot_signs, spec.rot_m
-            )
+            codes, scale = self._quantize_input(x, x2d)
         y = dispatch.int_linear(
             codes, scale, self.weight_codes, self.weight_scale, self.weight_zero,
             spec.group_size, spec.packed_int4, self.bias, x.dtype,
         )
         return y.reshape(*x.shape[:-1], spec.out_features)  # (..., N)
+
+    def _quantize_input(self, x: torch.Tensor, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dynamic per-token quantization of the (balanced) input, reused across the layer's input group."""
+        cache = self._input_cache
+        if cache is None or torch.compiler.is_compiling():  # compiled graphs: identical op calls, no state
+            return dispatch.quantize_activation(x2d, self.spec.act_bits, self.smooth_inv, self.rot_signs,
+                                                self.spec.rot_m)
+        hit = cache.lookup(x)
+        if hit is not None:
+            return hit
+        out = dispatch.quantize_activation(x2d, self.spec.act_bits, self.smooth_inv, self.rot_signs, self.spec.rot_m)
+        cache.store(x, out)
+        return out
 
     def weight_nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.buffers())
@@ -191,6 +207,84 @@ class QuantLinear(nn.Module):
         act = "none" if s.weight_only else ("static" if s.act_static else "per-token")
         return (f"in={s.in_features}, out={s.out_features}, W{s.weight_bits}({g}, "
                 f"{'sym' if s.weight_symmetric else 'asym'}), A{s.act_bits}({act}), balance={bal}")
+
+
+class SharedInputCache:
+    """The quantized input of the last call of an input group (layers that read one tensor with one balancing).
+
+    A call hits when it gets the very tensor object the group last quantized, unmodified since (same version
+    counter; inference-mode tensors have none and are matched by identity alone), so q, k and v of a
+    self-attention quantize ``hidden_states`` once. The entry is dropped once every member has used it (no
+    activation outlives the forward) or on the next miss. Under CUDA-graph capture the lookup runs once at
+    capture time, so the graph holds one quantization kernel per group; under ``torch.compile`` the cache is
+    bypassed (each layer calls the same functional op on the same inputs). Never copied or pickled.
+    """
+
+    def __init__(self, members: int):
+        self.members = members
+        self.clear()
+
+    def clear(self) -> None:
+        self._ref, self._version, self._out, self._uses = None, None, None, 0
+
+    @staticmethod
+    def _version_of(x: torch.Tensor):
+        return None if x.is_inference() else x._version
+
+    def lookup(self, x: torch.Tensor):
+        if self._ref is None or self._ref() is not x or self._version_of(x) != self._version:
+            return None
+        out = self._out
+        self._uses += 1
+        if self._uses >= self.members:
+            self.clear()
+        return out
+
+    def store(self, x: torch.Tensor, out) -> None:
+        if self.members <= 1:
+            return
+        self._ref, self._version, self._out, self._uses = weakref.ref(x), self._version_of(x), out, 1
+
+    def __deepcopy__(self, memo):
+        return SharedInputCache(self.members)
+
+    def __getstate__(self):
+        return {"members": self.members}
+
+    def __setstate__(self, state):
+        self.__init__(state["members"])
+
+
+def _same_balancing(a: QuantLinear, b: QuantLinear) -> bool:
+    def same(t, u):
+        return (t is None and u is None) or (t is not None and u is not None and torch.equal(t, u))
+
+    sa, sb = a.spec, b.spec
+    return (sa.in_features == sb.in_features and sa.act_bits == sb.act_bits and sa.rot_m == sb.rot_m
+            and not (sa.act_static or sb.act_static or sa.weight_only or sb.weight_only)
+            and same(a.smooth_inv, b.smooth_inv) and same(a.rot_signs, b.rot_signs)
+            and a.rot_matrix is None and b.rot_matrix is None)
+
+
+def install_input_sharing(model: nn.Module) -> int:
+    """Give the QuantLinears of each ``spec.input_group`` one :class:`SharedInputCache` (idempotent).
+
+    Groups whose members do not hold identical balancing tensors (edited by hand, say) are left unshared.
+    Returns the number of shared groups."""
+    groups: dict[str, list[QuantLinear]] = {}
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module._input_cache = None
+            if module.spec.input_group is not None:
+                groups.setdefault(module.spec.input_group, []).append(module)
+    shared = 0
+    for members in groups.values():
+        if len(members) > 1 and all(_same_balancing(members[0], m) for m in members[1:]):
+            cache = SharedInputCache(len(members))
+            for m in members:
+                m._input_cache = cache
+            shared += 1
+    return shared
 
 
 def make_layer_spec(linear: nn.Linear, weight, act, *, smooth=False, rotate=False, rot_m=1, alpha=None):

@@ -14,16 +14,21 @@ import re
 from pathlib import Path
 from typing import Iterable
 
+import torch
 from torch import nn
 
-from .balance import build_quant_linear
+from .balance import build_quant_linear, concat_linears, split_quant_linear
 from .calibrate import LayerStats, collect_activation_stats, validate_calibration
 from .config import ActSpec, QuantConfig, WeightSpec, resolve_config
 from .gptq import apply_gptq, hessian_hooks
-from .layers import LayerSpec, QuantLinear, TimestepSwitchLinear, install_timestep_hook, make_layer_spec
+from .layers import (
+    LayerSpec, QuantLinear, TimestepSwitchLinear, install_input_sharing, install_timestep_hook, make_layer_spec,
+)
 from .progress import progress
 
 LAYER_GROUPS = ("cross_attn", "temporal_attn", "self_attn", "ffn", "other")
+# Attention input projections that may read one tensor: siblings of one family under one parent module.
+SHARED_INPUT_FAMILIES = (("to_q", "to_k", "to_v"), ("add_q_proj", "add_k_proj", "add_v_proj"))
 
 
 def layer_group(name: str) -> str:
@@ -123,13 +128,17 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def quantize(model: nn.Module, config: QuantConfig | str | Path, calib: Iterable[dict]) -> nn.Module:
+def quantize(model: nn.Module, config: QuantConfig | str | Path, calib: Iterable[dict], *,
+             share_inputs: bool = True) -> nn.Module:
     """Quantize ``model`` in place and return it.
 
     Args:
         model: any module; its ``forward(**kwargs)`` is called once per calibration sample.
         config: a preset name (``"w8a8"``, ``"w4a8"``, ...), a :class:`QuantConfig`, or a YAML/JSON path.
         calib: iterable of kwargs dicts for ``model.forward`` (e.g. from :func:`viditq.capture_calibration`).
+        share_inputs: attention projections that read the same tensor (q, k, v of a self-attention; see
+            :func:`shared_input_groups`) get one smoothing vector and rotation, chosen jointly from the shared
+            activation statistics and their stacked weights, so their input is quantized once per forward.
     """
     config = resolve_config(config)
     if getattr(model, "viditq_config", None) is not None:
@@ -145,11 +154,19 @@ def quantize(model: nn.Module, config: QuantConfig | str | Path, calib: Iterable
                          f"(keep_fp={config.keep_fp}, rules={config.rules})")
     layers = {name: linear for name, (linear, _, _) in plan.items()}
     stats, hessians = calibrate_layers(model, layers, samples, config)
-    for name, (linear, default, schedule) in progress(plan.items(), desc=f"quantizing ({config.name})",
-                                                      total=len(plan)):
-        if not stats[name].call_absmax:
+    for name, st in stats.items():
+        if not st.call_absmax:
             raise ValueError(f"layer {name!r} was never called during calibration; keep it in high precision "
                              "with a keep_fp pattern or calibrate with inputs that reach it")
+    groups = shared_input_groups(plan, stats) if share_inputs else []
+    grouped = {name for group in groups for name in group}
+    work = [(name, None) for name in plan if name not in grouped] + [(group[0], group) for group in groups]
+    for name, group in progress(work, desc=f"quantizing ({config.name})", total=len(work)):
+        if group is not None:
+            for member, layer in zip(group, build_shared_group(plan, group, stats, hessians, config)):
+                _set_submodule(model, member, layer)
+            continue
+        linear, default, schedule = plan[name]
         build = functools.partial(build_layer, linear, stats=stats[name], hessian=hessians.get(name),
                                   config=config, name=name)
         if not schedule:
@@ -161,6 +178,54 @@ def quantize(model: nn.Module, config: QuantConfig | str | Path, calib: Iterable
         _set_submodule(model, name, switch)
     _mark_quantized(model, config)
     return model
+
+
+def _same_input(a, b) -> bool:
+    """Whether two layers' calibration statistics come from the same tensors (every call's channel absmax)."""
+    return len(a.call_absmax) == len(b.call_absmax) and all(
+        torch.equal(x, y) for x, y in zip(a.call_absmax, b.call_absmax))
+
+
+def shared_input_groups(plan: dict, stats: dict) -> list[list[str]]:
+    """Groups of layer names that read one input tensor and can share its quantization: members of one
+    projection family (``SHARED_INPUT_FAMILIES``) under one parent, quantized at one precision with no timestep
+    schedule, dynamic per-token activations, and identical input statistics in every calibration call (so
+    cross-attention groups only k and v, which read the text states)."""
+    candidates: dict[tuple, list[str]] = {}
+    for name, (linear, default, schedule) in plan.items():
+        parent, _, leaf = name.rpartition(".")
+        family = next((i for i, fam in enumerate(SHARED_INPUT_FAMILIES) if leaf in fam), None)
+        if family is None or schedule or default is None or default[1].granularity == "per_tensor_static":
+            continue
+        candidates.setdefault((parent, family, linear.in_features, precision_key(default), default), []).append(name)
+    groups = []
+    for names in candidates.values():
+        while len(names) > 1:
+            head, rest = names[0], names[1:]
+            group = [head] + [n for n in rest if _same_input(stats[head], stats[n])]
+            if len(group) > 1:
+                groups.append(group)
+            names = [n for n in rest if n not in group]
+    return groups
+
+
+def build_shared_group(plan: dict, group: list[str], stats: dict, hessians: dict, config: QuantConfig) -> list:
+    """QuantLinears for the layers of ``group`` with one balancing chosen on their stacked weights (the members'
+    calibration rows pooled), GPTQ-rounded jointly when the config asks for it; split back per member."""
+    linears = [plan[name][0] for name in group]
+    precision = plan[group[0]][1]
+    joint = concat_linears(linears)
+    pooled = LayerStats(call_absmax=stats[group[0]].call_absmax, rows=[r for n in group for r in stats[n].rows])
+    key = shared_group_name(group)
+    layer = build_layer(joint, precision, stats=pooled, hessian=hessians.get(group[0]), config=config, name=key)
+    return split_quant_linear(layer, linears, key)
+
+
+def shared_group_name(group: list[str]) -> str:
+    """``"blocks.0.attn1.to_q+to_k+to_v"``: the group's key in LayerSpec.input_group and its seed name."""
+    parent, _, _ = group[0].rpartition(".")
+    leaves = "+".join(n.rpartition(".")[2] for n in group)
+    return f"{parent}.{leaves}" if parent else leaves
 
 
 def calibrate_layers(model: nn.Module, layers: dict[str, nn.Linear], samples: list[dict], config: QuantConfig):
@@ -187,6 +252,7 @@ def build_layer(linear: nn.Linear, precision: Precision, *, stats: LayerStats, h
 def _mark_quantized(model: nn.Module, config: QuantConfig) -> None:
     model.viditq_config = config
     install_timestep_hook(model)
+    install_input_sharing(model)
     if config.attention != "bf16":
         from .attention import apply_quantized_attention
 

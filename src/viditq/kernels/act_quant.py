@@ -1,22 +1,32 @@
 """Fused per-token activation quantization (Triton): smoothing, online Hadamard rotation, absmax, round.
 
-Programs walk blocks of ``BLOCK_M`` whole rows (grid-stride, next block prefetched); each row is read once from
-device memory (bf16/fp16/fp32),
-multiplied by ``smooth_inv * signs``, rotated by ``(H_m ⊗ H_p) / sqrt(K)`` in registers, reduced to its absmax and
-written as int8 codes (or fp8 e4m3 values) plus one float32 scale. Numerics follow
-``reference.quantize_activation`` (round half to even, ``MIN_SCALE`` floor, scale = absmax times the float32
-reciprocal of qmax as PyTorch does on CUDA; codes equal to rounding the IEEE quotient, see ``_round_quotient``).
+v4. Each program step handles ``block_m`` whole rows in registers, read once from device memory
+(bf16/fp16/fp32) and written once as int8 codes (or fp8 e4m3 values) plus one float32 scale per row:
 
-The rotation of a row seen as an ``(m, p)`` matrix ``X`` is ``H_m^T X H_p`` (see ``quant.hadamard``): two small
-tensor-core products, ``(rows·m, p) @ H_p`` then ``(rows·p, m) @ H_m``, with ``m`` zero-padded to a power of two.
-Operands are split into bf16 high + low halves (±1 matrices are exact in bf16), which keeps ~16 mantissa bits:
-far below the int8 step, so codes match the float32 reference except for rare ties at a rounding boundary.
+* plain: a row of K channels is held as a power-of-two main tile plus a power-of-two tail tile
+  (1152 = 1024 + 128, 4608 = 4096 + 512), so no lane is masked at DiT widths (v3 padded 1152 to 2048);
+* rotated: the row seen as an ``(m, p)`` matrix ``X`` is rotated as ``H_m^T X H_p`` (see ``quant.hadamard``) with
+  two small tensor-core products, ``(rows·m, p) @ H_p`` then ``(rows·p, m) @ H_m``, ``m`` zero-padded to a power
+  of two. The Hadamard operands are re-read from L1/L2 inside the loop instead of being held in registers
+  (v3 kept them live: 255 registers, spills, one program per SM). Without smoothing, ``x · signs`` of a bf16
+  input is exact in bf16 and the first product is a single bf16 product; otherwise float32 operands are split
+  into bf16 high + low halves (±1 matrices are exact in bf16), which keeps ~16 mantissa bits: codes match the
+  float32 reference except for rare ties at a rounding boundary. ``1/sqrt(K)`` is applied last, as the
+  reference does.
+
+Programs are one per row block, or (``ActQuantConfig.persistent``) a few per SM walking the blocks grid-stride.
+Numerics follow ``reference.quantize_activation`` (round half to even, ``MIN_SCALE`` floor, scale = absmax times
+the float32 reciprocal of qmax as PyTorch does on CUDA; codes equal to rounding the IEEE quotient, see
+``_round_quotient``). Launch shapes per width come from the H100 sweep in ``benchmarks/tune_act_quant.py``
+(``default_config``); ``VIDITQ_ACT_QUANT_CONFIG="block_m,num_warps[,persistent,programs_per_sm,num_stages]"``
+overrides them.
 """
 from __future__ import annotations
 
 import math
 import os
 import warnings
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -28,26 +38,80 @@ from ..quant.quantizers import MIN_SCALE, signed_range
 
 FP8_E4M3_MAX = 448.0
 MAX_ROW_ELEMENTS = 8192  # one row (padded to powers of two) must fit a program's registers
-
-
-# ----------------------------------------------------------------------------------------- configs
-PROGRAMS_PER_SM = 4  # grid-stride programs per SM; each prefetches its next row block while it computes
 _FAST_ROUND_OK = [True]  # cleared if this Triton cannot build the rint + FMA rounding (see quantize_activation)
 
 
-def _plain_config(k: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_K, num_warps): ~8k elements per row block, 16-byte loads along K."""
-    block_k = triton.next_power_of_2(k)
-    block_m = max(1, min(16, 8192 // block_k))
-    return block_m, block_k, 8 if block_k >= 2048 else 4
+# ----------------------------------------------------------------------------------------- configs
+@dataclass(frozen=True)
+class ActQuantConfig:
+    """Launch shape of one activation-quantization call.
+
+    block_m: rows per program step (a power of two); num_warps: warps per program; persistent: a grid of
+    ``programs_per_sm`` programs per SM walking the row blocks grid-stride (the next block's loads issued
+    before this block's math, ``num_stages``); otherwise one program per row block.
+    """
+
+    block_m: int
+    num_warps: int
+    persistent: bool = False
+    programs_per_sm: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        if self.block_m < 1 or self.block_m & (self.block_m - 1):
+            raise ValueError(f"ActQuantConfig.block_m must be a power of two >= 1, got {self.block_m}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"ActQuantConfig.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
+        if self.programs_per_sm < 1 or self.num_stages < 1:
+            raise ValueError("ActQuantConfig.programs_per_sm and num_stages must be >= 1")
 
 
-def _rotate_config(m_pad: int, p: int) -> tuple[int, int]:
-    """(BLOCK_M, num_warps): ~8k padded elements per row block, and at least 16 rows in each tensor-core product."""
-    row = m_pad * p
-    block_m = max(1, 8192 // row)
-    block_m = max(block_m, triton.cdiv(16, min(m_pad, p)))
-    return block_m, 8
+# Best launch shapes measured on H100 (benchmarks/tune_act_quant.py; NOTES.md "Fused activation quantization"),
+# keyed by (rotated, K). Other widths use the rule in default_config.
+TUNED_CONFIGS: dict[tuple[bool, int], ActQuantConfig] = {}
+
+
+def split_width(k: int) -> tuple[int, int]:
+    """(KA, KB): ``k`` channels as a power-of-two main tile plus a power-of-two tail tile (KB = 0: none).
+
+    Exact where ``k`` is a sum of two powers of two (1152 = 1024 + 128, 4608 = 4096 + 512); otherwise the tail
+    is padded (1920 = 1024 + 1024): never more lanes than one next_power_of_2(k) tile."""
+    ka = 1 << (k.bit_length() - 1)
+    if ka == k:
+        return k, 0
+    return ka, triton.next_power_of_2(k - ka)
+
+
+def _config_from_env() -> ActQuantConfig | None:
+    spec = os.environ.get("VIDITQ_ACT_QUANT_CONFIG")
+    if not spec:
+        return None
+    try:
+        fields = [int(v) for v in spec.split(",")]
+        if not 2 <= len(fields) <= 5:
+            raise ValueError("2 to 5 integers")
+        return ActQuantConfig(fields[0], fields[1], *([bool(fields[2])] + fields[3:] if len(fields) > 2 else []))
+    except ValueError as e:
+        raise ValueError(f"VIDITQ_ACT_QUANT_CONFIG={spec!r}: expected 'block_m,num_warps[,persistent,"
+                         f"programs_per_sm,num_stages]' ({e})") from None
+
+
+def default_config(k: int, rot_m: int | None) -> ActQuantConfig:
+    """Launch shape for rows of ``k`` channels (``rot_m``: the rotation's Paley factor, None: no rotation): the
+    H100-tuned entry, else ~8k (padded) elements per program step."""
+    env = _config_from_env()
+    if env is not None:
+        return env
+    tuned = TUNED_CONFIGS.get((rot_m is not None, k))
+    if tuned is not None:
+        return tuned
+    if rot_m is not None:
+        m, p = _kernel_factors(k, rot_m)
+        row = (triton.next_power_of_2(m) if m > 1 else 1) * p
+    else:
+        row = sum(split_width(k))
+    block_m = 1 << max(0, min(5, (8192 // row).bit_length() - 1))  # power of two, at most 32
+    return ActQuantConfig(block_m, 8 if block_m * row >= 4096 else 4)
 
 
 # ----------------------------------------------------------------------------------------- kernels
@@ -59,8 +123,6 @@ def _round_half_even(v):
     odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
     up = (frac > 0.5) | ((frac == 0.5) & odd)
     return tl.where(up, r + 1.0, r)
-
-
 @triton.jit
 def _row_scale(absmax, QMAX: tl.constexpr, MIN_S: tl.constexpr, CUDA_SCALAR_DIV: tl.constexpr):
     """``max(absmax / qmax, MIN_SCALE)`` exactly as the reference computes it: PyTorch on CUDA multiplies by the
@@ -104,33 +166,65 @@ def _store_codes(codes_ptrs, y, scale, mask, QMAX: tl.constexpr, FP8: tl.constex
 
 
 @triton.jit
-def _act_quant_plain_kernel(
-    x_ptr, smooth_ptr, codes_ptr, scale_ptr,
-    M, K, stride_xm, stride_cm, num_programs,
-    HAS_SMOOTH: tl.constexpr, QMAX: tl.constexpr, MIN_S: tl.constexpr, FP8: tl.constexpr,
-    CUDA_SCALAR_DIV: tl.constexpr, FAST_ROUND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+def _plain_block(
+    x_ptr, codes_ptr, scale_ptr, smooth_a, smooth_b, block, M, stride_xm, stride_cm,
+    K: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, HAS_SMOOTH: tl.constexpr, QMAX: tl.constexpr,
+    MIN_S: tl.constexpr, FP8: tl.constexpr, CUDA_SCALAR_DIV: tl.constexpr, FAST_ROUND: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
-    offs_k = tl.arange(0, BLOCK_K)
-    k_mask = offs_k < K
+    """Quantize rows ``block * BLOCK_M ...``: main tile (BLOCK_M, KA) + tail tile (BLOCK_M, KB), one pass."""
+    offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < M
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    c_rows = codes_ptr + offs_m.to(tl.int64)[:, None] * stride_cm
+    offs_a = tl.arange(0, KA)
+    ya = tl.load(x_rows + offs_a[None, :], mask=row_ok[:, None], other=0.0,
+                 eviction_policy="evict_first").to(tl.float32)
     if HAS_SMOOTH:
-        smooth = tl.load(smooth_ptr + offs_k, mask=k_mask, other=0.0)
-    # Grid-stride over row blocks: the pipeliner issues the next block's loads before this block's math.
-    for block in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M), num_programs, num_stages=NUM_STAGES):
-        offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask = (offs_m[:, None] < M) & k_mask[None, :]
-        x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :], mask=mask, other=0.0)
-        y = x.to(tl.float32)
+        ya = ya * smooth_a[None, :]
+    absmax = tl.max(tl.abs(ya), axis=1)
+    if KB > 0:
+        offs_b = KA + tl.arange(0, KB)
+        mask_b = row_ok[:, None] & (offs_b[None, :] < K)
+        yb = tl.load(x_rows + offs_b[None, :], mask=mask_b, other=0.0, eviction_policy="evict_first").to(tl.float32)
         if HAS_SMOOTH:
-            y = y * smooth[None, :]
-        scale = _row_scale(tl.max(tl.abs(y), axis=1), QMAX, MIN_S, CUDA_SCALAR_DIV)  # (BLOCK_M,)
-        codes_ptrs = codes_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_k[None, :]
-        _store_codes(codes_ptrs, y, scale[:, None], mask, QMAX, FP8, FAST_ROUND)
-        tl.store(scale_ptr + offs_m, scale, mask=offs_m < M)
+            yb = yb * smooth_b[None, :]
+        absmax = tl.maximum(absmax, tl.max(tl.abs(yb), axis=1))
+    scale = _row_scale(absmax, QMAX, MIN_S, CUDA_SCALAR_DIV)  # (BLOCK_M,)
+    _store_codes(c_rows + offs_a[None, :], ya, scale[:, None], row_ok[:, None], QMAX, FP8, FAST_ROUND)
+    if KB > 0:
+        _store_codes(c_rows + offs_b[None, :], yb, scale[:, None], mask_b, QMAX, FP8, FAST_ROUND)
+    tl.store(scale_ptr + offs_m, scale, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["M", "num_programs"])
+def _act_quant_plain_kernel(
+    x_ptr, smooth_ptr, codes_ptr, scale_ptr, M, stride_xm, stride_cm, num_programs,
+    K: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, HAS_SMOOTH: tl.constexpr, QMAX: tl.constexpr,
+    MIN_S: tl.constexpr, FP8: tl.constexpr, CUDA_SCALAR_DIV: tl.constexpr, FAST_ROUND: tl.constexpr,
+    BLOCK_M: tl.constexpr, PERSISTENT: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    offs_a = tl.arange(0, KA)
+    offs_b = KA + tl.arange(0, KB if KB > 0 else 1)
+    if HAS_SMOOTH:
+        smooth_a = tl.load(smooth_ptr + offs_a)
+        smooth_b = tl.load(smooth_ptr + offs_b, mask=offs_b < K, other=0.0)
+    else:
+        smooth_a = tl.zeros([KA], dtype=tl.float32)
+        smooth_b = tl.zeros([KB if KB > 0 else 1], dtype=tl.float32)
+    if PERSISTENT:
+        for block in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M), num_programs, num_stages=NUM_STAGES):
+            _plain_block(x_ptr, codes_ptr, scale_ptr, smooth_a, smooth_b, block, M, stride_xm, stride_cm,
+                         K, KA, KB, HAS_SMOOTH, QMAX, MIN_S, FP8, CUDA_SCALAR_DIV, FAST_ROUND, BLOCK_M)
+    else:
+        _plain_block(x_ptr, codes_ptr, scale_ptr, smooth_a, smooth_b, tl.program_id(0), M, stride_xm, stride_cm,
+                     K, KA, KB, HAS_SMOOTH, QMAX, MIN_S, FP8, CUDA_SCALAR_DIV, FAST_ROUND, BLOCK_M)
 
 
 @triton.jit
 def _dot_split(a, b_bf16, EXACT_FP32: tl.constexpr):
-    """``a @ b`` for float32 ``a`` and a bf16-exact ``b``: two bf16 products (high and low half of ``a``).
+    """``a @ b`` for float32 ``a`` and a bf16-exact ``b``: two bf16 products (high and low half of ``a``)
+    accumulated in float32.
 
     ``EXACT_FP32`` uses one float32 product instead: the CPU interpreter mis-multiplies bf16 operands.
     """
@@ -138,46 +232,72 @@ def _dot_split(a, b_bf16, EXACT_FP32: tl.constexpr):
         return tl.dot(a, b_bf16.to(tl.float32), input_precision="ieee")
     hi = a.to(tl.bfloat16)
     lo = (a - hi.to(tl.float32)).to(tl.bfloat16)
-    return tl.dot(hi, b_bf16) + tl.dot(lo, b_bf16)
+    return tl.dot(lo, b_bf16, tl.dot(hi, b_bf16))
 
 
 @triton.jit
+def _rotate_block(
+    x_ptr, codes_ptr, scale_ptr, hp_ptr, hm_ptr, v, offs_k, mask_k, block, M, stride_xm, stride_cm, out_mult,
+    QMAX: tl.constexpr, MIN_S: tl.constexpr, FP8: tl.constexpr, CUDA_SCALAR_DIV: tl.constexpr,
+    FAST_ROUND: tl.constexpr, M_PAD: tl.constexpr, P: tl.constexpr, BLOCK_M: tl.constexpr,
+    SPLIT_X: tl.constexpr, EXACT_FP32: tl.constexpr,
+):
+    offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < M
+    mask = row_ok[:, None, None] & mask_k[None, :, :]
+    x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None, None] * stride_xm + offs_k[None, :, :], mask=mask, other=0.0,
+                eviction_policy="evict_first")
+    x = x.to(tl.float32) * v[None, :, :]  # (BM, M_PAD, P): smoothing and signs
+    offs_p = tl.arange(0, P)
+    hp = tl.load(hp_ptr + offs_p[:, None] * P + offs_p[None, :])  # re-read (L1) instead of held in registers
+    x = tl.reshape(x, (BLOCK_M * M_PAD, P))
+    # X H_p: rows of length P times the (P, P) Sylvester matrix.
+    if SPLIT_X:
+        y = _dot_split(x, hp, EXACT_FP32)
+    elif EXACT_FP32:
+        y = tl.dot(x, hp.to(tl.float32), input_precision="ieee")
+    else:  # x * (±1) of a bf16 input is exact in bf16: one product, exact products, float32 sums
+        y = tl.dot(x.to(tl.bfloat16), hp)
+    if M_PAD > 1:
+        # H_m^T Y: move the Paley axis last, then (rows * P, M_PAD) @ H_m (zero-padded rows/cols).
+        offs_i = tl.arange(0, M_PAD)
+        hm = tl.load(hm_ptr + offs_i[:, None] * M_PAD + offs_i[None, :])
+        y = tl.permute(tl.reshape(y, (BLOCK_M, M_PAD, P)), (0, 2, 1))
+        y = _dot_split(tl.reshape(y, (BLOCK_M * P, M_PAD)), hm, EXACT_FP32)
+        y = tl.permute(tl.reshape(y, (BLOCK_M, P, M_PAD)), (0, 2, 1))
+    y = tl.reshape(y, (BLOCK_M, M_PAD, P)) * out_mult
+    absmax = tl.max(tl.max(tl.abs(y), axis=2), axis=1)  # padded channels are exactly 0
+    scale = _row_scale(absmax, QMAX, MIN_S, CUDA_SCALAR_DIV)  # (BLOCK_M,)
+    c_ptrs = codes_ptr + offs_m.to(tl.int64)[:, None, None] * stride_cm + offs_k[None, :, :]
+    _store_codes(c_ptrs, y, scale[:, None, None], mask, QMAX, FP8, FAST_ROUND)
+    tl.store(scale_ptr + offs_m, scale, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["M", "num_programs"])
 def _act_quant_rotate_kernel(
     x_ptr, smooth_ptr, signs_ptr, hp_ptr, hm_ptr, codes_ptr, scale_ptr,
-    M, K, stride_xm, stride_cm, inv_sqrt_k, num_programs,
+    M, stride_xm, stride_cm, out_mult, num_programs,
     HAS_SMOOTH: tl.constexpr, QMAX: tl.constexpr, MIN_S: tl.constexpr, FP8: tl.constexpr,
-    CUDA_SCALAR_DIV: tl.constexpr, FAST_ROUND: tl.constexpr, M_H: tl.constexpr, M_PAD: tl.constexpr, P: tl.constexpr, BLOCK_M: tl.constexpr, EXACT_FP32: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
+    CUDA_SCALAR_DIV: tl.constexpr, FAST_ROUND: tl.constexpr, M_H: tl.constexpr, M_PAD: tl.constexpr,
+    P: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_X: tl.constexpr, EXACT_FP32: tl.constexpr,
+    PERSISTENT: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     offs_i = tl.arange(0, M_PAD)  # Paley axis (padded)
     offs_j = tl.arange(0, P)  # power-of-two axis
     offs_k = offs_i[:, None] * P + offs_j[None, :]  # (M_PAD, P) channel index i * P + j
     mask_k = offs_i[:, None] < M_H
-    v = tl.load(signs_ptr + offs_k, mask=mask_k, other=0.0) * inv_sqrt_k
+    v = tl.load(signs_ptr + offs_k, mask=mask_k, other=0.0)
     if HAS_SMOOTH:
-        v = v * tl.load(smooth_ptr + offs_k, mask=mask_k, other=0.0)
-    hp = tl.load(hp_ptr + offs_j[:, None] * P + offs_j[None, :])
-    hm = tl.load(hm_ptr + offs_i[:, None] * M_PAD + offs_i[None, :])
-    for block in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M), num_programs, num_stages=NUM_STAGES):
-        offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask = (offs_m[:, None, None] < M) & mask_k[None, :, :]
-        row_off = offs_m[:, None, None].to(tl.int64) * stride_xm
-        x = tl.load(x_ptr + row_off + offs_k[None, :, :], mask=mask, other=0.0).to(tl.float32)  # (BM, M_PAD, P)
-        x = x * v[None, :, :]
-        # X H_p: rows of length P times the (P, P) Sylvester matrix.
-        y = _dot_split(tl.reshape(x, (BLOCK_M * M_PAD, P)), hp, EXACT_FP32)
-        if M_PAD > 1:
-            # H_m^T Y: move the Paley axis last, then (rows * P, M_PAD) @ H_m (zero-padded rows/cols).
-            y = tl.permute(tl.reshape(y, (BLOCK_M, M_PAD, P)), (0, 2, 1))
-            y = _dot_split(tl.reshape(y, (BLOCK_M * P, M_PAD)), hm, EXACT_FP32)
-            y = tl.permute(tl.reshape(y, (BLOCK_M, P, M_PAD)), (0, 2, 1))
-        y = tl.reshape(y, (BLOCK_M, M_PAD, P))
-        absmax = tl.max(tl.max(tl.abs(y), axis=2), axis=1)  # padded channels are exactly 0
-        scale = _row_scale(absmax, QMAX, MIN_S, CUDA_SCALAR_DIV)  # (BLOCK_M,)
-        out_off = offs_m[:, None, None].to(tl.int64) * stride_cm
-        _store_codes(codes_ptr + out_off + offs_k[None, :, :], y, scale[:, None, None], mask, QMAX, FP8,
-                     FAST_ROUND)
-        tl.store(scale_ptr + offs_m, scale, mask=offs_m < M)
+        v = v * tl.load(smooth_ptr + offs_k, mask=mask_k, other=0.0)  # (x * s) * sign == x * (s * sign) exactly
+    if PERSISTENT:
+        for block in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M), num_programs, num_stages=NUM_STAGES):
+            _rotate_block(x_ptr, codes_ptr, scale_ptr, hp_ptr, hm_ptr, v, offs_k, mask_k, block, M, stride_xm,
+                          stride_cm, out_mult, QMAX, MIN_S, FP8, CUDA_SCALAR_DIV, FAST_ROUND, M_PAD, P, BLOCK_M,
+                          SPLIT_X, EXACT_FP32)
+    else:
+        _rotate_block(x_ptr, codes_ptr, scale_ptr, hp_ptr, hm_ptr, v, offs_k, mask_k, tl.program_id(0), M,
+                      stride_xm, stride_cm, out_mult, QMAX, MIN_S, FP8, CUDA_SCALAR_DIV, FAST_ROUND, M_PAD, P,
+                      BLOCK_M, SPLIT_X, EXACT_FP32)
 
 
 # ----------------------------------------------------------------------------------------- launcher
@@ -221,14 +341,16 @@ def _interpreted() -> bool:
 _SM_COUNT: dict[int, int] = {}
 
 
-def _grid_size(device: torch.device, num_blocks: int) -> int:
-    """Grid-stride programs: a few per SM on the GPU; several blocks per program under the interpreter."""
+def _num_programs(device: torch.device, num_blocks: int, config: ActQuantConfig) -> int:
+    """One program per row block, or (persistent) a few per SM; at most 3 under the CPU interpreter."""
     if device.type != "cuda":
-        return max(1, min(num_blocks, 3))
+        return max(1, min(num_blocks, 3)) if config.persistent else num_blocks
+    if not config.persistent:
+        return num_blocks
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _SM_COUNT:
         _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return max(1, min(num_blocks, _SM_COUNT[index] * PROGRAMS_PER_SM))
+    return max(1, min(num_blocks, _SM_COUNT[index] * config.programs_per_sm))
 
 
 def rotation_supported(k: int, rot_m: int) -> bool:
@@ -241,7 +363,7 @@ def rotation_supported(k: int, rot_m: int) -> bool:
 
 
 def plain_supported(k: int) -> bool:
-    return triton.next_power_of_2(k) <= MAX_ROW_ELEMENTS
+    return k >= 1 and sum(split_width(k)) <= MAX_ROW_ELEMENTS
 
 
 def quantize_activation(
@@ -251,51 +373,61 @@ def quantize_activation(
     rot_signs: torch.Tensor | None = None,
     rot_m: int = 1,
     fp8: bool = False,
+    config: ActQuantConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused ``quantize_per_token(balance(x))``: x (M, K) → codes (M, K) int8 (fp8 e4m3 if ``fp8``), scale (M, 1) f32.
 
     ``bits`` is ignored when ``fp8`` (scale = absmax / 448). The caller checks ``*_supported`` first.
+    ``config`` overrides the launch shape (``default_config``).
     """
     if x.dim() != 2 or x.stride(-1) != 1:
         raise ValueError(f"x must be a 2-D tensor with contiguous rows, got shape {tuple(x.shape)}")
     m_rows, k = x.shape
+    for name, vec in (("smooth_inv", smooth_inv), ("rot_signs", rot_signs)):
+        if vec is not None and (vec.shape != (k,) or vec.dtype != torch.float32 or not vec.is_contiguous()):
+            raise ValueError(f"{name} must be a contiguous float32 vector of {k} channels, got "
+                             f"{tuple(vec.shape)} {vec.dtype}")
+    if rot_signs is not None and not rotation_supported(k, rot_m):
+        raise ValueError(f"no fused rotation for K={k}, rot_m={rot_m}; check rotation_supported first")
+    if rot_signs is None and not plain_supported(k):
+        raise ValueError(f"K={k} is too wide for the fused kernel; check plain_supported first")
     qmax = FP8_E4M3_MAX if fp8 else float(signed_range(bits, symmetric=True)[1])
     codes = torch.empty(m_rows, k, device=x.device, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
     scale = torch.empty(m_rows, 1, device=x.device, dtype=torch.float32)
-    smooth = smooth_inv if smooth_inv is not None else scale  # dummy pointer when unused
+    if m_rows == 0:
+        return codes, scale
+    config = config or default_config(k, None if rot_signs is None else rot_m)
     on_gpu = x.device.type == "cuda"
     common = dict(HAS_SMOOTH=smooth_inv is not None, QMAX=qmax, MIN_S=MIN_SCALE, FP8=fp8,
                   CUDA_SCALAR_DIV=on_gpu, FAST_ROUND=on_gpu and _FAST_ROUND_OK[0])
-    if m_rows == 0:
-        return codes, scale
+    smooth = smooth_inv if smooth_inv is not None else scale  # dummy pointer when unused
     try:
-        _launch(x, smooth, rot_signs, rot_m, codes, scale, common)
+        _launch(x, smooth, rot_signs, rot_m, codes, scale, common, config)
     except triton.CompilationError:
         if not common["FAST_ROUND"]:
             raise
-        # The fast rounding (libdevice rint + FMA tie check) was added after the last H100 run; if this Triton
-        # cannot build it, use the division path measured there (same codes, slower) from now on.
+        # If this Triton cannot build the fast rounding (libdevice rint + FMA tie check), use the division path
+        # (same codes, slower) from now on.
         warnings.warn("viditq act_quant: fast rounding failed to compile; using IEEE division", stacklevel=2)
         _FAST_ROUND_OK[0] = False
-        _launch(x, smooth, rot_signs, rot_m, codes, scale, dict(common, FAST_ROUND=False))
+        _launch(x, smooth, rot_signs, rot_m, codes, scale, dict(common, FAST_ROUND=False), config)
     return codes, scale
 
 
-def _launch(x, smooth, rot_signs, rot_m, codes, scale, common) -> None:
+def _launch(x, smooth, rot_signs, rot_m, codes, scale, common, config: ActQuantConfig) -> None:
     m_rows, k = x.shape
+    programs = _num_programs(x.device, triton.cdiv(m_rows, config.block_m), config)
+    launch = dict(BLOCK_M=config.block_m, PERSISTENT=config.persistent, NUM_STAGES=config.num_stages,
+                  num_warps=config.num_warps, **common)
     if rot_signs is None:
-        block_m, block_k, warps = _plain_config(k)
-        programs = _grid_size(x.device, triton.cdiv(m_rows, block_m))
+        ka, kb = split_width(k)
         _act_quant_plain_kernel[(programs,)](
-            x, smooth, codes, scale, m_rows, k, x.stride(0), codes.stride(0), programs,
-            BLOCK_M=block_m, BLOCK_K=block_k, NUM_STAGES=2, num_warps=warps, **common,
+            x, smooth, codes, scale, m_rows, x.stride(0), codes.stride(0), programs, K=k, KA=ka, KB=kb, **launch,
         )
         return
     hp, hm, m_h, m_pad, p = _hadamard_operands(k, rot_m, x.device)
-    block_m, warps = _rotate_config(m_pad, p)
-    programs = _grid_size(x.device, triton.cdiv(m_rows, block_m))
+    split_x = common["HAS_SMOOTH"] or x.dtype != torch.bfloat16
     _act_quant_rotate_kernel[(programs,)](
-        x, smooth, rot_signs, hp, hm, codes, scale, m_rows, k, x.stride(0), codes.stride(0), 1.0 / math.sqrt(k),
-        programs, M_H=m_h, M_PAD=m_pad, P=p, BLOCK_M=block_m, EXACT_FP32=_interpreted(), NUM_STAGES=2,
-        num_warps=warps, **common,
+        x, smooth, rot_signs, hp, hm, codes, scale, m_rows, x.stride(0), codes.stride(0), 1.0 / math.sqrt(k),
+        programs, M_H=m_h, M_PAD=m_pad, P=p, SPLIT_X=split_x, EXACT_FP32=_interpreted(), **launch,
     )
