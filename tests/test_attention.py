@@ -344,6 +344,10 @@ def test_default_threshold_keeps_text_cross_attention_on_sdpa(reference_calls):
     attn1 = model.transformer_blocks[0].attn1
     assert attn1.processor.min_kv_tokens == 10  # the wrapper's own attribute, not the wrapped processor's
     assert not hasattr(attn1.processor.processor, "min_kv_tokens")
+    VA.apply_quantized_attention(model, "bf16")  # unwrap and wrap again (viditq.parallel does): threshold kept
+    VA.apply_quantized_attention(model, "int8")
+    assert attn1.processor.min_kv_tokens == 10 and attn1.processor.mode == "int8"
+    assert VA.apply_quantized_attention(tiny_model("pixart"), "int8") == 4
 
 
 def test_compile_counts_short_and_quantized_calls_without_graph_breaks():

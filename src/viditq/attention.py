@@ -175,17 +175,22 @@ def _attention_modules(model: torch.nn.Module):
             yield name, module
 
 
-def apply_quantized_attention(model: torch.nn.Module, mode: str, min_kv_tokens: int = MIN_KV_TOKENS) -> int:
+def apply_quantized_attention(model: torch.nn.Module, mode: str, min_kv_tokens: int | None = None) -> int:
     """Route the attention of every diffusers attention module in ``model`` through 8-bit attention.
 
     mode: "int8" (INT8 Q·Kᵀ, BF16 P·V), "fp8" (INT8 Q·Kᵀ, FP8 P·V) or "bf16" (the model's own attention: removes
     wrappers a previous call installed). Idempotent; returns the number of attention modules now quantized.
-    Calls with fewer than ``min_kv_tokens`` keys (default 512: text cross-attention) keep the model's own SDPA;
-    0 quantizes every call the kernel supports. Processors that are ``nn.Module`` s (trainable IP-adapter
-    processors) are left alone.
+    Calls with fewer than ``min_kv_tokens`` keys keep the model's own SDPA; 0 quantizes every call the kernel
+    supports. None: the value last given for this model (kept on it, so unwrapping and re-wrapping — as
+    ``viditq.parallel`` does — keeps it), else :data:`MIN_KV_TOKENS` (512: text cross-attention stays on SDPA).
+    Processors that are ``nn.Module`` s (trainable IP-adapter processors) are left alone.
     """
     if mode not in ATTENTION_MODES:
         raise ValueError(f"attention mode must be one of {ATTENTION_MODES}, got {mode!r}")
+    if min_kv_tokens is None:
+        min_kv_tokens = getattr(model, "_viditq_min_kv_tokens", MIN_KV_TOKENS)
+    else:
+        model._viditq_min_kv_tokens = min_kv_tokens = int(min_kv_tokens)
     converted = 0
     for _, module in _attention_modules(model):
         processor = module.processor
