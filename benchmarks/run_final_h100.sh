@@ -44,13 +44,18 @@ step() {
 
 main() {
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit,driver_version --format=csv,noheader
-    if [ -d .whl ] && ! python3 -c "import diffusers, torchao" 2>/dev/null; then
+    if [ -d .whl ] && [ ! -d /tmp/site/diffusers ]; then  # the carried wheels (diffusers, torchao, ...)
         step "install wheels" 60 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
             --upgrade --target /tmp/site .whl/*.whl
     fi
-    python3 -c "import torch, triton, diffusers, accelerate as a; print(torch.__version__, triton.__version__,
-        'diffusers', diffusers.__version__, 'accelerate', a.__version__)"
-    python3 -c "import torchao; print('torchao', torchao.__version__)" 2>&1 | tail -1
+    timeout 60 python3 -c "
+import torch, triton, diffusers, accelerate
+try:
+    import torchao; ao = torchao.__version__
+except Exception as e:  # the torchao variants report it themselves
+    ao = repr(e)[:120]
+print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__,
+      'accelerate', accelerate.__version__, 'torchao', ao)" 2>&1 | tail -3
 
     step "offload check" 100 python3 benchmarks/check_offload.py --out "$OUT/offload.json" --steps 8
 
