@@ -164,7 +164,7 @@ def _report_markdown(results: dict, media: dict, settings: dict) -> str:
         "## Text-to-image (PixArt-style DiT, 32x32)", "", markdown_table(results["t2i"], T2I_COLUMNS), "",
         *[f"![{m}]({m})" for m in media["t2i"]], "", "Prompts (left to right):", "",
         *[f"{i + 1}. {p}" for i, p in enumerate(results["prompts"]["t2i"])], "",
-        "## Text-to-video (Latte-style DiT, 16 frames of 32x32)", "", markdown_table(results["t2v"], T2V_COLUMNS), "",
+        "## Text-to-video (CogVideoX-style DiT, 16 frames of 32x32)", "", markdown_table(results["t2v"], T2V_COLUMNS), "",
         *[f"![{m}]({m})" if m.endswith(".gif") else f"[{m}]({m})" for m in media["t2v"]], "",
         "Prompts (left to right):", "", *[f"{i + 1}. {p}" for i, p in enumerate(results["prompts"]["t2v"])], "",
         "Metrics: `attr acc` = probe-judged share of named attributes shown right (shape, colour, size, "

@@ -61,6 +61,7 @@ def save_pipeline_weights(pipe, path: str | Path, kind: str, info: dict | None =
     _check_kind(kind)
     metadata = {
         "kind": kind,
+        "transformer_class": type(pipe.transformer).__name__,
         "transformer_config": dict(pipe.transformer.config),
         "text_encoder_config": pipe.text_encoder.config.to_dict(),
         "scheduler_config": scheduler_config(),
@@ -81,7 +82,9 @@ def load_pipeline_weights(path: str | Path, device: str | torch.device = "cpu", 
     states, meta = load_bundle(path)
     kind = meta.get("kind")
     _check_kind(kind)
-    transformer = load_state(build_transformer(kind, _transformer_config(meta)), states["transformer"])
+    # Which diffusers class wrote the file; files from before this key existed hold a Latte model for "t2v".
+    class_name = meta.get("transformer_class") or ("LatteTransformer3DModel" if kind == "t2v" else None)
+    transformer = load_state(build_transformer(kind, _transformer_config(meta), class_name), states["transformer"])
     text_encoder = load_state(T5EncoderModel(T5Config.from_dict(meta["text_encoder_config"])), states["text_encoder"])
     tokenizer = build_tokenizer({k: int(v) for k, v in meta["vocab"].items()}, int(meta["max_length"]))
     for module in (transformer, text_encoder):
@@ -100,7 +103,7 @@ def load_t2i_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = t
 
 
 def load_t2v_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> TinyT2VPipeline:
-    """The shipped text-to-video pipeline (Latte-style DiT, 16 frames of 32 x 32)."""
+    """The shipped text-to-video pipeline (CogVideoX-style DiT, 16 frames of 32 x 32)."""
     return load_pipeline_weights(weights_path("t2v"), device, dtype)
 
 

@@ -3,16 +3,21 @@
 Both work in pixel space on 32 x 32 RGB in [-1, 1] and predict the flow-matching velocity ``noise - x0``:
 
 * T2I: :class:`diffusers.PixArtTransformer2DModel`, 6 blocks, 4 heads x 32 (width 128), patch 2 (256 tokens).
-* T2V: :class:`diffusers.LatteTransformer3DModel`, 3 spatial + 3 temporal blocks, width 128, patch 4
-  (8 x 8 tokens per frame, 16 frames = 1024 tokens), because 2 CPU cores must run it for the demo.
+* T2V: :class:`diffusers.CogVideoXTransformer3DModel`, 6 blocks of full 3D attention over text + video tokens,
+  width 128, patch 4 (8 x 8 tokens per frame, 16 frames = 1024 tokens), 3D sin-cos positions, no temporal
+  compression. (The first shipped T2V was a Latte model, factorized spatial/temporal attention; it learned colours
+  but no motion in the training budget, so weight files record their class and old files still load.)
 
 Sizes are small enough for a 2-core CPU demo and large enough to learn the grammar in minutes on one GPU.
 """
 from __future__ import annotations
 
-from diffusers import DPMSolverMultistepScheduler, LatteTransformer3DModel, PixArtTransformer2DModel
+from diffusers import (
+    CogVideoXTransformer3DModel, DPMSolverMultistepScheduler, LatteTransformer3DModel, PixArtTransformer2DModel,
+)
 
 from .data import IMAGE_SIZE, NUM_FRAMES
+from .text import MAX_TEXT_TOKENS
 
 TEXT_DIM = 128
 
@@ -30,18 +35,33 @@ def t2i_transformer_config() -> dict:
 
 
 def t2v_transformer_config() -> dict:
-    return dict(_SHARED, num_layers=3, patch_size=4, video_length=NUM_FRAMES)
+    return dict(
+        num_attention_heads=4, attention_head_dim=32, in_channels=3, out_channels=3, time_embed_dim=128,
+        text_embed_dim=TEXT_DIM, num_layers=6, dropout=0.0, attention_bias=True, sample_width=IMAGE_SIZE,
+        sample_height=IMAGE_SIZE, sample_frames=NUM_FRAMES, patch_size=4, temporal_compression_ratio=1,
+        max_text_seq_length=MAX_TEXT_TOKENS, activation_fn="gelu-approximate", spatial_interpolation_scale=1.0,
+        temporal_interpolation_scale=1.0, use_rotary_positional_embeddings=False,
+    )
 
 
-def build_transformer(kind: str, config: dict | None = None):
+TRANSFORMER_CLASSES = {cls.__name__: cls for cls in
+                       (PixArtTransformer2DModel, CogVideoXTransformer3DModel, LatteTransformer3DModel)}
+DEFAULT_CLASSES = {"t2i": "PixArtTransformer2DModel", "t2v": "CogVideoXTransformer3DModel"}
+
+
+def build_transformer(kind: str, config: dict | None = None, class_name: str | None = None):
     """A freshly initialized transformer of ``kind`` ("t2i" | "t2v"); output projection zeroed so training starts
-    from a model that predicts zero velocity."""
-    if kind == "t2i":
-        model = PixArtTransformer2DModel(**(config or t2i_transformer_config()))
-    elif kind == "t2v":
-        model = LatteTransformer3DModel(**(config or t2v_transformer_config()))
-    else:
+    from a model that predicts zero velocity. ``class_name`` (from a weight file) picks another diffusers class."""
+    if kind not in DEFAULT_CLASSES:
         raise ValueError(f"model kind must be 't2i' or 't2v', got {kind!r}")
+    name = class_name or DEFAULT_CLASSES[kind]
+    if name not in TRANSFORMER_CLASSES:
+        raise ValueError(f"unknown transformer class {name!r}; expected one of {sorted(TRANSFORMER_CLASSES)}")
+    if config is None:
+        if name != DEFAULT_CLASSES[kind]:
+            raise ValueError(f"{name} needs an explicit config")
+        config = t2i_transformer_config() if kind == "t2i" else t2v_transformer_config()
+    model = TRANSFORMER_CLASSES[name](**config)
     model.proj_out.weight.data.zero_()
     model.proj_out.bias.data.zero_()
     return model

@@ -1,6 +1,6 @@
 """Diffusers pipelines around the tiny transformers: text encoding, classifier-free guidance, DPM-Solver sampling.
 
-They follow PixArt-α / Latte: the unconditional and conditional branches are concatenated into one batch and the
+They follow PixArt-α / CogVideoX: the unconditional and conditional branches are concatenated into one batch and the
 transformer is always called with keyword arguments (``hidden_states=``, ``encoder_hidden_states=``,
 ``timestep=``, ...), so ``viditq.capture_calibration`` records replayable inputs exactly as for the big models.
 
@@ -58,6 +58,10 @@ class _TinyDiTPipeline(DiffusionPipeline):
     def transformer_kwargs(self, x, embeds, mask, t) -> dict:
         raise NotImplementedError
 
+    def predict_velocity(self, x, embeds, mask, t) -> torch.Tensor:
+        """The transformer's velocity for samples ``x`` in the pipeline's layout (training and sampling use this)."""
+        return self.transformer(**self.transformer_kwargs(x, embeds, mask, t))[0]
+
     # -- sampling ------------------------------------------------------------------------------------
     @staticmethod
     def _check_call(prompt, num_inference_steps, guidance_scale, output_type) -> list[str]:
@@ -94,7 +98,7 @@ class _TinyDiTPipeline(DiffusionPipeline):
             for t in self.scheduler.timesteps:
                 x_in = torch.cat([x, x]) if do_cfg else x
                 t_in = t.to(device=device, dtype=self.transformer.dtype).expand(x_in.shape[0])  # (B',)
-                velocity = self.transformer(**self.transformer_kwargs(x_in, embeds, mask, t_in))[0]
+                velocity = self.predict_velocity(x_in, embeds, mask, t_in)
                 if do_cfg:
                     uncond, cond = velocity.chunk(2)
                     velocity = uncond + guidance_scale * (cond - uncond)
@@ -136,16 +140,30 @@ class TinyT2IPipeline(_TinyDiTPipeline):
 
 
 class TinyT2VPipeline(_TinyDiTPipeline):
-    """Text-to-video around a :class:`diffusers.LatteTransformer3DModel` (16 frames of 32 x 32 RGB, pixel space)."""
+    """Text-to-video around a :class:`diffusers.CogVideoXTransformer3DModel` (16 frames of 32 x 32 RGB, pixel space).
+
+    Samples are (B, 3, F, H, W) here; CogVideoX takes and returns (B, F, 3, H, W). (Files of the first shipped
+    model hold a :class:`diffusers.LatteTransformer3DModel`, which takes the pipeline's layout.)"""
+
+    @property
+    def _frames_first(self) -> bool:
+        return not hasattr(self.transformer.config, "video_length")  # Latte has video_length, CogVideoX not
 
     def sample_shape(self, batch: int) -> tuple[int, ...]:
-        size = self.transformer.config.sample_size
-        frames = self.transformer.config.video_length
-        return (batch, self.transformer.config.in_channels, frames, size, size)
+        config = self.transformer.config
+        if self._frames_first:
+            return (batch, config.in_channels, config.sample_frames, config.sample_height, config.sample_width)
+        return (batch, config.in_channels, config.video_length, config.sample_size, config.sample_size)
 
     def transformer_kwargs(self, x, embeds, mask, t) -> dict:
-        # Latte takes no text mask (it would have to be repeated per frame); padded positions are learned as-is.
+        # Neither model takes a text mask; padded positions are learned as-is.
+        if self._frames_first:
+            x = x.transpose(1, 2)
         return dict(hidden_states=x, encoder_hidden_states=embeds, timestep=t, return_dict=False)
+
+    def predict_velocity(self, x, embeds, mask, t) -> torch.Tensor:
+        velocity = super().predict_velocity(x, embeds, mask, t)
+        return velocity.transpose(1, 2) if self._frames_first else velocity
 
     @torch.no_grad()
     def __call__(

@@ -2,7 +2,7 @@
 
     python -m viditq.models.train --model probe --time-budget 150 --out DIR   # attribute probe (metrics)
     python -m viditq.models.train --model t2i   --time-budget 420 --out DIR   # PixArt-style text-to-image
-    python -m viditq.models.train --model t2v   --time-budget 420 --out DIR   # Latte-style text-to-video
+    python -m viditq.models.train --model t2v   --time-budget 420 --out DIR   # CogVideoX-style text-to-video
     python -m viditq.models.train --model eval  --out DIR                     # accuracies of DIR's models
 
 Each run writes ``DIR/<model>.safetensors`` (fp16, configs in the metadata; refreshed every ``--save-every``
@@ -119,8 +119,7 @@ class Schedule:
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int) -> None:
     decay = min(EMA_DECAY, (1 + step) / (10 + step))  # short memory early on, while weights move fast
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1 - decay)
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
 
 
 def log(path: Path | None, record: dict) -> None:
@@ -140,34 +139,41 @@ def autocast(device: torch.device):
 
 
 # ------------------------------------------------------------------------------------------ diffusion
-def diffusion_loss(pipe, batch: dict, device: torch.device) -> torch.Tensor:
+def velocity_loss(pipe, x_s, ids, mask, sigma, target) -> torch.Tensor:
+    """Text encoder + transformer + MSE: the part of a training step that ``--compile`` hands to torch.compile."""
+    with autocast(x_s.device):
+        embeds = pipe.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        pred = pipe.predict_velocity(x_s, embeds, mask, sigma * 1000)
+    return F.mse_loss(pred.float(), target)
+
+
+def diffusion_loss(pipe, batch: dict, device: torch.device, loss_fn=velocity_loss) -> torch.Tensor:
     """Rectified-flow velocity MSE on one batch (pipeline modules in train mode)."""
     x0 = render_packed(batch["scenes"], device) * 2 - 1  # (B, 3, H, W) or (B, 3, F, H, W) in [-1, 1]
-    ids = torch.as_tensor(batch["input_ids"], device=device)
-    mask = torch.as_tensor(batch["attention_mask"], device=device)
+    ids = torch.as_tensor(batch["input_ids"]).to(device, non_blocking=True)
+    mask = torch.as_tensor(batch["attention_mask"]).to(device, non_blocking=True)
     noise = torch.randn_like(x0)
     sigma = torch.sigmoid(torch.randn(x0.shape[0], device=device))  # logit-normal(0, 1)
     s = sigma.view(-1, *([1] * (x0.ndim - 1)))
     x_s = (1 - s) * x0 + s * noise
-    with autocast(device):
-        embeds = pipe.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        pred = pipe.transformer(**pipe.transformer_kwargs(x_s, embeds, mask, sigma * 1000))[0]
-    return F.mse_loss(pred.float(), noise - x0)
+    return loss_fn(pipe, x_s, ids, mask, sigma, noise - x0)
 
 
 def _diffusion_setup(kind: str, args, device: torch.device):
     """(pipeline in train mode, its frozen EMA copy, trained parameters, optimizer)."""
     from . import new_pipeline
 
+    from . import load_pipeline_weights
+
     torch.manual_seed(args.seed)
-    pipe = new_pipeline(kind)
+    pipe = load_pipeline_weights(args.init) if args.init else new_pipeline(kind)  # --init: continue a run
     pipe.transformer.to(device).train()
     pipe.text_encoder.to(device).train()
     ema = copy.deepcopy(pipe)  # EMA copy of both trained modules; this is what gets saved
     for m in (ema.transformer, ema.text_encoder):
         m.eval().requires_grad_(False)
     params = list(pipe.transformer.parameters()) + list(pipe.text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01, fused=device.type == "cuda")
     return pipe, ema, params, opt
 
 
@@ -176,7 +182,20 @@ def _run_info(kind: str, args, step: int, schedule: Schedule, losses: list[float
     return {"model": kind, "steps": step, "samples": step * args.batch_size, "batch_size": args.batch_size,
             "lr": args.lr, "train_time_s": round(schedule.elapsed(), 1), "final_loss": float(np.mean(losses[-200:])),
             "device": device_name(device), "seed": args.seed, "command": " ".join(sys.argv),
-            "scene_kwargs": TRAINED_SCENES[kind][1]}
+            "scene_kwargs": TRAINED_SCENES[kind][1], "compiled": bool(args.compile),
+            "continued_from": _previous_runs(args.init)}
+
+
+def _previous_runs(path: Path | None) -> list[dict]:
+    """The run records of the weights a ``--init`` run starts from (so a file lists every run that made it)."""
+    if path is None:
+        return []
+    from .weights import load_bundle
+
+    info = load_bundle(path)[1].get("info", {})
+    earlier = info.pop("continued_from", [])
+    return [*earlier, {k: info.get(k) for k in ("steps", "samples", "batch_size", "lr", "train_time_s", "final_loss",
+                                                "device", "command")}]
 
 
 def train_diffusion(kind: str, args) -> dict:
@@ -188,23 +207,34 @@ def train_diffusion(kind: str, args) -> dict:
     scene_kind, scene_kwargs = TRAINED_SCENES[kind]
     loader = make_loader(scene_kind, args.batch_size, args.seed, args.workers, scene_kwargs={scene_kind: scene_kwargs})
     schedule, out_path = Schedule(args.lr, args.time_budget, args.max_steps), Path(args.out) / f"{kind}.safetensors"
-    step, losses, last_save, info = 0, [], time.perf_counter(), {}
+    loss_fn = torch.compile(velocity_loss, fullgraph=True, dynamic=False) if args.compile else velocity_loss
+    step, losses, pending, last_save, info = 0, [], [], time.perf_counter(), {}
     for batch in loader:
         for group in opt.param_groups:
             group["lr"] = schedule.lr(step)
-        loss = diffusion_loss(pipe, batch, device)
+        try:
+            loss = diffusion_loss(pipe, batch, device, loss_fn)
+        except Exception as exc:  # noqa: BLE001 - a compiler failure must not cost the run: train eagerly
+            if loss_fn is velocity_loss:
+                raise
+            log(args.log, {"model": kind, "compile_failed": f"{type(exc).__name__}: {str(exc)[:300]}"})
+            loss_fn = velocity_loss
+            loss = diffusion_loss(pipe, batch, device, loss_fn)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         ema_update(ema.transformer, pipe.transformer, step)
         ema_update(ema.text_encoder, pipe.text_encoder, step)
-        losses.append(loss.item())
+        pending.append(loss.detach())  # read back in groups: a .item() per step would stall the GPU queue
         step += 1
+        finished = schedule.done(step)
+        if step % args.log_every == 0 or finished or time.perf_counter() - last_save > args.save_every:
+            losses.extend(torch.stack(pending).tolist())
+            pending.clear()
         if step % args.log_every == 0:
             log(args.log, {"model": kind, "step": step, "time_s": round(schedule.elapsed(), 1),
                            "loss": round(float(np.mean(losses[-args.log_every:])), 5), "lr": schedule.lr(step)})
-        finished = schedule.done(step)
         if finished or time.perf_counter() - last_save > args.save_every:
             info = _run_info(kind, args, step, schedule, losses, device)
             save_pipeline_weights(ema, out_path, kind, info)
@@ -331,8 +361,8 @@ def evaluate_all(args) -> dict:
 
 # ------------------------------------------------------------------------------------------ CLI
 DEFAULTS = {  # model -> (batch size, learning rate, data workers)
-    "t2i": (256, 5e-4, 4),
-    "t2v": (128, 5e-4, 3),
+    "t2i": (512, 1e-3, 6),
+    "t2v": (128, 1e-3, 4),
     "probe": (512, 2e-3, 4),
 }
 
@@ -347,6 +377,9 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--workers", type=int, default=None, help="data loader processes")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", type=Path, default=None, help="t2i/t2v: start from these saved weights (continue a run)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the training step (default: on for CUDA); falls back to eager if it fails")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--log", type=Path, default=None, help="also append JSON log lines to this file")
     p.add_argument("--log-every", type=int, default=100)
@@ -365,6 +398,8 @@ def parse_args(argv=None):
         args.batch_size = args.batch_size or batch
         args.lr = args.lr or lr
         args.workers = workers if args.workers is None else args.workers
+    if args.compile is None:
+        args.compile = args.device.startswith("cuda")
     args.eval_settings = [(int(a), float(b)) for a, b in (s.split(":") for s in args.eval_settings.split(","))]
     return args
 
