@@ -80,7 +80,8 @@ def test_act_quant_rotated_matches_reference(m, k, smooth):
     codes, scale = act_quant.quantize_activation(x, 8, smooth_inv, signs, rot_m)
     ref_codes, ref_scale = reference.quantize_activation(x, 8, smooth_inv, signs, rot_m)
     torch.testing.assert_close(scale, ref_scale, rtol=1e-4, atol=0)
-    assert_codes_close(codes, ref_codes, max_flips=1e-3)
+    # ~1e-4 of the codes flip at DiT shapes (H100); a tiny case may hold one such tie
+    assert_codes_close(codes, ref_codes, max_flips=max(1e-3, 1.5 / codes.numel()))
 
 
 @pytest.mark.parametrize("config", [act_quant.ActQuantConfig(1, 4), act_quant.ActQuantConfig(4, 2),

@@ -66,9 +66,18 @@ class ActQuantConfig:
             raise ValueError("ActQuantConfig.programs_per_sm and num_stages must be >= 1")
 
 
-# Best launch shapes measured on H100 (benchmarks/tune_act_quant.py; NOTES.md "Fused activation quantization"),
-# keyed by (rotated, K). Other widths use the rule in default_config.
-TUNED_CONFIGS: dict[tuple[bool, int], ActQuantConfig] = {}
+# Best launch shapes measured on H100 (benchmarks/tune_act_quant.py, 2026-11-25; NOTES.md "Fused activation
+# quantization"), keyed by (rotated, K); swept with smoothing on. Other widths use the rule in default_config.
+TUNED_CONFIGS: dict[tuple[bool, int], ActQuantConfig] = {
+    (False, 1152): ActQuantConfig(4, 4),  # 20.9 us at 8192 rows (v3: 28.6)
+    (False, 4608): ActQuantConfig(1, 8, persistent=True, programs_per_sm=8),  # 59.7 us (v3: 97.7)
+    (False, 1920): ActQuantConfig(1, 4),  # 91.6 us at 35552 rows (v3: 116.4)
+    (False, 7680): ActQuantConfig(1, 8),  # 372 us (v3: 444)
+    (True, 1152): ActQuantConfig(2, 4, persistent=True, programs_per_sm=8),  # 47.8 us (v3: 49.1)
+    (True, 4608): ActQuantConfig(1, 4),  # 304 us (v3: 375)
+    (True, 1920): ActQuantConfig(2, 4, persistent=True, programs_per_sm=8),  # 196 us (v3: 198)
+    (True, 7680): ActQuantConfig(1, 4),  # 1359 us (v3: 1648)
+}
 
 
 def split_width(k: int) -> tuple[int, int]:
@@ -98,20 +107,21 @@ def _config_from_env() -> ActQuantConfig | None:
 
 def default_config(k: int, rot_m: int | None) -> ActQuantConfig:
     """Launch shape for rows of ``k`` channels (``rot_m``: the rotation's Paley factor, None: no rotation): the
-    H100-tuned entry, else ~8k (padded) elements per program step."""
+    H100-tuned entry, else the rule the H100 sweep suggests (see TUNED_CONFIGS)."""
     env = _config_from_env()
     if env is not None:
         return env
     tuned = TUNED_CONFIGS.get((rot_m is not None, k))
     if tuned is not None:
         return tuned
-    if rot_m is not None:
+    if rot_m is not None:  # H100: 4 warps, ~4k padded elements per step; persistent for short rows
         m, p = _kernel_factors(k, rot_m)
         row = (triton.next_power_of_2(m) if m > 1 else 1) * p
-    else:
-        row = sum(split_width(k))
-    block_m = 1 << max(0, min(5, (8192 // row).bit_length() - 1))  # power of two, at most 32
-    return ActQuantConfig(block_m, 8 if block_m * row >= 4096 else 4)
+        block_m = 1 << max(0, min(5, (4096 // row).bit_length() - 1))
+        return ActQuantConfig(block_m, 4, persistent=row <= 2048, programs_per_sm=8)
+    row = sum(split_width(k))  # H100: one row per step from 2k elements on, 4 warps up to 4k elements
+    block_m = 1 << max(0, min(5, (4096 // row).bit_length() - 1))  # power of two, at most 32
+    return ActQuantConfig(block_m, 4 if block_m * row <= 4096 else 8)
 
 
 # ----------------------------------------------------------------------------------------- kernels
