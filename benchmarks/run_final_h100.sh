@@ -69,6 +69,9 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', dif
         --variant-timeout bf16_eager=50 --variant-timeout bf16_compile=120 --variant-timeout w8a8_attn_graph=95 \
         --deadline "{T}" --out "$OUT/e2e_cogvideox.json"
 
+    # the kernel tests on the GPU (real DiT shapes included: the gpu_only cases)
+    step "gpu kernel tests" 75 sh -c "python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_attention.py --tb=line -x > '$OUT/kernel_tests.txt' 2>&1; tail -4 '$OUT/kernel_tests.txt'"
+
     # torchao last, with the rest of the budget: PixArt first, then CogVideoX if at least 10 s remain after it
     step "e2e torchao" 600 python3 benchmarks/bench_e2e.py --models pixart,cogvideox \
         --variants torchao_fp8_compile --iters 5 --timeout 600 --deadline "{T}" --out "$OUT/e2e_torchao.json"

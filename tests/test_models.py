@@ -100,6 +100,46 @@ def test_weight_file_round_trip(tmp_path):
         save_pipeline_weights(pipe, path, "t2a")
 
 
+def test_latte_weight_files_still_load(tmp_path):
+    """The first shipped T2V was a Latte model; its files carry no class record and must keep loading as Latte,
+    and a file that records its class gets it back, with the pipeline's (B, 3, F, H, W) sample layout either way."""
+    from viditq.models.configs import _SHARED, build_transformer
+    from viditq.models.weights import load_bundle, save_bundle
+
+    pipe = new_pipeline("t2v")
+    latte = build_transformer("t2v", dict(_SHARED, num_layers=1, patch_size=4, video_length=16),
+                              "LatteTransformer3DModel")
+    pipe.register_modules(transformer=latte)
+    path = tmp_path / "latte.safetensors"
+    save_pipeline_weights(pipe, path, "t2v")
+    states, meta = load_bundle(path)
+    assert meta["transformer_class"] == "LatteTransformer3DModel"
+    del meta["transformer_class"]  # as written before the key existed
+    legacy = tmp_path / "legacy.safetensors"
+    save_bundle(legacy, {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder}, meta)
+    for f in (path, legacy):
+        again = load_pipeline_weights(f)
+        again.set_progress_bar_config(disable=True)
+        assert type(again.transformer).__name__ == "LatteTransformer3DModel"
+        assert again.sample_shape(2) == (2, 3, 16, 32, 32)
+        frames = again(["a large red circle moving left fast on a black background"], num_inference_steps=1,
+                       output_type="pt").frames
+        assert frames.shape == (1, 16, 3, 32, 32)
+    with pytest.raises(ValueError, match="unknown transformer class"):
+        build_transformer("t2v", {}, "UNet2DModel")
+
+
+def test_shipped_t2v_is_cogvideox_with_frames_first_layout(t2v):
+    assert type(t2v.transformer).__name__ == "CogVideoXTransformer3DModel"
+    x = torch.randn(2, 3, 16, 32, 32)
+    embeds = torch.randn(2, t2v.tokenizer.model_max_length, 128)
+    kwargs = t2v.transformer_kwargs(x, embeds, None, torch.full((2,), 500.0))
+    assert kwargs["hidden_states"].shape == (2, 16, 3, 32, 32)  # CogVideoX's layout
+    with torch.no_grad():
+        v = t2v.predict_velocity(x, embeds, None, torch.full((2,), 500.0))
+    assert v.shape == x.shape and torch.isfinite(v).all() and v.abs().mean() > 0.01
+
+
 def test_shipped_weights_are_small_fp16_and_documented():
     files = sorted(WEIGHTS_DIR.glob("*.safetensors"))
     assert [f.stem for f in files] == ["probe", "t2i", "t2v"]

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import viditq
-from viditq.pipeline import encode_text, execution_device, quantize_weights_only
+from viditq.calibrate import model_device as execution_device
+from viditq.pipeline import encode_text, quantize_weights_only
 from viditq.testing import calibration_set, tiny_model, tiny_pixart_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,3 +118,30 @@ def test_check_offload_script_on_cuda(tmp_path):
         assert r["offload"]["max_abs_diff"] < 1e-2 and r["offload_then_quantize"]["max_abs_diff"] < 1e-2
         # weights leave the GPU between calls: what stays allocated is far below the resident pipeline's
         assert r["offload"]["allocated_after"] < r["resident"]["allocated_after"]
+
+
+def test_calibration_replay_follows_the_offload_hook():
+    """With model CPU offload the hook moves the module, not keyword inputs, to the accelerator: replaying
+    calibration kwargs (quantizing an offloaded pipeline) must send them to the hook's device, not to the device
+    the module sits on between calls (the GPU run of benchmarks/check_offload.py failed on this)."""
+    accelerate = pytest.importorskip("accelerate")
+    from viditq.calibrate import run_calibration
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4))
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(next(m.parameters()).device.type))
+
+    class KwargsModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, hidden_states):
+            return self.inner(hidden_states)
+
+    wrapped = KwargsModel()
+    _, hook = accelerate.cpu_offload_with_hook(wrapped, execution_device="meta")  # "meta": a second device
+    assert next(wrapped.parameters()).device.type == "cpu"
+    run_calibration(wrapped, [{"hidden_states": torch.randn(2, 8)}])
+    assert seen == ["meta"]
+    hook.remove()

@@ -105,7 +105,14 @@ class LayerStats:
         return torch.cat(self.rows)
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model`` computes: an accelerate offload hook's execution device (with
+    ``pipe.enable_model_cpu_offload()`` the module sits on the CPU between calls and the hook moves it, but not
+    keyword inputs, to the accelerator), else the device of its first parameter or buffer (CPU for an empty one)."""
+    for sub in model.modules():
+        device = getattr(getattr(sub, "_hf_hook", None), "execution_device", None)
+        if device is not None:
+            return torch.device(device)
     for t in model.parameters():
         return t.device
     for t in model.buffers():
@@ -115,7 +122,7 @@ def _model_device(model: nn.Module) -> torch.device:
 
 def run_calibration(model: nn.Module, samples: list[dict], desc: str = "calibrating") -> None:
     """Replay every kwargs dict through ``model`` (moved to the model's device), no grad."""
-    device = _model_device(model)
+    device = model_device(model)
     with torch.no_grad():
         for sample in progress(samples, desc=desc):
             model(**_map_tensors(sample, lambda t: t.to(device)))

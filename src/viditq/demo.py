@@ -45,7 +45,7 @@ class DemoSize:
 
 
 DEFAULT_SIZE = DemoSize(images=4, videos=1, steps=8, calib_prompts=1, batch_size=8)
-FULL_SIZE = DemoSize(images=256, videos=64, steps=20, calib_prompts=8, batch_size=32)
+FULL_SIZE = DemoSize(images=128, videos=32, steps=10, calib_prompts=8, batch_size=32)
 
 
 def _check_presets(presets, full: bool) -> list[str]:

@@ -32,7 +32,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from .calibrate import _map_tensors, _model_device, _iter_tensors, validate_calibration
+from .calibrate import _iter_tensors, _map_tensors, model_device, validate_calibration
 from .config import LayerRule, QuantConfig, resolve_config
 from .layers import TimestepSwitchLinear, current_timestep, install_timestep_hook
 from .progress import progress
@@ -401,7 +401,7 @@ def _evaluate_float(model, samples, user_metrics) -> tuple[dict[str, tuple[float
 @torch.no_grad()
 def _range_outputs(model, samples, sample_ranges, range_idx: int) -> list[torch.Tensor | None]:
     """Model outputs of the samples in one timestep range (None for the others)."""
-    device = _model_device(model)
+    device = model_device(model)
     return [_output(model(**_map_tensors(s, lambda t: t.to(device)))) if r == range_idx else None
             for s, r in zip(samples, sample_ranges)]
 

@@ -9,8 +9,8 @@ Model CPU offload (diffusers' ``pipe.enable_model_cpu_offload()``, accelerate's 
 quantized pipeline, before or after quantization: the hooks move whole components with ``module.to(device)``,
 which moves every QuantLinear buffer (packed codes, scales, smoothing/rotation vectors) and keeps their dtypes, and
 they find a component's device from its first parameter — the layers kept in high precision (embeddings, norms)
-provide one. Text is encoded on the hook's execution device (:func:`execution_device`), so quantizing an
-offloaded pipeline calibrates on the accelerator. ``benchmarks/check_offload.py`` compares generations with and
+provide one. Text is encoded, and calibration inputs are replayed, on the hook's execution device
+(:func:`viditq.calibrate.model_device`): the hooks move a module and its positional inputs, not keyword inputs. ``benchmarks/check_offload.py`` compares generations with and
 without offload on a GPU.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .calibrate import capture_calibration
+from .calibrate import capture_calibration, model_device
 from .config import ActSpec, QuantConfig, WeightSpec
 from .layers import LayerSpec, QuantLinear, make_layer_spec
 from .memory import memory_report
@@ -56,24 +56,10 @@ def text_encoder_pairs(pipe) -> list[tuple[str, str]]:
     return pairs
 
 
-def execution_device(module: nn.Module) -> torch.device:
-    """Where ``module`` computes: an accelerate offload hook's execution device (the module itself may sit on
-    the CPU between calls), else the device of its first parameter or buffer (CPU for an empty module)."""
-    for sub in module.modules():
-        device = getattr(getattr(sub, "_hf_hook", None), "execution_device", None)
-        if device is not None:
-            return torch.device(device)
-    for t in module.parameters():
-        return t.device
-    for t in module.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
 @torch.no_grad()
 def encode_text(text_encoder: nn.Module, tokenizer, prompts: list[str], max_length: int = 77) -> torch.Tensor:
     """Last hidden states (B, T, C) of ``text_encoder`` for ``prompts`` (padding positions zeroed)."""
-    device = execution_device(text_encoder)
+    device = model_device(text_encoder)
     batch = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
     mask = batch["attention_mask"].to(device)
     hidden = text_encoder(input_ids=batch["input_ids"].to(device), attention_mask=mask)[0]
