@@ -1,5 +1,8 @@
-"""Fused activation quantization on one GPU: correctness at DiT shapes, v3 vs v4 kernels, a launch-shape sweep,
-and the W8A8 PixArt layer set (quantization + GEMM, q/k/v quantized once vs three times).
+"""Fused activation quantization on one GPU: correctness at DiT shapes, the default launch shapes, a launch-shape
+sweep, and the W8A8 PixArt layer set (quantization + GEMM, q/k/v quantized once vs three times).
+
+(The call-3 run also timed the previous "v3" kernel, `git show f0842b0^:src/viditq/kernels/act_quant.py`;
+its numbers are in ``results/act_quant_h100_2026-11-25.json`` and NOTES.md.)
 
     python benchmarks/tune_act_quant.py --out "$OUT/act_quant.json" [--budget-s 230]
 
@@ -21,7 +24,6 @@ from concurrent.futures import ProcessPoolExecutor
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 SHAPES = [(8192, 1152), (8192, 4608), (35552, 1920), (35552, 7680)]
 VARIANTS = ("plain", "smooth", "rot", "rot_smooth")  # rot_smooth: what ViDiT-Q's balanced layers run
@@ -62,14 +64,9 @@ def _compile_job(job):
     version, k, variant, cfg = job
     try:
         xs, smooth, signs, rot_m = make_inputs(4096, k, variant, 1)  # M specializes like the real shapes
-        if version == "v3":
-            import act_quant_v3
+        from viditq.kernels import act_quant
 
-            act_quant_v3.quantize_activation(xs[0], 8, smooth, signs, rot_m)
-        else:
-            from viditq.kernels import act_quant
-
-            act_quant.quantize_activation(xs[0], 8, smooth, signs, rot_m, config=cfg)
+        act_quant.quantize_activation(xs[0], 8, smooth, signs, rot_m, config=cfg)
         torch.cuda.synchronize()
         return None
     except Exception as e:  # noqa: BLE001
@@ -113,8 +110,6 @@ def main():
 
     import triton
     from viditq.kernels import act_quant, int_gemm, reference
-
-    import act_quant_v3
     from viditq.quant.hadamard import hadamard_factors
 
     dev = torch.cuda.get_device_name()
@@ -126,7 +121,6 @@ def main():
     jobs = []
     for m, k in SHAPES:
         for variant in VARIANTS:
-            jobs.append(("v3", k, variant, None))
             rot_m = hadamard_factors(k)[0] if variant.startswith("rot") else None
             jobs.append(("v4", k, variant, act_quant.default_config(k, rot_m)))
         for cfg in sweep_configs(k, False):
@@ -143,16 +137,14 @@ def main():
     del a, b
     print(f"D2D copy: {out['copy_tb_s']:.2f} TB/s", flush=True)
 
-    v3 = lambda x, s, r, m_: act_quant_v3.quantize_activation(x, 8, s, r, m_)  # noqa: E731
     v4 = lambda x, s, r, m_: act_quant.quantize_activation(x, 8, s, r, m_)  # noqa: E731
 
-    # ---- correctness at the real shapes (v4 default config and v3), every variant
+    # ---- correctness at the real shapes (default config), every variant
     for m, k in SHAPES:
         for variant in VARIANTS:
             key = f"{m}x{k}/{variant}"
             try:
-                out["correctness"][key] = {"v4": check(m, k, variant, v4, reference.quantize_activation),
-                                           "v3": check(m, k, variant, v3, reference.quantize_activation)}
+                out["correctness"][key] = {"v4": check(m, k, variant, v4, reference.quantize_activation)}
             except Exception as e:  # noqa: BLE001
                 out["errors"].append(f"check {key}: {type(e).__name__}: {str(e)[:300]}")
         torch.cuda.empty_cache()
@@ -161,13 +153,13 @@ def main():
            or not v["v4"]["finite"] or ("rot" not in k and v["v4"]["max_code_diff"] > 0)}
     print(f"correctness: {len(out['correctness'])} cases, {len(bad)} bad: {bad}", flush=True)
 
-    # ---- v3 vs v4 (default configs), every shape and variant
+    # ---- default configs, every shape and variant
     for m, k in SHAPES:
         n_buf = max(1, math.ceil(160e6 / (m * k * 3)))
         for variant in VARIANTS:
             xs, smooth, signs, rot_m = make_inputs(m, k, variant, n_buf)
             row = {}
-            for name, fn in (("v3", v3), ("v4", v4)):
+            for name, fn in (("v4", v4),):
                 try:
                     t = bench_graph(lambda: [fn(x, smooth, signs, rot_m) for x in xs], n_buf)
                     row[name] = {"us": t * 1e3, "tb_s": m * k * 3 / (t * 1e-3) / 1e12}
@@ -208,7 +200,7 @@ def main():
 
     # ---- W8A8 PixArt layer set: q/k/v/o (rotated + smoothed, K = 1152), FF up (K = 1152), FF down (K = 4608)
     try:
-        layer_set(out, act_quant, act_quant_v3, int_gemm)
+        layer_set(out, act_quant, int_gemm)
     except Exception as e:  # noqa: BLE001
         out["errors"].append(f"layers: {type(e).__name__}: {str(e)[:300]}")
 
@@ -218,7 +210,7 @@ def main():
     summary(out)
 
 
-def layer_set(out, act_quant, act_quant_v3, int_gemm):
+def layer_set(out, act_quant, int_gemm):
     from viditq.quant.hadamard import hadamard_factors, random_signs
     from viditq.quant.quantizers import quantize_weight
 
@@ -257,9 +249,6 @@ def layer_set(out, act_quant, act_quant_v3, int_gemm):
         outs.append(gemm(*q(x2, *b_down), wdown))
         return outs
 
-    def q3(x, s, r, m_):
-        return act_quant_v3.quantize_activation(x, 8, s, r, m_)
-
     def q4(x, s, r, m_):
         return act_quant.quantize_activation(x, 8, s, r, m_)
 
@@ -272,7 +261,7 @@ def layer_set(out, act_quant, act_quant_v3, int_gemm):
     t_bf16 = bench_graph(lambda: [torch.nn.functional.linear(x1, w) for w in wb[:5]] +
                          [torch.nn.functional.linear(x2, wb[5])], 1)
     res = {"bf16_cublas_us": t_bf16 * 1e3, "gemm_only_us": t_gemm * 1e3}
-    for name, q, shared in (("v3_separate", q3, False), ("v4_separate", q4, False), ("v4_shared_qkv", q4, True)):
+    for name, q, shared in (("v4_separate", q4, False), ("v4_shared_qkv", q4, True)):
         res[f"{name}_us"] = bench_graph(lambda: run(q, shared), 1) * 1e3
     # shared and separate give the same outputs (same codes)
     a, b = run(q4, True), run(q4, False)
@@ -319,10 +308,10 @@ def quantlinear_graph_check():
 
 def summary(out):
     print("\n=== act quant (us, TB/s; graph replay; " + out["device"] + f"; copy {out.get('copy_tb_s', 0):.2f} TB/s)")
-    print(f"{'shape/variant':26s} {'v3':>16s} {'v4 default':>16s} {'v4 best sweep':>16s}")
+    print(f"{'shape/variant':26s} {'v4 default':>16s} {'v4 best sweep':>16s}")
     for key, row in out["act_quant"].items():
         best = out["sweep"].get(key, [{}])[0] if out["sweep"].get(key) else {}
-        cells = [f"{row[n]['us']:7.1f} {row[n]['tb_s']:4.2f}" if n in row else "-" for n in ("v3", "v4")]
+        cells = [f"{row[n]['us']:7.1f} {row[n]['tb_s']:4.2f}" if n in row else "-" for n in ("v4",)]
         cells.append(f"{best['us']:7.1f} {best['tb_s']:4.2f}" if best else "-")
         print(f"{key:26s} " + " ".join(f"{c:>16s}" for c in cells))
     for key, res in out["sweep"].items():
