@@ -34,23 +34,36 @@ CALIB_SEED = 99  # calibration prompts (training split)
 SENS_SEED = 106  # sensitivity prompts (training split, another draw)
 GUIDANCE = 4.0
 COLUMNS = {"t2i": ["attribute_accuracy", "all_correct", "fd_probe", "psnr_vs_fp", "ssim_vs_fp", "weight_mib"],
-           "t2v": ["attribute_accuracy", "direction_accuracy", "speed_accuracy", "frame_consistency", "flicker",
-                   "fd_probe", "psnr_vs_fp", "weight_mib"]}
+           "t2v": ["attribute_accuracy", "all_correct", "direction_accuracy", "speed_accuracy", "frame_consistency",
+                   "flicker", "fd_probe", "psnr_vs_fp", "ssim_vs_fp", "weight_mib"]}
 
 
-def _x0_frames(velocity: torch.Tensor, sample: dict) -> torch.Tensor:
+def _x0_frames(velocity: torch.Tensor, sample: dict, frames_first: bool = False) -> torch.Tensor:
     """One-step denoised prediction of a CFG calibration call, as frames in [0, 1]: (B, 3, H, W) or (B, F, 3, H, W).
 
     Flow matching: x_t = x0 + sigma * v with sigma = t / 1000; the batch is [uncond; cond] (guided like the
-    pipeline)."""
-    x = sample["hidden_states"].float().chunk(2)[1]
+    pipeline). ``frames_first``: the transformer's own video layout is already (B, F, C, H, W) (CogVideoX);
+    otherwise videos are (B, C, F, H, W) (Latte) and are permuted."""
+    x = sample["hidden_states"].float()
+    if x.shape != velocity.shape:
+        raise ValueError(f"hidden_states {tuple(x.shape)} and transformer output {tuple(velocity.shape)} differ")
+    x = x.chunk(2)[1]
     uncond, cond = velocity.float().chunk(2)
     sigma = float(sample["timestep"].reshape(-1)[0]) / 1000
     x0 = ((x - sigma * (uncond + GUIDANCE * (cond - uncond))).clamp(-1, 1) + 1) / 2
-    return x0.permute(0, 2, 1, 3, 4) if x0.ndim == 5 else x0  # videos: (B, C, F, H, W) -> (B, F, C, H, W)
+    if x0.ndim == 5 and not frames_first:
+        x0 = x0.permute(0, 2, 1, 3, 4)  # Latte: (B, C, F, H, W) -> (B, F, C, H, W)
+    if x0.ndim == 5 and x0.shape[2] != 3:
+        raise ValueError(f"expected (B, F, 3, H, W) frames, got {tuple(x0.shape)}")
+    return x0
 
 
-def x0_metric(kind: str, probe, scenes) -> OutputMetric:
+def _frames_first(pipe) -> bool:
+    """Whether the pipeline's transformer takes videos as (B, F, C, H, W) (CogVideoX) rather than (B, C, F, H, W)."""
+    return bool(getattr(pipe, "_frames_first", False))
+
+
+def x0_metric(kind: str, probe, scenes, frames_first: bool = False) -> OutputMetric:
     """Decoupled metric families on the one-step denoised predictions of the calibration calls (no sampling
     loop, so a probe costs one forward per calibration call of its timestep range):
     alignment = probe log-probability of the prompt's attributes; quality_dist = probe-feature distance to the
@@ -64,7 +77,7 @@ def x0_metric(kind: str, probe, scenes) -> OutputMetric:
     def fn(outputs, samples, references):
         align, dist, temporal = [], [], []
         for out, ref, sample in zip(outputs, references, samples):
-            frames, ref_frames = _x0_frames(out, sample), _x0_frames(ref, sample)
+            frames, ref_frames = _x0_frames(out, sample, frames_first), _x0_frames(ref, sample, frames_first)
             video = frames.ndim == 5
             flat, ref_flat = (frames.flatten(0, 1), ref_frames.flatten(0, 1)) if video else (frames, ref_frames)
             feats, ref_feats = probe.features(flat), probe.features(ref_flat)
@@ -117,9 +130,9 @@ def run(kind: str, args, probe) -> dict:
     decoupled = None
     if not args.skip_decoupled:
         t0 = time.time()
-        metric = x0_metric(kind, probe, calib_scenes)
+        metric = x0_metric(kind, probe, calib_scenes, _frames_first(pipe))
         table = measure_sensitivity(float_transformer, calib, {"x0": metric}, base_config="w4a8-gptq",
-                                    cache=Path(args.out) / f"sensitivity_{kind}.json")
+                                    measure_high=not args.low_only, cache=Path(args.out) / f"sensitivity_{kind}.json")
         plot_sensitivity(table, Path(args.out) / f"sensitivity_{kind}.png")
         allocation = allocate(table, "w4a8-gptq", budget_bits=5.0, memory_bits=6.0, name="w4a8-mp-decoupled",
                               metrics=[m for m in table.metrics if m != "mse"])
@@ -135,18 +148,31 @@ def run(kind: str, args, probe) -> dict:
         if args.only:
             chosen = {k: v for k, v in chosen.items() if k in args.only.split(",")}
         return proxy_table(pipe, kind, probe, calib, chosen, args)
+    out_file = Path(args.out) / f"results_{kind}.json"
+
+    def save():  # after every row, so a run cut short keeps the rows it finished
+        out_file.write_text(json.dumps({"settings": vars(args), kind: results}, indent=2, default=float))
+
+    t0 = time.time()
     fp_x, fp_m = evaluate(0)
-    _, noise_m = evaluate(NOISE_SEED)
-    results = {"fp": fp_m, "fp (other seeds)": noise_m}
-    for label, cfg in configs(decoupled).items():
+    results = {"fp": fp_m}
+    print(f"{kind} fp generation + metrics {time.time() - t0:.0f}s", flush=True)
+    _, results["fp (other seeds)"] = evaluate(NOISE_SEED)
+    save()
+    chosen = configs(decoupled, mse_allocation.config if decoupled is not None else None)
+    if args.only:
+        chosen = {k: v for k, v in chosen.items() if k == "fp" or k in args.only.split(",")}
+    for label, cfg in chosen.items():
         if cfg is None:
             results[label].update(weight_mib=viditq.memory_report(float_transformer).total_after / 2**20)
+            save()
             continue
         t0 = time.time()
         pipe.transformer = viditq.quantize(copy.deepcopy(float_transformer), cfg, calib)
         _, m = evaluate(0, reference=fp_x)
         m["weight_mib"] = viditq.memory_report(pipe.transformer).total_after / 2**20
         results[label] = m
+        save()
         pipe.transformer = float_transformer
         print(f"{kind} {label:<28} " + " ".join(f"{c}={m.get(c, float('nan')):.4f}" for c in COLUMNS[kind])
               + f" ({time.time() - t0:.0f}s)", flush=True)
@@ -164,7 +190,7 @@ def proxy_table(pipe, kind: str, probe, calib, configs: dict, args) -> dict:
     records = capture_calibration(pipe, [s.caption for s in scenes], num_inference_steps=args.steps,
                                   guidance_scale=GUIDANCE, output_type="pt",
                                   generator=[torch.Generator().manual_seed(i) for i in range(len(scenes))])
-    metric = x0_metric(kind, probe, scenes)
+    metric = x0_metric(kind, probe, scenes, _frames_first(pipe))
     float_transformer = pipe.transformer
     refs = [forward_output(float_transformer, r) for r in records]
     power = sum(float(r.pow(2).mean()) for r in refs)
@@ -198,8 +224,10 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--calib-prompts", type=int, default=8)
     parser.add_argument("--skip-decoupled", action="store_true")
+    parser.add_argument("--low-only", action="store_true",
+                        help="sensitivity: probe only the W4A8 level, treat W8A8 as lossless (halves the probes)")
     parser.add_argument("--proxy-only", action="store_true", help="teacher-forced metrics only (no sampling)")
-    parser.add_argument("--only", default="", help="comma-separated config labels (--proxy-only)")
+    parser.add_argument("--only", default="", help="comma-separated config labels (default: all)")
     parser.add_argument("--n-proxy", type=int, default=8, help="held-out prompts for --proxy-only")
     parser.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0, 1],
                         help="quantization seeds for --proxy-only (spread = run-to-run noise)")
@@ -209,7 +237,8 @@ def main():
     probe = load_probe()
     results = {kind: run(kind, args, probe) for kind in args.kinds.split(",")}
     results["settings"] = vars(args)
-    (Path(args.out) / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    (Path(args.out) / f"results_{args.kinds.replace(',', '_')}{'_proxy' if args.proxy_only else ''}.json").write_text(
+        json.dumps(results, indent=2, default=float))
     for kind in args.kinds.split(","):
         columns = list(next(iter(results[kind].values()))) if args.proxy_only else COLUMNS[kind]
         print(f"\n{kind}\n{'config':<30}" + "".join(f"{c[:14]:>15}" for c in columns))
