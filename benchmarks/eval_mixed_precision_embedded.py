@@ -1,8 +1,16 @@
-"""FP vs W8A8 vs W4A8 vs W4A8-mp vs W4A4 on the embedded tiny T2I / T2V models, on every metric, with noise.
+r"""FP vs W8A8 vs W4A8 vs W4A8-mp vs W4A4 on the embedded tiny T2I / T2V models, on every metric, with noise.
 
-    python benchmarks/eval_mixed_precision_embedded.py --kinds t2i,t2v --n 64 --steps 10
+    python benchmarks/eval_mixed_precision_embedded.py --kinds t2i --n 32 --steps 8 --calib-prompts 4 --low-only \
+        --out benchmarks/results/mixed_precision_embedded_v2/t2i_n32_steps8
+    python benchmarks/eval_mixed_precision_embedded.py --kinds t2v --n-video 24 --steps 10 --calib-prompts 4 \
+        --low-only --out benchmarks/results/mixed_precision_embedded_v2/t2v_n24_steps10
 
-W4A8-mp is run twice: the ``w4a8-mp`` preset (output-MSE proxy), and the metric-decoupled method: sensitivity of
+Rows are written to ``OUT/results_<kind>.json`` as they finish. Videos: the T2V pipeline keeps samples as
+(B, 3, F, H, W); CogVideoX (the shipped T2V model) takes and returns (B, F, 3, H, W), Latte (the first shipped
+model) (B, 3, F, H, W) — the calibration records hold the transformer's own layout, handled by ``_x0_frames``.
+
+W4A8-mp is run twice: the output-MSE proxy (the ``w4a8-mp`` preset's metric, allocated from the same
+sensitivity table), and the metric-decoupled method: sensitivity of
 every (block, role) group x 4 timestep ranges on alignment (probe log-probability of the prompt's attributes),
 visual quality (probe-feature distance to the float prediction) and, for video, temporal consistency (frame
 consistency), scored on the one-step denoised predictions of the calibration calls (training-split prompts, never
