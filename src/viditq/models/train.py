@@ -161,9 +161,7 @@ def diffusion_loss(pipe, batch: dict, device: torch.device, loss_fn=velocity_los
 
 def _diffusion_setup(kind: str, args, device: torch.device):
     """(pipeline in train mode, its frozen EMA copy, trained parameters, optimizer)."""
-    from . import new_pipeline
-
-    from . import load_pipeline_weights
+    from . import load_pipeline_weights, new_pipeline
 
     torch.manual_seed(args.seed)
     pipe = load_pipeline_weights(args.init) if args.init else new_pipeline(kind)  # --init: continue a run
