@@ -20,6 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
 from viditq.kernels import attention as KA
+from viditq.testing import capture_sdpa_inputs
 
 START = time.time()
 SHAPES = {
@@ -259,23 +260,6 @@ def end_to_end(res, save, names=("pixart_1024", "cogvideox_2b"), compile_deadlin
         torch.cuda.empty_cache()
 
 
-def capture_sdpa_inputs(model, kwargs):
-    """q, k, v (and mask) of every SDPA call in one forward pass of ``model``."""
-    captured = []
-
-    class Capture(torch.overrides.TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kw=None):
-            kw = kw or {}
-            if func is F.scaled_dot_product_attention:
-                captured.append([t.detach().clone() if torch.is_tensor(t) else t for t in args[:3]]
-                                + [kw.get("attn_mask")])
-            return func(*args, **kw)
-
-    with torch.no_grad(), Capture():
-        model(**kwargs)
-    return captured
-
-
 def activation_quality(which):
     """8-bit attention (the PyTorch reference, bit-for-bit the kernel's numerics up to P rounding order) vs exact
     attention on q/k/v captured from a model: "cogvideox" = random-weight CogVideoX-2B-width blocks (30 heads x
@@ -302,11 +286,10 @@ def activation_quality(which):
             pipe = models.new_pipeline("t2v")
             source = "embedded T2V architecture, random init (no shipped weights)"
         model = pipe.transformer.eval()
-        cfg = model.config
-        kwargs = dict(hidden_states=torch.randn(2, cfg.in_channels, cfg.video_length, cfg.sample_size,
-                                                cfg.sample_size),
-                      encoder_hidden_states=torch.randn(2, 16, cfg.caption_channels), timestep=torch.tensor([500, 500]),
-                      enable_temporal_attentions=True)
+        # the pipeline's own layout and text encoder (Latte or CogVideoX weights alike)
+        embeds, mask = pipe.encode_prompt(["a large red circle moving left fast on a black background",
+                                           "a small blue square moving up slowly on a white background"], "cpu")
+        kwargs = pipe.transformer_kwargs(torch.randn(pipe.sample_shape(2)), embeds, mask, torch.tensor([500.0, 500.0]))
     calls = capture_sdpa_inputs(model, kwargs)
     res = {"source": source, "calls": []}
     for q, k, v, mask in calls:

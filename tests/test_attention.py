@@ -170,31 +170,15 @@ def test_bad_inputs():
 
 
 # ------------------------------------------------------------------------------------------ real activations
-def _capture_qkv(model, kwargs):
-    """q, k, v of every SDPA call in one forward pass."""
-    captured = []
-
-    class Capture(torch.overrides.TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kw=None):
-            kw = kw or {}
-            if func is F.scaled_dot_product_attention:
-                captured.append(tuple(t.detach().clone() for t in args[:3]))
-            return func(*args, **kw)
-
-    with torch.no_grad(), Capture():
-        model(**kwargs)
-    return captured
-
-
 def test_kernel_on_cogvideox_activations():
     """Statistics of a (random-weight) CogVideoX: LayerNorm'd Q/K, rotary embeddings, text+video tokens."""
-    from viditq.testing import tiny_inputs, tiny_model
+    from viditq.testing import capture_sdpa_inputs, tiny_inputs, tiny_model
 
     model = tiny_model("cogvideox").to(DEVICE)
     kwargs = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in tiny_inputs("cogvideox").items()}
-    calls = _capture_qkv(model, kwargs)
+    calls = capture_sdpa_inputs(model, kwargs)
     assert len(calls) == 2
-    q, k, v = (t.to(torch.bfloat16) for t in calls[-1])  # (2, heads, 8 text + 48 video tokens, 32)
+    q, k, v = (t.to(torch.bfloat16) for t in calls[-1][:3])  # (2, heads, 8 text + 48 video tokens, 32)
     exact = exact_attention(q, k, v)
     for mode in KA.MODES:
         out = KA.quantized_attention_triton(q, k, v, mode)

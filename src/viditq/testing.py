@@ -178,3 +178,21 @@ def tiny_pixart_pipeline(seed: int = 0):
     return diffusers.PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
                                          transformer=tiny_model("pixart", seed),
                                          scheduler=diffusers.DPMSolverMultistepScheduler())
+
+
+def capture_sdpa_inputs(model: nn.Module, kwargs: dict) -> list[list]:
+    """[q, k, v, attn_mask] (detached copies) of every ``F.scaled_dot_product_attention`` call in one forward
+    pass of ``model`` — real attention statistics for kernel checks."""
+    captured = []
+
+    class Capture(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kw=None):
+            kw = kw or {}
+            if func is nn.functional.scaled_dot_product_attention:
+                captured.append([t.detach().clone() if torch.is_tensor(t) else t for t in args[:3]]
+                                + [kw.get("attn_mask")])
+            return func(*args, **kw)
+
+    with torch.no_grad(), Capture():
+        model(**kwargs)
+    return captured
