@@ -165,20 +165,24 @@ KERNEL_CATEGORIES = (  # first match wins; names of cuBLAS / cuDNN / Triton / Py
 )
 
 
-def kernel_profile(fn, kwargs) -> dict[str, float]:
-    """Device time (ms) of one forward by kernel category, from the PyTorch profiler."""
+def kernel_profile(fn, kwargs, top: int = 25) -> tuple[dict[str, float], list[tuple[str, int, float]]]:
+    """Device time (ms) of one forward by kernel category, and the ``top`` kernels (name, calls, ms), from the
+    PyTorch profiler."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn(**kwargs)
         torch.cuda.synchronize()
     totals: dict[str, float] = {}
+    kernels = []
     for event in prof.key_averages():
         name = event.key.lower()
         category = next((c for c, keys in KERNEL_CATEGORIES if any(k in name for k in keys)), "other")
         device_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
         totals[category] = totals.get(category, 0.0) + device_us / 1e3
-    return totals
+        kernels.append((event.key[:120], event.count, device_us / 1e3))
+    kernels.sort(key=lambda k: -k[2])
+    return totals, kernels[:top]
 
 
 def time_forward(fn, kwargs, iters: int) -> list[float]:
@@ -236,7 +240,7 @@ def run_one(model_name: str, variant: str, iters: int, tiny: bool, min_kv_tokens
             return result
         if os.environ.get("VIDITQ_PROFILE") == "1":
             try:
-                result["profile_ms"] = kernel_profile(fn, kwargs)
+                result["profile_ms"], result["profile_top"] = kernel_profile(fn, kwargs)
             except Exception as e:  # noqa: BLE001 — the profile is optional
                 result["profile_error"] = repr(e)[:300]
         if variant.endswith("_graph"):

@@ -15,6 +15,9 @@
 # CogVideoX eager ~20 s, compile ~80 s, W8A8(+attn) graph ~45-50 s each; ≈ 450 s, the rest goes to torchao.
 set -u
 BUDGET_S=${BUDGET_S:-560}
+STEPS=${STEPS:-offload,pixart,cogvideox,tests,torchao}  # which steps run (comma list)
+PIXART_VARIANTS=${PIXART_VARIANTS:-bf16_eager,bf16_compile,w8a8_graph,w4a8_graph,w8a8_attn_graph}
+COGVIDEOX_VARIANTS=${COGVIDEOX_VARIANTS:-bf16_eager,bf16_compile,w8a8_graph,w8a8_attn_graph}
 RESERVE_S=12  # kept for the summary table
 OUT=${OUT:-out/final}
 mkdir -p "$OUT"
@@ -23,6 +26,8 @@ export PYTHONPATH="src:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 START=$(date +%s)
 elapsed() { echo $(( $(date +%s) - START )); }
 left() { echo $(( BUDGET_S - RESERVE_S - $(elapsed) )); }
+
+wanted() { case ",$STEPS," in *",$1,"*) return 0 ;; esac; return 1; }
 
 # step NAME MAX_S CMD...: CMD under `timeout min(MAX_S, time left)`; skipped when under 15 s are left.
 # {T} in CMD is replaced by that timeout minus 5 s (bench_e2e --deadline: its runs end before the timeout).
@@ -57,23 +62,23 @@ except Exception as e:  # the torchao variants report it themselves
 print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__,
       'accelerate', accelerate.__version__, 'torchao', ao)" 2>&1 | tail -3
 
-    step "offload check" 100 python3 benchmarks/check_offload.py --out "$OUT/offload.json" --steps 8
+    wanted offload && step "offload check" 100 python3 benchmarks/check_offload.py --out "$OUT/offload.json" --steps 8
 
-    step "e2e pixart" 250 python3 benchmarks/bench_e2e.py --models pixart \
-        --variants bf16_eager,bf16_compile,w8a8_graph,w4a8_graph,w8a8_attn_graph --iters 10 --timeout 60 \
+    wanted pixart && step "e2e pixart" 250 python3 benchmarks/bench_e2e.py --models pixart \
+        --variants "$PIXART_VARIANTS" --iters 10 --timeout 60 \
         --variant-timeout bf16_compile=110 --variant-timeout w8a8_attn_graph=80 --variant-timeout w4a8_graph=75 \
         --deadline "{T}" --out "$OUT/e2e_pixart.json"
 
-    step "e2e cogvideox" 240 python3 benchmarks/bench_e2e.py --models cogvideox \
-        --variants bf16_eager,bf16_compile,w8a8_graph,w8a8_attn_graph --iters 5 --timeout 85 \
+    wanted cogvideox && step "e2e cogvideox" 240 python3 benchmarks/bench_e2e.py --models cogvideox \
+        --variants "$COGVIDEOX_VARIANTS" --iters 5 --timeout 85 \
         --variant-timeout bf16_eager=50 --variant-timeout bf16_compile=120 --variant-timeout w8a8_attn_graph=95 \
         --deadline "{T}" --out "$OUT/e2e_cogvideox.json"
 
     # the kernel tests on the GPU (real DiT shapes included: the gpu_only cases)
-    step "gpu kernel tests" 75 sh -c "python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_attention.py --tb=line -x > '$OUT/kernel_tests.txt' 2>&1; tail -4 '$OUT/kernel_tests.txt'"
+    wanted tests && step "gpu kernel tests" 150 sh -c "python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_attention.py --tb=short > '$OUT/kernel_tests.txt' 2>&1; tail -4 '$OUT/kernel_tests.txt'"
 
     # torchao last, with the rest of the budget: PixArt first, then CogVideoX if at least 10 s remain after it
-    step "e2e torchao" 600 python3 benchmarks/bench_e2e.py --models pixart,cogvideox \
+    wanted torchao && step "e2e torchao" 600 python3 benchmarks/bench_e2e.py --models pixart,cogvideox \
         --variants torchao_fp8_compile --iters 5 --timeout 600 --deadline "{T}" --out "$OUT/e2e_torchao.json"
 
     echo "== summary (at $(elapsed) s)"

@@ -26,13 +26,21 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
 SHAPES = [(8192, 1152), (8192, 4608), (35552, 1920), (35552, 7680)]
-VARIANTS = ("plain", "smooth", "rot", "rot_smooth")  # rot_smooth: what ViDiT-Q's balanced layers run
+# rot*: one Hadamard rotation of the whole width (H_m ⊗ H_p); brot*: block rotation, runs of BLOCK channels
+# (the default since session 3); *_smooth: with smoothing, what ViDiT-Q's balanced layers run.
+VARIANTS = ("plain", "smooth", "rot", "rot_smooth", "brot", "brot_smooth")
+BLOCK = 128
+SWEEP_VARIANTS = ("brot_smooth",)  # "smooth" and "rot_smooth" were swept in session 2 (TUNED_CONFIGS)
 T0 = time.time()
 
 
-def sweep_configs(k: int, rotated: bool):
+def sweep_configs(k: int, variant: str):
     from viditq.kernels.act_quant import ActQuantConfig as C
 
+    rotated = variant.startswith("rot")
+    if variant.startswith("brot"):
+        return [C(1, 4), C(2, 4), C(4, 4), C(4, 8), C(8, 8), C(16, 8), C(2, 8, True, 4), C(4, 8, True, 4),
+                C(1, 8), C(2, 8)]
     if rotated:
         if k in (1152, 1920):  # row tile 64 x 32
             return [C(1, 4), C(2, 4), C(2, 8), C(4, 8), C(8, 8), C(4, 8, True, 2), C(2, 4, True, 8), C(4, 4)]
@@ -54,19 +62,20 @@ def make_inputs(m, k, variant, n_buf, seed=0):
         x[:, :: max(1, k // 7)] *= 30  # outlier channels
         xs.append(x.to(torch.bfloat16))
     smooth = (torch.rand(k, device="cuda", generator=g) + 0.5) if "smooth" in variant else None
-    rot_m = hadamard_factors(k)[0]
-    signs = random_signs(k, seed=k).cuda() if variant.startswith("rot") else None
-    return xs, smooth, signs, rot_m
+    rotated = "rot" in variant
+    signs = random_signs(k, seed=k).cuda() if rotated else None
+    block = BLOCK if variant.startswith("brot") else 0
+    return xs, (smooth, signs, 1 if block or not rotated else hadamard_factors(k)[0], block)
 
 
 def _compile_job(job):
     """Worker: run one (version, K, variant, config) at M = 4096 so the kernel lands in Triton's disk cache."""
     version, k, variant, cfg = job
     try:
-        xs, smooth, signs, rot_m = make_inputs(4096, k, variant, 1)  # M specializes like the real shapes
+        xs, bal = make_inputs(4096, k, variant, 1)  # M specializes like the real shapes
         from viditq.kernels import act_quant
 
-        act_quant.quantize_activation(xs[0], 8, smooth, signs, rot_m, config=cfg)
+        act_quant.quantize_activation(xs[0], 8, *bal, config=cfg)  # cfg None: the default launch
         torch.cuda.synchronize()
         return None
     except Exception as e:  # noqa: BLE001
@@ -92,9 +101,9 @@ def bench_graph(fn, n_buf) -> float:
 
 def check(m, k, variant, quant, ref_fn):
     """Codes / scales of ``quant`` vs the PyTorch reference on fresh inputs, every element compared."""
-    xs, smooth, signs, rot_m = make_inputs(m, k, variant, 1, seed=123)
-    codes, scale = quant(xs[0], smooth, signs, rot_m)
-    ref_codes, ref_scale = ref_fn(xs[0], 8, smooth, signs, rot_m)
+    xs, bal = make_inputs(m, k, variant, 1, seed=123)
+    codes, scale = quant(xs[0], *bal)
+    ref_codes, ref_scale = ref_fn(xs[0], 8, *bal)
     diff = (codes.int() - ref_codes.int()).abs()
     rel_scale = ((scale - ref_scale).abs() / ref_scale).max().item()
     return {"max_code_diff": diff.max().item(), "code_flip_rate": diff.float().mean().item(),
@@ -110,7 +119,6 @@ def main():
 
     import triton
     from viditq.kernels import act_quant, int_gemm, reference
-    from viditq.quant.hadamard import hadamard_factors
 
     dev = torch.cuda.get_device_name()
     out = {"device": dev, "torch": torch.__version__, "triton": triton.__version__, "correctness": {},
@@ -121,12 +129,9 @@ def main():
     jobs = []
     for m, k in SHAPES:
         for variant in VARIANTS:
-            rot_m = hadamard_factors(k)[0] if variant.startswith("rot") else None
-            jobs.append(("v4", k, variant, act_quant.default_config(k, rot_m)))
-        for cfg in sweep_configs(k, False):
-            jobs.append(("v4", k, "smooth", cfg))
-        for cfg in sweep_configs(k, True):
-            jobs.append(("v4", k, "rot_smooth", cfg))
+            jobs.append(("v4", k, variant, None))
+        for variant in SWEEP_VARIANTS:
+            jobs += [("v4", k, variant, cfg) for cfg in sweep_configs(k, variant)]
     out["errors"] += precompile(jobs, args.workers)
 
     # ---- device copy ceiling
@@ -137,7 +142,7 @@ def main():
     del a, b
     print(f"D2D copy: {out['copy_tb_s']:.2f} TB/s", flush=True)
 
-    v4 = lambda x, s, r, m_: act_quant.quantize_activation(x, 8, s, r, m_)  # noqa: E731
+    v4 = lambda x, *bal: act_quant.quantize_activation(x, 8, *bal)  # noqa: E731
 
     # ---- correctness at the real shapes (default config), every variant
     for m, k in SHAPES:
@@ -150,18 +155,18 @@ def main():
         torch.cuda.empty_cache()
     bad = {k: v for k, v in out["correctness"].items()
            if v["v4"]["max_code_diff"] > 1 or v["v4"]["code_flip_rate"] > 1e-3 or v["v4"]["scale_max_rel"] > 1e-4
-           or not v["v4"]["finite"] or ("rot" not in k and v["v4"]["max_code_diff"] > 0)}
+           or not v["v4"]["finite"] or ("rot" not in k and v["v4"]["max_code_diff"] > 0)}  # noqa: E501
     print(f"correctness: {len(out['correctness'])} cases, {len(bad)} bad: {bad}", flush=True)
 
     # ---- default configs, every shape and variant
     for m, k in SHAPES:
         n_buf = max(1, math.ceil(160e6 / (m * k * 3)))
         for variant in VARIANTS:
-            xs, smooth, signs, rot_m = make_inputs(m, k, variant, n_buf)
+            xs, bal = make_inputs(m, k, variant, n_buf)
             row = {}
             for name, fn in (("v4", v4),):
                 try:
-                    t = bench_graph(lambda: [fn(x, smooth, signs, rot_m) for x in xs], n_buf)
+                    t = bench_graph(lambda: [fn(x, *bal) for x in xs], n_buf)
                     row[name] = {"us": t * 1e3, "tb_s": m * k * 3 / (t * 1e-3) / 1e12}
                 except Exception as e:  # noqa: BLE001
                     out["errors"].append(f"time {name} {m}x{k}/{variant}: {type(e).__name__}: {str(e)[:300]}")
@@ -171,20 +176,18 @@ def main():
             del xs
         torch.cuda.empty_cache()
 
-    # ---- launch-shape sweep (smooth and rot_smooth), within the time budget
-    for rotated in (False, True):
-        variant = "rot_smooth" if rotated else "smooth"
+    # ---- launch-shape sweep, within the time budget
+    for variant in SWEEP_VARIANTS:
         for m, k in SHAPES:
             if time.time() - T0 > args.budget_s:
                 out["errors"].append(f"sweep stopped at {variant} {m}x{k}: time budget")
                 break
             n_buf = max(1, math.ceil(160e6 / (m * k * 3)))
-            xs, smooth, signs, rot_m = make_inputs(m, k, variant, n_buf)
+            xs, bal = make_inputs(m, k, variant, n_buf)
             res = []
-            for cfg in sweep_configs(k, rotated):
+            for cfg in sweep_configs(k, variant):
                 try:
-                    t = bench_graph(lambda: [act_quant.quantize_activation(x, 8, smooth, signs, rot_m, config=cfg)
-                                             for x in xs], n_buf)
+                    t = bench_graph(lambda: [act_quant.quantize_activation(x, 8, *bal, config=cfg) for x in xs], n_buf)
                     res.append((t * 1e3, cfg))
                 except Exception as e:  # noqa: BLE001
                     out["errors"].append(f"sweep {variant} {m}x{k} {cfg}: {type(e).__name__}: {str(e)[:200]}")
@@ -198,7 +201,7 @@ def main():
             del xs
             torch.cuda.empty_cache()
 
-    # ---- W8A8 PixArt layer set: q/k/v/o (rotated + smoothed, K = 1152), FF up (K = 1152), FF down (K = 4608)
+    # ---- W8A8 PixArt layer set: q/k/v/o (block-rotated + smoothed, K = 1152), FF up (K = 1152), FF down (K = 4608)
     try:
         layer_set(out, act_quant, int_gemm)
     except Exception as e:  # noqa: BLE001
@@ -211,7 +214,7 @@ def main():
 
 
 def layer_set(out, act_quant, int_gemm):
-    from viditq.quant.hadamard import hadamard_factors, random_signs
+    from viditq.quant.hadamard import random_signs
     from viditq.quant.quantizers import quantize_weight
 
     m = 8192
@@ -222,7 +225,7 @@ def layer_set(out, act_quant, int_gemm):
         return qw.codes, qw.scale.float()
 
     def bal(k):
-        return (torch.rand(k, device="cuda", generator=g) + 0.5, random_signs(k, k).cuda(), hadamard_factors(k)[0])
+        return (torch.rand(k, device="cuda", generator=g) + 0.5, random_signs(k, k).cuda(), 1, BLOCK)
 
     x1 = torch.randn(m, 1152, device="cuda", generator=g).to(torch.bfloat16)
     x2 = torch.randn(m, 4608, device="cuda", generator=g).to(torch.bfloat16)
@@ -249,8 +252,8 @@ def layer_set(out, act_quant, int_gemm):
         outs.append(gemm(*q(x2, *b_down), wdown))
         return outs
 
-    def q4(x, s, r, m_):
-        return act_quant.quantize_activation(x, 8, s, r, m_)
+    def q4(x, *bal):
+        return act_quant.quantize_activation(x, 8, *bal)
 
     # GEMMs alone (codes precomputed) and bf16 cuBLAS for scale
     c1, s1 = q4(x1, *b_qkv)
@@ -280,7 +283,7 @@ def quantlinear_graph_check():
     from viditq.quant.hadamard import random_signs
 
     k = 1152
-    spec = LayerSpec(k, k, True, 8, True, k, 8, smooth=True, rotate=True, rot_m=36, input_group="g")
+    spec = LayerSpec(k, k, True, 8, True, k, 8, smooth=True, rotate=True, rot_block=BLOCK, input_group="g")
     smooth, signs = torch.rand(k, device="cuda") + 0.5, random_signs(k, 3).cuda()
     mods = nn.ModuleList(QuantLinear.from_linear(nn.Linear(k, k, device="cuda", dtype=torch.bfloat16), spec,
                                                  smooth=smooth, rotation=signs) for _ in range(3))

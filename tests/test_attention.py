@@ -192,15 +192,17 @@ MODEL_ATTENTION_COUNTS = {"pixart": 4, "cogvideox": 2, "latte": 6, "wan": 4, "sd
 
 @pytest.fixture
 def reference_calls(monkeypatch):
-    """Counts quantized-attention calls that reach the reference (CPU path)."""
+    """Counts quantized-attention calls that reach the reference (CPU path) or the Triton kernel (GPU)."""
     calls = []
-    original = KA.quantized_attention_reference
 
-    def counting(*args, **kwargs):
-        calls.append(args[0].shape)
-        return original(*args, **kwargs)
+    def counting(original):
+        def wrapper(*args, **kwargs):
+            calls.append(args[0].shape)
+            return original(*args, **kwargs)
+        return wrapper
 
-    monkeypatch.setattr(KA, "quantized_attention_reference", counting)
+    for name in ("quantized_attention_reference", "quantized_attention_triton"):
+        monkeypatch.setattr(KA, name, counting(getattr(KA, name)))
     return calls
 
 
@@ -251,7 +253,7 @@ def test_router_falls_back_where_kernel_does_not_apply(reference_calls):
     q, k, v = (x.float() for x in realistic_qkv(1, 2, 16, 16, 32))
     with VA.SDPARouter("int8", min_kv_tokens=0):
         causal = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        per_query_mask = F.scaled_dot_product_attention(q, k, v, attn_mask=torch.rand(16, 16) > 0.5)
+        per_query_mask = F.scaled_dot_product_attention(q, k, v, attn_mask=torch.rand(16, 16, device=q.device) > 0.5)
         routed = F.scaled_dot_product_attention(q, k, v)
     assert len(reference_calls) == 1
     assert torch.allclose(causal, F.scaled_dot_product_attention(q, k, v, is_causal=True))

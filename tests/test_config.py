@@ -34,6 +34,7 @@ def test_file_round_trip(tmp_path, suffix):
     (lambda: LayerRule("x", act_bits=12), "between 2 and 8"),
     (lambda: QuantConfig(attention="int4"), "attention"),
     (lambda: BalanceSpec(alphas=(1.5,)), "alphas"),
+    (lambda: BalanceSpec(rotate_block=48), "rotate_block"),
     (lambda: QuantConfig.from_dict({"nbits": 8}), "unknown QuantConfig fields"),
 ])
 def test_bad_values_raise_clear_errors(make, match):

@@ -69,9 +69,10 @@ def test_gptq_in_the_balanced_basis_of_a_quant_linear():
     linear = nn.Linear(128, 64)
     x_cal, x_test = correlated_rows(2048, 128, 3), correlated_rows(512, 128, 4)
     spec = make_layer_spec(linear, WeightSpec(4, False, 32), ActSpec(8))
-    signs, m = make_rotation(128, seed=0)
+    signs, m, block = make_rotation(128, seed=0, max_block=64)
+    assert (m, block) == (1, 64)
     smooth = x_cal.abs().amax(0).pow(0.5) / linear.weight.abs().amax(0).pow(0.5)
-    spec = dataclasses.replace(spec, smooth=True, rotate=True, rot_m=m)
+    spec = dataclasses.replace(spec, smooth=True, rotate=True, rot_m=m, rot_block=block)
     layer = QuantLinear.from_linear(linear, spec, smooth=smooth, rotation=signs)
     with torch.no_grad():
         ref = linear(x_test)

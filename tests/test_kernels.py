@@ -84,6 +84,43 @@ def test_act_quant_rotated_matches_reference(m, k, smooth):
     assert_codes_close(codes, ref_codes, max_flips=max(1e-3, 1.5 / codes.numel()))
 
 
+ACT_BLOCK_ROT = [(3, 384, 128), (5, 320, 64), (2, 96, 32), (17, 1152, 128)] + [
+    pytest.param(*s, marks=gpu_only) for s in [(4096, 1152, 128), (1001, 4608, 128), (517, 1920, 128),
+                                               (300, 7680, 128), (333, 4608, 256)]]
+
+
+@pytest.mark.parametrize("m,k,block", ACT_BLOCK_ROT)
+@pytest.mark.parametrize("smooth", [False, True])
+def test_act_quant_block_rotated_matches_reference(m, k, block, smooth):
+    """Block-diagonal rotation (runs of ``block`` channels, main + tail tiles, the tail widened to 16 product
+    rows) against the float32 reference; also under launch shapes that need the widening."""
+    g = torch.Generator().manual_seed(m + k + block)
+    assert act_quant.rotation_supported(k, 1, block) and not act_quant.rotation_supported(k, 3, block)
+    x = torch.randn(m, k, generator=g)
+    x[:, :: max(1, k // 7)] *= 30
+    x = x.to(DEVICE, torch.bfloat16)
+    smooth_inv = (torch.rand(k, generator=g) + 0.5).to(DEVICE) if smooth else None
+    signs = random_signs(k, seed=k).to(DEVICE)
+    ref_codes, ref_scale = reference.quantize_activation(x, 8, smooth_inv, signs, 1, block)
+    for config in (None, act_quant.ActQuantConfig(1, 4), act_quant.ActQuantConfig(2, 4, persistent=True)):
+        codes, scale = act_quant.quantize_activation(x, 8, smooth_inv, signs, 1, block, config=config)
+        torch.testing.assert_close(scale, ref_scale, rtol=1e-4, atol=0)
+        assert_codes_close(codes, ref_codes, max_flips=max(1e-3, 1.5 / codes.numel()))
+    # the rotation really mixed the outliers in: the reference without it quantizes differently
+    plain_codes, _ = reference.quantize_activation(x, 8, smooth_inv)
+    assert (plain_codes != ref_codes).float().mean() > 0.5
+
+
+def test_block_rotation_widths_and_config():
+    assert act_quant.rotation_widths(1152, 128, 4) == (1024, 512)  # tail 128 -> 4 rows x 512 = 16 runs
+    assert act_quant.rotation_widths(1152, 128, 16) == (1024, 128)
+    assert act_quant.rotation_widths(4608, 128, 4) == (4096, 512)
+    assert act_quant.rotation_widths(2048, 128, 1) == (2048, 0)
+    cfg = act_quant.default_config(4608, 1, 128)
+    assert cfg.block_m * 512 >= 16 * 128
+    assert not act_quant.rotation_supported(1000, 1, 128) and not act_quant.rotation_supported(1024, 1, 512)
+
+
 @pytest.mark.parametrize("config", [act_quant.ActQuantConfig(1, 4), act_quant.ActQuantConfig(4, 2),
                                     act_quant.ActQuantConfig(2, 4, persistent=True, programs_per_sm=1),
                                     act_quant.ActQuantConfig(8, 4, persistent=True)])
@@ -300,8 +337,9 @@ def test_custom_ops_pass_opcheck():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(5, 64, generator=g).to(DEVICE, torch.bfloat16)
     signs = random_signs(64, 1).to(DEVICE)
-    torch.library.opcheck(torch.ops.viditq.quantize_activation.default, (x, 8, None, signs, 1),
-                          test_utils=("test_schema", "test_faketensor"))
+    for rot_block in (0, 32):
+        torch.library.opcheck(torch.ops.viditq.quantize_activation.default, (x, 8, None, signs, 1, rot_block),
+                              test_utils=("test_schema", "test_faketensor"))
     w, w_scale, w_zero, gs, packed = _make_weight(16, 64, 4, False, None, g)
     codes, scale = reference.quantize_activation(x, 8)
     bias = torch.randn(16, generator=g).to(DEVICE, torch.bfloat16)

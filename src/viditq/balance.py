@@ -18,7 +18,7 @@ from torch import nn
 from .calibrate import LayerStats
 from .config import BalanceSpec
 from .layers import LayerSpec, QuantLinear
-from .quant.hadamard import hadamard_factors, random_orthogonal, random_signs
+from .quant.hadamard import hadamard_factors, random_orthogonal, random_signs, rotation_block
 
 # Channels whose calibration range (or weight column) is exactly zero would give 0/0 scales; they get this floor.
 MIN_CHANNEL_RANGE = 1e-5
@@ -38,12 +38,16 @@ def layer_seed(name: str, seed: int) -> int:
     return (zlib.crc32(name.encode()) + 1_000_003 * seed) % (2**31)
 
 
-def make_rotation(in_features: int, seed: int) -> tuple[torch.Tensor, int]:
-    """(signs (K,), m) of a randomized Hadamard rotation, or (dense orthogonal (K, K), 0) if none exists."""
+def make_rotation(in_features: int, seed: int, max_block: int | None = None) -> tuple[torch.Tensor, int, int]:
+    """(signs (K,), m, block) of a randomized Hadamard rotation (block-diagonal with ``block`` > 0, see
+    ``quant.hadamard``), or (dense orthogonal (K, K), 0, 0) if none exists."""
+    block = rotation_block(in_features, max_block)
+    if block:
+        return random_signs(in_features, seed), 1, block
     factors = hadamard_factors(in_features)
     if factors is None:
-        return random_orthogonal(in_features, seed), 0
-    return random_signs(in_features, seed), factors[0]
+        return random_orthogonal(in_features, seed), 0, 0
+    return random_signs(in_features, seed), factors[0], 0
 
 
 def static_act_scale(layer: QuantLinear, rows: torch.Tensor) -> torch.Tensor:
@@ -93,9 +97,9 @@ def build_quant_linear(
 ) -> QuantLinear:
     """Quantize ``linear`` with balancing chosen on the calibration rows (see module docstring)."""
     rows = stats.sample.to(linear.weight.device)
-    rotation, rot_m = (None, 1)
+    rotation, rot_m, rot_block = (None, 1, 0)
     if balance is not None and balance.rotate:
-        rotation, rot_m = make_rotation(linear.in_features, layer_seed(name, seed))
+        rotation, rot_m, rot_block = make_rotation(linear.in_features, layer_seed(name, seed), balance.rotate_block)
         rotation = rotation.to(linear.weight.device)
 
     with torch.no_grad():
@@ -104,7 +108,8 @@ def build_quant_linear(
         def candidate(alpha: float | None, rotate: bool) -> tuple[QuantLinear, float]:
             smooth = None if alpha is None else smoothing_scales(stats.absmax.to(rows.device), linear.weight, alpha)
             cand_spec = dataclasses.replace(spec, smooth=smooth is not None, rotate=rotate,
-                                            rot_m=rot_m if rotate else 1, alpha=alpha)
+                                            rot_m=rot_m if rotate else 1, rot_block=rot_block if rotate else 0,
+                                            alpha=alpha)
             layer = QuantLinear.from_linear(linear, cand_spec, smooth=smooth, rotation=rotation if rotate else None)
             if cand_spec.act_static:
                 layer.act_scale.copy_(static_act_scale(layer, rows))

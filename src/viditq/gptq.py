@@ -135,7 +135,7 @@ def balanced_weight(layer, linear: nn.Linear) -> torch.Tensor:
     if layer.rot_signs is not None:
         from .quant.hadamard import hadamard_rotate
 
-        return hadamard_rotate(w, layer.rot_signs, layer.spec.rot_m)
+        return hadamard_rotate(w, layer.rot_signs, layer.spec.rot_m, layer.spec.rot_block)
     return w
 
 

@@ -36,6 +36,7 @@ class LayerSpec:
     smooth: bool = False
     rotate: bool = False
     rot_m: int = 1  # Paley factor of the rotation (0: dense random orthogonal matrix)
+    rot_block: int = 0  # block-diagonal rotation of runs of this many channels (0: the whole width)
     alpha: float | None = None  # chosen smoothing strength (informational)
     # Layers with the same input_group read the same input (q/k/v of one attention) and share their smoothing
     # and rotation: the quantized activation is computed once per forward and reused (install_input_sharing).
@@ -118,7 +119,7 @@ class QuantLinear(nn.Module):
                 w = w @ rotation
                 layer.rot_matrix.copy_(rotation)
             else:
-                w = hadamard_rotate(w, rotation, spec.rot_m)
+                w = hadamard_rotate(w, rotation, spec.rot_m, spec.rot_block)
                 layer.rot_signs.copy_(rotation)
         layer._set_weight(w)
         if linear.bias is not None:
@@ -155,7 +156,7 @@ class QuantLinear(nn.Module):
 
     # -- run -----------------------------------------------------------------------------------------
     def balance(self, x2d: torch.Tensor) -> torch.Tensor:
-        y = reference.balance_activation(x2d, self.smooth_inv, self.rot_signs, self.spec.rot_m)
+        y = reference.balance_activation(x2d, self.smooth_inv, self.rot_signs, self.spec.rot_m, self.spec.rot_block)
         return y @ self.rot_matrix if self.rot_matrix is not None else y
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -188,14 +189,18 @@ class QuantLinear(nn.Module):
         """Dynamic per-token quantization of the (balanced) input, reused across the layer's input group."""
         cache = self._input_cache
         if cache is None or torch.compiler.is_compiling():  # compiled graphs: identical op calls, no state
-            return dispatch.quantize_activation(x2d, self.spec.act_bits, self.smooth_inv, self.rot_signs,
-                                                self.spec.rot_m)
+            return self._quantize_2d(x2d)
         hit = cache.lookup(x)
         if hit is not None:
             return hit
-        out = dispatch.quantize_activation(x2d, self.spec.act_bits, self.smooth_inv, self.rot_signs, self.spec.rot_m)
+        out = self._quantize_2d(x2d)
         cache.store(x, out)
         return out
+
+    def _quantize_2d(self, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        spec = self.spec
+        return dispatch.quantize_activation(x2d, spec.act_bits, self.smooth_inv, self.rot_signs, spec.rot_m,
+                                            spec.rot_block)
 
     def weight_nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.buffers())
@@ -261,6 +266,7 @@ def _same_balancing(a: QuantLinear, b: QuantLinear) -> bool:
 
     sa, sb = a.spec, b.spec
     return (sa.in_features == sb.in_features and sa.act_bits == sb.act_bits and sa.rot_m == sb.rot_m
+            and sa.rot_block == sb.rot_block
             and not (sa.act_static or sb.act_static or sa.weight_only or sb.weight_only)
             and same(a.smooth_inv, b.smooth_inv) and same(a.rot_signs, b.rot_signs)
             and a.rot_matrix is None and b.rot_matrix is None)
@@ -287,7 +293,8 @@ def install_input_sharing(model: nn.Module) -> int:
     return shared
 
 
-def make_layer_spec(linear: nn.Linear, weight, act, *, smooth=False, rotate=False, rot_m=1, alpha=None):
+def make_layer_spec(linear: nn.Linear, weight, act, *, smooth=False, rotate=False, rot_m=1, rot_block=0,
+                    alpha=None):
     """LayerSpec for ``linear`` from a config's WeightSpec / ActSpec."""
     k = linear.in_features
     group = k if weight.per_tensor else resolve_group_size(k, weight.group_size)
@@ -295,7 +302,7 @@ def make_layer_spec(linear: nn.Linear, weight, act, *, smooth=False, rotate=Fals
         in_features=k, out_features=linear.out_features, bias=linear.bias is not None,
         weight_bits=weight.bits, weight_symmetric=weight.symmetric, group_size=group,
         act_bits=act.bits, weight_per_tensor=weight.per_tensor, act_static=act.granularity == "per_tensor_static",
-        smooth=smooth, rotate=rotate, rot_m=rot_m, alpha=alpha,
+        smooth=smooth, rotate=rotate, rot_m=rot_m, rot_block=rot_block, alpha=alpha,
     )
 
 

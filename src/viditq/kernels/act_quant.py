@@ -105,12 +105,17 @@ def _config_from_env() -> ActQuantConfig | None:
                          f"programs_per_sm,num_stages]' ({e})") from None
 
 
-def default_config(k: int, rot_m: int | None) -> ActQuantConfig:
-    """Launch shape for rows of ``k`` channels (``rot_m``: the rotation's Paley factor, None: no rotation): the
-    H100-tuned entry, else the rule the H100 sweep suggests (see TUNED_CONFIGS)."""
+def default_config(k: int, rot_m: int | None, rot_block: int = 0) -> ActQuantConfig:
+    """Launch shape for rows of ``k`` channels (``rot_m``: the rotation's Paley factor, None: no rotation;
+    ``rot_block``: block rotation): the H100-tuned entry, else the rule the H100 sweep suggests (TUNED_CONFIGS)."""
     env = _config_from_env()
     if env is not None:
         return env
+    if rot_m is not None and rot_block:  # the plain kernel with one product per tile: plain's shape, rows
+        plain = default_config(k, None)  # enough for the product's 16-row minimum on the tail tile
+        ka, kb = split_width(k)
+        block_m = max(plain.block_m, min(16, 16 * rot_block // (kb or ka)))
+        return ActQuantConfig(block_m, 4 if block_m * (ka + kb) <= 4096 else 8)
     tuned = TUNED_CONFIGS.get((rot_m is not None, k))
     if tuned is not None:
         return tuned
@@ -176,62 +181,6 @@ def _store_codes(codes_ptrs, y, scale, mask, QMAX: tl.constexpr, FP8: tl.constex
 
 
 @triton.jit
-def _plain_block(
-    x_ptr, codes_ptr, scale_ptr, smooth_a, smooth_b, block, M, stride_xm, stride_cm,
-    K: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, HAS_SMOOTH: tl.constexpr, QMAX: tl.constexpr,
-    MIN_S: tl.constexpr, FP8: tl.constexpr, CUDA_SCALAR_DIV: tl.constexpr, FAST_ROUND: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-):
-    """Quantize rows ``block * BLOCK_M ...``: main tile (BLOCK_M, KA) + tail tile (BLOCK_M, KB), one pass."""
-    offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < M
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    c_rows = codes_ptr + offs_m.to(tl.int64)[:, None] * stride_cm
-    offs_a = tl.arange(0, KA)
-    ya = tl.load(x_rows + offs_a[None, :], mask=row_ok[:, None], other=0.0,
-                 eviction_policy="evict_first").to(tl.float32)
-    if HAS_SMOOTH:
-        ya = ya * smooth_a[None, :]
-    absmax = tl.max(tl.abs(ya), axis=1)
-    if KB > 0:
-        offs_b = KA + tl.arange(0, KB)
-        mask_b = row_ok[:, None] & (offs_b[None, :] < K)
-        yb = tl.load(x_rows + offs_b[None, :], mask=mask_b, other=0.0, eviction_policy="evict_first").to(tl.float32)
-        if HAS_SMOOTH:
-            yb = yb * smooth_b[None, :]
-        absmax = tl.maximum(absmax, tl.max(tl.abs(yb), axis=1))
-    scale = _row_scale(absmax, QMAX, MIN_S, CUDA_SCALAR_DIV)  # (BLOCK_M,)
-    _store_codes(c_rows + offs_a[None, :], ya, scale[:, None], row_ok[:, None], QMAX, FP8, FAST_ROUND)
-    if KB > 0:
-        _store_codes(c_rows + offs_b[None, :], yb, scale[:, None], mask_b, QMAX, FP8, FAST_ROUND)
-    tl.store(scale_ptr + offs_m, scale, mask=row_ok)
-
-
-@triton.jit(do_not_specialize=["M", "num_programs"])
-def _act_quant_plain_kernel(
-    x_ptr, smooth_ptr, codes_ptr, scale_ptr, M, stride_xm, stride_cm, num_programs,
-    K: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, HAS_SMOOTH: tl.constexpr, QMAX: tl.constexpr,
-    MIN_S: tl.constexpr, FP8: tl.constexpr, CUDA_SCALAR_DIV: tl.constexpr, FAST_ROUND: tl.constexpr,
-    BLOCK_M: tl.constexpr, PERSISTENT: tl.constexpr, NUM_STAGES: tl.constexpr,
-):
-    offs_a = tl.arange(0, KA)
-    offs_b = KA + tl.arange(0, KB if KB > 0 else 1)
-    if HAS_SMOOTH:
-        smooth_a = tl.load(smooth_ptr + offs_a)
-        smooth_b = tl.load(smooth_ptr + offs_b, mask=offs_b < K, other=0.0)
-    else:
-        smooth_a = tl.zeros([KA], dtype=tl.float32)
-        smooth_b = tl.zeros([KB if KB > 0 else 1], dtype=tl.float32)
-    if PERSISTENT:
-        for block in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M), num_programs, num_stages=NUM_STAGES):
-            _plain_block(x_ptr, codes_ptr, scale_ptr, smooth_a, smooth_b, block, M, stride_xm, stride_cm,
-                         K, KA, KB, HAS_SMOOTH, QMAX, MIN_S, FP8, CUDA_SCALAR_DIV, FAST_ROUND, BLOCK_M)
-    else:
-        _plain_block(x_ptr, codes_ptr, scale_ptr, smooth_a, smooth_b, tl.program_id(0), M, stride_xm, stride_cm,
-                     K, KA, KB, HAS_SMOOTH, QMAX, MIN_S, FP8, CUDA_SCALAR_DIV, FAST_ROUND, BLOCK_M)
-
-
-@triton.jit
 def _dot_split(a, b_bf16, EXACT_FP32: tl.constexpr):
     """``a @ b`` for float32 ``a`` and a bf16-exact ``b``: two bf16 products (high and low half of ``a``)
     accumulated in float32.
@@ -243,6 +192,91 @@ def _dot_split(a, b_bf16, EXACT_FP32: tl.constexpr):
     hi = a.to(tl.bfloat16)
     lo = (a - hi.to(tl.float32)).to(tl.bfloat16)
     return tl.dot(lo, b_bf16, tl.dot(hi, b_bf16))
+
+
+@triton.jit
+def _rotate_runs(y, hb_ptr, ROWS: tl.constexpr, W: tl.constexpr, ROT_B: tl.constexpr, SPLIT_X: tl.constexpr,
+                 EXACT_FP32: tl.constexpr):
+    """Block rotation of a (ROWS, W) tile: every run of ROT_B channels times the (unnormalized) H_b, as one
+    (ROWS * W / ROT_B, ROT_B) @ (ROT_B, ROT_B) tensor-core product."""
+    offs = tl.arange(0, ROT_B)
+    hb = tl.load(hb_ptr + offs[:, None] * ROT_B + offs[None, :])
+    runs = tl.reshape(y, (ROWS * W // ROT_B, ROT_B))
+    if SPLIT_X:
+        z = _dot_split(runs, hb, EXACT_FP32)
+    elif EXACT_FP32:
+        z = tl.dot(runs, hb.to(tl.float32), input_precision="ieee")
+    else:  # x * (±1) of a bf16 input is exact in bf16: one product, exact products, float32 sums
+        z = tl.dot(runs.to(tl.bfloat16), hb)
+    return tl.reshape(z, (ROWS, W))
+
+
+@triton.jit
+def _plain_block(
+    x_ptr, codes_ptr, scale_ptr, v_a, v_b, hb_ptr, out_mult, block, M, stride_xm, stride_cm,
+    K: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, HAS_V: tl.constexpr, QMAX: tl.constexpr,
+    MIN_S: tl.constexpr, FP8: tl.constexpr, CUDA_SCALAR_DIV: tl.constexpr, FAST_ROUND: tl.constexpr,
+    BLOCK_M: tl.constexpr, ROT_B: tl.constexpr, SPLIT_X: tl.constexpr, EXACT_FP32: tl.constexpr,
+):
+    """Quantize rows ``block * BLOCK_M ...``: main tile (BLOCK_M, KA) + tail tile (BLOCK_M, KB), one pass.
+    ``v``: per-channel multipliers (smoothing, times the rotation's signs); ``ROT_B`` > 0: block rotation."""
+    offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < M
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    c_rows = codes_ptr + offs_m.to(tl.int64)[:, None] * stride_cm
+    offs_a = tl.arange(0, KA)
+    ya = tl.load(x_rows + offs_a[None, :], mask=row_ok[:, None], other=0.0,
+                 eviction_policy="evict_first").to(tl.float32)
+    if HAS_V:
+        ya = ya * v_a[None, :]
+    if ROT_B > 0:
+        ya = _rotate_runs(ya, hb_ptr, BLOCK_M, KA, ROT_B, SPLIT_X, EXACT_FP32) * out_mult
+    absmax = tl.max(tl.abs(ya), axis=1)
+    if KB > 0:
+        offs_b = KA + tl.arange(0, KB)
+        mask_b = row_ok[:, None] & (offs_b[None, :] < K)
+        yb = tl.load(x_rows + offs_b[None, :], mask=mask_b, other=0.0, eviction_policy="evict_first").to(tl.float32)
+        if HAS_V:
+            yb = yb * v_b[None, :]
+        if ROT_B > 0:  # padded lanes are whole runs of zeros
+            yb = _rotate_runs(yb, hb_ptr, BLOCK_M, KB, ROT_B, SPLIT_X, EXACT_FP32) * out_mult
+        absmax = tl.maximum(absmax, tl.max(tl.abs(yb), axis=1))
+    scale = _row_scale(absmax, QMAX, MIN_S, CUDA_SCALAR_DIV)  # (BLOCK_M,)
+    _store_codes(c_rows + offs_a[None, :], ya, scale[:, None], row_ok[:, None], QMAX, FP8, FAST_ROUND)
+    if KB > 0:
+        _store_codes(c_rows + offs_b[None, :], yb, scale[:, None], mask_b, QMAX, FP8, FAST_ROUND)
+    tl.store(scale_ptr + offs_m, scale, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["M", "num_programs"])
+def _act_quant_plain_kernel(
+    x_ptr, smooth_ptr, signs_ptr, hb_ptr, codes_ptr, scale_ptr, M, stride_xm, stride_cm, out_mult, num_programs,
+    K: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, HAS_SMOOTH: tl.constexpr, QMAX: tl.constexpr,
+    MIN_S: tl.constexpr, FP8: tl.constexpr, CUDA_SCALAR_DIV: tl.constexpr, FAST_ROUND: tl.constexpr,
+    BLOCK_M: tl.constexpr, PERSISTENT: tl.constexpr, NUM_STAGES: tl.constexpr,
+    ROT_B: tl.constexpr, SPLIT_X: tl.constexpr, EXACT_FP32: tl.constexpr,
+):
+    offs_a = tl.arange(0, KA)
+    offs_b = KA + tl.arange(0, KB if KB > 0 else 1)
+    if HAS_SMOOTH:
+        v_a = tl.load(smooth_ptr + offs_a)
+        v_b = tl.load(smooth_ptr + offs_b, mask=offs_b < K, other=0.0)
+    else:
+        v_a = tl.full([KA], 1.0, dtype=tl.float32)
+        v_b = tl.full([KB if KB > 0 else 1], 1.0, dtype=tl.float32)
+    if ROT_B > 0:  # (x * s) * sign == x * (s * sign) exactly
+        v_a = v_a * tl.load(signs_ptr + offs_a)
+        v_b = v_b * tl.load(signs_ptr + offs_b, mask=offs_b < K, other=0.0)
+    HAS_V: tl.constexpr = HAS_SMOOTH or ROT_B > 0
+    if PERSISTENT:
+        for block in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M), num_programs, num_stages=NUM_STAGES):
+            _plain_block(x_ptr, codes_ptr, scale_ptr, v_a, v_b, hb_ptr, out_mult, block, M, stride_xm, stride_cm,
+                         K, KA, KB, HAS_V, QMAX, MIN_S, FP8, CUDA_SCALAR_DIV, FAST_ROUND, BLOCK_M, ROT_B, SPLIT_X,
+                         EXACT_FP32)
+    else:
+        _plain_block(x_ptr, codes_ptr, scale_ptr, v_a, v_b, hb_ptr, out_mult, tl.program_id(0), M, stride_xm,
+                     stride_cm, K, KA, KB, HAS_V, QMAX, MIN_S, FP8, CUDA_SCALAR_DIV, FAST_ROUND, BLOCK_M, ROT_B,
+                     SPLIT_X, EXACT_FP32)
 
 
 @triton.jit
@@ -311,7 +345,7 @@ def _act_quant_rotate_kernel(
 
 
 # ----------------------------------------------------------------------------------------- launcher
-_HADAMARD_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_HADAMARD_CACHE: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
 
 def _sylvester(p: int) -> torch.Tensor:
@@ -319,6 +353,14 @@ def _sylvester(p: int) -> torch.Tensor:
     while h.shape[0] < p:
         h = torch.kron(h, torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64))
     return h
+
+
+def _sylvester_operand(b: int, device: torch.device) -> torch.Tensor:
+    """bf16 ``H_b`` (b, b), cached per device."""
+    key = ("sylvester", b, str(device))
+    if key not in _HADAMARD_CACHE:
+        _HADAMARD_CACHE[key] = (_sylvester(b).to(device, torch.bfloat16),)
+    return _HADAMARD_CACHE[key][0]
 
 
 def _kernel_factors(k: int, rot_m: int) -> tuple[int, int]:
@@ -363,8 +405,21 @@ def _num_programs(device: torch.device, num_blocks: int, config: ActQuantConfig)
     return max(1, min(num_blocks, _SM_COUNT[index] * config.programs_per_sm))
 
 
-def rotation_supported(k: int, rot_m: int) -> bool:
-    """Whether the fused kernel can apply the ``(H_m ⊗ H_p)`` rotation of width ``k`` (else use the reference)."""
+def rotation_widths(k: int, rot_block: int, block_m: int) -> tuple[int, int]:
+    """(KA, KB) tiles of a block-rotated row: ``split_width``, the tail widened (whole zero runs) until the tail's
+    product has the 16 rows a tensor-core product needs."""
+    ka, kb = split_width(k)
+    if kb:
+        kb = max(kb, triton.next_power_of_2(triton.cdiv(16 * rot_block, block_m)))
+    return ka, kb
+
+
+def rotation_supported(k: int, rot_m: int, rot_block: int = 0) -> bool:
+    """Whether the fused kernel can apply the rotation of width ``k``: ``(H_m ⊗ H_p)``, or block-diagonal
+    ``H_rot_block`` runs (else use the reference)."""
+    if rot_block:
+        return (rot_m == 1 and 16 <= rot_block <= 256 and not rot_block & (rot_block - 1) and k % rot_block == 0
+                and plain_supported(k))
     if rot_m < 1 or k % rot_m or (k // rot_m) & (k // rot_m - 1):
         return False
     m, p = _kernel_factors(k, rot_m)
@@ -382,6 +437,7 @@ def quantize_activation(
     smooth_inv: torch.Tensor | None = None,
     rot_signs: torch.Tensor | None = None,
     rot_m: int = 1,
+    rot_block: int = 0,
     fp8: bool = False,
     config: ActQuantConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -397,8 +453,9 @@ def quantize_activation(
         if vec is not None and (vec.shape != (k,) or vec.dtype != torch.float32 or not vec.is_contiguous()):
             raise ValueError(f"{name} must be a contiguous float32 vector of {k} channels, got "
                              f"{tuple(vec.shape)} {vec.dtype}")
-    if rot_signs is not None and not rotation_supported(k, rot_m):
-        raise ValueError(f"no fused rotation for K={k}, rot_m={rot_m}; check rotation_supported first")
+    if rot_signs is not None and not rotation_supported(k, rot_m, rot_block):
+        raise ValueError(f"no fused rotation for K={k}, rot_m={rot_m}, rot_block={rot_block}; check "
+                         f"rotation_supported first")
     if rot_signs is None and not plain_supported(k):
         raise ValueError(f"K={k} is too wide for the fused kernel; check plain_supported first")
     qmax = FP8_E4M3_MAX if fp8 else float(signed_range(bits, symmetric=True)[1])
@@ -406,13 +463,13 @@ def quantize_activation(
     scale = torch.empty(m_rows, 1, device=x.device, dtype=torch.float32)
     if m_rows == 0:
         return codes, scale
-    config = config or default_config(k, None if rot_signs is None else rot_m)
+    config = config or default_config(k, None if rot_signs is None else rot_m, rot_block)
     on_gpu = x.device.type == "cuda"
     common = dict(HAS_SMOOTH=smooth_inv is not None, QMAX=qmax, MIN_S=MIN_SCALE, FP8=fp8,
                   CUDA_SCALAR_DIV=on_gpu, FAST_ROUND=on_gpu and _FAST_ROUND_OK[0])
     smooth = smooth_inv if smooth_inv is not None else scale  # dummy pointer when unused
     try:
-        _launch(x, smooth, rot_signs, rot_m, codes, scale, common, config)
+        _launch(x, smooth, rot_signs, rot_m, rot_block, codes, scale, common, config)
     except triton.CompilationError:
         if not common["FAST_ROUND"]:
             raise
@@ -420,23 +477,33 @@ def quantize_activation(
         # (same codes, slower) from now on.
         warnings.warn("viditq act_quant: fast rounding failed to compile; using IEEE division", stacklevel=2)
         _FAST_ROUND_OK[0] = False
-        _launch(x, smooth, rot_signs, rot_m, codes, scale, dict(common, FAST_ROUND=False), config)
+        _launch(x, smooth, rot_signs, rot_m, rot_block, codes, scale, dict(common, FAST_ROUND=False), config)
     return codes, scale
 
 
-def _launch(x, smooth, rot_signs, rot_m, codes, scale, common, config: ActQuantConfig) -> None:
+def _launch(x, smooth, rot_signs, rot_m, rot_block, codes, scale, common, config: ActQuantConfig) -> None:
     m_rows, k = x.shape
-    programs = _num_programs(x.device, triton.cdiv(m_rows, config.block_m), config)
-    launch = dict(BLOCK_M=config.block_m, PERSISTENT=config.persistent, NUM_STAGES=config.num_stages,
-                  num_warps=config.num_warps, **common)
-    if rot_signs is None:
-        ka, kb = split_width(k)
+    block_m = config.block_m
+    split_x = common["HAS_SMOOTH"] or x.dtype != torch.bfloat16
+    if rot_signs is None or rot_block:
+        if rot_block:  # the main tile's product needs 16 rows too
+            block_m = max(block_m, triton.cdiv(16 * rot_block, split_width(k)[0]))
+            ka, kb = rotation_widths(k, rot_block, block_m)
+            hb = _sylvester_operand(rot_block, x.device)
+        else:
+            ka, kb = split_width(k)
+        programs = _num_programs(x.device, triton.cdiv(m_rows, block_m), config)
         _act_quant_plain_kernel[(programs,)](
-            x, smooth, codes, scale, m_rows, x.stride(0), codes.stride(0), programs, K=k, KA=ka, KB=kb, **launch,
+            x, smooth, scale if rot_signs is None else rot_signs, scale if rot_signs is None else hb, codes, scale,
+            m_rows, x.stride(0), codes.stride(0), 1.0 / math.sqrt(rot_block or 1), programs, K=k, KA=ka, KB=kb,
+            BLOCK_M=block_m, PERSISTENT=config.persistent, NUM_STAGES=config.num_stages,
+            num_warps=config.num_warps, ROT_B=rot_block, SPLIT_X=split_x, EXACT_FP32=_interpreted(), **common,
         )
         return
+    programs = _num_programs(x.device, triton.cdiv(m_rows, block_m), config)
+    launch = dict(BLOCK_M=block_m, PERSISTENT=config.persistent, NUM_STAGES=config.num_stages,
+                  num_warps=config.num_warps, **common)
     hp, hm, m_h, m_pad, p = _hadamard_operands(k, rot_m, x.device)
-    split_x = common["HAS_SMOOTH"] or x.dtype != torch.bfloat16
     _act_quant_rotate_kernel[(programs,)](
         x, smooth, rot_signs, hp, hm, codes, scale, m_rows, x.stride(0), codes.stride(0), 1.0 / math.sqrt(k),
         programs, M_H=m_h, M_PAD=m_pad, P=p, SPLIT_X=split_x, EXACT_FP32=_interpreted(), **launch,

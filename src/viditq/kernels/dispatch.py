@@ -30,21 +30,23 @@ def use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda and os.environ.get("VIDITQ_BACKEND", "auto") != "reference" and triton_available()
 
 
-def _act_kernel_supports(k: int, rot_signs: torch.Tensor | None, rot_m: int) -> bool:
+def _act_kernel_supports(k: int, rot_signs: torch.Tensor | None, rot_m: int, rot_block: int) -> bool:
     from . import act_quant
 
-    return act_quant.rotation_supported(k, rot_m) if rot_signs is not None else act_quant.plain_supported(k)
+    if rot_signs is None:
+        return act_quant.plain_supported(k)
+    return act_quant.rotation_supported(k, rot_m, rot_block)
 
 
-def quantize_activation(x, bits, smooth_inv=None, rot_signs=None, rot_m=1):
+def quantize_activation(x, bits, smooth_inv=None, rot_signs=None, rot_m=1, rot_block=0):
     """(M, K) float → int8 codes (M, K), float32 per-token scales (M, 1); see ``reference.quantize_activation``."""
-    if not (use_triton(x) and _act_kernel_supports(x.shape[-1], rot_signs, rot_m)):
-        return reference.quantize_activation(x, bits, smooth_inv, rot_signs, rot_m)
+    if not (use_triton(x) and _act_kernel_supports(x.shape[-1], rot_signs, rot_m, rot_block)):
+        return reference.quantize_activation(x, bits, smooth_inv, rot_signs, rot_m, rot_block)
     if x.stride(-1) != 1:
         x = x.contiguous()
     if torch.compiler.is_compiling():
-        return torch.ops.viditq.quantize_activation(x, bits, smooth_inv, rot_signs, rot_m)
-    return ops.quantize_activation_impl(x, bits, smooth_inv, rot_signs, rot_m)
+        return torch.ops.viditq.quantize_activation(x, bits, smooth_inv, rot_signs, rot_m, rot_block)
+    return ops.quantize_activation_impl(x, bits, smooth_inv, rot_signs, rot_m, rot_block)
 
 
 def int_linear(x_codes, x_scale, w, w_scale, w_zero, group_size, packed_int4, bias, out_dtype):

@@ -17,11 +17,12 @@ def gemm_supported(k: int, group_size: int, packed_int4: bool) -> bool:
 
 
 def quantize_activation_impl(
-    x: torch.Tensor, bits: int, smooth_inv: Optional[torch.Tensor], rot_signs: Optional[torch.Tensor], rot_m: int
+    x: torch.Tensor, bits: int, smooth_inv: Optional[torch.Tensor], rot_signs: Optional[torch.Tensor], rot_m: int,
+    rot_block: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from . import act_quant
 
-    return act_quant.quantize_activation(x, bits, smooth_inv, rot_signs, rot_m)
+    return act_quant.quantize_activation(x, bits, smooth_inv, rot_signs, rot_m, rot_block)
 
 
 def int_linear_impl(
@@ -36,13 +37,14 @@ def int_linear_impl(
 
 @torch.library.custom_op("viditq::quantize_activation", mutates_args=())
 def _quantize_activation_op(
-    x: torch.Tensor, bits: int, smooth_inv: Optional[torch.Tensor], rot_signs: Optional[torch.Tensor], rot_m: int
+    x: torch.Tensor, bits: int, smooth_inv: Optional[torch.Tensor], rot_signs: Optional[torch.Tensor], rot_m: int,
+    rot_block: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return quantize_activation_impl(x, bits, smooth_inv, rot_signs, rot_m)
+    return quantize_activation_impl(x, bits, smooth_inv, rot_signs, rot_m, rot_block)
 
 
 @_quantize_activation_op.register_fake
-def _(x, bits, smooth_inv, rot_signs, rot_m):
+def _(x, bits, smooth_inv, rot_signs, rot_m, rot_block):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0], 1), dtype=torch.float32)
 
 

@@ -13,14 +13,14 @@ from ..quant.quantizers import MIN_SCALE, dequantize_weight, quantize_per_token,
 
 
 def balance_activation(
-    x: torch.Tensor, smooth_inv: torch.Tensor | None, rot_signs: torch.Tensor | None, rot_m: int
+    x: torch.Tensor, smooth_inv: torch.Tensor | None, rot_signs: torch.Tensor | None, rot_m: int, rot_block: int = 0
 ) -> torch.Tensor:
     """Activation side of channel balancing: ``(x * smooth_inv) @ R`` in float32."""
     y = x.float()
     if smooth_inv is not None:
         y = y * smooth_inv
     if rot_signs is not None:
-        y = hadamard_rotate(y, rot_signs, rot_m)
+        y = hadamard_rotate(y, rot_signs, rot_m, rot_block)
     return y
 
 
@@ -30,9 +30,10 @@ def quantize_activation(
     smooth_inv: torch.Tensor | None = None,
     rot_signs: torch.Tensor | None = None,
     rot_m: int = 1,
+    rot_block: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Balance then quantize per token: (M, K) → int8 codes (M, K), float32 scales (M, 1)."""
-    return quantize_per_token(balance_activation(x, smooth_inv, rot_signs, rot_m), bits)
+    return quantize_per_token(balance_activation(x, smooth_inv, rot_signs, rot_m, rot_block), bits)
 
 
 def unpack_weight_codes(w: torch.Tensor, packed_int4: bool) -> torch.Tensor:
@@ -70,10 +71,11 @@ def quantize_per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def quantize_activation_fp8(
-    x: torch.Tensor, smooth_inv: torch.Tensor | None = None, rot_signs: torch.Tensor | None = None, rot_m: int = 1
+    x: torch.Tensor, smooth_inv: torch.Tensor | None = None, rot_signs: torch.Tensor | None = None, rot_m: int = 1,
+    rot_block: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Balance then quantize per token to fp8 e4m3 (the fp8 twin of :func:`quantize_activation`)."""
-    return quantize_per_token_fp8(balance_activation(x, smooth_inv, rot_signs, rot_m))
+    return quantize_per_token_fp8(balance_activation(x, smooth_inv, rot_signs, rot_m, rot_block))
 
 
 def fp8_linear(
