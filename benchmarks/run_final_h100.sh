@@ -15,7 +15,7 @@
 # CogVideoX eager ~20 s, compile ~80 s, W8A8(+attn) graph ~45-50 s each; ≈ 450 s, the rest goes to torchao.
 set -u
 BUDGET_S=${BUDGET_S:-560}
-STEPS=${STEPS:-offload,pixart,cogvideox,tests,torchao}  # which steps run (comma list)
+STEPS=${STEPS:-offload,pixart,cogvideox,tests,torchao}  # which steps run (comma list; also: tune)
 PIXART_VARIANTS=${PIXART_VARIANTS:-bf16_eager,bf16_compile,w8a8_graph,w4a8_graph,w8a8_attn_graph}
 COGVIDEOX_VARIANTS=${COGVIDEOX_VARIANTS:-bf16_eager,bf16_compile,w8a8_graph,w8a8_attn_graph}
 RESERVE_S=12  # kept for the summary table
@@ -61,6 +61,9 @@ except Exception as e:  # the torchao variants report it themselves
     ao = repr(e)[:120]
 print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__,
       'accelerate', accelerate.__version__, 'torchao', ao)" 2>&1 | tail -3
+
+    wanted tune && step "act quant tune" 200 python3 benchmarks/tune_act_quant.py --out "$OUT/act_quant.json" \
+        --budget-s "{T}"
 
     wanted offload && step "offload check" 100 python3 benchmarks/check_offload.py --out "$OUT/offload.json" --steps 8
 
