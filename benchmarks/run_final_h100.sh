@@ -63,7 +63,7 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', dif
       'accelerate', accelerate.__version__, 'torchao', ao)" 2>&1 | tail -3
 
     wanted tune && step "act quant tune" 200 python3 benchmarks/tune_act_quant.py --out "$OUT/act_quant.json" \
-        --budget-s "{T}"
+        --budget-s 140
 
     wanted offload && step "offload check" 100 python3 benchmarks/check_offload.py --out "$OUT/offload.json" --steps 8
 
