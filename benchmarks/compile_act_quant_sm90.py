@@ -47,15 +47,16 @@ def compile_plain(k, cfg, smooth):
     return triton.compile(src, target=TARGET, options={"num_warps": cfg.num_warps})
 
 
-def compile_rotate(k, cfg, smooth):
-    rot_m = hadamard_factors(k)[0]
-    m, p = aq._kernel_factors(k, rot_m)
+def compile_rotate(k, cfg, smooth, rot_block=0):
+    """The rotate kernel: a full-width rotation, or (``rot_block``) runs of rot_block channels."""
+    rot_m = 1 if rot_block else hadamard_factors(k)[0]
+    m, p = aq._kernel_factors(k, rot_m, rot_block)
     m_pad = triton.next_power_of_2(m) if m > 1 else 1
     sig = {"x_ptr": "*bf16", "smooth_ptr": "*fp32", "signs_ptr": "*fp32", "hp_ptr": "*bf16", "hm_ptr": "*bf16",
            "codes_ptr": "*i8", "scale_ptr": "*fp32", "M": "i32", "stride_xm": "i32", "stride_cm": "i32",
            "out_mult": "fp32", "num_programs": "i32"}
     const = dict(HAS_SMOOTH=smooth, M_H=m, M_PAD=m_pad, P=p, BLOCK_M=cfg.block_m, SPLIT_X=smooth, EXACT_FP32=False,
-                 PERSISTENT=cfg.persistent, NUM_STAGES=cfg.num_stages, **COMMON)
+                 PERSISTENT=cfg.persistent, NUM_STAGES=cfg.num_stages, MIX_M=not rot_block, **COMMON)
     sig.update({n: "constexpr" for n in const})
     src = ASTSource(aq._act_quant_rotate_kernel, signature=sig, constexprs=const,
                     attrs={(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 8, 9)})
@@ -66,6 +67,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rotate-only", action="store_true")
     ap.add_argument("--plain-only", action="store_true")
+    ap.add_argument("--rot-block", type=int, default=0, help="rotated kernels: block rotation of this many channels")
     ap.add_argument("--k", type=int, nargs="*", default=[1152, 4608, 1920, 7680])
     args = ap.parse_args()
     for k in args.k:
@@ -78,7 +80,7 @@ def main():
                 for cfg in cfgs:
                     fn = compile_rotate if rotate else compile_plain
                     try:
-                        info = resources(fn(k, cfg, smooth))
+                        info = resources(fn(k, cfg, smooth, args.rot_block) if rotate else fn(k, cfg, smooth))
                     except Exception as e:  # noqa: BLE001
                         info = f"FAILED {type(e).__name__}: {str(e)[:200]}"
                     print(f"K={k:5d} {'rot' if rotate else 'plain':5s} smooth={int(smooth)} bm={cfg.block_m:2d} "

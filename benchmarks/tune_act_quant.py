@@ -39,8 +39,7 @@ def sweep_configs(k: int, variant: str):
 
     rotated = variant.startswith("rot")
     if variant.startswith("brot"):
-        return [C(1, 4), C(2, 4), C(4, 4), C(4, 8), C(8, 8), C(16, 8), C(2, 8, True, 4), C(4, 8, True, 4),
-                C(1, 8), C(2, 8)]
+        return [C(1, 4), C(1, 8), C(2, 8), C(4, 4), C(4, 8), C(1, 8, True, 4), C(4, 4, True, 4), C(1, 16)]
     if rotated:
         if k in (1152, 1920):  # row tile 64 x 32
             return [C(1, 4), C(2, 4), C(2, 8), C(4, 8), C(8, 8), C(4, 8, True, 2), C(2, 4, True, 8), C(4, 4)]

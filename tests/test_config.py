@@ -35,6 +35,7 @@ def test_file_round_trip(tmp_path, suffix):
     (lambda: QuantConfig(attention="int4"), "attention"),
     (lambda: BalanceSpec(alphas=(1.5,)), "alphas"),
     (lambda: BalanceSpec(rotate_block=48), "rotate_block"),
+    (lambda: BalanceSpec(rotate_min_gain=1.0), "rotate_min_gain"),
     (lambda: QuantConfig.from_dict({"nbits": 8}), "unknown QuantConfig fields"),
 ])
 def test_bad_values_raise_clear_errors(make, match):

@@ -86,14 +86,14 @@ def test_act_quant_rotated_matches_reference(m, k, smooth):
 
 ACT_BLOCK_ROT = [(3, 384, 128), (5, 320, 64), (2, 96, 32), (17, 1152, 128)] + [
     pytest.param(*s, marks=gpu_only) for s in [(4096, 1152, 128), (1001, 4608, 128), (517, 1920, 128),
-                                               (300, 7680, 128), (333, 4608, 256)]]
+                                               (300, 7680, 128), (333, 4608, 64)]]
 
 
 @pytest.mark.parametrize("m,k,block", ACT_BLOCK_ROT)
 @pytest.mark.parametrize("smooth", [False, True])
 def test_act_quant_block_rotated_matches_reference(m, k, block, smooth):
-    """Block-diagonal rotation (runs of ``block`` channels, main + tail tiles, the tail widened to 16 product
-    rows) against the float32 reference; also under launch shapes that need the widening."""
+    """Block-diagonal rotation (runs of ``block`` channels, padded to a power-of-two count) against the float32
+    reference, under several launch shapes."""
     g = torch.Generator().manual_seed(m + k + block)
     assert act_quant.rotation_supported(k, 1, block) and not act_quant.rotation_supported(k, 3, block)
     x = torch.randn(m, k, generator=g)
@@ -103,6 +103,7 @@ def test_act_quant_block_rotated_matches_reference(m, k, block, smooth):
     signs = random_signs(k, seed=k).to(DEVICE)
     ref_codes, ref_scale = reference.quantize_activation(x, 8, smooth_inv, signs, 1, block)
     for config in (None, act_quant.ActQuantConfig(1, 4), act_quant.ActQuantConfig(2, 4, persistent=True)):
+        # block_m 1 with few runs: the launcher raises it to the product's 16 rows
         codes, scale = act_quant.quantize_activation(x, 8, smooth_inv, signs, 1, block, config=config)
         torch.testing.assert_close(scale, ref_scale, rtol=1e-4, atol=0)
         assert_codes_close(codes, ref_codes, max_flips=max(1e-3, 1.5 / codes.numel()))
@@ -111,14 +112,15 @@ def test_act_quant_block_rotated_matches_reference(m, k, block, smooth):
     assert (plain_codes != ref_codes).float().mean() > 0.5
 
 
-def test_block_rotation_widths_and_config():
-    assert act_quant.rotation_widths(1152, 128, 4) == (1024, 512)  # tail 128 -> 4 rows x 512 = 16 runs
-    assert act_quant.rotation_widths(1152, 128, 16) == (1024, 128)
-    assert act_quant.rotation_widths(4608, 128, 4) == (4096, 512)
-    assert act_quant.rotation_widths(2048, 128, 1) == (2048, 0)
-    cfg = act_quant.default_config(4608, 1, 128)
-    assert cfg.block_m * 512 >= 16 * 128
-    assert not act_quant.rotation_supported(1000, 1, 128) and not act_quant.rotation_supported(1024, 1, 512)
+def test_block_rotation_support_and_config():
+    assert act_quant.rotation_supported(1152, 1, 128) and act_quant.rotation_supported(7680, 1, 128)
+    assert not act_quant.rotation_supported(1000, 1, 128)  # not a multiple of the block
+    assert not act_quant.rotation_supported(1024, 1, 256)  # runs longer than one 128-wide product
+    assert not act_quant.rotation_supported(13824, 1, 128)  # 108 runs padded to 128: over the row limit
+    for k in (1152, 4608, 1920, 7680, 384, 3072):
+        cfg = act_quant.default_config(k, 1, 128)
+        m_pad = 1 << (k // 128 - 1).bit_length()
+        assert cfg.block_m * m_pad * 128 <= 8192 * 4
 
 
 @pytest.mark.parametrize("config", [act_quant.ActQuantConfig(1, 4), act_quant.ActQuantConfig(4, 2),

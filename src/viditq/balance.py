@@ -2,7 +2,8 @@
 
 The static part of the channel imbalance (from the pretrained adaLN scale-shift table) is moved into the weights
 by per-channel smoothing ``s = max|X|^alpha / max|W|^(1-alpha)``; what varies with the timestep is spread across
-channels by a randomized Hadamard rotation. For each layer we keep the rotation unless it measurably hurts, then try
+channels by a randomized Hadamard rotation. Each layer keeps the rotation where it cuts the calibration output error
+by at least ``BalanceSpec.rotate_min_gain`` (it costs a transform per call at run time), then we try
 every candidate alpha (and no smoothing) and keep the one whose quantized layer reproduces the float layer best on
 the calibration rows -- measured with the very QuantLinear that will be deployed, so the search optimizes the real
 numerics.
@@ -116,14 +117,15 @@ def build_quant_linear(
             err = (layer(rows.to(linear.weight.dtype)).float() - reference).pow(2).mean().item()
             return layer, err
 
-        # The rotation is the method's default; it is dropped only where it measurably hurts this layer (random
-        # Gaussian-like weights and activations gain nothing from it at 4 bits).
-        best, best_err = candidate(None, rotation is not None)
-        rotate = rotation is not None
-        if rotate:
-            plain, plain_err = candidate(None, False)
-            if plain_err < best_err:
-                best, best_err, rotate = plain, plain_err, False
+        # The rotation costs an online transform per call, so a layer keeps it only where it cuts the calibration
+        # output error by at least ``rotate_min_gain`` (outlier channels: 90 % and more; Gaussian-like weights
+        # and activations: about nothing).
+        best, best_err = candidate(None, False)
+        rotate = False
+        if rotation is not None:
+            rotated, rotated_err = candidate(None, True)
+            if rotated_err < best_err * (1.0 - balance.rotate_min_gain):
+                best, best_err, rotate = rotated, rotated_err, True
         if balance is not None and balance.smooth:
             for alpha in balance.alphas:
                 layer, err = candidate(alpha, rotate)

@@ -7,7 +7,7 @@ v4. Each program step handles ``block_m`` whole rows in registers, read once fro
   (1152 = 1024 + 128, 4608 = 4096 + 512), so no lane is masked at DiT widths (v3 padded 1152 to 2048);
 * rotated: the row seen as an ``(m, p)`` matrix ``X`` is rotated as ``H_m^T X H_p`` (see ``quant.hadamard``) with
   two small tensor-core products, ``(rows·m, p) @ H_p`` then ``(rows·p, m) @ H_m``, ``m`` zero-padded to a power
-  of two. The Hadamard operands are re-read from L1/L2 inside the loop instead of being held in registers
+  of two. A block rotation (runs of ``p = rot_block`` channels, ``m = K / p`` runs) is the first product alone. The Hadamard operands are re-read from L1/L2 inside the loop instead of being held in registers
   (v3 kept them live: 255 registers, spills, one program per SM). Without smoothing, ``x · signs`` of a bf16
   input is exact in bf16 and the first product is a single bf16 product; otherwise float32 operands are split
   into bf16 high + low halves (±1 matrices are exact in bf16), which keeps ~16 mantissa bits: codes match the
@@ -67,16 +67,22 @@ class ActQuantConfig:
 
 
 # Best launch shapes measured on H100 (benchmarks/tune_act_quant.py, 2026-11-25; NOTES.md "Fused activation
-# quantization"), keyed by (rotated, K); swept with smoothing on. Other widths use the rule in default_config.
-TUNED_CONFIGS: dict[tuple[bool, int], ActQuantConfig] = {
-    (False, 1152): ActQuantConfig(4, 4),  # 20.9 us at 8192 rows (v3: 28.6)
-    (False, 4608): ActQuantConfig(1, 8, persistent=True, programs_per_sm=8),  # 59.7 us (v3: 97.7)
-    (False, 1920): ActQuantConfig(1, 4),  # 91.6 us at 35552 rows (v3: 116.4)
-    (False, 7680): ActQuantConfig(1, 8),  # 372 us (v3: 444)
-    (True, 1152): ActQuantConfig(2, 4, persistent=True, programs_per_sm=8),  # 47.8 us (v3: 49.1)
-    (True, 4608): ActQuantConfig(1, 4),  # 304 us (v3: 375)
-    (True, 1920): ActQuantConfig(2, 4, persistent=True, programs_per_sm=8),  # 196 us (v3: 198)
-    (True, 7680): ActQuantConfig(1, 4),  # 1359 us (v3: 1648)
+# quantization"), keyed by (kind, K) with kind "plain" (no rotation), "full" (one rotation of the width) or "block"
+# (runs of 128 channels); swept with smoothing on. Other widths use the rule in default_config. The block entries
+# are the shapes that compile without register spills for sm_90 (benchmarks/compile_act_quant_sm90.py).
+TUNED_CONFIGS: dict[tuple[str, int], ActQuantConfig] = {
+    ("plain", 1152): ActQuantConfig(4, 4),  # 20.9 us at 8192 rows (v3: 28.6)
+    ("plain", 4608): ActQuantConfig(1, 8, persistent=True, programs_per_sm=8),  # 59.7 us (v3: 97.7)
+    ("plain", 1920): ActQuantConfig(1, 4),  # 91.6 us at 35552 rows (v3: 116.4)
+    ("plain", 7680): ActQuantConfig(1, 8),  # 372 us (v3: 444)
+    ("full", 1152): ActQuantConfig(2, 4, persistent=True, programs_per_sm=8),  # 47.8 us (v3: 49.1)
+    ("full", 4608): ActQuantConfig(1, 4),  # 304 us (v3: 375)
+    ("full", 1920): ActQuantConfig(2, 4, persistent=True, programs_per_sm=8),  # 196 us (v3: 198)
+    ("full", 7680): ActQuantConfig(1, 4),  # 1359 us (v3: 1648)
+    ("block", 1152): ActQuantConfig(4, 4),  # 187 registers, no spills
+    ("block", 4608): ActQuantConfig(1, 8),  # 199
+    ("block", 1920): ActQuantConfig(1, 4),  # 198
+    ("block", 7680): ActQuantConfig(1, 8),  # 199
 }
 
 
@@ -111,14 +117,15 @@ def default_config(k: int, rot_m: int | None, rot_block: int = 0) -> ActQuantCon
     env = _config_from_env()
     if env is not None:
         return env
-    if rot_m is not None and rot_block:  # the plain kernel with one product per tile: plain's shape, rows
-        plain = default_config(k, None)  # enough for the product's 16-row minimum on the tail tile
-        ka, kb = split_width(k)
-        block_m = max(plain.block_m, min(16, 16 * rot_block // (kb or ka)))
-        return ActQuantConfig(block_m, 4 if block_m * (ka + kb) <= 4096 else 8)
-    tuned = TUNED_CONFIGS.get((rot_m is not None, k))
+    kind = "plain" if rot_m is None else "block" if rot_block else "full"
+    tuned = TUNED_CONFIGS.get((kind, k))
     if tuned is not None:
         return tuned
+    if kind == "block":  # one product per step: ~8k padded elements, 8 warps from 8k (no spills at DiT widths)
+        m, p = _kernel_factors(k, 1, rot_block)
+        row = triton.next_power_of_2(m) * p
+        block_m = max(1, min(4, 8192 // row))
+        return ActQuantConfig(block_m, 8 if block_m * row >= 8192 and block_m == 1 else 4)
     if rot_m is not None:  # H100: 4 warps, ~4k padded elements per step; persistent for short rows
         m, p = _kernel_factors(k, rot_m)
         row = (triton.next_power_of_2(m) if m > 1 else 1) * p
@@ -181,6 +188,62 @@ def _store_codes(codes_ptrs, y, scale, mask, QMAX: tl.constexpr, FP8: tl.constex
 
 
 @triton.jit
+def _plain_block(
+    x_ptr, codes_ptr, scale_ptr, smooth_a, smooth_b, block, M, stride_xm, stride_cm,
+    K: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, HAS_SMOOTH: tl.constexpr, QMAX: tl.constexpr,
+    MIN_S: tl.constexpr, FP8: tl.constexpr, CUDA_SCALAR_DIV: tl.constexpr, FAST_ROUND: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """Quantize rows ``block * BLOCK_M ...``: main tile (BLOCK_M, KA) + tail tile (BLOCK_M, KB), one pass."""
+    offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < M
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    c_rows = codes_ptr + offs_m.to(tl.int64)[:, None] * stride_cm
+    offs_a = tl.arange(0, KA)
+    ya = tl.load(x_rows + offs_a[None, :], mask=row_ok[:, None], other=0.0,
+                 eviction_policy="evict_first").to(tl.float32)
+    if HAS_SMOOTH:
+        ya = ya * smooth_a[None, :]
+    absmax = tl.max(tl.abs(ya), axis=1)
+    if KB > 0:
+        offs_b = KA + tl.arange(0, KB)
+        mask_b = row_ok[:, None] & (offs_b[None, :] < K)
+        yb = tl.load(x_rows + offs_b[None, :], mask=mask_b, other=0.0, eviction_policy="evict_first").to(tl.float32)
+        if HAS_SMOOTH:
+            yb = yb * smooth_b[None, :]
+        absmax = tl.maximum(absmax, tl.max(tl.abs(yb), axis=1))
+    scale = _row_scale(absmax, QMAX, MIN_S, CUDA_SCALAR_DIV)  # (BLOCK_M,)
+    _store_codes(c_rows + offs_a[None, :], ya, scale[:, None], row_ok[:, None], QMAX, FP8, FAST_ROUND)
+    if KB > 0:
+        _store_codes(c_rows + offs_b[None, :], yb, scale[:, None], mask_b, QMAX, FP8, FAST_ROUND)
+    tl.store(scale_ptr + offs_m, scale, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["M", "num_programs"])
+def _act_quant_plain_kernel(
+    x_ptr, smooth_ptr, codes_ptr, scale_ptr, M, stride_xm, stride_cm, num_programs,
+    K: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, HAS_SMOOTH: tl.constexpr, QMAX: tl.constexpr,
+    MIN_S: tl.constexpr, FP8: tl.constexpr, CUDA_SCALAR_DIV: tl.constexpr, FAST_ROUND: tl.constexpr,
+    BLOCK_M: tl.constexpr, PERSISTENT: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    offs_a = tl.arange(0, KA)
+    offs_b = KA + tl.arange(0, KB if KB > 0 else 1)
+    if HAS_SMOOTH:
+        smooth_a = tl.load(smooth_ptr + offs_a)
+        smooth_b = tl.load(smooth_ptr + offs_b, mask=offs_b < K, other=0.0)
+    else:
+        smooth_a = tl.zeros([KA], dtype=tl.float32)
+        smooth_b = tl.zeros([KB if KB > 0 else 1], dtype=tl.float32)
+    if PERSISTENT:
+        for block in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M), num_programs, num_stages=NUM_STAGES):
+            _plain_block(x_ptr, codes_ptr, scale_ptr, smooth_a, smooth_b, block, M, stride_xm, stride_cm,
+                         K, KA, KB, HAS_SMOOTH, QMAX, MIN_S, FP8, CUDA_SCALAR_DIV, FAST_ROUND, BLOCK_M)
+    else:
+        _plain_block(x_ptr, codes_ptr, scale_ptr, smooth_a, smooth_b, tl.program_id(0), M, stride_xm, stride_cm,
+                     K, KA, KB, HAS_SMOOTH, QMAX, MIN_S, FP8, CUDA_SCALAR_DIV, FAST_ROUND, BLOCK_M)
+
+
+@triton.jit
 def _dot_split(a, b_bf16, EXACT_FP32: tl.constexpr):
     """``a @ b`` for float32 ``a`` and a bf16-exact ``b``: two bf16 products (high and low half of ``a``)
     accumulated in float32.
@@ -195,96 +258,11 @@ def _dot_split(a, b_bf16, EXACT_FP32: tl.constexpr):
 
 
 @triton.jit
-def _rotate_runs(y, hb_ptr, ROWS: tl.constexpr, W: tl.constexpr, ROT_B: tl.constexpr, SPLIT_X: tl.constexpr,
-                 EXACT_FP32: tl.constexpr):
-    """Block rotation of a (ROWS, W) tile: every run of ROT_B channels times the (unnormalized) H_b, as one
-    (ROWS * W / ROT_B, ROT_B) @ (ROT_B, ROT_B) tensor-core product."""
-    offs = tl.arange(0, ROT_B)
-    hb = tl.load(hb_ptr + offs[:, None] * ROT_B + offs[None, :])
-    runs = tl.reshape(y, (ROWS * W // ROT_B, ROT_B))
-    if SPLIT_X:
-        z = _dot_split(runs, hb, EXACT_FP32)
-    elif EXACT_FP32:
-        z = tl.dot(runs, hb.to(tl.float32), input_precision="ieee")
-    else:  # x * (±1) of a bf16 input is exact in bf16: one product, exact products, float32 sums
-        z = tl.dot(runs.to(tl.bfloat16), hb)
-    return tl.reshape(z, (ROWS, W))
-
-
-@triton.jit
-def _plain_block(
-    x_ptr, codes_ptr, scale_ptr, v_a, v_b, hb_ptr, out_mult, block, M, stride_xm, stride_cm,
-    K: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, HAS_V: tl.constexpr, QMAX: tl.constexpr,
-    MIN_S: tl.constexpr, FP8: tl.constexpr, CUDA_SCALAR_DIV: tl.constexpr, FAST_ROUND: tl.constexpr,
-    BLOCK_M: tl.constexpr, ROT_B: tl.constexpr, SPLIT_X: tl.constexpr, EXACT_FP32: tl.constexpr,
-):
-    """Quantize rows ``block * BLOCK_M ...``: main tile (BLOCK_M, KA) + tail tile (BLOCK_M, KB), one pass.
-    ``v``: per-channel multipliers (smoothing, times the rotation's signs); ``ROT_B`` > 0: block rotation."""
-    offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < M
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    c_rows = codes_ptr + offs_m.to(tl.int64)[:, None] * stride_cm
-    offs_a = tl.arange(0, KA)
-    ya = tl.load(x_rows + offs_a[None, :], mask=row_ok[:, None], other=0.0,
-                 eviction_policy="evict_first").to(tl.float32)
-    if HAS_V:
-        ya = ya * v_a[None, :]
-    if ROT_B > 0:
-        ya = _rotate_runs(ya, hb_ptr, BLOCK_M, KA, ROT_B, SPLIT_X, EXACT_FP32) * out_mult
-    absmax = tl.max(tl.abs(ya), axis=1)
-    if KB > 0:
-        offs_b = KA + tl.arange(0, KB)
-        mask_b = row_ok[:, None] & (offs_b[None, :] < K)
-        yb = tl.load(x_rows + offs_b[None, :], mask=mask_b, other=0.0, eviction_policy="evict_first").to(tl.float32)
-        if HAS_V:
-            yb = yb * v_b[None, :]
-        if ROT_B > 0:  # padded lanes are whole runs of zeros
-            yb = _rotate_runs(yb, hb_ptr, BLOCK_M, KB, ROT_B, SPLIT_X, EXACT_FP32) * out_mult
-        absmax = tl.maximum(absmax, tl.max(tl.abs(yb), axis=1))
-    scale = _row_scale(absmax, QMAX, MIN_S, CUDA_SCALAR_DIV)  # (BLOCK_M,)
-    _store_codes(c_rows + offs_a[None, :], ya, scale[:, None], row_ok[:, None], QMAX, FP8, FAST_ROUND)
-    if KB > 0:
-        _store_codes(c_rows + offs_b[None, :], yb, scale[:, None], mask_b, QMAX, FP8, FAST_ROUND)
-    tl.store(scale_ptr + offs_m, scale, mask=row_ok)
-
-
-@triton.jit(do_not_specialize=["M", "num_programs"])
-def _act_quant_plain_kernel(
-    x_ptr, smooth_ptr, signs_ptr, hb_ptr, codes_ptr, scale_ptr, M, stride_xm, stride_cm, out_mult, num_programs,
-    K: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, HAS_SMOOTH: tl.constexpr, QMAX: tl.constexpr,
-    MIN_S: tl.constexpr, FP8: tl.constexpr, CUDA_SCALAR_DIV: tl.constexpr, FAST_ROUND: tl.constexpr,
-    BLOCK_M: tl.constexpr, PERSISTENT: tl.constexpr, NUM_STAGES: tl.constexpr,
-    ROT_B: tl.constexpr, SPLIT_X: tl.constexpr, EXACT_FP32: tl.constexpr,
-):
-    offs_a = tl.arange(0, KA)
-    offs_b = KA + tl.arange(0, KB if KB > 0 else 1)
-    if HAS_SMOOTH:
-        v_a = tl.load(smooth_ptr + offs_a)
-        v_b = tl.load(smooth_ptr + offs_b, mask=offs_b < K, other=0.0)
-    else:
-        v_a = tl.full([KA], 1.0, dtype=tl.float32)
-        v_b = tl.full([KB if KB > 0 else 1], 1.0, dtype=tl.float32)
-    if ROT_B > 0:  # (x * s) * sign == x * (s * sign) exactly
-        v_a = v_a * tl.load(signs_ptr + offs_a)
-        v_b = v_b * tl.load(signs_ptr + offs_b, mask=offs_b < K, other=0.0)
-    HAS_V: tl.constexpr = HAS_SMOOTH or ROT_B > 0
-    if PERSISTENT:
-        for block in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M), num_programs, num_stages=NUM_STAGES):
-            _plain_block(x_ptr, codes_ptr, scale_ptr, v_a, v_b, hb_ptr, out_mult, block, M, stride_xm, stride_cm,
-                         K, KA, KB, HAS_V, QMAX, MIN_S, FP8, CUDA_SCALAR_DIV, FAST_ROUND, BLOCK_M, ROT_B, SPLIT_X,
-                         EXACT_FP32)
-    else:
-        _plain_block(x_ptr, codes_ptr, scale_ptr, v_a, v_b, hb_ptr, out_mult, tl.program_id(0), M, stride_xm,
-                     stride_cm, K, KA, KB, HAS_V, QMAX, MIN_S, FP8, CUDA_SCALAR_DIV, FAST_ROUND, BLOCK_M, ROT_B,
-                     SPLIT_X, EXACT_FP32)
-
-
-@triton.jit
 def _rotate_block(
     x_ptr, codes_ptr, scale_ptr, hp_ptr, hm_ptr, v, offs_k, mask_k, block, M, stride_xm, stride_cm, out_mult,
     QMAX: tl.constexpr, MIN_S: tl.constexpr, FP8: tl.constexpr, CUDA_SCALAR_DIV: tl.constexpr,
     FAST_ROUND: tl.constexpr, M_PAD: tl.constexpr, P: tl.constexpr, BLOCK_M: tl.constexpr,
-    SPLIT_X: tl.constexpr, EXACT_FP32: tl.constexpr,
+    SPLIT_X: tl.constexpr, EXACT_FP32: tl.constexpr, MIX_M: tl.constexpr,
 ):
     offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < M
@@ -302,7 +280,7 @@ def _rotate_block(
         y = tl.dot(x, hp.to(tl.float32), input_precision="ieee")
     else:  # x * (±1) of a bf16 input is exact in bf16: one product, exact products, float32 sums
         y = tl.dot(x.to(tl.bfloat16), hp)
-    if M_PAD > 1:
+    if M_PAD > 1 and MIX_M:  # (without MIX_M: a block rotation, each run of P channels on its own)
         # H_m^T Y: move the Paley axis last, then (rows * P, M_PAD) @ H_m (zero-padded rows/cols).
         offs_i = tl.arange(0, M_PAD)
         hm = tl.load(hm_ptr + offs_i[:, None] * M_PAD + offs_i[None, :])
@@ -324,7 +302,7 @@ def _act_quant_rotate_kernel(
     HAS_SMOOTH: tl.constexpr, QMAX: tl.constexpr, MIN_S: tl.constexpr, FP8: tl.constexpr,
     CUDA_SCALAR_DIV: tl.constexpr, FAST_ROUND: tl.constexpr, M_H: tl.constexpr, M_PAD: tl.constexpr,
     P: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_X: tl.constexpr, EXACT_FP32: tl.constexpr,
-    PERSISTENT: tl.constexpr, NUM_STAGES: tl.constexpr,
+    PERSISTENT: tl.constexpr, NUM_STAGES: tl.constexpr, MIX_M: tl.constexpr,
 ):
     offs_i = tl.arange(0, M_PAD)  # Paley axis (padded)
     offs_j = tl.arange(0, P)  # power-of-two axis
@@ -337,15 +315,15 @@ def _act_quant_rotate_kernel(
         for block in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M), num_programs, num_stages=NUM_STAGES):
             _rotate_block(x_ptr, codes_ptr, scale_ptr, hp_ptr, hm_ptr, v, offs_k, mask_k, block, M, stride_xm,
                           stride_cm, out_mult, QMAX, MIN_S, FP8, CUDA_SCALAR_DIV, FAST_ROUND, M_PAD, P, BLOCK_M,
-                          SPLIT_X, EXACT_FP32)
+                          SPLIT_X, EXACT_FP32, MIX_M)
     else:
         _rotate_block(x_ptr, codes_ptr, scale_ptr, hp_ptr, hm_ptr, v, offs_k, mask_k, tl.program_id(0), M,
                       stride_xm, stride_cm, out_mult, QMAX, MIN_S, FP8, CUDA_SCALAR_DIV, FAST_ROUND, M_PAD, P,
-                      BLOCK_M, SPLIT_X, EXACT_FP32)
+                      BLOCK_M, SPLIT_X, EXACT_FP32, MIX_M)
 
 
 # ----------------------------------------------------------------------------------------- launcher
-_HADAMARD_CACHE: dict[tuple, tuple[torch.Tensor, ...]] = {}
+_HADAMARD_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _sylvester(p: int) -> torch.Tensor:
@@ -355,17 +333,12 @@ def _sylvester(p: int) -> torch.Tensor:
     return h
 
 
-def _sylvester_operand(b: int, device: torch.device) -> torch.Tensor:
-    """bf16 ``H_b`` (b, b), cached per device."""
-    key = ("sylvester", b, str(device))
-    if key not in _HADAMARD_CACHE:
-        _HADAMARD_CACHE[key] = (_sylvester(b).to(device, torch.bfloat16),)
-    return _HADAMARD_CACHE[key][0]
-
-
-def _kernel_factors(k: int, rot_m: int) -> tuple[int, int]:
+def _kernel_factors(k: int, rot_m: int, rot_block: int = 0) -> tuple[int, int]:
     """(m, p) as the kernel applies them. A power-of-two width (rot_m == 1) wider than 128 is split as
-    H_k = H_(k/p) ⊗ H_p (Sylvester matrices nest), so both products stay small: p <= 128, m >= 16."""
+    H_k = H_(k/p) ⊗ H_p (Sylvester matrices nest), so both products stay small: p <= 128, m >= 16.
+    A block rotation is m = k / rot_block runs of p = rot_block channels."""
+    if rot_block:
+        return k // rot_block, rot_block
     p = k // rot_m
     if rot_m == 1 and p > 128:
         p_inner = 128 if p >= 2048 else p // 16
@@ -373,14 +346,20 @@ def _kernel_factors(k: int, rot_m: int) -> tuple[int, int]:
     return rot_m, p
 
 
-def _hadamard_operands(k: int, rot_m: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
-    """bf16 ``H_p`` (p, p), zero-padded ``H_m`` (m_pad, m_pad), m, m_pad, p; cached per device."""
-    m, p = _kernel_factors(k, rot_m)
+def _hadamard_operands(
+    k: int, rot_m: int, device: torch.device, rot_block: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
+    """bf16 ``H_p`` (p, p), zero-padded ``H_m`` (m_pad, m_pad; a 1 x 1 placeholder for a block rotation), m,
+    m_pad, p; cached per device."""
+    m, p = _kernel_factors(k, rot_m, rot_block)
     m_pad = triton.next_power_of_2(m) if m > 1 else 1
-    key = (k, rot_m, str(device))
+    key = (k, rot_m, rot_block, str(device))
     if key not in _HADAMARD_CACHE:
-        hm = torch.zeros(m_pad, m_pad, dtype=torch.float64)
-        hm[:m, :m] = paley_hadamard(m) if rot_m > 1 else _sylvester(m)
+        if rot_block:
+            hm = torch.ones(1, 1, dtype=torch.float64)
+        else:
+            hm = torch.zeros(m_pad, m_pad, dtype=torch.float64)
+            hm[:m, :m] = paley_hadamard(m) if rot_m > 1 else _sylvester(m)
         _HADAMARD_CACHE[key] = (_sylvester(p).to(device, torch.bfloat16), hm.to(device, torch.bfloat16))
     hp, hm = _HADAMARD_CACHE[key]
     return hp, hm, m, m_pad, p
@@ -405,21 +384,12 @@ def _num_programs(device: torch.device, num_blocks: int, config: ActQuantConfig)
     return max(1, min(num_blocks, _SM_COUNT[index] * config.programs_per_sm))
 
 
-def rotation_widths(k: int, rot_block: int, block_m: int) -> tuple[int, int]:
-    """(KA, KB) tiles of a block-rotated row: ``split_width``, the tail widened (whole zero runs) until the tail's
-    product has the 16 rows a tensor-core product needs."""
-    ka, kb = split_width(k)
-    if kb:
-        kb = max(kb, triton.next_power_of_2(triton.cdiv(16 * rot_block, block_m)))
-    return ka, kb
-
-
 def rotation_supported(k: int, rot_m: int, rot_block: int = 0) -> bool:
-    """Whether the fused kernel can apply the rotation of width ``k``: ``(H_m ⊗ H_p)``, or block-diagonal
-    ``H_rot_block`` runs (else use the reference)."""
+    """Whether the fused kernel can apply the rotation of width ``k`` (else use the reference): ``(H_m ⊗ H_p)``,
+    or with ``rot_block`` the block-diagonal one (``rot_m`` = 1)."""
     if rot_block:
-        return (rot_m == 1 and 16 <= rot_block <= 256 and not rot_block & (rot_block - 1) and k % rot_block == 0
-                and plain_supported(k))
+        return (rot_m == 1 and 16 <= rot_block <= 128 and not rot_block & (rot_block - 1) and k % rot_block == 0
+                and triton.next_power_of_2(k // rot_block) * rot_block <= MAX_ROW_ELEMENTS)
     if rot_m < 1 or k % rot_m or (k // rot_m) & (k // rot_m - 1):
         return False
     m, p = _kernel_factors(k, rot_m)
@@ -484,27 +454,21 @@ def quantize_activation(
 def _launch(x, smooth, rot_signs, rot_m, rot_block, codes, scale, common, config: ActQuantConfig) -> None:
     m_rows, k = x.shape
     block_m = config.block_m
-    split_x = common["HAS_SMOOTH"] or x.dtype != torch.bfloat16
-    if rot_signs is None or rot_block:
-        if rot_block:  # the main tile's product needs 16 rows too
-            block_m = max(block_m, triton.cdiv(16 * rot_block, split_width(k)[0]))
-            ka, kb = rotation_widths(k, rot_block, block_m)
-            hb = _sylvester_operand(rot_block, x.device)
-        else:
-            ka, kb = split_width(k)
-        programs = _num_programs(x.device, triton.cdiv(m_rows, block_m), config)
-        _act_quant_plain_kernel[(programs,)](
-            x, smooth, scale if rot_signs is None else rot_signs, scale if rot_signs is None else hb, codes, scale,
-            m_rows, x.stride(0), codes.stride(0), 1.0 / math.sqrt(rot_block or 1), programs, K=k, KA=ka, KB=kb,
-            BLOCK_M=block_m, PERSISTENT=config.persistent, NUM_STAGES=config.num_stages,
-            num_warps=config.num_warps, ROT_B=rot_block, SPLIT_X=split_x, EXACT_FP32=_interpreted(), **common,
-        )
-        return
+    if rot_block:  # the product needs 16 rows: block_m * m_pad >= 16
+        block_m = max(block_m, 16 // triton.next_power_of_2(k // rot_block))
     programs = _num_programs(x.device, triton.cdiv(m_rows, block_m), config)
     launch = dict(BLOCK_M=block_m, PERSISTENT=config.persistent, NUM_STAGES=config.num_stages,
                   num_warps=config.num_warps, **common)
-    hp, hm, m_h, m_pad, p = _hadamard_operands(k, rot_m, x.device)
+    if rot_signs is None:
+        ka, kb = split_width(k)
+        _act_quant_plain_kernel[(programs,)](
+            x, smooth, codes, scale, m_rows, x.stride(0), codes.stride(0), programs, K=k, KA=ka, KB=kb, **launch,
+        )
+        return
+    hp, hm, m_h, m_pad, p = _hadamard_operands(k, rot_m, x.device, rot_block)
+    split_x = common["HAS_SMOOTH"] or x.dtype != torch.bfloat16
     _act_quant_rotate_kernel[(programs,)](
-        x, smooth, rot_signs, hp, hm, codes, scale, m_rows, x.stride(0), codes.stride(0), 1.0 / math.sqrt(k),
-        programs, M_H=m_h, M_PAD=m_pad, P=p, SPLIT_X=split_x, EXACT_FP32=_interpreted(), **launch,
+        x, smooth, rot_signs, hp, hm, codes, scale, m_rows, x.stride(0), codes.stride(0),
+        1.0 / math.sqrt(rot_block or k), programs, M_H=m_h, M_PAD=m_pad, P=p, SPLIT_X=split_x,
+        EXACT_FP32=_interpreted(), MIX_M=not rot_block, **launch,
     )
