@@ -101,7 +101,7 @@ def parse_variant(variant: str) -> tuple[str, bool, str]:
             break
     attn = variant.endswith("_attn")
     base = variant.removesuffix("_attn")
-    if base not in ("bf16", "torchao_fp8", "w8a8", "w4a8", "w8a8_dynamic"):
+    if base not in ("bf16", "bf16_fused", "torchao_fp8", "w8a8", "w4a8", "w8a8_dynamic"):
         raise ValueError(f"unknown variant base {base!r}")
     return base, attn, run_mode
 
@@ -128,6 +128,10 @@ def prepare(variant: str, model, kwargs, min_kv_tokens: int | None = None):
         _sync()
         notes["quantize_s"] = time.perf_counter() - t0
         notes["quantized_layers"] = sum(type(m).__name__ == "QuantLinear" for m in model.modules())
+    elif base == "bf16_fused":  # the bf16 model with viditq's fused norm + modulation only (no quantization)
+        from viditq.fusion import fuse_norms
+
+        notes["fused_norms"] = fuse_norms(model)
     elif base == "torchao_fp8":
         quantize_, config = _torchao_fp8_rowwise()
         with torch.inference_mode(False), torch.no_grad():  # torchao's usual setting: weights stay normal tensors
@@ -161,7 +165,7 @@ KERNEL_CATEGORIES = (  # first match wins; names of cuBLAS / cuDNN / Triton / Py
     ("act_quant", ("_act_quant",)),
     ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "_quant_gemm", "_w4a8", "matmul")),
     ("attention", ("flash", "fmha", "attention", "sdpa")),
-    ("norm", ("norm",)),
+    ("norm", ("norm", "_ln_modulate")),
 )
 
 
