@@ -62,9 +62,6 @@ except Exception as e:  # the torchao variants report it themselves
 print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__,
       'accelerate', accelerate.__version__, 'torchao', ao)" 2>&1 | tail -3
 
-    wanted tune && step "act quant tune" 200 python3 benchmarks/tune_act_quant.py --out "$OUT/act_quant.json" \
-        --budget-s 140
-
     wanted offload && step "offload check" 100 python3 benchmarks/check_offload.py --out "$OUT/offload.json" --steps 8
 
     wanted pixart && step "e2e pixart" 250 python3 benchmarks/bench_e2e.py --models pixart \
@@ -78,7 +75,11 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', dif
         --deadline "{T}" --out "$OUT/e2e_cogvideox.json"
 
     # the kernel tests on the GPU (real DiT shapes included: the gpu_only cases)
-    wanted tests && step "gpu kernel tests" 150 sh -c "python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_attention.py --tb=short > '$OUT/kernel_tests.txt' 2>&1; tail -4 '$OUT/kernel_tests.txt'"
+    wanted tests && step "gpu kernel tests" 170 sh -c "python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_attention.py tests/test_fusion.py --tb=short > '$OUT/kernel_tests.txt' 2>&1; tail -4 '$OUT/kernel_tests.txt'"
+
+    # the launch-shape sweep of the fused activation quantization (its sweep stops 25 s before the step's timeout)
+    wanted tune && step "act quant tune" 200 python3 benchmarks/tune_act_quant.py --out "$OUT/act_quant.json" \
+        --budget-s "{T}"
 
     # torchao last, with the rest of the budget: PixArt first, then CogVideoX if at least 10 s remain after it
     wanted torchao && step "e2e torchao" 600 python3 benchmarks/bench_e2e.py --models pixart,cogvideox \

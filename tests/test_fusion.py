@@ -42,7 +42,9 @@ def test_fused_cogvideox_norm_matches_diffusers(monkeypatch):
     from viditq.testing import tiny_model
 
     model = tiny_model("cogvideox")
-    expected = sum(isinstance(m, CogVideoXLayerNormZero) for m in model.modules())
+    expected = sum(isinstance(m, CogVideoXLayerNormZero) or (type(m) is torch.nn.LayerNorm
+                                                             and m.normalized_shape[0] <= fusion.SMALL_NORM_CHANNELS)
+                   for m in model.modules())
     module = next(m for m in model.modules() if isinstance(m, CogVideoXLayerNormZero))
     g = torch.Generator().manual_seed(0)
     c = module.norm.normalized_shape[0]
@@ -59,3 +61,64 @@ def test_fused_cogvideox_norm_matches_diffusers(monkeypatch):
     for a, b, c_ in zip(before, unfused_path, fused_path):
         assert torch.equal(a, b)
         torch.testing.assert_close(c_, a, rtol=1e-5, atol=1e-5)
+
+
+def test_gelu_fused_into_the_quantized_projection():
+    """PixArt's feed-forward GELU(tanh) runs in the QuantLinear (the GEMM epilogue where the kernel runs): same
+    output as the unfused module, the GELU applied once, and the fusion survives a checkpoint round trip."""
+    import viditq
+    from diffusers.models.activations import GELU
+
+    from viditq.layers import QuantLinear
+    from viditq.testing import tiny_inputs, tiny_model
+
+    model = tiny_model("pixart")
+    inputs = tiny_inputs("pixart")
+    viditq.quantize(model, "w8a8", calib=[inputs])
+    gelus = [m for m in model.modules() if isinstance(m, GELU)]
+    assert gelus and all(isinstance(m, fusion.FusedGELU) for m in gelus)
+    assert all(m.proj.fused_activation == "gelu_tanh" for m in gelus)
+    assert fusion.fuse_gelu(model) == len(gelus)  # idempotent: not fused twice
+    x = torch.randn(2, 7, gelus[0].proj.in_features)
+    with torch.no_grad():
+        fused = gelus[0](x)
+        gelus[0].proj.fused_activation = None
+        unfused = torch.nn.functional.gelu(gelus[0].proj(x), approximate="tanh")
+        gelus[0].proj.fused_activation = "gelu_tanh"
+    torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-6)
+    assert isinstance(gelus[0].proj, QuantLinear)
+
+
+
+@pytest.mark.parametrize("shape,transpose", [((2, 6, 3, 64), True), ((5, 64), False), ((2, 3, 4, 32), False)])
+def test_layer_norm_on_permuted_rows(shape, transpose):
+    """Per-head q/k norms see (B, H, N, D) views of (B, N, H, D) tensors: normalized in place of their layout."""
+    g = torch.Generator().manual_seed(len(shape))
+    x = torch.randn(*shape, generator=g).to(DEVICE)
+    if transpose:
+        x = x.transpose(1, 2)  # (B, H, N, D) view, not contiguous
+    d = shape[-1]
+    weight, bias = torch.randn(d, generator=g).to(DEVICE), torch.randn(d, generator=g).to(DEVICE)
+    assert norm.layer_norm_supported(x)
+    out = norm.layer_norm(x, weight, bias, 1e-6)
+    ref = torch.nn.functional.layer_norm(x, (d,), weight, bias, 1e-6)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert not norm.layer_norm_supported(torch.randn(4, 6, 8)[:, ::2])  # rows overlap no contiguous layout
+
+
+def test_fuse_norms_takes_narrow_layer_norms_only(monkeypatch):
+    from viditq.testing import tiny_model
+
+    model = tiny_model("cogvideox")
+    narrow = [m for m in model.modules() if type(m) is torch.nn.LayerNorm and m.normalized_shape[0] <= 256]
+    wide = torch.nn.LayerNorm(512)
+    model.add_module("wide_norm", wide)
+    fusion.fuse_norms(model)
+    assert narrow and all(type(m) is fusion.FusedLayerNorm for m in narrow) and type(wide) is torch.nn.LayerNorm
+    x = torch.randn(2, 4, 5, narrow[0].normalized_shape[0])
+    with torch.no_grad():
+        cpu_path = narrow[0](x)  # CPU: PyTorch's LayerNorm
+        monkeypatch.setattr(fusion.dispatch, "use_triton", lambda t: True)  # the kernel, on the interpreter
+        kernel_path = narrow[0](x.transpose(1, 2))
+    torch.testing.assert_close(kernel_path, cpu_path.transpose(1, 2), rtol=1e-5, atol=1e-5)

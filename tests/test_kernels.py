@@ -261,6 +261,31 @@ def test_int_linear_matches_reference(m, n, k, bits, symmetric, group_size, out_
     assert rel_err(y, ref) < (1e-5 if out_dtype == torch.float32 else 8e-3)
 
 
+@pytest.mark.parametrize("m,n,k,bits,group_size,tma", [(33, 48, 64, 8, None, False), (33, 48, 128, 4, 64, False)] + [
+    pytest.param(*s, marks=gpu_only) for s in [(4096, 4608, 1152, 8, None, True), (4096, 4608, 1152, 8, None, False),
+                                               (1000, 4608, 1152, 4, 64, True), (517, 7680, 1920, 8, None, True)]])
+def test_int_linear_gelu_epilogue(m, n, k, bits, group_size, tma):
+    """``activation="gelu_tanh"``: the feed-forward GELU in the GEMM epilogue, against the reference."""
+    g = torch.Generator().manual_seed(m + n + k)
+    w, w_scale, w_zero, gs, packed = _make_weight(n, k, bits, bits == 8, group_size, g)
+    a = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8).to(DEVICE)
+    a_scale = (torch.rand(m, 1, generator=g) * 0.05).to(DEVICE)
+    bias = torch.randn(n, generator=g).to(DEVICE, torch.bfloat16)
+    if CUDA:
+        config = (TMA_CFG_G64 if gs < k else TMA_CFG) if tma else int_gemm.GemmConfig(128, 128, 64, 8, 8, 3)
+    else:
+        config = SMALL_CFG_G64 if gs < k else SMALL_CFG
+    y = int_gemm.quant_linear(a, a_scale, w, w_scale, w_zero, gs, packed, bias, torch.float32, config,
+                              activation="gelu_tanh")
+    ref = reference.int_linear(a, a_scale, w, w_scale, w_zero, gs, packed, bias, torch.float32, "gelu_tanh")
+    plain = reference.int_linear(a, a_scale, w, w_scale, w_zero, gs, packed, bias, torch.float32)
+    torch.testing.assert_close(ref, torch.nn.functional.gelu(plain, approximate="tanh"))
+    assert (ref - plain).abs().max() > 0.1  # negative pre-activations really were squashed
+    assert rel_err(y, ref) < 1e-5
+    with pytest.raises(ValueError, match="fused activation"):
+        int_gemm.quant_linear(a, a_scale, w, w_scale, w_zero, gs, packed, bias, torch.float32, activation="relu")
+
+
 W4_SHAPES = [(37, 45, 128), (16, 32, 192)] + [pytest.param(*s, marks=gpu_only) for s in [(333, 1152, 1152),
                                                                                       (1000, 4608, 1152)]]
 
@@ -345,6 +370,7 @@ def test_custom_ops_pass_opcheck():
     w, w_scale, w_zero, gs, packed = _make_weight(16, 64, 4, False, None, g)
     codes, scale = reference.quantize_activation(x, 8)
     bias = torch.randn(16, generator=g).to(DEVICE, torch.bfloat16)
-    torch.library.opcheck(torch.ops.viditq.int_linear.default,
-                          (codes, scale, w, w_scale, w_zero, gs, packed, bias, torch.bfloat16),
-                          test_utils=("test_schema", "test_faketensor"))
+    for activation in (None, "gelu_tanh"):
+        torch.library.opcheck(torch.ops.viditq.int_linear.default,
+                              (codes, scale, w, w_scale, w_zero, gs, packed, bias, torch.bfloat16, activation),
+                              test_utils=("test_schema", "test_faketensor"))

@@ -76,8 +76,9 @@ class BalanceSpec:
     alphas: candidate migration strengths; each layer keeps the one with the least calibration output error.
     rotate: then rotate channels with a randomized Hadamard matrix (weights offline, activations online).
     rotate_block: rotate runs of this many channels (a power of two; the largest one that divides the width, at
-        most this) with a block-diagonal Hadamard matrix, which the fused kernel applies at memory speed; None:
-        one rotation of the whole width (slower kernel, within ~0.2 dB of the block rotation after smoothing).
+        most this) with a block-diagonal Hadamard matrix (within ~0.2 dB of the full rotation after smoothing);
+        None (default): one rotation of the whole width. On the H100 our block-rotation kernel is not faster than
+        the full-width one (benchmarks/NOTES.md), so the full rotation stays the default.
     rotate_min_gain: a layer is rotated only where that cuts its calibration output error (MSE) by at least this
         fraction; the rotation costs a transform per call at run time.
     """
@@ -85,7 +86,7 @@ class BalanceSpec:
     smooth: bool = True
     alphas: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
     rotate: bool = True
-    rotate_block: int | None = 128
+    rotate_block: int | None = None
     rotate_min_gain: float = 0.1
 
     def __post_init__(self):

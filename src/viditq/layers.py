@@ -77,6 +77,9 @@ class QuantLinear(nn.Module):
             self.register_buffer("rot_signs", torch.empty(k, device=device) if spec.rotate else None)
         self.register_buffer("act_scale", torch.empty((), device=device) if spec.act_static else None)
         self._input_cache: SharedInputCache | None = None  # set by install_input_sharing
+        # run-time only (not saved): an activation applied to the output, fused into the GEMM epilogue where the
+        # kernel runs (viditq.fusion.fuse_activations: the tanh GELU after a feed-forward up-projection)
+        self.fused_activation: str | None = None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -168,7 +171,8 @@ class QuantLinear(nn.Module):
         spec = self.spec
         if spec.weight_only:
             bias = None if self.bias is None else self.bias.to(x.dtype)
-            return nn.functional.linear(x, self.dequantized_weight().to(x.dtype), bias)
+            y = nn.functional.linear(x, self.dequantized_weight().to(x.dtype), bias)
+            return reference.apply_activation(y, self.fused_activation)
         x2d = x.reshape(-1, spec.in_features)  # (M, K), M = batch * tokens
         if spec.act_static or self.rot_matrix is not None:
             xb = self.balance(x2d)
@@ -181,7 +185,7 @@ class QuantLinear(nn.Module):
             codes, scale = self._quantize_input(x, x2d)
         y = dispatch.int_linear(
             codes, scale, self.weight_codes, self.weight_scale, self.weight_zero,
-            spec.group_size, spec.packed_int4, self.bias, x.dtype,
+            spec.group_size, spec.packed_int4, self.bias, x.dtype, self.fused_activation,
         )
         return y.reshape(*x.shape[:-1], spec.out_features)  # (..., N)
 

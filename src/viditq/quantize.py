@@ -250,12 +250,13 @@ def build_layer(linear: nn.Linear, precision: Precision, *, stats: LayerStats, h
 
 
 def _mark_quantized(model: nn.Module, config: QuantConfig) -> None:
-    from .fusion import fuse_norms
+    from .fusion import fuse_gelu, fuse_norms
 
     model.viditq_config = config
     install_timestep_hook(model)
     install_input_sharing(model)
     fuse_norms(model)
+    fuse_gelu(model)
     if config.attention != "bf16":
         from .attention import apply_quantized_attention
 

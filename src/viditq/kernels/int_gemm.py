@@ -87,9 +87,17 @@ def _int4_halves(packed):
 
 
 @triton.jit
+def _gelu_tanh(y):
+    """``F.gelu(y, approximate="tanh")`` in float32; tanh(u) = 1 - 2 / (exp(2u) + 1) (saturates cleanly)."""
+    u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+    return 0.5 * y * (2.0 - 2.0 / (tl.exp(tl.minimum(2.0 * u, 80.0)) + 1.0))
+
+
+@triton.jit
 def _epilogue(acc, offs_m, offs_n, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, stride_sg,
-              GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Per-token x per-channel dequantization (group scales were applied in the main loop) and bias, in f32."""
+              GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr):
+    """Per-token x per-channel dequantization (group scales were applied in the main loop), bias and (``GELU``)
+    the tanh GELU that follows a feed-forward up-projection, in f32."""
     n_mask = offs_n < N
     y = acc.to(tl.float32)
     if not GROUPED:
@@ -97,6 +105,8 @@ def _epilogue(acc, offs_m, offs_n, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, str
     y = y * tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if GELU:
+        y = _gelu_tanh(y)
     return y
 
 
@@ -106,7 +116,7 @@ def _gemm_tile(
     M, N, K, stride_am, stride_bn, stride_cm, stride_sg, group_size,
     PACKED: tl.constexpr, GROUPED: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    W4_MODE: tl.constexpr,
+    W4_MODE: tl.constexpr, GELU: tl.constexpr,
 ):
     """One (BLOCK_M, BLOCK_N) output tile: main loop over K, then the fused epilogue.
 
@@ -175,7 +185,7 @@ def _gemm_tile(
     if not GROUPED and not FP8 and HAS_ZERO and not PACKED:
         z = tl.load(w_zero_ptr + offs_n * stride_sg, mask=n_mask, other=0).to(tl.int32)
         acc -= rowsum[:, None] * z[None, :]
-    y = _epilogue(acc, offs_m, offs_n, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, stride_sg, GROUPED, HAS_BIAS)
+    y = _epilogue(acc, offs_m, offs_n, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, stride_sg, GROUPED, HAS_BIAS, GELU)
     c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=m_mask & n_mask[None, :])
 
@@ -186,18 +196,19 @@ def _quant_gemm_kernel(
     M, N, K, stride_am, stride_bn, stride_cm, stride_sg, group_size, num_programs,
     PACKED: tl.constexpr, GROUPED: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PERSISTENT: tl.constexpr, W4_MODE: tl.constexpr,
+    PERSISTENT: tl.constexpr, W4_MODE: tl.constexpr, GELU: tl.constexpr,
 ):
     if PERSISTENT:
         num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
         for tile_id in range(tl.program_id(0), num_tiles, num_programs):
             _gemm_tile(tile_id, a_ptr, a_scale_ptr, b_ptr, w_scale_ptr, w_zero_ptr, bias_ptr, c_ptr,
                        M, N, K, stride_am, stride_bn, stride_cm, stride_sg, group_size,
-                       PACKED, GROUPED, HAS_ZERO, HAS_BIAS, FP8, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, W4_MODE)
+                       PACKED, GROUPED, HAS_ZERO, HAS_BIAS, FP8, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, W4_MODE,
+                       GELU)
     else:
         _gemm_tile(tl.program_id(0), a_ptr, a_scale_ptr, b_ptr, w_scale_ptr, w_zero_ptr, bias_ptr, c_ptr,
                    M, N, K, stride_am, stride_bn, stride_cm, stride_sg, group_size,
-                   PACKED, GROUPED, HAS_ZERO, HAS_BIAS, FP8, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, W4_MODE)
+                   PACKED, GROUPED, HAS_ZERO, HAS_BIAS, FP8, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, W4_MODE, GELU)
 
 
 @triton.jit
@@ -206,7 +217,7 @@ def _quant_gemm_tma_kernel(
     M, N, K, stride_am, stride_sg, group_size, num_programs,
     PACKED: tl.constexpr, GROUPED: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    W4_MODE: tl.constexpr,
+    W4_MODE: tl.constexpr, GELU: tl.constexpr,
 ):
     """Persistent variant: A and B arrive by TMA (bulk tensor copies, zero-filled at the edges; packed int4 as in
     ``W4_MODES`` 1); the tile loop is flattened with the K loop so the next
@@ -257,7 +268,8 @@ def _quant_gemm_tma_kernel(
                     acc += part.to(tl.float32) * s.to(tl.float32)[None, :]
                 else:
                     acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
-        y = _epilogue(acc, offs_m, offs_n, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, stride_sg, GROUPED, HAS_BIAS)
+        y = _epilogue(acc, offs_m, offs_n, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, stride_sg, GROUPED, HAS_BIAS,
+                      GELU)
         c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], y.to(c_desc.dtype))
 
 
@@ -266,7 +278,7 @@ def _w4a8_swap_kernel(
     a_ptr, a_scale_ptr, b_ptr, w_scale_ptr, w_zero_ptr, bias_ptr, c_ptr,
     M, N, K, stride_am, stride_bn, stride_cm, stride_sg, group_size,
     GROUPED: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, GELU: tl.constexpr,
 ):
     """Packed int4 ``W4_MODES`` 2: computes the (BLOCK_N, BLOCK_M) tile of ``C^T = W A^T`` so the weights, unpacked
     in registers, feed the tensor cores from registers, while the activation tile goes through shared memory as the
@@ -308,6 +320,8 @@ def _w4a8_swap_kernel(
     y = y * tl.load(a_scale_ptr + offs_m, mask=m_mask, other=0.0)[None, :]
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+    if GELU:
+        y = _gelu_tanh(y)
     c_ptrs = c_ptr + offs_m[None, :].to(tl.int64) * stride_cm + offs_n[:, None]
     tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
 
@@ -333,7 +347,7 @@ def _tma_ok(a, w, c, w_zero, packed_int4) -> bool:
     return aligned and (w_zero is None or packed_int4)
 
 
-def _launch_tma(a, a_scale, w, w_scale, w_zero, group_size, packed_int4, bias, c, cfg, fp8):
+def _launch_tma(a, a_scale, w, w_scale, w_zero, group_size, packed_int4, bias, c, cfg, fp8, gelu=False):
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     m, k = a.shape
@@ -349,7 +363,7 @@ def _launch_tma(a, a_scale, w, w_scale, w_zero, group_size, packed_int4, bias, c
         bias if bias is not None else a_scale, m, n, k, a.stride(0), w_scale.stride(0), group_size, programs,
         PACKED=packed_int4, GROUPED=group_size < k, HAS_ZERO=w_zero is not None, HAS_BIAS=bias is not None, FP8=fp8,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, W4_MODE=cfg.w4_mode,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        GELU=gelu, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
@@ -375,8 +389,10 @@ def quant_linear(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
     config: GemmConfig | None = None,
+    activation: str | None = None,
 ) -> torch.Tensor:
-    """``(a * a_scale) @ dequant(w)^T + bias`` → (M, N) ``out_dtype``.
+    """``(a * a_scale) @ dequant(w)^T + bias`` → (M, N) ``out_dtype``; ``activation="gelu_tanh"`` applies
+    ``F.gelu(·, approximate="tanh")`` in the epilogue.
 
     a: (M, K) int8 codes or fp8 e4m3; a_scale: (M, 1) f32; w: (N, K) int8 / fp8, or (N, K // 2) uint8 packed int4;
     w_scale: (N, G); w_zero: (N, G) int8 or None; bias: (N,) or None.
@@ -388,6 +404,9 @@ def quant_linear(
         raise ValueError("the fp8 GEMM takes fp8 e4m3 weights with per-channel scales and no zero point")
     if w.shape[1] != (k // 2 if packed_int4 else k):
         raise ValueError(f"weight shape {tuple(w.shape)} does not match K={k} (packed_int4={packed_int4})")
+    if activation not in (None, "gelu_tanh"):
+        raise ValueError(f"unknown fused activation {activation!r} (None or 'gelu_tanh')")
+    gelu = activation == "gelu_tanh"
     cfg = config or default_config(m, n, k, packed_int4, group_size, fp8)
     if not supported(k, group_size, packed_int4, cfg):
         raise ValueError(f"unsupported quantized GEMM: K={k}, group_size={group_size}, block_k={cfg.block_k}")
@@ -402,12 +421,12 @@ def quant_linear(
             a, a_scale, w, w_scale, w_zero if w_zero is not None else w_scale, bias if bias is not None else a_scale, c,
             m, n, k, a.stride(0), w.stride(0), c.stride(0), w_scale.stride(0), group_size,
             GROUPED=group_size < k, HAS_ZERO=w_zero is not None, HAS_BIAS=bias is not None,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, GELU=gelu,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return c
     if cfg.tma and _tma_ok(a, w, c, w_zero, packed_int4):
-        _launch_tma(a, a_scale, w, w_scale, w_zero, group_size, packed_int4, bias, c, cfg, fp8)
+        _launch_tma(a, a_scale, w, w_scale, w_zero, group_size, packed_int4, bias, c, cfg, fp8, gelu)
         return c
     num_tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     programs = min(num_tiles, _num_sms(a.device)) if cfg.persistent else num_tiles
@@ -417,6 +436,7 @@ def quant_linear(
         PACKED=packed_int4, GROUPED=group_size < k, HAS_ZERO=w_zero is not None,
         HAS_BIAS=bias is not None, FP8=fp8,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        PERSISTENT=cfg.persistent, W4_MODE=cfg.w4_mode, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PERSISTENT=cfg.persistent, W4_MODE=cfg.w4_mode, GELU=gelu, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     return c

@@ -65,6 +65,29 @@ def supported(x: torch.Tensor) -> bool:
     return x.dim() == 3 and x.is_contiguous() and 1 <= x.shape[-1] <= MAX_CHANNELS
 
 
+def _row_major_order(x: torch.Tensor) -> list[int] | None:
+    """A permutation of x's leading dims (last dim kept last) under which x is contiguous, or None."""
+    order = sorted(range(x.dim() - 1), key=lambda d: -x.stride(d)) + [x.dim() - 1]
+    return order if x.permute(order).is_contiguous() else None
+
+
+def layer_norm_supported(x: torch.Tensor) -> bool:
+    return x.dim() >= 2 and 1 <= x.shape[-1] <= MAX_CHANNELS and _row_major_order(x) is not None
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """``F.layer_norm`` over the last dim with the fused kernel, for any x whose leading dims are a permutation of
+    a contiguous layout (per-head q/k norms see (B, H, N, D) views of (B, N, H, D) tensors): the rows are
+    normalized where they lie and the result has x's layout."""
+    order = _row_major_order(x)
+    if order is None or not 1 <= x.shape[-1] <= MAX_CHANNELS:
+        raise ValueError(f"layer_norm: no row-major order of shape {tuple(x.shape)} strides {x.stride()}")
+    xp = x.permute(order)
+    y = layer_norm_modulate(xp.reshape(1, -1, x.shape[-1]), weight, bias, None, None, eps)
+    inverse = [order.index(d) for d in range(x.dim())]
+    return y.view(xp.shape).permute(inverse)
+
+
 def layer_norm_modulate(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, scale: torch.Tensor | None,
     shift: torch.Tensor | None, eps: float,

@@ -50,13 +50,24 @@ def int_linear(
     packed_int4: bool,
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
+    activation: str | None = None,
 ) -> torch.Tensor:
-    """``y = (x_codes * x_scale) @ dequant(W)^T + bias`` → (M, N) in ``out_dtype``."""
+    """``y = (x_codes * x_scale) @ dequant(W)^T + bias`` → (M, N) in ``out_dtype``; ``activation="gelu_tanh"``:
+    then ``F.gelu(y, approximate="tanh")``, in float32 before the cast."""
     wf = dequantize_weight(unpack_weight_codes(w, packed_int4), w_scale, w_zero, group_size)
     y = (x_codes.float() @ wf.t()) * x_scale
     if bias is not None:
         y = y + bias.float()
-    return y.to(out_dtype)
+    return apply_activation(y, activation).to(out_dtype)
+
+
+def apply_activation(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """The activation a GEMM epilogue may fuse: None or ``"gelu_tanh"``."""
+    if activation is None:
+        return y
+    if activation == "gelu_tanh":
+        return torch.nn.functional.gelu(y, approximate="tanh")
+    raise ValueError(f"unknown fused activation {activation!r} (None or 'gelu_tanh')")
 
 
 # ----------------------------------------------------------------------------------------- fp8 e4m3 variant
