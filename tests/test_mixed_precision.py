@@ -11,8 +11,8 @@ import viditq
 from viditq.config import ActSpec, BalanceSpec, LayerRule, MixedPrecisionSpec, QuantConfig, WeightSpec
 from viditq.layers import TimestepSwitchLinear
 from viditq.mixed_precision import (
-    MSE, Metric, OutputMetric, SensitivityTable, allocate, group_key, layer_groups, measure_sensitivity, plot_sensitivity,
-    split_timesteps,
+    MSE, Metric, OutputMetric, SensitivityTable, allocate, flicker_metric, group_key, layer_groups, measure_sensitivity,
+    plot_sensitivity, split_timesteps, temporal_second_difference,
 )
 from viditq.quantize import layer_schedule
 from viditq.testing import calibration_set, forward_output, inject_outliers, sqnr_db, tiny_inputs, tiny_model
@@ -227,6 +227,87 @@ def test_sensitivity_proxy_user_metric_and_cache(tmp_path):
     assert len(calls) > n_calls  # other calibration data: recomputed
     png = plot_sensitivity(table, tmp_path / "s.png")
     assert png.stat().st_size > 1000
+
+
+def test_flicker_metric_scores_frame_to_frame_noise_of_the_final_step():
+    """Known videos (B=1, F=6, 2 values): the float output changes like f^2 (second difference 2), a probe adds
+    c * (-1)^f (second difference 4c, alternating sign) or an error growing at a constant rate (second difference 0)."""
+    f = torch.arange(6.0)[None, :, None].expand(1, 6, 2)
+    ref = f ** 2
+    torch.testing.assert_close(temporal_second_difference(ref), torch.full((1, 4, 2), 2.0))
+    alternating = (-1.0) ** f
+    late, early = {"timestep": torch.tensor([100.0])}, {"timestep": torch.tensor([900.0])}
+    calib = [late, early]
+    error = flicker_metric(calib).fn  # mode "error", final step only
+    assert error([ref + 0.1 * alternating], [late], [ref])["flicker"] == pytest.approx(4 * 0.1 / 2, rel=1e-5)
+    assert error([ref + 0.5 * f], [late], [ref])["flicker"] == pytest.approx(0.0, abs=1e-6)  # constant-rate error: no flicker
+    assert error([ref + 0.1 * alternating], [early], [ref])["flicker"] == 0.0  # not the final step: not counted
+    every_step = flicker_metric(calib, final_steps=None).fn
+    assert every_step([ref + alternating], [early], [ref])["flicker"] == pytest.approx(2.0, rel=1e-5)
+    # mode "flicker": relative change of mean |D2|: |2 - 4| and |2 + 4| average 4, twice the float value
+    assert flicker_metric(calib, mode="flicker").fn([ref + alternating], [late], [ref])["flicker"] == pytest.approx(1.0, rel=1e-5)
+    # frames: scored on a transform of the output (here the output is frames-last, (B, 2, F))
+    to_frames = flicker_metric(calib, frames=lambda out, sample: out.transpose(1, 2)).fn
+    assert to_frames([(ref + 0.1 * alternating).transpose(1, 2)], [late], [ref.transpose(1, 2)])["flicker"] == \
+        pytest.approx(0.2, rel=1e-5)
+    with pytest.raises(ValueError, match="at least 3 frames"):
+        temporal_second_difference(torch.zeros(1, 2, 4))
+
+
+class TwoPathVideo(nn.Module):
+    """(B, F, T, C) video tokens. Block 0's FFN reads the frame-averaged tokens (identical in every frame), block 1's
+    the tokens of each frame: quantizing block 0 errs the same way in every frame (no flicker), block 1 frame by
+    frame. Block 0's input has outlier channels, so it has the larger output error."""
+
+    def __init__(self, width: int = 64):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(nn.ModuleDict({"ff": nn.ModuleDict({"fc": nn.Linear(width, width)})})
+                                    for _ in range(2))
+
+    def forward(self, hidden_states, timestep):
+        static = hidden_states.mean(1, keepdim=True).expand_as(hidden_states) * 8
+        return self.blocks[0]["ff"]["fc"](static) + self.blocks[1]["ff"]["fc"](hidden_states)
+
+
+def video_sample(t: int, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 1, 8, 64, generator=g) + 0.3 * torch.randn(1, 6, 8, 64, generator=g)  # slow frame changes
+    x[..., :2] *= 10
+    return {"hidden_states": x, "timestep": torch.full((1,), t)}
+
+
+def test_flicker_family_gives_the_bits_to_the_group_that_flickers():
+    model = TwoPathVideo()
+    calib = [video_sample(t, i) for i, t in enumerate((100, 100, 900, 900))]
+    base = QuantConfig("w4a8", WeightSpec(4, False, 64), ActSpec(8), **FAST)
+    table = measure_sensitivity(model, calib, {"flicker": flicker_metric(calib, frame_dim=1)}, timestep_ranges=2,
+                                base_config=base)
+    assert table.metrics == [MSE, "flicker"] and table.group_names == ["blocks.0/ffn", "blocks.1/ffn"]
+    mse, flick = table.damage[0, ..., 0], table.damage[0, ..., 1]
+    assert mse[0].sum() > 2 * mse[1].sum() > 0  # block 0 has the larger output error ...
+    assert flick[0].abs().max() < 1e-5 and flick[1, 0] > 0.01  # ... but only block 1 flickers
+    assert (flick[:, 1] == 0).all()  # only the final step (t = 100, range 0) counts
+    assert 0 < table.damage[1, 1, 0, 1] < flick[1, 0]  # 8-bit weights flicker less, not zero (8-bit activations)
+    by_mse = allocate(table, base, budget_bits=None, memory_bits=6.0, metrics=[MSE])
+    by_flicker = allocate(table, base, budget_bits=None, memory_bits=6.0, metrics=["flicker"])
+    assert by_mse.levels == {"blocks.0/ffn": ["w8a8"] * 2, "blocks.1/ffn": ["w4a8"] * 2}
+    assert by_flicker.levels == {"blocks.0/ffn": ["w4a8"] * 2, "blocks.1/ffn": ["w8a8"] * 2}
+
+
+def test_flicker_family_on_a_random_weight_diffusers_video_model():
+    """Latte's output is (B, C, F, H, W): frame_dim=2. Every group, temporal attention included, gets a flicker
+    column next to the MSE proxy, and an MSE + flicker allocation is a plain config."""
+    model = tiny_model("latte")
+    calib = calibration_set("latte", n=4)
+    base = dataclasses.replace(W4A8, **FAST)
+    table = measure_sensitivity(model, calib, {"flicker": flicker_metric(calib, frame_dim=2, final_steps=None)},
+                                timestep_ranges=2, base_config=base, measure_high=False)
+    assert table.metrics == [MSE, "flicker"] and any(g.endswith("/temporal_attn") for g in table.group_names)
+    flick = table.damage[0, ..., 1]
+    assert torch.isfinite(flick).all() and (flick >= 0).all() and flick.sum() > 0
+    allocation = allocate(table, base, budget_bits=6.0, metrics=[MSE, "flicker"])
+    assert allocation.config.rules and allocation.executed_bits <= 6.0 + 1e-9
 
 
 def test_w4a8_mp_lies_between_w4a8_and_w8a8_on_a_diffusers_model():
