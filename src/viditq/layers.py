@@ -78,7 +78,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("act_scale", torch.empty((), device=device) if spec.act_static else None)
         self._input_cache: SharedInputCache | None = None  # set by install_input_sharing
         # run-time only (not saved): an activation applied to the output, fused into the GEMM epilogue where the
-        # kernel runs (viditq.fusion.fuse_activations: the tanh GELU after a feed-forward up-projection)
+        # kernel runs (viditq.fusion.fuse_gelu: the tanh GELU after a feed-forward up-projection)
         self.fused_activation: str | None = None
 
     @property
