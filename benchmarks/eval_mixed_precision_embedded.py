@@ -3,19 +3,33 @@ r"""FP vs W8A8 vs W4A8 vs W4A8-mp vs W4A4 on the embedded tiny T2I / T2V models,
     python benchmarks/eval_mixed_precision_embedded.py --kinds t2i --n 32 --steps 8 --calib-prompts 4 --low-only \
         --out benchmarks/results/mixed_precision_embedded_v2/t2i_n32_steps8
     python benchmarks/eval_mixed_precision_embedded.py --kinds t2v --n-video 24 --steps 10 --calib-prompts 4 \
-        --low-only --out benchmarks/results/mixed_precision_embedded_v2/t2v_n24_steps10
+        --fp-seeds 0,1000,2000 --float-final-step "w8a8,w4a8-mp (decoupled + flicker)" \
+        --out benchmarks/results/mixed_precision_embedded_v3/t2v_n24_steps10
 
-Rows are written to ``OUT/results_<kind>.json`` as they finish. Videos: the T2V pipeline keeps samples as
+Rows are written to ``OUT/results_<kind>.json`` as they finish; a later run with the same sample settings (e.g.
+``--only`` other rows, ``--fp-seeds 0``) adds its rows to the file, so a long table can be measured in parts.
+``--device cuda`` runs pipeline, probe and quantized models on the GPU (samples are drawn from CPU generators,
+so the seeds mean the same videos up to kernel numerics). Videos: the T2V pipeline keeps samples as
 (B, 3, F, H, W); CogVideoX (the shipped T2V model) takes and returns (B, F, 3, H, W), Latte (the first shipped
 model) (B, 3, F, H, W) — the calibration records hold the transformer's own layout, handled by ``_x0_frames``.
 
-W4A8-mp is run twice: the output-MSE proxy (the ``w4a8-mp`` preset's metric, allocated from the same
-sensitivity table), and the metric-decoupled method: sensitivity of
-every (block, role) group x 4 timestep ranges on alignment (probe log-probability of the prompt's attributes),
-visual quality (probe-feature distance to the float prediction) and, for video, temporal consistency (frame
-consistency), scored on the one-step denoised predictions of the calibration calls (training-split prompts, never
-the evaluation prompts), then :func:`allocate` over those three families at 5 executed / 6 stored bits.
-Run-to-run noise: the float model evaluated on the same prompts with a second set of seeds.
+Noise: the float model on the same prompts with further seed sets (``--fp-seeds``: the first is the reference
+every quantized row is generated with). Quantized rows share prompts and seeds with the reference, so for video
+each also gets ``flicker_vs_fp``: the flicker change relative to the float videos, with its standard error over
+videos (``flicker_vs_fp_se``, the paired noise).
+
+W4A8-mp rows, all allocated from one sensitivity table (every (block, role) group x 4 timestep ranges, W4A8 + GPTQ
+and W8A8 both probed unless ``--low-only``; training-split calibration prompts, never the evaluation prompts):
+* ``mse proxy``: the output-MSE proxy, allocated as the ``w4a8-mp`` preset does;
+* ``decoupled metrics``: alignment (probe log-probability of the prompt's attributes), visual quality
+  (probe-feature distance to the float prediction) and, for video, temporal consistency (frame consistency), on
+  the one-step denoised predictions of the calibration calls;
+* ``decoupled + flicker`` (video): those plus :func:`viditq.mixed_precision.flicker_metric` on the final step's
+  denoised prediction (frame-to-frame noise vs float);
+at 5 executed / 6 stored bits (``--budget-bits``, ``--memory-bits``; ``--extra-budget`` adds rows at other
+budgets, ``--allow-fp`` lets them keep cells in float). ``--float-final-step LABELS`` adds, for those rows, a
+variant that keeps every layer float in the last denoising step (the float copy is stored and counted): a
+diagnostic of how much of the flicker the final step's 8-bit activations cause.
 """
 from __future__ import annotations
 
@@ -33,7 +47,9 @@ from viditq.calibrate import capture_calibration
 from viditq.models.data import model_scenes
 from viditq.metrics.evaluate import evaluate_samples, generate
 from viditq.metrics.probe import load_probe
-from viditq.mixed_precision import OutputMetric, allocate, measure_sensitivity, plot_sensitivity
+from viditq.mixed_precision import (
+    OutputMetric, allocate, flicker_metric, level_rule, measure_sensitivity, plot_sensitivity,
+)
 from viditq.models import load_t2i_pipeline, load_t2v_pipeline
 
 NOISE_SEED = 1000
@@ -43,7 +59,8 @@ SENS_SEED = 106  # sensitivity prompts (training split, another draw)
 GUIDANCE = 4.0
 COLUMNS = {"t2i": ["attribute_accuracy", "all_correct", "fd_probe", "psnr_vs_fp", "ssim_vs_fp", "weight_mib"],
            "t2v": ["attribute_accuracy", "all_correct", "direction_accuracy", "speed_accuracy", "frame_consistency",
-                   "flicker", "fd_probe", "psnr_vs_fp", "ssim_vs_fp", "weight_mib"]}
+                   "flicker", "flicker_vs_fp", "flicker_vs_fp_se", "fd_probe", "psnr_vs_fp", "ssim_vs_fp",
+                   "weight_mib"]}
 
 
 def _x0_frames(velocity: torch.Tensor, sample: dict, frames_first: bool = False) -> torch.Tensor:
@@ -52,7 +69,7 @@ def _x0_frames(velocity: torch.Tensor, sample: dict, frames_first: bool = False)
     Flow matching: x_t = x0 + sigma * v with sigma = t / 1000; the batch is [uncond; cond] (guided like the
     pipeline). ``frames_first``: the transformer's own video layout is already (B, F, C, H, W) (CogVideoX);
     otherwise videos are (B, C, F, H, W) (Latte) and are permuted."""
-    x = sample["hidden_states"].float()
+    x = sample["hidden_states"].to(velocity.device).float()
     if x.shape != velocity.shape:
         raise ValueError(f"hidden_states {tuple(x.shape)} and transformer output {tuple(velocity.shape)} differ")
     x = x.chunk(2)[1]
@@ -106,20 +123,82 @@ def x0_metric(kind: str, probe, scenes, frames_first: bool = False) -> OutputMet
     return OutputMetric(fn, {"alignment": True, "quality_dist": False, "temporal": True})
 
 
-def configs(decoupled: viditq.QuantConfig | None, mse_allocated: viditq.QuantConfig | None = None) -> dict:
-    """Configs by label; ``mse_allocated`` (the MSE column of the same sensitivity table, allocated exactly as the
-    ``w4a8-mp`` preset does) saves re-measuring the table inside ``quantize``."""
+def configs(allocated: dict[str, viditq.QuantConfig]) -> dict:
+    """Configs by label; ``allocated``: the mixed-precision rows allocated from one sensitivity table (the MSE
+    column allocated exactly as the ``w4a8-mp`` preset does, so ``quantize`` need not re-measure it)."""
     w4a4 = viditq.PRESETS["w4a4"]
     out = {"fp": None, "w8a8": "w8a8", "w4a8": "w4a8", "w4a8-gptq": "w4a8-gptq",
-           "w4a8-mp (mse proxy)": mse_allocated or "w4a8-mp"}
-    if decoupled is not None:
-        out["w4a8-mp (decoupled metrics)"] = decoupled
+           "w4a8-mp (mse proxy)": allocated.get("w4a8-mp (mse proxy)", "w4a8-mp")}
+    out.update({k: v for k, v in allocated.items() if k != "w4a8-mp (mse proxy)"})
     out.update({"w4a4 naive": dataclasses.replace(w4a4, balance=None), "w4a4": "w4a4", "w4a4-gptq": "w4a4-gptq"})
     return out
 
 
+def per_video_flicker(videos: torch.Tensor) -> torch.Tensor:
+    """Flicker (mean |second temporal difference|) of each video (B, F, 3, H, W) -> (B,)."""
+    v = videos.float()
+    return (v[:, 2:] - 2 * v[:, 1:-1] + v[:, :-2]).abs().mean((1, 2, 3, 4))
+
+
+def paired_flicker(x: torch.Tensor, reference: torch.Tensor) -> dict:
+    """Flicker change vs the float samples of the same seeds, relative to the float flicker, with its standard
+    error over videos (the paired noise: both rows share prompts and seeds)."""
+    diff = per_video_flicker(x) - per_video_flicker(reference)
+    ref = float(per_video_flicker(reference).mean())
+    return {"flicker_vs_fp": float(diff.mean()) / ref, "flicker_vs_fp_se": float(diff.std()) / len(diff) ** 0.5 / ref}
+
+
+def sensitivity_metrics(kind: str, probe, calib_scenes, calib, frames_first: bool, flicker_mode: str | None) -> dict:
+    """The decoupled metric families: one-step alignment / quality / frame consistency, and for video the flicker
+    family (temporal second difference of the final step's denoised prediction vs float)."""
+    metrics = {"x0": x0_metric(kind, probe, calib_scenes, frames_first)}
+    if kind == "t2v" and flicker_mode:
+        metrics["flicker"] = flicker_metric(calib, frame_dim=1, mode=flicker_mode,
+                                            frames=lambda out, sample: _x0_frames(out, sample, frames_first))
+    return metrics
+
+
+def allocations(kind: str, table, args) -> dict[str, viditq.QuantConfig]:
+    """Mixed-precision rows from one sensitivity table: the MSE proxy, the three one-step families (the v2
+    allocation), and those plus flicker (video), at the main budget and at every ``--extra-budget``."""
+    out_dir = Path(args.out)
+    budget = dict(budget_bits=args.budget_bits, memory_bits=args.memory_bits)
+    families = [m for m in table.metrics if m not in ("mse", "flicker")]
+    plans = [("w4a8-mp (mse proxy)", "w4a8-mp", ["mse"], budget, False),
+             ("w4a8-mp (decoupled metrics)", "w4a8-mp-decoupled", families, budget, False)]
+    if "flicker" in table.metrics:
+        plans.append(("w4a8-mp (decoupled + flicker)", "w4a8-mp-flicker", families + ["flicker"], budget,
+                      args.allow_fp))
+        for extra in args.extra_budget:
+            executed, memory = (float(v) for v in extra.split(":"))
+            plans.append((f"w4a8-mp (decoupled + flicker, {executed:g}/{memory:g} bits)",
+                          f"w4a8-mp-flicker-{executed:g}-{memory:g}", families + ["flicker"],
+                          dict(budget_bits=executed, memory_bits=memory), args.allow_fp))
+    chosen = {}
+    for label, name, metrics, bits, allow_fp in plans:
+        allocation = allocate(table, "w4a8-gptq", name=name, metrics=metrics, allow_fp=allow_fp, **bits)
+        print(f"{kind} {label}\n{allocation.summary()}", flush=True)
+        allocation.config.save(out_dir / f"{name.replace('-', '_')}_{kind}.yaml")
+        chosen[label] = allocation.config
+    return chosen
+
+
+def float_final_step(chosen: dict, calib, labels: str) -> dict:
+    """``<label> + float final step`` rows: the config of ``label`` with every quantized layer kept in float (fp
+    weights and activations) in the last denoising step only (the timestep range up to half-way to the second
+    smallest calibration timestep). The float copy is stored next to the quantized one and counted."""
+    times = sorted({float(s["timestep"].reshape(-1)[0]) for s in calib})
+    cut = (times[0] + times[1]) / 2
+    rows = {}
+    for label in filter(None, labels.split(",")):
+        base = viditq.config.resolve_config(chosen[label])
+        rows[f"{label} + float final step"] = dataclasses.replace(
+            base, name=f"{base.name}-fp-final", rules=base.rules + (level_rule("fp", ".*", (0.0, cut)),))
+    return rows
+
+
 def run(kind: str, args, probe) -> dict:
-    pipe = (load_t2i_pipeline if kind == "t2i" else load_t2v_pipeline)()
+    pipe = (load_t2i_pipeline if kind == "t2i" else load_t2v_pipeline)(device=args.device)
     pipe.set_progress_bar_config(disable=True)
     n = args.n if kind == "t2i" else args.n_video
     scenes = model_scenes(kind, n, PROMPT_SEED, split="test")
@@ -135,39 +214,52 @@ def run(kind: str, args, probe) -> dict:
         x = generate(pipe, prompts, seed=seed, num_inference_steps=args.steps, guidance_scale=GUIDANCE)
         return x, evaluate_samples(x, scenes, probe, reference=reference)
 
-    decoupled = None
+    allocated = {}
     if not args.skip_decoupled:
         t0 = time.time()
-        metric = x0_metric(kind, probe, calib_scenes, _frames_first(pipe))
-        table = measure_sensitivity(float_transformer, calib, {"x0": metric}, base_config="w4a8-gptq",
-                                    measure_high=not args.low_only, cache=Path(args.out) / f"sensitivity_{kind}.json")
+        metrics = sensitivity_metrics(kind, probe, calib_scenes, calib, _frames_first(pipe), args.flicker_mode)
+        table = measure_sensitivity(float_transformer, calib, metrics, base_config="w4a8-gptq",
+                                    timestep_ranges=args.ranges, measure_high=not args.low_only,
+                                    cache=Path(args.out) / f"sensitivity_{kind}.json")
         plot_sensitivity(table, Path(args.out) / f"sensitivity_{kind}.png")
-        allocation = allocate(table, "w4a8-gptq", budget_bits=5.0, memory_bits=6.0, name="w4a8-mp-decoupled",
-                              metrics=[m for m in table.metrics if m != "mse"])
-        print(f"{kind} sensitivity {time.time() - t0:.0f}s\n{allocation.summary()}", flush=True)
-        decoupled = allocation.config
-        allocation.config.save(Path(args.out) / f"w4a8_mp_decoupled_{kind}.yaml")
-        mse_allocation = allocate(table, "w4a8-gptq", budget_bits=5.0, memory_bits=6.0, name="w4a8-mp",
-                                  metrics=["mse"])
-        print(f"{kind} MSE-proxy allocation\n{mse_allocation.summary()}", flush=True)
-        mse_allocation.config.save(Path(args.out) / f"w4a8_mp_mse_{kind}.yaml")
+        print(f"{kind} sensitivity {time.time() - t0:.0f}s", flush=True)
+        allocated = allocations(kind, table, args)
+    if args.sensitivity_only:
+        return {}
     if args.proxy_only:
-        chosen = configs(decoupled, mse_allocation.config if decoupled is not None else None)
+        chosen = configs(allocated)
         if args.only:
             chosen = {k: v for k, v in chosen.items() if k in args.only.split(",")}
         return proxy_table(pipe, kind, probe, calib, chosen, args)
     out_file = Path(args.out) / f"results_{kind}.json"
+    settings = {k: getattr(args, k) for k in ("n", "n_video", "steps", "calib_prompts", "ranges", "low_only")}
+    results, runs = {}, []
+    if out_file.is_file():  # rows of earlier invocations with the same sample settings are kept (split runs)
+        previous = json.loads(out_file.read_text())
+        if previous.get("sample_settings") == settings:
+            results, runs = previous[kind], previous.get("runs", [])
+        else:
+            print(f"{out_file}: other sample settings, starting a new file", flush=True)
+    runs.append(vars(args))
 
     def save():  # after every row, so a run cut short keeps the rows it finished
-        out_file.write_text(json.dumps({"settings": vars(args), kind: results}, indent=2, default=float))
+        out_file.write_text(json.dumps({"sample_settings": settings, "runs": runs, kind: results}, indent=2,
+                                       default=float))
 
     t0 = time.time()
-    fp_x, fp_m = evaluate(0)
-    results = {"fp": fp_m}
+    fp_x, fp_m = evaluate(args.fp_seeds[0])
+    if kind == "t2v":
+        fp_m["flicker_per_video_se"] = float(per_video_flicker(fp_x).std()) / len(fp_x) ** 0.5
+    fp_m["seed"] = args.fp_seeds[0]
+    results["fp"] = fp_m
     print(f"{kind} fp generation + metrics {time.time() - t0:.0f}s", flush=True)
-    _, results["fp (other seeds)"] = evaluate(NOISE_SEED)
+    for i, seed in enumerate(args.fp_seeds[1:]):
+        _, m = evaluate(seed)
+        m["seed"] = seed
+        results["fp (other seeds)" if i == 0 else f"fp (seed set {i + 2})"] = m
     save()
-    chosen = configs(decoupled, mse_allocation.config if decoupled is not None else None)
+    chosen = configs(allocated)
+    chosen.update(float_final_step(chosen, calib, args.float_final_step))
     if args.only:
         chosen = {k: v for k, v in chosen.items() if k == "fp" or k in args.only.split(",")}
     for label, cfg in chosen.items():
@@ -177,8 +269,11 @@ def run(kind: str, args, probe) -> dict:
             continue
         t0 = time.time()
         pipe.transformer = viditq.quantize(copy.deepcopy(float_transformer), cfg, calib)
-        _, m = evaluate(0, reference=fp_x)
+        x, m = evaluate(args.fp_seeds[0], reference=fp_x)
+        if kind == "t2v":
+            m.update(paired_flicker(x, fp_x))
         m["weight_mib"] = viditq.memory_report(pipe.transformer).total_after / 2**20
+        m["seconds"] = time.time() - t0
         results[label] = m
         save()
         pipe.transformer = float_transformer
@@ -231,9 +326,26 @@ def main():
     parser.add_argument("--n-video", type=int, default=16, help="evaluation videos")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--calib-prompts", type=int, default=8)
+    parser.add_argument("--device", default="cpu", help="cpu | cuda (pipeline, probe and quantized models)")
+    parser.add_argument("--fp-seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0, NOISE_SEED],
+                        help="seed sets of the float rows: the first is the reference every quantized row is "
+                             "generated with (paired), the others measure seed-to-seed noise")
     parser.add_argument("--skip-decoupled", action="store_true")
     parser.add_argument("--low-only", action="store_true",
-                        help="sensitivity: probe only the W4A8 level, treat W8A8 as lossless (halves the probes)")
+                        help="sensitivity: probe only the W4A8 level, treat W8A8 as lossless (halves the probes; "
+                             "W8A8 is not lossless for flicker: its 8-bit activations add frame-to-frame noise)")
+    parser.add_argument("--ranges", type=int, default=4, help="timestep ranges of the sensitivity table")
+    parser.add_argument("--flicker-mode", default="error", choices=["error", "flicker", ""],
+                        help="video flicker family of the sensitivity table ('' = none, the v2 method)")
+    parser.add_argument("--budget-bits", type=float, default=5.0, help="allocation: average executed weight bits")
+    parser.add_argument("--memory-bits", type=float, default=6.0, help="allocation: average stored weight bits")
+    parser.add_argument("--allow-fp", action="store_true",
+                        help="flicker allocations may keep cells in float (16-bit weights, float activations)")
+    parser.add_argument("--extra-budget", action="append", default=[],
+                        help="EXECUTED:STORED bits of a further flicker-aware allocation row (repeatable)")
+    parser.add_argument("--float-final-step", default="",
+                        help="comma-separated config labels that get a '+ float final step' row as well")
+    parser.add_argument("--sensitivity-only", action="store_true", help="stop after the table and allocations")
     parser.add_argument("--proxy-only", action="store_true", help="teacher-forced metrics only (no sampling)")
     parser.add_argument("--only", default="", help="comma-separated config labels (default: all)")
     parser.add_argument("--n-proxy", type=int, default=8, help="held-out prompts for --proxy-only")
@@ -242,16 +354,19 @@ def main():
     parser.add_argument("--out", default="benchmarks/results/mixed_precision_embedded")
     args = parser.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    probe = load_probe()
+    probe = load_probe(device=args.device)
     results = {kind: run(kind, args, probe) for kind in args.kinds.split(",")}
-    results["settings"] = vars(args)
-    (Path(args.out) / f"results_{args.kinds.replace(',', '_')}{'_proxy' if args.proxy_only else ''}.json").write_text(
-        json.dumps(results, indent=2, default=float))
+    if args.sensitivity_only:
+        return
+    if args.proxy_only:
+        results["settings"] = vars(args)
+        (Path(args.out) / f"results_{args.kinds.replace(',', '_')}_proxy.json").write_text(
+            json.dumps(results, indent=2, default=float))
     for kind in args.kinds.split(","):
         columns = list(next(iter(results[kind].values()))) if args.proxy_only else COLUMNS[kind]
-        print(f"\n{kind}\n{'config':<30}" + "".join(f"{c[:14]:>15}" for c in columns))
+        print(f"\n{kind}\n{'config':<44}" + "".join(f"{c[:14]:>15}" for c in columns))
         for label, m in results[kind].items():
-            print(f"{label:<30}" + "".join(f"{m.get(c, float('nan')):>15.4f}" for c in columns))
+            print(f"{label:<44}" + "".join(f"{m.get(c, float('nan')):>15.4f}" for c in columns))
 
 
 if __name__ == "__main__":

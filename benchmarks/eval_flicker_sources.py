@@ -1,0 +1,145 @@
+r"""Where the embedded T2V's extra flicker under quantization comes from: paired generation ablations.
+
+    python benchmarks/eval_flicker_sources.py --n-video 8 --steps 10 \
+        --out benchmarks/results/mixed_precision_embedded_v3/flicker_sources_n8_steps10.json
+
+Every row generates the same held-out prompts with the same seeds as the float model and reports the flicker
+(mean |second temporal difference| of pixel values) change relative to the float videos, with its standard error
+over videos (paired). A row is a base config plus rules ``PATTERN@LO-HI:LEVEL`` (``LEVEL`` = ``fp`` or ``w8a8``;
+timesteps in [LO, HI]; the DPM-Solver schedule of 10 steps calls the model at t = 999, 899, ..., 99). Row
+``weights only`` runs the W8A8 layers with float activations (balanced input times the dequantized weight): the
+weight error alone; rows ``float activations in the last step`` do that only at t < 150 (a prototype of a
+weight-only final step: the quantized weights, no second copy; the library has no such level yet).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import viditq
+from viditq.calibrate import capture_calibration
+from viditq.config import resolve_config
+from viditq.kernels import reference
+from viditq.layers import QuantLinear, current_timestep
+from viditq.metrics.evaluate import generate
+from viditq.mixed_precision import level_rule
+from viditq.models import load_t2v_pipeline
+from viditq.models.data import model_scenes
+
+PROMPT_SEED, CALIB_SEED, GUIDANCE = 4242, 99, 4.0  # as eval_mixed_precision_embedded.py
+MP_V2 = "benchmarks/results/mixed_precision_embedded_v2/t2v_n24_steps10/w4a8_mp_decoupled_t2v.yaml"
+ROWS = [  # (label, base config, rules)
+    ("W8A8", "w8a8", ""),
+    ("W8A8 weights only (float activations)", "w8a8", "weights-only"),
+    ("W8A8 at t > 450 only", "w8a8", ".*@0-450:fp"),
+    ("W8A8 at t < 450 only", "w8a8", ".*@450-1000:fp"),
+    ("W8A8 in the last step only (t = 99)", "w8a8", ".*@150-1000:fp"),
+    ("W8A8 in all steps but the last", "w8a8", ".*@0-150:fp"),
+    ("W8A8 at t < 450, attention only", "w8a8", ".*@450-1000:fp;ff@0-450:fp"),
+    ("W8A8 at t < 450, FFN only", "w8a8", ".*@450-1000:fp;attn@0-450:fp"),
+    ("W4A8 + GPTQ", "w4a8-gptq", ""),
+    ("W4A8 + GPTQ, 8-bit weights in the last step", "w4a8-gptq", ".*@0-150:w8a8"),
+    ("W4A8 + GPTQ, float last step", "w4a8-gptq", ".*@0-150:fp"),
+    ("W4A8-mp decoupled (v2)", MP_V2, ""),
+    ("W4A8-mp decoupled (v2), float last step", MP_V2, ".*@0-150:fp"),
+    # prototype of a level the library does not have: the same quantized weights, float activations (no copy)
+    ("W8A8, float activations in the last step", "w8a8", "float-acts-last"),
+    ("W4A8 + GPTQ, float activations in the last step", "w4a8-gptq", "float-acts-last"),
+    ("W4A8-mp decoupled (v2), float activations in the last step", MP_V2, "float-acts-last"),
+]
+
+
+def per_video_flicker(v: torch.Tensor) -> torch.Tensor:
+    return (v[:, 2:] - 2 * v[:, 1:-1] + v[:, :-2]).abs().mean((1, 2, 3, 4))
+
+
+def with_rules(base: str, rules: str) -> viditq.QuantConfig:
+    config = resolve_config(base)
+    extra = []
+    for rule in filter(None, rules.split(";")):
+        if rule in ("weights-only", "float-acts-last"):
+            continue
+        pattern, rest = rule.split("@")
+        span, level = rest.split(":")
+        lo, hi = (float(v) for v in span.split("-"))
+        extra.append(level_rule(level, pattern, (lo, hi)))
+    return dataclasses.replace(config, rules=config.rules + tuple(extra))
+
+
+def float_activations(model, below: float | None = None) -> None:
+    """Every QuantLinear computes balance(x) @ dequantized W (the weight error without activation quantization);
+    with ``below``, only in calls whose timestep is below it (the model's ``timestep`` argument)."""
+    now = {"t": None}
+    model.register_forward_pre_hook(lambda mod, args, kwargs: now.update(t=current_timestep(args, kwargs, None)),
+                                    with_kwargs=True)
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            quantized_forward = m.forward
+
+            def forward(x, m=m, quantized_forward=quantized_forward):
+                if below is not None and (now["t"] is None or now["t"] >= below):
+                    return quantized_forward(x)
+                y = torch.nn.functional.linear(m.balance(x.reshape(-1, m.spec.in_features)),
+                                               m.dequantized_weight().to(x.dtype),
+                                               None if m.bias is None else m.bias.to(x.dtype))
+                y = reference.apply_activation(y, getattr(m, "fused_activation", None))  # fused GELU of FF-up
+                return y.reshape(*x.shape[:-1], m.spec.out_features)
+            m.forward = forward
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n-video", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--calib-prompts", type=int, default=4)
+    parser.add_argument("--only", default="", help="comma-separated row numbers (0-based; default: all)")
+    parser.add_argument("--out", default="benchmarks/results/mixed_precision_embedded_v3/flicker_sources.json")
+    args = parser.parse_args()
+    pipe = load_t2v_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    prompts = [s.caption for s in model_scenes("t2v", args.n_video, PROMPT_SEED, split="test")]
+    calib_prompts = [s.caption for s in model_scenes("t2v", args.calib_prompts, CALIB_SEED, split="train")]
+    calib = capture_calibration(pipe, calib_prompts, num_inference_steps=args.steps, guidance_scale=GUIDANCE,
+                                generator=[torch.Generator().manual_seed(CALIB_SEED + i) for i in range(len(calib_prompts))],
+                                output_type="pt")
+    float_transformer = pipe.transformer
+
+    def sample():
+        return generate(pipe, prompts, seed=0, num_inference_steps=args.steps, guidance_scale=GUIDANCE)
+
+    fp = sample()
+    fp_flicker = per_video_flicker(fp)
+    out = Path(args.out)
+    results = {"settings": vars(args), "fp_flicker": float(fp_flicker.mean()), "rows": {}}
+    chosen = [int(i) for i in args.only.split(",")] if args.only else range(len(ROWS))
+    for i in chosen:
+        label, base, rules = ROWS[i]
+        t0 = time.time()
+        model = viditq.quantize(copy.deepcopy(float_transformer), with_rules(base, rules), calib)
+        if "weights-only" in rules:
+            float_activations(model)
+        if "float-acts-last" in rules:
+            float_activations(model, below=150.0)
+        pipe.transformer = model
+        x = sample()
+        pipe.transformer = float_transformer
+        diff = per_video_flicker(x) - fp_flicker
+        ref = float(fp_flicker.mean())
+        row = {"base": base, "rules": rules, "flicker": float(per_video_flicker(x).mean()),
+               "flicker_vs_fp": float(diff.mean()) / ref, "flicker_vs_fp_se": float(diff.std()) / len(diff) ** 0.5 / ref,
+               "rms_vs_fp": float((x - fp).pow(2).mean().sqrt())}
+        results["rows"][label] = row
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2))
+        print(f"{label:<48} flicker {row['flicker']:.5f}  vs FP {100 * row['flicker_vs_fp']:+.1f} % "
+              f"± {100 * row['flicker_vs_fp_se']:.1f}  ({time.time() - t0:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
