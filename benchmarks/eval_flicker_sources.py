@@ -10,6 +10,12 @@ timesteps in [LO, HI]; the DPM-Solver schedule of 10 steps calls the model at t 
 ``weights only`` runs the W8A8 layers with float activations (balanced input times the dequantized weight): the
 weight error alone; rows ``float activations in the last step`` do that only at t < 150 (a prototype of a
 weight-only final step: the quantized weights, no second copy; the library has no such level yet).
+
+    python benchmarks/eval_flicker_sources.py --per-step w8a8,w4a8-gptq \
+        --out benchmarks/results/mixed_precision_embedded_v3/flicker_per_step_prediction.json
+
+scores instead the one-step denoised prediction of every calibration call (teacher-forced, no sampling): its
+flicker change per timestep, i.e. what a flicker score taken at every step would attribute to each step.
 """
 from __future__ import annotations
 
@@ -93,12 +99,41 @@ def float_activations(model, below: float | None = None) -> None:
             m.forward = forward
 
 
+@torch.no_grad()
+def per_step_prediction_flicker(pipe, calib, configs: list[str]) -> dict:
+    """Relative flicker change of the one-step denoised prediction, per calibration timestep, of each config vs
+    float (teacher-forced on the float trajectories of the calibration prompts): what a flicker family scored on
+    every step, rather than the final one, would see."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from eval_mixed_precision_embedded import _frames_first, _x0_frames
+    from viditq.testing import forward_output
+
+    float_transformer = pipe.transformer
+    refs = [forward_output(float_transformer, s) for s in calib]
+    out = {}
+    for name in configs:
+        model = viditq.quantize(copy.deepcopy(float_transformer), name, calib)
+        rows: dict[float, list[float]] = {}
+        for sample, ref in zip(calib, refs):
+            frames = _x0_frames(forward_output(model, sample), sample, _frames_first(pipe))
+            ref_frames = _x0_frames(ref, sample, _frames_first(pipe))
+            change = float(per_video_flicker(frames).mean() / per_video_flicker(ref_frames).mean() - 1)
+            rows.setdefault(float(sample["timestep"].reshape(-1)[0]), []).append(change)
+        out[name] = {f"{t:g}": sum(v) / len(v) for t, v in sorted(rows.items())}
+        print(name, " ".join(f"t={t}: {100 * v:+.1f} %" for t, v in out[name].items()), flush=True)
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--n-video", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--calib-prompts", type=int, default=4)
     parser.add_argument("--only", default="", help="comma-separated row numbers (0-based; default: all)")
+    parser.add_argument("--per-step", default="",
+                        help="comma-separated presets: only the per-step prediction flicker on the calibration calls")
     parser.add_argument("--out", default="benchmarks/results/mixed_precision_embedded_v3/flicker_sources.json")
     args = parser.parse_args()
     pipe = load_t2v_pipeline()
@@ -109,6 +144,10 @@ def main():
                                 generator=[torch.Generator().manual_seed(CALIB_SEED + i) for i in range(len(calib_prompts))],
                                 output_type="pt")
     float_transformer = pipe.transformer
+    if args.per_step:
+        result = {"settings": vars(args), "per_step": per_step_prediction_flicker(pipe, calib, args.per_step.split(","))}
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        return
 
     def sample():
         return generate(pipe, prompts, seed=0, num_inference_steps=args.steps, guidance_scale=GUIDANCE)
