@@ -15,37 +15,34 @@ their (quantized) projection, which saves one read and one write of the widest a
 from __future__ import annotations
 
 import torch
+from diffusers.models.activations import GELU
+from diffusers.models.normalization import CogVideoXLayerNormZero
 from torch import nn
 
 from .kernels import dispatch
+from .layers import QuantLinear
 
 
-def _fused_ok(*tensors: torch.Tensor) -> bool:
-    if torch.compiler.is_compiling() or not all(dispatch.use_triton(t) for t in tensors):
-        return False
-    from .kernels import norm
-
-    return all(norm.supported(t) for t in tensors)
+def _kernel_ok(x: torch.Tensor) -> bool:
+    """Whether the Triton norm kernel may run on ``x`` (CUDA, Triton backend, not under torch.compile)."""
+    return not torch.compiler.is_compiling() and dispatch.use_triton(x)
 
 
-def _fused_class(base: type) -> type:
-    class FusedLayerNormZero(base):
-        """``CogVideoXLayerNormZero`` with LayerNorm + modulation in one kernel (see ``viditq.fusion``)."""
+class FusedCogVideoXLayerNormZero(CogVideoXLayerNormZero):
+    """``CogVideoXLayerNormZero`` with LayerNorm + modulation in one kernel (see ``viditq.fusion``)."""
 
-        def forward(self, hidden_states, encoder_hidden_states, temb):
-            norm = self.norm
-            if not (isinstance(norm, nn.LayerNorm) and _fused_ok(hidden_states, encoder_hidden_states)):
-                return super().forward(hidden_states, encoder_hidden_states, temb)
-            from .kernels.norm import layer_norm_modulate
+    def forward(self, hidden_states, encoder_hidden_states, temb):
+        from .kernels import norm as kernels
 
-            shift, scale, gate, enc_shift, enc_scale, enc_gate = self.linear(self.silu(temb)).chunk(6, dim=1)
-            hidden_states = layer_norm_modulate(hidden_states, norm.weight, norm.bias, scale, shift, norm.eps)
-            encoder_hidden_states = layer_norm_modulate(encoder_hidden_states, norm.weight, norm.bias, enc_scale,
-                                                        enc_shift, norm.eps)
-            return hidden_states, encoder_hidden_states, gate[:, None, :], enc_gate[:, None, :]
-
-    FusedLayerNormZero.__name__ = FusedLayerNormZero.__qualname__ = f"Fused{base.__name__}"
-    return FusedLayerNormZero
+        norm = self.norm
+        if not (isinstance(norm, nn.LayerNorm) and _kernel_ok(hidden_states)
+                and kernels.supported(hidden_states) and kernels.supported(encoder_hidden_states)):
+            return super().forward(hidden_states, encoder_hidden_states, temb)
+        shift, scale, gate, enc_shift, enc_scale, enc_gate = self.linear(self.silu(temb)).chunk(6, dim=1)
+        hidden_states = kernels.layer_norm_modulate(hidden_states, norm.weight, norm.bias, scale, shift, norm.eps)
+        encoder_hidden_states = kernels.layer_norm_modulate(encoder_hidden_states, norm.weight, norm.bias,
+                                                            enc_scale, enc_shift, norm.eps)
+        return hidden_states, encoder_hidden_states, gate[:, None, :], enc_gate[:, None, :]
 
 
 class FusedLayerNorm(nn.LayerNorm):
@@ -53,39 +50,33 @@ class FusedLayerNorm(nn.LayerNorm):
     0.23 TB/s on CogVideoX-2B's 64-wide q/k norms (1.2 ms a call, 72 ms a forward on an H100)."""
 
     def forward(self, x):
-        if torch.compiler.is_compiling() or not dispatch.use_triton(x):
-            return super().forward(x)
         from .kernels import norm
 
-        if not norm.layer_norm_supported(x):
+        if not (_kernel_ok(x) and norm.layer_norm_supported(x)):
             return super().forward(x)
         return norm.layer_norm(x, self.weight, self.bias, self.eps)
 
 
 SMALL_NORM_CHANNELS = 256  # LayerNorms this narrow (per-head q/k norms) get the fused kernel
-_FUSED: dict[type, type] = {}
 
 
 def fuse_norms(model: nn.Module) -> int:
     """Give every ``CogVideoXLayerNormZero`` in ``model`` the fused norm + modulation forward, and every narrow
     (``<= SMALL_NORM_CHANNELS``, per-head q/k) ``nn.LayerNorm`` the fused LayerNorm (idempotent). Returns how
     many modules have a fused forward."""
-    from diffusers.models.normalization import CogVideoXLayerNormZero
-
     count = 0
     for module in model.modules():
         cls = type(module)
         if cls is CogVideoXLayerNormZero:
-            module.__class__ = _FUSED.setdefault(cls, _fused_class(cls))
+            module.__class__ = FusedCogVideoXLayerNormZero
         elif cls is nn.LayerNorm and len(module.normalized_shape) == 1 and \
                 module.normalized_shape[0] <= SMALL_NORM_CHANNELS:
             module.__class__ = FusedLayerNorm
-        if isinstance(module, (CogVideoXLayerNormZero, FusedLayerNorm)):
-            count += 1
+        count += isinstance(module, (CogVideoXLayerNormZero, FusedLayerNorm))
     return count
 
 
-class FusedGELU(nn.Module):
+class FusedGELU(GELU):
     """diffusers' ``GELU`` whose projection is a QuantLinear with the GELU in its epilogue (see ``fuse_gelu``)."""
 
     def forward(self, hidden_states):
@@ -95,15 +86,11 @@ class FusedGELU(nn.Module):
 def fuse_gelu(model: nn.Module) -> int:
     """Fuse the tanh GELU of every diffusers ``GELU`` module whose ``proj`` is a QuantLinear into that layer's
     GEMM epilogue (idempotent). Returns how many modules are fused."""
-    from diffusers.models.activations import GELU
-
-    from .layers import QuantLinear
-
     count = 0
     for module in model.modules():
         if (type(module) is GELU and module.approximate == "tanh" and type(module.proj) is QuantLinear
                 and module.proj.fused_activation is None):
             module.proj.fused_activation = "gelu_tanh"
-            module.__class__ = _FUSED.setdefault(GELU, type("FusedGELU", (FusedGELU, GELU), {}))
+            module.__class__ = FusedGELU
         count += isinstance(module, FusedGELU)
     return count
