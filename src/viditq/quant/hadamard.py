@@ -14,8 +14,9 @@ A *block* rotation (``block = b``, a power of two dividing n) is block-diagonal 
     R = diag(signs) · (I_(n/b) ⊗ H_b) / sqrt(b),
 
 each run of b channels rotated on its own. After smoothing it keeps almost all of the full rotation's benefit
-(b = 128 at n = 1152 / 4608: within 0.2 dB output SQNR at W8A8, W4A8 and W4A4 on outlier-heavy activations), and
-a kernel applies it with one (rows, b) @ H_b tensor-core product per tile, at close to memory speed.
+(b = 128 at n = 1152 / 4608: within 0.2 dB output SQNR at W8A8, W4A8 and W4A4 on outlier-heavy activations). The
+kernel applies it with one (rows, b) @ H_b product per tile; on the H100 that was not faster than the full-width
+rotation (benchmarks/NOTES.md, session 3), so it is an option, not the default.
 """
 from __future__ import annotations
 
