@@ -7,11 +7,14 @@ does not lose the table and each peak-memory number starts clean.
 
 Variant = base + optional ``_attn`` + run mode. Bases: ``bf16``, ``torchao_fp8`` (torchao's
 ``Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())``; reported as skipped when torchao cannot be
-imported), ``w8a8``, ``w4a8``, ``w8a8_dynamic`` (viditq presets). ``_attn``: 8-bit attention, fp8 mode
-(``viditq.attention.apply_quantized_attention``; attention over fewer than ``--min-kv-tokens`` keys — the text
-cross-attention — stays on SDPA). Run modes: ``_eager`` (or none), ``_graph`` (one forward captured in a CUDA
-graph and replayed), ``_compile`` (``torch.compile``). Examples: ``bf16_compile``, ``torchao_fp8_compile``,
-``w8a8_graph``, ``w8a8_attn_graph``.
+imported), ``w8a8``, ``w4a8``, ``w8a8_dynamic``, ``w8a8_fp8``, ``w8a8_fp8_dynamic`` (viditq presets, ``_`` for
+``-``). ``_attn``: 8-bit attention, fp8 mode (``viditq.attention.apply_quantized_attention``; attention over fewer
+than ``--min-kv-tokens`` keys — the text cross-attention — stays on SDPA). Run modes: ``_eager`` (or none),
+``_graph`` (one forward captured in a CUDA graph and replayed), ``_compile`` (``torch.compile``), ``_compile_graph``
+(``torch.compile``, then one compiled forward captured in a CUDA graph: no launch overhead on either side).
+Examples: ``bf16_compile``, ``torchao_fp8_compile``, ``w8a8_graph``, ``w8a8_fp8_compile_graph``.
+``VIDITQ_COMPILE_ACT_QUANT=kernel`` keeps viditq's activation-quantization kernel under torch.compile (default:
+Inductor quantizes un-rotated inputs itself, fused with their producer; ``viditq.kernels.dispatch``).
 
     python benchmarks/bench_e2e.py --models pixart --variants bf16_eager,bf16_compile,w8a8,w4a8 --out e2e.json
     python benchmarks/bench_e2e.py --one pixart:w8a8          # a single run, JSON on stdout
@@ -29,9 +32,12 @@ import time
 
 import torch
 
-VARIANTS = ("bf16_eager", "bf16_graph", "bf16_compile", "torchao_fp8_compile", "w8a8", "w8a8_graph",
-            "w8a8_compile", "w4a8", "w4a8_graph", "w8a8_dynamic", "w8a8_dynamic_graph", "w8a8_attn",
-            "w8a8_attn_graph", "w8a8_attn_compile", "bf16_attn_graph")
+VARIANTS = ("bf16_eager", "bf16_graph", "bf16_compile", "bf16_compile_graph", "torchao_fp8_compile", "w8a8",
+            "w8a8_graph", "w8a8_compile", "w8a8_compile_graph", "w4a8", "w4a8_graph", "w8a8_dynamic",
+            "w8a8_dynamic_graph", "w8a8_attn", "w8a8_attn_graph", "w8a8_attn_compile", "bf16_attn_graph",
+            "w8a8_fp8", "w8a8_fp8_graph", "w8a8_fp8_compile_graph", "w8a8_fp8_attn_graph",
+            "w8a8_fp8_attn_compile_graph", "w8a8_fp8_dynamic_graph")
+QUANT_BASES = ("w8a8", "w4a8", "w8a8_dynamic", "w8a8_fp8", "w8a8_fp8_dynamic")
 ATTENTION_MODE = "fp8"  # mode of the "_attn" variants
 
 
@@ -93,15 +99,16 @@ def module_bytes(model: torch.nn.Module) -> int:
 
 # ----------------------------------------------------------------------------------------- variants
 def parse_variant(variant: str) -> tuple[str, bool, str]:
-    """``w8a8_attn_graph`` → ("w8a8", True, "graph"): (base, 8-bit attention, run mode eager|graph|compile)."""
+    """``w8a8_attn_graph`` → ("w8a8", True, "graph"): (base, 8-bit attention, run mode eager|graph|compile|
+    compile_graph)."""
     run_mode = "eager"
-    for mode in ("eager", "graph", "compile"):
+    for mode in ("eager", "compile_graph", "graph", "compile"):
         if variant.endswith("_" + mode):
             variant, run_mode = variant.removesuffix("_" + mode), mode
             break
     attn = variant.endswith("_attn")
     base = variant.removesuffix("_attn")
-    if base not in ("bf16", "bf16_fused", "torchao_fp8", "w8a8", "w4a8", "w8a8_dynamic"):
+    if base not in ("bf16", "bf16_fused", "torchao_fp8") + QUANT_BASES:
         raise ValueError(f"unknown variant base {base!r}")
     return base, attn, run_mode
 
@@ -120,7 +127,7 @@ def prepare(variant: str, model, kwargs, min_kv_tokens: int | None = None):
     """Apply the variant to ``model``; returns (callable forward, notes)."""
     base, attn, run_mode = parse_variant(variant)
     notes = {}
-    if base in ("w8a8", "w4a8", "w8a8_dynamic"):
+    if base in QUANT_BASES:
         import viditq
 
         t0 = time.perf_counter()
@@ -142,7 +149,7 @@ def prepare(variant: str, model, kwargs, min_kv_tokens: int | None = None):
         min_kv_tokens = MIN_KV_TOKENS if min_kv_tokens is None else min_kv_tokens
         notes["attention"] = dict(mode=ATTENTION_MODE, min_kv_tokens=min_kv_tokens,
                                   modules=apply_quantized_attention(model, ATTENTION_MODE, min_kv_tokens))
-    if run_mode == "compile":
+    if run_mode in ("compile", "compile_graph"):
         return torch.compile(model), notes
     return model, notes
 

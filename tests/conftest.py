@@ -9,9 +9,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
     try:
-        from viditq.kernels.triton_compat import patch_interpreter_scalar_index
+        from viditq.kernels.triton_compat import patch_interpreter
 
-        patch_interpreter_scalar_index()
+        patch_interpreter()
     except ImportError:  # triton not installed: kernel tests skip themselves
         pass
 

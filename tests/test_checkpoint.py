@@ -10,10 +10,11 @@ from viditq.testing import calibration_set, forward_output, tiny_inputs, tiny_mo
 
 @pytest.fixture(scope="module")
 def quantized_pixart():
-    return {p: viditq.quantize(tiny_model("pixart"), p, calibration_set("pixart", n=2)) for p in ("w8a8", "w4a8")}
+    return {p: viditq.quantize(tiny_model("pixart"), p, calibration_set("pixart", n=2))
+            for p in ("w8a8", "w4a8", "w8a8-fp8")}
 
 
-@pytest.mark.parametrize("preset", ["w8a8", "w4a8"])
+@pytest.mark.parametrize("preset", ["w8a8", "w4a8", "w8a8-fp8"])
 def test_round_trip_is_bit_identical(tmp_path, quantized_pixart, preset):
     model = quantized_pixart[preset]
     viditq.save_quantized(model, tmp_path / "ckpt")
@@ -22,6 +23,18 @@ def test_round_trip_is_bit_identical(tmp_path, quantized_pixart, preset):
     assert torch.equal(forward_output(model, x), forward_output(loaded, x))
     assert loaded.viditq_config == model.viditq_config
     assert type(loaded) is type(model)
+
+
+def test_tensor_dtype_must_match_the_layer_spec(tmp_path, quantized_pixart):
+    """A spec saying fp8 over int8 codes (an edited viditq.json) is refused, not silently cast."""
+    viditq.save_quantized(quantized_pixart["w8a8"], tmp_path / "ckpt")
+    meta_path = tmp_path / "ckpt" / "viditq.json"
+    meta = json.loads(meta_path.read_text())
+    name = "transformer_blocks.0.ff.net.2"
+    meta["layers"][name]["fp8"] = True
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=rf"{name}.weight_codes.*torch.int8.*float8_e4m3fn"):
+        viditq.load_quantized(tmp_path / "ckpt")
 
 
 def test_no_pickle_and_layout(tmp_path, quantized_pixart):

@@ -37,10 +37,25 @@ def test_file_round_trip(tmp_path, suffix):
     (lambda: BalanceSpec(rotate_block=48), "rotate_block"),
     (lambda: BalanceSpec(rotate_min_gain=1.0), "rotate_min_gain"),
     (lambda: QuantConfig.from_dict({"nbits": 8}), "unknown QuantConfig fields"),
+    (lambda: WeightSpec(8, format="fp16"), "format must be one of"),
+    (lambda: WeightSpec(4, format="fp8"), "has 8 bits"),
+    (lambda: WeightSpec(8, group_size=64, format="fp8"), "per output channel"),
+    (lambda: ActSpec(8, "per_tensor_static", format="fp8"), "per token"),
+    (lambda: QuantConfig(weight=WeightSpec(8, format="fp8")), "differ"),
+    (lambda: QuantConfig(weight=WeightSpec(8, format="fp8"), act=ActSpec(8, format="fp8"),
+                         rules=(LayerRule("ff", weight_bits=4),)), "8-bit weights and activations only"),
 ])
 def test_bad_values_raise_clear_errors(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_fp8_preset_round_trips(tmp_path):
+    cfg = PRESETS["w8a8-fp8"]
+    assert cfg.weight.format == cfg.act.format == "fp8" and cfg.balance is not None
+    assert PRESETS["w8a8-fp8-dynamic"].balance is None
+    cfg.save(tmp_path / "fp8.yaml")
+    assert QuantConfig.load(tmp_path / "fp8.yaml") == cfg
 
 
 def test_missing_config_file(tmp_path):

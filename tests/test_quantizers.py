@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from viditq.quant.quantizers import (
-    dequantize_weight, fake_quantize_per_token, pack_int4, quantize_per_token, quantize_weight, signed_range,
-    unpack_int4,
+    FP8_E4M3_MAX, dequantize_weight, fake_quantize_per_token, pack_int4, quantize_per_token, quantize_per_token_fp8,
+    quantize_weight, quantize_weight_fp8, signed_range, unpack_int4,
 )
 
 
@@ -85,3 +85,30 @@ def test_dequantize_matches_formula():
     zero = torch.tensor([[1, -2]], dtype=torch.int8)
     out = dequantize_weight(codes, scale, zero, 2)
     assert torch.equal(out, torch.tensor([[-2.0, 0.5, 2.25, -1.5]]))
+
+
+def test_fp8_per_token_relative_error_and_range():
+    """e4m3 keeps 3 mantissa bits: every value within half a step (2^-4 relative) of the input once scaled so the
+    row's absmax is 448, and below the smallest normal (2^-6) within half a subnormal step (2^-10)."""
+    x = torch.randn(37, 96) * torch.rand(37, 1) * 10
+    x[3, 5] = 1e3  # an outlier row
+    codes, scale = quantize_per_token_fp8(x)
+    assert codes.dtype == torch.float8_e4m3fn and scale.shape == (37, 1)
+    v = codes.float()
+    assert torch.equal(v.abs().amax(-1), torch.full((37,), FP8_E4M3_MAX))  # the absmax element is exact
+    scaled = x / scale
+    err = (v - scaled).abs()
+    assert (err <= torch.maximum(scaled.abs() * 2.0 ** -4, torch.full_like(err, 2.0 ** -10)) * 1.0001).all()
+    assert torch.isfinite(v * scale).all()
+
+
+def test_fp8_weight_is_per_channel_and_zero_safe():
+    w = torch.randn(48, 128)
+    w[7] = 0
+    q = quantize_weight_fp8(w)
+    assert q.codes.dtype == torch.float8_e4m3fn and q.scale.shape == (48, 1) and q.zero is None
+    deq = q.dequantize()
+    assert torch.isfinite(deq).all() and (deq[7] == 0).all()
+    rel = ((deq - w).norm() / w.norm()).item()
+    assert 0.005 < rel < 0.04  # ~2.5 % for Gaussian weights: coarser than int8 per channel (~0.4 %)
+    assert rel > ((quantize_weight(w, 8).dequantize() - w).norm() / w.norm()).item()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_model
 from torch import nn
 
 from .config import FORMAT_VERSION, QuantConfig
@@ -222,14 +222,29 @@ def load_quantized(path: str | Path, model: nn.Module | None = None, device: str
         spec = LayerSpec(**spec_dict)
         linear = _float_linear(model, name, spec_dict)
         _set_submodule(model, name, QuantLinear(spec, out_dtype=linear.weight.dtype))
-    try:
-        missing, unexpected = load_model(model, str(tensors), strict=False)
-    except SafetensorError as e:
-        raise ValueError(f"cannot read {tensors}: {e}") from None
-    except RuntimeError as e:  # shape mismatches
-        raise ValueError(f"checkpoint does not match the model: {e}") from None
-    if missing or unexpected:
-        raise ValueError(f"checkpoint does not match the model: missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]}")
+    _load_tensors(model, tensors)
     _mark_quantized(model, config)
     return model.to(device) if device is not None else model
+
+
+def _load_tensors(model: nn.Module, tensors: Path) -> None:
+    """Load the safetensors file into ``model``; every tensor must exist in the model with its shape and dtype (a
+    silent cast would turn int8 codes into fp8 values, say)."""
+    try:
+        state = load_file(str(tensors))
+    except SafetensorError as e:
+        raise ValueError(f"cannot read {tensors}: {e}") from None
+    expected = model.state_dict()
+    saved_ptrs = {expected[name].data_ptr() for name in state if name in expected}
+    # tied parameters (T5's shared / embed_tokens) are saved once: a missing name is fine if its twin is there
+    missing = sorted(n for n in set(expected) - set(state)
+                     if not expected[n].numel() or expected[n].data_ptr() not in saved_ptrs)
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, value in state.items():
+        want = expected[name]
+        if value.dtype != want.dtype or value.shape != want.shape:
+            raise ValueError(f"checkpoint tensor {name!r} is {value.dtype} {tuple(value.shape)}, the layer spec "
+                             f"needs {want.dtype} {tuple(want.shape)}")
+    model.load_state_dict(state, strict=False)

@@ -28,6 +28,16 @@ DEFAULT_KEEP_FP = (
 )
 ATTENTION_CHOICES = ("bf16", "int8", "fp8")
 GRANULARITIES = ("per_token", "per_tensor_static")
+# Number formats of weights and activations: signed integers with scales, or fp8 e4m3 (float8_e4m3fn) values with
+# scales (8 bits only). The GEMM kernels pair int8 or packed int4 weights with int8 activations, and fp8 with fp8.
+FORMATS = ("int", "fp8")
+
+
+def _check_format(fmt: str, bits: int, what: str) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"{what} format must be one of {FORMATS}, got {fmt!r}")
+    if fmt == "fp8" and bits != 8:
+        raise ValueError(f"{what} format 'fp8' (e4m3) has 8 bits, got bits={bits}")
 
 
 def _check_bits(bits: int, what: str) -> None:
@@ -37,16 +47,26 @@ def _check_bits(bits: int, what: str) -> None:
 
 @dataclass(frozen=True)
 class WeightSpec:
-    """Weights: ``bits`` per output channel, or per ``group_size`` input channels when set."""
+    """Weights: ``bits`` per output channel, or per ``group_size`` input channels when set.
+
+    ``format="fp8"``: fp8 e4m3 values with one float32 scale per output channel (``absmax / 448``), symmetric,
+    8 bits, no groups; it pairs with fp8 activations.
+    """
 
     bits: int = 8
     symmetric: bool = True
     group_size: int | None = None
     per_tensor: bool = False  # naive baseline only: one scale for the whole matrix
     gptq: bool = False  # error-compensating rounding (GPTQ) from calibration inputs, for <= 4-bit weights
+    format: str = "int"
 
     def __post_init__(self):
         _check_bits(self.bits, "weight")
+        _check_format(self.format, self.bits, "weight")
+        if self.format == "fp8" and (not self.symmetric or self.group_size is not None or self.per_tensor
+                                     or self.gptq):
+            raise ValueError("weight format 'fp8' is symmetric per output channel: symmetric=True, "
+                             "group_size=None, per_tensor=False, gptq=False")
         if self.group_size is not None and (self.group_size < 2 or self.group_size & (self.group_size - 1)):
             raise ValueError(f"weight group_size must be a power of two >= 2 or None, got {self.group_size!r}")
         if self.per_tensor and self.group_size is not None:
@@ -57,15 +77,23 @@ class WeightSpec:
 
 @dataclass(frozen=True)
 class ActSpec:
-    """Activations: ``bits``, quantized per token at run time (``per_token``) or with one calibrated scale."""
+    """Activations: ``bits``, quantized per token at run time (``per_token``) or with one calibrated scale.
+
+    ``format="fp8"``: per-token fp8 e4m3 (scale ``absmax / 448``), which keeps a relative precision over the whole
+    range of a token (heavy-tailed activations, GELU outputs) where int8 spends its codes evenly.
+    """
 
     bits: int = 8
     granularity: str = "per_token"
+    format: str = "int"
 
     def __post_init__(self):
         _check_bits(self.bits, "activation")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"activation granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        _check_format(self.format, self.bits, "activation")
+        if self.format == "fp8" and self.granularity != "per_token":
+            raise ValueError("activation format 'fp8' is quantized per token (granularity='per_token')")
 
 
 @dataclass(frozen=True)
@@ -197,6 +225,14 @@ class QuantConfig:
             raise ValueError(f"calib_rows_per_layer must be >= 1, got {self.calib_rows_per_layer}")
         if self.version > FORMAT_VERSION:
             raise ValueError(f"config format version {self.version} is newer than this viditq ({FORMAT_VERSION})")
+        if self.weight.format != self.act.format:
+            raise ValueError(f"weight format {self.weight.format!r} and activation format {self.act.format!r} "
+                             "differ; the GEMMs take int weights with int activations, or fp8 with fp8")
+        if self.weight.format == "fp8":
+            bad = [r.pattern for r in self.rules if r.weight_bits not in (None, 8) or r.act_bits not in (None, 8)]
+            if bad or self.mixed_precision is not None:
+                raise ValueError("fp8 configs have 8-bit weights and activations only: no mixed precision and no "
+                                 f"rules with other bits (rules: {bad})")
 
     # -- serialization -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -270,8 +306,14 @@ register_preset(QuantConfig("w4a4-gptq", WeightSpec(4, symmetric=False, group_si
 # 5 bits on average as executed and at most 6 stored (a second weight copy only where it pays for itself).
 register_preset(QuantConfig("w4a8-mp", WeightSpec(4, symmetric=False, group_size=64, gptq=True), ActSpec(8),
                             mixed_precision=MixedPrecisionSpec(budget_bits=5.0, memory_bits=6.0)))
+# FP8 e4m3 weights (per output channel) and activations (per token): the Hopper fp8 tensor cores (faster than
+# int8 in our kernels), balancing kept where it cuts the calibration error.
+register_preset(QuantConfig("w8a8-fp8", WeightSpec(8, format="fp8"), ActSpec(8, format="fp8")))
 # Ablations / baselines: per-token dynamic without balancing, and the naive static per-tensor scheme.
 register_preset(QuantConfig("w8a8-dynamic", WeightSpec(8), ActSpec(8), balance=None))
+# fp8 without balancing: the numerics of torchao's Float8DynamicActivationFloat8WeightConfig(PerRow())
+register_preset(QuantConfig("w8a8-fp8-dynamic", WeightSpec(8, format="fp8"), ActSpec(8, format="fp8"),
+                            balance=None))
 register_preset(QuantConfig("w4a8-dynamic", WeightSpec(4, False, 64), ActSpec(8), balance=None))
 register_preset(
     QuantConfig("w8a8-static", WeightSpec(8, per_tensor=True), ActSpec(8, "per_tensor_static"), balance=None)

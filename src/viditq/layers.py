@@ -15,7 +15,8 @@ from torch import nn
 from .kernels import dispatch, reference
 from .quant.hadamard import hadamard_rotate
 from .quant.quantizers import (
-    dequantize_weight, pack_int4, quantize_per_tensor_static, quantize_weight, resolve_group_size,
+    dequantize_weight, pack_int4, quantize_per_tensor_static, quantize_weight, quantize_weight_fp8,
+    resolve_group_size,
 )
 
 
@@ -41,6 +42,14 @@ class LayerSpec:
     # Layers with the same input_group read the same input (q/k/v of one attention) and share their smoothing
     # and rotation: the quantized activation is computed once per forward and reused (install_input_sharing).
     input_group: str | None = None
+    fp8: bool = False  # fp8 e4m3 weights (per-channel scales) and per-token fp8 activations instead of integers
+
+    def __post_init__(self):
+        if self.fp8 and not (self.weight_bits == 8 and self.act_bits == 8 and self.weight_symmetric
+                             and self.group_size == self.in_features and not self.act_static
+                             and not self.weight_per_tensor):
+            raise ValueError(f"fp8 layer spec must be 8-bit symmetric per-channel weights with dynamic 8-bit "
+                             f"activations, got {self}")
 
     @property
     def packed_int4(self) -> bool:
@@ -60,7 +69,9 @@ class QuantLinear(nn.Module):
         groups = k // spec.group_size
         # Per-channel scales stay float32; group-wise ones are float16 so they cost 1/4 bit per weight at g64.
         scale_dtype = torch.float32 if groups == 1 else torch.float16
-        if spec.packed_int4:
+        if spec.fp8:
+            self.register_buffer("weight_codes", torch.empty(n, k, dtype=torch.float8_e4m3fn, device=device))
+        elif spec.packed_int4:
             self.register_buffer("weight_codes", torch.empty(n, k // 2, dtype=torch.uint8, device=device))
         else:
             self.register_buffer("weight_codes", torch.empty(n, k, dtype=torch.int8, device=device))
@@ -133,7 +144,10 @@ class QuantLinear(nn.Module):
 
     def _set_weight(self, w: torch.Tensor) -> None:
         spec = self.spec
-        if spec.weight_per_tensor:  # naive baseline: one scale per tensor
+        if spec.fp8:
+            qw = quantize_weight_fp8(w)
+            codes, scale, zero = qw.codes, qw.scale, None
+        elif spec.weight_per_tensor:  # naive baseline: one scale per tensor
             qw = quantize_weight(w.reshape(1, -1), spec.weight_bits, spec.weight_symmetric)
             codes = qw.codes.reshape(w.shape)
             scale = qw.scale.expand(w.shape[0], 1)
@@ -180,7 +194,7 @@ class QuantLinear(nn.Module):
                 codes = quantize_per_tensor_static(xb, self.act_scale, spec.act_bits)
                 scale = self.act_scale.float().expand(x2d.shape[0], 1)
             else:
-                codes, scale = reference.quantize_per_token(xb, spec.act_bits)
+                codes, scale = reference.quantize_activation(xb, spec.act_bits, fp8=spec.fp8)
         else:
             codes, scale = self._quantize_input(x, x2d)
         y = dispatch.int_linear(
@@ -204,7 +218,7 @@ class QuantLinear(nn.Module):
     def _quantize_2d(self, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         spec = self.spec
         return dispatch.quantize_activation(x2d, spec.act_bits, self.smooth_inv, self.rot_signs, spec.rot_m,
-                                            spec.rot_block)
+                                            spec.rot_block, spec.fp8)
 
     def weight_nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.buffers())
@@ -214,8 +228,9 @@ class QuantLinear(nn.Module):
         g = "per-channel" if s.group_size == s.in_features else f"g{s.group_size}"
         bal = "+".join(n for n, on in (("smooth", s.smooth), ("rotate", s.rotate)) if on) or "none"
         act = "none" if s.weight_only else ("static" if s.act_static else "per-token")
-        return (f"in={s.in_features}, out={s.out_features}, W{s.weight_bits}({g}, "
-                f"{'sym' if s.weight_symmetric else 'asym'}), A{s.act_bits}({act}), balance={bal}")
+        fmt = "fp8 e4m3, " if s.fp8 else ""
+        return (f"in={s.in_features}, out={s.out_features}, W{s.weight_bits}({fmt}{g}, "
+                f"{'sym' if s.weight_symmetric else 'asym'}), A{s.act_bits}({fmt}{act}), balance={bal}")
 
 
 class SharedInputCache:
@@ -269,7 +284,8 @@ def _same_balancing(a: QuantLinear, b: QuantLinear) -> bool:
         return (t is None and u is None) or (t is not None and u is not None and torch.equal(t, u))
 
     sa, sb = a.spec, b.spec
-    return (sa.in_features == sb.in_features and sa.act_bits == sb.act_bits and sa.rot_m == sb.rot_m
+    return (sa.in_features == sb.in_features and sa.act_bits == sb.act_bits and sa.fp8 == sb.fp8
+            and sa.rot_m == sb.rot_m
             and sa.rot_block == sb.rot_block
             and not (sa.act_static or sb.act_static or sa.weight_only or sb.weight_only)
             and same(a.smooth_inv, b.smooth_inv) and same(a.rot_signs, b.rot_signs)
@@ -306,7 +322,7 @@ def make_layer_spec(linear: nn.Linear, weight, act, *, smooth=False, rotate=Fals
         in_features=k, out_features=linear.out_features, bias=linear.bias is not None,
         weight_bits=weight.bits, weight_symmetric=weight.symmetric, group_size=group,
         act_bits=act.bits, weight_per_tensor=weight.per_tensor, act_static=act.granularity == "per_tensor_static",
-        smooth=smooth, rotate=rotate, rot_m=rot_m, rot_block=rot_block, alpha=alpha,
+        smooth=smooth, rotate=rotate, rot_m=rot_m, rot_block=rot_block, alpha=alpha, fp8=weight.format == "fp8",
     )
 
 

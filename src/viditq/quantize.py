@@ -64,7 +64,7 @@ def _layer_precision(name: str, config: QuantConfig, timestep: float | None = No
             weight = dataclasses.replace(weight, bits=rule.weight_bits,
                                          group_size=config.weight.group_size if rule.weight_bits <= 4 else None)
         if rule.act_bits is not None:
-            act = ActSpec(rule.act_bits, act.granularity)
+            act = dataclasses.replace(act, bits=rule.act_bits)
     return None if keep else (weight, act)
 
 
@@ -97,8 +97,11 @@ def layer_schedule(name: str, config: QuantConfig) -> tuple[Precision, list[tupl
 
 
 def precision_key(precision: Precision) -> str:
-    """Name of a precision inside a TimestepSwitchLinear: ``"w4a8"``, ``"w8a8"``, ... or ``"fp"``."""
-    return "fp" if precision is None else f"w{precision[0].bits}a{precision[1].bits}"
+    """Name of a precision inside a TimestepSwitchLinear: ``"w4a8"``, ``"w8a8"``, ``"w8a8_fp8"``, ... or ``"fp"``."""
+    if precision is None:
+        return "fp"
+    weight, act = precision
+    return f"w{weight.bits}a{act.bits}" + ("_fp8" if weight.format == "fp8" else "")
 
 
 def plan_layers(model: nn.Module, config: QuantConfig) -> dict[str, tuple[nn.Linear, LayerSpec]]:

@@ -38,15 +38,27 @@ def _act_kernel_supports(k: int, rot_signs: torch.Tensor | None, rot_m: int, rot
     return act_quant.rotation_supported(k, rot_m, rot_block)
 
 
-def quantize_activation(x, bits, smooth_inv=None, rot_signs=None, rot_m=1, rot_block=0):
-    """(M, K) float → int8 codes (M, K), float32 per-token scales (M, 1); see ``reference.quantize_activation``."""
+def inductor_quantizes(rot_signs) -> bool:
+    """Under ``torch.compile``, whether activation quantization is left to Inductor as plain PyTorch ops (the
+    reference), so that it fuses into the op that produces the activation (LayerNorm + modulation, GELU, the
+    residual add) instead of re-reading it: the default for inputs without a rotation. Rotated inputs, and all
+    inputs with ``VIDITQ_COMPILE_ACT_QUANT=kernel``, keep viditq's kernel as an opaque custom op."""
+    return rot_signs is None and os.environ.get("VIDITQ_COMPILE_ACT_QUANT", "inductor") != "kernel"
+
+
+def quantize_activation(x, bits, smooth_inv=None, rot_signs=None, rot_m=1, rot_block=0, fp8=False):
+    """(M, K) float → int8 codes (fp8 e4m3 if ``fp8``) (M, K), float32 per-token scales (M, 1); see
+    ``reference.quantize_activation``."""
+    args = (bits, smooth_inv, rot_signs, rot_m, rot_block, fp8)
     if not (use_triton(x) and _act_kernel_supports(x.shape[-1], rot_signs, rot_m, rot_block)):
-        return reference.quantize_activation(x, bits, smooth_inv, rot_signs, rot_m, rot_block)
+        return reference.quantize_activation(x, *args)
+    if torch.compiler.is_compiling():
+        if inductor_quantizes(rot_signs):
+            return reference.quantize_activation(x, *args)
+        return torch.ops.viditq.quantize_activation(x.contiguous(), *args)
     if x.stride(-1) != 1:
         x = x.contiguous()
-    if torch.compiler.is_compiling():
-        return torch.ops.viditq.quantize_activation(x, bits, smooth_inv, rot_signs, rot_m, rot_block)
-    return ops.quantize_activation_impl(x, bits, smooth_inv, rot_signs, rot_m, rot_block)
+    return ops.quantize_activation_impl(x, *args)
 
 
 def int_linear(x_codes, x_scale, w, w_scale, w_zero, group_size, packed_int4, bias, out_dtype, activation=None):

@@ -18,11 +18,11 @@ def gemm_supported(k: int, group_size: int, packed_int4: bool) -> bool:
 
 def quantize_activation_impl(
     x: torch.Tensor, bits: int, smooth_inv: Optional[torch.Tensor], rot_signs: Optional[torch.Tensor], rot_m: int,
-    rot_block: int,
+    rot_block: int, fp8: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from . import act_quant
 
-    return act_quant.quantize_activation(x, bits, smooth_inv, rot_signs, rot_m, rot_block)
+    return act_quant.quantize_activation(x, bits, smooth_inv, rot_signs, rot_m, rot_block, fp8=fp8)
 
 
 def int_linear_impl(
@@ -39,14 +39,15 @@ def int_linear_impl(
 @torch.library.custom_op("viditq::quantize_activation", mutates_args=())
 def _quantize_activation_op(
     x: torch.Tensor, bits: int, smooth_inv: Optional[torch.Tensor], rot_signs: Optional[torch.Tensor], rot_m: int,
-    rot_block: int,
+    rot_block: int, fp8: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return quantize_activation_impl(x, bits, smooth_inv, rot_signs, rot_m, rot_block)
+    return quantize_activation_impl(x, bits, smooth_inv, rot_signs, rot_m, rot_block, fp8)
 
 
 @_quantize_activation_op.register_fake
-def _(x, bits, smooth_inv, rot_signs, rot_m, rot_block):
-    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0], 1), dtype=torch.float32)
+def _(x, bits, smooth_inv, rot_signs, rot_m, rot_block, fp8):
+    codes_dtype = torch.float8_e4m3fn if fp8 else torch.int8
+    return x.new_empty(x.shape, dtype=codes_dtype), x.new_empty((x.shape[0], 1), dtype=torch.float32)
 
 
 @torch.library.custom_op("viditq::int_linear", mutates_args=())

@@ -1,15 +1,16 @@
 """PyTorch reference implementations of every kernel entry point (any device, float32 math).
 
 These define the numerics; the Triton kernels must match them. Shapes:
-  x (M, K) float; act codes int8 (M, K); act scale float32 (M, 1);
-  weight codes int8 (N, K) or packed int4 uint8 (N, K // 2); weight scale (N, G); weight zero int8 (N, G) | None.
+  x (M, K) float; act codes int8 or float8_e4m3fn (M, K); act scale float32 (M, 1);
+  weight codes int8 / float8_e4m3fn (N, K) or packed int4 uint8 (N, K // 2); weight scale (N, G);
+  weight zero int8 (N, G) | None.
 """
 from __future__ import annotations
 
 import torch
 
 from ..quant.hadamard import hadamard_rotate
-from ..quant.quantizers import MIN_SCALE, dequantize_weight, quantize_per_token, unpack_int4
+from ..quant.quantizers import dequantize_weight, quantize_per_token, quantize_per_token_fp8, unpack_int4
 
 
 def balance_activation(
@@ -31,9 +32,12 @@ def quantize_activation(
     rot_signs: torch.Tensor | None = None,
     rot_m: int = 1,
     rot_block: int = 0,
+    fp8: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Balance then quantize per token: (M, K) → int8 codes (M, K), float32 scales (M, 1)."""
-    return quantize_per_token(balance_activation(x, smooth_inv, rot_signs, rot_m, rot_block), bits)
+    """Balance then quantize per token: (M, K) → int8 codes (M, K) (fp8 e4m3 values if ``fp8``; ``bits`` is then
+    ignored), float32 scales (M, 1)."""
+    y = balance_activation(x, smooth_inv, rot_signs, rot_m, rot_block)
+    return quantize_per_token_fp8(y) if fp8 else quantize_per_token(y, bits)
 
 
 def unpack_weight_codes(w: torch.Tensor, packed_int4: bool) -> torch.Tensor:
@@ -71,14 +75,7 @@ def apply_activation(y: torch.Tensor, activation: str | None) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------- fp8 e4m3 variant
-FP8_E4M3_MAX = 448.0
-
-
-def quantize_per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token fp8: (M, K) float → fp8 e4m3 values (M, K), float32 scales (M, 1) with ``absmax / 448``."""
-    xf = x.float()
-    scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_E4M3_MAX).clamp_min(MIN_SCALE)
-    return (xf / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn), scale
+# ``int_linear`` takes fp8 codes as they are (``codes.float()``); ``quantize_per_token_fp8`` is the quantizer.
 
 
 def quantize_activation_fp8(
@@ -86,7 +83,7 @@ def quantize_activation_fp8(
     rot_block: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Balance then quantize per token to fp8 e4m3 (the fp8 twin of :func:`quantize_activation`)."""
-    return quantize_per_token_fp8(balance_activation(x, smooth_inv, rot_signs, rot_m, rot_block))
+    return quantize_activation(x, 8, smooth_inv, rot_signs, rot_m, rot_block, fp8=True)
 
 
 def fp8_linear(
@@ -94,7 +91,4 @@ def fp8_linear(
     bias: torch.Tensor | None, out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """``(a * a_scale) @ (w * w_scale)^T + bias`` for fp8 a (M, K), w (N, K), scales (M, 1) and (N, 1)."""
-    y = (a.float() @ w.float().t()) * a_scale * w_scale.float().reshape(1, -1)
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(out_dtype)
+    return int_linear(a, a_scale, w, w_scale.reshape(-1, 1), None, a.shape[1], False, bias, out_dtype)

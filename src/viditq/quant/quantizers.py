@@ -46,6 +46,19 @@ def fake_quantize_per_token(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
     return codes.float() * scale
 
 
+FP8_E4M3_MAX = 448.0  # largest finite float8_e4m3fn value
+
+
+def quantize_per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token fp8: ``x`` (..., K) → float8_e4m3fn values (..., K), float32 scales (..., 1) = ``absmax / 448``.
+
+    Values are ``x * (1 / scale)`` (a float32 reciprocal, then a product: what the kernel computes, so codes agree
+    exactly), rounded to nearest even by the cast."""
+    xf = x.float()
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_E4M3_MAX).clamp_min(MIN_SCALE)
+    return (xf * scale.reciprocal()).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn), scale
+
+
 def quantize_per_tensor_static(x: torch.Tensor, scale: torch.Tensor, bits: int = 8) -> torch.Tensor:
     """Symmetric per-tensor quantization with a calibrated (static) scale → int8 codes (clamped)."""
     lo, qmax = signed_range(bits, symmetric=True)
@@ -99,10 +112,16 @@ def quantize_weight(
     return QuantizedWeight(codes.reshape(n, k).to(torch.int8), scale, zero, bits, g)
 
 
+def quantize_weight_fp8(w: torch.Tensor) -> QuantizedWeight:
+    """fp8 e4m3 weights (N, K) with one float32 scale per output channel (``absmax / 448``)."""
+    codes, scale = quantize_per_token_fp8(w.detach())  # a weight row is quantized like a token
+    return QuantizedWeight(codes, scale, None, 8, w.shape[1])
+
+
 def dequantize_weight(
     codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int
 ) -> torch.Tensor:
-    """Float32 weight (N, K) from int8 codes (N, K), scales (N, G) and optional zero points (N, G)."""
+    """Float32 weight (N, K) from int8 (or fp8) codes (N, K), scales (N, G) and optional zero points (N, G)."""
     n, k = codes.shape
     c = codes.float().reshape(n, k // group_size, group_size)
     if zero is not None:

@@ -1,23 +1,28 @@
 #!/usr/bin/env bash
-# The final device call (one H100): CPU-offload check on quantized pipelines, then end to end PixArt-α 1024 and
-# CogVideoX-2B (49 frames 480x720), random bf16 weights, CFG batch 2:
-#   bf16 eager, bf16 torch.compile, W8A8 / W4A8 (PixArt) + CUDA graph, W8A8 + 8-bit attention (fp8) + CUDA graph,
-#   and last, with whatever time is left, torchao fp8 rowwise + torch.compile (309 s of compile in the issue's
-#   measurement: a timeout there is an accepted result).
-# Every step runs under its own timeout, each (model, variant) in its own subprocess with its own timeout, and the
-# whole script ends within BUDGET_S (default 560) seconds of its start. Results, directly in $OUT (5 files):
-#   log.txt, offload.json, e2e_pixart.json, e2e_cogvideox.json, e2e_torchao.json  (+ summary.txt: the table).
+# One device call (one H100 / H200), in steps that each run under their own timeout, the whole script ending
+# within BUDGET_S (default 560) seconds of its start:
+#   tests      the GPU kernel tests (TESTS_K: a pytest -k filter; empty = all of test_kernels/attention/fusion)
+#   gemm       bench_gemm.py: ceilings, act-quant table, GEMM table (bf16 cuBLAS, fp8 _scaled_mm, ours)
+#   offload    CPU-offload check on quantized pipelines
+#   pixart     end to end PixArt-α 1024 (PIXART_VARIANTS), random bf16 weights, CFG batch 2
+#   cogvideox  end to end CogVideoX-2B 49x480x720 (COGVIDEOX_VARIANTS)
+#   tune       the act-quant launch-shape sweep
+#   torchao    torchao fp8 rowwise + torch.compile on both models (TORCHAO_VARIANTS), with whatever time is left
+# Each (model, variant) of bench_e2e runs in its own subprocess with its own timeout. Results in $OUT:
+#   log.txt, tests.txt, gemm.json, offload.json, e2e_pixart.json, e2e_cogvideox.json, e2e_torchao.json, summary.txt
 #
 # Usage, from the repo root (the wheels in .whl/ — diffusers, torchao — are installed to /tmp/site if needed):
-#   bash benchmarks/run_final_h100.sh
-# Time plan (NOTES.md numbers; python + import ~6 s per subprocess): offload check ~60 s; PixArt eager 12 s,
-# compile ~70 s (54 s compile), W8A8/W4A8/W8A8+attn graph 35-45 s each (ready 5-8 s + cold Triton compiles);
-# CogVideoX eager ~20 s, compile ~80 s, W8A8(+attn) graph ~45-50 s each; ≈ 450 s, the rest goes to torchao.
+#   STEPS=tests,gemm,pixart bash benchmarks/run_gpu.sh
+# Time plan (NOTES.md): python + import ~6 s per subprocess; PixArt eager 12 s, compile ~70 s, quantized + graph
+# 35-45 s, quantized + compile ~80 s; CogVideoX eager ~20 s, compile > 120 s, quantized + graph ~45-50 s.
 set -u
 BUDGET_S=${BUDGET_S:-560}
-STEPS=${STEPS:-offload,pixart,cogvideox,tests,torchao}  # which steps run (comma list; also: tune)
-PIXART_VARIANTS=${PIXART_VARIANTS:-bf16_eager,bf16_compile,w8a8_graph,w4a8_graph,w8a8_attn_graph}
-COGVIDEOX_VARIANTS=${COGVIDEOX_VARIANTS:-bf16_eager,bf16_compile,w8a8_graph,w8a8_attn_graph}
+STEPS=${STEPS:-tests,gemm,pixart,cogvideox,torchao}  # which steps run (comma list; also: offload, tune)
+TESTS_K=${TESTS_K:-}
+PIXART_VARIANTS=${PIXART_VARIANTS:-bf16_eager,bf16_compile,w8a8_graph,w8a8_fp8_graph,w8a8_fp8_compile_graph}
+COGVIDEOX_VARIANTS=${COGVIDEOX_VARIANTS:-bf16_eager,w8a8_fp8_graph,w8a8_fp8_attn_graph}
+TORCHAO_VARIANTS=${TORCHAO_VARIANTS:-torchao_fp8_compile}
+TORCHAO_MODELS=${TORCHAO_MODELS:-pixart,cogvideox}
 RESERVE_S=12  # kept for the summary table
 OUT=${OUT:-out/final}
 mkdir -p "$OUT"
@@ -62,11 +67,17 @@ except Exception as e:  # the torchao variants report it themselves
 print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__,
       'accelerate', accelerate.__version__, 'torchao', ao)" 2>&1 | tail -3
 
+    # the kernel tests on the GPU (real DiT shapes included: the gpu_only cases)
+    wanted tests && step "gpu kernel tests" 170 sh -c "python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_attention.py tests/test_fusion.py ${TESTS_K:+-k '$TESTS_K'} --tb=short > '$OUT/tests.txt' 2>&1; tail -4 '$OUT/tests.txt'"
+
+    wanted gemm && step "gemm + act quant tables" 120 sh -c "python3 benchmarks/bench_gemm.py --out '$OUT/gemm.json' > '$OUT/gemm_log.txt' 2>&1; grep -v '^kern' '$OUT/gemm_log.txt' | tail -45"
+
     wanted offload && step "offload check" 100 python3 benchmarks/check_offload.py --out "$OUT/offload.json" --steps 8
 
     wanted pixart && step "e2e pixart" 250 python3 benchmarks/bench_e2e.py --models pixart \
         --variants "$PIXART_VARIANTS" --iters 10 --timeout 60 \
         --variant-timeout bf16_compile=110 --variant-timeout w8a8_attn_graph=80 --variant-timeout w4a8_graph=75 \
+        --variant-timeout w8a8_fp8_compile_graph=120 --variant-timeout w8a8_compile_graph=120 \
         --deadline "{T}" --out "$OUT/e2e_pixart.json"
 
     wanted cogvideox && step "e2e cogvideox" 240 python3 benchmarks/bench_e2e.py --models cogvideox \
@@ -74,16 +85,13 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', dif
         --variant-timeout bf16_eager=50 --variant-timeout bf16_compile=120 --variant-timeout w8a8_attn_graph=95 \
         --deadline "{T}" --out "$OUT/e2e_cogvideox.json"
 
-    # the kernel tests on the GPU (real DiT shapes included: the gpu_only cases)
-    wanted tests && step "gpu kernel tests" 170 sh -c "python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_attention.py tests/test_fusion.py --tb=short > '$OUT/kernel_tests.txt' 2>&1; tail -4 '$OUT/kernel_tests.txt'"
-
     # the launch-shape sweep of the fused activation quantization (its sweep stops 25 s before the step's timeout)
     wanted tune && step "act quant tune" 200 python3 benchmarks/tune_act_quant.py --out "$OUT/act_quant.json" \
         --budget-s "{T}"
 
     # torchao last, with the rest of the budget: PixArt first, then CogVideoX if at least 10 s remain after it
-    wanted torchao && step "e2e torchao" 600 python3 benchmarks/bench_e2e.py --models pixart,cogvideox \
-        --variants torchao_fp8_compile --iters 5 --timeout 600 --deadline "{T}" --out "$OUT/e2e_torchao.json"
+    wanted torchao && step "e2e torchao" 600 python3 benchmarks/bench_e2e.py --models "$TORCHAO_MODELS" \
+        --variants "$TORCHAO_VARIANTS" --iters 5 --timeout 600 --deadline "{T}" --out "$OUT/e2e_torchao.json"
 
     echo "== summary (at $(elapsed) s)"
     timeout 10 python3 - "$OUT" <<'EOF' | tee "$OUT/summary.txt"
