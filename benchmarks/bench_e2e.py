@@ -11,7 +11,8 @@ imported), ``w8a8``, ``w4a8``, ``w8a8_dynamic``, ``w8a8_fp8``, ``w8a8_fp8_dynami
 ``-``). ``_attn``: 8-bit attention, fp8 mode (``viditq.attention.apply_quantized_attention``; attention over fewer
 than ``--min-kv-tokens`` keys — the text cross-attention — stays on SDPA). Run modes: ``_eager`` (or none),
 ``_graph`` (one forward captured in a CUDA graph and replayed), ``_compile`` (``torch.compile``), ``_compile_graph``
-(``torch.compile``, then one compiled forward captured in a CUDA graph: no launch overhead on either side).
+(``torch.compile``, then one compiled forward captured in a CUDA graph: no launch overhead on either side),
+``_blocks`` / ``_blocks_graph`` (regional compilation: ``viditq.compile_blocks``, each transformer block compiled).
 Examples: ``bf16_compile``, ``torchao_fp8_compile``, ``w8a8_graph``, ``w8a8_fp8_compile_graph``.
 ``VIDITQ_COMPILE_ACT_QUANT=kernel`` keeps viditq's activation-quantization kernel under torch.compile (default:
 Inductor quantizes un-rotated inputs itself, fused with their producer; ``viditq.kernels.dispatch``).
@@ -36,7 +37,8 @@ VARIANTS = ("bf16_eager", "bf16_graph", "bf16_compile", "bf16_compile_graph", "t
             "w8a8_graph", "w8a8_compile", "w8a8_compile_graph", "w4a8", "w4a8_graph", "w8a8_dynamic",
             "w8a8_dynamic_graph", "w8a8_attn", "w8a8_attn_graph", "w8a8_attn_compile", "bf16_attn_graph",
             "w8a8_fp8", "w8a8_fp8_graph", "w8a8_fp8_compile_graph", "w8a8_fp8_attn_graph",
-            "w8a8_fp8_attn_compile_graph", "w8a8_fp8_dynamic_graph")
+            "w8a8_fp8_attn_compile_graph", "w8a8_fp8_dynamic_graph", "bf16_blocks_graph", "w8a8_fp8_blocks_graph",
+            "w8a8_fp8_attn_blocks_graph", "w8a8_blocks_graph")
 QUANT_BASES = ("w8a8", "w4a8", "w8a8_dynamic", "w8a8_fp8", "w8a8_fp8_dynamic")
 ATTENTION_MODE = "fp8"  # mode of the "_attn" variants
 
@@ -100,9 +102,9 @@ def module_bytes(model: torch.nn.Module) -> int:
 # ----------------------------------------------------------------------------------------- variants
 def parse_variant(variant: str) -> tuple[str, bool, str]:
     """``w8a8_attn_graph`` → ("w8a8", True, "graph"): (base, 8-bit attention, run mode eager|graph|compile|
-    compile_graph)."""
+    compile_graph|blocks|blocks_graph)."""
     run_mode = "eager"
-    for mode in ("eager", "compile_graph", "graph", "compile"):
+    for mode in ("eager", "compile_graph", "blocks_graph", "graph", "compile", "blocks"):
         if variant.endswith("_" + mode):
             variant, run_mode = variant.removesuffix("_" + mode), mode
             break
@@ -151,6 +153,10 @@ def prepare(variant: str, model, kwargs, min_kv_tokens: int | None = None):
                                   modules=apply_quantized_attention(model, ATTENTION_MODE, min_kv_tokens))
     if run_mode in ("compile", "compile_graph"):
         return torch.compile(model), notes
+    if run_mode in ("blocks", "blocks_graph"):
+        from viditq import compile_blocks
+
+        notes["compiled_blocks"] = compile_blocks(model)
     return model, notes
 
 
@@ -213,6 +219,14 @@ def _sync():
         torch.cuda.synchronize()
 
 
+_T0 = time.perf_counter()
+
+
+def _log(msg: str) -> None:
+    """Progress on stderr (kept in the results when a run times out)."""
+    print(f"[{time.perf_counter() - _T0:6.1f} s] {msg}", file=sys.stderr, flush=True)
+
+
 def run_one(model_name: str, variant: str, iters: int, tiny: bool, min_kv_tokens: int | None = None) -> dict:
     """Build, prepare, check against the bf16 output, time. Without CUDA (smoke test) it stops after the check.
     A variant that cannot run here (torchao missing) returns ``{"skipped": reason}``."""
@@ -221,6 +235,7 @@ def run_one(model_name: str, variant: str, iters: int, tiny: bool, min_kv_tokens
     t0 = time.perf_counter()
     model, kwargs = build_model(model_name, device, tiny)
     _sync()
+    _log(f"{model_name}:{variant} built")
     result = dict(model=model_name, variant=variant, build_s=time.perf_counter() - t0,
                   device=torch.cuda.get_device_name() if device == "cuda" else "cpu")
     with torch.inference_mode():
@@ -236,9 +251,11 @@ def run_one(model_name: str, variant: str, iters: int, tiny: bool, min_kv_tokens
         _sync()
         result.update(notes, prepare_s=time.perf_counter() - t1, weight_bytes=module_bytes(model),
                       allocated_after_prepare=torch.cuda.memory_allocated() if device == "cuda" else 0)
+        _log(f"prepared in {result['prepare_s']:.1f} s")
         t2 = time.perf_counter()
         out = fn(**kwargs)[0].float()
         _sync()
+        _log("first forward done")
         result["first_forward_s"] = time.perf_counter() - t2
         result["ready_s"] = result["prepare_s"] + result["first_forward_s"]
         if "attention" in notes:  # routing of one forward's attention calls (CUDA-graph replays are not counted)
@@ -256,6 +273,7 @@ def run_one(model_name: str, variant: str, iters: int, tiny: bool, min_kv_tokens
                 result["profile_error"] = repr(e)[:300]
         if variant.endswith("_graph"):
             fn = graph_forward(fn, kwargs)
+            _log("graph captured")
         time_forward(fn, kwargs, 3)  # warm-up (compiled variants may recompile once)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -291,8 +309,10 @@ def run_all(models, variants, iters, timeout_s, out_path, tiny, min_kv_tokens=No
             t0 = time.perf_counter()
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit, env=os.environ)
-            except subprocess.TimeoutExpired:
-                results["timed_out"].append(f"{model_name}:{variant}: timed out after {limit:.0f} s")
+            except subprocess.TimeoutExpired as e:
+                stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+                progress = " | ".join([line for line in stderr.splitlines() if line.startswith("[")][-4:])
+                results["timed_out"].append(f"{model_name}:{variant}: timed out after {limit:.0f} s ({progress})")
                 print(f"{model_name:10s} {variant:22s} timed out after {limit:.0f} s", flush=True)
                 _save(results, out_path)
                 continue

@@ -41,21 +41,22 @@ def test_fused_cogvideox_norm_matches_diffusers(monkeypatch):
 
     from viditq.testing import tiny_model
 
-    model = tiny_model("cogvideox")
+    model = tiny_model("cogvideox").to(DEVICE)
     expected = sum(isinstance(m, CogVideoXLayerNormZero) or (type(m) is torch.nn.LayerNorm
                                                              and m.normalized_shape[0] <= fusion.SMALL_NORM_CHANNELS)
                    for m in model.modules())
     module = next(m for m in model.modules() if isinstance(m, CogVideoXLayerNormZero))
     g = torch.Generator().manual_seed(0)
     c = module.norm.normalized_shape[0]
-    hidden, enc = torch.randn(2, 12, c, generator=g), torch.randn(2, 5, c, generator=g)
-    temb = torch.randn(2, module.linear.in_features, generator=g)
+    hidden, enc = torch.randn(2, 12, c, generator=g).to(DEVICE), torch.randn(2, 5, c, generator=g).to(DEVICE)
+    temb = torch.randn(2, module.linear.in_features, generator=g).to(DEVICE)
     with torch.no_grad():
         before = module(hidden, enc, temb)
         assert fusion.fuse_norms(model) == expected > 0
         assert fusion.fuse_norms(model) == expected  # idempotent
         assert type(module).__name__ == "FusedCogVideoXLayerNormZero" and isinstance(module, CogVideoXLayerNormZero)
-        unfused_path = module(hidden, enc, temb)  # CPU: diffusers' own forward
+        monkeypatch.setattr(fusion, "_kernel_ok", lambda x: False)
+        unfused_path = module(hidden, enc, temb)  # diffusers' own forward (CPU, reference backend, compile)
         monkeypatch.setattr(fusion, "_kernel_ok", lambda x: True)  # force the kernel (interpreter on CPU)
         fused_path = module(hidden, enc, temb)
     for a, b, c_ in zip(before, unfused_path, fused_path):
@@ -110,15 +111,16 @@ def test_layer_norm_on_permuted_rows(shape, transpose):
 def test_fuse_norms_takes_narrow_layer_norms_only(monkeypatch):
     from viditq.testing import tiny_model
 
-    model = tiny_model("cogvideox")
+    model = tiny_model("cogvideox").to(DEVICE)
     narrow = [m for m in model.modules() if type(m) is torch.nn.LayerNorm and m.normalized_shape[0] <= 256]
-    wide = torch.nn.LayerNorm(512)
+    wide = torch.nn.LayerNorm(512, device=DEVICE)
     model.add_module("wide_norm", wide)
     fusion.fuse_norms(model)
     assert narrow and all(type(m) is fusion.FusedLayerNorm for m in narrow) and type(wide) is torch.nn.LayerNorm
-    x = torch.randn(2, 4, 5, narrow[0].normalized_shape[0])
+    x = torch.randn(2, 4, 5, narrow[0].normalized_shape[0], device=DEVICE)
     with torch.no_grad():
-        cpu_path = narrow[0](x)  # CPU: PyTorch's LayerNorm
-        monkeypatch.setattr(fusion.dispatch, "use_triton", lambda t: True)  # the kernel, on the interpreter
+        monkeypatch.setattr(fusion.dispatch, "use_triton", lambda t: False)
+        cpu_path = narrow[0](x)  # PyTorch's LayerNorm
+        monkeypatch.setattr(fusion.dispatch, "use_triton", lambda t: True)  # the kernel (interpreter on CPU)
         kernel_path = narrow[0](x.transpose(1, 2))
     torch.testing.assert_close(kernel_path, cpu_path.transpose(1, 2), rtol=1e-5, atol=1e-5)

@@ -7,6 +7,7 @@
 """
 from .calibrate import capture_calibration
 from .checkpoint import load_pipeline, load_quantized, save_quantized
+from .compile import compile_blocks
 from .config import PRESETS, ActSpec, BalanceSpec, LayerRule, QuantConfig, WeightSpec
 from .layers import QuantLinear
 from .memory import MemoryReport, memory_report
@@ -16,6 +17,6 @@ from .quantize import quantize
 __version__ = "0.1.0"
 __all__ = [
     "ActSpec", "BalanceSpec", "LayerRule", "MemoryReport", "PRESETS", "QuantConfig", "QuantLinear", "WeightSpec",
-    "capture_calibration", "load_pipeline", "load_quantized", "memory_report", "quantize", "quantize_pipeline",
-    "quantize_weights_only", "save_quantized",
+    "capture_calibration", "compile_blocks", "load_pipeline", "load_quantized", "memory_report", "quantize",
+    "quantize_pipeline", "quantize_weights_only", "save_quantized",
 ]

@@ -14,28 +14,28 @@ MODELS = ("pixart", "cogvideox", "latte", "sd3", "flux", "wan")
 HIDDEN = 64  # 2 heads x 32: every linear width is then a Hadamard-friendly power of two or 3x
 
 
-def tiny_model(name: str, seed: int = 0) -> nn.Module:
+def tiny_model(name: str, seed: int = 0, num_layers: int = 2) -> nn.Module:
     import diffusers
 
     torch.manual_seed(seed)
     if name == "pixart":
         m = diffusers.PixArtTransformer2DModel(
-            num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=8, num_layers=2,
+            num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=8, num_layers=num_layers,
             cross_attention_dim=HIDDEN, caption_channels=48, sample_size=8, patch_size=2,
             norm_type="ada_norm_single", use_additional_conditions=False)
     elif name == "cogvideox":
         m = diffusers.CogVideoXTransformer3DModel(
-            num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4, num_layers=2,
+            num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4, num_layers=num_layers,
             text_embed_dim=48, time_embed_dim=32, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
             max_text_seq_length=8)
     elif name == "latte":
         m = diffusers.LatteTransformer3DModel(
-            num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=8, num_layers=2,
+            num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=8, num_layers=num_layers,
             cross_attention_dim=HIDDEN, caption_channels=48, sample_size=8, patch_size=2, video_length=3,
             norm_type="ada_norm_single")
     elif name == "sd3":
         m = diffusers.SD3Transformer2DModel(
-            sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=32, num_attention_heads=2,
+            sample_size=8, patch_size=2, in_channels=4, num_layers=num_layers, attention_head_dim=32, num_attention_heads=2,
             joint_attention_dim=48, caption_projection_dim=HIDDEN, pooled_projection_dim=16, out_channels=4,
             pos_embed_max_size=16)
     elif name == "flux":
@@ -45,7 +45,7 @@ def tiny_model(name: str, seed: int = 0) -> nn.Module:
     elif name == "wan":
         m = diffusers.WanTransformer3DModel(
             patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4,
-            text_dim=48, freq_dim=32, ffn_dim=128, num_layers=2, rope_max_seq_len=32)
+            text_dim=48, freq_dim=32, ffn_dim=128, num_layers=num_layers, rope_max_seq_len=32)
     else:
         raise ValueError(f"unknown tiny model {name!r}; choose one of {MODELS}")
     return m.eval()
@@ -170,7 +170,7 @@ def tiny_pixart_pipeline(seed: int = 0):
 
     torch.manual_seed(seed)
     tokenizer = tiny_word_tokenizer()
-    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=48, d_kv=16, d_ff=96, num_layers=2,
+    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=48, d_kv=16, d_ff=96, num_layers=num_layers,
                                            num_heads=3, relative_attention_num_buckets=8)).eval()
     vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
                                   up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), latent_channels=4,
