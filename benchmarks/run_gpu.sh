@@ -75,7 +75,7 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', dif
     wanted offload && step "offload check" 100 python3 benchmarks/check_offload.py --out "$OUT/offload.json" --steps 8
 
     wanted pixart && step "e2e pixart" 250 python3 benchmarks/bench_e2e.py --models pixart \
-        --variants "$PIXART_VARIANTS" --iters 10 --timeout 60 \
+        --variants "$PIXART_VARIANTS" --iters 10 --timeout "${PIXART_TIMEOUT:-60}" \
         --variant-timeout bf16_compile=110 --variant-timeout w8a8_attn_graph=80 --variant-timeout w4a8_graph=75 \
         --variant-timeout w8a8_fp8_compile_graph=120 --variant-timeout w8a8_compile_graph=120 \
         --deadline "{T}" --out "$OUT/e2e_pixart.json"

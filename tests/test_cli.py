@@ -44,6 +44,19 @@ def test_quantize_info_generate(float_pipeline_dir):
     assert img.shape == (8, 8, 3) and img.dtype == np.uint8
 
 
+def test_generate_compile_uses_regional_compilation(float_pipeline_dir, monkeypatch):
+    from viditq import compile as regional
+
+    d = float_pipeline_dir
+    compiled = []
+    real = regional.compile_blocks
+    monkeypatch.setattr(regional, "compile_blocks", lambda m: compiled.append(real(m, backend="eager")) or compiled[-1])
+    res = run("generate", "--model", d / "float", "--prompt", "a red circle", "--out", d / "c.png", "--steps", 2,
+              "--device", "cpu", "--compile", *PIPE_ARGS)
+    assert res.exit_code == 0, res.output
+    assert compiled == [2] and "compiling 2 transformer blocks" in res.output and (d / "c.png").is_file()
+
+
 def test_unknown_preset_is_a_clear_error(float_pipeline_dir):
     d = float_pipeline_dir
     res = run("quantize", "--model", d / "float", "--preset", "w3a9", "--prompts", d / "prompts.txt",

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-DEMO_PRESETS = ("fp", "w8a8", "w6a6", "w4a8", "w4a4")
+DEMO_PRESETS = ("fp", "w8a8", "w8a8-fp8", "w6a6", "w4a8", "w4a4")
 # Mixed precision measures every layer group's sensitivity first: about a minute for the tiny T2I model on one CPU
 # core, several for the T2V one, so only `--full` (or an explicit preset list) runs it.
 FULL_EXTRA_PRESETS = ("w4a8-mp",)

@@ -15,6 +15,8 @@ HIDDEN = 64  # 2 heads x 32: every linear width is then a Hadamard-friendly powe
 
 
 def tiny_model(name: str, seed: int = 0, num_layers: int = 2) -> nn.Module:
+    """A small diffusers transformer of ``name`` (MODELS) with random weights; ``num_layers`` blocks (Flux: one
+    double- and one single-stream block whatever it is)."""
     import diffusers
 
     torch.manual_seed(seed)
@@ -35,8 +37,8 @@ def tiny_model(name: str, seed: int = 0, num_layers: int = 2) -> nn.Module:
             norm_type="ada_norm_single")
     elif name == "sd3":
         m = diffusers.SD3Transformer2DModel(
-            sample_size=8, patch_size=2, in_channels=4, num_layers=num_layers, attention_head_dim=32, num_attention_heads=2,
-            joint_attention_dim=48, caption_projection_dim=HIDDEN, pooled_projection_dim=16, out_channels=4,
+            sample_size=8, patch_size=2, in_channels=4, num_layers=num_layers, attention_head_dim=32,
+            num_attention_heads=2, joint_attention_dim=48, caption_projection_dim=HIDDEN, pooled_projection_dim=16, out_channels=4,
             pos_embed_max_size=16)
     elif name == "flux":
         m = diffusers.FluxTransformer2DModel(
@@ -170,7 +172,7 @@ def tiny_pixart_pipeline(seed: int = 0):
 
     torch.manual_seed(seed)
     tokenizer = tiny_word_tokenizer()
-    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=48, d_kv=16, d_ff=96, num_layers=num_layers,
+    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=48, d_kv=16, d_ff=96, num_layers=2,
                                            num_heads=3, relative_attention_num_buckets=8)).eval()
     vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
                                   up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), latent_channels=4,
