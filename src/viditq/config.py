@@ -28,11 +28,16 @@ DEFAULT_KEEP_FP = (
 )
 ATTENTION_CHOICES = ("bf16", "int8", "fp8")
 GRANULARITIES = ("per_token", "per_tensor_static")
+# Activation bits meaning "not quantized": the layer runs its (balanced) float input times its dequantized
+# weights, the same stored weights as its quantized path (no second copy).
+FLOAT_ACT_BITS = 16
 
 
-def _check_bits(bits: int, what: str) -> None:
-    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
-        raise ValueError(f"{what} bits must be an integer between 2 and 8, got {bits!r}")
+def _check_bits(bits: int, what: str, allow_float: bool = False) -> None:
+    if isinstance(bits, int) and not isinstance(bits, bool) and (2 <= bits <= 8 or allow_float and bits == FLOAT_ACT_BITS):
+        return
+    extra = f", or {FLOAT_ACT_BITS} (not quantized)" if allow_float else ""
+    raise ValueError(f"{what} bits must be an integer between 2 and 8{extra}, got {bits!r}")
 
 
 @dataclass(frozen=True)
@@ -57,13 +62,14 @@ class WeightSpec:
 
 @dataclass(frozen=True)
 class ActSpec:
-    """Activations: ``bits``, quantized per token at run time (``per_token``) or with one calibrated scale."""
+    """Activations: ``bits``, quantized per token at run time (``per_token``) or with one calibrated scale;
+    ``bits=16`` leaves them in float (weight-only quantization: dequantized weights, float matmul)."""
 
     bits: int = 8
     granularity: str = "per_token"
 
     def __post_init__(self):
-        _check_bits(self.bits, "activation")
+        _check_bits(self.bits, "activation", allow_float=True)
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"activation granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
 
@@ -105,7 +111,12 @@ class LayerRule:
     """Override for layers whose name matches ``pattern`` (re.search). Later rules win over earlier ones.
 
     ``timesteps``: optional (lo, hi) range of diffusion timesteps (inclusive) in which the rule applies; a layer
-    with timestep rules keeps one weight copy per distinct bit-width it needs.
+    with timestep rules keeps one weight copy per distinct weight precision it needs.
+
+    ``act_bits=16``: activations not quantized. Where the layer has quantized activations at the same weight
+    precision in another timestep range, the 16-bit range reuses those weights (no second copy): the balanced
+    float input times the dequantized weights. A rule that sets nothing but ``act_bits=16`` never turns a layer
+    that is float at that point (``keep_fp``) into a quantized one; give ``weight_bits`` too for that.
     """
 
     pattern: str
@@ -119,9 +130,10 @@ class LayerRule:
             re.compile(self.pattern)
         except re.error as e:
             raise ValueError(f"invalid layer rule pattern {self.pattern!r}: {e}") from None
-        for bits, what in ((self.weight_bits, "rule weight"), (self.act_bits, "rule activation")):
-            if bits is not None:
-                _check_bits(bits, what)
+        if self.weight_bits is not None:
+            _check_bits(self.weight_bits, "rule weight")
+        if self.act_bits is not None:
+            _check_bits(self.act_bits, "rule activation", allow_float=True)
         if self.timesteps is not None:
             lo, hi = (float(t) for t in self.timesteps)
             if lo > hi:
@@ -144,6 +156,10 @@ class MixedPrecisionSpec:
     memory_bits: optional cap on average *stored* weight bits per parameter; a layer that needs two bit-widths
         in different timestep ranges keeps both copies and pays for both (4 + 8 = 12).
     allow_fp: let the most sensitive cells stay in 16-bit float (a third level above ``high_bits``).
+    float_act_budget: share of the executed weights (parameters x share of denoising steps) that may run with
+        float (16-bit) activations on their quantized weights; 0 (default) turns the level off. It stores nothing
+        and leaves ``budget_bits`` / ``memory_bits`` unchanged (same weights), but those layer-steps run a float
+        matmul instead of an integer one, hence its own budget. The sensitivity then also probes the A16 levels.
     cache: optional JSON file where the sensitivity table is kept and reused while the inputs are unchanged.
     """
 
@@ -154,10 +170,13 @@ class MixedPrecisionSpec:
     groups: str = "block"
     timestep_aware: bool = True
     allow_fp: bool = False
+    float_act_budget: float = 0.0
     cache: str | None = None
 
     def __post_init__(self):
         _check_bits(self.high_bits, "mixed-precision high weight")
+        if not 0.0 <= self.float_act_budget <= 1.0:
+            raise ValueError(f"mixed precision float_act_budget must be in [0, 1], got {self.float_act_budget!r}")
         if self.budget_bits is None and self.memory_bits is None:
             raise ValueError("mixed precision needs a budget: set budget_bits and/or memory_bits")
         for value, what in ((self.budget_bits, "budget_bits"), (self.memory_bits, "memory_bits")):
@@ -171,6 +190,15 @@ class MixedPrecisionSpec:
 
 @dataclass(frozen=True)
 class QuantConfig:
+    """A quantization recipe (see the module docstring).
+
+    ``float_final_steps``: the last N denoising steps run every quantized layer with float activations on its
+    quantized weights (no second copy). Resolved by :func:`viditq.quantize` into one
+    ``LayerRule(".*", act_bits=16, timesteps=(lo, cut))``, ``cut`` half-way between the N-th and (N+1)-th smallest
+    calibration timestep (so calibrate with the number of steps you sample with). For pixel-space video models,
+    whose last step writes its prediction straight into the video: 8-bit activation noise there is flicker.
+    """
+
     name: str = "custom"
     weight: WeightSpec = field(default_factory=WeightSpec)
     act: ActSpec = field(default_factory=ActSpec)
@@ -179,6 +207,7 @@ class QuantConfig:
     rules: tuple[LayerRule, ...] = ()
     attention: str = "bf16"
     mixed_precision: MixedPrecisionSpec | None = None  # resolved into ``rules`` by viditq.quantize
+    float_final_steps: int = 0  # resolved into a timestep rule with act_bits=16 by viditq.quantize
     calib_rows_per_layer: int = 512  # input rows kept per layer for the alpha search (reservoir sample)
     seed: int = 0
     version: int = FORMAT_VERSION
@@ -193,6 +222,9 @@ class QuantConfig:
                 raise ValueError(f"invalid keep_fp pattern {pattern!r}: {e}") from None
         if self.attention not in ATTENTION_CHOICES:
             raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {self.attention!r}")
+        if isinstance(self.float_final_steps, bool) or not isinstance(self.float_final_steps, int) \
+                or self.float_final_steps < 0:
+            raise ValueError(f"float_final_steps must be an integer >= 0, got {self.float_final_steps!r}")
         if self.calib_rows_per_layer < 1:
             raise ValueError(f"calib_rows_per_layer must be >= 1, got {self.calib_rows_per_layer}")
         if self.version > FORMAT_VERSION:
@@ -260,6 +292,9 @@ def register_preset(config: QuantConfig) -> QuantConfig:
 
 
 register_preset(QuantConfig("w8a8", WeightSpec(8), ActSpec(8)))
+# W8A8 with float activations (its 8-bit weights, no second copy) in the last denoising step: on the embedded
+# pixel-space T2V model the 8-bit activation noise of that step is all of W8A8's extra flicker.
+register_preset(QuantConfig("w8a8-float-last", WeightSpec(8), ActSpec(8), float_final_steps=1))
 register_preset(QuantConfig("w6a6", WeightSpec(6), ActSpec(6)))
 register_preset(QuantConfig("w4a8", WeightSpec(4, symmetric=False, group_size=64), ActSpec(8)))
 register_preset(QuantConfig("w4a4", WeightSpec(4, symmetric=False, group_size=64), ActSpec(4)))
