@@ -31,7 +31,7 @@ budgets, ``--allow-fp`` lets them keep cells in float). ``--float-final-step LAB
 variant that keeps every layer float in the last denoising step (the float copy is stored and counted): a
 diagnostic of how much of the flicker the final step's 8-bit activations cause.
 
-Float activations (v4): ``--float-acts-last LABELS`` adds ``<label> + float acts, last step`` rows: the config
+Float activations (v4): ``--float-acts-last LABELS`` adds ``<label> + float acts last step`` rows: the config
 with ``float_final_steps=1`` (every quantized layer runs the last step with float activations on its quantized
 weights, no second copy; ``"w8a8"`` gives the ``w8a8-float-last`` preset). ``--float-act-budget B[,B...]`` probes
 the float-activation levels too (``measure_sensitivity(float_acts=True)``) and adds, per budget, a
@@ -182,7 +182,7 @@ def allocations(kind: str, table, args) -> dict[str, viditq.QuantConfig]:
                           f"w4a8-mp-flicker-{executed:g}-{memory:g}", families + ["flicker"],
                           dict(budget_bits=executed, memory_bits=memory), args.allow_fp))
         for share in args.float_act_budget:
-            plans.append((f"w4a8-mp (decoupled + flicker, float acts {share:g})", f"w4a8-mp-flicker-fa{share:g}",
+            plans.append((f"w4a8-mp (decoupled + flicker + float acts {share:g})", f"w4a8-mp-flicker-fa{share:g}",
                           families + ["flicker"], dict(budget, float_act_budget=share), args.allow_fp))
     chosen = {}
     for label, name, metrics, bits, allow_fp in plans:
@@ -194,13 +194,13 @@ def allocations(kind: str, table, args) -> dict[str, viditq.QuantConfig]:
 
 
 def float_acts_last(chosen: dict, labels: str) -> dict:
-    """``<label> + float acts, last step`` rows: the config of ``label`` with ``float_final_steps=1`` (float
+    """``<label> + float acts last step`` rows: the config of ``label`` with ``float_final_steps=1`` (float
     activations on the quantized weights in the last denoising step; nothing stored)."""
     rows = {}
     for label in filter(None, labels.split(",")):
         base = viditq.config.resolve_config(chosen[label])
         name = "w8a8-float-last" if base == viditq.PRESETS["w8a8"] else f"{base.name}-float-last"
-        rows[f"{label} + float acts, last step"] = dataclasses.replace(base, name=name, float_final_steps=1)
+        rows[f"{label} + float acts last step"] = dataclasses.replace(base, name=name, float_final_steps=1)
     return rows
 
 
@@ -372,7 +372,7 @@ def main():
     parser.add_argument("--float-final-step", default="",
                         help="comma-separated config labels that get a '+ float final step' row as well")
     parser.add_argument("--float-acts-last", default="",
-                        help="comma-separated config labels that get a '+ float acts, last step' row "
+                        help="comma-separated config labels that get a '+ float acts last step' row "
                              "(float_final_steps=1: float activations on the quantized weights, no copy)")
     parser.add_argument("--float-act-budget", type=lambda v: [float(x) for x in v.split(",")], default=[],
                         help="comma-separated shares of the executed weights that a 'decoupled + flicker' "
