@@ -18,6 +18,12 @@ Two steps, one direction:
 
 Budgets: ``budget_bits`` is the average weight bit-width *as executed* (parameters × share of denoising steps),
 ``memory_bits`` the average *stored* bits per weight, where a layer holding a 4-bit and an 8-bit copy pays 12.
+
+Float activations (``float_acts=True`` / ``float_act_budget``): the levels ``w4a16`` / ``w8a16`` run a cell's
+quantized weights with activations left in float. They store nothing and change no weight bits, so they have their
+own budget: the share of the executed weights (parameters × steps) that may run a float matmul instead of an
+integer one. The allocation picks those cells first, then the weight bits on each cell's damage at its activation
+precision.
 """
 from __future__ import annotations
 
@@ -110,7 +116,8 @@ def range_index(t: float | None, ranges: list[tuple[float, float]]) -> int | Non
 
 # ------------------------------------------------------------------------------------------ levels
 def level_rule(level: str, pattern: str = ".*", timesteps=None) -> LayerRule:
-    """LayerRule setting precision ``level`` (``"w8a8"``, ``"w4a8"``, ... or ``"fp"``)."""
+    """LayerRule setting precision ``level`` (``"w8a8"``, ``"w4a8"``, ``"w4a16"`` (float activations), ... or
+    ``"fp"``)."""
     if level == FP_LEVEL:
         return LayerRule(pattern, keep_fp=True, timesteps=timesteps)
     match = re.fullmatch(r"w(\d+)a(\d+)", level)

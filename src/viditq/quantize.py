@@ -51,7 +51,9 @@ Precision = "tuple[WeightSpec, ActSpec] | None"  # None: the layer stays in high
 def _layer_precision(name: str, config: QuantConfig, timestep: float | None = None) -> tuple[WeightSpec, ActSpec] | None:
     """Weight/activation spec of layer ``name`` after keep_fp and rules; None means keep high precision.
 
-    Rules with ``timesteps`` apply only when ``timestep`` is given and lies in their range.
+    Rules with ``timesteps`` apply only when ``timestep`` is given and lies in their range. A rule that sets
+    nothing but ``act_bits=16`` (float activations) changes the activations of a quantized layer and leaves a
+    float one float.
     """
     keep = any(re.search(p, name) for p in config.keep_fp)
     weight, act = config.weight, config.act
