@@ -212,6 +212,21 @@ def test_float_act_budget_spends_float_activations_where_activation_noise_is():
         allocate(table, W4A8, budget_bits=5.0, float_act_budget=2)
 
 
+def test_float_activations_go_to_the_largest_summed_share_not_in_turns():
+    """Family a's damage is all activation noise in group 0 (shares 0.6 and 0.4 per range); family b's float-
+    activation gain is one tenth of its damage (group 1, range 0). Two cells of budget: both go to group 0 (the
+    larger shares), where turn-taking would give b one of them."""
+    a = torch.tensor([[6.0, 4.0], [0.0, 0.0]])
+    b = torch.tensor([[0.0, 0.0], [1.0, 9.0]])
+    w4a8 = torch.stack([a, b], -1)  # (G, T, M)
+    w4a16 = torch.stack([torch.zeros(2, 2), torch.tensor([[0.0, 0.0], [0.0, 9.0]])], -1)
+    table = synthetic_table(torch.stack([w4a8, torch.zeros_like(w4a8), w4a16, torch.zeros_like(w4a8)]),
+                            metrics=("a", "b"), levels=A16_LEVELS)
+    allocation = allocate(table, W4A8, budget_bits=4.0, float_act_budget=0.5)
+    assert allocation.levels == {"b.0/ffn": ["w4a16", "w4a16"], "b.1/ffn": ["w4a8", "w4a8"]}
+    assert allocation.damage_left == {"a": 0.0, "b": 1.0} and allocation.executed_bits == 4.0
+
+
 def test_allocation_rejects_impossible_budget():
     table = synthetic_table(torch.ones(2, 2, 1, 1))
     with pytest.raises(ValueError, match="below the all-w4a8"):

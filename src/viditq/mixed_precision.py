@@ -602,9 +602,10 @@ def allocate(
         allow_fp: let cells go up to 16-bit float after ``high_bits``.
         float_act_budget: share of the executed weights (parameters x share of denoising steps) that may run with
             float activations on their quantized weights (needs a table measured with ``float_acts=True``). Chosen
-            first, by the same decoupled greedy on the damage each cell loses at the low weight bits; the weight
-            bits are then allocated on the damage of each cell at its activation precision. It changes neither
-            ``budget_bits`` nor ``memory_bits`` (same weights, nothing stored).
+            first: cells by the damage they remove at the low weight bits (families normalized by their own
+            all-low damage, summed) per unit of cost; the weight bits are then allocated on the damage of each
+            cell at its activation precision. It changes neither ``budget_bits`` nor ``memory_bits`` (same
+            weights, nothing stored).
     """
     base = dataclasses.replace(resolve_config(base_config), mixed_precision=None)
     chosen = _check_allocation(table, base, budget_bits, memory_bits, metrics, float_act_budget)
@@ -683,13 +684,25 @@ def _chain_damage(damage: torch.Tensor, levels: list[str], chain: list[str], ext
 
 
 def _allocate_float_acts(damage, levels, low: str, low_float: str, params, shares, float_act_budget: float):
-    """Cells (G, T) that run with float activations: the decoupled greedy over two levels (quantized, float
-    activations at the low weight bits), each cell costing its share of the executed weights."""
-    pair = torch.stack([damage[levels.index(low)], damage[levels.index(low_float)]])  # (2, G, T, M)
-    state = torch.zeros(pair.shape[1:3], dtype=torch.long)
-    _greedy_decoupled(state, pair, _Budget(params, shares, torch.tensor([0.0, 1.0], dtype=torch.float64)),
-                      float_act_budget, None)
-    return state.bool()
+    """Cells (G, T) that run with float activations. A cell's score is the sum over families of the damage it
+    removes at the low weight bits, each as a share of that family's all-low damage (no family's raw scale
+    dominates), per unit of cost (its share of the executed weights); cells are taken best first while they fit.
+    Not handed out in turns as the weight bits are: the level pays mostly for one family (flicker), and turns
+    would spend it on families it barely helps."""
+    quantized, floated = damage[levels.index(low)], damage[levels.index(low_float)]  # (G, T, M)
+    total = quantized.sum((0, 1)).clamp_min(1e-30)  # (M,)
+    gain = ((quantized - floated) / total).sum(-1)  # (G, T)
+    cost = params[:, None] / params.sum() * shares[None, :]  # (G, T)
+    chosen = torch.zeros(gain.shape, dtype=torch.bool)
+    spent = 0.0
+    for cell in torch.argsort((gain / cost).flatten(), descending=True).tolist():
+        g, t = divmod(cell, gain.shape[1])
+        if gain[g, t] <= 0:
+            break
+        if spent + float(cost[g, t]) <= float_act_budget + 1e-9:
+            chosen[g, t] = True
+            spent += float(cost[g, t])
+    return chosen
 
 
 def _damage_at(state: torch.Tensor, damage: torch.Tensor) -> torch.Tensor:
