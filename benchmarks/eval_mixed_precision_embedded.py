@@ -30,6 +30,13 @@ at 5 executed / 6 stored bits (``--budget-bits``, ``--memory-bits``; ``--extra-b
 budgets, ``--allow-fp`` lets them keep cells in float). ``--float-final-step LABELS`` adds, for those rows, a
 variant that keeps every layer float in the last denoising step (the float copy is stored and counted): a
 diagnostic of how much of the flicker the final step's 8-bit activations cause.
+
+Float activations (v4): ``--float-acts-last LABELS`` adds ``<label> + float acts last step`` rows: the config
+with ``float_final_steps=1`` (every quantized layer runs the last step with float activations on its quantized
+weights, no second copy; ``"w8a8"`` gives the ``w8a8-float-last`` preset). ``--float-act-budget B[,B...]`` probes
+the float-activation levels too (``measure_sensitivity(float_acts=True)``) and adds, per budget, a
+``decoupled + flicker`` allocation allowed to run that share of the executed weights with float activations
+(``allocate(float_act_budget=B)``).
 """
 from __future__ import annotations
 
@@ -174,6 +181,9 @@ def allocations(kind: str, table, args) -> dict[str, viditq.QuantConfig]:
             plans.append((f"w4a8-mp (decoupled + flicker, {executed:g}/{memory:g} bits)",
                           f"w4a8-mp-flicker-{executed:g}-{memory:g}", families + ["flicker"],
                           dict(budget_bits=executed, memory_bits=memory), args.allow_fp))
+        for share in args.float_act_budget:
+            plans.append((f"w4a8-mp (decoupled + flicker + float acts {share:g})", f"w4a8-mp-flicker-fa{share:g}",
+                          families + ["flicker"], dict(budget, float_act_budget=share), args.allow_fp))
     chosen = {}
     for label, name, metrics, bits, allow_fp in plans:
         allocation = allocate(table, "w4a8-gptq", name=name, metrics=metrics, allow_fp=allow_fp, **bits)
@@ -181,6 +191,17 @@ def allocations(kind: str, table, args) -> dict[str, viditq.QuantConfig]:
         allocation.config.save(out_dir / f"{name.replace('-', '_')}_{kind}.yaml")
         chosen[label] = allocation.config
     return chosen
+
+
+def float_acts_last(chosen: dict, labels: str) -> dict:
+    """``<label> + float acts last step`` rows: the config of ``label`` with ``float_final_steps=1`` (float
+    activations on the quantized weights in the last denoising step; nothing stored)."""
+    rows = {}
+    for label in filter(None, labels.split(",")):
+        base = viditq.config.resolve_config(chosen[label])
+        name = "w8a8-float-last" if base == viditq.PRESETS["w8a8"] else f"{base.name}-float-last"
+        rows[f"{label} + float acts last step"] = dataclasses.replace(base, name=name, float_final_steps=1)
+    return rows
 
 
 def float_final_step(chosen: dict, calib, labels: str) -> dict:
@@ -220,7 +241,8 @@ def run(kind: str, args, probe) -> dict:
         metrics = sensitivity_metrics(kind, probe, calib_scenes, calib, _frames_first(pipe), args.flicker_mode)
         table = measure_sensitivity(float_transformer, calib, metrics, base_config="w4a8-gptq",
                                     timestep_ranges=args.ranges, measure_high=not args.low_only,
-                                    cache=Path(args.out) / f"sensitivity_{kind}.json")
+                                    cache=Path(args.out) / f"sensitivity_{kind}.json",
+                                    float_acts=bool(args.float_act_budget))
         try:
             plot_sensitivity(table, Path(args.out) / f"sensitivity_{kind}.png")
         except ImportError as e:  # a GPU machine without matplotlib: the table (JSON) is what counts
@@ -263,6 +285,7 @@ def run(kind: str, args, probe) -> dict:
     save()
     chosen = configs(allocated)
     chosen.update(float_final_step(chosen, calib, args.float_final_step))
+    chosen.update(float_acts_last(chosen, args.float_acts_last))
     if args.only:
         chosen = {k: v for k, v in chosen.items() if k == "fp" or k in args.only.split(",")}
     for label, cfg in chosen.items():
@@ -348,6 +371,12 @@ def main():
                         help="EXECUTED:STORED bits of a further flicker-aware allocation row (repeatable)")
     parser.add_argument("--float-final-step", default="",
                         help="comma-separated config labels that get a '+ float final step' row as well")
+    parser.add_argument("--float-acts-last", default="",
+                        help="comma-separated config labels that get a '+ float acts last step' row "
+                             "(float_final_steps=1: float activations on the quantized weights, no copy)")
+    parser.add_argument("--float-act-budget", type=lambda v: [float(x) for x in v.split(",")], default=[],
+                        help="comma-separated shares of the executed weights that a 'decoupled + flicker' "
+                             "allocation may run with float activations (one row each; probes the A16 levels)")
     parser.add_argument("--sensitivity-only", action="store_true", help="stop after the table and allocations")
     parser.add_argument("--proxy-only", action="store_true", help="teacher-forced metrics only (no sampling)")
     parser.add_argument("--only", default="", help="comma-separated config labels (default: all)")

@@ -169,3 +169,37 @@ def test_round_trip_keeps_shared_input_groups(tmp_path, quantized_pixart):
     assert attn.to_q._input_cache is attn.to_k._input_cache is attn.to_v._input_cache is not None
     x = tiny_inputs("pixart", seed=8)
     assert torch.equal(forward_output(model, x), forward_output(loaded, x))
+
+
+def test_float_activation_ranges_round_trip_bit_identically(tmp_path):
+    """A16 ranges on a stored W4/W8 variant (no copy), a stored weight-only W8 variant, and a kept layer: saved,
+    loaded, outputs bit-identical in every range; the float-activation keys are in viditq.json, and the loaded
+    model stores exactly the tensors of the saved one."""
+    from viditq.config import BalanceSpec, LayerRule, QuantConfig
+    from viditq.layers import TimestepSwitchLinear
+
+    base = viditq.PRESETS["w4a8"]
+    cfg = QuantConfig("a16", base.weight, base.act, BalanceSpec(alphas=(0.5,)), calib_rows_per_layer=128, rules=(
+        LayerRule(r"transformer_blocks\.0\.attn1", weight_bits=8, timesteps=(0, 600)),
+        LayerRule(r"transformer_blocks\.1\.ff", weight_bits=8, act_bits=16, timesteps=(0, 300)),
+        LayerRule(".*", act_bits=16, timesteps=(0, 300))))
+    model = viditq.quantize(tiny_model("pixart"), cfg, calibration_set("pixart", n=2))
+    viditq.save_quantized(model, tmp_path / "ck")
+    loaded = viditq.load_quantized(tmp_path / "ck")
+    outputs = {}
+    for t in (100, 450, 900):  # A16 on W8 (attn1) / W4 (others) | W8A8 attn1 | W4A8
+        x = tiny_inputs("pixart", seed=3)
+        x["timestep"] = torch.full((2,), t)
+        outputs[t] = forward_output(model, x)
+        assert torch.equal(outputs[t], forward_output(loaded, x))
+    assert not torch.equal(outputs[100], outputs[450])
+    attn = loaded.get_submodule("transformer_blocks.0.attn1.to_q")
+    assert isinstance(attn, TimestepSwitchLinear) and set(attn.variants) == {"w4a8", "w8a8"}
+    assert attn.float_act == {"w8a16": "w8a8"}
+    ff = loaded.get_submodule("transformer_blocks.1.ff.net.0.proj")
+    assert set(ff.variants) == {"w4a8", "w8a16"} and ff.variants["w8a16"].spec.weight_only and not ff.float_act
+    assert type(loaded.proj_out) is nn.Linear  # kept layers stay float in the A16 range
+    meta = json.loads((tmp_path / "ck" / "viditq.json").read_text())
+    assert meta["switch_layers"]["transformer_blocks.0.attn1.to_q"]["float_act"] == {"w8a16": "w8a8"}
+    assert viditq.memory_report(loaded).total_after == viditq.memory_report(model).total_after
+    assert {k: v.shape for k, v in loaded.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}

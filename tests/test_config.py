@@ -1,6 +1,8 @@
 import pytest
 
-from viditq.config import PRESETS, ActSpec, BalanceSpec, LayerRule, QuantConfig, WeightSpec, resolve_config
+from viditq.config import (
+    PRESETS, ActSpec, BalanceSpec, LayerRule, MixedPrecisionSpec, QuantConfig, WeightSpec, resolve_config,
+)
 
 
 def test_presets_exist_and_resolve():
@@ -31,7 +33,13 @@ def test_file_round_trip(tmp_path, suffix):
     (lambda: ActSpec(8, "per_channel"), "granularity"),
     (lambda: WeightSpec(4, group_size=48), "power of two"),
     (lambda: LayerRule("(", weight_bits=4), "invalid layer rule"),
-    (lambda: LayerRule("x", act_bits=12), "between 2 and 8"),
+    (lambda: LayerRule("x", act_bits=12), "between 2 and 8, or 16 .*got 12"),
+    (lambda: LayerRule("x", weight_bits=16), "rule weight bits must be an integer between 2 and 8, got 16"),
+    (lambda: ActSpec(32), "activation bits .* or 16 .*got 32"),
+    (lambda: WeightSpec(16), "weight bits must be an integer between 2 and 8, got 16"),
+    (lambda: QuantConfig(float_final_steps=-1), "float_final_steps .*got -1"),
+    (lambda: QuantConfig(float_final_steps=True), "float_final_steps .*got True"),
+    (lambda: MixedPrecisionSpec(float_act_budget=1.5), "float_act_budget .*got 1.5"),
     (lambda: QuantConfig(attention="int4"), "attention"),
     (lambda: BalanceSpec(alphas=(1.5,)), "alphas"),
     (lambda: BalanceSpec(rotate_block=48), "rotate_block"),
@@ -56,6 +64,21 @@ def test_fp8_preset_round_trips(tmp_path):
     assert PRESETS["w8a8-fp8-dynamic"].balance is None
     cfg.save(tmp_path / "fp8.yaml")
     assert QuantConfig.load(tmp_path / "fp8.yaml") == cfg
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_float_activation_level_round_trips(tmp_path, suffix):
+    cfg = QuantConfig("a16", WeightSpec(4, False, 64), ActSpec(8), float_final_steps=2,
+                      mixed_precision=MixedPrecisionSpec(float_act_budget=0.1),
+                      rules=(LayerRule("attn", act_bits=16, timesteps=(0, 249)), LayerRule("ff", 8, 16)))
+    cfg.save(tmp_path / f"cfg{suffix}")
+    loaded = QuantConfig.load(tmp_path / f"cfg{suffix}")
+    assert loaded == cfg and loaded.rules[0].act_bits == 16 and loaded.float_final_steps == 2
+    assert loaded.mixed_precision.float_act_budget == 0.1
+    assert ActSpec(16).bits == 16  # weight-only quantization
+    preset = PRESETS["w8a8-float-last"]
+    assert preset.float_final_steps == 1 and preset.weight == PRESETS["w8a8"].weight
+    assert PRESETS["w8a8"].float_final_steps == 0  # the default preset is unchanged
 
 
 def test_missing_config_file(tmp_path):

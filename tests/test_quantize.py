@@ -291,3 +291,177 @@ def test_shared_qkv_under_torch_compile_matches_eager():
     inputs = tiny_inputs("pixart", seed=4)
     assert torch.equal(forward_output(torch.compile(model, backend="aot_eager"), inputs),
                        forward_output(model, inputs))
+
+
+# ------------------------------------------------------------------------------ float activations (A16)
+def unbalanced_weight(layer: QuantLinear) -> torch.Tensor:
+    """The float (N, K) weight the layer's integer codes represent in the *original* input basis:
+    ``Q(W')`` with the rotation and smoothing undone (``W = Q(W') R^T diag(1/s)``)."""
+    from viditq.quant.hadamard import hadamard_rotate
+
+    w = layer.dequantized_weight()
+    k = layer.in_features
+    if layer.rot_signs is not None:
+        rotation = hadamard_rotate(torch.eye(k), layer.rot_signs, layer.spec.rot_m, layer.spec.rot_block)  # R
+        w = w @ rotation.T
+    if layer.smooth_inv is not None:
+        w = w * layer.smooth_inv[None, :]
+    return w
+
+
+def outlier_layer(smooth: bool = True, rotate: bool = True) -> tuple[nn.Linear, QuantLinear, torch.Tensor]:
+    """A 64 -> 48 linear, its W8A8 QuantLinear with smoothing and rotation, and inputs with outlier channels."""
+    from viditq.config import ActSpec, WeightSpec
+    from viditq.layers import make_layer_spec
+
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48)
+    x = torch.randn(3, 10, 64)
+    x[..., :3] *= 30
+    spec = make_layer_spec(linear, WeightSpec(8), ActSpec(8), smooth=smooth, rotate=rotate)
+    layer = QuantLinear.from_linear(linear, spec, smooth=x.abs().amax((0, 1)).sqrt() if smooth else None,
+                                    rotation=torch.randint(0, 2, (64,)).float() * 2 - 1 if rotate else None)
+    return linear, layer, x
+
+
+@pytest.mark.parametrize("smooth,rotate", [(True, True), (True, False), (False, True)])
+def test_float_activation_path_is_the_float_matmul_of_the_dequantized_weights(smooth, rotate):
+    """A16 = x @ (dequantized W, balancing undone)^T + b, to float32 rounding; the A8 path differs by far more."""
+    linear, layer, x = outlier_layer(smooth, rotate)
+    with torch.no_grad():
+        reference = nn.functional.linear(x, unbalanced_weight(layer), linear.bias)
+        a16, a8, exact = layer.forward_float_act(x), layer(x), linear(x)
+    scale = reference.abs().max()
+    assert a16.shape == (3, 10, 48)
+    assert (a16 - reference).abs().max() / scale < 1e-6
+    assert (a8 - reference).abs().max() / scale > 1e-3  # the 8-bit activation error the A16 path removes
+    assert sqnr_db(exact, a16) > sqnr_db(exact, a8) + 1
+
+
+def time_mlp():
+    """The generic three-block model of the mixed-precision tests, and calibration samples over t in 50..950."""
+    from test_mixed_precision import MLP_CALIB, TimeMlp
+
+    return TimeMlp(), MLP_CALIB
+
+
+def fast(config):
+    import dataclasses
+
+    from viditq.config import BalanceSpec
+
+    return dataclasses.replace(viditq.config.resolve_config(config), balance=BalanceSpec(alphas=(0.5,)),
+                               calib_rows_per_layer=128)
+
+
+def test_a8_to_a16_schedule_switches_at_the_rule_boundary_on_one_weight_copy():
+    import dataclasses
+
+    from test_mixed_precision import mlp_sample
+
+    from viditq.config import LayerRule
+    from viditq.layers import TimestepSwitchLinear
+
+    model, calib = time_mlp()
+    w8a8 = fast("w8a8")
+    mixed_cfg = dataclasses.replace(w8a8, rules=(LayerRule(".*", act_bits=16, timesteps=(0, 500)),))
+    mixed = viditq.quantize(copy.deepcopy(model), mixed_cfg, calib)
+    plain = viditq.quantize(copy.deepcopy(model), w8a8, calib)
+    switch = mixed.blocks[1]["ff"]["fc"]
+    assert isinstance(switch, TimestepSwitchLinear)
+    assert set(switch.variants) == {"w8a8"} and switch.float_act == {"w8a16": "w8a8"}
+    assert switch.schedule == [(0.0, 500.0, "w8a16")]
+    # the weights are the plain W8A8 model's (same calibration, same balancing and rounding)
+    assert torch.equal(switch.variants["w8a8"].weight_codes, plain.blocks[1]["ff"]["fc"].weight_codes)
+    late, boundary, early = mlp_sample(800, 7), mlp_sample(500, 7), mlp_sample(200, 7)
+    with torch.no_grad():
+        assert torch.equal(mixed(**late), plain(**late)) and switch.active_key() == "w8a8"
+        out = mixed(**boundary)
+        assert switch.active_key() == "w8a16" and not torch.equal(out, plain(**boundary))
+        # at t <= 500 every layer runs float activations on its W8 codes: the float model with those weights
+        reference = copy.deepcopy(model)
+        for name, m in mixed.named_modules():
+            if isinstance(m, TimestepSwitchLinear):
+                reference.get_submodule(name).weight.copy_(unbalanced_weight(m.variants["w8a8"]))
+        float_out, a16_out, a8_out = model(**early), mixed(**early), plain(**early)
+        torch.testing.assert_close(a16_out, reference(**early), rtol=1e-5, atol=1e-5)
+        assert sqnr_db(float_out, a16_out) > sqnr_db(float_out, a8_out) + 1
+    # memory: the weights once, as in the plain W8A8 model
+    assert viditq.memory_report(mixed).total_after == viditq.memory_report(plain).total_after
+
+
+def test_a16_without_a_quantized_twin_is_a_stored_weight_only_variant():
+    import dataclasses
+
+    from viditq.config import LayerRule
+    from viditq.layers import TimestepSwitchLinear
+
+    model, calib = time_mlp()
+    cfg = dataclasses.replace(fast("w4a8"), rules=(LayerRule("ff", weight_bits=8, act_bits=16, timesteps=(0, 500)),
+                                                   LayerRule("attn1", act_bits=16, timesteps=(0, 500))))
+    q = viditq.quantize(model, cfg, calib)
+    ff, attn = q.blocks[0]["ff"]["fc"], q.blocks[0]["attn1"]["to_q"]
+    assert isinstance(ff, TimestepSwitchLinear) and set(ff.variants) == {"w4a8", "w8a16"} and not ff.float_act
+    assert ff.variants["w8a16"].spec.weight_only and ff.variants["w8a16"].spec.act_bits == 16
+    assert set(attn.variants) == {"w4a8"} and attn.float_act == {"w4a16": "w4a8"}
+
+
+def test_float_final_steps_becomes_one_rule_on_the_last_calibration_step():
+    import dataclasses
+
+    from test_mixed_precision import mlp_sample
+
+    from viditq.layers import TimestepSwitchLinear
+
+    model, calib = time_mlp()  # calibration timesteps 50, 150, 300, ...
+    q = viditq.quantize(copy.deepcopy(model), fast("w8a8-float-last"), calib)
+    config = q.viditq_config
+    assert config.float_final_steps == 0 and len(config.rules) == 1
+    rule = config.rules[0]
+    assert rule.act_bits == 16 and rule.weight_bits is None and rule.timesteps == (0.0, 100.0)
+    switch = q.blocks[0]["attn1"]["to_q"]
+    assert isinstance(switch, TimestepSwitchLinear) and switch.schedule == [(0.0, 100.0, "w8a16")]
+    two = viditq.quantize(copy.deepcopy(model), dataclasses.replace(fast("w8a8"), float_final_steps=2), calib)
+    assert two.viditq_config.rules[0].timesteps == (0.0, 225.0)
+    with torch.no_grad():
+        q(**mlp_sample(100, 1))
+        assert switch.active_key() == "w8a16"
+        q(**mlp_sample(101, 1))
+        assert switch.active_key() == "w8a8"
+    with pytest.raises(ValueError, match="timestep"):
+        viditq.quantize(nn.Sequential(nn.Linear(8, 8)), dataclasses.replace(fast("w8a8"), float_final_steps=1),
+                        [{"input": torch.randn(4, 8)}])
+
+
+def test_float_activation_rule_leaves_kept_layers_float():
+    """On a diffusers model, ``LayerRule(".*", act_bits=16, ...)`` must not quantize the adaLN / embedding /
+    output layers that keep_fp protects; the quantized ones switch."""
+    from viditq.layers import TimestepSwitchLinear
+
+    model = viditq.quantize(tiny_model("pixart"), fast("w8a8-float-last"), calibration_set("pixart", n=2))
+    assert type(model.proj_out) is nn.Linear
+    assert type(model.adaln_single.linear) is nn.Linear
+    switches = [m for m in model.modules() if isinstance(m, TimestepSwitchLinear)]
+    assert switches and len(switches) == len(plan_layers(tiny_model("pixart"), viditq.PRESETS["w8a8"]))
+
+
+def test_fp8_with_float_final_steps_switches_on_one_fp8_weight_copy():
+    """float_final_steps composes with fp8: the last step runs the fp8 weights with float activations, no copy."""
+    import dataclasses
+
+    from test_mixed_precision import mlp_sample
+
+    from viditq.layers import TimestepSwitchLinear
+
+    model, calib = time_mlp()
+    cfg = dataclasses.replace(fast("w8a8-fp8"), float_final_steps=1)
+    q = viditq.quantize(copy.deepcopy(model), cfg, calib)
+    plain = viditq.quantize(copy.deepcopy(model), fast("w8a8-fp8"), calib)
+    switch = q.blocks[0]["attn1"]["to_q"]
+    assert isinstance(switch, TimestepSwitchLinear) and switch.float_act == {"w8a16_fp8": "w8a8_fp8"}
+    assert set(switch.variants) == {"w8a8_fp8"} and switch.variants["w8a8_fp8"].spec.fp8
+    assert viditq.memory_report(q).rows == viditq.memory_report(plain).rows
+    x = mlp_sample(50, 3)
+    with torch.no_grad():
+        ref, last, last_plain = model(**x), q(**x), plain(**x)
+    assert sqnr_db(ref, last) > sqnr_db(ref, last_plain) + 1.5  # float activations: the fp8 weight error only

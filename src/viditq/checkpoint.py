@@ -4,7 +4,8 @@ Layout of ``save_quantized(model, dir)``::
 
     dir/config.json        the model's own config (diffusers ``save_config``), when it has one
     dir/viditq.json        format version, model class, dtype, QuantConfig, every QuantLinear's LayerSpec,
-                           size and SHA-256 of the tensors file
+                           the schedules of timestep-switching layers (stored variants, and the float-activation
+                           keys that run on one of them), size and SHA-256 of the tensors file
     dir/model.safetensors  the full state dict: packed integer weights, scales, smoothing and rotation tensors
 
 A pipeline is saved in the diffusers layout (``model_index.json``, scheduler, tokenizer, ...) with each
@@ -211,11 +212,13 @@ def load_quantized(path: str | Path, model: nn.Module | None = None, device: str
     model = model.to(getattr(torch, meta["dtype"]))
     switches = meta.get("switch_layers", {})
     for name, info in switches.items():  # timestep-dependent layers: one variant per precision
-        linear = _float_linear(model, name, meta["layers"].get(f"{name}.variants.{info['default']}"))
+        stored_default = info.get("float_act", {}).get(info["default"], info["default"])
+        linear = _float_linear(model, name, meta["layers"].get(f"{name}.variants.{stored_default}"))
         variants = {key: linear if key == "fp" else
                     QuantLinear(LayerSpec(**meta["layers"][f"{name}.variants.{key}"]), out_dtype=linear.weight.dtype)
                     for key in info["variants"]}
-        _set_submodule(model, name, TimestepSwitchLinear(variants, info["schedule"], info["default"]))
+        _set_submodule(model, name, TimestepSwitchLinear(variants, info["schedule"], info["default"],
+                                                         info.get("float_act")))
     for name, spec_dict in meta["layers"].items():
         if any(name.startswith(f"{s}.variants.") for s in switches):
             continue

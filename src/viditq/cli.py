@@ -170,6 +170,9 @@ def info(path: Path = typer.Argument(..., help="A viditq checkpoint or quantized
         table.add_column("count", justify="right")
         for kind, n in sorted(kinds.items()):
             table.add_row(kind, str(n))
+        views = Counter(k for info in meta.get("switch_layers", {}).values() for k in info.get("float_act", {}))
+        for kind, n in sorted(views.items()):
+            table.add_row(f"{kind.upper()} ranges (float activations, stored weights)", str(n))
         console.print(table)
         if not is_pipeline:
             console.print(memory_report(load_quantized(comp)).table())
@@ -189,8 +192,9 @@ def presets():
         w = cfg.weight
         g = "per-tensor" if w.per_tensor else (f"g{w.group_size}" if w.group_size else "per-channel")
         bal = "smooth+rotate" if cfg.balance else "none"
+        last = f", float in the last {cfg.float_final_steps} step(s)" if cfg.float_final_steps else ""
         table.add_row(name, f"{w.bits}-bit {g} {'sym' if w.symmetric else 'asym'}",
-                      f"{cfg.act.bits}-bit {cfg.act.granularity}", bal)
+                      f"{cfg.act.bits}-bit {cfg.act.granularity}{last}", bal)
     console.print(table)
 
 
@@ -205,6 +209,9 @@ def sensitivity(
     high_bits: int = typer.Option(_MP_DEFAULTS.high_bits, help="Weight bits of upgraded groups."),
     budget_bits: float = typer.Option(_MP_DEFAULTS.budget_bits, help="Average weight bits as executed."),
     memory_bits: Optional[float] = typer.Option(_MP_DEFAULTS.memory_bits, help="Cap on average stored bits."),
+    float_act_budget: float = typer.Option(_MP_DEFAULTS.float_act_budget,
+                                           help="Share of the executed weights that may run with float "
+                                                "activations (0: off; probes the A16 levels too)."),
     steps: int = typer.Option(20, help="Denoising steps during calibration."),
     device: str = typer.Option("auto", help="cpu | cuda | auto."),
     pipe_arg: list[str] = typer.Option([], help="Extra pipeline call argument key=value (repeatable)."),
@@ -226,8 +233,10 @@ def sensitivity(
     out.mkdir(parents=True, exist_ok=True)
     try:
         table = measure_sensitivity(pipe.transformer, calib, groups=groups, timestep_ranges=ranges,
-                                    base_config=base, high_bits=high_bits, cache=out / "sensitivity.json")
-        allocation = allocate(table, base, budget_bits=budget_bits, memory_bits=memory_bits)
+                                    base_config=base, high_bits=high_bits, cache=out / "sensitivity.json",
+                                    float_acts=float_act_budget > 0)
+        allocation = allocate(table, base, budget_bits=budget_bits, memory_bits=memory_bits,
+                              float_act_budget=float_act_budget)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     plot_sensitivity(table, out / "sensitivity.png")

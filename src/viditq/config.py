@@ -28,6 +28,9 @@ DEFAULT_KEEP_FP = (
 )
 ATTENTION_CHOICES = ("bf16", "int8", "fp8")
 GRANULARITIES = ("per_token", "per_tensor_static")
+# Activation bits meaning "not quantized": the layer runs its (balanced) float input times its dequantized
+# weights, the same stored weights as its quantized path (no second copy).
+FLOAT_ACT_BITS = 16
 # Number formats of weights and activations: signed integers with scales, or fp8 e4m3 (float8_e4m3fn) values with
 # scales (8 bits only). The GEMM kernels pair int8 or packed int4 weights with int8 activations, and fp8 with fp8.
 FORMATS = ("int", "fp8")
@@ -36,13 +39,16 @@ FORMATS = ("int", "fp8")
 def _check_format(fmt: str, bits: int, what: str) -> None:
     if fmt not in FORMATS:
         raise ValueError(f"{what} format must be one of {FORMATS}, got {fmt!r}")
-    if fmt == "fp8" and bits != 8:
+    if fmt == "fp8" and bits not in (8, FLOAT_ACT_BITS):
         raise ValueError(f"{what} format 'fp8' (e4m3) has 8 bits, got bits={bits}")
 
 
-def _check_bits(bits: int, what: str) -> None:
-    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
-        raise ValueError(f"{what} bits must be an integer between 2 and 8, got {bits!r}")
+def _check_bits(bits: int, what: str, allow_float: bool = False) -> None:
+    if isinstance(bits, int) and not isinstance(bits, bool) and (
+            2 <= bits <= 8 or (allow_float and bits == FLOAT_ACT_BITS)):
+        return
+    extra = f", or {FLOAT_ACT_BITS} (not quantized)" if allow_float else ""
+    raise ValueError(f"{what} bits must be an integer between 2 and 8{extra}, got {bits!r}")
 
 
 @dataclass(frozen=True)
@@ -77,7 +83,8 @@ class WeightSpec:
 
 @dataclass(frozen=True)
 class ActSpec:
-    """Activations: ``bits``, quantized per token at run time (``per_token``) or with one calibrated scale.
+    """Activations: ``bits``, quantized per token at run time (``per_token``) or with one calibrated scale;
+    ``bits=16`` leaves them in float (weight-only quantization: dequantized weights, float matmul).
 
     ``format="fp8"``: per-token fp8 e4m3 (scale ``absmax / 448``), which keeps a relative precision over the whole
     range of a token (heavy-tailed activations, GELU outputs) where int8 spends its codes evenly.
@@ -88,7 +95,7 @@ class ActSpec:
     format: str = "int"
 
     def __post_init__(self):
-        _check_bits(self.bits, "activation")
+        _check_bits(self.bits, "activation", allow_float=True)
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"activation granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         _check_format(self.format, self.bits, "activation")
@@ -133,7 +140,12 @@ class LayerRule:
     """Override for layers whose name matches ``pattern`` (re.search). Later rules win over earlier ones.
 
     ``timesteps``: optional (lo, hi) range of diffusion timesteps (inclusive) in which the rule applies; a layer
-    with timestep rules keeps one weight copy per distinct bit-width it needs.
+    with timestep rules keeps one weight copy per distinct weight precision it needs.
+
+    ``act_bits=16``: activations not quantized. Where the layer has quantized activations at the same weight
+    precision in another timestep range, the 16-bit range reuses those weights (no second copy): the balanced
+    float input times the dequantized weights. A rule that sets nothing but ``act_bits=16`` never turns a layer
+    that is float at that point (``keep_fp``) into a quantized one; give ``weight_bits`` too for that.
     """
 
     pattern: str
@@ -147,9 +159,10 @@ class LayerRule:
             re.compile(self.pattern)
         except re.error as e:
             raise ValueError(f"invalid layer rule pattern {self.pattern!r}: {e}") from None
-        for bits, what in ((self.weight_bits, "rule weight"), (self.act_bits, "rule activation")):
-            if bits is not None:
-                _check_bits(bits, what)
+        if self.weight_bits is not None:
+            _check_bits(self.weight_bits, "rule weight")
+        if self.act_bits is not None:
+            _check_bits(self.act_bits, "rule activation", allow_float=True)
         if self.timesteps is not None:
             lo, hi = (float(t) for t in self.timesteps)
             if lo > hi:
@@ -172,6 +185,10 @@ class MixedPrecisionSpec:
     memory_bits: optional cap on average *stored* weight bits per parameter; a layer that needs two bit-widths
         in different timestep ranges keeps both copies and pays for both (4 + 8 = 12).
     allow_fp: let the most sensitive cells stay in 16-bit float (a third level above ``high_bits``).
+    float_act_budget: share of the executed weights (parameters x share of denoising steps) that may run with
+        float (16-bit) activations on their quantized weights; 0 (default) turns the level off. It stores nothing
+        and leaves ``budget_bits`` / ``memory_bits`` unchanged (same weights), but those layer-steps run a float
+        matmul instead of an integer one, hence its own budget. The sensitivity then also probes the A16 levels.
     cache: optional JSON file where the sensitivity table is kept and reused while the inputs are unchanged.
     """
 
@@ -182,10 +199,13 @@ class MixedPrecisionSpec:
     groups: str = "block"
     timestep_aware: bool = True
     allow_fp: bool = False
+    float_act_budget: float = 0.0
     cache: str | None = None
 
     def __post_init__(self):
         _check_bits(self.high_bits, "mixed-precision high weight")
+        if not 0.0 <= self.float_act_budget <= 1.0:
+            raise ValueError(f"mixed precision float_act_budget must be in [0, 1], got {self.float_act_budget!r}")
         if self.budget_bits is None and self.memory_bits is None:
             raise ValueError("mixed precision needs a budget: set budget_bits and/or memory_bits")
         for value, what in ((self.budget_bits, "budget_bits"), (self.memory_bits, "memory_bits")):
@@ -199,6 +219,15 @@ class MixedPrecisionSpec:
 
 @dataclass(frozen=True)
 class QuantConfig:
+    """A quantization recipe (see the module docstring).
+
+    ``float_final_steps``: the last N denoising steps run every quantized layer with float activations on its
+    quantized weights (no second copy). Resolved by :func:`viditq.quantize` into one
+    ``LayerRule(".*", act_bits=16, timesteps=(lo, cut))``, ``cut`` half-way between the N-th and (N+1)-th smallest
+    calibration timestep (so calibrate with the number of steps you sample with). For pixel-space video models,
+    whose last step writes its prediction straight into the video: 8-bit activation noise there is flicker.
+    """
+
     name: str = "custom"
     weight: WeightSpec = field(default_factory=WeightSpec)
     act: ActSpec = field(default_factory=ActSpec)
@@ -207,6 +236,7 @@ class QuantConfig:
     rules: tuple[LayerRule, ...] = ()
     attention: str = "bf16"
     mixed_precision: MixedPrecisionSpec | None = None  # resolved into ``rules`` by viditq.quantize
+    float_final_steps: int = 0  # resolved into a timestep rule with act_bits=16 by viditq.quantize
     calib_rows_per_layer: int = 512  # input rows kept per layer for the alpha search (reservoir sample)
     seed: int = 0
     version: int = FORMAT_VERSION
@@ -221,15 +251,19 @@ class QuantConfig:
                 raise ValueError(f"invalid keep_fp pattern {pattern!r}: {e}") from None
         if self.attention not in ATTENTION_CHOICES:
             raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {self.attention!r}")
+        if isinstance(self.float_final_steps, bool) or not isinstance(self.float_final_steps, int) \
+                or self.float_final_steps < 0:
+            raise ValueError(f"float_final_steps must be an integer >= 0, got {self.float_final_steps!r}")
         if self.calib_rows_per_layer < 1:
             raise ValueError(f"calib_rows_per_layer must be >= 1, got {self.calib_rows_per_layer}")
         if self.version > FORMAT_VERSION:
             raise ValueError(f"config format version {self.version} is newer than this viditq ({FORMAT_VERSION})")
-        if self.weight.format != self.act.format:
+        if self.weight.format != self.act.format and self.act.bits != FLOAT_ACT_BITS:
             raise ValueError(f"weight format {self.weight.format!r} and activation format {self.act.format!r} "
                              "differ; the GEMMs take int weights with int activations, or fp8 with fp8")
         if self.weight.format == "fp8":
-            bad = [r.pattern for r in self.rules if r.weight_bits not in (None, 8) or r.act_bits not in (None, 8)]
+            bad = [r.pattern for r in self.rules
+                   if r.weight_bits not in (None, 8) or r.act_bits not in (None, 8, FLOAT_ACT_BITS)]
             if bad or self.mixed_precision is not None:
                 raise ValueError("fp8 configs have 8-bit weights and activations only: no mixed precision and no "
                                  f"rules with other bits (rules: {bad})")
@@ -296,6 +330,9 @@ def register_preset(config: QuantConfig) -> QuantConfig:
 
 
 register_preset(QuantConfig("w8a8", WeightSpec(8), ActSpec(8)))
+# W8A8 with float activations (its 8-bit weights, no second copy) in the last denoising step: on the embedded
+# pixel-space T2V model the 8-bit activation noise of that step is all of W8A8's extra flicker.
+register_preset(QuantConfig("w8a8-float-last", WeightSpec(8), ActSpec(8), float_final_steps=1))
 register_preset(QuantConfig("w6a6", WeightSpec(6), ActSpec(6)))
 register_preset(QuantConfig("w4a8", WeightSpec(4, symmetric=False, group_size=64), ActSpec(8)))
 register_preset(QuantConfig("w4a4", WeightSpec(4, symmetric=False, group_size=64), ActSpec(4)))
@@ -309,6 +346,10 @@ register_preset(QuantConfig("w4a8-mp", WeightSpec(4, symmetric=False, group_size
 # FP8 e4m3 weights (per output channel) and activations (per token): the Hopper fp8 tensor cores (faster than
 # int8 in our kernels), balancing kept where it cuts the calibration error.
 register_preset(QuantConfig("w8a8-fp8", WeightSpec(8, format="fp8"), ActSpec(8, format="fp8")))
+# ... with float activations on the fp8 weights in the last denoising step (fp8's per-token rounding there is the
+# extra flicker of pixel-space video models)
+register_preset(QuantConfig("w8a8-fp8-float-last", WeightSpec(8, format="fp8"), ActSpec(8, format="fp8"),
+                            float_final_steps=1))
 # Ablations / baselines: per-token dynamic without balancing, and the naive static per-tensor scheme.
 register_preset(QuantConfig("w8a8-dynamic", WeightSpec(8), ActSpec(8), balance=None))
 # fp8 without balancing: the numerics of torchao's Float8DynamicActivationFloat8WeightConfig(PerRow())

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from .config import FLOAT_ACT_BITS
 from .kernels import dispatch, reference
 from .quant.hadamard import hadamard_rotate
 from .quant.quantizers import (
@@ -33,7 +34,7 @@ class LayerSpec:
     act_bits: int
     weight_per_tensor: bool = False
     act_static: bool = False
-    weight_only: bool = False  # no activation quantization: dequantize W and run a float matmul (text encoders)
+    weight_only: bool = False  # no activation quantization (act_bits 16, text encoders): dequantized W, float matmul
     smooth: bool = False
     rotate: bool = False
     rot_m: int = 1  # Paley factor of the rotation (0: dense random orthogonal matrix)
@@ -45,11 +46,11 @@ class LayerSpec:
     fp8: bool = False  # fp8 e4m3 weights (per-channel scales) and per-token fp8 activations instead of integers
 
     def __post_init__(self):
-        if self.fp8 and not (self.weight_bits == 8 and self.act_bits == 8 and self.weight_symmetric
-                             and self.group_size == self.in_features and not self.act_static
-                             and not self.weight_per_tensor):
+        if self.fp8 and not (self.weight_bits == 8 and (self.act_bits == 8 or self.weight_only)
+                             and self.weight_symmetric and self.group_size == self.in_features
+                             and not self.act_static and not self.weight_per_tensor):
             raise ValueError(f"fp8 layer spec must be 8-bit symmetric per-channel weights with dynamic 8-bit "
-                             f"activations, got {self}")
+                             f"(or float) activations, got {self}")
 
     @property
     def packed_int4(self) -> bool:
@@ -184,9 +185,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         spec = self.spec
         if spec.weight_only:
-            bias = None if self.bias is None else self.bias.to(x.dtype)
-            y = nn.functional.linear(x, self.dequantized_weight().to(x.dtype), bias)
-            return reference.apply_activation(y, self.fused_activation)
+            return self.forward_float_act(x)
         x2d = x.reshape(-1, spec.in_features)  # (M, K), M = batch * tokens
         if spec.act_static or self.rot_matrix is not None:
             xb = self.balance(x2d)
@@ -202,6 +201,19 @@ class QuantLinear(nn.Module):
             spec.group_size, spec.packed_int4, self.bias, x.dtype, self.fused_activation,
         )
         return y.reshape(*x.shape[:-1], spec.out_features)  # (..., N)
+
+    def forward_float_act(self, x: torch.Tensor) -> torch.Tensor:
+        """Float (16-bit) activations on the stored quantized weights: ``balance(x) @ Q_w(W')^T + b``.
+
+        Exact without activation quantization since ``balance(x) @ W'^T = x @ W^T``; the balanced input is cast
+        to ``x.dtype`` and multiplied by the dequantized weights (a float matmul, no second weight copy). Used by
+        weight-only layers and by the A16 ranges of a :class:`TimestepSwitchLinear`."""
+        spec = self.spec
+        if spec.smooth or spec.rotate:
+            x = self.balance(x.reshape(-1, spec.in_features)).to(x.dtype).reshape(x.shape)  # (..., K)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        y = nn.functional.linear(x, self.dequantized_weight().to(x.dtype), bias)  # (..., N)
+        return reference.apply_activation(y, self.fused_activation)
 
     def _quantize_input(self, x: torch.Tensor, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Dynamic per-token quantization of the (balanced) input, reused across the layer's input group."""
@@ -227,7 +239,7 @@ class QuantLinear(nn.Module):
         s = self.spec
         g = "per-channel" if s.group_size == s.in_features else f"g{s.group_size}"
         bal = "+".join(n for n, on in (("smooth", s.smooth), ("rotate", s.rotate)) if on) or "none"
-        act = "none" if s.weight_only else ("static" if s.act_static else "per-token")
+        act = "float" if s.weight_only else ("static" if s.act_static else "per-token")
         fmt = "fp8 e4m3, " if s.fp8 else ""
         return (f"in={s.in_features}, out={s.out_features}, W{s.weight_bits}({fmt}{g}, "
                 f"{'sym' if s.weight_symmetric else 'asym'}), A{s.act_bits}({fmt}{act}), balance={bal}")
@@ -318,10 +330,12 @@ def make_layer_spec(linear: nn.Linear, weight, act, *, smooth=False, rotate=Fals
     """LayerSpec for ``linear`` from a config's WeightSpec / ActSpec."""
     k = linear.in_features
     group = k if weight.per_tensor else resolve_group_size(k, weight.group_size)
+    weight_only = act.bits == FLOAT_ACT_BITS
     return LayerSpec(
         in_features=k, out_features=linear.out_features, bias=linear.bias is not None,
         weight_bits=weight.bits, weight_symmetric=weight.symmetric, group_size=group,
-        act_bits=act.bits, weight_per_tensor=weight.per_tensor, act_static=act.granularity == "per_tensor_static",
+        act_bits=act.bits, weight_per_tensor=weight.per_tensor,
+        act_static=act.granularity == "per_tensor_static" and not weight_only, weight_only=weight_only,
         smooth=smooth, rotate=rotate, rot_m=rot_m, rot_block=rot_block, alpha=alpha, fp8=weight.format == "fp8",
     )
 
@@ -330,20 +344,30 @@ def make_layer_spec(linear: nn.Linear, weight, act, *, smooth=False, rotate=Fals
 class TimestepSwitchLinear(nn.Module):
     """A linear layer whose precision depends on the diffusion timestep (mixed precision over the schedule).
 
-    ``variants`` holds one module per distinct precision the layer needs (``QuantLinear``, or the float
+    ``variants`` holds one module per distinct stored precision the layer needs (``QuantLinear``, or the float
     ``nn.Linear`` under the key ``"fp"``); every copy is a real buffer, so memory reports count all of them.
+    ``float_act`` maps further precision keys to a stored QuantLinear variant whose weights they run with float
+    activations (``{"w8a16": "w8a8"}``: :meth:`QuantLinear.forward_float_act`, nothing stored).
     ``schedule`` is a list of ``(lo, hi, key)`` closed timestep intervals, searched in order; a timestep in none
     of them (or an unknown one) uses ``default``. The current timestep is set by :func:`install_timestep_hook`
     on the top model, from its ``timestep`` forward argument.
     """
 
-    def __init__(self, variants: dict[str, nn.Module], schedule: list[tuple[float, float, str]], default: str):
+    def __init__(self, variants: dict[str, nn.Module], schedule: list[tuple[float, float, str]], default: str,
+                 float_act: dict[str, str] | None = None):
         super().__init__()
-        unknown = {key for _, _, key in schedule} - set(variants) | ({default} - set(variants))
+        float_act = dict(float_act or {})
+        bad = {k: v for k, v in float_act.items() if k in variants or not isinstance(variants.get(v), QuantLinear)}
+        if bad:
+            raise ValueError(f"float_act {bad} must map new precision keys to QuantLinear variants "
+                             f"(variants: {sorted(variants)})")
+        known = set(variants) | set(float_act)
+        unknown = {key for _, _, key in schedule} - known | ({default} - known)
         if unknown:
             raise ValueError(f"timestep schedule uses precisions {sorted(unknown)} with no variant "
-                             f"(variants: {sorted(variants)})")
+                             f"(variants: {sorted(known)})")
         self.variants = nn.ModuleDict(variants)
+        self.float_act = float_act
         self.schedule = [(float(lo), float(hi), key) for lo, hi, key in schedule]
         self.default = default
         self.timestep: float | None = None
@@ -359,16 +383,20 @@ class TimestepSwitchLinear(nn.Module):
         return self.default
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.variants[self.active_key()](x)
+        key = self.active_key()
+        if key in self.float_act:
+            return self.variants[self.float_act[key]].forward_float_act(x)
+        return self.variants[key](x)
 
     def schedule_dict(self) -> dict:
         """JSON-able description (saved in checkpoints next to the variants' LayerSpecs)."""
         return {"schedule": [list(s) for s in self.schedule], "default": self.default,
-                "variants": list(self.variants)}
+                "variants": list(self.variants), "float_act": dict(self.float_act)}
 
     def extra_repr(self) -> str:
         spans = ", ".join(f"[{lo:g}, {hi:g}]→{key}" for lo, hi, key in self.schedule)
-        return f"default={self.default}, schedule=({spans})"
+        views = "".join(f", {k}=float acts on {v}" for k, v in self.float_act.items())
+        return f"default={self.default}, schedule=({spans}){views}"
 
 
 def current_timestep(args: tuple, kwargs: dict, position: int | None) -> float | None:

@@ -18,6 +18,12 @@ Two steps, one direction:
 
 Budgets: ``budget_bits`` is the average weight bit-width *as executed* (parameters × share of denoising steps),
 ``memory_bits`` the average *stored* bits per weight, where a layer holding a 4-bit and an 8-bit copy pays 12.
+
+Float activations (``float_acts=True`` / ``float_act_budget``): the levels ``w4a16`` / ``w8a16`` run a cell's
+quantized weights with activations left in float. They store nothing and change no weight bits, so they have their
+own budget: the share of the executed weights (parameters × steps) that may run a float matmul instead of an
+integer one. The allocation picks those cells first, then the weight bits on each cell's damage at its activation
+precision.
 """
 from __future__ import annotations
 
@@ -34,7 +40,7 @@ import torch
 from torch import nn
 
 from .calibrate import _iter_tensors, _map_tensors, model_device, validate_calibration
-from .config import LayerRule, QuantConfig, resolve_config
+from .config import FLOAT_ACT_BITS, LayerRule, QuantConfig, resolve_config
 from .layers import TimestepSwitchLinear, current_timestep, install_timestep_hook
 from .progress import progress
 from .quantize import (
@@ -110,7 +116,8 @@ def range_index(t: float | None, ranges: list[tuple[float, float]]) -> int | Non
 
 # ------------------------------------------------------------------------------------------ levels
 def level_rule(level: str, pattern: str = ".*", timesteps=None) -> LayerRule:
-    """LayerRule setting precision ``level`` (``"w8a8"``, ``"w4a8"``, ... or ``"fp"``)."""
+    """LayerRule setting precision ``level`` (``"w8a8"``, ``"w4a8"``, ``"w4a16"`` (float activations), ... or
+    ``"fp"``)."""
     if level == FP_LEVEL:
         return LayerRule(pattern, keep_fp=True, timesteps=timesteps)
     match = re.fullmatch(r"w(\d+)a(\d+)", level)
@@ -120,17 +127,28 @@ def level_rule(level: str, pattern: str = ".*", timesteps=None) -> LayerRule:
 
 
 def level_bits(level: str) -> int:
+    """Weight bits of a level (16 for ``"fp"``)."""
     return FP_BITS if level == FP_LEVEL else int(re.fullmatch(r"w(\d+)a\d+", level).group(1))
 
 
-def sensitivity_levels(base: QuantConfig, high_bits: int) -> list[str]:
-    """Measured levels, low → high: the base config's precision and ``high_bits`` weights at the same
-    activation bits (the activations stay at the base's bits: 8 for W4A8)."""
+def level_act_bits(level: str) -> int:
+    """Activation bits of a level (16 for ``"fp"`` and the float-activation levels ``"w4a16"``, ...)."""
+    return FP_BITS if level == FP_LEVEL else int(re.fullmatch(r"w\d+a(\d+)", level).group(1))
+
+
+def sensitivity_levels(base: QuantConfig, high_bits: int, float_acts: bool = False) -> list[str]:
+    """Measured levels: the base config's precision and ``high_bits`` weights at the same activation bits (the
+    activations stay at the base's bits: 8 for W4A8); with ``float_acts``, then the same two weight precisions
+    with float activations (``"w4a16"``, ``"w8a16"``: the same quantized weights, activations not quantized)."""
     low = f"w{base.weight.bits}a{base.act.bits}"
     high = f"w{high_bits}a{base.act.bits}"
     if high_bits <= base.weight.bits:
         raise ValueError(f"high_bits ({high_bits}) must exceed the base weight bits ({base.weight.bits})")
-    return [low, high]
+    if not float_acts:
+        return [low, high]
+    if base.act.bits == FLOAT_ACT_BITS:
+        raise ValueError(f"float_acts needs a base config with quantized activations, {base.name!r} has none")
+    return [low, high, f"w{base.weight.bits}a{FLOAT_ACT_BITS}", f"w{high_bits}a{FLOAT_ACT_BITS}"]
 
 
 # ------------------------------------------------------------------------------------------ the table
@@ -324,11 +342,12 @@ class _Probe:
     """Every quantized layer of the model wrapped as a TimestepSwitchLinear of {"fp", level...}; ``set(cells)``
     sends a group to a level in a timestep range, ``restore()`` puts the float linears back."""
 
-    def __init__(self, model: nn.Module, layers: dict[str, nn.Linear], variants: dict[str, dict[str, nn.Module]]):
+    def __init__(self, model: nn.Module, layers: dict[str, nn.Linear], variants: dict[str, dict[str, nn.Module]],
+                 float_act: dict[str, str]):
         self.model, self.layers = model, layers
         self.switches = {}
         for name, linear in layers.items():
-            switch = TimestepSwitchLinear({FP_LEVEL: linear, **variants[name]}, [], FP_LEVEL)
+            switch = TimestepSwitchLinear({FP_LEVEL: linear, **variants[name]}, [], FP_LEVEL, float_act)
             _set_submodule(model, name, switch)
             self.switches[name] = switch
         install_timestep_hook(model)
@@ -357,6 +376,7 @@ def measure_sensitivity(
     high_bits: int = 8,
     measure_high: bool = True,
     cache: str | Path | None = None,
+    float_acts: bool = False,
 ) -> SensitivityTable:
     """Damage table (see :class:`SensitivityTable`) of ``model`` quantized group by group, range by range.
 
@@ -373,8 +393,10 @@ def measure_sensitivity(
             lossless).
         cache: JSON path; reused when its fingerprint (layers, weights, calibration, settings, metric names)
             matches, written otherwise.
+        float_acts: also probe the float-activation levels (``"w4a16"``, ``"w8a16"``): each quantized level's
+            own weights run with float activations (as ``quantize`` deploys them, no second copy).
     """
-    base = dataclasses.replace(resolve_config(base_config), mixed_precision=None, rules=())
+    base = dataclasses.replace(resolve_config(base_config), mixed_precision=None, rules=(), float_final_steps=0)
     samples = validate_calibration(calib)
     user_metrics = {name: _as_metric(m) for name, m in (metrics or {}).items()}
     if MSE in user_metrics:
@@ -383,10 +405,12 @@ def measure_sensitivity(
     if not plan:
         raise ValueError(f"no layer of {type(model).__name__} is quantized by {base.name!r}")
     layers = {name: linear for name, (linear, _) in plan.items()}
-    levels = sensitivity_levels(base, high_bits)
-    measured = levels if measure_high else levels[:1]
+    levels = sensitivity_levels(base, high_bits, float_acts)
+    measured = [lv for lv in levels if measure_high or level_bits(lv) == base.weight.bits]
     ranges, shares = split_timesteps(samples, timestep_ranges)
-    settings = dict(base=base.to_dict(), groups=groups, ranges=ranges, levels=measured, metrics=sorted(user_metrics))
+    # float_final_steps plays no part in the probes (tables measured before the field existed stay valid)
+    base_settings = {k: v for k, v in base.to_dict().items() if k != "float_final_steps"}
+    settings = dict(base=base_settings, groups=groups, ranges=ranges, levels=measured, metrics=sorted(user_metrics))
     fingerprint = _fingerprint(model, layers, samples, settings)
     if cache is not None and Path(cache).is_file():
         table = SensitivityTable.load(cache)
@@ -400,15 +424,15 @@ def measure_sensitivity(
         names = [MSE] + list(reference)
         damage = torch.zeros(len(levels), len(group_map), len(ranges), len(names), dtype=torch.float64)
         sample_ranges = [range_index(sample_timestep(s), ranges) for s in samples]
-        cells = [(li, gi, ri) for li in range(len(measured)) for gi in range(len(group_map))
-                 for ri in range(len(ranges))]
+        cells = [(li, gi, ri) for li, level in enumerate(levels) if level in measured
+                 for gi in range(len(group_map)) for ri in range(len(ranges))]
         group_lists = list(group_map.values())
         model_metrics = {n: m for n, m in user_metrics.items() if not isinstance(m, OutputMetric)}
         output_metrics = {n: m for n, m in user_metrics.items() if isinstance(m, OutputMetric)}
         range_refs = [_output_metric_values(output_metrics, samples, ref_outputs, ref_outputs, sample_ranges, ri)
                       for ri in range(len(ranges))]
         for li, gi, ri in progress(cells, desc="sensitivity"):
-            probe.set(group_lists[gi], measured[li], ranges[ri])
+            probe.set(group_lists[gi], levels[li], ranges[ri])
             outputs = _range_outputs(model, samples, sample_ranges, ri)
             damage[li, gi, ri, 0] = _mse_damage(outputs, ref_outputs, sample_ranges, ri)
             values = {**_evaluate_metrics(model, model_metrics),
@@ -434,16 +458,19 @@ def measure_sensitivity(
 
 
 def _build_probe(model, layers, samples, base: QuantConfig, levels: list[str]) -> _Probe:
-    """Quantize every layer at every measured level once (shared calibration pass), then wrap them."""
+    """Quantize every layer at every measured quantized-activation level once (shared calibration pass), then
+    wrap them; a float-activation level runs on the weights of the level with its weight bits."""
     stats, hessians = calibrate_layers(model, layers, samples, base)
     variants: dict[str, dict[str, nn.Module]] = {name: {} for name in layers}
-    for level in levels:
+    stored = [lv for lv in levels if level_act_bits(lv) != FLOAT_ACT_BITS]
+    float_act = {lv: next(q for q in stored if level_bits(q) == level_bits(lv)) for lv in levels if lv not in stored}
+    for level in stored:
         config = dataclasses.replace(base, rules=(level_rule(level),))
         for name, linear in progress(layers.items(), desc=f"quantizing ({level})"):
             precision = _layer_precision(name, config)
             variants[name][level] = build_layer(linear, precision, stats=stats[name], hessian=hessians.get(name),
                                                 config=config, name=name)
-    return _Probe(model, layers, variants)
+    return _Probe(model, layers, variants, float_act)
 
 
 @torch.no_grad()
@@ -507,10 +534,12 @@ class Allocation:
     executed_bits: float
     stored_bits: float
     damage_left: dict[str, float]
+    float_act_share: float = 0.0  # share of the executed weights (parameters x steps) run with float activations
 
     def summary(self) -> str:
         upgraded = {g: lv for g, lv in self.levels.items() if len(set(lv)) > 1 or lv[0] != self.config_low}
-        lines = [f"average weight bits: {self.executed_bits:.2f} executed, {self.stored_bits:.2f} stored",
+        lines = [f"average weight bits: {self.executed_bits:.2f} executed, {self.stored_bits:.2f} stored; "
+                 f"float activations on {100 * self.float_act_share:.0f} % of the executed weights",
                  "damage left (fraction of all-low): " + ", ".join(f"{m} {v:.2f}" for m, v in self.damage_left.items()),
                  f"{len(upgraded)} of {len(self.levels)} groups above {self.config_low}:"]
         lines += [f"  {g:<40} {' '.join(lv)}" for g, lv in upgraded.items()]
@@ -560,6 +589,7 @@ def allocate(
     timestep_aware: bool = True,
     allow_fp: bool = False,
     name: str | None = None,
+    float_act_budget: float = 0.0,
 ) -> Allocation:
     """Choose a precision level per group and timestep range (see the module docstring for the method).
 
@@ -570,41 +600,109 @@ def allocate(
         metrics: metric families to protect (default: all in the table).
         timestep_aware: False gives every group one precision over the whole schedule.
         allow_fp: let cells go up to 16-bit float after ``high_bits``.
+        float_act_budget: share of the executed weights (parameters x share of denoising steps) that may run with
+            float activations on their quantized weights (needs a table measured with ``float_acts=True``). Chosen
+            first: cells by the damage they remove at the low weight bits (families normalized by their own
+            all-low damage, summed) per unit of cost; the weight bits are then allocated on the damage of each
+            cell at its activation precision. It changes neither ``budget_bits`` nor ``memory_bits`` (same
+            weights, nothing stored).
     """
     base = dataclasses.replace(resolve_config(base_config), mixed_precision=None)
+    chosen = _check_allocation(table, base, budget_bits, memory_bits, metrics, float_act_budget)
+    quant_chain, float_chain = _level_chains(table, float_act_budget > 0)
+    extra = [FP_LEVEL] if allow_fp else []
+    damage = table.damage[..., [table.metrics.index(m) for m in chosen]].clamp_min(0)  # (L, G, T, M)
+    ranges, shares = table.ranges, table.range_shares
+    if not timestep_aware:
+        damage = damage.sum(2, keepdim=True)
+        ranges, shares = [(table.ranges[0][0], table.ranges[-1][1])], [1.0]
+    params = torch.tensor([float(table.group_params[g]) for g in table.groups], dtype=torch.float64)
+    shares = torch.tensor(shares, dtype=torch.float64)
+    float_acts = torch.zeros(len(table.groups), len(ranges), dtype=torch.bool)
+    if float_chain:
+        float_acts = _allocate_float_acts(damage, table.levels, quant_chain[0], float_chain[0], params, shares,
+                                          float_act_budget)
+    quant_dmg = _chain_damage(damage, table.levels, quant_chain, len(extra))
+    float_dmg = _chain_damage(damage, table.levels, float_chain, len(extra)) if float_chain else quant_dmg
+    total = quant_dmg[0].sum((0, 1))  # (M,) damage of the all-low model, the reference of every family's share
+    damage = torch.where(float_acts[None, :, :, None], float_dmg, quant_dmg)  # (L, G, T, M) at each cell's acts
+    budget = _Budget(params, shares, torch.tensor([float(level_bits(lv)) for lv in quant_chain + extra],
+                                                  dtype=torch.float64))
+    state = torch.zeros(len(table.groups), len(ranges), dtype=torch.long)
+    lowest = budget.executed(state)
+    if budget_bits is not None and budget_bits < lowest - 1e-9:
+        raise ValueError(f"budget_bits {budget_bits} is below the all-{quant_chain[0]} average ({lowest:.2f})")
+    _greedy_decoupled(state, damage, budget, budget_bits, memory_bits, total)
+    _complete_partial_groups(state, budget, budget_bits, memory_bits)
+    left = _damage_at(state, damage).sum((0, 1))
+    cells = [[(float_chain if fa else quant_chain)[i] if i < len(quant_chain) else FP_LEVEL
+              for i, fa in zip(row, acts)] for row, acts in zip(state.tolist(), float_acts.tolist())]
+    config = allocation_config(table.groups, cells, ranges, base, name or f"{base.name}-mp")
+    share = float(((float_acts.double() * shares).sum(1) * params).sum() / params.sum())
+    return Allocation(
+        config=config, levels=dict(zip(table.groups, cells)),
+        executed_bits=budget.executed(state), stored_bits=budget.stored(state),
+        damage_left={m: float(left[i] / total[i]) if total[i] > 0 else 0.0 for i, m in enumerate(chosen)},
+        float_act_share=share,
+    )
+
+
+def _check_allocation(table: SensitivityTable, base: QuantConfig, budget_bits, memory_bits, metrics,
+                      float_act_budget: float) -> list[str]:
+    """Validate allocate's arguments; returns the metric families to protect."""
     if budget_bits is None and memory_bits is None:
         raise ValueError("allocate needs a budget: budget_bits and/or memory_bits")
     if table.levels[0] != f"w{base.weight.bits}a{base.act.bits}":
         raise ValueError(f"the table's low level {table.levels[0]!r} does not match base config "
                          f"{base.name!r} (w{base.weight.bits}a{base.act.bits})")
+    if not 0.0 <= float_act_budget <= 1.0:
+        raise ValueError(f"float_act_budget must be in [0, 1], got {float_act_budget!r}")
     chosen = metrics or table.metrics
     unknown = set(chosen) - set(table.metrics)
     if unknown:
         raise ValueError(f"unknown metrics {sorted(unknown)}; the table has {table.metrics}")
-    levels = table.levels + ([FP_LEVEL] if allow_fp else [])
-    damage = table.damage[..., [table.metrics.index(m) for m in chosen]].clamp_min(0)  # (L, G, T, M)
-    damage = torch.cat([damage, damage.new_zeros(len(levels) - damage.shape[0], *damage.shape[1:])])
-    ranges, shares = table.ranges, table.range_shares
-    if not timestep_aware:
-        damage = damage.sum(2, keepdim=True)
-        ranges, shares = [(table.ranges[0][0], table.ranges[-1][1])], [1.0]
-    budget = _Budget(torch.tensor([float(table.group_params[g]) for g in table.groups], dtype=torch.float64),
-                     torch.tensor(shares, dtype=torch.float64),
-                     torch.tensor([float(level_bits(lv)) for lv in levels], dtype=torch.float64))
-    state = torch.zeros(len(table.groups), len(ranges), dtype=torch.long)
-    lowest = budget.executed(state)
-    if budget_bits is not None and budget_bits < lowest - 1e-9:
-        raise ValueError(f"budget_bits {budget_bits} is below the all-{levels[0]} average ({lowest:.2f})")
-    _greedy_decoupled(state, damage, budget, budget_bits, memory_bits)
-    _complete_partial_groups(state, budget, budget_bits, memory_bits)
-    total = damage[0].sum((0, 1))
-    left = _damage_at(state, damage).sum((0, 1))
-    config = allocation_config(table.groups, state, levels, ranges, base, name or f"{base.name}-mp")
-    return Allocation(
-        config=config, levels={g: [levels[i] for i in row] for g, row in zip(table.groups, state.tolist())},
-        executed_bits=budget.executed(state), stored_bits=budget.stored(state),
-        damage_left={m: float(left[i] / total[i]) if total[i] > 0 else 0.0 for i, m in enumerate(chosen)},
-    )
+    return list(chosen)
+
+
+def _level_chains(table: SensitivityTable, float_acts: bool) -> tuple[list[str], list[str]]:
+    """(weight levels at the base's activation bits, the same weight levels with float activations, or [] when
+    ``float_acts`` is off), low → high."""
+    quant = [lv for lv in table.levels if level_act_bits(lv) != FLOAT_ACT_BITS]
+    if not float_acts:
+        return quant, []
+    floats = [lv for lv in table.levels if level_act_bits(lv) == FLOAT_ACT_BITS]
+    if [level_bits(lv) for lv in floats] != [level_bits(lv) for lv in quant]:
+        raise ValueError(f"float_act_budget needs a table with float-activation levels for {quant} "
+                         f"(measure_sensitivity(..., float_acts=True)); it has {table.levels}")
+    return quant, floats
+
+
+def _chain_damage(damage: torch.Tensor, levels: list[str], chain: list[str], extra: int) -> torch.Tensor:
+    """Damage (len(chain) + extra, G, T, M) of a chain of table levels, the extra (float) levels at zero."""
+    picked = damage[[levels.index(lv) for lv in chain]]
+    return torch.cat([picked, picked.new_zeros(extra, *picked.shape[1:])])
+
+
+def _allocate_float_acts(damage, levels, low: str, low_float: str, params, shares, float_act_budget: float):
+    """Cells (G, T) that run with float activations. A cell's score is the sum over families of the damage it
+    removes at the low weight bits, each as a share of that family's all-low damage (no family's raw scale
+    dominates), per unit of cost (its share of the executed weights); cells are taken best first while they fit.
+    Not handed out in turns as the weight bits are: the level pays mostly for one family (flicker), and turns
+    would spend it on families it barely helps."""
+    quantized, floated = damage[levels.index(low)], damage[levels.index(low_float)]  # (G, T, M)
+    total = quantized.sum((0, 1)).clamp_min(1e-30)  # (M,)
+    gain = ((quantized - floated) / total).sum(-1)  # (G, T)
+    cost = params[:, None] / params.sum() * shares[None, :]  # (G, T)
+    chosen = torch.zeros(gain.shape, dtype=torch.bool)
+    spent = 0.0
+    for cell in torch.argsort((gain / cost).flatten(), descending=True).tolist():
+        g, t = divmod(cell, gain.shape[1])
+        if gain[g, t] <= 0:
+            break
+        if spent + float(cost[g, t]) <= float_act_budget + 1e-9:
+            chosen[g, t] = True
+            spent += float(cost[g, t])
+    return chosen
 
 
 def _damage_at(state: torch.Tensor, damage: torch.Tensor) -> torch.Tensor:
@@ -616,12 +714,13 @@ def _fits(executed: float, stored: float, budget_bits, memory_bits) -> bool:
     return (budget_bits is None or executed <= budget_bits + 1e-9) and (memory_bits is None or stored <= memory_bits + 1e-9)
 
 
-def _greedy_decoupled(state, damage, budget: _Budget, budget_bits, memory_bits) -> None:
+def _greedy_decoupled(state, damage, budget: _Budget, budget_bits, memory_bits, total=None) -> None:
     """Upgrade one step at a time: the metric family with the largest share of its own damage left takes its
     best gain-per-bit move that fits the budgets; stop when no family can improve. A move is one cell (group ×
     timestep range) one level up, or a whole uniform group one level up (the only move a tight memory cap
-    allows, since a single range would add a second weight copy)."""
-    total = damage[0].sum((0, 1)).clamp_min(1e-30)  # (M,)
+    allows, since a single range would add a second weight copy). ``total`` (M,): each family's reference damage
+    (default: all cells at level 0)."""
+    total = (damage[0].sum((0, 1)) if total is None else total).clamp_min(1e-30)  # (M,)
     while True:
         gain, fits, cost = _cell_moves(state, damage, budget, budget_bits, memory_bits)  # (G, T, M), (G, T), (G, T)
         g_gain, g_fits, g_cost = _group_moves(state, gain, budget, budget_bits, memory_bits)  # (G, M), (G,), (G,)
@@ -684,21 +783,23 @@ def _complete_partial_groups(state, budget: _Budget, budget_bits, memory_bits) -
             state[g] = trial[g]
 
 
-def allocation_config(groups: dict[str, list[str]], state: torch.Tensor, levels: list[str],
-                      ranges: list[tuple[float, float]], base: QuantConfig, name: str) -> QuantConfig:
-    """QuantConfig = ``base`` + one LayerRule per upgraded group (and merged run of timestep ranges)."""
+def allocation_config(groups: dict[str, list[str]], cells: list[list[str]], ranges: list[tuple[float, float]],
+                      base: QuantConfig, name: str) -> QuantConfig:
+    """QuantConfig = ``base`` + one LayerRule per group above the base precision (and merged run of timestep
+    ranges); ``cells``: each group's level per range."""
+    low = f"w{base.weight.bits}a{base.act.bits}"
     rules = []
-    for layer_names, row in zip(groups.values(), state.tolist()):
+    for layer_names, row in zip(groups.values(), cells):
         pattern = group_pattern(layer_names)
         if len(set(row)) == 1:
-            if row[0] > 0:
-                rules.append(level_rule(levels[row[0]], pattern))
+            if row[0] != low:
+                rules.append(level_rule(row[0], pattern))
             continue
         start = 0
         for r in range(1, len(row) + 1):
             if r == len(row) or row[r] != row[start]:
-                if row[start] > 0:
-                    rules.append(level_rule(levels[row[start]], pattern, (ranges[start][0], ranges[r - 1][1])))
+                if row[start] != low:
+                    rules.append(level_rule(row[start], pattern, (ranges[start][0], ranges[r - 1][1])))
                 start = r
     return dataclasses.replace(base, name=name, rules=base.rules + tuple(rules), mixed_precision=None)
 
@@ -709,9 +810,11 @@ def resolve_mixed_precision(model: nn.Module, config: QuantConfig, samples: list
     spec = config.mixed_precision
     base = dataclasses.replace(config, mixed_precision=None)
     table = measure_sensitivity(model, samples, groups=spec.groups, timestep_ranges=spec.timestep_ranges,
-                                base_config=base, high_bits=spec.high_bits, cache=spec.cache)
+                                base_config=base, high_bits=spec.high_bits, cache=spec.cache,
+                                float_acts=spec.float_act_budget > 0)
     allocation = allocate(table, base, budget_bits=spec.budget_bits, memory_bits=spec.memory_bits,
-                          timestep_aware=spec.timestep_aware, allow_fp=spec.allow_fp, name=config.name)
+                          timestep_aware=spec.timestep_aware, allow_fp=spec.allow_fp, name=config.name,
+                          float_act_budget=spec.float_act_budget)
     return allocation.config
 
 

@@ -19,10 +19,11 @@ from torch import nn
 
 from .balance import build_quant_linear, concat_linears, split_quant_linear
 from .calibrate import LayerStats, collect_activation_stats, validate_calibration
-from .config import ActSpec, QuantConfig, WeightSpec, resolve_config
+from .config import FLOAT_ACT_BITS, ActSpec, LayerRule, QuantConfig, WeightSpec, resolve_config
 from .gptq import apply_gptq, hessian_hooks
 from .layers import (
-    LayerSpec, QuantLinear, TimestepSwitchLinear, install_input_sharing, install_timestep_hook, make_layer_spec,
+    LayerSpec, QuantLinear, TimestepSwitchLinear, current_timestep, install_input_sharing, install_timestep_hook,
+    make_layer_spec,
 )
 from .progress import progress
 
@@ -50,7 +51,9 @@ Precision = "tuple[WeightSpec, ActSpec] | None"  # None: the layer stays in high
 def _layer_precision(name: str, config: QuantConfig, timestep: float | None = None) -> tuple[WeightSpec, ActSpec] | None:
     """Weight/activation spec of layer ``name`` after keep_fp and rules; None means keep high precision.
 
-    Rules with ``timesteps`` apply only when ``timestep`` is given and lies in their range.
+    Rules with ``timesteps`` apply only when ``timestep`` is given and lies in their range. A rule that sets
+    nothing but ``act_bits=16`` (float activations) changes the activations of a quantized layer and leaves a
+    float one float.
     """
     keep = any(re.search(p, name) for p in config.keep_fp)
     weight, act = config.weight, config.act
@@ -58,6 +61,9 @@ def _layer_precision(name: str, config: QuantConfig, timestep: float | None = No
         if rule.timesteps is not None and (timestep is None or not rule.timesteps[0] <= timestep <= rule.timesteps[1]):
             continue
         if not re.search(rule.pattern, name):
+            continue
+        if rule.act_bits == FLOAT_ACT_BITS and rule.weight_bits is None and not rule.keep_fp:
+            act = ActSpec(FLOAT_ACT_BITS, act.granularity)  # float activations only: a float layer stays float
             continue
         keep = rule.keep_fp
         if rule.weight_bits is not None:
@@ -97,11 +103,49 @@ def layer_schedule(name: str, config: QuantConfig) -> tuple[Precision, list[tupl
 
 
 def precision_key(precision: Precision) -> str:
-    """Name of a precision inside a TimestepSwitchLinear: ``"w4a8"``, ``"w8a8"``, ``"w8a8_fp8"``, ... or ``"fp"``."""
+    """Name of a precision inside a TimestepSwitchLinear: ``"w4a8"``, ``"w8a8"``, ``"w8a16"``, ``"w8a8_fp8"``, ...
+    or ``"fp"``."""
     if precision is None:
         return "fp"
     weight, act = precision
     return f"w{weight.bits}a{act.bits}" + ("_fp8" if weight.format == "fp8" else "")
+
+
+def switch_variants(precisions: list[Precision]) -> tuple[dict[str, Precision], dict[str, str]]:
+    """(stored variants key → precision, float_act key → stored key) of a timestep-switching layer.
+
+    A float-activation (A16) precision whose weight spec a quantized-activation precision of the layer shares
+    runs on that variant's weights (no copy); any other A16 precision is stored as a weight-only variant."""
+    by_key = {precision_key(p): p for p in precisions}
+    stored = {k: p for k, p in by_key.items() if p is None or p[1].bits != FLOAT_ACT_BITS}
+    float_act = {}
+    for key, p in by_key.items():
+        if key in stored:
+            continue
+        twin = next((k for k, q in stored.items() if q is not None and q[0] == p[0]), None)
+        if twin is None:
+            stored[key] = p
+        else:
+            float_act[key] = twin
+    return stored, float_act
+
+
+def final_steps_range(samples: list[dict], steps: int) -> tuple[float, float]:
+    """Timestep range (lo, cut) of the ``steps`` smallest calibration timesteps: ``cut`` half-way to the next one
+    (the whole horizon when there are no more), ``lo`` = min(0, smallest)."""
+    times = sorted({t for t in (current_timestep((), s, None) for s in samples) if t is not None})
+    if not times:
+        raise ValueError("float_final_steps needs calibration samples with a 'timestep' argument")
+    lo = min(times[0], 0.0)
+    if steps >= len(times):
+        return lo, max(times[-1], 1000.0 if times[-1] > 1 else 1.0)
+    return lo, (times[steps - 1] + times[steps]) / 2
+
+
+def resolve_float_final_steps(config: QuantConfig, samples: list[dict]) -> QuantConfig:
+    """``config`` with ``float_final_steps`` turned into its LayerRule (act_bits=16 in the final steps' range)."""
+    rule = LayerRule(".*", act_bits=FLOAT_ACT_BITS, timesteps=final_steps_range(samples, config.float_final_steps))
+    return dataclasses.replace(config, rules=config.rules + (rule,), float_final_steps=0)
 
 
 def plan_layers(model: nn.Module, config: QuantConfig) -> dict[str, tuple[nn.Linear, LayerSpec]]:
@@ -151,6 +195,8 @@ def quantize(model: nn.Module, config: QuantConfig | str | Path, calib: Iterable
         from .mixed_precision import resolve_mixed_precision
 
         config = resolve_mixed_precision(model, config, samples)
+    if config.float_final_steps:
+        config = resolve_float_final_steps(config, samples)
     plan = plan_schedules(model, config)
     if not plan:
         raise ValueError(f"no nn.Linear layer of {type(model).__name__} is selected for quantization "
@@ -175,9 +221,10 @@ def quantize(model: nn.Module, config: QuantConfig | str | Path, calib: Iterable
         if not schedule:
             _set_submodule(model, name, build(default))
             continue
-        variants = {precision_key(p): p for p in [default] + [piece[2] for piece in schedule]}
-        switch = TimestepSwitchLinear({key: build(p) for key, p in variants.items()},
-                                      [(lo, hi, precision_key(p)) for lo, hi, p in schedule], precision_key(default))
+        stored, float_act = switch_variants([default] + [piece[2] for piece in schedule])
+        switch = TimestepSwitchLinear({key: build(p) for key, p in stored.items()},
+                                      [(lo, hi, precision_key(p)) for lo, hi, p in schedule], precision_key(default),
+                                      float_act)
         _set_submodule(model, name, switch)
     _mark_quantized(model, config)
     return model
@@ -198,7 +245,8 @@ def shared_input_groups(plan: dict, stats: dict) -> list[list[str]]:
     for name, (linear, default, schedule) in plan.items():
         parent, _, leaf = name.rpartition(".")
         family = next((i for i, fam in enumerate(SHARED_INPUT_FAMILIES) if leaf in fam), None)
-        if family is None or schedule or default is None or default[1].granularity == "per_tensor_static":
+        if (family is None or schedule or default is None or default[1].granularity == "per_tensor_static"
+                or default[1].bits == FLOAT_ACT_BITS):
             continue
         candidates.setdefault((parent, family, linear.in_features, precision_key(default), default), []).append(name)
     groups = []
