@@ -63,7 +63,7 @@ def _layer_precision(name: str, config: QuantConfig, timestep: float | None = No
         if not re.search(rule.pattern, name):
             continue
         if rule.act_bits == FLOAT_ACT_BITS and rule.weight_bits is None and not rule.keep_fp:
-            act = ActSpec(FLOAT_ACT_BITS, act.granularity)  # float activations only: a float layer stays float
+            act = dataclasses.replace(act, bits=FLOAT_ACT_BITS)  # float activations only: a float layer stays float
             continue
         keep = rule.keep_fp
         if rule.weight_bits is not None:
