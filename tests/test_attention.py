@@ -346,3 +346,24 @@ def test_compile_counts_short_and_quantized_calls_without_graph_breaks():
     assert explanation.graph_break_count == 0, explanation.break_reasons
     targets = [str(n.target) for g in explanation.graphs for n in g.graph.nodes]
     assert targets.count("viditq.quantized_attention.default") == 2  # the two self-attentions only
+
+
+def test_compiled_model_does_not_recompile_per_call():
+    """The call counters must not enter traced code: Dynamo would guard on each count's value and recompile on
+    every forward (which also broke CUDA-graph capture of compiled blocks). Eager calls still count."""
+    from torch._dynamo.utils import counters
+
+    from viditq.testing import tiny_inputs, tiny_model
+
+    model = tiny_model("pixart")
+    VA.apply_quantized_attention(model, "int8", min_kv_tokens=10)
+    kwargs = tiny_inputs("pixart")
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad():
+        outs = [compiled(**kwargs)[0] for _ in range(3)]
+        eager = model(**kwargs)[0]
+    assert counters["stats"]["unique_graphs"] == 1
+    assert torch.equal(outs[0], outs[2]) and torch.allclose(outs[0], eager, atol=1e-5)
+    assert VA.attention_call_counts(model) == {"quantized": 2, "short_kv_sdpa": 2, "fallback_sdpa": 0}

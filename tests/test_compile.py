@@ -32,3 +32,27 @@ def test_compiled_blocks_match_eager_and_share_graphs(preset, most_graphs):
     assert viditq.compile_blocks(model, backend="eager") == 3
     assert torch.equal(forward_output(model, x), eager)
     assert 2 <= counters["stats"]["unique_graphs"] <= most_graphs
+
+
+def test_compiled_timestep_switching_recompiles_per_precision_not_per_step():
+    """A timestep-switching model (float activations in the last step) under regional compilation: the blocks
+    guard on the active precision only, so ten timesteps in two precision ranges give the graphs of two
+    precisions, and each step's output equals eager."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model("pixart", num_layers=2)
+    viditq.quantize(model, "w8a8-float-last", calibration_set("pixart", n=1))
+    steps = [999.0 - 111.0 * i for i in range(10)]  # 999 ... 0: the last two fall in the float-activation range
+    inputs = [tiny_inputs("pixart", seed=5) | {"timestep": torch.full((2,), t)} for t in steps]
+    eager = [forward_output(model, x) for x in inputs]
+    torch._dynamo.reset()
+    counters.clear()
+    viditq.compile_blocks(model, backend="eager")
+    for x, ref in zip(inputs, eager):
+        assert torch.equal(forward_output(model, x), ref)
+    graphs = counters["stats"]["unique_graphs"]
+    counters.clear()
+    for x in inputs[:3]:
+        forward_output(model, x)
+    assert counters["stats"]["unique_graphs"] == 0  # nothing new once both precisions were seen
+    assert 2 <= graphs <= 4  # two precisions x (block 0's input strides, the other blocks')

@@ -19,8 +19,8 @@ quantizes every call). Those are the text cross-attentions (120 text tokens in P
 attentions (Latte's frames), where the 8-bit path's preparation — K mean and channel statistics, quantizing Q, K
 and V, ~0.3 ms of launches at PixArt's 4096 x 120 cross-attention on an H100 — costs more than the whole bf16 SDPA
 call (0.05 ms; benchmarks/NOTES.md, "8-bit attention"), and the attention FLOPs saved are negligible.
-:func:`attention_call_counts` reports how many calls ran quantized, went to SDPA for their short keys, or fell
-back for the reasons above.
+:func:`attention_call_counts` reports how many eager calls ran quantized, went to SDPA for their short keys, or
+fell back for the reasons above (compiled forwards and CUDA-graph replays are not counted).
 """
 from __future__ import annotations
 
@@ -88,7 +88,8 @@ def _new_counts() -> dict[str, int]:
 class SDPARouter(TorchFunctionMode):
     """Inside this context, ``F.scaled_dot_product_attention`` runs 8-bit attention (mode "int8" or "fp8"),
     except over fewer than ``min_kv_tokens`` keys. ``counts`` (dict of :data:`COUNT_KEYS`) is incremented per
-    call: Python-level calls (eager or compiled forwards; CUDA-graph replays run no Python and are not counted)."""
+    eager call. Traced code does not count: Dynamo would bake each count into the graph as a constant and guard
+    on it, recompiling on every call (and failing inside a CUDA-graph capture); replays run no Python."""
 
     def __init__(self, mode: str, min_kv_tokens: int = MIN_KV_TOKENS, counts: dict[str, int] | None = None):
         super().__init__()
@@ -96,18 +97,22 @@ class SDPARouter(TorchFunctionMode):
         self.min_kv_tokens = min_kv_tokens
         self.counts = counts if counts is not None else _new_counts()
 
+    def _count(self, key: str) -> None:
+        if not torch.compiler.is_compiling():
+            self.counts[key] += 1
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             key = args[1] if len(args) > 1 else kwargs.get("key")
             if isinstance(key, torch.Tensor) and key.dim() >= 2 and key.shape[-2] < self.min_kv_tokens:
-                self.counts["short_kv_sdpa"] += 1
+                self._count("short_kv_sdpa")
                 return func(*args, **kwargs)
             out = quantized_sdpa(self.mode, *args, **kwargs)
             if out is not None:
-                self.counts["quantized"] += 1
+                self._count("quantized")
                 return out
-            self.counts["fallback_sdpa"] += 1
+            self._count("fallback_sdpa")
         if func is torch.Tensor.unflatten:
             # Tensor.unflatten is Python calling super(); torch.compile cannot trace that under a mode (a graph
             # break in every Wan/Flux attention) but traces the functional form.
@@ -209,7 +214,8 @@ def apply_quantized_attention(model: torch.nn.Module, mode: str, min_kv_tokens: 
 def attention_call_counts(model: torch.nn.Module, reset: bool = False) -> dict[str, int]:
     """Attention calls of ``model``'s wrapped processors since they were installed (or last reset):
     ``quantized`` (8-bit kernel), ``short_kv_sdpa`` (fewer keys than ``min_kv_tokens``: the model's own SDPA),
-    ``fallback_sdpa`` (masks, dropout, ... the kernel cannot express). CUDA-graph replays are not counted."""
+    ``fallback_sdpa`` (masks, dropout, ... the kernel cannot express). Eager calls only: compiled forwards and
+    CUDA-graph replays are not counted (see :class:`SDPARouter`)."""
     total = _new_counts()
     for _, module in _attention_modules(model):
         if isinstance(module.processor, QuantizedAttnProcessor):
