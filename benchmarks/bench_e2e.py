@@ -176,7 +176,8 @@ def graph_forward(fn, kwargs):
 
 KERNEL_CATEGORIES = (  # first match wins; names of cuBLAS / cuDNN / Triton / PyTorch kernels seen on H100
     ("act_quant", ("_act_quant",)),
-    ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "_quant_gemm", "_w4a8", "matmul")),
+    ("w4_stage", ("_stage_int4",)),
+    ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "_quant_gemm", "matmul")),
     ("attention", ("flash", "fmha", "attention", "sdpa")),
     ("norm", ("norm", "_ln_modulate")),
 )
@@ -258,7 +259,8 @@ def run_one(model_name: str, variant: str, iters: int, tiny: bool, min_kv_tokens
         _log("first forward done")
         result["first_forward_s"] = time.perf_counter() - t2
         result["ready_s"] = result["prepare_s"] + result["first_forward_s"]
-        if "attention" in notes:  # routing of one forward's attention calls (CUDA-graph replays are not counted)
+        if "attention" in notes:  # routing of one eager forward's attention calls (compiled code and CUDA-graph
+            # replays are not counted: all zeros for the compiled variants)
             from viditq.attention import attention_call_counts
 
             result["attention"]["calls_per_forward"] = attention_call_counts(model, reset=True)

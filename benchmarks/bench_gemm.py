@@ -1,8 +1,9 @@
 """GEMM-level and activation-quantization benchmark on one GPU (run on an H100; see NOTES.md).
 
 Tables (one run, same card): bf16 cuBLAS (F.linear), fp8 ``torch._scaled_mm`` row-wise, ``torch._int_mm``, ours
-int8 / W4A8 (packed int4, g64, asymmetric) / fp8 GEMM with the fused epilogue, the full W8A8 layer (fused
-quantization + GEMM), the fused quantization alone (GB/s), a config sweep, and the device ceilings.
+int8 / W4A8 (packed int4, g64, asymmetric, staged to per-channel int8; the staging alone too) / fp8 GEMM with the
+fused epilogue, the full W8A8 layer (fused quantization + GEMM), the fused quantization alone (GB/s), a config
+sweep, and the device ceilings.
 
     python benchmarks/bench_gemm.py --out results.json [--sweep]
 """
@@ -36,19 +37,11 @@ INT8_SWEEP = [  # (BM, BN, BK, GROUP_M, warps, stages, persistent, tma); call-1 
     (256, 128, 128, 8, 8, 4, True, True), (256, 128, 64, 8, 8, 4, True, True), (128, 128, 128, 8, 4, 4, True, True),
     (256, 128, 128, 4, 8, 3, True, True), (128, 128, 128, 8, 8, 3, False, False),
 ]
-W4_SWEEP = [  # (..., persistent, tma, w4_mode): 0 interleave B, 1 split A, 2 weights as register operand
-    (128, 128, 64, 8, 8, 3, False, False, 0), (128, 128, 64, 8, 8, 3, False, False, 1),
-    (128, 128, 64, 8, 8, 3, False, False, 2), (256, 128, 64, 8, 8, 3, False, False, 2),
-    (128, 256, 64, 8, 8, 3, False, False, 0), (128, 256, 64, 8, 8, 3, True, True, 1),
-    (128, 128, 64, 8, 4, 4, False, False, 2), (64, 128, 64, 8, 4, 4, False, False, 2),
-    (128, 64, 64, 8, 4, 4, False, False, 2), (128, 128, 64, 8, 8, 4, True, True, 1),
-]
 FP8_SWEEP = [
     (128, 256, 128, 8, 8, 3, True, True), (256, 128, 128, 8, 8, 3, True, True), (128, 256, 128, 8, 8, 4, True, True),
     (128, 128, 128, 8, 4, 4, True, True),
 ]
 TMA8 = int_gemm.GemmConfig(128, 256, 128, 8, 8, 3, True, True)
-TMA4 = int_gemm.GemmConfig(128, 128, 64, 8, 8, 4, True, True)
 PTR8 = int_gemm.GemmConfig(128, 256, 128, 8, 8, 3)
 
 
@@ -89,7 +82,7 @@ def make_operands(m, n, k):
                 fp8_a=fp8_a, fp8_a_scale=fp8_a_scale, fp8_w=fp8_w, fp8_w_scale=fp8_w_scale)
 
 
-def gemm_fns(o, k, cfg=None, cfg4=None, cfg8=None):
+def gemm_fns(o, k, cfg=None, cfg8=None):
     """name → zero-arg callable for every GEMM variant on operands ``o``."""
     fp8_wt = o["fp8_w"].t()  # (K, N) column-major: the layout _scaled_mm wants
     w8t = o["w8"].t()
@@ -108,7 +101,7 @@ def gemm_fns(o, k, cfg=None, cfg4=None, cfg8=None):
     def layer_w4a8():
         a, s = act_quant.quantize_activation(o["x"], 8, smooth_inv, signs, rot_m)
         return int_gemm.quant_linear(a, s, o["w4"], o["w4_scale"], o["w4_zero"], 64, True, o["bias"],
-                                     torch.bfloat16, cfg4)
+                                     torch.bfloat16, cfg)
 
     return {
         "bf16_cublas": lambda: F.linear(o["x"], o["w"], o["bias"]),
@@ -121,11 +114,10 @@ def gemm_fns(o, k, cfg=None, cfg4=None, cfg8=None):
         "ours_int8_pointer": lambda: int_gemm.quant_linear(o["a"], o["a_scale"], o["w8"], o["w8_scale"], None, k,
                                                            False, o["bias"], torch.bfloat16, PTR8),
         "ours_w4a8_g64": lambda: int_gemm.quant_linear(o["a"], o["a_scale"], o["w4"], o["w4_scale"], o["w4_zero"],
-                                                       64, True, o["bias"], torch.bfloat16, cfg4),
+                                                       64, True, o["bias"], torch.bfloat16, cfg),
         "ours_fp8": lambda: int_gemm.quant_linear(o["fp8_a"], o["fp8_a_scale"], o["fp8_w"], o["fp8_w_scale"], None,
                                                   k, False, o["bias"], torch.bfloat16, cfg8),
-        "ours_w4a8_g64_tma": lambda: int_gemm.quant_linear(o["a"], o["a_scale"], o["w4"], o["w4_scale"],
-                                                           o["w4_zero"], 64, True, o["bias"], torch.bfloat16, TMA4),
+        "ours_w4a8_stage_only": lambda: int_gemm.stage_int4(o["w4"], o["w4_scale"], o["w4_zero"], 64),
         "ours_w8a8_layer_rot": layer_w8a8,
         "ours_w8a8_layer_smooth_only": layer_w8a8_plain,
         "ours_w4a8_layer_rot": layer_w4a8,
@@ -144,7 +136,8 @@ def bench_gemms(results):
         for name, fn in gemm_fns(o, k).items():
             try:
                 compile_s = first_call_s(fn)
-                err = None if name.startswith(("int8_torch", "ours_w8a8_layer", "ours_w4a8_layer")) else \
+                err = None if name.startswith(("int8_torch", "ours_w8a8_layer", "ours_w4a8_layer",
+                                               "ours_w4a8_stage")) else \
                     check(name, fn(), o, k)
                 t = ms(fn)
                 t_eager = ms_eager(fn)
@@ -157,7 +150,7 @@ def bench_gemms(results):
         torch.cuda.empty_cache()
 
 
-SWEEP_KINDS = ["int8", "w4a8_g64", "fp8"]
+SWEEP_KINDS = ["int8", "fp8"]  # packed int4 runs the int8 kernel after staging
 SWEEP_SHAPES = ["pixart_qkvo", "pixart_ff_up", "pixart_ff_down", "cogvideox_qkvo", "cogvideox_ff_up"]
 
 
@@ -165,16 +158,14 @@ def bench_sweep(results):
     for shape_name in SWEEP_SHAPES:
         m, n, k = SHAPES[shape_name]
         o = make_operands(m, n, k)
-        for kind, sweep in (("int8", INT8_SWEEP), ("w4a8_g64", W4_SWEEP), ("fp8", FP8_SWEEP)):
+        for kind, sweep in (("int8", INT8_SWEEP), ("fp8", FP8_SWEEP)):
             if kind not in SWEEP_KINDS:
                 continue
             for c in sweep:
-                cfg = int_gemm.GemmConfig(*c[:6], bool(c[6]), bool(c[7]), *c[8:])
+                cfg = int_gemm.GemmConfig(*c[:6], bool(c[6]), bool(c[7]))
                 fn = {
                     "int8": lambda: int_gemm.quant_linear(o["a"], o["a_scale"], o["w8"], o["w8_scale"], None, k,
                                                           False, o["bias"], torch.bfloat16, cfg),
-                    "w4a8_g64": lambda: int_gemm.quant_linear(o["a"], o["a_scale"], o["w4"], o["w4_scale"],
-                                                              o["w4_zero"], 64, True, o["bias"], torch.bfloat16, cfg),
                     "fp8": lambda: int_gemm.quant_linear(o["fp8_a"], o["fp8_a_scale"], o["fp8_w"], o["fp8_w_scale"],
                                                          None, k, False, o["bias"], torch.bfloat16, cfg),
                 }[kind]
@@ -265,8 +256,6 @@ def print_tables(results):
             best[key] = r
     for (shape, kind), r in best.items():
         print(f"best {shape:18s} {kind:9s} {r['config']} {r['ms']:.3f} ms {r['tflops']:.0f} TF/s")
-    if results.get("best_w4_config"):
-        print("best W4A8 config over the sweep shapes:", results["best_w4_config"])
     for r in results.get("kernels", [])[:40]:
         print(f"kern {r['kernel'][:40]:40s} regs={r['n_regs']} spills={r['n_spills']} smem={r['shared']} "
               f"wgmma={r['wgmma']} mma.sync={r['mma_sync']}")
@@ -279,9 +268,9 @@ def main():
     parser.add_argument("--out", required=True)
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--sweep-shapes", default=",".join(SWEEP_SHAPES))
-    parser.add_argument("--sweep-kinds", default="int8,w4a8_g64,fp8")
+    parser.add_argument("--sweep-kinds", default="int8,fp8")
     parser.add_argument("--shapes", default=",".join(SHAPES))
-    parser.add_argument("--best-w4-out", help="write the fastest W4A8 config here (VIDITQ_W4_CONFIG format)")
+    parser.add_argument("--sections", default="ceilings,act_quant,gemms,sweep", help="which tables (comma list)")
     args = parser.parse_args()
     SWEEP_SHAPES[:] = args.sweep_shapes.split(",")
     SWEEP_KINDS[:] = args.sweep_kinds.split(",")
@@ -291,6 +280,7 @@ def main():
                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), gemm=[], sweep=[], act_quant=[],
                    ceilings={}, errors=[])
     sections = [bench_ceilings, bench_act_quant, bench_gemms] + ([bench_sweep] if args.sweep else [])
+    sections = [f for f in sections if f.__name__.removeprefix("bench_") in args.sections.split(",")]
     for section in sections:
         try:
             section(results)
@@ -298,17 +288,6 @@ def main():
             results["errors"].append(f"{section.__name__}: {type(e).__name__}: {e}"[:500])
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
-    w4 = {}
-    for r in results["sweep"]:
-        if r["kind"] == "w4a8_g64":
-            w4.setdefault(tuple(r["config"]), []).append(r["ms"])
-    complete = {c: sum(t) for c, t in w4.items() if len(t) == len(SWEEP_SHAPES)}
-    if complete:
-        best = min(complete, key=complete.get)
-        results["best_w4_config"] = ",".join(str(int(v)) for v in best)
-        if args.best_w4_out:
-            with open(args.best_w4_out, "w") as f:
-                f.write(results["best_w4_config"])
     try:
         results["kernels"] = compiled_kernel_report()
     except Exception as e:  # noqa: BLE001 — introspection of Triton internals is best effort

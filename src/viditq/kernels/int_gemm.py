@@ -4,12 +4,19 @@
 cast to the output dtype). A is (M, K) int8 (or fp8) row-major, W is the layer's own (N, K) buffer — K-major, which
 is the layout the tensor cores want for B, so no transposed copy is needed:
 
-* int8 codes (N, K), or int4 codes packed two per byte (N, K // 2) and unpacked in the main loop;
-* per-channel scales (N, 1): int32 accumulation over all of K, scales applied once in the epilogue;
+* int8 codes (N, K) with per-channel scales (N, 1): int32 accumulation over all of K, scales applied once in the
+  epilogue;
 * group-wise scales (N, G) (fp16, group_size a multiple of BLOCK_K): an int32 product per K tile, rescaled into a
-  float32 accumulator;
-* asymmetric zero points (N, G) int8: for int4, ``code - zero`` still fits int8 and is subtracted before the
-  product; for int8, ``zero * rowsum(a_codes)`` is subtracted from the integer product.
+  float32 accumulator; asymmetric zero points (N, G) int8: ``zero * rowsum(a_codes)`` is subtracted from the
+  integer product;
+* packed int4 (N, K // 2), two codes per byte, any group size: first *staged* as per-channel int8 by
+  :func:`stage_int4` (one memory-bound pass over the weights per call: ``round((code - zero) * scale / s_c)`` with
+  ``s_c`` = the row's absmax / 127, divided in float64 so the codes are bit-exact), then the per-channel int8 GEMM. At DiT shapes (M ≥ 8k tokens) this beats
+  unpacking in the main loop: every (BLOCK_M)-row tile would redo the unpacking and the group rescale, whose
+  CUDA-core work per K step (an int → float conversion and an FMA per accumulator per 64-wide group) equals the
+  tensor-core work of the step; staging does it once per weight and leaves the int8 kernel's pure int32
+  accumulation (NOTES.md, session 5). The int8 requantization adds at most half an int8 step of the row's absmax
+  to each weight; :func:`reference.stage_int4` defines it.
 
 With ``persistent`` the grid is one program per SM, each walking tiles ``pid, pid + programs, ...``; tiles are
 visited in groups of ``GROUP_M`` row-blocks so consecutive programs share B tiles in L2.
@@ -24,6 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..quant.quantizers import MIN_SCALE
+from .act_quant import _round_half_even
+
 
 # ----------------------------------------------------------------------------------------- configs
 @dataclass(frozen=True)
@@ -36,28 +46,19 @@ class GemmConfig:
     num_stages: int = 3
     persistent: bool = False
     tma: bool = False  # TMA + persistent kernel (ignored where its alignment rules do not hold)
-    w4_mode: int = 0  # packed int4 main loop (W4_MODES): 0 interleave B (measured), 1 split A, 2 swapped operands
-
-
-W4_MODES = {0: "interleave the unpacked B halves back along K (join + reshape)",
-            1: "split A into even / odd columns in registers; two products with the B halves",
-            2: "swap operands: unpacked weights are the register-side operand, activations come from shared memory"}
 
 
 @lru_cache(maxsize=None)
-def default_config(m: int, n: int, k: int, packed_int4: bool, group_size: int, fp8: bool) -> GemmConfig:
+def default_config(m: int, n: int, k: int, group_size: int, fp8: bool) -> GemmConfig:
     """Tile choice for DiT shapes from the H100 sweep in benchmarks/NOTES.md (no autotuning, so a first forward
-    compiles each kernel once and nothing else)."""
+    compiles each kernel once and nothing else). Packed int4 runs the per-channel int8 kernel after staging."""
     grouped = group_size < k
-    override = os.environ.get("VIDITQ_W4_CONFIG" if packed_int4 else "VIDITQ_GEMM_CONFIG")
-    if override:  # "BM,BN,BK,GROUP_M,warps,stages,persistent,tma[,w4_mode]" from a benchmark sweep
+    override = os.environ.get("VIDITQ_GEMM_CONFIG")
+    if override:  # "BM,BN,BK,GROUP_M,warps,stages,persistent,tma" from a benchmark sweep
         fields = [int(v) for v in override.split(",")]
-        return GemmConfig(*fields[:6], bool(fields[6]), bool(fields[7]), *fields[8:])
+        return GemmConfig(*fields[:6], bool(fields[6]), bool(fields[7]))
     if m <= 64:
-        return GemmConfig(64, 128, 64 if grouped or packed_int4 else 128, 8, 4, 4, persistent=packed_int4,
-                          tma=packed_int4)
-    if packed_int4:  # the fastest W4A8 variant measured on H100 (v1 in NOTES.md; far from the int8 rate)
-        return GemmConfig(128, 256, min(64, group_size), 8, 8, 3, persistent=True, tma=True, w4_mode=0)
+        return GemmConfig(64, 128, 64 if grouped else 128, 8, 4, 4)
     if grouped:
         return GemmConfig(128, 128, min(64, group_size), 8, 8, 4)
     if fp8:
@@ -80,8 +81,7 @@ def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _int4_halves(packed):
-    """Packed bytes → (even-k codes, odd-k codes), each int8 of the same shape: no interleaving shuffle needed,
-    because the A operand is split into its even and odd columns instead."""
+    """Packed bytes → (even-k codes, odd-k codes), each int8 of the same shape."""
     byte = packed.to(tl.int8, bitcast=True)
     return (byte << 4) >> 4, byte >> 4  # arithmetic shifts sign-extend each nibble
 
@@ -114,14 +114,11 @@ def _epilogue(acc, offs_m, offs_n, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, str
 def _gemm_tile(
     tile_id, a_ptr, a_scale_ptr, b_ptr, w_scale_ptr, w_zero_ptr, bias_ptr, c_ptr,
     M, N, K, stride_am, stride_bn, stride_cm, stride_sg, group_size,
-    PACKED: tl.constexpr, GROUPED: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+    GROUPED: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    W4_MODE: tl.constexpr, GELU: tl.constexpr,
+    GELU: tl.constexpr,
 ):
-    """One (BLOCK_M, BLOCK_N) output tile: main loop over K, then the fused epilogue.
-
-    Packed int4 (``W4_MODES``): the B bytes are split into low (even k) and high (odd k) nibbles; mode 0 interleaves
-    them back into one (BLOCK_K, BLOCK_N) tile, mode 1 splits A into even / odd columns instead (two products)."""
+    """One (BLOCK_M, BLOCK_N) output tile: main loop over K, then the fused epilogue."""
     pid_m, pid_n = _tile_coords(tile_id, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -129,60 +126,34 @@ def _gemm_tile(
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]
-    if PACKED:
-        offs_kh = tl.arange(0, BLOCK_K // 2)
-        b_ptrs = b_ptr + offs_kh[:, None] + offs_n[None, :] * stride_bn  # (BLOCK_K // 2, BLOCK_N) bytes
-    else:
-        b_ptrs = b_ptr + offs_k[:, None] + offs_n[None, :] * stride_bn  # (BLOCK_K, BLOCK_N), K-major
+    b_ptrs = b_ptr + offs_k[:, None] + offs_n[None, :] * stride_bn  # (BLOCK_K, BLOCK_N), K-major
     if FP8 or GROUPED:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     rowsum = tl.zeros((BLOCK_M,), dtype=tl.int32)  # sum of a codes, for int8 zero points
     for k0 in range(0, K, BLOCK_K):
-        g = k0 // group_size
-        if PACKED:
-            kh_mask = offs_kh < (K - k0) // 2
-            a = tl.load(a_ptrs, mask=m_mask & (offs_k[None, :] < K - k0), other=0)
-            low, high = _int4_halves(tl.load(b_ptrs, mask=kh_mask[:, None] & n_mask[None, :], other=0))
-            if HAS_ZERO:  # int4 (code - zero) lies in [-15, 15]: still int8
-                z = tl.load(w_zero_ptr + offs_n * stride_sg + g, mask=n_mask, other=0)
-                low = low - z[None, :]
-                high = high - z[None, :]
-            if W4_MODE == 0:
-                b = tl.reshape(tl.permute(tl.join(low, high), (0, 2, 1)), (BLOCK_K, BLOCK_N))  # rows 2j, 2j + 1
-                part = tl.dot(a, b, out_dtype=tl.int32)
-            else:
-                a_even, a_odd = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))
-                part = tl.dot(a_even, low, out_dtype=tl.int32)
-                part = tl.dot(a_odd, high, part, out_dtype=tl.int32)
-            if GROUPED:
-                s = tl.load(w_scale_ptr + offs_n * stride_sg + g, mask=n_mask, other=0.0).to(tl.float32)
-                acc += part.to(tl.float32) * s[None, :]
-            else:
-                acc += part
-            b_ptrs += BLOCK_K // 2
+        k_mask = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=m_mask & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if FP8:
+            acc = tl.dot(a, b, acc)
+        elif GROUPED:
+            g = k0 // group_size
+            part = tl.dot(a, b, out_dtype=tl.int32)
+            if HAS_ZERO:
+                z = tl.load(w_zero_ptr + offs_n * stride_sg + g, mask=n_mask, other=0).to(tl.int32)
+                part -= tl.sum(a.to(tl.int32), axis=1)[:, None] * z[None, :]
+            s = tl.load(w_scale_ptr + offs_n * stride_sg + g, mask=n_mask, other=0.0).to(tl.float32)
+            acc += part.to(tl.float32) * s[None, :]
         else:
-            k_mask = offs_k < K - k0
-            a = tl.load(a_ptrs, mask=m_mask & k_mask[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            if FP8:
-                acc = tl.dot(a, b, acc)
-            elif GROUPED:
-                part = tl.dot(a, b, out_dtype=tl.int32)
-                if HAS_ZERO:
-                    z = tl.load(w_zero_ptr + offs_n * stride_sg + g, mask=n_mask, other=0).to(tl.int32)
-                    part -= tl.sum(a.to(tl.int32), axis=1)[:, None] * z[None, :]
-                s = tl.load(w_scale_ptr + offs_n * stride_sg + g, mask=n_mask, other=0.0).to(tl.float32)
-                acc += part.to(tl.float32) * s[None, :]
-            else:
-                acc = tl.dot(a, b, acc, out_dtype=tl.int32)
-                if HAS_ZERO:
-                    rowsum += tl.sum(a.to(tl.int32), axis=1)
-            b_ptrs += BLOCK_K
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+            if HAS_ZERO:
+                rowsum += tl.sum(a.to(tl.int32), axis=1)
+        b_ptrs += BLOCK_K
         a_ptrs += BLOCK_K
 
-    if not GROUPED and not FP8 and HAS_ZERO and not PACKED:
+    if not GROUPED and not FP8 and HAS_ZERO:
         z = tl.load(w_zero_ptr + offs_n * stride_sg, mask=n_mask, other=0).to(tl.int32)
         acc -= rowsum[:, None] * z[None, :]
     y = _epilogue(acc, offs_m, offs_n, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, stride_sg, GROUPED, HAS_BIAS, GELU)
@@ -194,35 +165,33 @@ def _gemm_tile(
 def _quant_gemm_kernel(
     a_ptr, a_scale_ptr, b_ptr, w_scale_ptr, w_zero_ptr, bias_ptr, c_ptr,
     M, N, K, stride_am, stride_bn, stride_cm, stride_sg, group_size, num_programs,
-    PACKED: tl.constexpr, GROUPED: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+    GROUPED: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PERSISTENT: tl.constexpr, W4_MODE: tl.constexpr, GELU: tl.constexpr,
+    PERSISTENT: tl.constexpr, GELU: tl.constexpr,
 ):
     if PERSISTENT:
         num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
         for tile_id in range(tl.program_id(0), num_tiles, num_programs):
             _gemm_tile(tile_id, a_ptr, a_scale_ptr, b_ptr, w_scale_ptr, w_zero_ptr, bias_ptr, c_ptr,
                        M, N, K, stride_am, stride_bn, stride_cm, stride_sg, group_size,
-                       PACKED, GROUPED, HAS_ZERO, HAS_BIAS, FP8, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, W4_MODE,
-                       GELU)
+                       GROUPED, HAS_ZERO, HAS_BIAS, FP8, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, GELU)
     else:
         _gemm_tile(tl.program_id(0), a_ptr, a_scale_ptr, b_ptr, w_scale_ptr, w_zero_ptr, bias_ptr, c_ptr,
                    M, N, K, stride_am, stride_bn, stride_cm, stride_sg, group_size,
-                   PACKED, GROUPED, HAS_ZERO, HAS_BIAS, FP8, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, W4_MODE, GELU)
+                   GROUPED, HAS_ZERO, HAS_BIAS, FP8, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, GELU)
 
 
 @triton.jit
 def _quant_gemm_tma_kernel(
-    a_desc, b_desc, c_desc, a_ptr, a_scale_ptr, w_scale_ptr, w_zero_ptr, bias_ptr,
+    a_desc, b_desc, c_desc, a_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
     M, N, K, stride_am, stride_sg, group_size, num_programs,
-    PACKED: tl.constexpr, GROUPED: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+    GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr,
     FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    W4_MODE: tl.constexpr, GELU: tl.constexpr,
+    GELU: tl.constexpr,
 ):
-    """Persistent variant: A and B arrive by TMA (bulk tensor copies, zero-filled at the edges; packed int4 as in
-    ``W4_MODES`` 1); the tile loop is flattened with the K loop so the next
-    tile's loads overlap this tile's epilogue; C leaves by TMA. Zero points only for packed int4 (int8 zero points
-    need A in registers for the row sums: pointer kernel)."""
+    """Persistent variant: A and B arrive by TMA (bulk tensor copies, zero-filled at the edges); the tile loop is
+    flattened with the K loop so the next tile's loads overlap this tile's epilogue; C leaves by TMA. No zero
+    points (int8 zero points need A in registers for the row sums: pointer kernel)."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_tiles = num_pid_m * num_pid_n
@@ -238,92 +207,90 @@ def _quant_gemm_tma_kernel(
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         for ki in range(k_tiles):
             k0 = ki * BLOCK_K
-            if PACKED:
-                a = a_desc.load([pid_m * BLOCK_M, k0])
-                low, high = _int4_halves(b_desc.load([pid_n * BLOCK_N, k0 // 2]))  # (BLOCK_N, BLOCK_K // 2)
-                if HAS_ZERO:
-                    z = tl.load(w_zero_ptr + offs_n * stride_sg + k0 // group_size, mask=n_mask, other=0)
-                    low = low - z[:, None]
-                    high = high - z[:, None]
-                if W4_MODE == 0:  # the variant measured on H100 (NOTES.md, v1)
-                    b = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K))  # (n, 2j + t)
-                    part = tl.dot(a, tl.trans(b), out_dtype=tl.int32)
-                else:
-                    a_even, a_odd = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))
-                    part = tl.dot(a_even, tl.trans(low), out_dtype=tl.int32)
-                    part = tl.dot(a_odd, tl.trans(high), part, out_dtype=tl.int32)
-                if GROUPED:
-                    s = tl.load(w_scale_ptr + offs_n * stride_sg + k0 // group_size, mask=n_mask, other=0.0)
-                    acc += part.to(tl.float32) * s.to(tl.float32)[None, :]
-                else:
-                    acc += part
+            a = a_desc.load([pid_m * BLOCK_M, k0])
+            b = b_desc.load([pid_n * BLOCK_N, k0])
+            if FP8:
+                acc = tl.dot(a, tl.trans(b), acc)
+            elif GROUPED:
+                part = tl.dot(a, tl.trans(b), out_dtype=tl.int32)
+                s = tl.load(w_scale_ptr + offs_n * stride_sg + k0 // group_size, mask=n_mask, other=0.0)
+                acc += part.to(tl.float32) * s.to(tl.float32)[None, :]
             else:
-                a = a_desc.load([pid_m * BLOCK_M, k0])
-                b = b_desc.load([pid_n * BLOCK_N, k0])
-                if FP8:
-                    acc = tl.dot(a, tl.trans(b), acc)
-                elif GROUPED:
-                    part = tl.dot(a, tl.trans(b), out_dtype=tl.int32)
-                    s = tl.load(w_scale_ptr + offs_n * stride_sg + k0 // group_size, mask=n_mask, other=0.0)
-                    acc += part.to(tl.float32) * s.to(tl.float32)[None, :]
-                else:
-                    acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+                acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
         y = _epilogue(acc, offs_m, offs_n, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, stride_sg, GROUPED, HAS_BIAS,
                       GELU)
         c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], y.to(c_desc.dtype))
 
 
 @triton.jit
-def _w4a8_swap_kernel(
-    a_ptr, a_scale_ptr, b_ptr, w_scale_ptr, w_zero_ptr, bias_ptr, c_ptr,
-    M, N, K, stride_am, stride_bn, stride_cm, stride_sg, group_size,
-    GROUPED: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, GELU: tl.constexpr,
+def _stage_int4_kernel(
+    w_ptr, s_ptr, z_ptr, out_ptr, out_scale_ptr, N, K, stride_wn, stride_sn, group_size,
+    HAS_ZERO: tl.constexpr, PER_CHANNEL: tl.constexpr, MIN_S: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr,
 ):
-    """Packed int4 ``W4_MODES`` 2: computes the (BLOCK_N, BLOCK_M) tile of ``C^T = W A^T`` so the weights, unpacked
-    in registers, feed the tensor cores from registers, while the activation tile goes through shared memory as the
-    K-major second operand (no register → shared-memory round trip for the unpacked weights)."""
-    pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_kh = tl.arange(0, BLOCK_K // 2)
-    m_mask = offs_m < M
+    """Packed int4 (N, K // 2) + scales (N, G) [+ zero points] → per-channel int8 codes (N, K) + scales (N, 1).
+
+    Per channel (G = 1): codes ``q - zero`` (in [-15, 15]) and the scale itself, exactly. Grouped: two passes over
+    the row block, the row absmax of ``(q - zero) * scale`` (exact in float32), then codes
+    ``round_half_even(deq / (absmax / 127))`` with both divisions IEEE in float64 — the ops of
+    ``reference.stage_int4``, so codes agree bit for bit (quotients of small integers tie at .5 often: a
+    last-ulp difference anywhere would flip them)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]  # (BLOCK_M, BLOCK_K)
-    b_ptrs = b_ptr + offs_n[:, None] * stride_bn + offs_kh[None, :]  # (BLOCK_N, BLOCK_K // 2) bytes
-    if GROUPED:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
-        a = tl.load(a_ptrs, mask=m_mask[:, None] & (offs_k[None, :] < K - k0), other=0)
-        packed = tl.load(b_ptrs, mask=n_mask[:, None] & (offs_kh[None, :] < (K - k0) // 2), other=0)
-        low, high = _int4_halves(packed)
-        g = k0 // group_size
+    offs_j = tl.arange(0, BLOCK_KH)
+    kh = K // 2
+    w_row = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+    out_row = out_ptr + offs_n[:, None].to(tl.int64) * K
+    if PER_CHANNEL:
+        scale = tl.load(s_ptr + offs_n * stride_sn, mask=n_mask, other=1.0).to(tl.float32)
         if HAS_ZERO:
-            z = tl.load(w_zero_ptr + offs_n * stride_sg + g, mask=n_mask, other=0)
-            low = low - z[:, None]
-            high = high - z[:, None]
-        w = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K))  # (n, 2j + t)
-        if GROUPED:
-            part = tl.dot(w, tl.trans(a), out_dtype=tl.int32)
-            s = tl.load(w_scale_ptr + offs_n * stride_sg + g, mask=n_mask, other=0.0).to(tl.float32)
-            acc += part.to(tl.float32) * s[:, None]
-        else:
-            acc = tl.dot(w, tl.trans(a), acc, out_dtype=tl.int32)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K // 2
-    y = acc.to(tl.float32)
-    if not GROUPED:
-        y = y * tl.load(w_scale_ptr + offs_n * stride_sg, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-    y = y * tl.load(a_scale_ptr + offs_m, mask=m_mask, other=0.0)[None, :]
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-    if GELU:
-        y = _gelu_tanh(y)
-    c_ptrs = c_ptr + offs_m[None, :].to(tl.int64) * stride_cm + offs_n[:, None]
-    tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
+            zero = tl.load(z_ptr + offs_n * stride_sn, mask=n_mask, other=0)[:, None]
+        for j0 in range(0, kh, BLOCK_KH):
+            j = j0 + offs_j
+            mask = n_mask[:, None] & (j < kh)[None, :]
+            low, high = _int4_halves(tl.load(w_row + j[None, :], mask=mask, other=0))
+            if HAS_ZERO:
+                low = low - zero
+                high = high - zero
+            k = 2 * j0 + tl.arange(0, 2 * BLOCK_KH)
+            tl.store(out_row + k[None, :], tl.interleave(low, high),
+                     mask=n_mask[:, None] & (k < K)[None, :])
+    else:
+        absmax = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for j0 in range(0, kh, BLOCK_KH):
+            lo_f, hi_f = _dequant_int4_pair(w_row, s_ptr, z_ptr, offs_n, n_mask, j0 + offs_j, kh, stride_sn,
+                                            group_size, HAS_ZERO)
+            absmax = tl.maximum(absmax, tl.max(tl.maximum(tl.abs(lo_f), tl.abs(hi_f)), axis=1))
+        row_max = absmax.to(tl.float64)
+        div127 = tl.full(row_max.shape, 127.0, tl.float64)  # float64 ``/`` is IEEE (div.rn.f64) in Triton
+        step = tl.where(absmax > 0, row_max, 1.0) / div127
+        scale = tl.maximum((row_max / div127).to(tl.float32), MIN_S)
+        for j0 in range(0, kh, BLOCK_KH):
+            j = j0 + offs_j
+            lo_f, hi_f = _dequant_int4_pair(w_row, s_ptr, z_ptr, offs_n, n_mask, j, kh, stride_sn, group_size,
+                                            HAS_ZERO)
+            # rounded in float64, clamped in float32 (exact: small integers; no float64 clamp intrinsic on NVPTX)
+            lo_c = tl.clamp(_round_half_even(lo_f.to(tl.float64) / step[:, None]).to(tl.float32), -127.0, 127.0)
+            hi_c = tl.clamp(_round_half_even(hi_f.to(tl.float64) / step[:, None]).to(tl.float32), -127.0, 127.0)
+            k = 2 * j0 + tl.arange(0, 2 * BLOCK_KH)
+            tl.store(out_row + k[None, :], tl.interleave(lo_c.to(tl.int8), hi_c.to(tl.int8)),
+                     mask=n_mask[:, None] & (k < K)[None, :])
+    tl.store(out_scale_ptr + offs_n, scale, mask=n_mask)
+
+
+@triton.jit
+def _dequant_int4_pair(w_row, s_ptr, z_ptr, offs_n, n_mask, j, kh, stride_sn, group_size, HAS_ZERO: tl.constexpr):
+    """Bytes ``j`` of the packed rows → float32 ``(q - zero) * scale`` of codes 2j and 2j + 1 (same group: the
+    group size is even), exact."""
+    mask = n_mask[:, None] & (j < kh)[None, :]
+    g = (2 * j[None, :]) // group_size
+    s = tl.load(s_ptr + offs_n[:, None] * stride_sn + g, mask=mask, other=0.0).to(tl.float32)
+    low, high = _int4_halves(tl.load(w_row + j[None, :], mask=mask, other=0))
+    lo_f, hi_f = low.to(tl.float32), high.to(tl.float32)
+    if HAS_ZERO:
+        z = tl.load(z_ptr + offs_n[:, None] * stride_sn + g, mask=mask, other=0).to(tl.float32)
+        lo_f, hi_f = lo_f - z, hi_f - z
+    return lo_f * s, hi_f * s
 
 
 # ----------------------------------------------------------------------------------------- launcher
@@ -340,41 +307,66 @@ def _num_sms(device: torch.device) -> int:
     return _SM_COUNT[index]
 
 
-def _tma_ok(a, w, c, w_zero, packed_int4) -> bool:
+def _tma_ok(a, w, c, w_zero) -> bool:
     """TMA needs 16-byte aligned bases and row strides; int8 zero points need the pointer kernel's row sums."""
     tensors = (a, w, c)
     aligned = all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in tensors)
-    return aligned and (w_zero is None or packed_int4)
+    return aligned and w_zero is None
 
 
-def _launch_tma(a, a_scale, w, w_scale, w_zero, group_size, packed_int4, bias, c, cfg, fp8, gelu=False):
+def _launch_tma(a, a_scale, w, w_scale, group_size, bias, c, cfg, fp8, gelu=False):
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     m, k = a.shape
     n = w.shape[0]
-    block_kw = cfg.block_k // 2 if packed_int4 else cfg.block_k
     a_desc = TensorDescriptor.from_tensor(a, [cfg.block_m, cfg.block_k])
-    b_desc = TensorDescriptor.from_tensor(w, [cfg.block_n, block_kw])
+    b_desc = TensorDescriptor.from_tensor(w, [cfg.block_n, cfg.block_k])
     c_desc = TensorDescriptor.from_tensor(c, [cfg.block_m, cfg.block_n])
     num_tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     programs = min(num_tiles, _num_sms(a.device))
     _quant_gemm_tma_kernel[(programs,)](
-        a_desc, b_desc, c_desc, a, a_scale, w_scale, w_zero if w_zero is not None else w_scale,
-        bias if bias is not None else a_scale, m, n, k, a.stride(0), w_scale.stride(0), group_size, programs,
-        PACKED=packed_int4, GROUPED=group_size < k, HAS_ZERO=w_zero is not None, HAS_BIAS=bias is not None, FP8=fp8,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, W4_MODE=cfg.w4_mode,
+        a_desc, b_desc, c_desc, a, a_scale, w_scale, bias if bias is not None else a_scale,
+        m, n, k, a.stride(0), w_scale.stride(0), group_size, programs,
+        GROUPED=group_size < k, HAS_BIAS=bias is not None, FP8=fp8,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         GELU=gelu, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
+STAGE_TILE = 2048  # packed bytes per program step (a memory-bound pass): whole rows up to K = 4096, else loops
+
+
+def stage_int4(w: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None,
+               group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed int4 (N, K // 2) + scales (N, G) [+ zero points (N, G)] → per-channel int8 codes (N, K) and
+    float32 scales (N, 1), exactly as ``reference.stage_int4``."""
+    n, kh = w.shape
+    k = 2 * kh
+    if group_size % 2 or k % group_size:
+        raise ValueError(f"int4 staging needs an even group size dividing K={k}, got {group_size}")
+    w, w_scale = w.contiguous(), w_scale.contiguous()
+    codes = torch.empty(n, k, device=w.device, dtype=torch.int8)
+    scale = torch.empty(n, 1, device=w.device, dtype=torch.float32)
+    if n == 0 or k == 0:
+        return codes, scale.fill_(1.0)
+    block_kh = min(triton.next_power_of_2(kh), STAGE_TILE)
+    block_n = STAGE_TILE // block_kh  # rows per program: many programs even for N = 1152 (latency-bound pass)
+    _stage_int4_kernel[(triton.cdiv(n, block_n),)](
+        w, w_scale, w_zero.contiguous() if w_zero is not None else w_scale, codes, scale, n, k, w.stride(0),
+        w_scale.stride(0), group_size, HAS_ZERO=w_zero is not None, PER_CHANNEL=group_size == k, MIN_S=MIN_SCALE,
+        BLOCK_N=block_n, BLOCK_KH=block_kh, num_warps=4,
+    )
+    return codes, scale
+
+
 def supported(k: int, group_size: int, packed_int4: bool, config: GemmConfig | None = None) -> bool:
-    """Shapes the kernel handles: K tiles must not straddle a scale group; packed K must be even."""
-    if packed_int4 and k % 2:
-        return False
+    """Shapes the kernel handles: K tiles must not straddle a scale group; packed int4 (staged to per-channel
+    int8) needs an even K and an even group size."""
+    if packed_int4:
+        return k % 2 == 0 and group_size % 2 == 0 and k % group_size == 0
     if group_size < k:
         block_k = config.block_k if config else min(64, group_size)
-        min_block_k = 64 if packed_int4 else 32  # each int4 half feeds a K >= 32 int8 product
-        return group_size % block_k == 0 and k % group_size == 0 and block_k >= min_block_k
+        return group_size % block_k == 0 and k % group_size == 0 and block_k >= 32
     return True
 
 
@@ -394,8 +386,9 @@ def quant_linear(
     """``(a * a_scale) @ dequant(w)^T + bias`` → (M, N) ``out_dtype``; ``activation="gelu_tanh"`` applies
     ``F.gelu(·, approximate="tanh")`` in the epilogue.
 
-    a: (M, K) int8 codes or fp8 e4m3; a_scale: (M, 1) f32; w: (N, K) int8 / fp8, or (N, K // 2) uint8 packed int4;
-    w_scale: (N, G); w_zero: (N, G) int8 or None; bias: (N,) or None.
+    a: (M, K) int8 codes or fp8 e4m3; a_scale: (M, 1) f32; w: (N, K) int8 / fp8, or (N, K // 2) uint8 packed int4
+    (staged to per-channel int8 first, see :func:`stage_int4`); w_scale: (N, G); w_zero: (N, G) int8 or None;
+    bias: (N,) or None.
     """
     m, k = a.shape
     n = w.shape[0]
@@ -406,37 +399,30 @@ def quant_linear(
         raise ValueError(f"weight shape {tuple(w.shape)} does not match K={k} (packed_int4={packed_int4})")
     if activation not in (None, "gelu_tanh"):
         raise ValueError(f"unknown fused activation {activation!r} (None or 'gelu_tanh')")
+    if packed_int4:
+        if not supported(k, group_size, True):
+            raise ValueError(f"unsupported packed int4 GEMM: K={k}, group_size={group_size}")
+        w, w_scale = stage_int4(w, w_scale, w_zero, group_size)
+        w_zero, group_size = None, k
     gelu = activation == "gelu_tanh"
-    cfg = config or default_config(m, n, k, packed_int4, group_size, fp8)
-    if not supported(k, group_size, packed_int4, cfg):
+    cfg = config or default_config(m, n, k, group_size, fp8)
+    if not supported(k, group_size, False, cfg):
         raise ValueError(f"unsupported quantized GEMM: K={k}, group_size={group_size}, block_k={cfg.block_k}")
     a, w, w_scale = a.contiguous(), w.contiguous(), w_scale.contiguous()
     a_scale = a_scale.reshape(m).contiguous()
     c = torch.empty(m, n, device=a.device, dtype=out_dtype)
     if m == 0:
         return c
-    if packed_int4 and cfg.w4_mode == 2:
-        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
-        _w4a8_swap_kernel[grid](
-            a, a_scale, w, w_scale, w_zero if w_zero is not None else w_scale, bias if bias is not None else a_scale, c,
-            m, n, k, a.stride(0), w.stride(0), c.stride(0), w_scale.stride(0), group_size,
-            GROUPED=group_size < k, HAS_ZERO=w_zero is not None, HAS_BIAS=bias is not None,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, GELU=gelu,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-        return c
-    if cfg.tma and _tma_ok(a, w, c, w_zero, packed_int4):
-        _launch_tma(a, a_scale, w, w_scale, w_zero, group_size, packed_int4, bias, c, cfg, fp8, gelu)
+    if cfg.tma and _tma_ok(a, w, c, w_zero):
+        _launch_tma(a, a_scale, w, w_scale, group_size, bias, c, cfg, fp8, gelu)
         return c
     num_tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     programs = min(num_tiles, _num_sms(a.device)) if cfg.persistent else num_tiles
     _quant_gemm_kernel[(programs,)](
         a, a_scale, w, w_scale, w_zero if w_zero is not None else w_scale, bias if bias is not None else a_scale, c,
         m, n, k, a.stride(0), w.stride(0), c.stride(0), w_scale.stride(0), group_size, programs,
-        PACKED=packed_int4, GROUPED=group_size < k, HAS_ZERO=w_zero is not None,
-        HAS_BIAS=bias is not None, FP8=fp8,
+        GROUPED=group_size < k, HAS_ZERO=w_zero is not None, HAS_BIAS=bias is not None, FP8=fp8,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        PERSISTENT=cfg.persistent, W4_MODE=cfg.w4_mode, GELU=gelu, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        PERSISTENT=cfg.persistent, GELU=gelu, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return c

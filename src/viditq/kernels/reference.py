@@ -3,14 +3,17 @@
 These define the numerics; the Triton kernels must match them. Shapes:
   x (M, K) float; act codes int8 or float8_e4m3fn (M, K); act scale float32 (M, 1);
   weight codes int8 / float8_e4m3fn (N, K) or packed int4 uint8 (N, K // 2); weight scale (N, G);
-  weight zero int8 (N, G) | None.
+  weight zero int8 (N, G) | None. Packed int4 weights are staged as per-channel int8 before the product
+  (:func:`stage_int4`), as the GPU path does.
 """
 from __future__ import annotations
 
 import torch
 
 from ..quant.hadamard import hadamard_rotate
-from ..quant.quantizers import dequantize_weight, quantize_per_token, quantize_per_token_fp8, unpack_int4
+from ..quant.quantizers import (
+    MIN_SCALE, dequantize_weight, quantize_per_token, quantize_per_token_fp8, unpack_int4,
+)
 
 
 def balance_activation(
@@ -44,6 +47,31 @@ def unpack_weight_codes(w: torch.Tensor, packed_int4: bool) -> torch.Tensor:
     return unpack_int4(w) if packed_int4 else w
 
 
+def stage_int4(
+    w: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed int4 (N, K // 2) with scales (N, G) [and zero points] → per-channel int8 codes (N, K) and float32
+    scales (N, 1): the weights the integer product of a packed int4 layer uses.
+
+    Per channel (G = 1) this is exact: codes ``q - zero`` (in [-15, 15]) with the layer's scale. With groups, the
+    dequantized row ``(q - zero) * scale`` (exact in float32) is requantized per channel to int8: step
+    ``absmax / 127`` and codes ``round_half_even(deq / step)``, both divisions IEEE in float64 (tensor by tensor:
+    PyTorch on CUDA turns a division by a Python scalar into a product with its reciprocal); the float32 scale
+    is the step rounded, floored at ``MIN_SCALE``. An error of at most half an int8 step of the row's absmax per
+    weight, against the int4 group step it sits on."""
+    codes = unpack_int4(w)
+    n, k = codes.shape
+    if group_size == k:
+        staged = codes if w_zero is None else codes - w_zero.to(torch.int8)
+        return staged.to(torch.int8), w_scale.float().reshape(n, 1)
+    deq = dequantize_weight(codes, w_scale, w_zero, group_size)
+    row_max = deq.abs().amax(dim=1, keepdim=True).double()  # (N, 1)
+    div127 = torch.full_like(row_max, 127.0)
+    step = torch.where(row_max > 0, row_max, 1.0) / div127
+    staged = torch.round(deq.double() / step).clamp_(-127, 127).to(torch.int8)
+    return staged, (row_max / div127).float().clamp_min(MIN_SCALE)
+
+
 def int_linear(
     x_codes: torch.Tensor,
     x_scale: torch.Tensor,
@@ -57,8 +85,11 @@ def int_linear(
     activation: str | None = None,
 ) -> torch.Tensor:
     """``y = (x_codes * x_scale) @ dequant(W)^T + bias`` → (M, N) in ``out_dtype``; ``activation="gelu_tanh"``:
-    then ``F.gelu(y, approximate="tanh")``, in float32 before the cast."""
-    wf = dequantize_weight(unpack_weight_codes(w, packed_int4), w_scale, w_zero, group_size)
+    then ``F.gelu(y, approximate="tanh")``, in float32 before the cast. Packed int4 ``w`` is staged first."""
+    if packed_int4:
+        w, w_scale = stage_int4(w, w_scale, w_zero, group_size)
+        w_zero, group_size = None, x_codes.shape[1]
+    wf = dequantize_weight(w, w_scale, w_zero, group_size)
     y = (x_codes.float() @ wf.t()) * x_scale
     if bias is not None:
         y = y + bias.float()
