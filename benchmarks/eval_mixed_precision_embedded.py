@@ -242,7 +242,7 @@ def run(kind: str, args, probe) -> dict:
         table = measure_sensitivity(float_transformer, calib, metrics, base_config="w4a8-gptq",
                                     timestep_ranges=args.ranges, measure_high=not args.low_only,
                                     cache=Path(args.out) / f"sensitivity_{kind}.json",
-                                    float_acts=bool(args.float_act_budget))
+                                    float_acts=bool(args.float_act_budget), final_range_steps=args.final_range_steps)
         try:
             plot_sensitivity(table, Path(args.out) / f"sensitivity_{kind}.png")
         except ImportError as e:  # a GPU machine without matplotlib: the table (JSON) is what counts
@@ -258,6 +258,8 @@ def run(kind: str, args, probe) -> dict:
         return proxy_table(pipe, kind, probe, calib, chosen, args)
     out_file = Path(args.out) / f"results_{kind}.json"
     settings = {k: getattr(args, k) for k in ("n", "n_video", "steps", "calib_prompts", "ranges", "low_only")}
+    if args.final_range_steps:  # only when set, so the result files of earlier versions still merge
+        settings["final_range_steps"] = args.final_range_steps
     results, runs = {}, []
     if out_file.is_file():  # rows of earlier invocations with the same sample settings are kept (split runs)
         previous = json.loads(out_file.read_text())
@@ -361,6 +363,9 @@ def main():
                         help="sensitivity: probe only the W4A8 level, treat W8A8 as lossless (halves the probes; "
                              "W8A8 is not lossless for flicker: its 8-bit activations add frame-to-frame noise)")
     parser.add_argument("--ranges", type=int, default=4, help="timestep ranges of the sensitivity table")
+    parser.add_argument("--final-range-steps", type=int, default=0,
+                        help="the last N denoising steps get a timestep range of their own (one of --ranges; "
+                             "0: all ranges even, the v2-v4 tables)")
     parser.add_argument("--flicker-mode", default="error", choices=["error", "flicker", ""],
                         help="video flicker family of the sensitivity table ('' = none, the v2 method)")
     parser.add_argument("--budget-bits", type=float, default=5.0, help="allocation: average executed weight bits")
