@@ -229,6 +229,10 @@ def sensitivity(
         base = resolve_config(preset)
     except (ValueError, FileNotFoundError) as e:
         raise typer.BadParameter(str(e), param_hint="--preset") from None
+    try:  # before calibrating: the range settings are checked by the spec that carries them
+        MixedPrecisionSpec(timestep_ranges=ranges, final_range_steps=final_range_steps)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--final-range-steps") from None
     prompt_list = _read_prompts(prompts)
     pipe = _load_any_pipeline(model, _device(device))
     console.print(f"calibrating on {len(prompt_list)} prompts x {steps} steps")
