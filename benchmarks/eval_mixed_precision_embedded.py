@@ -177,10 +177,14 @@ def allocations(kind: str, table, args) -> dict[str, viditq.QuantConfig]:
         plans.append(("w4a8-mp (decoupled + flicker)", "w4a8-mp-flicker", families + ["flicker"], budget,
                       args.allow_fp))
         for extra in args.extra_budget:
-            executed, memory = (float(v) for v in extra.split(":"))
-            plans.append((f"w4a8-mp (decoupled + flicker, {executed:g}/{memory:g} bits)",
-                          f"w4a8-mp-flicker-{executed:g}-{memory:g}", families + ["flicker"],
-                          dict(budget_bits=executed, memory_bits=memory), args.allow_fp))
+            parts = [float(v) for v in extra.split(":")]
+            if len(parts) not in (2, 3):
+                raise ValueError(f"--extra-budget takes EXECUTED:STORED[:FLOAT_ACT_SHARE], got {extra!r}")
+            executed, memory, share = (parts + [0.0])[:3]
+            tail, suffix = (f" + float acts {share:g}", f"-fa{share:g}") if share else ("", "")
+            plans.append((f"w4a8-mp (decoupled + flicker, {executed:g}/{memory:g} bits{tail})",
+                          f"w4a8-mp-flicker-{executed:g}-{memory:g}{suffix}", families + ["flicker"],
+                          dict(budget_bits=executed, memory_bits=memory, float_act_budget=share), args.allow_fp))
         for share in args.float_act_budget:
             plans.append((f"w4a8-mp (decoupled + flicker + float acts {share:g})", f"w4a8-mp-flicker-fa{share:g}",
                           families + ["flicker"], dict(budget, float_act_budget=share), args.allow_fp))
@@ -373,7 +377,8 @@ def main():
     parser.add_argument("--allow-fp", action="store_true",
                         help="flicker allocations may keep cells in float (16-bit weights, float activations)")
     parser.add_argument("--extra-budget", action="append", default=[],
-                        help="EXECUTED:STORED bits of a further flicker-aware allocation row (repeatable)")
+                        help="EXECUTED:STORED bits of a further flicker-aware allocation row (repeatable); "
+                             "EXECUTED:STORED:SHARE also lets SHARE of the executed weights run float activations")
     parser.add_argument("--float-final-step", default="",
                         help="comma-separated config labels that get a '+ float final step' row as well")
     parser.add_argument("--float-acts-last", default="",
