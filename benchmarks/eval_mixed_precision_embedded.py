@@ -197,6 +197,12 @@ def allocations(kind: str, table, args) -> dict[str, viditq.QuantConfig]:
     return chosen
 
 
+def only_labels(only: str) -> set[str]:
+    """Labels of ``--only``: separated by ``;`` if there is one (labels of ``--extra-budget`` rows have commas),
+    else by ``,``."""
+    return set(filter(None, only.split(";" if ";" in only else ",")))
+
+
 def float_acts_last(chosen: dict, labels: str) -> dict:
     """``<label> + float acts last step`` rows: the config of ``label`` with ``float_final_steps=1`` (float
     activations on the quantized weights in the last denoising step; nothing stored)."""
@@ -258,7 +264,7 @@ def run(kind: str, args, probe) -> dict:
     if args.proxy_only:
         chosen = configs(allocated)
         if args.only:
-            chosen = {k: v for k, v in chosen.items() if k in args.only.split(",")}
+            chosen = {k: v for k, v in chosen.items() if k in only_labels(args.only)}
         return proxy_table(pipe, kind, probe, calib, chosen, args)
     out_file = Path(args.out) / f"results_{kind}.json"
     settings = {k: getattr(args, k) for k in ("n", "n_video", "steps", "calib_prompts", "ranges", "low_only")}
@@ -293,7 +299,7 @@ def run(kind: str, args, probe) -> dict:
     chosen.update(float_final_step(chosen, calib, args.float_final_step))
     chosen.update(float_acts_last(chosen, args.float_acts_last))
     if args.only:
-        chosen = {k: v for k, v in chosen.items() if k == "fp" or k in args.only.split(",")}
+        chosen = {k: v for k, v in chosen.items() if k == "fp" or k in only_labels(args.only)}
     for label, cfg in chosen.items():
         if cfg is None:
             results[label].update(weight_mib=viditq.memory_report(float_transformer).total_after / 2**20)
@@ -389,7 +395,9 @@ def main():
                              "allocation may run with float activations (one row each; probes the A16 levels)")
     parser.add_argument("--sensitivity-only", action="store_true", help="stop after the table and allocations")
     parser.add_argument("--proxy-only", action="store_true", help="teacher-forced metrics only (no sampling)")
-    parser.add_argument("--only", default="", help="comma-separated config labels (default: all)")
+    parser.add_argument("--only", default="",
+                        help="comma-separated config labels (default: all); ';'-separated when a label has a "
+                             "comma (the --extra-budget rows)")
     parser.add_argument("--n-proxy", type=int, default=8, help="held-out prompts for --proxy-only")
     parser.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0, 1],
                         help="quantization seeds for --proxy-only (spread = run-to-run noise)")
