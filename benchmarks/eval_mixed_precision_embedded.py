@@ -37,6 +37,25 @@ weights, no second copy; ``"w8a8"`` gives the ``w8a8-float-last`` preset). ``--f
 the float-activation levels too (``measure_sensitivity(float_acts=True)``) and adds, per budget, a
 ``decoupled + flicker`` allocation allowed to run that share of the executed weights with float activations
 (``allocate(float_act_budget=B)``).
+
+The last step as a range of its own (v5): ``--ranges 5 --final-range-steps 1`` measures the table with t <= 149
+(the last of 10 steps) as its first range and four even ranges for the other nine
+(``measure_sensitivity(final_range_steps=1)``), so float activations / 8-bit weights can be bought for the last
+step alone. ``--extra-budget EXECUTED:STORED:SHARE`` gives an extra-budget row a float-activation share. Labels
+with a comma (the extra-budget rows) are passed to ``--only`` separated by ``;``::
+
+    python benchmarks/eval_mixed_precision_embedded.py --kinds t2v --n-video 24 --steps 10 --calib-prompts 4 \
+        --fp-seeds 0 --ranges 5 --final-range-steps 1 --float-act-budget 0.1,0.2,0.3 --sensitivity-only \
+        --out benchmarks/results/mixed_precision_embedded_v5/t2v_n24_steps10
+    python benchmarks/eval_mixed_precision_embedded.py --kinds t2v --n-video 24 --steps 10 --calib-prompts 4 \
+        --fp-seeds 0 --ranges 5 --final-range-steps 1 --float-act-budget 0.1,0.2,0.3 \
+        --only "w4a8-mp (decoupled + flicker),w4a8-mp (decoupled + flicker + float acts 0.1),w4a8-mp (decoupled + flicker + float acts 0.2),w4a8-mp (decoupled + flicker + float acts 0.3)" \
+        --out benchmarks/results/mixed_precision_embedded_v5/t2v_n24_steps10
+    python benchmarks/eval_mixed_precision_embedded.py --kinds t2v --n-video 24 --steps 10 --calib-prompts 4 \
+        --fp-seeds 0 --ranges 5 --final-range-steps 1 --float-act-budget 0.1,0.2,0.3 \
+        --extra-budget 6:7:0.1 --extra-budget 7:8:0.1 \
+        --only "w4a8-mp (decoupled + flicker, 6/7 bits + float acts 0.1);w4a8-mp (decoupled + flicker, 7/8 bits + float acts 0.1)" \
+        --out benchmarks/results/mixed_precision_embedded_v5/t2v_n24_steps10
 """
 from __future__ import annotations
 
