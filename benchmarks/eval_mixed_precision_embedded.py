@@ -37,6 +37,25 @@ weights, no second copy; ``"w8a8"`` gives the ``w8a8-float-last`` preset). ``--f
 the float-activation levels too (``measure_sensitivity(float_acts=True)``) and adds, per budget, a
 ``decoupled + flicker`` allocation allowed to run that share of the executed weights with float activations
 (``allocate(float_act_budget=B)``).
+
+The last step as a range of its own (v5): ``--ranges 5 --final-range-steps 1`` measures the table with t <= 149
+(the last of 10 steps) as its first range and four even ranges for the other nine
+(``measure_sensitivity(final_range_steps=1)``), so float activations / 8-bit weights can be bought for the last
+step alone. ``--extra-budget EXECUTED:STORED:SHARE`` gives an extra-budget row a float-activation share. Labels
+with a comma (the extra-budget rows) are passed to ``--only`` separated by ``;``::
+
+    python benchmarks/eval_mixed_precision_embedded.py --kinds t2v --n-video 24 --steps 10 --calib-prompts 4 \
+        --fp-seeds 0 --ranges 5 --final-range-steps 1 --float-act-budget 0.1,0.2,0.3 --sensitivity-only \
+        --out benchmarks/results/mixed_precision_embedded_v5/t2v_n24_steps10
+    python benchmarks/eval_mixed_precision_embedded.py --kinds t2v --n-video 24 --steps 10 --calib-prompts 4 \
+        --fp-seeds 0 --ranges 5 --final-range-steps 1 --float-act-budget 0.1,0.2,0.3 \
+        --only "w4a8-mp (decoupled + flicker),w4a8-mp (decoupled + flicker + float acts 0.1),w4a8-mp (decoupled + flicker + float acts 0.2),w4a8-mp (decoupled + flicker + float acts 0.3)" \
+        --out benchmarks/results/mixed_precision_embedded_v5/t2v_n24_steps10
+    python benchmarks/eval_mixed_precision_embedded.py --kinds t2v --n-video 24 --steps 10 --calib-prompts 4 \
+        --fp-seeds 0 --ranges 5 --final-range-steps 1 --float-act-budget 0.1,0.2,0.3 \
+        --extra-budget 6:7:0.1 --extra-budget 7:8:0.1 \
+        --only "w4a8-mp (decoupled + flicker, 6/7 bits + float acts 0.1);w4a8-mp (decoupled + flicker, 7/8 bits + float acts 0.1)" \
+        --out benchmarks/results/mixed_precision_embedded_v5/t2v_n24_steps10
 """
 from __future__ import annotations
 
@@ -177,10 +196,14 @@ def allocations(kind: str, table, args) -> dict[str, viditq.QuantConfig]:
         plans.append(("w4a8-mp (decoupled + flicker)", "w4a8-mp-flicker", families + ["flicker"], budget,
                       args.allow_fp))
         for extra in args.extra_budget:
-            executed, memory = (float(v) for v in extra.split(":"))
-            plans.append((f"w4a8-mp (decoupled + flicker, {executed:g}/{memory:g} bits)",
-                          f"w4a8-mp-flicker-{executed:g}-{memory:g}", families + ["flicker"],
-                          dict(budget_bits=executed, memory_bits=memory), args.allow_fp))
+            parts = [float(v) for v in extra.split(":")]
+            if len(parts) not in (2, 3):
+                raise ValueError(f"--extra-budget takes EXECUTED:STORED[:FLOAT_ACT_SHARE], got {extra!r}")
+            executed, memory, share = (parts + [0.0])[:3]
+            tail, suffix = (f" + float acts {share:g}", f"-fa{share:g}") if share else ("", "")
+            plans.append((f"w4a8-mp (decoupled + flicker, {executed:g}/{memory:g} bits{tail})",
+                          f"w4a8-mp-flicker-{executed:g}-{memory:g}{suffix}", families + ["flicker"],
+                          dict(budget_bits=executed, memory_bits=memory, float_act_budget=share), args.allow_fp))
         for share in args.float_act_budget:
             plans.append((f"w4a8-mp (decoupled + flicker + float acts {share:g})", f"w4a8-mp-flicker-fa{share:g}",
                           families + ["flicker"], dict(budget, float_act_budget=share), args.allow_fp))
@@ -191,6 +214,12 @@ def allocations(kind: str, table, args) -> dict[str, viditq.QuantConfig]:
         allocation.config.save(out_dir / f"{name.replace('-', '_')}_{kind}.yaml")
         chosen[label] = allocation.config
     return chosen
+
+
+def only_labels(only: str) -> set[str]:
+    """Labels of ``--only``: separated by ``;`` if there is one (labels of ``--extra-budget`` rows have commas),
+    else by ``,``."""
+    return set(filter(None, only.split(";" if ";" in only else ",")))
 
 
 def float_acts_last(chosen: dict, labels: str) -> dict:
@@ -242,7 +271,7 @@ def run(kind: str, args, probe) -> dict:
         table = measure_sensitivity(float_transformer, calib, metrics, base_config="w4a8-gptq",
                                     timestep_ranges=args.ranges, measure_high=not args.low_only,
                                     cache=Path(args.out) / f"sensitivity_{kind}.json",
-                                    float_acts=bool(args.float_act_budget))
+                                    float_acts=bool(args.float_act_budget), final_range_steps=args.final_range_steps)
         try:
             plot_sensitivity(table, Path(args.out) / f"sensitivity_{kind}.png")
         except ImportError as e:  # a GPU machine without matplotlib: the table (JSON) is what counts
@@ -254,10 +283,12 @@ def run(kind: str, args, probe) -> dict:
     if args.proxy_only:
         chosen = configs(allocated)
         if args.only:
-            chosen = {k: v for k, v in chosen.items() if k in args.only.split(",")}
+            chosen = {k: v for k, v in chosen.items() if k in only_labels(args.only)}
         return proxy_table(pipe, kind, probe, calib, chosen, args)
     out_file = Path(args.out) / f"results_{kind}.json"
     settings = {k: getattr(args, k) for k in ("n", "n_video", "steps", "calib_prompts", "ranges", "low_only")}
+    if args.final_range_steps:  # only when set, so the result files of earlier versions still merge
+        settings["final_range_steps"] = args.final_range_steps
     results, runs = {}, []
     if out_file.is_file():  # rows of earlier invocations with the same sample settings are kept (split runs)
         previous = json.loads(out_file.read_text())
@@ -287,7 +318,7 @@ def run(kind: str, args, probe) -> dict:
     chosen.update(float_final_step(chosen, calib, args.float_final_step))
     chosen.update(float_acts_last(chosen, args.float_acts_last))
     if args.only:
-        chosen = {k: v for k, v in chosen.items() if k == "fp" or k in args.only.split(",")}
+        chosen = {k: v for k, v in chosen.items() if k == "fp" or k in only_labels(args.only)}
     for label, cfg in chosen.items():
         if cfg is None:
             results[label].update(weight_mib=viditq.memory_report(float_transformer).total_after / 2**20)
@@ -361,6 +392,9 @@ def main():
                         help="sensitivity: probe only the W4A8 level, treat W8A8 as lossless (halves the probes; "
                              "W8A8 is not lossless for flicker: its 8-bit activations add frame-to-frame noise)")
     parser.add_argument("--ranges", type=int, default=4, help="timestep ranges of the sensitivity table")
+    parser.add_argument("--final-range-steps", type=int, default=0,
+                        help="the last N denoising steps get a timestep range of their own (one of --ranges; "
+                             "0: all ranges even, the v2-v4 tables)")
     parser.add_argument("--flicker-mode", default="error", choices=["error", "flicker", ""],
                         help="video flicker family of the sensitivity table ('' = none, the v2 method)")
     parser.add_argument("--budget-bits", type=float, default=5.0, help="allocation: average executed weight bits")
@@ -368,7 +402,8 @@ def main():
     parser.add_argument("--allow-fp", action="store_true",
                         help="flicker allocations may keep cells in float (16-bit weights, float activations)")
     parser.add_argument("--extra-budget", action="append", default=[],
-                        help="EXECUTED:STORED bits of a further flicker-aware allocation row (repeatable)")
+                        help="EXECUTED:STORED bits of a further flicker-aware allocation row (repeatable); "
+                             "EXECUTED:STORED:SHARE also lets SHARE of the executed weights run float activations")
     parser.add_argument("--float-final-step", default="",
                         help="comma-separated config labels that get a '+ float final step' row as well")
     parser.add_argument("--float-acts-last", default="",
@@ -379,7 +414,9 @@ def main():
                              "allocation may run with float activations (one row each; probes the A16 levels)")
     parser.add_argument("--sensitivity-only", action="store_true", help="stop after the table and allocations")
     parser.add_argument("--proxy-only", action="store_true", help="teacher-forced metrics only (no sampling)")
-    parser.add_argument("--only", default="", help="comma-separated config labels (default: all)")
+    parser.add_argument("--only", default="",
+                        help="comma-separated config labels (default: all); ';'-separated when a label has a "
+                             "comma (the --extra-budget rows)")
     parser.add_argument("--n-proxy", type=int, default=8, help="held-out prompts for --proxy-only")
     parser.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0, 1],
                         help="quantization seeds for --proxy-only (spread = run-to-run noise)")

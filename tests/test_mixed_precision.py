@@ -73,6 +73,63 @@ def test_groups_and_timestep_ranges():
     assert shares == [0.25] * 4 and ranges[0][1] == (150 + 300) / 2
 
 
+def test_final_range_steps_gives_the_last_steps_a_range_of_their_own():
+    # MLP_CALIB timesteps 50, 150, 300, 400, 550, 700, 800, 950 (one sample each)
+    ranges, shares = split_timesteps(MLP_CALIB, 4, final_range_steps=1)
+    assert ranges == [(0.0, 100.0), (100.0, 350.0), (350.0, 625.0), (625.0, 1000.0)]  # 50 | 150 300 | 400 550 | ...
+    assert shares == [1 / 8, 2 / 8, 2 / 8, 3 / 8]
+    # 10 steps of a DPM schedule: the even split puts t = 99 and 199 in one range, the final range only t = 99
+    steps = [{"timestep": torch.tensor([float(t)])} for t in range(999, 0, -100)]
+    assert split_timesteps(steps, 4)[0][0] == (0.0, 249.0)
+    ranges, shares = split_timesteps(steps, 5, final_range_steps=1)
+    assert ranges == [(0.0, 149.0), (149.0, 349.0), (349.0, 549.0), (549.0, 749.0), (749.0, 1000.0)]
+    assert shares == pytest.approx([0.1, 0.2, 0.2, 0.2, 0.3])
+    assert split_timesteps(steps, 2, final_range_steps=3) == ([(0.0, 349.0), (349.0, 1000.0)], pytest.approx([0.3, 0.7]))
+    assert split_timesteps(MLP_CALIB, 4, final_range_steps=2) == split_timesteps(MLP_CALIB, 4)  # same split
+    with pytest.raises(ValueError, match="final_range_steps=1 needs timestep_ranges >= 2"):
+        split_timesteps(MLP_CALIB, 1, final_range_steps=1)
+    with pytest.raises(ValueError, match=r"final_range_steps=8 must be smaller than .* timesteps \(8\)"):
+        split_timesteps(MLP_CALIB, 4, final_range_steps=8)
+    for bad in (-1, True, 1.5):
+        with pytest.raises(ValueError, match="final_range_steps must be an integer >= 0"):
+            split_timesteps(MLP_CALIB, 4, final_range_steps=bad)
+    with pytest.raises(ValueError, match="final_range_steps must be an integer >= 0, got -1"):
+        MixedPrecisionSpec(final_range_steps=-1)
+    with pytest.raises(ValueError, match="final_range_steps=1 needs timestep_ranges >= 2"):
+        MixedPrecisionSpec(timestep_ranges=1, final_range_steps=1)
+
+
+def test_final_range_table_round_trip_and_cache(tmp_path):
+    """A table with a final-step range keeps its ranges through save / load; the cache tells it from the even
+    split (other ranges, other fingerprint) and the MSE cells of a group still add up to the same total."""
+    model = TimeMlp()
+    base = dataclasses.replace(W4A8, **FAST)
+    calls = []
+    metric = Metric(lambda m: calls.append(1) or 0.0)
+    cache = tmp_path / "s.json"
+    table = measure_sensitivity(model, MLP_CALIB, {"m": metric}, timestep_ranges=3, final_range_steps=1,
+                                base_config=base, cache=cache)
+    assert table.ranges == [(0.0, 100.0), (100.0, 475.0), (475.0, 1000.0)]
+    assert table.range_shares == [1 / 8, 3 / 8, 4 / 8] and table.damage.shape == (2, 6, 3, 2)
+    loaded = SensitivityTable.load(cache)
+    assert loaded.ranges == table.ranges and loaded.range_shares == table.range_shares
+    assert loaded.fingerprint == table.fingerprint and torch.equal(loaded.damage, table.damage)
+    n = len(calls)
+    again = measure_sensitivity(model, MLP_CALIB, {"m": metric}, timestep_ranges=3, final_range_steps=1,
+                                base_config=base, cache=cache)
+    assert len(calls) == n and torch.equal(again.damage, table.damage)  # reused
+    even = measure_sensitivity(model, MLP_CALIB, {"m": metric}, timestep_ranges=3, base_config=base, cache=cache)
+    assert len(calls) > n and even.fingerprint != table.fingerprint  # other ranges: measured again
+    assert even.ranges == [(0.0, 225.0), (225.0, 625.0), (625.0, 1000.0)]
+    torch.testing.assert_close(table.damage[..., 0].sum(-1), even.damage[..., 0].sum(-1))
+    # final_range_steps is not hashed, only the ranges: a setting that splits as the default shares its table
+    same = measure_sensitivity(model, MLP_CALIB, {"m": metric}, timestep_ranges=4, final_range_steps=2,
+                               base_config=base, measure_high=False)
+    default = measure_sensitivity(model, MLP_CALIB, {"m": metric}, timestep_ranges=4, base_config=base,
+                                  measure_high=False)
+    assert same.fingerprint == default.fingerprint and same.ranges == default.ranges
+
+
 # ------------------------------------------------------------------------------------------ switching layers
 def test_timestep_switching_uses_the_weights_of_the_range():
     """Outputs at t in [0, 500] are bit-identical to a model with 8-bit weights everywhere, outside to W4A8."""
@@ -372,6 +429,44 @@ def test_float_activation_levels_remove_the_activation_share_of_the_flicker():
     assert viditq.memory_report(q).total_after == viditq.memory_report(w4).total_after
 
 
+def test_a_final_step_range_pays_for_float_activations_in_one_step():
+    """4 steps (t = 100, 200, 500, 900), flicker only from block 1 at t = 100. The even split's final range holds
+    t = 100 and 200, so float activations there cost block 1 half the steps (0.25 of the executed weights) and a
+    0.125 budget buys nothing; with the last step as a range of its own the same budget buys exactly that step."""
+    model = TwoPathVideo()
+    calib = [video_sample(t, i) for i, t in enumerate((100, 200, 500, 900))]
+    base = QuantConfig("w4a8", WeightSpec(4, False, 64), ActSpec(8), **FAST)
+    metrics = {"flicker": flicker_metric(calib, frame_dim=1)}
+    even = measure_sensitivity(model, calib, metrics, timestep_ranges=2, base_config=base, float_acts=True)
+    final = measure_sensitivity(model, calib, metrics, timestep_ranges=2, final_range_steps=1, base_config=base,
+                                float_acts=True)
+    assert even.ranges == [(0.0, 350.0), (350.0, 1000.0)] and final.ranges == [(0.0, 150.0), (150.0, 1000.0)]
+    assert final.range_shares == [0.25, 0.75]
+    assert (final.damage[:, :, 1, 1] == 0).all()  # flicker counts only the t = 100 calls: range 0
+    # the same t = 100 calls, weighted by the share of the calibration calls in the range (1/4 vs 2/4)
+    torch.testing.assert_close(final.damage[:, :, 0, 1] * 2, even.damage[:, :, 0, 1])
+    kwargs = dict(budget_bits=4.0, float_act_budget=0.125, metrics=["flicker"])
+    a_even, a_final = allocate(even, base, **kwargs), allocate(final, base, **kwargs)
+    assert a_even.float_act_share == 0.0 and a_even.damage_left["flicker"] == 1.0
+    assert a_final.levels["blocks.1/ffn"] == ["w4a16", "w4a8"] and a_final.float_act_share == pytest.approx(0.125)
+    assert a_final.damage_left["flicker"] < 0.95 and a_final.executed_bits == 4.0
+    rule = next(r for r in a_final.config.rules if r.act_bits == 16)
+    assert rule.timesteps == (0.0, 150.0) and rule.weight_bits == 4
+    # with twice the budget the even split buys it too, for t = 100 and 200
+    wide = allocate(even, base, budget_bits=4.0, float_act_budget=0.25, metrics=["flicker"])
+    assert wide.levels["blocks.1/ffn"] == ["w4a16", "w4a8"] and wide.float_act_share == pytest.approx(0.25)
+    assert next(r for r in wide.config.rules if r.act_bits == 16).timesteps == (0.0, 350.0)
+
+
+def test_mixed_precision_spec_final_range_steps_end_to_end():
+    model = TimeMlp()
+    cfg = dataclasses.replace(W4A8, name="mp-final", **FAST, mixed_precision=MixedPrecisionSpec(
+        budget_bits=4.5, timestep_ranges=3, final_range_steps=1))
+    q = viditq.quantize(copy.deepcopy(model), cfg, MLP_CALIB)
+    cuts = {bound for r in q.viditq_config.rules if r.timesteps for bound in r.timesteps}
+    assert cuts and cuts <= {0.0, 100.0, 475.0, 1000.0}  # the ranges of split_timesteps(MLP_CALIB, 3, 1)
+
+
 def test_mixed_precision_spec_float_act_budget_end_to_end():
     model = TimeMlp()
     cfg = dataclasses.replace(W4A8, name="mp-a16", **FAST,
@@ -438,3 +533,11 @@ def test_cli_sensitivity_writes_cache_heatmap_and_config(tmp_path):
     assert (tmp_path / "s" / "sensitivity.png").stat().st_size > 1000
     config = QuantConfig.load(tmp_path / "s" / "config.yaml")
     assert config.rules and config.mixed_precision is None and "executed" in res.output
+    # the last of 4 calibration steps as a range of its own (the even split: 2 + 2 steps)
+    args[args.index("--steps") + 1] = 4
+    res = CliRunner().invoke(app, [str(a) for a in args + ["--final-range-steps", 1]], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert SensitivityTable.load(tmp_path / "s" / "sensitivity.json").range_shares == [0.25, 0.75]
+    bad = CliRunner().invoke(app, [str(a) for a in args + ["--ranges", 1, "--final-range-steps", 1]],
+                             env={"COLUMNS": "200"})
+    assert bad.exit_code != 0 and "needs timestep_ranges >= 2" in bad.output

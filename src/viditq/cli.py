@@ -205,6 +205,9 @@ def sensitivity(
     out: Path = typer.Option(Path("out/sensitivity"), help="Folder for sensitivity.json/.png and config.yaml."),
     preset: str = typer.Option("w4a8", help="Low-precision base: preset name or QuantConfig .yaml/.json."),
     ranges: int = typer.Option(_MP_DEFAULTS.timestep_ranges, help="Number of timestep ranges."),
+    final_range_steps: int = typer.Option(_MP_DEFAULTS.final_range_steps,
+                                          help="The last N denoising steps get a timestep range of their own (one "
+                                               "of --ranges; 0: all ranges even)."),
     groups: str = typer.Option(_MP_DEFAULTS.groups, help="Layer grouping: block | role | layer."),
     high_bits: int = typer.Option(_MP_DEFAULTS.high_bits, help="Weight bits of upgraded groups."),
     budget_bits: float = typer.Option(_MP_DEFAULTS.budget_bits, help="Average weight bits as executed."),
@@ -226,6 +229,10 @@ def sensitivity(
         base = resolve_config(preset)
     except (ValueError, FileNotFoundError) as e:
         raise typer.BadParameter(str(e), param_hint="--preset") from None
+    try:  # before calibrating: the range settings are checked by the spec that carries them
+        MixedPrecisionSpec(timestep_ranges=ranges, final_range_steps=final_range_steps)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--final-range-steps") from None
     prompt_list = _read_prompts(prompts)
     pipe = _load_any_pipeline(model, _device(device))
     console.print(f"calibrating on {len(prompt_list)} prompts x {steps} steps")
@@ -234,7 +241,7 @@ def sensitivity(
     try:
         table = measure_sensitivity(pipe.transformer, calib, groups=groups, timestep_ranges=ranges,
                                     base_config=base, high_bits=high_bits, cache=out / "sensitivity.json",
-                                    float_acts=float_act_budget > 0)
+                                    float_acts=float_act_budget > 0, final_range_steps=final_range_steps)
         allocation = allocate(table, base, budget_bits=budget_bits, memory_bits=memory_bits,
                               float_act_budget=float_act_budget)
     except ValueError as e:

@@ -189,6 +189,9 @@ class MixedPrecisionSpec:
         float (16-bit) activations on their quantized weights; 0 (default) turns the level off. It stores nothing
         and leaves ``budget_bits`` / ``memory_bits`` unchanged (same weights), but those layer-steps run a float
         matmul instead of an integer one, hence its own budget. The sensitivity then also probes the A16 levels.
+    final_range_steps: the last N denoising steps get a timestep range of their own (the first of
+        ``timestep_ranges``; the other steps share the rest evenly), so the allocation can upgrade the last step
+        alone; 0 (default): all ranges even. E.g. ``timestep_ranges=5, final_range_steps=1`` with 10 steps.
     cache: optional JSON file where the sensitivity table is kept and reused while the inputs are unchanged.
     """
 
@@ -200,6 +203,7 @@ class MixedPrecisionSpec:
     timestep_aware: bool = True
     allow_fp: bool = False
     float_act_budget: float = 0.0
+    final_range_steps: int = 0
     cache: str | None = None
 
     def __post_init__(self):
@@ -213,6 +217,14 @@ class MixedPrecisionSpec:
                 raise ValueError(f"mixed precision {what} must be between 2 and 32 bits, got {value!r}")
         if self.timestep_ranges < 1:
             raise ValueError(f"timestep_ranges must be >= 1, got {self.timestep_ranges!r}")
+        if isinstance(self.final_range_steps, bool) or not isinstance(self.final_range_steps, int) \
+                or self.final_range_steps < 0:
+            raise ValueError(f"mixed precision final_range_steps must be an integer >= 0, "
+                             f"got {self.final_range_steps!r}")
+        if self.final_range_steps and self.timestep_ranges < 2:
+            raise ValueError(f"mixed precision final_range_steps={self.final_range_steps} needs timestep_ranges >= 2 "
+                             f"(one range for the final steps, one or more for the others), "
+                             f"got {self.timestep_ranges}")
         if self.groups not in MP_GROUPINGS:
             raise ValueError(f"mixed precision groups must be one of {MP_GROUPINGS}, got {self.groups!r}")
 

@@ -85,19 +85,35 @@ def sample_timestep(sample: dict) -> float | None:
     return current_timestep((), sample, None)
 
 
-def split_timesteps(samples: list[dict], n: int) -> tuple[list[tuple[float, float]], list[float]]:
+def split_timesteps(samples: list[dict], n: int, final_range_steps: int = 0
+                    ) -> tuple[list[tuple[float, float]], list[float]]:
     """Split the calibration timesteps into ``n`` contiguous ranges with (nearly) equal numbers of distinct
-    timesteps. Returns (ranges [(lo, hi)], share of samples in each). Boundaries sit half-way between
-    neighbouring ranges and the outer ones reach 0 and the training horizon (1000, or 1 for [0, 1] schedules),
-    so timesteps not seen in calibration still fall in a range."""
+    timesteps. Returns (ranges [(lo, hi)], share of samples in each), lowest timesteps first. Boundaries sit
+    half-way between neighbouring ranges and the outer ones reach 0 and the training horizon (1000, or 1 for
+    [0, 1] schedules), so timesteps not seen in calibration still fall in a range.
+
+    ``final_range_steps``: the ``final_range_steps`` smallest distinct timesteps (the last denoising steps) form the
+    first range on their own and the other timesteps are split evenly into the remaining ``n - 1`` ranges (0, the
+    default: all ``n`` ranges even). With 10 steps and ``n=4`` the even split puts the last two steps in one range;
+    ``n=5, final_range_steps=1`` gives the last step a range of its own and four ranges to the other nine, so an
+    allocation can pay for the last step alone (where a video model's flicker comes from)."""
     if n < 1:
         raise ValueError(f"timestep_ranges must be >= 1, got {n}")
+    if isinstance(final_range_steps, bool) or not isinstance(final_range_steps, int) or final_range_steps < 0:
+        raise ValueError(f"final_range_steps must be an integer >= 0, got {final_range_steps!r}")
+    if final_range_steps and n < 2:
+        raise ValueError(f"final_range_steps={final_range_steps} needs timestep_ranges >= 2 (one range for the final "
+                         f"steps, at least one for the others), got timestep_ranges={n}")
     times = [sample_timestep(s) for s in samples]
     if any(t is None for t in times):
         return [(-math.inf, math.inf)], [1.0]
     values = sorted(set(times))
-    n = min(n, len(values))
-    chunks = [values[len(values) * i // n: len(values) * (i + 1) // n] for i in range(n)]
+    if final_range_steps >= len(values):
+        raise ValueError(f"final_range_steps={final_range_steps} must be smaller than the number of distinct "
+                         f"calibration timesteps ({len(values)}): no steps would be left for the other ranges")
+    head, rest = [values[:final_range_steps]] if final_range_steps else [], values[final_range_steps:]
+    n = min(n - len(head), len(rest))
+    chunks = head + [rest[len(rest) * i // n: len(rest) * (i + 1) // n] for i in range(n)]
     cuts = [(a[-1] + b[0]) / 2 for a, b in zip(chunks, chunks[1:])]
     horizon = 1000.0 if values[-1] > 1 else 1.0
     los = [min(values[0], 0.0)] + cuts
@@ -377,6 +393,7 @@ def measure_sensitivity(
     measure_high: bool = True,
     cache: str | Path | None = None,
     float_acts: bool = False,
+    final_range_steps: int = 0,
 ) -> SensitivityTable:
     """Damage table (see :class:`SensitivityTable`) of ``model`` quantized group by group, range by range.
 
@@ -395,6 +412,11 @@ def measure_sensitivity(
             matches, written otherwise.
         float_acts: also probe the float-activation levels (``"w4a16"``, ``"w8a16"``): each quantized level's
             own weights run with float activations (as ``quantize`` deploys them, no second copy).
+        final_range_steps: the last ``final_range_steps`` denoising steps (smallest calibration timesteps) get a
+            timestep range of their own, the first of the ``timestep_ranges`` (:func:`split_timesteps`); 0 (the
+            default): all ranges split evenly. E.g. 10 steps, ``timestep_ranges=5, final_range_steps=1``: the last
+            step alone, then four ranges for the other nine, so the allocation can buy bits or float activations
+            for the last step without paying for the one before it.
     """
     base = dataclasses.replace(resolve_config(base_config), mixed_precision=None, rules=(), float_final_steps=0)
     samples = validate_calibration(calib)
@@ -407,7 +429,9 @@ def measure_sensitivity(
     layers = {name: linear for name, (linear, _) in plan.items()}
     levels = sensitivity_levels(base, high_bits, float_acts)
     measured = [lv for lv in levels if measure_high or level_bits(lv) == base.weight.bits]
-    ranges, shares = split_timesteps(samples, timestep_ranges)
+    ranges, shares = split_timesteps(samples, timestep_ranges, final_range_steps)
+    # the ranges themselves are hashed (not final_range_steps): two settings that split alike share a table, and
+    # the default's fingerprint is the one of tables measured before the option existed
     # float_final_steps plays no part in the probes (tables measured before the field existed stay valid)
     base_settings = {k: v for k, v in base.to_dict().items() if k != "float_final_steps"}
     settings = dict(base=base_settings, groups=groups, ranges=ranges, levels=measured, metrics=sorted(user_metrics))
@@ -811,7 +835,7 @@ def resolve_mixed_precision(model: nn.Module, config: QuantConfig, samples: list
     base = dataclasses.replace(config, mixed_precision=None)
     table = measure_sensitivity(model, samples, groups=spec.groups, timestep_ranges=spec.timestep_ranges,
                                 base_config=base, high_bits=spec.high_bits, cache=spec.cache,
-                                float_acts=spec.float_act_budget > 0)
+                                float_acts=spec.float_act_budget > 0, final_range_steps=spec.final_range_steps)
     allocation = allocate(table, base, budget_bits=spec.budget_bits, memory_bits=spec.memory_bits,
                           timestep_aware=spec.timestep_aware, allow_fp=spec.allow_fp, name=config.name,
                           float_act_budget=spec.float_act_budget)
