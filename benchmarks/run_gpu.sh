@@ -16,14 +16,14 @@
 #   STEPS=tests,gemm,pixart bash benchmarks/run_gpu.sh
 # Time plan (NOTES.md): python + import ~6 s per subprocess; PixArt eager 12 s, compile ~70 s, quantized + graph
 # 35-45 s, quantized + regional compile + graph ~60 s; CogVideoX eager ~20 s, whole-model compile > 120 s, regional
-# compile ~40 s, quantized + graph ~45-50 s (H200, 2026-12-01).
+# compile ~40 s, quantized + graph ~45-50 s, fp8 + fp8 attention + regional compile + graph ~60 s (H200, 2026-12-01/02).
 set -u
 BUDGET_S=${BUDGET_S:-560}
 STEPS=${STEPS:-tests,gemm,pixart,cogvideox,torchao}  # which steps run (comma list; also: offload, tune)
 TESTS_K=${TESTS_K:-}
 # (regional compilation, _blocks: the whole-model compile of quantized PixArt did not finish in 97 s on an H200)
-PIXART_VARIANTS=${PIXART_VARIANTS:-bf16_eager,bf16_compile,bf16_blocks_graph,w8a8_graph,w8a8_fp8_graph,w8a8_fp8_blocks_graph}
-COGVIDEOX_VARIANTS=${COGVIDEOX_VARIANTS:-bf16_eager,bf16_blocks_graph,w8a8_fp8_graph,w8a8_fp8_attn_graph}
+PIXART_VARIANTS=${PIXART_VARIANTS:-bf16_eager,bf16_compile,bf16_blocks_graph,w8a8_graph,w8a8_fp8_graph,w8a8_fp8_blocks_graph,w4a8_graph}
+COGVIDEOX_VARIANTS=${COGVIDEOX_VARIANTS:-bf16_eager,bf16_blocks_graph,w8a8_fp8_graph,w8a8_fp8_attn_blocks_graph,w4a8_graph}
 TORCHAO_VARIANTS=${TORCHAO_VARIANTS:-torchao_fp8_compile}
 TORCHAO_MODELS=${TORCHAO_MODELS:-pixart,cogvideox}
 RESERVE_S=12  # kept for the summary table
@@ -77,7 +77,7 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', dif
 
     wanted offload && step "offload check" 100 python3 benchmarks/check_offload.py --out "$OUT/offload.json" --steps 8
 
-    wanted pixart && step "e2e pixart" "${PIXART_STEP_S:-250}" python3 benchmarks/bench_e2e.py --models pixart \
+    wanted pixart && step "e2e pixart" "${PIXART_STEP_S:-300}" python3 benchmarks/bench_e2e.py --models pixart \
         --variants "$PIXART_VARIANTS" --iters 10 --timeout "${PIXART_TIMEOUT:-60}" \
         --variant-timeout bf16_compile=110 --variant-timeout w8a8_attn_graph=80 --variant-timeout w4a8_graph=75 --variant-timeout w4a8_blocks_graph=150 \
         --variant-timeout w8a8_fp8_compile_graph=120 --variant-timeout w8a8_compile_graph=120 \
@@ -85,7 +85,7 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', dif
         --variant-timeout w8a8_blocks_graph=150 --variant-timeout w8a8_fp8_attn_blocks_graph=150 \
         --deadline "{T}" --out "$OUT/e2e_pixart.json"
 
-    wanted cogvideox && step "e2e cogvideox" "${COGVIDEOX_STEP_S:-240}" python3 benchmarks/bench_e2e.py --models cogvideox \
+    wanted cogvideox && step "e2e cogvideox" "${COGVIDEOX_STEP_S:-300}" python3 benchmarks/bench_e2e.py --models cogvideox \
         --variants "$COGVIDEOX_VARIANTS" --iters 5 --timeout 85 \
         --variant-timeout bf16_eager=50 --variant-timeout bf16_compile=120 --variant-timeout w8a8_attn_graph=95 \
         --variant-timeout bf16_blocks_graph=120 --variant-timeout w8a8_fp8_blocks_graph=150 \
