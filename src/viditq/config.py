@@ -173,6 +173,15 @@ class LayerRule:
 MP_GROUPINGS = ("block", "role", "layer")
 
 
+def check_final_range_steps(final_range_steps: int, timestep_ranges: int) -> None:
+    """ValueError unless ``final_range_steps`` is an integer >= 0 that leaves a range for the other steps."""
+    if isinstance(final_range_steps, bool) or not isinstance(final_range_steps, int) or final_range_steps < 0:
+        raise ValueError(f"final_range_steps must be an integer >= 0, got {final_range_steps!r}")
+    if final_range_steps and timestep_ranges < 2:
+        raise ValueError(f"final_range_steps={final_range_steps} needs timestep_ranges >= 2 (one range for the final "
+                         f"steps, at least one for the others), got timestep_ranges={timestep_ranges}")
+
+
 @dataclass(frozen=True)
 class MixedPrecisionSpec:
     """Automatic metric-decoupled bit allocation, run by :func:`viditq.quantize` before quantizing.
@@ -217,14 +226,7 @@ class MixedPrecisionSpec:
                 raise ValueError(f"mixed precision {what} must be between 2 and 32 bits, got {value!r}")
         if self.timestep_ranges < 1:
             raise ValueError(f"timestep_ranges must be >= 1, got {self.timestep_ranges!r}")
-        if isinstance(self.final_range_steps, bool) or not isinstance(self.final_range_steps, int) \
-                or self.final_range_steps < 0:
-            raise ValueError(f"mixed precision final_range_steps must be an integer >= 0, "
-                             f"got {self.final_range_steps!r}")
-        if self.final_range_steps and self.timestep_ranges < 2:
-            raise ValueError(f"mixed precision final_range_steps={self.final_range_steps} needs timestep_ranges >= 2 "
-                             f"(one range for the final steps, one or more for the others), "
-                             f"got {self.timestep_ranges}")
+        check_final_range_steps(self.final_range_steps, self.timestep_ranges)
         if self.groups not in MP_GROUPINGS:
             raise ValueError(f"mixed precision groups must be one of {MP_GROUPINGS}, got {self.groups!r}")
 

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from .calibrate import _iter_tensors, _map_tensors, model_device, validate_calibration
-from .config import FLOAT_ACT_BITS, LayerRule, QuantConfig, resolve_config
+from .config import FLOAT_ACT_BITS, LayerRule, QuantConfig, check_final_range_steps, resolve_config
 from .layers import TimestepSwitchLinear, current_timestep, install_timestep_hook
 from .progress import progress
 from .quantize import (
@@ -99,11 +99,7 @@ def split_timesteps(samples: list[dict], n: int, final_range_steps: int = 0
     allocation can pay for the last step alone (where a video model's flicker comes from)."""
     if n < 1:
         raise ValueError(f"timestep_ranges must be >= 1, got {n}")
-    if isinstance(final_range_steps, bool) or not isinstance(final_range_steps, int) or final_range_steps < 0:
-        raise ValueError(f"final_range_steps must be an integer >= 0, got {final_range_steps!r}")
-    if final_range_steps and n < 2:
-        raise ValueError(f"final_range_steps={final_range_steps} needs timestep_ranges >= 2 (one range for the final "
-                         f"steps, at least one for the others), got timestep_ranges={n}")
+    check_final_range_steps(final_range_steps, n)
     times = [sample_timestep(s) for s in samples]
     if any(t is None for t in times):
         return [(-math.inf, math.inf)], [1.0]

@@ -38,8 +38,8 @@ def tiny_model(name: str, seed: int = 0, num_layers: int = 2) -> nn.Module:
     elif name == "sd3":
         m = diffusers.SD3Transformer2DModel(
             sample_size=8, patch_size=2, in_channels=4, num_layers=num_layers, attention_head_dim=32,
-            num_attention_heads=2, joint_attention_dim=48, caption_projection_dim=HIDDEN, pooled_projection_dim=16, out_channels=4,
-            pos_embed_max_size=16)
+            num_attention_heads=2, joint_attention_dim=48, caption_projection_dim=HIDDEN, pooled_projection_dim=16,
+            out_channels=4, pos_embed_max_size=16)
     elif name == "flux":
         m = diffusers.FluxTransformer2DModel(
             patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=32,
