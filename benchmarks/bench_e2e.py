@@ -7,8 +7,8 @@ does not lose the table and each peak-memory number starts clean.
 
 Variant = base + optional ``_attn`` + run mode. Bases: ``bf16``, ``torchao_fp8`` (torchao's
 ``Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())``; reported as skipped when torchao cannot be
-imported), ``w8a8``, ``w4a8``, ``w8a8_dynamic``, ``w8a8_fp8``, ``w8a8_fp8_dynamic`` (viditq presets, ``_`` for
-``-``). ``_attn``: 8-bit attention, fp8 mode (``viditq.attention.apply_quantized_attention``; attention over fewer
+imported), ``w8a8``, ``w4a8``, ``w8a8_dynamic``, ``w8a8_fp8``, ``w8a8_fp8_dynamic``, ``w4a8_fp8`` (viditq presets,
+``_`` for ``-``). ``_attn``: 8-bit attention, fp8 mode (``viditq.attention.apply_quantized_attention``; attention over fewer
 than ``--min-kv-tokens`` keys — the text cross-attention — stays on SDPA). Run modes: ``_eager`` (or none),
 ``_graph`` (one forward captured in a CUDA graph and replayed), ``_compile`` (``torch.compile``), ``_compile_graph``
 (``torch.compile``, then one compiled forward captured in a CUDA graph: no launch overhead on either side),
@@ -38,8 +38,9 @@ VARIANTS = ("bf16_eager", "bf16_graph", "bf16_compile", "bf16_compile_graph", "t
             "w8a8_dynamic_graph", "w8a8_attn", "w8a8_attn_graph", "w8a8_attn_compile", "bf16_attn_graph",
             "w8a8_fp8", "w8a8_fp8_graph", "w8a8_fp8_compile_graph", "w8a8_fp8_attn_graph",
             "w8a8_fp8_attn_compile_graph", "w8a8_fp8_dynamic_graph", "bf16_blocks_graph", "w8a8_fp8_blocks_graph",
-            "w8a8_fp8_attn_blocks_graph", "w8a8_blocks_graph")
-QUANT_BASES = ("w8a8", "w4a8", "w8a8_dynamic", "w8a8_fp8", "w8a8_fp8_dynamic")
+            "w8a8_fp8_attn_blocks_graph", "w8a8_blocks_graph", "w4a8_fp8_graph", "w4a8_fp8_attn_graph",
+            "w4a8_fp8_blocks_graph", "w4a8_fp8_attn_blocks_graph")
+QUANT_BASES = ("w8a8", "w4a8", "w8a8_dynamic", "w8a8_fp8", "w8a8_fp8_dynamic", "w4a8_fp8")
 ATTENTION_MODE = "fp8"  # mode of the "_attn" variants
 
 

@@ -77,8 +77,11 @@ def make_operands(m, n, k):
     q4 = quantize_weight(w, 4, symmetric=False, group_size=64)
     fp8_a, fp8_a_scale = reference.quantize_per_token_fp8(x)
     fp8_w, fp8_w_scale = reference.quantize_per_token_fp8(w)
+    w4, w4_scale = pack_int4(q4.codes), q4.scale.half()
     return dict(x=x, w=w, bias=bias, a=a, a_scale=a_scale, w8=q8.codes, w8_scale=q8.scale,
-                w4=pack_int4(q4.codes), w4_scale=q4.scale.half(), w4_zero=q4.zero,
+                w4=w4, w4_scale=w4_scale, w4_zero=q4.zero,
+                w4_stage=reference.int4_stage_scale(w4, w4_scale, q4.zero, 64),  # what QuantLinear stores
+                w4_stage_fp8=reference.int4_stage_scale(w4, w4_scale, q4.zero, 64, fp8=True),
                 fp8_a=fp8_a, fp8_a_scale=fp8_a_scale, fp8_w=fp8_w, fp8_w_scale=fp8_w_scale)
 
 
@@ -101,7 +104,20 @@ def gemm_fns(o, k, cfg=None, cfg8=None):
     def layer_w4a8():
         a, s = act_quant.quantize_activation(o["x"], 8, smooth_inv, signs, rot_m)
         return int_gemm.quant_linear(a, s, o["w4"], o["w4_scale"], o["w4_zero"], 64, True, o["bias"],
-                                     torch.bfloat16, cfg)
+                                     torch.bfloat16, cfg, stage_scale=o["w4_stage"])
+
+    def layer_w4a8_fp8():
+        a, s = act_quant.quantize_activation(o["x"], 8, smooth_inv, fp8=True)
+        return int_gemm.quant_linear(a, s, o["w4"], o["w4_scale"], o["w4_zero"], 64, True, o["bias"],
+                                     torch.bfloat16, cfg8, stage_scale=o["w4_stage_fp8"])
+
+    def w4(fp8, stage_only=False):
+        a, a_scale = (o["fp8_a"], o["fp8_a_scale"]) if fp8 else (o["a"], o["a_scale"])
+        stage = o["w4_stage_fp8" if fp8 else "w4_stage"]
+        if stage_only:
+            return lambda: int_gemm.stage_int4(o["w4"], o["w4_scale"], o["w4_zero"], 64, stage, fp8)
+        return lambda: int_gemm.quant_linear(a, a_scale, o["w4"], o["w4_scale"], o["w4_zero"], 64, True, o["bias"],
+                                             torch.bfloat16, cfg8 if fp8 else cfg, stage_scale=stage)
 
     return {
         "bf16_cublas": lambda: F.linear(o["x"], o["w"], o["bias"]),
@@ -113,14 +129,16 @@ def gemm_fns(o, k, cfg=None, cfg8=None):
                                                    o["bias"], torch.bfloat16, cfg),
         "ours_int8_pointer": lambda: int_gemm.quant_linear(o["a"], o["a_scale"], o["w8"], o["w8_scale"], None, k,
                                                            False, o["bias"], torch.bfloat16, PTR8),
-        "ours_w4a8_g64": lambda: int_gemm.quant_linear(o["a"], o["a_scale"], o["w4"], o["w4_scale"], o["w4_zero"],
-                                                       64, True, o["bias"], torch.bfloat16, cfg),
+        "ours_w4a8_g64": w4(False),
         "ours_fp8": lambda: int_gemm.quant_linear(o["fp8_a"], o["fp8_a_scale"], o["fp8_w"], o["fp8_w_scale"], None,
                                                   k, False, o["bias"], torch.bfloat16, cfg8),
-        "ours_w4a8_stage_only": lambda: int_gemm.stage_int4(o["w4"], o["w4_scale"], o["w4_zero"], 64),
+        "ours_w4a8_fp8_g64": w4(True),
+        "ours_w4a8_stage_only": w4(False, stage_only=True),
+        "ours_w4a8_fp8_stage_only": w4(True, stage_only=True),
         "ours_w8a8_layer_rot": layer_w8a8,
         "ours_w8a8_layer_smooth_only": layer_w8a8_plain,
         "ours_w4a8_layer_rot": layer_w4a8,
+        "ours_w4a8_fp8_layer_smooth_only": layer_w4a8_fp8,
     }
 
 
@@ -137,15 +155,18 @@ def bench_gemms(results):
             try:
                 compile_s = first_call_s(fn)
                 err = None if name.startswith(("int8_torch", "ours_w8a8_layer", "ours_w4a8_layer",
-                                               "ours_w4a8_stage")) else \
+                                               "ours_w4a8_fp8_layer")) or "stage_only" in name else \
                     check(name, fn(), o, k)
                 t = ms(fn)
                 t_eager = ms_eager(fn)
             except Exception as e:  # noqa: BLE001 — one failing baseline must not lose the table
                 results["errors"].append(f"{shape_name}/{name}: {type(e).__name__}: {e}"[:300])
                 continue
-            results["gemm"].append(dict(shape=shape_name, m=m, n=n, k=k, method=name, ms=t, ms_eager=t_eager,
-                                        tflops=tflops(m, n, k, t), rel_err_vs_bf16=err, first_call_s=compile_s))
+            row = dict(shape=shape_name, m=m, n=n, k=k, method=name, ms=t, ms_eager=t_eager,
+                       tflops=tflops(m, n, k, t), rel_err_vs_bf16=err, first_call_s=compile_s)
+            if "stage_only" in name:  # memory-bound: packed int4 + group scales and zeros read, 8-bit codes written
+                row["gbps"] = (n * k // 2 + n * (k // 64) * 3 + n * k) / (t * 1e-3) / 1e9
+            results["gemm"].append(row)
         del o
         torch.cuda.empty_cache()
 
@@ -244,7 +265,8 @@ def print_tables(results):
         base = next((r["ms"] for r in rows if r["shape"] == shape and r["method"] == "bf16_cublas"), None)
         for r in (r for r in rows if r["shape"] == shape):
             speed = base / r["ms"] if base else float("nan")
-            print(f"{shape:18s} {r['method']:24s} {r['ms']:8.3f} ms {r['tflops']:7.1f} TF/s  x{speed:4.2f} vs bf16"
+            rate = f"{r['gbps']:7.0f} GB/s" if "gbps" in r else f"{r['tflops']:7.1f} TF/s"
+            print(f"{shape:18s} {r['method']:31s} {r['ms']:8.3f} ms {rate}  x{speed:4.2f} vs bf16"
                   f"  (eager launch {r['ms_eager']:.3f} ms)")
     for r in results["act_quant"]:
         print(f"actq {r['m']}x{r['k']} {r['method']:30s} {r['ms']:8.3f} ms {r['gbps']:7.0f} GB/s"

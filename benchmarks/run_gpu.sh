@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call (one H100 / H200), in steps that each run under their own timeout, the whole script ending
 # within BUDGET_S (default 560) seconds of its start:
-#   tests      the GPU kernel tests (TESTS_K: a pytest -k filter; empty = all of test_kernels/attention/fusion)
+#   tests      the GPU kernel tests (TESTS_K: a pytest -k filter; empty = all of test_kernels/attention/fusion;
+#              TESTS_S: their timeout, default 170 s)
 #   gemm       bench_gemm.py: ceilings, act-quant table, GEMM table (bf16 cuBLAS, fp8 _scaled_mm, ours);
 #              GEMM_ARGS: extra arguments (e.g. --shapes pixart_qkvo,pixart_ff_up)
 #   offload    CPU-offload check on quantized pipelines
@@ -71,7 +72,7 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', dif
       'accelerate', accelerate.__version__, 'torchao', ao)" 2>&1 | tail -3
 
     # the kernel tests on the GPU (real DiT shapes included: the gpu_only cases)
-    wanted tests && step "gpu kernel tests" 170 sh -c "python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_attention.py tests/test_fusion.py ${TESTS_K:+-k '$TESTS_K'} --tb=short > '$OUT/tests.txt' 2>&1; tail -4 '$OUT/tests.txt'"
+    wanted tests && step "gpu kernel tests" "${TESTS_S:-170}" sh -c "python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_attention.py tests/test_fusion.py ${TESTS_K:+-k '$TESTS_K'} --tb=short > '$OUT/tests.txt' 2>&1; tail -4 '$OUT/tests.txt'"
 
     wanted gemm && step "gemm + act quant tables" 120 sh -c "python3 benchmarks/bench_gemm.py --out '$OUT/gemm.json' ${GEMM_ARGS:-} > '$OUT/gemm_log.txt' 2>&1; grep -v '^kern' '$OUT/gemm_log.txt' | tail -45"
 
@@ -83,13 +84,14 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', dif
         --variant-timeout w8a8_fp8_compile_graph=120 --variant-timeout w8a8_compile_graph=120 \
         --variant-timeout bf16_blocks_graph=120 --variant-timeout w8a8_fp8_blocks_graph=150 \
         --variant-timeout w8a8_blocks_graph=150 --variant-timeout w8a8_fp8_attn_blocks_graph=150 \
-        --deadline "{T}" --out "$OUT/e2e_pixart.json"
+        --variant-timeout w4a8_fp8_blocks_graph=150 --deadline "{T}" --out "$OUT/e2e_pixart.json"
 
     wanted cogvideox && step "e2e cogvideox" "${COGVIDEOX_STEP_S:-300}" python3 benchmarks/bench_e2e.py --models cogvideox \
         --variants "$COGVIDEOX_VARIANTS" --iters 5 --timeout 85 \
         --variant-timeout bf16_eager=50 --variant-timeout bf16_compile=120 --variant-timeout w8a8_attn_graph=95 \
         --variant-timeout bf16_blocks_graph=120 --variant-timeout w8a8_fp8_blocks_graph=150 \
-        --variant-timeout w8a8_fp8_attn_blocks_graph=150 --deadline "{T}" --out "$OUT/e2e_cogvideox.json"
+        --variant-timeout w8a8_fp8_attn_blocks_graph=150 --variant-timeout w4a8_fp8_attn_blocks_graph=150 \
+        --deadline "{T}" --out "$OUT/e2e_cogvideox.json"
 
     # the launch-shape sweep of the fused activation quantization (its sweep stops 25 s before the step's timeout)
     wanted tune && step "act quant tune" 200 python3 benchmarks/tune_act_quant.py --out "$OUT/act_quant.json" \

@@ -11,16 +11,20 @@ from viditq.testing import calibration_set, forward_output, tiny_inputs, tiny_mo
 @pytest.fixture(scope="module")
 def quantized_pixart():
     return {p: viditq.quantize(tiny_model("pixart"), p, calibration_set("pixart", n=2))
-            for p in ("w8a8", "w4a8", "w8a8-fp8")}
+            for p in ("w8a8", "w4a8", "w8a8-fp8", "w4a8-fp8")}
 
 
-@pytest.mark.parametrize("preset", ["w8a8", "w4a8", "w8a8-fp8"])
+@pytest.mark.parametrize("preset", ["w8a8", "w4a8", "w8a8-fp8", "w4a8-fp8"])
 def test_round_trip_is_bit_identical(tmp_path, quantized_pixart, preset):
     model = quantized_pixart[preset]
     viditq.save_quantized(model, tmp_path / "ckpt")
     loaded = viditq.load_quantized(tmp_path / "ckpt")  # rebuilt from the saved diffusers config
     x = tiny_inputs("pixart", seed=7)
     assert torch.equal(forward_output(model, x), forward_output(loaded, x))
+    # derived buffers (the staged int4's per-channel scale) are recomputed on load, not saved
+    stage = {n: b for n, b in model.named_buffers() if n.endswith("stage_scale")}
+    assert (len(stage) > 0) == preset.startswith("w4")
+    assert all(torch.equal(b, dict(loaded.named_buffers())[n]) for n, b in stage.items())
     assert loaded.viditq_config == model.viditq_config
     assert type(loaded) is type(model)
 

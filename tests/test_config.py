@@ -51,7 +51,7 @@ def test_file_round_trip(tmp_path, suffix):
     (lambda: ActSpec(8, "per_tensor_static", format="fp8"), "per token"),
     (lambda: QuantConfig(weight=WeightSpec(8, format="fp8")), "differ"),
     (lambda: QuantConfig(weight=WeightSpec(8, format="fp8"), act=ActSpec(8, format="fp8"),
-                         rules=(LayerRule("ff", weight_bits=4),)), "8-bit weights and activations only"),
+                         rules=(LayerRule("ff", weight_bits=4),)), "8-bit weights and 8-bit .or float. activations only"),
 ])
 def test_bad_values_raise_clear_errors(make, match):
     with pytest.raises(ValueError, match=match):
@@ -64,6 +64,16 @@ def test_fp8_preset_round_trips(tmp_path):
     assert PRESETS["w8a8-fp8-dynamic"].balance is None
     cfg.save(tmp_path / "fp8.yaml")
     assert QuantConfig.load(tmp_path / "fp8.yaml") == cfg
+
+
+def test_w4a8_fp8_preset_and_its_limits():
+    cfg = PRESETS["w4a8-fp8"]
+    assert (cfg.weight.format, cfg.weight.bits, cfg.weight.group_size, cfg.act.format) == ("int", 4, 64, "fp8")
+    with pytest.raises(ValueError, match="4-bit int weights .staged to fp8. with fp8 activations"):
+        QuantConfig("x", WeightSpec(8), ActSpec(8, format="fp8"))
+    with pytest.raises(ValueError, match=r"4-bit weights and 8-bit .or float. activations only.*\['ff'\]"):
+        QuantConfig("x", WeightSpec(4, False, 64), ActSpec(8, format="fp8"), rules=(LayerRule("ff", 8),))
+    QuantConfig("x", WeightSpec(4, False, 64), ActSpec(8, format="fp8"), rules=(LayerRule("ff", act_bits=16),))
 
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml"])

@@ -302,25 +302,39 @@ STAGE_SHAPES = [(45, 128), (9, 192), (16, 1024), (3, 64)] + [pytest.param(*s, ma
 
 @pytest.mark.parametrize("n,k", STAGE_SHAPES)
 @pytest.mark.parametrize("symmetric,group_size", [(False, 64), (True, 128), (False, 32), (False, None), (True, None)])
-def test_stage_int4_matches_reference_exactly(n, k, symmetric, group_size):
-    """Packed int4 → per-channel int8 staging: the kernel's codes and scales equal the reference bit for bit, and
-    the staged weight is within half an int8 step of the int4 group dequantization it replaces."""
+@pytest.mark.parametrize("fp8", [False, True])
+def test_stage_int4_matches_reference_exactly(n, k, symmetric, group_size, fp8):
+    """Packed int4 → per-channel int8 (or fp8 e4m3) staging: the kernel's codes and scales equal the reference
+    bit for bit, on any device, and the staged weight is within half an int8 step (half an e4m3 ulp) of the int4
+    group dequantization it replaces."""
     g = torch.Generator().manual_seed(n * 7 + k)
     w, w_scale, w_zero, gs, _ = _make_weight(n, k, 4, symmetric, group_size, g)
-    codes, scale = int_gemm.stage_int4(w, w_scale, w_zero, gs)
-    ref_codes, ref_scale = reference.stage_int4(w, w_scale, w_zero, gs)
-    assert codes.dtype == torch.int8 and codes.shape == (n, k) and scale.shape == (n, 1)
+    stage = reference.int4_stage_scale(w, w_scale, w_zero, gs, fp8)
+    codes, scale = int_gemm.stage_int4(w, w_scale, w_zero, gs, stage, fp8)
+    ref_codes, ref_scale = reference.stage_int4(w, w_scale, w_zero, gs, stage, fp8)
+    assert codes.dtype == (torch.float8_e4m3fn if fp8 else torch.int8) and codes.shape == (n, k)
+    assert scale.shape == (n, 1)
     cpu_zero = None if w_zero is None else w_zero.cpu()
-    cpu_codes, cpu_scale = reference.stage_int4(w.cpu(), w_scale.cpu(), cpu_zero, gs)
-    assert torch.equal(ref_codes.cpu(), cpu_codes) and torch.equal(ref_scale.cpu(), cpu_scale)  # same on any device
-    assert torch.equal(codes, ref_codes) and torch.equal(scale, ref_scale)
+    cpu_codes, cpu_scale = reference.stage_int4(w.cpu(), w_scale.cpu(), cpu_zero, gs, fp8=fp8)  # scale computed
+    assert torch.equal(ref_codes.cpu().view(torch.int8), cpu_codes.view(torch.int8))  # same on any device
+    assert torch.equal(ref_scale.cpu(), cpu_scale)
+    assert torch.equal(codes.view(torch.int8), ref_codes.view(torch.int8)) and torch.equal(scale, ref_scale)
+    unstaged = int_gemm.stage_int4(w, w_scale, w_zero, gs, fp8=fp8)[0]  # the scale computed by the launcher
+    assert torch.equal(unstaged.view(torch.int8), codes.view(torch.int8))
     exact = dequantize_weight(unpack_int4(w), w_scale, w_zero, gs)
     staged = codes.float() * scale
     if gs == k:  # per channel: staging only subtracts the zero point
         assert torch.equal(staged, exact)
+        return
+    err = (staged - exact).abs()
+    assert err.max() > 0  # groups really were requantized
+    if fp8:
+        v = (exact / scale).abs()  # e4m3 spacing: 2^(e - 3) for normal values, 2^-9 below 2^-6
+        ulp = torch.exp2(torch.floor(torch.log2(v.clamp_min(2.0 ** -6))) - 3)
+        assert (err <= 0.5 * ulp * scale * (1 + 1e-5) + 1e-7).all()
+        assert (codes.float().abs().amax(dim=1) == 448).all()
     else:
-        assert ((staged - exact).abs() <= 0.5 * scale + 1e-6).all()  # float rounding of the products
-        assert (staged - exact).abs().max() > 0  # groups really were requantized
+        assert (err <= 0.5 * scale + 1e-6).all()  # float rounding of the products
         assert (codes.abs().amax(dim=1) == 127).all()  # each row uses the full int8 range
 
 
@@ -362,6 +376,26 @@ def test_fp8_linear_matches_reference(m, n, k):
     assert rel_err(y, reference.fp8_linear(a, a_scale, w, w_scale, bias, torch.float32)) < 8e-3
 
 
+@pytest.mark.parametrize("m,n,k,group_size", [(37, 45, 128, 64), (20, 33, 256, None)] + [
+    pytest.param(*s, marks=gpu_only) for s in [(333, 1152, 1152, 64), (1000, 4608, 1152, 64), (517, 1152, 4608, 128)]])
+def test_fp8_act_int4_linear_matches_reference(m, n, k, group_size):
+    """fp8 activations x packed int4 weights (staged to per-channel fp8, then the fp8 GEMM) against the
+    reference, with the layer's stored stage scale and without (computed by the launcher)."""
+    g = torch.Generator().manual_seed(m + n + k)
+    w, w_scale, w_zero, gs, packed = _make_weight(n, k, 4, False, group_size, g)
+    a, a_scale = reference.quantize_per_token_fp8(torch.randn(m, k, generator=g).to(DEVICE))
+    bias = torch.randn(n, generator=g).to(DEVICE, torch.bfloat16)
+    stage = reference.int4_stage_scale(w, w_scale, w_zero, gs, fp8=True)
+    ref = reference.int_linear(a, a_scale, w, w_scale, w_zero, gs, packed, bias, torch.float32, stage_scale=stage)
+    for stage_scale in (stage, None):
+        y = int_gemm.quant_linear(a, a_scale, w, w_scale, w_zero, gs, packed, bias, torch.float32,
+                                  None if CUDA else SMALL_CFG, stage_scale=stage_scale)
+        # the staged codes are exact (test above); Hopper's fp8 MMA accumulates with fewer bits (7-9e-5 measured)
+        assert rel_err(y, ref) < (5e-4 if CUDA else 1e-5)
+    exact = (a.float() * a_scale) @ dequantize_weight(unpack_int4(w), w_scale, w_zero, gs).t() + bias.float()
+    assert rel_err(ref, exact) < (0.04 if gs < k else 1e-6)  # the fp8 requantization of the int4 groups
+
+
 def test_quant_linear_rejects_bad_shapes():
     w = torch.zeros(8, 32, dtype=torch.uint8, device=DEVICE)
     a = torch.zeros(4, 96, dtype=torch.int8, device=DEVICE)
@@ -372,7 +406,8 @@ def test_quant_linear_rejects_bad_shapes():
 
 # ----------------------------------------------------------------------------------------- dispatch (GPU)
 @gpu_only
-@pytest.mark.parametrize("preset_bits", [(8, True, None, False), (4, False, 64, False), (8, True, None, True)])
+@pytest.mark.parametrize("preset_bits", [(8, True, None, False), (4, False, 64, False), (8, True, None, True),
+                                         (4, False, 64, True)])
 def test_quantlinear_triton_path_matches_reference_path(preset_bits, monkeypatch):
     from viditq.layers import LayerSpec, QuantLinear
 
@@ -406,8 +441,13 @@ def test_custom_ops_pass_opcheck():
     bias = torch.randn(16, generator=g).to(DEVICE, torch.bfloat16)
     for activation in (None, "gelu_tanh"):
         torch.library.opcheck(torch.ops.viditq.int_linear.default,
-                              (codes, scale, w, w_scale, w_zero, gs, packed, bias, torch.bfloat16, activation),
+                              (codes, scale, w, w_scale, w_zero, gs, packed, bias, torch.bfloat16, activation, None),
                               test_utils=("test_schema", "test_faketensor"))
+    w, w_scale, w_zero, gs, packed = _make_weight(16, 64, 4, False, 32, g)
+    stage = reference.int4_stage_scale(w, w_scale, w_zero, gs)
+    torch.library.opcheck(torch.ops.viditq.int_linear.default,
+                          (codes, scale, w, w_scale, w_zero, gs, packed, bias, torch.bfloat16, None, stage),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize("fp8", [False, True])

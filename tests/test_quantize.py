@@ -12,7 +12,7 @@ from viditq.quantize import layer_group, plan_layers, quantized_layers
 from viditq.testing import MODELS, calibration_set, forward_output, inject_outliers, sqnr_db, tiny_inputs, tiny_model
 
 PRESETS = ("w8a8", "w8a8-dynamic", "w8a8-static", "w4a8", "w4a8-dynamic", "w6a6", "w4a4", "w8a8-fp8",
-           "w8a8-fp8-dynamic")
+           "w8a8-fp8-dynamic", "w4a8-fp8")
 
 
 @functools.lru_cache(maxsize=None)
@@ -68,6 +68,36 @@ def test_fp8_sqnr_with_outliers(name):
     assert t["w8a8-fp8"] >= 40.0
     assert t["w8a8-fp8"] >= t["w8a8-fp8-dynamic"] - 0.25
     assert t["w8a8"] > t["w8a8-fp8"]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_w4a8_fp8_close_to_int_w4a8(name):
+    """int4 weights staged to fp8 with fp8 activations: the fp8 requantization of the int4 groups costs a little
+    (0.3-2 dB measured on these models), fp8 weights cost far less."""
+    t = sqnr_table(name)
+    assert t["w4a8"] - 2.5 <= t["w4a8-fp8"] < t["w8a8-fp8"] - 3.0
+
+
+def test_w4a8_fp8_layers_keep_packed_int4_and_a_stage_scale():
+    from viditq.kernels import reference
+
+    model = viditq.quantize(tiny_model("pixart"), "w4a8-fp8", calibration_set("pixart", n=1))
+    layers = quantized_layers(model)
+    assert layers and all(m.spec.fp8 and m.weight_codes.dtype == torch.uint8
+                          and (m.stage_scale is not None) == (m.spec.group_size < m.in_features)
+                          for m in layers.values())
+    layer = layers["transformer_blocks.0.ff.net.2"]
+    assert layer.spec.group_size < layer.in_features
+    stage = reference.int4_stage_scale(layer.weight_codes, layer.weight_scale, layer.weight_zero,
+                                       layer.spec.group_size, fp8=True)
+    assert torch.equal(layer.stage_scale, stage)
+    x = torch.randn(3, layer.in_features)
+    codes, scale = reference.quantize_activation(x, 8, layer.smooth_inv, layer.rot_signs, layer.spec.rot_m, fp8=True)
+    assert codes.dtype == torch.float8_e4m3fn
+    want = reference.int_linear(codes, scale, layer.weight_codes, layer.weight_scale, layer.weight_zero,
+                                layer.spec.group_size, True, layer.bias, torch.float32, stage_scale=stage)
+    assert torch.equal(layer(x), want)
+    assert "A8(fp8 e4m3" in repr(layer) and "W4(g" in repr(layer)
 
 
 def test_fp8_layers_store_fp8_codes():

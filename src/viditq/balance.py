@@ -72,6 +72,9 @@ def concat_linears(linears: list[nn.Linear]) -> nn.Linear:
     return cat
 
 
+PER_ROW_BUFFERS = ("weight_codes", "weight_scale", "weight_zero", "bias", "stage_scale")
+
+
 def split_quant_linear(layer: QuantLinear, linears: list[nn.Linear], group: str) -> list[QuantLinear]:
     """Cut a QuantLinear built on :func:`concat_linears` back into one layer per member (rows of the weight
     codes, scales, zero points and bias), each with the shared balancing tensors and ``input_group=group``.
@@ -86,8 +89,7 @@ def split_quant_linear(layer: QuantLinear, linears: list[nn.Linear], group: str)
         with torch.no_grad():
             for name, buf in part.named_buffers():
                 src = getattr(layer, name)
-                buf.copy_(src[row:row + n] if name in ("weight_codes", "weight_scale", "weight_zero", "bias")
-                          else src)
+                buf.copy_(src[row:row + n] if name in PER_ROW_BUFFERS else src)
         out.append(part)
         row += n
     return out

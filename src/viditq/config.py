@@ -32,7 +32,8 @@ GRANULARITIES = ("per_token", "per_tensor_static")
 # weights, the same stored weights as its quantized path (no second copy).
 FLOAT_ACT_BITS = 16
 # Number formats of weights and activations: signed integers with scales, or fp8 e4m3 (float8_e4m3fn) values with
-# scales (8 bits only). The GEMM kernels pair int8 or packed int4 weights with int8 activations, and fp8 with fp8.
+# scales (8 bits only). The GEMM kernels pair int8 or packed int4 weights with int8 activations, fp8 with fp8, and
+# packed int4 weights (staged to per-channel fp8 for the product) with fp8 activations.
 FORMATS = ("int", "fp8")
 
 
@@ -272,15 +273,17 @@ class QuantConfig:
             raise ValueError(f"calib_rows_per_layer must be >= 1, got {self.calib_rows_per_layer}")
         if self.version > FORMAT_VERSION:
             raise ValueError(f"config format version {self.version} is newer than this viditq ({FORMAT_VERSION})")
-        if self.weight.format != self.act.format and self.act.bits != FLOAT_ACT_BITS:
-            raise ValueError(f"weight format {self.weight.format!r} and activation format {self.act.format!r} "
-                             "differ; the GEMMs take int weights with int activations, or fp8 with fp8")
-        if self.weight.format == "fp8":
+        int4_fp8 = self.weight.format == "int" and self.weight.bits == 4 and self.act.format == "fp8"
+        if self.weight.format != self.act.format and self.act.bits != FLOAT_ACT_BITS and not int4_fp8:
+            raise ValueError(f"weight format {self.weight.format!r} ({self.weight.bits} bits) and activation format "
+                             f"{self.act.format!r} differ; the GEMMs take int weights with int activations, fp8 "
+                             "with fp8, or 4-bit int weights (staged to fp8) with fp8 activations")
+        if self.weight.format == "fp8" or int4_fp8:
             bad = [r.pattern for r in self.rules
-                   if r.weight_bits not in (None, 8) or r.act_bits not in (None, 8, FLOAT_ACT_BITS)]
+                   if r.weight_bits not in (None, self.weight.bits) or r.act_bits not in (None, 8, FLOAT_ACT_BITS)]
             if bad or self.mixed_precision is not None:
-                raise ValueError("fp8 configs have 8-bit weights and activations only: no mixed precision and no "
-                                 f"rules with other bits (rules: {bad})")
+                raise ValueError(f"fp8 configs have {self.weight.bits}-bit weights and 8-bit (or float) activations "
+                                 f"only: no mixed precision and no rules with other bits (rules: {bad})")
 
     # -- serialization -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -364,6 +367,9 @@ register_preset(QuantConfig("w8a8-fp8", WeightSpec(8, format="fp8"), ActSpec(8, 
 # extra flicker of pixel-space video models)
 register_preset(QuantConfig("w8a8-fp8-float-last", WeightSpec(8, format="fp8"), ActSpec(8, format="fp8"),
                             float_final_steps=1))
+# W4A8 on the fp8 path: int4 g64 weights (staged to per-channel fp8 for each product) with per-token fp8
+# activations, which need no rotation (the int8 path's rotated activation quantization is its cost on PixArt)
+register_preset(QuantConfig("w4a8-fp8", WeightSpec(4, symmetric=False, group_size=64), ActSpec(8, format="fp8")))
 # Ablations / baselines: per-token dynamic without balancing, and the naive static per-tensor scheme.
 register_preset(QuantConfig("w8a8-dynamic", WeightSpec(8), ActSpec(8), balance=None))
 # fp8 without balancing: the numerics of torchao's Float8DynamicActivationFloat8WeightConfig(PerRow())

@@ -159,7 +159,7 @@ def apply_gptq(layer, linear: nn.Linear, hessian: torch.Tensor, rows: torch.Tens
         x = rows.to(linear.weight.device, linear.weight.dtype)
         reference = linear(x).float()
         before = (layer(x).float() - reference).pow(2).mean()
-        saved = {n: b.clone() for n, b in layer.named_buffers() if n.startswith("weight_")}
+        saved = {n: b.clone() for n, b in layer.named_buffers() if n.startswith("weight_") or n == "stage_scale"}
         layer.set_quantized_weight(qw)
         after = (layer(x).float() - reference).pow(2).mean()
         if after <= before:

@@ -43,18 +43,30 @@ class LayerSpec:
     # Layers with the same input_group read the same input (q/k/v of one attention) and share their smoothing
     # and rotation: the quantized activation is computed once per forward and reused (install_input_sharing).
     input_group: str | None = None
-    fp8: bool = False  # fp8 e4m3 weights (per-channel scales) and per-token fp8 activations instead of integers
+    # Per-token fp8 e4m3 activations instead of integers, with fp8 e4m3 weights (8 bits, per-channel scales) or
+    # packed int4 weights (staged to per-channel fp8 for the product)
+    fp8: bool = False
 
     def __post_init__(self):
-        if self.fp8 and not (self.weight_bits == 8 and (self.act_bits == 8 or self.weight_only)
-                             and self.weight_symmetric and self.group_size == self.in_features
-                             and not self.act_static and not self.weight_per_tensor):
-            raise ValueError(f"fp8 layer spec must be 8-bit symmetric per-channel weights with dynamic 8-bit "
-                             f"(or float) activations, got {self}")
+        fp8_weights = (self.weight_bits == 8 and self.weight_symmetric and self.group_size == self.in_features
+                       and not self.weight_per_tensor)
+        if self.fp8 and not ((fp8_weights or self.packed_int4) and (self.act_bits == 8 or self.weight_only)
+                             and not self.act_static):
+            raise ValueError(f"fp8 layer spec must be 8-bit symmetric per-channel (or packed int4) weights with "
+                             f"dynamic 8-bit (or float) activations, got {self}")
 
     @property
     def packed_int4(self) -> bool:
         return self.weight_bits <= 4 and self.in_features % 2 == 0
+
+    @property
+    def fp8_weights(self) -> bool:
+        return self.fp8 and not self.packed_int4
+
+    @property
+    def staged_grouped_int4(self) -> bool:
+        """Packed int4 with group scales: requantized per channel for the product, with a stored scale."""
+        return self.packed_int4 and self.group_size < self.in_features
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,7 +82,7 @@ class QuantLinear(nn.Module):
         groups = k // spec.group_size
         # Per-channel scales stay float32; group-wise ones are float16 so they cost 1/4 bit per weight at g64.
         scale_dtype = torch.float32 if groups == 1 else torch.float16
-        if spec.fp8:
+        if spec.fp8_weights:
             self.register_buffer("weight_codes", torch.empty(n, k, dtype=torch.float8_e4m3fn, device=device))
         elif spec.packed_int4:
             self.register_buffer("weight_codes", torch.empty(n, k // 2, dtype=torch.uint8, device=device))
@@ -88,6 +100,10 @@ class QuantLinear(nn.Module):
             self.register_buffer("rot_matrix", None)
             self.register_buffer("rot_signs", torch.empty(k, device=device) if spec.rotate else None)
         self.register_buffer("act_scale", torch.empty((), device=device) if spec.act_static else None)
+        # Per-channel scale of the staged weights (reference.int4_stage_scale): derived from the stored ones, so it
+        # is not saved but recomputed whenever they change (_store_weight, load_state_dict)
+        self.register_buffer("stage_scale", torch.empty(n, 1, device=device) if spec.staged_grouped_int4 else None,
+                             persistent=False)
         self._input_cache: SharedInputCache | None = None  # set by install_input_sharing
         # run-time only (not saved): an activation applied to the output, fused into the GEMM epilogue where the
         # kernel runs (viditq.fusion.fuse_gelu: the tanh GELU after a feed-forward up-projection)
@@ -145,7 +161,7 @@ class QuantLinear(nn.Module):
 
     def _set_weight(self, w: torch.Tensor) -> None:
         spec = self.spec
-        if spec.fp8:
+        if spec.fp8_weights:
             qw = quantize_weight_fp8(w)
             codes, scale, zero = qw.codes, qw.scale, None
         elif spec.weight_per_tensor:  # naive baseline: one scale per tensor
@@ -171,6 +187,16 @@ class QuantLinear(nn.Module):
         self.weight_scale.copy_(scale)
         if zero is not None:
             self.weight_zero.copy_(zero)
+        self._update_stage_scale()
+
+    def _update_stage_scale(self) -> None:
+        if self.stage_scale is not None:
+            self.stage_scale.copy_(reference.int4_stage_scale(self.weight_codes, self.weight_scale, self.weight_zero,
+                                                              self.spec.group_size, self.spec.fp8))
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._update_stage_scale()
 
     # -- run -----------------------------------------------------------------------------------------
     def balance(self, x2d: torch.Tensor) -> torch.Tensor:
@@ -198,7 +224,7 @@ class QuantLinear(nn.Module):
             codes, scale = self._quantize_input(x, x2d)
         y = dispatch.int_linear(
             codes, scale, self.weight_codes, self.weight_scale, self.weight_zero,
-            spec.group_size, spec.packed_int4, self.bias, x.dtype, self.fused_activation,
+            spec.group_size, spec.packed_int4, self.bias, x.dtype, self.fused_activation, self.stage_scale,
         )
         return y.reshape(*x.shape[:-1], spec.out_features)  # (..., N)
 
@@ -241,7 +267,8 @@ class QuantLinear(nn.Module):
         bal = "+".join(n for n, on in (("smooth", s.smooth), ("rotate", s.rotate)) if on) or "none"
         act = "float" if s.weight_only else ("static" if s.act_static else "per-token")
         fmt = "fp8 e4m3, " if s.fp8 else ""
-        return (f"in={s.in_features}, out={s.out_features}, W{s.weight_bits}({fmt}{g}, "
+        w_fmt = fmt if s.fp8_weights else ""
+        return (f"in={s.in_features}, out={s.out_features}, W{s.weight_bits}({w_fmt}{g}, "
                 f"{'sym' if s.weight_symmetric else 'asym'}), A{s.act_bits}({fmt}{act}), balance={bal}")
 
 
@@ -336,7 +363,8 @@ def make_layer_spec(linear: nn.Linear, weight, act, *, smooth=False, rotate=Fals
         weight_bits=weight.bits, weight_symmetric=weight.symmetric, group_size=group,
         act_bits=act.bits, weight_per_tensor=weight.per_tensor,
         act_static=act.granularity == "per_tensor_static" and not weight_only, weight_only=weight_only,
-        smooth=smooth, rotate=rotate, rot_m=rot_m, rot_block=rot_block, alpha=alpha, fp8=weight.format == "fp8",
+        smooth=smooth, rotate=rotate, rot_m=rot_m, rot_block=rot_block, alpha=alpha,
+        fp8=weight.format == "fp8" or (act.format == "fp8" and not weight_only),
     )
 
 

@@ -108,7 +108,7 @@ def precision_key(precision: Precision) -> str:
     if precision is None:
         return "fp"
     weight, act = precision
-    return f"w{weight.bits}a{act.bits}" + ("_fp8" if weight.format == "fp8" else "")
+    return f"w{weight.bits}a{act.bits}" + ("_fp8" if "fp8" in (weight.format, act.format) else "")
 
 
 def switch_variants(precisions: list[Precision]) -> tuple[dict[str, Precision], dict[str, str]]:

@@ -9,9 +9,10 @@ is the layout the tensor cores want for B, so no transposed copy is needed:
 * group-wise scales (N, G) (fp16, group_size a multiple of BLOCK_K): an int32 product per K tile, rescaled into a
   float32 accumulator; asymmetric zero points (N, G) int8: ``zero * rowsum(a_codes)`` is subtracted from the
   integer product;
-* packed int4 (N, K // 2), two codes per byte, any group size: first *staged* as per-channel int8 by
-  :func:`stage_int4` (one memory-bound pass over the weights per call: ``round((code - zero) * scale / s_c)`` with
-  ``s_c`` = the row's absmax / 127, divided in float64 so the codes are bit-exact), then the per-channel int8 GEMM. At DiT shapes (M ≥ 8k tokens) this beats
+* packed int4 (N, K // 2), two codes per byte, any group size: first *staged* as per-channel int8 (fp8 e4m3 with
+  fp8 activations) by :func:`stage_int4` (one memory-bound pass over the weights per call:
+  ``round((code - zero) * scale / s_c)`` with ``s_c`` the layer's stored per-channel scale, the row's absmax
+  / 127), then the per-channel int8 (fp8) GEMM. At DiT shapes (M ≥ 8k tokens) this beats
   unpacking in the main loop: every (BLOCK_M)-row tile would redo the unpacking and the group rescale, whose
   CUDA-core work per K step (an int → float conversion and an FMA per accumulator per 64-wide group) equals the
   tensor-core work of the step; staging does it once per weight and leaves the int8 kernel's pure int32
@@ -30,8 +31,9 @@ from functools import lru_cache
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
-from ..quant.quantizers import MIN_SCALE
+from . import reference
 from .act_quant import _round_half_even
 
 
@@ -224,58 +226,45 @@ def _quant_gemm_tma_kernel(
 
 @triton.jit
 def _stage_int4_kernel(
-    w_ptr, s_ptr, z_ptr, out_ptr, out_scale_ptr, N, K, stride_wn, stride_sn, group_size,
-    HAS_ZERO: tl.constexpr, PER_CHANNEL: tl.constexpr, MIN_S: tl.constexpr,
+    w_ptr, s_ptr, z_ptr, stage_ptr, out_ptr, N, K, stride_wn, stride_sn, group_size,
+    HAS_ZERO: tl.constexpr, PER_CHANNEL: tl.constexpr, FP8: tl.constexpr, CUDA_RINT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr,
 ):
-    """Packed int4 (N, K // 2) + scales (N, G) [+ zero points] → per-channel int8 codes (N, K) + scales (N, 1).
+    """Packed int4 (N, K // 2) + scales (N, G) [+ zero points] → per-channel int8 codes (N, K) (fp8 e4m3 if
+    ``FP8``), one (BLOCK_N, 2 x BLOCK_KH) tile per program, one pass (the per-channel scale is the layer's
+    stored ``stage_scale``).
 
-    Per channel (G = 1): codes ``q - zero`` (in [-15, 15]) and the scale itself, exactly. Grouped: two passes over
-    the row block, the row absmax of ``(q - zero) * scale`` (exact in float32), then codes
-    ``round_half_even(deq / (absmax / 127))`` with both divisions IEEE in float64 — the ops of
-    ``reference.stage_int4``, so codes agree bit for bit (quotients of small integers tie at .5 often: a
-    last-ulp difference anywhere would flip them)."""
+    Per channel (G = 1): codes ``q - zero`` (in [-15, 15], exact in e4m3 too). Grouped: ``deq * (1 / stage)``
+    with the reciprocal rounded exactly, then rounded half to even (or cast to e4m3) — the float32 ops of
+    ``reference.stage_int4``, so codes agree bit for bit. On the GPU the rounding is ``rint`` of the rounded
+    product: the floor-based ``_round_half_even`` would let ptxas contract the product into its ``v - floor(v)``
+    (an FMA: the tie test then sees the exact product, not the rounded one); the CPU interpreter has no FMA and
+    no libdevice."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    offs_j = tl.arange(0, BLOCK_KH)
     kh = K // 2
+    j = tl.program_id(1) * BLOCK_KH + tl.arange(0, BLOCK_KH)
     w_row = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
-    out_row = out_ptr + offs_n[:, None].to(tl.int64) * K
     if PER_CHANNEL:
-        scale = tl.load(s_ptr + offs_n * stride_sn, mask=n_mask, other=1.0).to(tl.float32)
+        low, high = _int4_halves(tl.load(w_row + j[None, :], mask=n_mask[:, None] & (j < kh)[None, :], other=0))
         if HAS_ZERO:
             zero = tl.load(z_ptr + offs_n * stride_sn, mask=n_mask, other=0)[:, None]
-        for j0 in range(0, kh, BLOCK_KH):
-            j = j0 + offs_j
-            mask = n_mask[:, None] & (j < kh)[None, :]
-            low, high = _int4_halves(tl.load(w_row + j[None, :], mask=mask, other=0))
-            if HAS_ZERO:
-                low = low - zero
-                high = high - zero
-            k = 2 * j0 + tl.arange(0, 2 * BLOCK_KH)
-            tl.store(out_row + k[None, :], tl.interleave(low, high),
-                     mask=n_mask[:, None] & (k < K)[None, :])
+            low, high = low - zero, high - zero
+        v = tl.interleave(low.to(tl.float32), high.to(tl.float32))
     else:
-        absmax = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for j0 in range(0, kh, BLOCK_KH):
-            lo_f, hi_f = _dequant_int4_pair(w_row, s_ptr, z_ptr, offs_n, n_mask, j0 + offs_j, kh, stride_sn,
-                                            group_size, HAS_ZERO)
-            absmax = tl.maximum(absmax, tl.max(tl.maximum(tl.abs(lo_f), tl.abs(hi_f)), axis=1))
-        row_max = absmax.to(tl.float64)
-        div127 = tl.full(row_max.shape, 127.0, tl.float64)  # float64 ``/`` is IEEE (div.rn.f64) in Triton
-        step = tl.where(absmax > 0, row_max, 1.0) / div127
-        scale = tl.maximum((row_max / div127).to(tl.float32), MIN_S)
-        for j0 in range(0, kh, BLOCK_KH):
-            j = j0 + offs_j
-            lo_f, hi_f = _dequant_int4_pair(w_row, s_ptr, z_ptr, offs_n, n_mask, j, kh, stride_sn, group_size,
-                                            HAS_ZERO)
-            # rounded in float64, clamped in float32 (exact: small integers; no float64 clamp intrinsic on NVPTX)
-            lo_c = tl.clamp(_round_half_even(lo_f.to(tl.float64) / step[:, None]).to(tl.float32), -127.0, 127.0)
-            hi_c = tl.clamp(_round_half_even(hi_f.to(tl.float64) / step[:, None]).to(tl.float32), -127.0, 127.0)
-            k = 2 * j0 + tl.arange(0, 2 * BLOCK_KH)
-            tl.store(out_row + k[None, :], tl.interleave(lo_c.to(tl.int8), hi_c.to(tl.int8)),
-                     mask=n_mask[:, None] & (k < K)[None, :])
-    tl.store(out_scale_ptr + offs_n, scale, mask=n_mask)
+        lo_f, hi_f = _dequant_int4_pair(w_row, s_ptr, z_ptr, offs_n, n_mask, j, kh, stride_sn, group_size, HAS_ZERO)
+        stage = tl.load(stage_ptr + offs_n, mask=n_mask, other=1.0)
+        inv = tl.math.div_rn(tl.full(stage.shape, 1.0, tl.float32), stage)[:, None]
+        v = tl.interleave(lo_f * inv, hi_f * inv)
+        if FP8:
+            v = tl.clamp(v, -448.0, 448.0)
+        elif CUDA_RINT:
+            v = tl.clamp(libdevice.rint(v), -127.0, 127.0)
+        else:
+            v = tl.clamp(_round_half_even(v), -127.0, 127.0)
+    k = 2 * tl.program_id(1) * BLOCK_KH + tl.arange(0, 2 * BLOCK_KH)
+    out = out_ptr + offs_n[:, None].to(tl.int64) * K + k[None, :]
+    tl.store(out, v.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & (k < K)[None, :])
 
 
 @triton.jit
@@ -333,30 +322,34 @@ def _launch_tma(a, a_scale, w, w_scale, group_size, bias, c, cfg, fp8, gelu=Fals
     )
 
 
-STAGE_TILE = 2048  # packed bytes per program step (a memory-bound pass): whole rows up to K = 4096, else loops
+STAGE_BLOCK_N, STAGE_BLOCK_KH = 32, 64  # 2 KiB of packed bytes per program; DiT widths are multiples of 128
 
 
-def stage_int4(w: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None,
-               group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed int4 (N, K // 2) + scales (N, G) [+ zero points (N, G)] → per-channel int8 codes (N, K) and
-    float32 scales (N, 1), exactly as ``reference.stage_int4``."""
+def stage_int4(w: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None, group_size: int,
+               stage_scale: torch.Tensor | None = None, fp8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed int4 (N, K // 2) + scales (N, G) [+ zero points (N, G)] → per-channel int8 codes (N, K) (fp8 e4m3
+    if ``fp8``) and float32 scales (N, 1), exactly as ``reference.stage_int4``. ``stage_scale`` (N, 1) is the
+    layer's stored ``reference.int4_stage_scale`` (computed here if not given: a second pass)."""
     n, kh = w.shape
     k = 2 * kh
     if group_size % 2 or k % group_size:
         raise ValueError(f"int4 staging needs an even group size dividing K={k}, got {group_size}")
-    w, w_scale = w.contiguous(), w_scale.contiguous()
-    codes = torch.empty(n, k, device=w.device, dtype=torch.int8)
-    scale = torch.empty(n, 1, device=w.device, dtype=torch.float32)
+    per_channel = group_size == k
+    if per_channel:
+        stage_scale = w_scale.float().reshape(n, 1)
+    elif stage_scale is None:
+        stage_scale = reference.int4_stage_scale(w, w_scale, w_zero, group_size, fp8)
+    w, w_scale, stage_scale = w.contiguous(), w_scale.contiguous(), stage_scale.contiguous()
+    codes = torch.empty(n, k, device=w.device, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
     if n == 0 or k == 0:
-        return codes, scale.fill_(1.0)
-    block_kh = min(triton.next_power_of_2(kh), STAGE_TILE)
-    block_n = STAGE_TILE // block_kh  # rows per program: many programs even for N = 1152 (latency-bound pass)
-    _stage_int4_kernel[(triton.cdiv(n, block_n),)](
-        w, w_scale, w_zero.contiguous() if w_zero is not None else w_scale, codes, scale, n, k, w.stride(0),
-        w_scale.stride(0), group_size, HAS_ZERO=w_zero is not None, PER_CHANNEL=group_size == k, MIN_S=MIN_SCALE,
-        BLOCK_N=block_n, BLOCK_KH=block_kh, num_warps=4,
+        return codes, stage_scale
+    grid = (triton.cdiv(n, STAGE_BLOCK_N), triton.cdiv(kh, STAGE_BLOCK_KH))
+    _stage_int4_kernel[grid](
+        w, w_scale, w_zero.contiguous() if w_zero is not None else w_scale, stage_scale, codes, n, k, w.stride(0),
+        w_scale.stride(0), group_size, HAS_ZERO=w_zero is not None, PER_CHANNEL=per_channel, FP8=fp8,
+        CUDA_RINT=w.is_cuda, BLOCK_N=STAGE_BLOCK_N, BLOCK_KH=STAGE_BLOCK_KH, num_warps=4,
     )
-    return codes, scale
+    return codes, stage_scale
 
 
 def supported(k: int, group_size: int, packed_int4: bool, config: GemmConfig | None = None) -> bool:
@@ -382,19 +375,21 @@ def quant_linear(
     out_dtype: torch.dtype,
     config: GemmConfig | None = None,
     activation: str | None = None,
+    stage_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``(a * a_scale) @ dequant(w)^T + bias`` → (M, N) ``out_dtype``; ``activation="gelu_tanh"`` applies
     ``F.gelu(·, approximate="tanh")`` in the epilogue.
 
     a: (M, K) int8 codes or fp8 e4m3; a_scale: (M, 1) f32; w: (N, K) int8 / fp8, or (N, K // 2) uint8 packed int4
-    (staged to per-channel int8 first, see :func:`stage_int4`); w_scale: (N, G); w_zero: (N, G) int8 or None;
-    bias: (N,) or None.
+    (staged to per-channel int8 — fp8 for fp8 ``a`` — first, with ``stage_scale`` (N, 1) if given, see
+    :func:`stage_int4`); w_scale: (N, G); w_zero: (N, G) int8 or None; bias: (N,) or None.
     """
     m, k = a.shape
     n = w.shape[0]
     fp8 = a.dtype == torch.float8_e4m3fn
-    if fp8 and (w.dtype != torch.float8_e4m3fn or group_size != k or w_zero is not None):
-        raise ValueError("the fp8 GEMM takes fp8 e4m3 weights with per-channel scales and no zero point")
+    if fp8 and not packed_int4 and (w.dtype != torch.float8_e4m3fn or group_size != k or w_zero is not None):
+        raise ValueError("the fp8 GEMM takes fp8 e4m3 (or packed int4) weights with per-channel scales and no "
+                         "zero point")
     if w.shape[1] != (k // 2 if packed_int4 else k):
         raise ValueError(f"weight shape {tuple(w.shape)} does not match K={k} (packed_int4={packed_int4})")
     if activation not in (None, "gelu_tanh"):
@@ -402,7 +397,7 @@ def quant_linear(
     if packed_int4:
         if not supported(k, group_size, True):
             raise ValueError(f"unsupported packed int4 GEMM: K={k}, group_size={group_size}")
-        w, w_scale = stage_int4(w, w_scale, w_zero, group_size)
+        w, w_scale = stage_int4(w, w_scale, w_zero, group_size, stage_scale, fp8)
         w_zero, group_size = None, k
     gelu = activation == "gelu_tanh"
     cfg = config or default_config(m, n, k, group_size, fp8)

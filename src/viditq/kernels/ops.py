@@ -28,12 +28,12 @@ def quantize_activation_impl(
 def int_linear_impl(
     x_codes: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
     w_zero: Optional[torch.Tensor], group_size: int, packed_int4: bool, bias: Optional[torch.Tensor],
-    out_dtype: torch.dtype, activation: Optional[str] = None,
+    out_dtype: torch.dtype, activation: Optional[str] = None, stage_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     from . import int_gemm
 
     return int_gemm.quant_linear(x_codes, x_scale, w, w_scale, w_zero, group_size, packed_int4, bias, out_dtype,
-                                 activation=activation)
+                                 activation=activation, stage_scale=stage_scale)
 
 
 @torch.library.custom_op("viditq::quantize_activation", mutates_args=())
@@ -54,11 +54,12 @@ def _(x, bits, smooth_inv, rot_signs, rot_m, rot_block, fp8):
 def _int_linear_op(
     x_codes: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
     w_zero: Optional[torch.Tensor], group_size: int, packed_int4: bool, bias: Optional[torch.Tensor],
-    out_dtype: torch.dtype, activation: Optional[str],
+    out_dtype: torch.dtype, activation: Optional[str], stage_scale: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    return int_linear_impl(x_codes, x_scale, w, w_scale, w_zero, group_size, packed_int4, bias, out_dtype, activation)
+    return int_linear_impl(x_codes, x_scale, w, w_scale, w_zero, group_size, packed_int4, bias, out_dtype, activation,
+                           stage_scale)
 
 
 @_int_linear_op.register_fake
-def _(x_codes, x_scale, w, w_scale, w_zero, group_size, packed_int4, bias, out_dtype, activation):
+def _(x_codes, x_scale, w, w_scale, w_zero, group_size, packed_int4, bias, out_dtype, activation, stage_scale):
     return x_codes.new_empty((x_codes.shape[0], w.shape[0]), dtype=out_dtype)

@@ -3,8 +3,8 @@
 These define the numerics; the Triton kernels must match them. Shapes:
   x (M, K) float; act codes int8 or float8_e4m3fn (M, K); act scale float32 (M, 1);
   weight codes int8 / float8_e4m3fn (N, K) or packed int4 uint8 (N, K // 2); weight scale (N, G);
-  weight zero int8 (N, G) | None. Packed int4 weights are staged as per-channel int8 before the product
-  (:func:`stage_int4`), as the GPU path does.
+  weight zero int8 (N, G) | None. Packed int4 weights are staged as per-channel int8 (fp8 e4m3 with fp8
+  activations) before the product (:func:`stage_int4`), as the GPU path does.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 from ..quant.hadamard import hadamard_rotate
 from ..quant.quantizers import (
-    MIN_SCALE, dequantize_weight, quantize_per_token, quantize_per_token_fp8, unpack_int4,
+    FP8_E4M3_MAX, MIN_SCALE, dequantize_weight, quantize_per_token, quantize_per_token_fp8, unpack_int4,
 )
 
 
@@ -47,29 +47,43 @@ def unpack_weight_codes(w: torch.Tensor, packed_int4: bool) -> torch.Tensor:
     return unpack_int4(w) if packed_int4 else w
 
 
-def stage_int4(
-    w: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None, group_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed int4 (N, K // 2) with scales (N, G) [and zero points] → per-channel int8 codes (N, K) and float32
-    scales (N, 1): the weights the integer product of a packed int4 layer uses.
+def int4_stage_scale(
+    w: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None, group_size: int, fp8: bool = False
+) -> torch.Tensor:
+    """Per-channel scale (N, 1) float32 of a packed int4 weight staged for the GEMM: the row absmax of the
+    dequantized weights over 127 (int8 staging) or 448 (fp8 e4m3), floored at ``MIN_SCALE``; per channel (G = 1)
+    the layer's own scale. A property of the stored weights: QuantLinear computes it once and keeps it."""
+    if group_size == w.shape[1] * 2:
+        return w_scale.float().reshape(-1, 1)
+    row_max = dequantize_weight(unpack_int4(w), w_scale, w_zero, group_size).abs().amax(dim=1, keepdim=True)
+    qmax = torch.full_like(row_max, FP8_E4M3_MAX if fp8 else 127.0)  # tensor / tensor: IEEE on any device
+    return (row_max / qmax).clamp_min(MIN_SCALE)
 
-    Per channel (G = 1) this is exact: codes ``q - zero`` (in [-15, 15]) with the layer's scale. With groups, the
-    dequantized row ``(q - zero) * scale`` (exact in float32) is requantized per channel to int8: step
-    ``absmax / 127`` and codes ``round_half_even(deq / step)``, both divisions IEEE in float64 (tensor by tensor:
-    PyTorch on CUDA turns a division by a Python scalar into a product with its reciprocal); the float32 scale
-    is the step rounded, floored at ``MIN_SCALE``. An error of at most half an int8 step of the row's absmax per
-    weight, against the int4 group step it sits on."""
+
+def stage_int4(
+    w: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None, group_size: int,
+    stage_scale: torch.Tensor | None = None, fp8: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed int4 (N, K // 2) with scales (N, G) [and zero points] → per-channel int8 codes (N, K) (fp8 e4m3
+    values if ``fp8``) and float32 scales (N, 1): the weights the product of a packed int4 layer uses.
+
+    Per channel (G = 1) this is exact: codes ``q - zero`` (in [-15, 15], exact in e4m3 too) with the layer's
+    scale. With groups, the dequantized row ``(q - zero) * scale`` (exact in float32) is requantized per channel
+    with ``stage_scale`` (:func:`int4_stage_scale`, computed here if not given): ``deq * (1 / stage_scale)``, a
+    float32 product with the exactly rounded reciprocal (what the kernel computes, so codes agree bit for bit),
+    rounded half to even and clamped to ±127, or cast to e4m3 (nearest even). At most half an int8 step of the
+    row's absmax per weight (fp8: half an e4m3 ulp of the weight), against the int4 group step it sits on."""
     codes = unpack_int4(w)
     n, k = codes.shape
     if group_size == k:
-        staged = codes if w_zero is None else codes - w_zero.to(torch.int8)
-        return staged.to(torch.int8), w_scale.float().reshape(n, 1)
-    deq = dequantize_weight(codes, w_scale, w_zero, group_size)
-    row_max = deq.abs().amax(dim=1, keepdim=True).double()  # (N, 1)
-    div127 = torch.full_like(row_max, 127.0)
-    step = torch.where(row_max > 0, row_max, 1.0) / div127
-    staged = torch.round(deq.double() / step).clamp_(-127, 127).to(torch.int8)
-    return staged, (row_max / div127).float().clamp_min(MIN_SCALE)
+        staged = (codes if w_zero is None else codes - w_zero.to(torch.int8)).to(torch.int8)
+        return (staged.float().to(torch.float8_e4m3fn) if fp8 else staged), w_scale.float().reshape(n, 1)
+    if stage_scale is None:
+        stage_scale = int4_stage_scale(w, w_scale, w_zero, group_size, fp8)
+    v = dequantize_weight(codes, w_scale, w_zero, group_size) * stage_scale.reciprocal()
+    if fp8:
+        return v.clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn), stage_scale
+    return torch.round(v).clamp_(-127, 127).to(torch.int8), stage_scale
 
 
 def int_linear(
@@ -83,11 +97,14 @@ def int_linear(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
     activation: str | None = None,
+    stage_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``y = (x_codes * x_scale) @ dequant(W)^T + bias`` → (M, N) in ``out_dtype``; ``activation="gelu_tanh"``:
-    then ``F.gelu(y, approximate="tanh")``, in float32 before the cast. Packed int4 ``w`` is staged first."""
+    then ``F.gelu(y, approximate="tanh")``, in float32 before the cast. Packed int4 ``w`` is staged first (to
+    fp8 when ``x_codes`` are fp8), with ``stage_scale`` if given (see :func:`stage_int4`)."""
     if packed_int4:
-        w, w_scale = stage_int4(w, w_scale, w_zero, group_size)
+        fp8 = x_codes.dtype == torch.float8_e4m3fn
+        w, w_scale = stage_int4(w, w_scale, w_zero, group_size, stage_scale, fp8)
         w_zero, group_size = None, x_codes.shape[1]
     wf = dequantize_weight(w, w_scale, w_zero, group_size)
     y = (x_codes.float() @ wf.t()) * x_scale
