@@ -14,8 +14,8 @@ than ``--min-kv-tokens`` keys — the text cross-attention — stays on SDPA). R
 (``torch.compile``, then one compiled forward captured in a CUDA graph: no launch overhead on either side),
 ``_blocks`` / ``_blocks_graph`` (regional compilation: ``viditq.compile_blocks``, each transformer block compiled).
 Examples: ``bf16_compile``, ``torchao_fp8_compile``, ``w8a8_graph``, ``w8a8_fp8_compile_graph``.
-``VIDITQ_COMPILE_ACT_QUANT=kernel`` keeps viditq's activation-quantization kernel under torch.compile (default:
-Inductor quantizes un-rotated inputs itself, fused with their producer; ``viditq.kernels.dispatch``).
+``VIDITQ_COMPILE_ACT_QUANT=inductor`` lets Inductor quantize un-rotated inputs itself under torch.compile, fused with
+their producer (default: viditq's activation-quantization kernel everywhere; ``viditq.kernels.dispatch``).
 
     python benchmarks/bench_e2e.py --models pixart --variants bf16_eager,bf16_compile,w8a8,w4a8 --out e2e.json
     python benchmarks/bench_e2e.py --one pixart:w8a8          # a single run, JSON on stdout

@@ -390,10 +390,23 @@ def test_fp8_act_int4_linear_matches_reference(m, n, k, group_size):
     for stage_scale in (stage, None):
         y = int_gemm.quant_linear(a, a_scale, w, w_scale, w_zero, gs, packed, bias, torch.float32,
                                   None if CUDA else SMALL_CFG, stage_scale=stage_scale)
-        # the staged codes are exact (test above); Hopper's fp8 MMA accumulates with fewer bits (7-9e-5 measured)
-        assert rel_err(y, ref) < (5e-4 if CUDA else 1e-5)
+        # The staged codes are exact (test above). Hopper's fp8 MMA accumulates with fewer bits: 0.07-1.2e-3
+        # measured (H200, K up to 4608), 20x below the fp8 quantization error itself (0.027, as torch._scaled_mm).
+        assert rel_err(y, ref) < (3e-3 if CUDA else 1e-5)
     exact = (a.float() * a_scale) @ dequantize_weight(unpack_int4(w), w_scale, w_zero, gs).t() + bias.float()
     assert rel_err(ref, exact) < (0.04 if gs < k else 1e-6)  # the fp8 requantization of the int4 groups
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_default_gemm_configs_fit_in_shared_memory(fp8, out_dtype):
+    """The TMA configs chosen for DiT shapes fit the sm_90 shared memory with either output dtype (a float32
+    model once got the bf16 tiles: 273 KiB, refused at launch)."""
+    size = torch.empty(0, dtype=out_dtype).element_size()
+    for m, n, k in [(8192, 1152, 1152), (8192, 4608, 1152), (35552, 1920, 7680), (35552, 7680, 1920)]:
+        cfg = int_gemm.default_config(m, n, k, k, fp8, size)
+        assert cfg.tma and int_gemm.smem_estimate(cfg, size) <= int_gemm.SMEM_LIMIT
+    assert int_gemm.smem_estimate(int_gemm.GemmConfig(128, 256, 128, 8, 8, 3, True, True), 4) > int_gemm.SMEM_LIMIT
 
 
 def test_quant_linear_rejects_bad_shapes():
@@ -451,15 +464,21 @@ def test_custom_ops_pass_opcheck():
 
 
 @pytest.mark.parametrize("fp8", [False, True])
-def test_inductor_compiled_quantlinear_matches_eager(fp8, monkeypatch):
-    """Under torch.compile (Inductor), a plain input's quantization is left to Inductor as PyTorch ops (so it can
-    fuse into the producer) and a rotated input's goes to the kernel custom op; the GEMM is always the custom op.
-    Here the Triton path is forced onto CPU tensors (the interpreter), so both routes run as on the GPU."""
+@pytest.mark.parametrize("mode", ["kernel", "inductor"])
+def test_inductor_compiled_quantlinear_matches_eager(fp8, mode, monkeypatch):
+    """Under torch.compile (Inductor), activation quantization goes to the kernel custom op (the default), or with
+    ``VIDITQ_COMPILE_ACT_QUANT=inductor`` a plain input's is left to Inductor as PyTorch ops (so it can fuse into
+    the producer) and only a rotated input's goes to the kernel; the GEMM is always the custom op. Here the Triton
+    path is forced onto CPU tensors (the interpreter), so both routes run as on the GPU."""
     from torch import nn
 
     from viditq.kernels import ops
     from viditq.layers import LayerSpec, QuantLinear
 
+    if mode == "inductor":
+        monkeypatch.setenv("VIDITQ_COMPILE_ACT_QUANT", "inductor")
+    else:
+        monkeypatch.delenv("VIDITQ_COMPILE_ACT_QUANT", raising=False)
     monkeypatch.setattr(dispatch, "use_triton", lambda x: True)
     kernel_calls = []
     real_impl = ops.quantize_activation_impl
@@ -493,7 +512,10 @@ def test_inductor_compiled_quantlinear_matches_eager(fp8, monkeypatch):
         kernel_calls.clear()
         torch._dynamo.reset()
         compiled = torch.compile(block, backend="inductor", fullgraph=True)(x).float()
-    assert kernel_calls == [True], "compiled: only the rotated input goes to the kernel custom op"
+    if mode == "inductor":
+        assert kernel_calls == [True], "compiled: only the rotated input goes to the kernel custom op"
+    else:
+        assert sorted(kernel_calls) == [False, True], "compiled: both inputs go to the kernel custom op"
     # Inductor keeps the fused producer in float32 where eager rounds it to bf16, so the quantized inputs differ
     # slightly: compiled must be as close to the float block as eager is
     assert rel_err(compiled, ref) < 1.25 * rel_err(eager, ref) + 1e-3

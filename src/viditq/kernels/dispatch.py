@@ -40,10 +40,11 @@ def _act_kernel_supports(k: int, rot_signs: torch.Tensor | None, rot_m: int, rot
 
 def inductor_quantizes(rot_signs) -> bool:
     """Under ``torch.compile``, whether activation quantization is left to Inductor as plain PyTorch ops (the
-    reference), so that it fuses into the op that produces the activation (LayerNorm + modulation, GELU, the
-    residual add) instead of re-reading it: the default for inputs without a rotation. Rotated inputs, and all
-    inputs with ``VIDITQ_COMPILE_ACT_QUANT=kernel``, keep viditq's kernel as an opaque custom op."""
-    return rot_signs is None and os.environ.get("VIDITQ_COMPILE_ACT_QUANT", "inductor") != "kernel"
+    reference) so that it fuses into the op that produces the activation: un-rotated inputs with
+    ``VIDITQ_COMPILE_ACT_QUANT=inductor``. By default every input keeps viditq's kernel as an opaque custom op:
+    on PixArt (H200) Inductor's fused LayerNorm + modulation + quantization reductions cost 2.2 ms more device
+    time per forward than Inductor's LayerNorm + modulation followed by the kernel (benchmarks/NOTES.md, session 6)."""
+    return rot_signs is None and os.environ.get("VIDITQ_COMPILE_ACT_QUANT", "kernel") == "inductor"
 
 
 def quantize_activation(x, bits, smooth_inv=None, rot_signs=None, rot_m=1, rot_block=0, fp8=False):

@@ -50,10 +50,20 @@ class GemmConfig:
     tma: bool = False  # TMA + persistent kernel (ignored where its alignment rules do not hold)
 
 
+SMEM_LIMIT = 232448  # bytes of shared memory per block on sm_90 (H100 / H200)
+
+
+def smem_estimate(cfg: GemmConfig, out_size: int) -> int:
+    """Shared memory of the TMA kernel: ``num_stages`` A and B tiles (8-bit) + the C tile of the TMA store."""
+    return cfg.num_stages * (cfg.block_m + cfg.block_n) * cfg.block_k + cfg.block_m * cfg.block_n * out_size
+
+
 @lru_cache(maxsize=None)
-def default_config(m: int, n: int, k: int, group_size: int, fp8: bool) -> GemmConfig:
+def default_config(m: int, n: int, k: int, group_size: int, fp8: bool, out_size: int = 2) -> GemmConfig:
     """Tile choice for DiT shapes from the H100 sweep in benchmarks/NOTES.md (no autotuning, so a first forward
-    compiles each kernel once and nothing else). Packed int4 runs the per-channel int8 kernel after staging."""
+    compiles each kernel once and nothing else). Packed int4 runs the per-channel int8 kernel after staging.
+    ``out_size``: bytes per output element; float32 outputs take 128 x 128 tiles (the 256-wide C tile of the
+    TMA store would not fit in shared memory)."""
     grouped = group_size < k
     override = os.environ.get("VIDITQ_GEMM_CONFIG")
     if override:  # "BM,BN,BK,GROUP_M,warps,stages,persistent,tma" from a benchmark sweep
@@ -63,6 +73,8 @@ def default_config(m: int, n: int, k: int, group_size: int, fp8: bool) -> GemmCo
         return GemmConfig(64, 128, 64 if grouped else 128, 8, 4, 4)
     if grouped:
         return GemmConfig(128, 128, min(64, group_size), 8, 8, 4)
+    if out_size > 2:
+        return GemmConfig(128, 128, 128, 8, 8, 3, persistent=True, tma=True)
     if fp8:
         return GemmConfig(128, 256, 128, 8, 8, 3, persistent=True, tma=True)
     return GemmConfig(256, 128, 128, 8, 8, 3, persistent=True, tma=True)
@@ -400,7 +412,7 @@ def quant_linear(
         w, w_scale = stage_int4(w, w_scale, w_zero, group_size, stage_scale, fp8)
         w_zero, group_size = None, k
     gelu = activation == "gelu_tanh"
-    cfg = config or default_config(m, n, k, group_size, fp8)
+    cfg = config or default_config(m, n, k, group_size, fp8, torch.empty(0, dtype=out_dtype).element_size())
     if not supported(k, group_size, False, cfg):
         raise ValueError(f"unsupported quantized GEMM: K={k}, group_size={group_size}, block_k={cfg.block_k}")
     a, w, w_scale = a.contiguous(), w.contiguous(), w_scale.contiguous()
