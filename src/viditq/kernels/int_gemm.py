@@ -11,8 +11,8 @@ is the layout the tensor cores want for B, so no transposed copy is needed:
   integer product;
 * packed int4 (N, K // 2), two codes per byte, any group size: first *staged* as per-channel int8 (fp8 e4m3 with
   fp8 activations) by :func:`stage_int4` (one memory-bound pass over the weights per call:
-  ``round((code - zero) * scale / s_c)`` with ``s_c`` the layer's stored per-channel scale, the row's absmax
-  / 127), then the per-channel int8 (fp8) GEMM. At DiT shapes (M ≥ 8k tokens) this beats
+  ``round((code - zero) * scale * (1 / s_c))`` with ``s_c`` the layer's stored per-channel scale, the row's
+  absmax / 127), then the per-channel int8 (fp8) GEMM. At DiT shapes (M ≥ 8k tokens) this beats
   unpacking in the main loop: every (BLOCK_M)-row tile would redo the unpacking and the group rescale, whose
   CUDA-core work per K step (an int → float conversion and an FMA per accumulator per 64-wide group) equals the
   tensor-core work of the step; staging does it once per weight and leaves the int8 kernel's pure int32
