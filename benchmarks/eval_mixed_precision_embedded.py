@@ -155,6 +155,7 @@ def configs(allocated: dict[str, viditq.QuantConfig]) -> dict:
     w4a4 = viditq.PRESETS["w4a4"]
     out = {"fp": None, "w8a8": "w8a8", "w8a8-fp8": "w8a8-fp8", "w4a8": "w4a8", "w4a8-fp8": "w4a8-fp8",
            "w4a8-fp8-float-last": "w4a8-fp8-float-last", "w4a8-gptq": "w4a8-gptq",
+           "w4a8-fp8-gptq": "w4a8-fp8-gptq",
            "w4a8-mp (mse proxy)": allocated.get("w4a8-mp (mse proxy)", "w4a8-mp")}
     out.update({k: v for k, v in allocated.items() if k != "w4a8-mp (mse proxy)"})
     out.update({"w4a4 naive": dataclasses.replace(w4a4, balance=None), "w4a4": "w4a4", "w4a4-gptq": "w4a4-gptq"})

@@ -370,6 +370,8 @@ register_preset(QuantConfig("w8a8-fp8-float-last", WeightSpec(8, format="fp8"), 
 # W4A8 on the fp8 path: int4 g64 weights (staged to per-channel fp8 for each product) with per-token fp8
 # activations, which need no rotation (the int8 path's rotated activation quantization is its cost on PixArt)
 register_preset(QuantConfig("w4a8-fp8", WeightSpec(4, symmetric=False, group_size=64), ActSpec(8, format="fp8")))
+register_preset(QuantConfig("w4a8-fp8-gptq", WeightSpec(4, symmetric=False, group_size=64, gptq=True),
+                            ActSpec(8, format="fp8")))
 # ... with float activations on the same int4 weights in the last denoising step (video: fp8's flicker)
 register_preset(QuantConfig("w4a8-fp8-float-last", WeightSpec(4, symmetric=False, group_size=64),
                             ActSpec(8, format="fp8"), float_final_steps=1))
