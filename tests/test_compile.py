@@ -56,3 +56,25 @@ def test_compiled_timestep_switching_recompiles_per_precision_not_per_step():
         forward_output(model, x)
     assert counters["stats"]["unique_graphs"] == 0  # nothing new once both precisions were seen
     assert 2 <= graphs <= 4  # two precisions x (block 0's input strides, the other blocks')
+
+
+def test_compiled_blocks_quantize_a_shared_input_once(monkeypatch):
+    """q, k and v (and the cross-attention's k and v) read one input: compiled code quantizes it once per group,
+    as eager does (the SharedInputCache is resolved at trace time), not once per layer — and matches eager."""
+    from viditq.kernels import dispatch
+
+    model = tiny_model("pixart", num_layers=2)
+    viditq.quantize(model, "w8a8", calibration_set("pixart", n=1))
+    calls = []
+    real = dispatch.quantize_activation
+    monkeypatch.setattr(dispatch, "quantize_activation", lambda x, *a: calls.append(tuple(x.shape)) or real(x, *a))
+    x = tiny_inputs("pixart", seed=5)
+    eager = forward_output(model, x)
+    eager_calls = len(calls)
+    assert eager_calls == 2 * 7  # per block: shared q/k/v, o, cross q, shared cross k/v, cross o, FF up, FF down
+    torch._dynamo.reset()
+    viditq.compile_blocks(model, backend="eager")
+    forward_output(model, x)  # compiles; Dynamo replays the list appends (a side effect) on every call
+    calls.clear()
+    assert torch.equal(forward_output(model, x), eager)
+    assert len(calls) == eager_calls

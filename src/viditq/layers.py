@@ -104,7 +104,8 @@ class QuantLinear(nn.Module):
         # is not saved but recomputed whenever they change (_store_weight, load_state_dict)
         self.register_buffer("stage_scale", torch.empty(n, 1, device=device) if spec.staged_grouped_int4 else None,
                              persistent=False)
-        self._input_cache: SharedInputCache | None = None  # set by install_input_sharing
+        self._input_cache: SharedInputCache | None = None  # set by install_input_sharing, with
+        self._input_index = 0  # this layer's place in the group (call order: q, k, v)
         # run-time only (not saved): an activation applied to the output, fused into the GEMM epilogue where the
         # kernel runs (viditq.fusion.fuse_gelu: the tanh GELU after a feed-forward up-projection)
         self.fused_activation: str | None = None
@@ -244,8 +245,10 @@ class QuantLinear(nn.Module):
     def _quantize_input(self, x: torch.Tensor, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Dynamic per-token quantization of the (balanced) input, reused across the layer's input group."""
         cache = self._input_cache
-        if cache is None or torch.compiler.is_compiling():  # compiled graphs: identical op calls, no state
+        if cache is None:
             return self._quantize_2d(x2d)
+        if torch.compiler.is_compiling():
+            return cache.traced(x, self._input_index, lambda: self._quantize_2d(x2d))
         hit = cache.lookup(x)
         if hit is not None:
             return hit
@@ -279,8 +282,8 @@ class SharedInputCache:
     counter; inference-mode tensors have none and are matched by identity alone), so q, k and v of a
     self-attention quantize ``hidden_states`` once. The entry is dropped once every member has used it (no
     activation outlives the forward) or on the next miss. Under CUDA-graph capture the lookup runs once at
-    capture time, so the graph holds one quantization kernel per group; under ``torch.compile`` the cache is
-    bypassed (each layer calls the same functional op on the same inputs). Never copied or pickled.
+    capture time, so the graph holds one quantization kernel per group; under ``torch.compile`` :meth:`traced`
+    does the same at trace time (compilers do not merge identical custom-op calls). Never copied or pickled.
     """
 
     def __init__(self, members: int):
@@ -289,6 +292,7 @@ class SharedInputCache:
 
     def clear(self) -> None:
         self._ref, self._version, self._out, self._uses = None, None, None, 0
+        self._traced_x, self._traced_out = None, None
 
     @staticmethod
     def _version_of(x: torch.Tensor):
@@ -301,6 +305,17 @@ class SharedInputCache:
         self._uses += 1
         if self._uses >= self.members:
             self.clear()
+        return out
+
+    def traced(self, x: torch.Tensor, index: int, quantize):
+        """The compiled-code twin of lookup/store, traced by Dynamo: member ``index`` of the group reuses the
+        quantized ``x`` of an earlier member if it got the very same tensor (an identity test, resolved at trace
+        time), else quantizes it; the last member clears the entry, so no state outlives the traced region."""
+        if index == 0 or self._traced_x is not x:
+            self._traced_x, self._traced_out = x, quantize()
+        out = self._traced_out
+        if index == self.members - 1:
+            self._traced_x, self._traced_out = None, None
         return out
 
     def store(self, x: torch.Tensor, out) -> None:
@@ -346,8 +361,8 @@ def install_input_sharing(model: nn.Module) -> int:
     for members in groups.values():
         if len(members) > 1 and all(_same_balancing(members[0], m) for m in members[1:]):
             cache = SharedInputCache(len(members))
-            for m in members:
-                m._input_cache = cache
+            for i, m in enumerate(members):
+                m._input_cache, m._input_index = cache, i
             shared += 1
     return shared
 
