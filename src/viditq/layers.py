@@ -48,9 +48,9 @@ class LayerSpec:
     fp8: bool = False
 
     def __post_init__(self):
-        fp8_weights = (self.weight_bits == 8 and self.weight_symmetric and self.group_size == self.in_features
+        fp8_capable = (self.weight_bits == 8 and self.weight_symmetric and self.group_size == self.in_features
                        and not self.weight_per_tensor)
-        if self.fp8 and not ((fp8_weights or self.packed_int4) and (self.act_bits == 8 or self.weight_only)
+        if self.fp8 and not ((fp8_capable or self.packed_int4) and (self.act_bits == 8 or self.weight_only)
                              and not self.act_static):
             raise ValueError(f"fp8 layer spec must be 8-bit symmetric per-channel (or packed int4) weights with "
                              f"dynamic 8-bit (or float) activations, got {self}")

@@ -347,9 +347,7 @@ def stage_int4(w: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | No
     if group_size % 2 or k % group_size:
         raise ValueError(f"int4 staging needs an even group size dividing K={k}, got {group_size}")
     per_channel = group_size == k
-    if per_channel:
-        stage_scale = w_scale.float().reshape(n, 1)
-    elif stage_scale is None:
+    if per_channel or stage_scale is None:  # per channel: the layer's own scale
         stage_scale = reference.int4_stage_scale(w, w_scale, w_zero, group_size, fp8)
     w, w_scale, stage_scale = w.contiguous(), w_scale.contiguous(), stage_scale.contiguous()
     codes = torch.empty(n, k, device=w.device, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
@@ -412,7 +410,7 @@ def quant_linear(
         w, w_scale = stage_int4(w, w_scale, w_zero, group_size, stage_scale, fp8)
         w_zero, group_size = None, k
     gelu = activation == "gelu_tanh"
-    cfg = config or default_config(m, n, k, group_size, fp8, torch.empty(0, dtype=out_dtype).element_size())
+    cfg = config or default_config(m, n, k, group_size, fp8, out_dtype.itemsize)
     if not supported(k, group_size, False, cfg):
         raise ValueError(f"unsupported quantized GEMM: K={k}, group_size={group_size}, block_k={cfg.block_k}")
     a, w, w_scale = a.contiguous(), w.contiguous(), w_scale.contiguous()
