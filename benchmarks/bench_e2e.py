@@ -8,7 +8,8 @@ does not lose the table and each peak-memory number starts clean.
 Variant = base + optional ``_attn`` + run mode. Bases: ``bf16``, ``torchao_fp8`` (torchao's
 ``Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())``; reported as skipped when torchao cannot be
 imported), ``w8a8``, ``w4a8``, ``w8a8_dynamic``, ``w8a8_fp8``, ``w8a8_fp8_dynamic``, ``w4a8_fp8`` (viditq presets,
-``_`` for ``-``). ``_attn``: 8-bit attention, fp8 mode (``viditq.attention.apply_quantized_attention``; attention over fewer
+``_`` for ``-``), each also with ``_c8`` / ``_c4`` (``conditioning_bits=8`` / ``4``: the embedding and adaLN
+linears weight-only, e.g. ``w4a8_fp8_c8``). ``_attn``: 8-bit attention, fp8 mode (``viditq.attention.apply_quantized_attention``; attention over fewer
 than ``--min-kv-tokens`` keys — the text cross-attention — stays on SDPA). Run modes: ``_eager`` (or none),
 ``_graph`` (one forward captured in a CUDA graph and replayed), ``_compile`` (``torch.compile``), ``_compile_graph``
 (``torch.compile``, then one compiled forward captured in a CUDA graph: no launch overhead on either side),
@@ -100,6 +101,12 @@ def module_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def state_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the state dict (what a checkpoint stores: parameters and persistent buffers; not the buffers
+    rebuilt at load, such as PixArt's sin-cos position table or the staged int4 scales)."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
 # ----------------------------------------------------------------------------------------- variants
 def parse_variant(variant: str) -> tuple[str, bool, str]:
     """``w8a8_attn_graph`` → ("w8a8", True, "graph"): (base, 8-bit attention, run mode eager|graph|compile|
@@ -111,9 +118,18 @@ def parse_variant(variant: str) -> tuple[str, bool, str]:
             break
     attn = variant.endswith("_attn")
     base = variant.removesuffix("_attn")
-    if base not in ("bf16", "bf16_fused", "torchao_fp8") + QUANT_BASES:
+    if base not in ("bf16", "bf16_fused", "torchao_fp8") + QUANT_BASES and split_conditioning(base)[1] is None:
         raise ValueError(f"unknown variant base {base!r}")
     return base, attn, run_mode
+
+
+def split_conditioning(base: str) -> tuple[str, int | None]:
+    """``w4a8_fp8_c8`` → ("w4a8_fp8", 8): a quantized base with ``conditioning_bits`` (weight-only embedding /
+    adaLN layers); (base, None) otherwise."""
+    for bits in (8, 4):
+        if base.endswith(f"_c{bits}") and base.removesuffix(f"_c{bits}") in QUANT_BASES:
+            return base.removesuffix(f"_c{bits}"), bits
+    return base, None
 
 
 def _torchao_fp8_rowwise():
@@ -130,11 +146,15 @@ def prepare(variant: str, model, kwargs, min_kv_tokens: int | None = None):
     """Apply the variant to ``model``; returns (callable forward, notes)."""
     base, attn, run_mode = parse_variant(variant)
     notes = {}
-    if base in QUANT_BASES:
+    preset, conditioning_bits = split_conditioning(base)
+    if preset in QUANT_BASES:
+        import dataclasses
+
         import viditq
 
         t0 = time.perf_counter()
-        viditq.quantize(model, base.replace("_", "-"), calib=[kwargs])
+        config = dataclasses.replace(viditq.PRESETS[preset.replace("_", "-")], conditioning_bits=conditioning_bits)
+        viditq.quantize(model, config, calib=[kwargs])
         _sync()
         notes["quantize_s"] = time.perf_counter() - t0
         notes["quantized_layers"] = sum(type(m).__name__ == "QuantLinear" for m in model.modules())
@@ -252,6 +272,7 @@ def run_one(model_name: str, variant: str, iters: int, tiny: bool, min_kv_tokens
             torch.cuda.empty_cache()
         _sync()
         result.update(notes, prepare_s=time.perf_counter() - t1, weight_bytes=module_bytes(model),
+                      state_dict_bytes=state_bytes(model),
                       allocated_after_prepare=torch.cuda.memory_allocated() if device == "cuda" else 0)
         _log(f"prepared in {result['prepare_s']:.1f} s")
         t2 = time.perf_counter()

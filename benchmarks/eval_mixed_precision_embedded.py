@@ -159,6 +159,10 @@ def configs(allocated: dict[str, viditq.QuantConfig]) -> dict:
            "w4a8-mp (mse proxy)": allocated.get("w4a8-mp (mse proxy)", "w4a8-mp")}
     out.update({k: v for k, v in allocated.items() if k != "w4a8-mp (mse proxy)"})
     out.update({"w4a4 naive": dataclasses.replace(w4a4, balance=None), "w4a4": "w4a4", "w4a4-gptq": "w4a4-gptq"})
+    for preset in ("w8a8", "w4a8", "w4a8-fp8", "w8a8-fp8"):  # the conditioning layers weight-only as well
+        for bits in (8, 4):
+            out[f"{preset} + conditioning w{bits}"] = dataclasses.replace(viditq.PRESETS[preset],
+                                                                          conditioning_bits=bits)
     return out
 
 
@@ -211,7 +215,7 @@ def allocations(kind: str, table, args) -> dict[str, viditq.QuantConfig]:
                           families + ["flicker"], dict(budget, float_act_budget=share), args.allow_fp))
     chosen = {}
     for label, name, metrics, bits, allow_fp in plans:
-        allocation = allocate(table, "w4a8-gptq", name=name, metrics=metrics, allow_fp=allow_fp, **bits)
+        allocation = allocate(table, args.base, name=name, metrics=metrics, allow_fp=allow_fp, **bits)
         print(f"{kind} {label}\n{allocation.summary()}", flush=True)
         allocation.config.save(out_dir / f"{name.replace('-', '_')}_{kind}.yaml")
         chosen[label] = allocation.config
@@ -270,7 +274,7 @@ def run(kind: str, args, probe) -> dict:
     if not args.skip_decoupled:
         t0 = time.time()
         metrics = sensitivity_metrics(kind, probe, calib_scenes, calib, _frames_first(pipe), args.flicker_mode)
-        table = measure_sensitivity(float_transformer, calib, metrics, base_config="w4a8-gptq",
+        table = measure_sensitivity(float_transformer, calib, metrics, base_config=args.base,
                                     timestep_ranges=args.ranges, measure_high=not args.low_only,
                                     cache=Path(args.out) / f"sensitivity_{kind}.json",
                                     float_acts=bool(args.float_act_budget), final_range_steps=args.final_range_steps)
@@ -399,6 +403,8 @@ def main():
                              "0: all ranges even, the v2-v4 tables)")
     parser.add_argument("--flicker-mode", default="error", choices=["error", "flicker", ""],
                         help="video flicker family of the sensitivity table ('' = none, the v2 method)")
+    parser.add_argument("--base", default="w4a8-gptq",
+                        help="preset of the 4-bit cells: sensitivity base and allocation base (w4a8: no GPTQ)")
     parser.add_argument("--budget-bits", type=float, default=5.0, help="allocation: average executed weight bits")
     parser.add_argument("--memory-bits", type=float, default=6.0, help="allocation: average stored weight bits")
     parser.add_argument("--allow-fp", action="store_true",

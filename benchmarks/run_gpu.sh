@@ -5,13 +5,15 @@
 #              TESTS_S: their timeout, default 170 s)
 #   gemm       bench_gemm.py: ceilings, act-quant table, GEMM table (bf16 cuBLAS, fp8 _scaled_mm, ours);
 #              GEMM_ARGS: extra arguments (e.g. --shapes pixart_qkvo,pixart_ff_up)
+#   attention  bench_attention.py (ATTENTION_ARGS, default: the tile sweep at the CogVideoX and PixArt self-attention
+#              shapes): SDPA vs the 8-bit kernel, its operand preparation and statistics pass
 #   offload    CPU-offload check on quantized pipelines
 #   pixart     end to end PixArt-α 1024 (PIXART_VARIANTS), random bf16 weights, CFG batch 2
 #   cogvideox  end to end CogVideoX-2B 49x480x720 (COGVIDEOX_VARIANTS)
 #   tune       the act-quant launch-shape sweep
 #   torchao    torchao fp8 rowwise + torch.compile on both models (TORCHAO_VARIANTS), with whatever time is left
 # Each (model, variant) of bench_e2e runs in its own subprocess with its own timeout. Results in $OUT:
-#   log.txt, tests.txt, gemm.json, offload.json, e2e_pixart.json, e2e_cogvideox.json, e2e_torchao.json, summary.txt
+#   log.txt, tests.txt, gemm.json, attention.json, offload.json, e2e_pixart.json, e2e_cogvideox.json, e2e_torchao.json, summary.txt
 #
 # Usage, from the repo root (the wheels in .whl/ — diffusers, torchao — are installed to /tmp/site if needed):
 #   STEPS=tests,gemm,pixart bash benchmarks/run_gpu.sh
@@ -76,6 +78,8 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', dif
 
     wanted gemm && step "gemm + act quant tables" 120 sh -c "python3 benchmarks/bench_gemm.py --out '$OUT/gemm.json' ${GEMM_ARGS:-} > '$OUT/gemm_log.txt' 2>&1; grep -v '^kern' '$OUT/gemm_log.txt' | tail -45"
 
+    wanted attention && step "attention kernels" "${ATTENTION_STEP_S:-150}" sh -c "python3 benchmarks/bench_attention.py ${ATTENTION_ARGS:---sweep --shapes cogvideox_self,pixart_self} --out '$OUT/attention.json' > '$OUT/attention_log.txt' 2>&1; tail -12 '$OUT/attention_log.txt'"
+
     wanted offload && step "offload check" 100 python3 benchmarks/check_offload.py --out "$OUT/offload.json" --steps 8
 
     wanted pixart && step "e2e pixart" "${PIXART_STEP_S:-300}" python3 benchmarks/bench_e2e.py --models pixart \
@@ -87,7 +91,7 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', dif
         --variant-timeout w4a8_fp8_blocks_graph=150 --deadline "{T}" --out "$OUT/e2e_pixart.json"
 
     wanted cogvideox && step "e2e cogvideox" "${COGVIDEOX_STEP_S:-300}" python3 benchmarks/bench_e2e.py --models cogvideox \
-        --variants "$COGVIDEOX_VARIANTS" --iters 5 --timeout 85 \
+        --variants "$COGVIDEOX_VARIANTS" --iters 5 --timeout "${COGVIDEOX_TIMEOUT:-85}" \
         --variant-timeout bf16_eager=50 --variant-timeout bf16_compile=120 --variant-timeout w8a8_attn_graph=95 \
         --variant-timeout bf16_blocks_graph=120 --variant-timeout w8a8_fp8_blocks_graph=150 \
         --variant-timeout w8a8_fp8_attn_blocks_graph=150 --variant-timeout w4a8_fp8_attn_blocks_graph=150 \

@@ -121,6 +121,24 @@ def test_kernel_matches_reference_and_sdpa(shape, mode):
     assert rel_l2(out, exact) < (0.03 if mode == "int8" else 0.045)
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 50, 70, 72), (1, 2, 300, 33, 64), (1, 1, 20, 9000, 64), (1, 2, 40, 40, 16)])
+def test_attention_stats_kernel_matches_torch(shape):
+    """The one-pass statistics (split over tokens) equal the PyTorch ones; inputs in the (B, N, H, D) memory
+    layout the processors hand over."""
+    b, h, n_q, n_kv, d = shape
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in realistic_qkv(b, h, n_q, n_kv, d, seed=3))
+    d_pad = KA.padded_head_dim(d)
+    mean, lam, inv, v_scale = KA.attention_stats(q, k, v, d_pad)
+    ref_mean, ref_lam, ref_inv, ref_v = KA.attention_stats_reference(q, k, v)
+    torch.testing.assert_close(mean.view(b, h, d), ref_mean, rtol=1e-5, atol=1e-6)  # sums in another order
+    torch.testing.assert_close(lam.view(b, h, d), ref_lam, rtol=1e-5, atol=0)
+    torch.testing.assert_close(inv.view(b, h, d), ref_inv, rtol=1e-5, atol=0)
+    # maxima are exact; PyTorch on CUDA divides by a scalar as a product with its reciprocal (1 ulp)
+    torch.testing.assert_close(v_scale[:, :d].view(b, h, d), ref_v, rtol=3e-7, atol=0)
+    assert bool((v_scale[:, d:] == 1).all())
+    assert KA.attention_stats(q, k, None, d_pad)[3] is None
+
+
 @pytest.mark.parametrize("mode", KA.MODES)
 def test_kernel_key_padding_bias(mode):
     """Cross-attention text mask: padded keys get -inf, passed as an additive (B, H, Nkv) bias."""

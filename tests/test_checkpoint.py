@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -10,11 +11,12 @@ from viditq.testing import calibration_set, forward_output, tiny_inputs, tiny_mo
 
 @pytest.fixture(scope="module")
 def quantized_pixart():
-    return {p: viditq.quantize(tiny_model("pixart"), p, calibration_set("pixart", n=2))
-            for p in ("w8a8", "w4a8", "w8a8-fp8", "w4a8-fp8")}
+    presets = {p: p for p in ("w8a8", "w4a8", "w8a8-fp8", "w4a8-fp8")}
+    presets["w4a8-fp8-c4"] = dataclasses.replace(viditq.PRESETS["w4a8-fp8"], name="w4a8-fp8-c4", conditioning_bits=4)
+    return {p: viditq.quantize(tiny_model("pixart"), cfg, calibration_set("pixart", n=2)) for p, cfg in presets.items()}
 
 
-@pytest.mark.parametrize("preset", ["w8a8", "w4a8", "w8a8-fp8", "w4a8-fp8"])
+@pytest.mark.parametrize("preset", ["w8a8", "w4a8", "w8a8-fp8", "w4a8-fp8", "w4a8-fp8-c4"])
 def test_round_trip_is_bit_identical(tmp_path, quantized_pixart, preset):
     model = quantized_pixart[preset]
     viditq.save_quantized(model, tmp_path / "ckpt")

@@ -24,9 +24,10 @@ def run(*args):
 def test_quantize_info_generate(float_pipeline_dir):
     d = float_pipeline_dir
     res = run("quantize", "--model", d / "float", "--preset", "w4a8", "--prompts", d / "prompts.txt",
-              "--out", d / "q", "--steps", 2, "--device", "cpu", *PIPE_ARGS)
+              "--out", d / "q", "--steps", 2, "--device", "cpu", "--conditioning-bits", 8, *PIPE_ARGS)
     assert res.exit_code == 0, res.output
     assert "smaller" in res.output and (d / "q" / "transformer" / "viditq.json").is_file()
+    assert '"conditioning_bits": 8' in (d / "q" / "transformer" / "viditq.json").read_text()
     assert "text_encoder: text-embedding cosine" in res.output
     assert (d / "q" / "text_encoder" / "viditq.json").is_file()
 
@@ -62,6 +63,14 @@ def test_unknown_preset_is_a_clear_error(float_pipeline_dir):
     res = run("quantize", "--model", d / "float", "--preset", "w3a9", "--prompts", d / "prompts.txt",
               "--out", d / "x")
     assert res.exit_code != 0 and "unknown preset" in res.output
+    assert not (d / "x").exists()
+
+
+def test_bad_conditioning_bits_is_a_clear_error(float_pipeline_dir):
+    d = float_pipeline_dir
+    res = run("quantize", "--model", d / "float", "--prompts", d / "prompts.txt", "--out", d / "x",
+              "--conditioning-bits", 6)
+    assert res.exit_code != 0 and "conditioning_bits must be" in res.output
     assert not (d / "x").exists()
 
 

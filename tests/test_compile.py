@@ -78,3 +78,33 @@ def test_compiled_blocks_quantize_a_shared_input_once(monkeypatch):
     calls.clear()
     assert torch.equal(forward_output(model, x), eager)
     assert len(calls) == eager_calls
+
+
+def test_compiled_blocks_quantize_in_the_norm_kernel(monkeypatch):
+    """Compiled PixArt blocks keep the norm kernel's quantization of the q/k/v and feed-forward inputs (the
+    custom op primes the layers' input caches at trace time): the same calls and output as eager."""
+    import dataclasses
+
+    from viditq import fusion
+    from viditq.config import BalanceSpec
+    from viditq.kernels import dispatch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = tiny_model("pixart", num_layers=2)
+    viditq.quantize(model, dataclasses.replace(viditq.PRESETS["w8a8-fp8"], balance=BalanceSpec(rotate=False)),
+                    calibration_set("pixart", n=1))
+    model.to(device)
+    monkeypatch.setattr(fusion, "_fusable", lambda t: True)  # the kernels (the interpreter on CPU)
+    calls = []
+    real = dispatch.quantize_activation
+    monkeypatch.setattr(dispatch, "quantize_activation", lambda x, *a: calls.append(tuple(x.shape)) or real(x, *a))
+    x = {k: v.to(device) if torch.is_tensor(v) else v for k, v in tiny_inputs("pixart", seed=5).items()}
+    eager = forward_output(model, x)
+    eager_calls = len(calls)
+    assert eager_calls == 2 * 5  # per block: o, cross q, shared cross k/v, cross o, FF down
+    torch._dynamo.reset()
+    viditq.compile_blocks(model, backend="eager")
+    forward_output(model, x)
+    calls.clear()
+    assert torch.equal(forward_output(model, x), eager)
+    assert len(calls) == eager_calls

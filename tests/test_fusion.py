@@ -124,3 +124,56 @@ def test_fuse_norms_takes_narrow_layer_norms_only(monkeypatch):
         monkeypatch.setattr(fusion.dispatch, "use_triton", lambda t: True)  # the kernel (interpreter on CPU)
         kernel_path = narrow[0](x.transpose(1, 2))
     torch.testing.assert_close(kernel_path, cpu_path.transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_layer_norm_modulate_quant_gives_the_act_quant_codes_of_its_output(fp8):
+    """The norm kernel's codes are exactly what the activation quantization computes from the norm's output."""
+    from viditq.kernels import reference
+
+    g = torch.Generator().manual_seed(7)
+    b, n, c = 2, 5, 72
+    x = (torch.randn(b, n, c, generator=g) * 3 + 1).to(DEVICE, torch.bfloat16)
+    shift, scale = torch.randn(b, 6 * c, generator=g).to(DEVICE, torch.bfloat16).chunk(6, dim=1)[:2]
+    smooth = (torch.rand(c, generator=g) + 0.5).to(DEVICE)
+    y, codes, qscale = norm.layer_norm_modulate_quant(x, None, None, scale, shift, 1e-6, 8, smooth, fp8)
+    torch.testing.assert_close(y, norm.layer_norm_modulate(x, None, None, scale, shift, 1e-6), rtol=0, atol=0)
+    ref_codes, ref_scale = reference.quantize_activation(y.reshape(-1, c), 8, smooth, None, 1, 0, fp8)
+    assert torch.equal(codes.float(), ref_codes.float()) and torch.equal(qscale, ref_scale)
+    ref = norm.layer_norm_modulate_quant_reference(x, None, None, scale, shift, 1e-6, 8, smooth, fp8)
+    torch.testing.assert_close(y.float(), ref[0].float(), rtol=2e-2, atol=2e-2)
+    with pytest.raises(ValueError, match="smooth_inv"):
+        norm.layer_norm_modulate_quant(x, None, None, scale, shift, 1e-6, 8, smooth[:-1], fp8)
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "w8a8-fp8", "w4a8-fp8"])
+def test_pixart_blocks_quantize_in_the_norm_kernel(monkeypatch, preset):
+    """Quantized PixArt blocks: the LayerNorm + modulation kernel also quantizes the q/k/v and feed-forward
+    inputs (their own quantization calls go), with the unfused model's output up to the norm's rounding."""
+    import dataclasses
+
+    import viditq
+    from viditq.config import BalanceSpec
+    from viditq.kernels import dispatch
+    from viditq.testing import calibration_set, forward_output, sqnr_db, tiny_inputs, tiny_model
+
+    cfg = dataclasses.replace(viditq.PRESETS[preset], balance=BalanceSpec(rotate=False))  # the kernel's inputs
+    float_model = tiny_model("pixart")
+    model = viditq.quantize(tiny_model("pixart"), cfg, calibration_set("pixart", n=1))
+    blocks = [m for m in model.modules() if isinstance(m, fusion.FusedAdaNormSingleBlock)]
+    assert len(blocks) == len(model.transformer_blocks) and fusion.fuse_ada_norm_single(model) == len(blocks)
+    model, float_model = model.to(DEVICE), float_model.to(DEVICE)
+    x = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in tiny_inputs("pixart", seed=3).items()}
+    calls = []
+    real = dispatch.quantize_activation
+    monkeypatch.setattr(dispatch, "quantize_activation", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(fusion, "_fusable", lambda t: False)
+    unfused = forward_output(model, x)  # diffusers' forward
+    unfused_calls, calls[:] = len(calls), []
+    monkeypatch.setattr(fusion, "_fusable", lambda t: True)  # the kernels (the interpreter on CPU)
+    fused = forward_output(model, x)
+    # per block: q/k/v (one shared call) and FF up are quantized by the norm kernel
+    assert unfused_calls - len(calls) == 2 * len(blocks)
+    assert sqnr_db(unfused, fused) > 30
+    ref = forward_output(float_model, x)
+    assert abs(sqnr_db(ref, fused) - sqnr_db(ref, unfused)) < 1.0

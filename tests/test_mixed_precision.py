@@ -541,3 +541,16 @@ def test_cli_sensitivity_writes_cache_heatmap_and_config(tmp_path):
     bad = CliRunner().invoke(app, [str(a) for a in args + ["--ranges", 1, "--final-range-steps", 1]],
                              env={"COLUMNS": "200"})
     assert bad.exit_code != 0 and "needs timestep_ranges >= 2" in bad.output
+
+
+def test_conditioning_layers_stay_out_of_the_sensitivity_groups():
+    """With conditioning_bits the embedding / adaLN linears are weight-only at their own precision: mixed
+    precision neither probes nor reallocates them, and the allocated config keeps them weight-only."""
+    base = dataclasses.replace(W4A8, conditioning_bits=8, **FAST)
+    model, calib = tiny_model("pixart"), calibration_set("pixart", n=2)
+    table = measure_sensitivity(model, calib, {}, timestep_ranges=1, base_config=base, measure_high=False)
+    # (layers outside the numbered blocks would form "model/<role>" groups)
+    assert table.groups and all(g.startswith("transformer_blocks.") for g in table.groups)
+    config = allocate(table, base, budget_bits=5.0).config
+    q = viditq.quantize(model, config, calib)
+    assert q.adaln_single.linear.spec.weight_only and q.adaln_single.linear.spec.weight_bits == 8

@@ -73,6 +73,9 @@ def quantize(
     steps: int = typer.Option(20, help="Denoising steps during calibration."),
     text_encoder_bits: int = typer.Option(8, help="Weight-only bits for the text encoder(s): 8, 4, or 0 to keep."),
     attention: Optional[str] = typer.Option(None, help="Override the attention mode: bf16 | int8 | fp8."),
+    conditioning_bits: Optional[int] = typer.Option(
+        None, help="Override: weight-only bits (8 or 4) for the transformer's timestep / text embedding and adaLN "
+                   "modulation layers, 0 to keep them in float."),
     device: str = typer.Option("auto", help="cpu | cuda | auto."),
     pipe_arg: list[str] = typer.Option([], help="Extra pipeline call argument key=value (repeatable)."),
 ):
@@ -88,6 +91,11 @@ def quantize(
             config = dataclasses.replace(config, attention=attention)
     except (ValueError, FileNotFoundError) as e:
         raise typer.BadParameter(str(e), param_hint="--preset") from None
+    if conditioning_bits is not None:
+        try:
+            config = dataclasses.replace(config, conditioning_bits=conditioning_bits or None)
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--conditioning-bits") from None
     if text_encoder_bits not in (0, 4, 8):
         raise typer.BadParameter(f"expected 8, 4 or 0, got {text_encoder_bits}", param_hint="--text-encoder-bits")
     prompt_list = _read_prompts(prompts)

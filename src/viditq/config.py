@@ -26,6 +26,14 @@ DEFAULT_KEEP_FP = (
     r"|adaln_single|caption_projection|condition_embedder|text_proj|norm_out|norm_final|proj_out)(\.|$)",
     r"(^|\.)norm\w*\.",  # adaLN modulation linears inside blocks (norm1.linear, norm1_context.linear, ...)
 )
+# The linear layers among those that feed the conditioning in: timestep / text / guidance embeddings and the adaLN
+# modulation (per block and final). They see a few rows per forward (the batch's timestep embeddings, the text
+# tokens) but hold much of a model's weights (CogVideoX-2B's per-block modulation: 354 M of 1.7 G parameters), so
+# ``QuantConfig.conditioning_bits`` may store them weight-only (float activations, weights dequantized per call).
+# Not the final projection (proj_out), nor convolutions (patch embeddings are nn.Conv2d).
+CONDITIONING_LAYERS = (r"(^|\.)(time_embedding|time_embed|time_text_embed|adaln_single|caption_projection"
+                       r"|condition_embedder|text_proj|context_embedder|norm\w*)(\.|$)")
+CONDITIONING_BITS = (4, 8)
 ATTENTION_CHOICES = ("bf16", "int8", "fp8")
 GRANULARITIES = ("per_token", "per_tensor_static")
 # Activation bits meaning "not quantized": the layer runs its (balanced) float input times its dequantized
@@ -252,6 +260,9 @@ class QuantConfig:
     attention: str = "bf16"
     mixed_precision: MixedPrecisionSpec | None = None  # resolved into ``rules`` by viditq.quantize
     float_final_steps: int = 0  # resolved into a timestep rule with act_bits=16 by viditq.quantize
+    # Weight-only bits of the conditioning layers (CONDITIONING_LAYERS): None keeps them in float (keep_fp);
+    # 8: int8 per output channel, 4: int4 g64 asymmetric; activations stay float (weights dequantized per call).
+    conditioning_bits: int | None = None
     calib_rows_per_layer: int = 512  # input rows kept per layer for the alpha search (reservoir sample)
     seed: int = 0
     version: int = FORMAT_VERSION
@@ -269,6 +280,9 @@ class QuantConfig:
         if isinstance(self.float_final_steps, bool) or not isinstance(self.float_final_steps, int) \
                 or self.float_final_steps < 0:
             raise ValueError(f"float_final_steps must be an integer >= 0, got {self.float_final_steps!r}")
+        if self.conditioning_bits is not None and self.conditioning_bits not in CONDITIONING_BITS:
+            raise ValueError(f"conditioning_bits must be None (float) or one of {CONDITIONING_BITS}, "
+                             f"got {self.conditioning_bits!r}")
         if self.calib_rows_per_layer < 1:
             raise ValueError(f"calib_rows_per_layer must be >= 1, got {self.calib_rows_per_layer}")
         if self.version > FORMAT_VERSION:

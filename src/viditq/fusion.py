@@ -1,6 +1,13 @@
 """Fused producers in quantized models: the norm + adaLN modulation that feeds the quantized linear layers, and
 the GELU that follows a quantized feed-forward up-projection.
 
+:func:`fuse_ada_norm_single` goes one step further in PixArt-style blocks (diffusers ``BasicTransformerBlock``
+with ``norm_type="ada_norm_single"``): their two LayerNorm + modulations feed quantized layers only (q/k/v of the
+self-attention, the feed-forward up-projection), so one kernel computes the norm, the modulation *and* those
+layers' per-token quantization (``kernels.norm.layer_norm_modulate_quant``) and hands the codes to the layers
+through their input cache (:meth:`viditq.layers.SharedInputCache.prime`): the quantization pass that would read
+the activation again goes. On CUDA, eager and under ``torch.compile`` (a custom op); elsewhere diffusers' forward.
+
 CogVideoX's ``CogVideoXLayerNormZero`` (two per block) runs a LayerNorm, a multiply and an add over the whole
 activation, three passes through memory (13 % of CogVideoX-2B's bf16 forward on an H100 is the LayerNorm alone).
 :func:`fuse_norms` gives those modules a forward that does it in one Triton kernel (``kernels.norm``) on CUDA.
@@ -16,11 +23,13 @@ from __future__ import annotations
 
 import torch
 from diffusers.models.activations import GELU
+from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.normalization import CogVideoXLayerNormZero
 from torch import nn
 
+from .config import FLOAT_ACT_BITS
 from .kernels import dispatch
-from .layers import QuantLinear
+from .layers import QuantLinear, SharedInputCache
 
 
 def _kernel_ok(x: torch.Tensor) -> bool:
@@ -93,4 +102,86 @@ def fuse_gelu(model: nn.Module) -> int:
             module.proj.fused_activation = "gelu_tanh"
             module.__class__ = FusedGELU
         count += isinstance(module, FusedGELU)
+    return count
+
+
+# ------------------------------------------------------------------------------------------ norm + quantization
+def _fusable(x: torch.Tensor) -> bool:
+    """Whether the norm + quantization kernel may run on ``x`` (CUDA, Triton backend; eager or compiled)."""
+    return dispatch.use_triton(x)
+
+
+def _quantizes_own_input(layer, channels: int) -> bool:
+    """A QuantLinear whose input quantization is the plain per-token kernel's (no rotation, no static scale,
+    quantized activations) — what the norm kernel can compute — and, in a shared-input group, its first member."""
+    if type(layer) is not QuantLinear:
+        return False
+    s, cache = layer.spec, layer._input_cache
+    return (s.in_features == channels and not s.weight_only and not s.act_static and s.act_bits != FLOAT_ACT_BITS
+            and layer.rot_signs is None and layer.rot_matrix is None
+            and (cache is None or cache.members == 1 or layer._input_index == 0))
+
+
+def _norm_modulate(norm: nn.LayerNorm, x, scale, shift, layer):
+    """``norm(x) * (1 + scale) + shift`` (scale, shift (B, 1, C)); with ``layer`` (a QuantLinear with an input
+    cache) one kernel also quantizes the result for it and primes its cache."""
+    if layer is None or layer._input_cache is None or not 1 <= x.shape[-1] <= 16384:
+        return norm(x) * (1 + scale) + shift
+    from .kernels import norm as kernels
+
+    s = layer.spec
+    args = (x.contiguous(), norm.weight, norm.bias, scale[:, 0], shift[:, 0], norm.eps, s.act_bits, layer.smooth_inv,
+            s.fp8)
+    if torch.compiler.is_compiling():
+        y, codes, qscale = torch.ops.viditq.layer_norm_modulate_quant(*args)
+    else:
+        y, codes, qscale = kernels.layer_norm_modulate_quant(*args)
+    layer._input_cache.prime(y, (codes, qscale))
+    return y
+
+
+class FusedAdaNormSingleBlock(BasicTransformerBlock):
+    """PixArt-style block whose LayerNorm + modulations also quantize the inputs of q/k/v and of the
+    feed-forward up-projection (see :func:`fuse_ada_norm_single`). Same arithmetic as diffusers' forward up to
+    rounding: the norm and modulation round once, in the kernel."""
+
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                timestep=None, cross_attention_kwargs=None, class_labels=None, added_cond_kwargs=None):
+        if cross_attention_kwargs or self._chunk_size is not None or hidden_states.dim() != 3 \
+                or not _fusable(hidden_states):
+            return super().forward(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
+                                   timestep, cross_attention_kwargs, class_labels, added_cond_kwargs)
+        c = hidden_states.shape[-1]
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            self.scale_shift_table[None] + timestep.reshape(hidden_states.shape[0], 6, -1)).chunk(6, dim=1)
+        to_q = self.attn1.to_q if _quantizes_own_input(self.attn1.to_q, c) else None
+        norm_hidden_states = _norm_modulate(self.norm1, hidden_states, scale_msa, shift_msa, to_q)
+        attn_output = self.attn1(norm_hidden_states, encoder_hidden_states=None, attention_mask=attention_mask)
+        hidden_states = gate_msa * attn_output + hidden_states
+        if self.attn2 is not None:
+            hidden_states = self.attn2(hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                       attention_mask=encoder_attention_mask) + hidden_states
+        up = getattr(self.ff.net[0], "proj", None)
+        up = up if _quantizes_own_input(up, c) else None
+        norm_hidden_states = _norm_modulate(self.norm2, hidden_states, scale_mlp, shift_mlp, up)
+        return gate_mlp * self.ff(norm_hidden_states) + hidden_states
+
+
+def fuse_ada_norm_single(model: nn.Module) -> int:
+    """Give every PixArt-style block (``BasicTransformerBlock``, ``norm_type="ada_norm_single"``, no positional
+    embedding inside, self-attention on its own input) whose q/k/v or feed-forward up-projection the norm kernel
+    can quantize (:func:`_quantizes_own_input`) the fused forward (idempotent). The up-projection gets an input
+    cache of its own. Returns how many blocks have it."""
+    count = 0
+    for module in model.modules():
+        if type(module) is BasicTransformerBlock and module.norm_type == "ada_norm_single" \
+                and module.pos_embed is None and not module.only_cross_attention \
+                and isinstance(module.norm1, nn.LayerNorm) and isinstance(module.norm2, nn.LayerNorm):
+            c = module.norm1.normalized_shape[0]
+            up = getattr(module.ff.net[0], "proj", None)
+            if _quantizes_own_input(up, c) and up._input_cache is None:
+                up._input_cache, up._input_index = SharedInputCache(1), 0
+            if _quantizes_own_input(module.attn1.to_q, c) or _quantizes_own_input(up, c):
+                module.__class__ = FusedAdaNormSingleBlock
+        count += isinstance(module, FusedAdaNormSingleBlock)
     return count

@@ -292,7 +292,7 @@ class SharedInputCache:
 
     def clear(self) -> None:
         self._ref, self._version, self._out, self._uses = None, None, None, 0
-        self._traced_x, self._traced_out = None, None
+        self._traced_x, self._traced_out, self._primed = None, None, False
 
     @staticmethod
     def _version_of(x: torch.Tensor):
@@ -311,12 +311,20 @@ class SharedInputCache:
         """The compiled-code twin of lookup/store, traced by Dynamo: member ``index`` of the group reuses the
         quantized ``x`` of an earlier member if it got the very same tensor (an identity test, resolved at trace
         time), else quantizes it; the last member clears the entry, so no state outlives the traced region."""
-        if index == 0 or self._traced_x is not x:
+        if self._traced_x is not x or (index == 0 and not self._primed):
             self._traced_x, self._traced_out = x, quantize()
         out = self._traced_out
         if index == self.members - 1:
-            self._traced_x, self._traced_out = None, None
+            self._traced_x, self._traced_out, self._primed = None, None, False
         return out
+
+    def prime(self, x: torch.Tensor, out) -> None:
+        """``x``'s producer quantized it already (``out`` = codes, scales; the norm kernel of
+        :mod:`viditq.fusion`): every member's lookup (eager) or traced call (compiled) gets ``out``."""
+        if torch.compiler.is_compiling():
+            self._traced_x, self._traced_out, self._primed = x, out, True
+        else:
+            self._ref, self._version, self._out, self._uses = weakref.ref(x), self._version_of(x), out, 0
 
     def store(self, x: torch.Tensor, out) -> None:
         if self.members <= 1:

@@ -419,7 +419,8 @@ def measure_sensitivity(
     user_metrics = {name: _as_metric(m) for name, m in (metrics or {}).items()}
     if MSE in user_metrics:
         raise ValueError(f"metric name {MSE!r} is reserved for the built-in output-MSE proxy")
-    plan = plan_layers(model, base)
+    # weight-only layers (the conditioning layers of ``conditioning_bits``) keep their precision: not probed
+    plan = {name: entry for name, entry in plan_layers(model, base).items() if not entry[1].weight_only}
     if not plan:
         raise ValueError(f"no layer of {type(model).__name__} is quantized by {base.name!r}")
     layers = {name: linear for name, (linear, _) in plan.items()}
@@ -428,8 +429,10 @@ def measure_sensitivity(
     ranges, shares = split_timesteps(samples, timestep_ranges, final_range_steps)
     # the ranges themselves are hashed (not final_range_steps): two settings that split alike share a table, and
     # the default's fingerprint is the one of tables measured before the option existed
-    # float_final_steps plays no part in the probes (tables measured before the field existed stay valid)
-    base_settings = {k: v for k, v in base.to_dict().items() if k != "float_final_steps"}
+    # float_final_steps plays no part in the probes, and fields added later enter only when set (tables measured
+    # before they existed stay valid)
+    base_settings = {k: v for k, v in base.to_dict().items()
+                     if k != "float_final_steps" and not (k == "conditioning_bits" and v is None)}
     settings = dict(base=base_settings, groups=groups, ranges=ranges, levels=measured, metrics=sorted(user_metrics))
     fingerprint = _fingerprint(model, layers, samples, settings)
     if cache is not None and Path(cache).is_file():

@@ -19,7 +19,7 @@ from torch import nn
 
 from .balance import build_quant_linear, concat_linears, split_quant_linear
 from .calibrate import LayerStats, collect_activation_stats, validate_calibration
-from .config import FLOAT_ACT_BITS, ActSpec, LayerRule, QuantConfig, WeightSpec, resolve_config
+from .config import CONDITIONING_LAYERS, FLOAT_ACT_BITS, ActSpec, LayerRule, QuantConfig, WeightSpec, resolve_config
 from .gptq import apply_gptq, hessian_hooks
 from .layers import (
     LayerSpec, QuantLinear, TimestepSwitchLinear, current_timestep, install_input_sharing, install_timestep_hook,
@@ -57,6 +57,8 @@ def _layer_precision(name: str, config: QuantConfig, timestep: float | None = No
     """
     keep = any(re.search(p, name) for p in config.keep_fp)
     weight, act = config.weight, config.act
+    if config.conditioning_bits is not None and re.search(CONDITIONING_LAYERS, name):
+        keep, (weight, act) = False, conditioning_precision(config.conditioning_bits)
     for rule in config.rules:
         if rule.timesteps is not None and (timestep is None or not rule.timesteps[0] <= timestep <= rule.timesteps[1]):
             continue
@@ -72,6 +74,13 @@ def _layer_precision(name: str, config: QuantConfig, timestep: float | None = No
         if rule.act_bits is not None:
             act = dataclasses.replace(act, bits=rule.act_bits)
     return None if keep else (weight, act)
+
+
+def conditioning_precision(bits: int) -> tuple[WeightSpec, ActSpec]:
+    """Weight-only precision of the conditioning layers (``QuantConfig.conditioning_bits``): int8 per output
+    channel, or int4 g64 asymmetric; float activations."""
+    weight = WeightSpec(8) if bits == 8 else WeightSpec(bits, symmetric=False, group_size=64)
+    return weight, ActSpec(FLOAT_ACT_BITS)
 
 
 def layer_schedule(name: str, config: QuantConfig) -> tuple[Precision, list[tuple[float, float, Precision]]]:
@@ -301,13 +310,14 @@ def build_layer(linear: nn.Linear, precision: Precision, *, stats: LayerStats, h
 
 
 def _mark_quantized(model: nn.Module, config: QuantConfig) -> None:
-    from .fusion import fuse_gelu, fuse_norms
+    from .fusion import fuse_ada_norm_single, fuse_gelu, fuse_norms
 
     model.viditq_config = config
     install_timestep_hook(model)
     install_input_sharing(model)
     fuse_norms(model)
     fuse_gelu(model)
+    fuse_ada_norm_single(model)
     if config.attention != "bf16":
         from .attention import apply_quantized_attention
 

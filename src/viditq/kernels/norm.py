@@ -6,12 +6,17 @@ whole activation. Statistics and arithmetic in float32, one rounding to x's dtyp
 rounds after the LayerNorm and after each elementwise op, so the two agree to bf16 rounding).
 
 One program per ``BLOCK_M`` rows of C channels held in registers (C padded to a power of two, at most 16384).
+:func:`layer_norm_modulate_quant` also quantizes the rounded output per token for the quantized layer it feeds
+(the codes of ``act_quant``'s plain kernel), while the row is in registers.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from ..quant.quantizers import MIN_SCALE, signed_range
+from .act_quant import FP8_E4M3_MAX, _FAST_ROUND_OK, _row_scale, _store_codes
 
 MAX_CHANNELS = 16384
 
@@ -30,11 +35,23 @@ def layer_norm_modulate_reference(
     return y.to(x.dtype)
 
 
+def layer_norm_modulate_quant_reference(x, weight, bias, scale, shift, eps, bits, smooth_inv, fp8):
+    """:func:`layer_norm_modulate_reference`, then ``reference.quantize_activation`` of its output (rows)."""
+    from .reference import quantize_activation
+
+    y = layer_norm_modulate_reference(x, weight, bias, scale, shift, eps)
+    codes, qscale = quantize_activation(y.reshape(-1, y.shape[-1]), bits, smooth_inv, None, 1, 0, fp8)
+    return y, codes, qscale
+
+
 @triton.jit
 def _ln_modulate_kernel(
     x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, y_ptr, rows, tokens, stride_sb, stride_hb, eps,
+    smooth_ptr, codes_ptr, qscale_ptr,
     C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, QUANT: tl.constexpr = False, HAS_SMOOTH: tl.constexpr = False,
+    QMAX: tl.constexpr = 127.0, MIN_S: tl.constexpr = 1e-8, FP8: tl.constexpr = False,
+    CUDA_SCALAR_DIV: tl.constexpr = False, FAST_ROUND: tl.constexpr = False,
 ):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.arange(0, BLOCK_C)
@@ -58,7 +75,15 @@ def _ln_modulate_kernel(
     if HAS_SHIFT:
         h = tl.load(shift_ptr + batch[:, None] * stride_hb + offs_c[None, :], mask=mask, other=0.0)
         y = y + h.to(tl.float32)
-    tl.store(y_ptr + ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    y = y.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + ptrs, y, mask=mask)
+    if QUANT:  # per-token quantization of the rounded output, as act_quant's plain kernel computes it
+        yq = y.to(tl.float32)
+        if HAS_SMOOTH:
+            yq = yq * tl.load(smooth_ptr + offs_c, mask=c_ok, other=0.0)[None, :]
+        qscale = _row_scale(tl.max(tl.abs(yq), axis=1), QMAX, MIN_S, CUDA_SCALAR_DIV)
+        _store_codes(codes_ptr + ptrs, yq, qscale[:, None], mask, QMAX, FP8, FAST_ROUND)
+        tl.store(qscale_ptr + offs_m, qscale, mask=row_ok)
 
 
 def supported(x: torch.Tensor) -> bool:
@@ -94,6 +119,26 @@ def layer_norm_modulate(
 ) -> torch.Tensor:
     """The fused kernel; same arguments and result as :func:`layer_norm_modulate_reference`. ``scale`` and
     ``shift`` may be strided views (chunks of one projection) as long as their channels are contiguous."""
+    return _launch(x, weight, bias, scale, shift, eps)[0]
+
+
+def layer_norm_modulate_quant(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, scale: torch.Tensor | None,
+    shift: torch.Tensor | None, eps: float, bits: int, smooth_inv: torch.Tensor | None, fp8: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`layer_norm_modulate` and the per-token quantization of its output in the same pass: (y (B, N, C)
+    in x's dtype, codes (B·N, C) int8 — fp8 e4m3 if ``fp8`` — , scales (B·N, 1) float32), the codes being what
+    ``act_quant.quantize_activation(y.view(-1, C), bits, smooth_inv, fp8=fp8)`` gives for this y: the producer
+    of a quantized layer's input writes its codes too, and the quantization pass that would read y again goes."""
+    c = x.shape[-1]
+    if smooth_inv is not None and (smooth_inv.shape != (c,) or smooth_inv.dtype != torch.float32
+                                   or not smooth_inv.is_contiguous()):
+        raise ValueError(f"smooth_inv must be a contiguous float32 vector of {c} channels, got "
+                         f"{tuple(smooth_inv.shape)} {smooth_inv.dtype}")
+    return _launch(x, weight, bias, scale, shift, eps, quant=(bits, smooth_inv, fp8))
+
+
+def _launch(x, weight, bias, scale, shift, eps, quant=None):
     if not supported(x):
         raise ValueError(f"layer_norm_modulate needs a contiguous (B, N, C) tensor with C <= {MAX_CHANNELS}, "
                          f"got shape {tuple(x.shape)}")
@@ -104,8 +149,18 @@ def layer_norm_modulate(
                              f"strides {t.stride()}")
     y = torch.empty_like(x)
     rows = b * n
+    codes = qscale = smooth = None
+    extra = {}
+    if quant is not None:
+        bits, smooth, fp8 = quant
+        codes = torch.empty(rows, c, device=x.device, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
+        qscale = torch.empty(rows, 1, device=x.device, dtype=torch.float32)
+        on_gpu = x.device.type == "cuda"
+        extra = dict(QUANT=True, HAS_SMOOTH=smooth is not None, MIN_S=MIN_SCALE, FP8=fp8,
+                     QMAX=FP8_E4M3_MAX if fp8 else float(signed_range(bits, symmetric=True)[1]),
+                     CUDA_SCALAR_DIV=on_gpu, FAST_ROUND=on_gpu and _FAST_ROUND_OK[0])
     if rows == 0:
-        return y
+        return y, codes, qscale
     block_c = triton.next_power_of_2(c)
     block_m = max(1, min(16, 4096 // block_c))
     dummy = y
@@ -113,7 +168,9 @@ def layer_norm_modulate(
         x, dummy if weight is None else weight, dummy if bias is None else bias,
         dummy if scale is None else scale, dummy if shift is None else shift, y, rows, n,
         0 if scale is None else scale.stride(0), 0 if shift is None else shift.stride(0), eps,
+        dummy if smooth is None else smooth, dummy if codes is None else codes, dummy if qscale is None else qscale,
         C=c, BLOCK_C=block_c, BLOCK_M=block_m, HAS_W=weight is not None, HAS_B=bias is not None,
         HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, num_warps=4 if block_m * block_c <= 4096 else 8,
+        **extra,
     )
-    return y
+    return y, codes, qscale

@@ -63,3 +63,20 @@ def _int_linear_op(
 @_int_linear_op.register_fake
 def _(x_codes, x_scale, w, w_scale, w_zero, group_size, packed_int4, bias, out_dtype, activation, stage_scale):
     return x_codes.new_empty((x_codes.shape[0], w.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("viditq::layer_norm_modulate_quant", mutates_args=())
+def _layer_norm_modulate_quant_op(
+    x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], scale: Optional[torch.Tensor],
+    shift: Optional[torch.Tensor], eps: float, bits: int, smooth_inv: Optional[torch.Tensor], fp8: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from . import norm
+
+    return norm.layer_norm_modulate_quant(x, weight, bias, scale, shift, eps, bits, smooth_inv, fp8)
+
+
+@_layer_norm_modulate_quant_op.register_fake
+def _(x, weight, bias, scale, shift, eps, bits, smooth_inv, fp8):
+    rows = x.numel() // x.shape[-1]
+    codes = x.new_empty((rows, x.shape[-1]), dtype=torch.float8_e4m3fn if fp8 else torch.int8)
+    return torch.empty_like(x), codes, x.new_empty((rows, 1), dtype=torch.float32)
