@@ -125,10 +125,10 @@ def _quantizes_own_input(layer, channels: int) -> bool:
 def _norm_modulate(norm: nn.LayerNorm, x, scale, shift, layer):
     """``norm(x) * (1 + scale) + shift`` (scale, shift (B, 1, C)); with ``layer`` (a QuantLinear with an input
     cache) one kernel also quantizes the result for it and primes its cache."""
-    if layer is None or layer._input_cache is None or not 1 <= x.shape[-1] <= 16384:
-        return norm(x) * (1 + scale) + shift
     from .kernels import norm as kernels
 
+    if layer is None or layer._input_cache is None or not 1 <= x.shape[-1] <= kernels.MAX_CHANNELS:
+        return norm(x) * (1 + scale) + shift
     s = layer.spec
     args = (x.contiguous(), norm.weight, norm.bias, scale[:, 0], shift[:, 0], norm.eps, s.act_bits, layer.smooth_inv,
             s.fp8)
