@@ -119,12 +119,12 @@ def quantized_attention_reference(
     _check_inputs(q, k, v, mode, bias)
     config = config or default_config(padded_head_dim(q.shape[-1]), mode, k.shape[2])
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    k_mean = k.float().mean(dim=2)
-    balance = channel_balance(q, k, k_mean)[:, :, None, :]  # (B, H, 1, D)
+    k_mean, balance, _, v_scale = attention_stats_reference(q, k, v if mode == "fp8" else None)
+    balance = balance[:, :, None, :]  # (B, H, 1, D)
     q_dq = fake_quant_per_block(q.float() * balance, config.block_m) / balance
     k_dq = fake_quant_per_block((k.float() - k_mean[:, :, None]) / balance, config.block_n) * balance
     if mode == "fp8":
-        v_scale = (v.float().abs().amax(dim=2, keepdim=True) / FP8_E4M3_MAX).clamp_min(1e-12)  # (B, H, 1, D)
+        v_scale = v_scale[:, :, None, :]  # (B, H, 1, D)
         v_dq = fake_quant_fp8(v.float() / v_scale) * v_scale
     else:
         v_dq = v.float()
