@@ -27,6 +27,9 @@ SHAPES = {
     "pixart_qkvo": (8192, 1152, 1152),
     "pixart_ff_up": (8192, 4608, 1152),
     "pixart_ff_down": (8192, 1152, 4608),
+    "pixart_qkv_fused": (8192, 3456, 1152),  # q, k, v of one self-attention as one product
+    "pixart_cross_kv": (240, 1152, 1152),  # cross-attention k or v over 2 x 120 text tokens
+    "pixart_cross_kv_fused": (240, 2304, 1152),
     "cogvideox_qkvo": (35552, 1920, 1920),
     "cogvideox_ff_up": (35552, 7680, 1920),
     "cogvideox_ff_down": (35552, 1920, 7680),
@@ -39,7 +42,11 @@ INT8_SWEEP = [  # (BM, BN, BK, GROUP_M, warps, stages, persistent, tma); call-1 
 ]
 FP8_SWEEP = [
     (128, 256, 128, 8, 8, 3, True, True), (256, 128, 128, 8, 8, 3, True, True), (128, 256, 128, 8, 8, 4, True, True),
-    (128, 128, 128, 8, 4, 4, True, True),
+    (128, 128, 128, 8, 4, 4, True, True), (128, 128, 128, 8, 8, 3, True, True), (128, 128, 128, 8, 4, 4, False, False),
+]
+RESIDUAL_SWEEP = [  # the gated residual epilogue needs shared memory for its tile: fewer stages or narrower tiles
+    (128, 256, 128, 8, 8, 2, True, True), (256, 128, 128, 8, 8, 2, True, True), (128, 128, 128, 8, 8, 3, True, True),
+    (128, 128, 128, 8, 8, 4, True, True), (128, 128, 128, 8, 4, 4, True, True), (128, 256, 64, 8, 8, 3, True, True),
 ]
 TMA8 = int_gemm.GemmConfig(128, 256, 128, 8, 8, 3, True, True)
 PTR8 = int_gemm.GemmConfig(128, 256, 128, 8, 8, 3)
@@ -77,12 +84,15 @@ def make_operands(m, n, k):
     q4 = quantize_weight(w, 4, symmetric=False, group_size=64)
     fp8_a, fp8_a_scale = reference.quantize_per_token_fp8(x)
     fp8_w, fp8_w_scale = reference.quantize_per_token_fp8(w)
+    residual = torch.randn(m, n, device="cuda", generator=g).to(torch.bfloat16)
+    gate = torch.randn(2, n, device="cuda", generator=g).to(torch.bfloat16)
     w4, w4_scale = pack_int4(q4.codes), q4.scale.half()
     return dict(x=x, w=w, bias=bias, a=a, a_scale=a_scale, w8=q8.codes, w8_scale=q8.scale,
                 w4=w4, w4_scale=w4_scale, w4_zero=q4.zero,
                 w4_stage=reference.int4_stage_scale(w4, w4_scale, q4.zero, 64),  # what QuantLinear stores
                 w4_stage_fp8=reference.int4_stage_scale(w4, w4_scale, q4.zero, 64, fp8=True),
-                fp8_a=fp8_a, fp8_a_scale=fp8_a_scale, fp8_w=fp8_w, fp8_w_scale=fp8_w_scale)
+                fp8_a=fp8_a, fp8_a_scale=fp8_a_scale, fp8_w=fp8_w, fp8_w_scale=fp8_w_scale, residual=residual,
+                gate=gate)
 
 
 def gemm_fns(o, k, cfg=None, cfg8=None):
@@ -171,7 +181,7 @@ def bench_gemms(results):
         torch.cuda.empty_cache()
 
 
-SWEEP_KINDS = ["int8", "fp8"]  # packed int4 runs the int8 kernel after staging
+SWEEP_KINDS = ["int8", "fp8"]  # packed int4 runs the int8 kernel after staging; also int8_res, fp8_res
 SWEEP_SHAPES = ["pixart_qkvo", "pixart_ff_up", "pixart_ff_down", "cogvideox_qkvo", "cogvideox_ff_up"]
 
 
@@ -179,24 +189,26 @@ def bench_sweep(results):
     for shape_name in SWEEP_SHAPES:
         m, n, k = SHAPES[shape_name]
         o = make_operands(m, n, k)
-        for kind, sweep in (("int8", INT8_SWEEP), ("fp8", FP8_SWEEP)):
+        sweeps = (("int8", INT8_SWEEP), ("fp8", FP8_SWEEP), ("int8_res", RESIDUAL_SWEEP), ("fp8_res", RESIDUAL_SWEEP))
+        for kind, sweep in sweeps:
             if kind not in SWEEP_KINDS:
                 continue
-            for c in sweep:
-                cfg = int_gemm.GemmConfig(*c[:6], bool(c[6]), bool(c[7]))
+            res = dict(residual=o["residual"], gate=o["gate"]) if kind.endswith("_res") else {}
+            for c in sweep + ([None] if res else []):  # None: the default config
+                cfg = int_gemm.GemmConfig(*c[:6], bool(c[6]), bool(c[7])) if c else None
                 fn = {
                     "int8": lambda: int_gemm.quant_linear(o["a"], o["a_scale"], o["w8"], o["w8_scale"], None, k,
-                                                          False, o["bias"], torch.bfloat16, cfg),
+                                                          False, o["bias"], torch.bfloat16, cfg, **res),
                     "fp8": lambda: int_gemm.quant_linear(o["fp8_a"], o["fp8_a_scale"], o["fp8_w"], o["fp8_w_scale"],
-                                                         None, k, False, o["bias"], torch.bfloat16, cfg),
-                }[kind]
+                                                         None, k, False, o["bias"], torch.bfloat16, cfg, **res),
+                }[kind.removesuffix("_res")]
                 try:
                     fn()
                     t = ms(fn)
                 except Exception as e:  # noqa: BLE001 — e.g. out of shared memory for one config
                     results["errors"].append(f"sweep {shape_name}/{kind}/{c}: {type(e).__name__}: {e}"[:300])
                     continue
-                results["sweep"].append(dict(shape=shape_name, kind=kind, config=list(c), ms=t,
+                results["sweep"].append(dict(shape=shape_name, kind=kind, config=list(c) if c else "default", ms=t,
                                              tflops=tflops(m, n, k, t)))
         del o
         torch.cuda.empty_cache()
@@ -230,6 +242,46 @@ def bench_act_quant(results):
                                              ms_eager=ms_eager(fn), first_call_s=compile_s))
         del xs
         torch.cuda.empty_cache()
+
+
+NORM_SWEEP = [(2, 4), (1, 1), (1, 2), (1, 4), (2, 2), (2, 8), (4, 4), (4, 8), (8, 8), (4, 2), (8, 4), (16, 8)]
+
+
+def bench_norm(results):
+    """PixArt's LayerNorm + modulation + fp8 quantization kernel (8192 x 1152, codes only or with the bf16 output
+    too) over launch shapes (rows per program, warps); GB/s = bytes read + written over time."""
+    import os
+
+    from viditq.kernels import norm
+
+    b, n, c = 2, 4096, 1152
+    copies = 8  # 150 MB of inputs: L2 cannot hold them
+    xs = [torch.randn(b, n, c, device="cuda").to(torch.bfloat16) for _ in range(copies)]
+    emb = torch.randn(b, 6 * c, device="cuda").to(torch.bfloat16)
+    shift, scale = emb.chunk(6, dim=1)[:2]
+    state = {"i": 0}
+
+    def nxt():
+        state["i"] = (state["i"] + 1) % copies
+        return xs[state["i"]]
+
+    for block_m, warps in NORM_SWEEP:
+        os.environ["VIDITQ_NORM_CONFIG"] = f"{block_m},{warps}"
+        for write_y in (False, True):
+            fn = lambda: norm.layer_norm_modulate_quant(nxt(), None, None, scale, shift, 1e-6, 8, None, True,  # noqa: E731
+                                                        write_y)
+            try:
+                fn()
+                t = ms(fn)
+            except Exception as e:  # noqa: BLE001 — a launch shape this width cannot take
+                results["errors"].append(f"norm {block_m},{warps}: {type(e).__name__}: {e}"[:300])
+                continue
+            nbytes = b * n * c * (2 + 1 + (2 if write_y else 0)) + b * n * 4
+            results["norm"].append(dict(block_m=block_m, num_warps=warps, write_y=write_y, ms=t,
+                                        gbps=nbytes / (t * 1e-3) / 1e9))
+    os.environ.pop("VIDITQ_NORM_CONFIG", None)
+    del xs
+    torch.cuda.empty_cache()
 
 
 def bench_ceilings(results):
@@ -271,6 +323,9 @@ def print_tables(results):
     for r in results["act_quant"]:
         print(f"actq {r['m']}x{r['k']} {r['method']:30s} {r['ms']:8.3f} ms {r['gbps']:7.0f} GB/s"
               f"  (eager {r['ms_eager']:.3f} ms)")
+    for r in results.get("norm", []):
+        print(f"norm {r['block_m']:2d} rows {r['num_warps']:2d} warps {'y+codes' if r['write_y'] else 'codes  '} "
+              f"{r['ms'] * 1e3:6.1f} us {r['gbps']:6.0f} GB/s")
     best = {}
     for r in results["sweep"]:
         key = (r["shape"], r["kind"])
@@ -278,6 +333,8 @@ def print_tables(results):
             best[key] = r
     for (shape, kind), r in best.items():
         print(f"best {shape:18s} {kind:9s} {r['config']} {r['ms']:.3f} ms {r['tflops']:.0f} TF/s")
+    for r in (r for r in results["sweep"] if r["kind"].endswith("_res")):
+        print(f"res  {r['shape']:18s} {r['kind']:9s} {r['config']} {r['ms']:.3f} ms")
     for r in results.get("kernels", [])[:40]:
         print(f"kern {r['kernel'][:40]:40s} regs={r['n_regs']} spills={r['n_spills']} smem={r['shared']} "
               f"wgmma={r['wgmma']} mma.sync={r['mma_sync']}")
@@ -300,8 +357,8 @@ def main():
         del SHAPES[name]
     results = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), gemm=[], sweep=[], act_quant=[],
-                   ceilings={}, errors=[])
-    sections = [bench_ceilings, bench_act_quant, bench_gemms] + ([bench_sweep] if args.sweep else [])
+                   ceilings={}, errors=[], norm=[])
+    sections = [bench_ceilings, bench_act_quant, bench_norm, bench_gemms] + ([bench_sweep] if args.sweep else [])
     sections = [f for f in sections if f.__name__.removeprefix("bench_") in args.sections.split(",")]
     for section in sections:
         try:

@@ -82,7 +82,8 @@ def test_compiled_blocks_quantize_a_shared_input_once(monkeypatch):
 
 def test_compiled_blocks_quantize_in_the_norm_kernel(monkeypatch):
     """Compiled PixArt blocks keep the norm kernel's quantization of the q/k/v and feed-forward inputs (the
-    custom op primes the layers' input caches at trace time): the same calls and output as eager."""
+    custom op primes the layers' input caches at trace time) and the residuals added in the GEMM epilogues: the
+    same calls and output as eager."""
     import dataclasses
 
     from viditq import fusion
@@ -104,7 +105,11 @@ def test_compiled_blocks_quantize_in_the_norm_kernel(monkeypatch):
     assert eager_calls == 2 * 5  # per block: o, cross q, shared cross k/v, cross o, FF down
     torch._dynamo.reset()
     viditq.compile_blocks(model, backend="eager")
-    forward_output(model, x)
+    residuals = []
+    real_linear = dispatch.int_linear
+    monkeypatch.setattr(dispatch, "int_linear", lambda *a: residuals.append(a[11] is not None) or real_linear(*a))
+    forward_output(model, x)  # traced: the residual hand-over to the epilogue resolves at trace time
+    assert sum(residuals) == 2 * 3  # per block: self- and cross-attention output projections, FF down
     calls.clear()
     assert torch.equal(forward_output(model, x), eager)
     assert len(calls) == eager_calls

@@ -126,13 +126,15 @@ def test_fuse_norms_takes_narrow_layer_norms_only(monkeypatch):
     torch.testing.assert_close(kernel_path, cpu_path.transpose(1, 2), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("fp8", [False, True])
-def test_layer_norm_modulate_quant_gives_the_act_quant_codes_of_its_output(fp8):
-    """The norm kernel's codes are exactly what the activation quantization computes from the norm's output."""
+@pytest.mark.parametrize("fp8,c", [(False, 72), (True, 72), (False, 100), (True, 64)])
+def test_layer_norm_modulate_quant_gives_the_act_quant_codes_of_its_output(fp8, c):
+    """The norm kernel's codes are exactly what the activation quantization computes from the norm's output
+    (widths as a main tile plus a tail: 72 = 64 + 8, 100 = 64 + 36 padded to 64; 64 in one tile), with or
+    without the float output written."""
     from viditq.kernels import reference
 
     g = torch.Generator().manual_seed(7)
-    b, n, c = 2, 5, 72
+    b, n = 2, 5
     x = (torch.randn(b, n, c, generator=g) * 3 + 1).to(DEVICE, torch.bfloat16)
     shift, scale = torch.randn(b, 6 * c, generator=g).to(DEVICE, torch.bfloat16).chunk(6, dim=1)[:2]
     smooth = (torch.rand(c, generator=g) + 0.5).to(DEVICE)
@@ -140,16 +142,22 @@ def test_layer_norm_modulate_quant_gives_the_act_quant_codes_of_its_output(fp8):
     torch.testing.assert_close(y, norm.layer_norm_modulate(x, None, None, scale, shift, 1e-6), rtol=0, atol=0)
     ref_codes, ref_scale = reference.quantize_activation(y.reshape(-1, c), 8, smooth, None, 1, 0, fp8)
     assert torch.equal(codes.float(), ref_codes.float()) and torch.equal(qscale, ref_scale)
+    _, codes_only, qscale_only = norm.layer_norm_modulate_quant(x, None, None, scale, shift, 1e-6, 8, smooth, fp8,
+                                                                write_y=False)
+    assert torch.equal(codes_only.float(), codes.float()) and torch.equal(qscale_only, qscale)
     ref = norm.layer_norm_modulate_quant_reference(x, None, None, scale, shift, 1e-6, 8, smooth, fp8)
     torch.testing.assert_close(y.float(), ref[0].float(), rtol=2e-2, atol=2e-2)
     with pytest.raises(ValueError, match="smooth_inv"):
         norm.layer_norm_modulate_quant(x, None, None, scale, shift, 1e-6, 8, smooth[:-1], fp8)
 
 
-@pytest.mark.parametrize("preset", ["w8a8", "w8a8-fp8", "w4a8-fp8"])
-def test_pixart_blocks_quantize_in_the_norm_kernel(monkeypatch, preset):
+@pytest.mark.parametrize("preset,attention", [("w8a8", None), ("w8a8-fp8", None), ("w4a8-fp8", None),
+                                              ("w8a8-fp8", "int8")])
+def test_pixart_blocks_quantize_in_the_norm_kernel(monkeypatch, preset, attention):
     """Quantized PixArt blocks: the LayerNorm + modulation kernel also quantizes the q/k/v and feed-forward
-    inputs (their own quantization calls go), with the unfused model's output up to the norm's rounding."""
+    inputs (their own quantization calls go), the output projections add the residuals, the masked
+    cross-attention (and 8-bit attention) runs as in diffusers: the unfused model's output up to the norm's
+    rounding."""
     import dataclasses
 
     import viditq
@@ -164,16 +172,45 @@ def test_pixart_blocks_quantize_in_the_norm_kernel(monkeypatch, preset):
     assert len(blocks) == len(model.transformer_blocks) and fusion.fuse_ada_norm_single(model) == len(blocks)
     model, float_model = model.to(DEVICE), float_model.to(DEVICE)
     x = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in tiny_inputs("pixart", seed=3).items()}
-    calls = []
+    mask = torch.ones(2, x["encoder_hidden_states"].shape[1], device=DEVICE)
+    x["encoder_attention_mask"] = mask.index_fill_(1, torch.tensor([5, 6, 7], device=DEVICE), 0.0)
+    if attention:
+        from viditq.attention import apply_quantized_attention
+
+        apply_quantized_attention(model, attention, min_kv_tokens=0)
+    calls, norm_calls = [], []
     real = dispatch.quantize_activation
     monkeypatch.setattr(dispatch, "quantize_activation", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real_norm = norm.layer_norm_modulate_quant
+
+    def poisoned_norm(*args):  # an output the kernel did not write is NaN here: no reader may see it
+        y, codes, qscale = real_norm(*args)
+        norm_calls.append(args[-1])
+        return (y if args[-1] else y.fill_(float("nan"))), codes, qscale
+
+    monkeypatch.setattr(norm, "layer_norm_modulate_quant", poisoned_norm)
+    residuals = []
+    real_linear = dispatch.int_linear
+    monkeypatch.setattr(dispatch, "int_linear", lambda *a: residuals.append(a[11] is not None) or real_linear(*a))
     monkeypatch.setattr(fusion, "_fusable", lambda t: False)
     unfused = forward_output(model, x)  # diffusers' forward
     unfused_calls, calls[:] = len(calls), []
     monkeypatch.setattr(fusion, "_fusable", lambda t: True)  # the kernels (the interpreter on CPU)
+    quantized_attention = _quantized_attention_calls(model)
     fused = forward_output(model, x)
+    assert _quantized_attention_calls(model) - quantized_attention == (2 * len(blocks) if attention else 0)
     # per block: q/k/v (one shared call) and FF up are quantized by the norm kernel
     assert unfused_calls - len(calls) == 2 * len(blocks)
+    assert norm_calls == [False] * (2 * len(blocks))  # q/k/v and the FF read the codes only: y is not written
+    # the two attention output projections and the FF down-projection add the residual in their epilogue
+    assert sum(residuals) == 3 * len(blocks) and not any(residuals[:len(residuals) // 2])
     assert sqnr_db(unfused, fused) > 30
     ref = forward_output(float_model, x)
     assert abs(sqnr_db(ref, fused) - sqnr_db(ref, unfused)) < 1.0
+    x["encoder_attention_mask"] = torch.ones_like(mask)  # the mask is read: unmasking changes the output
+    assert sqnr_db(fused, forward_output(model, x)) < 40
+
+
+def _quantized_attention_calls(model) -> int:
+    return sum(getattr(m.processor, "counts", {}).get("quantized", 0) for m in model.modules()
+               if hasattr(m, "processor"))

@@ -9,6 +9,7 @@ relative error norm against the float32 reference.
 """
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -296,6 +297,68 @@ def test_int_linear_gelu_epilogue(m, n, k, bits, group_size, tma):
         int_gemm.quant_linear(a, a_scale, w, w_scale, w_zero, gs, packed, bias, torch.float32, activation="relu")
 
 
+@pytest.mark.parametrize("m,n,k,bits,group_size,tma,batch", [
+    (34, 48, 64, 8, None, False, 2), (33, 48, 128, 4, 64, False, 3), (32, 32, 64, 8, None, True, 1),
+    (40, 48, 64, 8, None, True, None), (68, 48, 64, 8, None, True, 2), (64, 48, 64, 8, None, True, 2)] + [
+    pytest.param(*s, marks=gpu_only) for s in [(8192, 1152, 1152, 8, None, True, 2), (8192, 1152, 4608, 4, 64, True, 2),
+                                               (240, 1152, 1152, 8, None, True, None),
+                                               (517, 1152, 1152, 8, None, False, 11)]])
+def test_int_linear_residual_epilogue(m, n, k, bits, group_size, tma, batch):
+    """``residual`` / ``gate``: the block's (gated) residual connection added in the GEMM epilogue, in float32
+    before the one rounding, against the reference; bad shapes are refused."""
+    g = torch.Generator().manual_seed(m + n + k + 1)
+    w, w_scale, w_zero, gs, packed = _make_weight(n, k, bits, bits == 8, group_size, g)
+    a = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8).to(DEVICE)
+    a_scale = (torch.rand(m, 1, generator=g) * 0.05).to(DEVICE)
+    bias = torch.randn(n, generator=g).to(DEVICE, torch.bfloat16)
+    residual = torch.randn(m, n, generator=g).to(DEVICE, torch.bfloat16)
+    gate = None if batch is None else torch.randn(batch, 3 * n, generator=g).to(DEVICE, torch.bfloat16)[:, n:2 * n]
+    if tma:
+        config = TMA_CFG_G64 if gs < k else TMA_CFG
+    else:
+        config = int_gemm.GemmConfig(128, 128, 64 if gs < k else 128, 8, 8, 3) if CUDA else \
+            (SMALL_CFG_G64 if gs < k else SMALL_CFG)
+    y = int_gemm.quant_linear(a, a_scale, w, w_scale, w_zero, gs, packed, bias, torch.bfloat16, config,
+                              residual=residual, gate=gate)
+    plain = reference.int_linear(a, a_scale, w, w_scale, w_zero, gs, packed, bias, torch.float32)
+    gated = plain if gate is None else (plain.view(batch, -1, n) * gate.float()[:, None]).view(m, n)
+    expected = gated + residual.float()
+    ref = reference.int_linear(a, a_scale, w, w_scale, w_zero, gs, packed, bias, torch.bfloat16, None, None,
+                               residual, gate)
+    assert rel_err(ref, expected) < 4e-3 and (expected - plain).abs().max() > 0.5
+    assert y.dtype == torch.bfloat16 and rel_err(y, expected) < 8e-3
+    with pytest.raises(ValueError, match="residual must be"):
+        int_gemm.quant_linear(a, a_scale, w, w_scale, w_zero, gs, packed, bias, torch.bfloat16, residual=residual.t())
+    with pytest.raises(ValueError, match="gate"):
+        int_gemm.quant_linear(a, a_scale, w, w_scale, w_zero, gs, packed, bias, torch.bfloat16, residual=residual,
+                              gate=torch.ones(5 if m % 5 else 7, n, device=DEVICE))
+
+
+@gpu_only
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("m,n,k", [(8192, 1152, 1152), (8192, 1152, 4608), (35552, 1920, 7680)])
+def test_residual_epilogue_default_configs(m, n, k, fp8):
+    """The default tiles with the residual epilogue launch at DiT shapes (the 3-stage 128 x 256 fp8 tile once
+    overflowed shared memory: 245 784 > 232 448 bytes) and match the reference."""
+    g = torch.Generator(device="cuda").manual_seed(m + k)
+    x = torch.randn(m, k, device="cuda", generator=g)
+    w = torch.randn(n, k, device="cuda", generator=g) * k**-0.5
+    if fp8:
+        (a, a_scale), (wq, w_scale) = reference.quantize_per_token_fp8(x), reference.quantize_per_token_fp8(w)
+    else:
+        (a, a_scale), q = reference.quantize_activation(x, 8), quantize_weight(w, 8)
+        wq, w_scale = q.codes, q.scale
+    residual = torch.randn(m, n, device="cuda", generator=g).to(torch.bfloat16)
+    gate = torch.randn(2, n, device="cuda", generator=g).to(torch.bfloat16)
+    cfg = int_gemm.default_config(m, n, k, k, fp8, 2, True)
+    assert int_gemm.smem_estimate(cfg, 2, True) <= int_gemm.SMEM_LIMIT
+    y = int_gemm.quant_linear(a, a_scale, wq, w_scale, None, k, False, None, torch.bfloat16,
+                              residual=residual, gate=gate)
+    ref = reference.int_linear(a, a_scale, wq, w_scale, None, k, False, None, torch.float32, None, None,
+                               residual, gate)
+    assert rel_err(y, ref) < 8e-3
+
+
 STAGE_SHAPES = [(45, 128), (9, 192), (16, 1024), (3, 64)] + [pytest.param(*s, marks=gpu_only)
                                                              for s in [(1152, 1152), (4608, 1152), (1920, 7680)]]
 
@@ -401,11 +464,13 @@ def test_fp8_act_int4_linear_matches_reference(m, n, k, group_size):
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
 def test_default_gemm_configs_fit_in_shared_memory(fp8, out_dtype):
     """The TMA configs chosen for DiT shapes fit the sm_90 shared memory with either output dtype (a float32
-    model once got the bf16 tiles: 273 KiB, refused at launch)."""
+    model once got the bf16 tiles: 273 KiB, refused at launch), with or without the residual epilogue."""
     size = torch.empty(0, dtype=out_dtype).element_size()
-    for m, n, k in [(8192, 1152, 1152), (8192, 4608, 1152), (35552, 1920, 7680), (35552, 7680, 1920)]:
-        cfg = int_gemm.default_config(m, n, k, k, fp8, size)
-        assert cfg.tma and int_gemm.smem_estimate(cfg, size) <= int_gemm.SMEM_LIMIT
+    for (m, n, k), residual in itertools.product(
+            [(8192, 1152, 1152), (8192, 4608, 1152), (35552, 1920, 7680), (35552, 7680, 1920)], [False, True]):
+        cfg = int_gemm.default_config(m, n, k, k, fp8, size, residual)
+        assert cfg.tma and int_gemm.smem_estimate(cfg, size, residual) <= int_gemm.SMEM_LIMIT
+        assert cfg.num_stages >= 2
     assert int_gemm.smem_estimate(int_gemm.GemmConfig(128, 256, 128, 8, 8, 3, True, True), 4) > int_gemm.SMEM_LIMIT
 
 
@@ -461,6 +526,11 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.viditq.int_linear.default,
                           (codes, scale, w, w_scale, w_zero, gs, packed, bias, torch.bfloat16, None, stage),
                           test_utils=("test_schema", "test_faketensor"))
+    residual = torch.randn(5, 16, generator=g).to(DEVICE, torch.bfloat16)
+    gate = torch.randn(1, 16, generator=g).to(DEVICE, torch.bfloat16)
+    torch.library.opcheck(torch.ops.viditq.int_linear.default,
+                          (codes, scale, w, w_scale, w_zero, gs, packed, bias, torch.bfloat16, None, stage, residual,
+                           gate), test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize("fp8", [False, True])

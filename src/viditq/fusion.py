@@ -6,7 +6,10 @@ with ``norm_type="ada_norm_single"``): their two LayerNorm + modulations feed qu
 self-attention, the feed-forward up-projection), so one kernel computes the norm, the modulation *and* those
 layers' per-token quantization (``kernels.norm.layer_norm_modulate_quant``) and hands the codes to the layers
 through their input cache (:meth:`viditq.layers.SharedInputCache.prime`): the quantization pass that would read
-the activation again goes. On CUDA, eager and under ``torch.compile`` (a custom op); elsewhere diffusers' forward.
+the activation again goes (nor is the float output written, where only those layers read it). The layers that
+end the residual branches (attention output projections, feed-forward down-projection) add the gated residual
+in their GEMM epilogue (``QuantLinear(x, residual, gate)``), so the pass that reads their output and the
+residual again goes too. On CUDA, eager and under ``torch.compile`` (custom ops); elsewhere diffusers' forward.
 
 CogVideoX's ``CogVideoXLayerNormZero`` (two per block) runs a LayerNorm, a multiply and an add over the whole
 activation, three passes through memory (13 % of CogVideoX-2B's bf16 forward on an H100 is the LayerNorm alone).
@@ -21,7 +24,10 @@ their (quantized) projection, which saves one read and one write of the widest a
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.nn.functional as F
 from diffusers.models.activations import GELU
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.normalization import CogVideoXLayerNormZero
@@ -122,16 +128,104 @@ def _quantizes_own_input(layer, channels: int) -> bool:
             and (cache is None or cache.members == 1 or layer._input_index == 0))
 
 
-def _norm_modulate(norm: nn.LayerNorm, x, scale, shift, layer):
+def _plain_attention(attn) -> bool:
+    """diffusers' plain processor (wrapped by 8-bit attention or not) with no residual, group or spatial norm
+    and no output rescaling: it reads its input through q/k/v only and returns ``to_out``'s output as it is."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    processor = attn.processor
+    processor = getattr(processor, "processor", processor)  # viditq.attention.QuantizedAttnProcessor
+    return (type(processor) is AttnProcessor2_0 and not attn.residual_connection and attn.group_norm is None
+            and attn.spatial_norm is None and attn.rescale_output_factor == 1.0)
+
+
+def _codes_only_attention(attn, to_q) -> bool:
+    """Whether the self-attention ``attn`` reads its input only through q/k/v (one input cache with ``to_q``
+    first): then the norm kernel need not write the float input at all (only its shape is read)."""
+    cache = to_q._input_cache
+    return (_plain_attention(attn) and cache is not None and cache.members == 3
+            and attn.to_k._input_cache is cache and attn.to_v._input_cache is cache)
+
+
+def _project(layer: nn.Module, x, residual, gate=None):
+    """``residual + gate * layer(x)`` (gate (B, 1, C) or None): a QuantLinear adds it in its GEMM epilogue."""
+    if type(layer) is QuantLinear:
+        return layer(x, residual, gate)
+    y = layer(x)
+    return residual + (y if gate is None else gate * y)
+
+
+def _eval_tail(module: nn.Module, layers) -> list | None:
+    """``layers`` without its trailing dropouts (identities in eval mode), or None in training mode."""
+    layers = list(layers)
+    while layers and isinstance(layers[-1], nn.Dropout):
+        layers.pop()
+    return layers if layers and not module.training else None
+
+
+def _attend(attn, x, residual, gate=None, context=None, mask=None):
+    """``residual + gate * attn(x, context, mask)``, diffusers' ``AttnProcessor2_0`` arithmetic for a plain
+    attention (:func:`_plain_attention`) run here so that the output projection adds the residual (the
+    processor's trailing ``/ rescale_output_factor`` would cost a pass over the output: Inductor keeps a division
+    by 1 after a custom op). Through 8-bit attention where the processor is a QuantizedAttnProcessor."""
+    from .attention import QuantizedAttnProcessor, SDPARouter
+
+    tail = _eval_tail(attn, attn.to_out)
+    if not _plain_attention(attn) or tail is None or len(tail) != 1:
+        out = attn(x, encoder_hidden_states=context, attention_mask=mask)
+        return residual + (out if gate is None else gate * out)
+    processor = attn.processor
+    route = SDPARouter(processor.mode, processor.min_kv_tokens, processor.counts) \
+        if isinstance(processor, QuantizedAttnProcessor) else contextlib.nullcontext()
+    batch = x.shape[0]
+    if mask is not None:
+        mask = attn.prepare_attention_mask(mask, (x if context is None else context).shape[1], batch)
+        mask = mask.view(batch, attn.heads, -1, mask.shape[-1])
+    query = attn.to_q(x)
+    if context is None:
+        context = x
+    elif attn.norm_cross:
+        context = attn.norm_encoder_hidden_states(context)
+    key, value = attn.to_k(context), attn.to_v(context)
+    head_dim = key.shape[-1] // attn.heads
+    query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    with route:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False)
+    out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+    return _project(tail[0], out, residual, gate)
+
+
+def _feed_forward(ff, x, residual, gate):
+    """``residual + gate * ff(x)`` (diffusers' FeedForward: its modules in turn), the down-projection adding it."""
+    tail = _eval_tail(ff, ff.net)
+    if tail is None:
+        return residual + gate * ff(x)
+    for module in tail[:-1]:
+        x = module(x)
+    return _project(tail[-1], x, residual, gate)
+
+
+def _codes_only_ff(ff, up) -> bool:
+    """Whether the feed-forward reads its input only through ``up`` (diffusers' GELU projection first)."""
+    first = ff.net[0]
+    return type(first) in (GELU, FusedGELU) and first.proj is up and up._input_cache.members == 1
+
+
+def _norm_modulate(norm: nn.LayerNorm, x, scale, shift, layer, codes_only=False):
     """``norm(x) * (1 + scale) + shift`` (scale, shift (B, 1, C)); with ``layer`` (a QuantLinear with an input
-    cache) one kernel also quantizes the result for it and primes its cache."""
+    cache) one kernel also quantizes the result for it and primes its cache; ``codes_only``: every reader of the
+    result takes the codes, so the kernel does not write the result (an uninitialized tensor of its shape)."""
     from .kernels import norm as kernels
 
     if layer is None or layer._input_cache is None or not 1 <= x.shape[-1] <= kernels.MAX_CHANNELS:
         return norm(x) * (1 + scale) + shift
     s = layer.spec
     args = (x.contiguous(), norm.weight, norm.bias, scale[:, 0], shift[:, 0], norm.eps, s.act_bits, layer.smooth_inv,
-            s.fp8)
+            s.fp8, not codes_only)
     if torch.compiler.is_compiling():
         y, codes, qscale = torch.ops.viditq.layer_norm_modulate_quant(*args)
     else:
@@ -142,8 +236,10 @@ def _norm_modulate(norm: nn.LayerNorm, x, scale, shift, layer):
 
 class FusedAdaNormSingleBlock(BasicTransformerBlock):
     """PixArt-style block whose LayerNorm + modulations also quantize the inputs of q/k/v and of the
-    feed-forward up-projection (see :func:`fuse_ada_norm_single`). Same arithmetic as diffusers' forward up to
-    rounding: the norm and modulation round once, in the kernel."""
+    feed-forward up-projection, and whose attention output projections and feed-forward down-projection add the
+    (gated) residual connections in their GEMM epilogues (see :func:`fuse_ada_norm_single`). Same arithmetic as
+    diffusers' forward up to rounding: the norm and modulation round once, in the kernel, and so do the
+    projections with their residual."""
 
     def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
                 timestep=None, cross_attention_kwargs=None, class_labels=None, added_cond_kwargs=None):
@@ -155,16 +251,17 @@ class FusedAdaNormSingleBlock(BasicTransformerBlock):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             self.scale_shift_table[None] + timestep.reshape(hidden_states.shape[0], 6, -1)).chunk(6, dim=1)
         to_q = self.attn1.to_q if _quantizes_own_input(self.attn1.to_q, c) else None
-        norm_hidden_states = _norm_modulate(self.norm1, hidden_states, scale_msa, shift_msa, to_q)
-        attn_output = self.attn1(norm_hidden_states, encoder_hidden_states=None, attention_mask=attention_mask)
-        hidden_states = gate_msa * attn_output + hidden_states
+        norm_hidden_states = _norm_modulate(self.norm1, hidden_states, scale_msa, shift_msa, to_q,
+                                            to_q is not None and _codes_only_attention(self.attn1, to_q))
+        hidden_states = _attend(self.attn1, norm_hidden_states, hidden_states, gate_msa, mask=attention_mask)
         if self.attn2 is not None:
-            hidden_states = self.attn2(hidden_states, encoder_hidden_states=encoder_hidden_states,
-                                       attention_mask=encoder_attention_mask) + hidden_states
+            hidden_states = _attend(self.attn2, hidden_states, hidden_states, context=encoder_hidden_states,
+                                    mask=encoder_attention_mask)
         up = getattr(self.ff.net[0], "proj", None)
         up = up if _quantizes_own_input(up, c) else None
-        norm_hidden_states = _norm_modulate(self.norm2, hidden_states, scale_mlp, shift_mlp, up)
-        return gate_mlp * self.ff(norm_hidden_states) + hidden_states
+        norm_hidden_states = _norm_modulate(self.norm2, hidden_states, scale_mlp, shift_mlp, up,
+                                            up is not None and _codes_only_ff(self.ff, up))
+        return _feed_forward(self.ff, norm_hidden_states, hidden_states, gate_mlp)
 
 
 def fuse_ada_norm_single(model: nn.Module) -> int:

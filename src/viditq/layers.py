@@ -209,10 +209,15 @@ class QuantLinear(nn.Module):
         codes = reference.unpack_weight_codes(self.weight_codes, self.spec.packed_int4)
         return dequantize_weight(codes, self.weight_scale, self.weight_zero, self.spec.group_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                gate: torch.Tensor | None = None) -> torch.Tensor:
+        """``y = layer(x)``; with ``residual`` (x's shape but N channels) ``residual + gate * y`` (gate (B, 1, N):
+        one row per batch element of a (B, T, K) input; or None: ``residual + y``), added in the GEMM epilogue
+        where the kernel runs (the block's residual connection, see :mod:`viditq.fusion`), one rounding."""
         spec = self.spec
         if spec.weight_only:
-            return self.forward_float_act(x)
+            y = self.forward_float_act(x)
+            return y if residual is None else residual + (y if gate is None else gate * y)
         x2d = x.reshape(-1, spec.in_features)  # (M, K), M = batch * tokens
         if spec.act_static or self.rot_matrix is not None:
             xb = self.balance(x2d)
@@ -223,9 +228,13 @@ class QuantLinear(nn.Module):
                 codes, scale = reference.quantize_activation(xb, spec.act_bits, fp8=spec.fp8)
         else:
             codes, scale = self._quantize_input(x, x2d)
+        if residual is not None:
+            residual = residual.reshape(-1, spec.out_features)  # (M, N)
+            gate = None if gate is None else gate.reshape(gate.shape[0], spec.out_features)  # (B, N)
         y = dispatch.int_linear(
             codes, scale, self.weight_codes, self.weight_scale, self.weight_zero,
             spec.group_size, spec.packed_int4, self.bias, x.dtype, self.fused_activation, self.stage_scale,
+            residual, gate,
         )
         return y.reshape(*x.shape[:-1], spec.out_features)  # (..., N)
 

@@ -25,7 +25,7 @@ visited in groups of ``GROUP_M`` row-blocks so consecutive programs share B tile
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import torch
@@ -53,17 +53,29 @@ class GemmConfig:
 SMEM_LIMIT = 232448  # bytes of shared memory per block on sm_90 (H100 / H200)
 
 
-def smem_estimate(cfg: GemmConfig, out_size: int) -> int:
-    """Shared memory of the TMA kernel: ``num_stages`` A and B tiles (8-bit) + the C tile of the TMA store."""
-    return cfg.num_stages * (cfg.block_m + cfg.block_n) * cfg.block_k + cfg.block_m * cfg.block_n * out_size
+def smem_estimate(cfg: GemmConfig, out_size: int, residual: bool = False) -> int:
+    """Shared memory of the TMA kernel: ``num_stages`` A and B tiles (8-bit) + the C tile of the TMA store
+    (+ with the ``residual`` epilogue, the residual tile of the TMA load, as large)."""
+    c_tile = cfg.block_m * cfg.block_n * out_size
+    return cfg.num_stages * (cfg.block_m + cfg.block_n) * cfg.block_k + c_tile * (2 if residual else 1)
 
 
 @lru_cache(maxsize=None)
-def default_config(m: int, n: int, k: int, group_size: int, fp8: bool, out_size: int = 2) -> GemmConfig:
+def default_config(m: int, n: int, k: int, group_size: int, fp8: bool, out_size: int = 2,
+                   residual: bool = False) -> GemmConfig:
     """Tile choice for DiT shapes from the H100 sweep in benchmarks/NOTES.md (no autotuning, so a first forward
     compiles each kernel once and nothing else). Packed int4 runs the per-channel int8 kernel after staging.
     ``out_size``: bytes per output element; float32 outputs take 128 x 128 tiles (the 256-wide C tile of the
-    TMA store would not fit in shared memory)."""
+    TMA store would not fit in shared memory). The ``residual`` epilogue takes 128 x 128 x 4-stage tiles (best
+    of the H200 residual sweep at the PixArt shapes), dropping stages until its residual tile fits too
+    (:func:`smem_estimate`)."""
+    cfg = _tile_config(m, n, k, group_size, fp8, out_size, residual)
+    while cfg.tma and cfg.num_stages > 2 and smem_estimate(cfg, out_size, residual) > SMEM_LIMIT:
+        cfg = replace(cfg, num_stages=cfg.num_stages - 1)
+    return cfg
+
+
+def _tile_config(m: int, n: int, k: int, group_size: int, fp8: bool, out_size: int, residual: bool) -> GemmConfig:
     grouped = group_size < k
     override = os.environ.get("VIDITQ_GEMM_CONFIG")
     if override:  # "BM,BN,BK,GROUP_M,warps,stages,persistent,tma" from a benchmark sweep
@@ -73,7 +85,9 @@ def default_config(m: int, n: int, k: int, group_size: int, fp8: bool, out_size:
         return GemmConfig(64, 128, 64 if grouped else 128, 8, 4, 4)
     if grouped:
         return GemmConfig(128, 128, min(64, group_size), 8, 8, 4)
-    if out_size > 2:
+    if residual:
+        return GemmConfig(128, 128, 128, 8, 8, 4, persistent=True, tma=True)
+    if m <= 512 or out_size > 2:  # few row tiles (text tokens): narrow tiles for more programs (H200, session 8)
         return GemmConfig(128, 128, 128, 8, 8, 3, persistent=True, tma=True)
     if fp8:
         return GemmConfig(128, 256, 128, 8, 8, 3, persistent=True, tma=True)
@@ -125,12 +139,30 @@ def _epilogue(acc, offs_m, offs_n, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, str
 
 
 @triton.jit
+def _add_residual(y, res, gate_ptr, stride_gb, tokens, offs_m, offs_n, M, N, HAS_GATE: tl.constexpr,
+                  TILE_GATE: tl.constexpr):
+    """The block's residual connection ``res + gate[row // tokens] * y`` (``HAS_GATE``; else ``res + y``) in f32;
+    ``TILE_GATE``: the tile's rows share one batch row (``tokens`` a multiple of BLOCK_M), one gate vector."""
+    n_mask = offs_n < N
+    if HAS_GATE:
+        if TILE_GATE:
+            batch = (tl.min(offs_m) // tokens).to(tl.int64)
+            gate = tl.load(gate_ptr + batch * stride_gb + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        else:
+            batch = (offs_m // tokens).to(tl.int64)
+            mask = (offs_m < M)[:, None] & n_mask[None, :]
+            gate = tl.load(gate_ptr + batch[:, None] * stride_gb + offs_n[None, :], mask=mask, other=0.0)
+        y = y * gate.to(tl.float32)
+    return y + res.to(tl.float32)
+
+
+@triton.jit
 def _gemm_tile(
     tile_id, a_ptr, a_scale_ptr, b_ptr, w_scale_ptr, w_zero_ptr, bias_ptr, c_ptr,
-    M, N, K, stride_am, stride_bn, stride_cm, stride_sg, group_size,
+    M, N, K, stride_am, stride_bn, stride_cm, stride_sg, group_size, res_ptr, stride_rm, gate_ptr, stride_gb, tokens,
     GROUPED: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    GELU: tl.constexpr,
+    GELU: tl.constexpr, RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr,
 ):
     """One (BLOCK_M, BLOCK_N) output tile: main loop over K, then the fused epilogue."""
     pid_m, pid_n = _tile_coords(tile_id, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -171,6 +203,10 @@ def _gemm_tile(
         z = tl.load(w_zero_ptr + offs_n * stride_sg, mask=n_mask, other=0).to(tl.int32)
         acc -= rowsum[:, None] * z[None, :]
     y = _epilogue(acc, offs_m, offs_n, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, stride_sg, GROUPED, HAS_BIAS, GELU)
+    if RESIDUAL:
+        res = tl.load(res_ptr + offs_m[:, None].to(tl.int64) * stride_rm + offs_n[None, :],
+                      mask=m_mask & n_mask[None, :], other=0.0)
+        y = _add_residual(y, res, gate_ptr, stride_gb, tokens, offs_m, offs_n, M, N, HAS_GATE, False)
     c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=m_mask & n_mask[None, :])
 
@@ -179,29 +215,32 @@ def _gemm_tile(
 def _quant_gemm_kernel(
     a_ptr, a_scale_ptr, b_ptr, w_scale_ptr, w_zero_ptr, bias_ptr, c_ptr,
     M, N, K, stride_am, stride_bn, stride_cm, stride_sg, group_size, num_programs,
+    res_ptr, stride_rm, gate_ptr, stride_gb, tokens,
     GROUPED: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PERSISTENT: tl.constexpr, GELU: tl.constexpr,
+    PERSISTENT: tl.constexpr, GELU: tl.constexpr, RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr,
 ):
     if PERSISTENT:
         num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
         for tile_id in range(tl.program_id(0), num_tiles, num_programs):
             _gemm_tile(tile_id, a_ptr, a_scale_ptr, b_ptr, w_scale_ptr, w_zero_ptr, bias_ptr, c_ptr,
                        M, N, K, stride_am, stride_bn, stride_cm, stride_sg, group_size,
-                       GROUPED, HAS_ZERO, HAS_BIAS, FP8, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, GELU)
+                       res_ptr, stride_rm, gate_ptr, stride_gb, tokens,
+                       GROUPED, HAS_ZERO, HAS_BIAS, FP8, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, GELU, RESIDUAL, HAS_GATE)
     else:
         _gemm_tile(tl.program_id(0), a_ptr, a_scale_ptr, b_ptr, w_scale_ptr, w_zero_ptr, bias_ptr, c_ptr,
                    M, N, K, stride_am, stride_bn, stride_cm, stride_sg, group_size,
-                   GROUPED, HAS_ZERO, HAS_BIAS, FP8, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, GELU)
+                   res_ptr, stride_rm, gate_ptr, stride_gb, tokens,
+                   GROUPED, HAS_ZERO, HAS_BIAS, FP8, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, GELU, RESIDUAL, HAS_GATE)
 
 
 @triton.jit
 def _quant_gemm_tma_kernel(
-    a_desc, b_desc, c_desc, a_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
-    M, N, K, stride_am, stride_sg, group_size, num_programs,
+    a_desc, b_desc, c_desc, r_desc, a_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
+    M, N, K, stride_am, stride_sg, group_size, num_programs, gate_ptr, stride_gb, tokens,
     GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr,
     FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    GELU: tl.constexpr,
+    GELU: tl.constexpr, RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr, TILE_GATE: tl.constexpr,
 ):
     """Persistent variant: A and B arrive by TMA (bulk tensor copies, zero-filled at the edges); the tile loop is
     flattened with the K loop so the next tile's loads overlap this tile's epilogue; C leaves by TMA. No zero
@@ -233,6 +272,9 @@ def _quant_gemm_tma_kernel(
                 acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
         y = _epilogue(acc, offs_m, offs_n, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, stride_sg, GROUPED, HAS_BIAS,
                       GELU)
+        if RESIDUAL:  # the residual tile arrives by TMA too (a pointer load in the MMA layout stalled the epilogue)
+            res = r_desc.load([pid_m * BLOCK_M, pid_n * BLOCK_N])
+            y = _add_residual(y, res, gate_ptr, stride_gb, tokens, offs_m, offs_n, M, N, HAS_GATE, TILE_GATE)
         c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], y.to(c_desc.dtype))
 
 
@@ -308,14 +350,14 @@ def _num_sms(device: torch.device) -> int:
     return _SM_COUNT[index]
 
 
-def _tma_ok(a, w, c, w_zero) -> bool:
+def _tma_ok(a, w, c, w_zero, residual=None) -> bool:
     """TMA needs 16-byte aligned bases and row strides; int8 zero points need the pointer kernel's row sums."""
-    tensors = (a, w, c)
+    tensors = (a, w, c) if residual is None else (a, w, c, residual)
     aligned = all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in tensors)
     return aligned and w_zero is None
 
 
-def _launch_tma(a, a_scale, w, w_scale, group_size, bias, c, cfg, fp8, gelu=False):
+def _launch_tma(a, a_scale, w, w_scale, group_size, bias, c, cfg, fp8, gelu, res):
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     m, k = a.shape
@@ -323,14 +365,17 @@ def _launch_tma(a, a_scale, w, w_scale, group_size, bias, c, cfg, fp8, gelu=Fals
     a_desc = TensorDescriptor.from_tensor(a, [cfg.block_m, cfg.block_k])
     b_desc = TensorDescriptor.from_tensor(w, [cfg.block_n, cfg.block_k])
     c_desc = TensorDescriptor.from_tensor(c, [cfg.block_m, cfg.block_n])
+    residual, (gate, stride_gb, tokens) = res["residual"], res["args"][2:]
+    r_desc = c_desc if residual is None else TensorDescriptor.from_tensor(residual, [cfg.block_m, cfg.block_n])
     num_tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     programs = min(num_tiles, _num_sms(a.device))
     _quant_gemm_tma_kernel[(programs,)](
-        a_desc, b_desc, c_desc, a, a_scale, w_scale, bias if bias is not None else a_scale,
-        m, n, k, a.stride(0), w_scale.stride(0), group_size, programs,
+        a_desc, b_desc, c_desc, r_desc, a, a_scale, w_scale, bias if bias is not None else a_scale,
+        m, n, k, a.stride(0), w_scale.stride(0), group_size, programs, gate, stride_gb, tokens,
         GROUPED=group_size < k, HAS_BIAS=bias is not None, FP8=fp8,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        GELU=gelu, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        GELU=gelu, RESIDUAL=residual is not None, HAS_GATE=res["HAS_GATE"], TILE_GATE=tokens % cfg.block_m == 0,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
@@ -386,9 +431,12 @@ def quant_linear(
     config: GemmConfig | None = None,
     activation: str | None = None,
     stage_scale: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``(a * a_scale) @ dequant(w)^T + bias`` → (M, N) ``out_dtype``; ``activation="gelu_tanh"`` applies
-    ``F.gelu(·, approximate="tanh")`` in the epilogue.
+    ``F.gelu(·, approximate="tanh")`` in the epilogue; ``residual`` (M, N) adds a residual connection there,
+    ``residual + gate[row // (M // B)] * y`` with ``gate`` (B, N) (contiguous channels) or ``residual + y``.
 
     a: (M, K) int8 codes or fp8 e4m3; a_scale: (M, 1) f32; w: (N, K) int8 / fp8, or (N, K // 2) uint8 packed int4
     (staged to per-channel int8 — fp8 for fp8 ``a`` — first, with ``stage_scale`` (N, 1) if given, see
@@ -410,24 +458,45 @@ def quant_linear(
         w, w_scale = stage_int4(w, w_scale, w_zero, group_size, stage_scale, fp8)
         w_zero, group_size = None, k
     gelu = activation == "gelu_tanh"
-    cfg = config or default_config(m, n, k, group_size, fp8, out_dtype.itemsize)
+    cfg = config or default_config(m, n, k, group_size, fp8, out_dtype.itemsize, residual is not None)
     if not supported(k, group_size, False, cfg):
         raise ValueError(f"unsupported quantized GEMM: K={k}, group_size={group_size}, block_k={cfg.block_k}")
     a, w, w_scale = a.contiguous(), w.contiguous(), w_scale.contiguous()
     a_scale = a_scale.reshape(m).contiguous()
+    res = _residual_args(residual, gate, m, n, a_scale)
     c = torch.empty(m, n, device=a.device, dtype=out_dtype)
     if m == 0:
         return c
-    if cfg.tma and _tma_ok(a, w, c, w_zero):
-        _launch_tma(a, a_scale, w, w_scale, group_size, bias, c, cfg, fp8, gelu)
+    if cfg.tma and _tma_ok(a, w, c, w_zero, residual):
+        _launch_tma(a, a_scale, w, w_scale, group_size, bias, c, cfg, fp8, gelu, res)
         return c
     num_tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     programs = min(num_tiles, _num_sms(a.device)) if cfg.persistent else num_tiles
     _quant_gemm_kernel[(programs,)](
         a, a_scale, w, w_scale, w_zero if w_zero is not None else w_scale, bias if bias is not None else a_scale, c,
-        m, n, k, a.stride(0), w.stride(0), c.stride(0), w_scale.stride(0), group_size, programs,
+        m, n, k, a.stride(0), w.stride(0), c.stride(0), w_scale.stride(0), group_size, programs, *res["args"],
         GROUPED=group_size < k, HAS_ZERO=w_zero is not None, HAS_BIAS=bias is not None, FP8=fp8,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        PERSISTENT=cfg.persistent, GELU=gelu, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PERSISTENT=cfg.persistent, GELU=gelu, RESIDUAL=res["RESIDUAL"], HAS_GATE=res["HAS_GATE"],
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return c
+
+
+def _residual_args(residual, gate, m, n, dummy) -> dict:
+    """Kernel arguments of the residual epilogue (pointers, strides, tokens per batch row of ``gate``)."""
+    if residual is None:
+        if gate is not None:
+            raise ValueError("a gate needs a residual")
+        return dict(args=(dummy, 0, dummy, 0, 1), residual=None, RESIDUAL=False, HAS_GATE=False)
+    if residual.shape != (m, n) or residual.stride(-1) != 1:
+        raise ValueError(f"residual must be ({m}, {n}) with contiguous rows, got {tuple(residual.shape)} "
+                         f"strides {residual.stride()}")
+    if gate is None:
+        return dict(args=(residual, residual.stride(0), dummy, 0, 1), residual=residual, RESIDUAL=True,
+                    HAS_GATE=False)
+    if gate.dim() != 2 or gate.shape[1] != n or gate.stride(-1) != 1 or gate.shape[0] < 1 or m % gate.shape[0]:
+        raise ValueError(f"gate must be (B, {n}) with contiguous channels and B dividing M={m}, got "
+                         f"{tuple(gate.shape)} strides {gate.stride()}")
+    return dict(args=(residual, residual.stride(0), gate, gate.stride(0), m // gate.shape[0]), residual=residual,
+                RESIDUAL=True, HAS_GATE=True)

@@ -5,18 +5,21 @@
 whole activation. Statistics and arithmetic in float32, one rounding to x's dtype at the end (the eager model
 rounds after the LayerNorm and after each elementwise op, so the two agree to bf16 rounding).
 
-One program per ``BLOCK_M`` rows of C channels held in registers (C padded to a power of two, at most 16384).
+One program per ``BLOCK_M`` rows of C channels held in registers (C as a power-of-two main tile plus a
+power-of-two tail, ``act_quant.split_width``; at most 16384).
 :func:`layer_norm_modulate_quant` also quantizes the rounded output per token for the quantized layer it feeds
 (the codes of ``act_quant``'s plain kernel), while the row is in registers.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 from ..quant.quantizers import MIN_SCALE, signed_range
-from .act_quant import FP8_E4M3_MAX, _FAST_ROUND_OK, _row_scale, _store_codes
+from .act_quant import FP8_E4M3_MAX, _FAST_ROUND_OK, _row_scale, _store_codes, split_width
 
 MAX_CHANNELS = 16384
 
@@ -45,45 +48,97 @@ def layer_norm_modulate_quant_reference(x, weight, bias, scale, shift, eps, bits
 
 
 @triton.jit
-def _ln_modulate_kernel(
-    x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, y_ptr, rows, tokens, stride_sb, stride_hb, eps,
-    smooth_ptr, codes_ptr, qscale_ptr,
-    C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, QUANT: tl.constexpr = False, HAS_SMOOTH: tl.constexpr = False,
-    QMAX: tl.constexpr = 127.0, MIN_S: tl.constexpr = 1e-8, FP8: tl.constexpr = False,
-    CUDA_SCALAR_DIV: tl.constexpr = False, FAST_ROUND: tl.constexpr = False,
-):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = tl.arange(0, BLOCK_C)
-    row_ok = offs_m < rows
-    c_ok = offs_c < C
-    mask = row_ok[:, None] & c_ok[None, :]
-    ptrs = offs_m.to(tl.int64)[:, None] * C + offs_c[None, :]
-    x = tl.load(x_ptr + ptrs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-    mean = tl.sum(x, axis=1) / C
-    xc = tl.where(mask, x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)
+def _modulate_part(xc, rstd, offs_c, c_ok, mask, batch, w_ptr, b_ptr, scale_ptr, shift_ptr, stride_sb, stride_hb,
+                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr):
+    """Channels ``offs_c`` of the normalized rows: ``(xc * rstd * w + b) * (1 + scale[b]) + shift[b]``, float32."""
     y = xc * rstd[:, None]
     if HAS_W:
         y = y * tl.load(w_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_B:
         y = y + tl.load(b_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-    batch = (offs_m // tokens).to(tl.int64)
     if HAS_SCALE:
         s = tl.load(scale_ptr + batch[:, None] * stride_sb + offs_c[None, :], mask=mask, other=0.0)
         y = y * (1.0 + s.to(tl.float32))
     if HAS_SHIFT:
         h = tl.load(shift_ptr + batch[:, None] * stride_hb + offs_c[None, :], mask=mask, other=0.0)
         y = y + h.to(tl.float32)
-    y = y.to(y_ptr.dtype.element_ty)
-    tl.store(y_ptr + ptrs, y, mask=mask)
+    return y
+
+
+@triton.jit
+def _ln_modulate_kernel(
+    x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, y_ptr, rows, tokens, stride_sb, stride_hb, eps,
+    smooth_ptr, codes_ptr, qscale_ptr,
+    C: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BLOCK_M: tl.constexpr, HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, WRITE_Y: tl.constexpr = True,
+    QUANT: tl.constexpr = False, HAS_SMOOTH: tl.constexpr = False,
+    QMAX: tl.constexpr = 127.0, MIN_S: tl.constexpr = 1e-8, FP8: tl.constexpr = False,
+    CUDA_SCALAR_DIV: tl.constexpr = False, FAST_ROUND: tl.constexpr = False,
+):
+    """Rows ``BLOCK_M`` at a time, their C channels as a main tile of KA lanes and a tail tile of KB (0: none;
+    ``act_quant.split_width``: 1152 = 1024 + 128 instead of 2048 padded lanes)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < rows
+    rows_x = offs_m.to(tl.int64)[:, None] * C
+    batch = (offs_m // tokens).to(tl.int64)
+    offs_a = tl.arange(0, KA)
+    a_ok = offs_a < C
+    mask_a = row_ok[:, None] & a_ok[None, :]
+    xa = tl.load(x_ptr + rows_x + offs_a[None, :], mask=mask_a, other=0.0, eviction_policy="evict_first")
+    xa = xa.to(tl.float32)
+    total = tl.sum(xa, axis=1)
+    if KB > 0:
+        offs_b = KA + tl.arange(0, KB)
+        b_ok = offs_b < C
+        mask_b = row_ok[:, None] & b_ok[None, :]
+        xb = tl.load(x_ptr + rows_x + offs_b[None, :], mask=mask_b, other=0.0, eviction_policy="evict_first")
+        xb = xb.to(tl.float32)
+        total += tl.sum(xb, axis=1)
+    mean = total / C
+    xa = tl.where(mask_a, xa - mean[:, None], 0.0)
+    sq = tl.sum(xa * xa, axis=1)
+    if KB > 0:
+        xb = tl.where(mask_b, xb - mean[:, None], 0.0)
+        sq += tl.sum(xb * xb, axis=1)
+    rstd = 1.0 / tl.sqrt(sq / C + eps)
+    ya = _modulate_part(xa, rstd, offs_a, a_ok, mask_a, batch, w_ptr, b_ptr, scale_ptr, shift_ptr, stride_sb,
+                        stride_hb, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT).to(y_ptr.dtype.element_ty)
+    if WRITE_Y:
+        tl.store(y_ptr + rows_x + offs_a[None, :], ya, mask=mask_a)
+    if KB > 0:
+        yb = _modulate_part(xb, rstd, offs_b, b_ok, mask_b, batch, w_ptr, b_ptr, scale_ptr, shift_ptr, stride_sb,
+                            stride_hb, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT).to(y_ptr.dtype.element_ty)
+        if WRITE_Y:
+            tl.store(y_ptr + rows_x + offs_b[None, :], yb, mask=mask_b)
     if QUANT:  # per-token quantization of the rounded output, as act_quant's plain kernel computes it
-        yq = y.to(tl.float32)
+        qa = ya.to(tl.float32)
         if HAS_SMOOTH:
-            yq = yq * tl.load(smooth_ptr + offs_c, mask=c_ok, other=0.0)[None, :]
-        qscale = _row_scale(tl.max(tl.abs(yq), axis=1), QMAX, MIN_S, CUDA_SCALAR_DIV)
-        _store_codes(codes_ptr + ptrs, yq, qscale[:, None], mask, QMAX, FP8, FAST_ROUND)
+            qa = qa * tl.load(smooth_ptr + offs_a, mask=a_ok, other=0.0)[None, :]
+        absmax = tl.max(tl.abs(qa), axis=1)
+        if KB > 0:
+            qb = yb.to(tl.float32)
+            if HAS_SMOOTH:
+                qb = qb * tl.load(smooth_ptr + offs_b, mask=b_ok, other=0.0)[None, :]
+            absmax = tl.maximum(absmax, tl.max(tl.abs(qb), axis=1))
+        qscale = _row_scale(absmax, QMAX, MIN_S, CUDA_SCALAR_DIV)
+        _store_codes(codes_ptr + rows_x + offs_a[None, :], qa, qscale[:, None], mask_a, QMAX, FP8, FAST_ROUND)
+        if KB > 0:
+            _store_codes(codes_ptr + rows_x + offs_b[None, :], qb, qscale[:, None], mask_b, QMAX, FP8, FAST_ROUND)
         tl.store(qscale_ptr + offs_m, qscale, mask=row_ok)
+
+
+def launch_shape(c: int) -> tuple[int, int]:
+    """(rows per program, warps) for rows of ``c`` channels: ``VIDITQ_NORM_CONFIG="block_m,num_warps"`` (a
+    benchmark sweep), else one warp per row up to 1152 channels, wider rows ~4k lanes per program."""
+    env = os.environ.get("VIDITQ_NORM_CONFIG")
+    if env:
+        block_m, num_warps = (int(v) for v in env.split(","))
+        return block_m, num_warps
+    lanes = sum(split_width(c))
+    if lanes <= 1152:  # one warp per row: H200 sweep at 8192 x 1152 (session 9), 14.2 us vs 18.2 for (2, 4)
+        return 1, 1
+    block_m = 1 << max(0, min(4, (4096 // lanes).bit_length() - 1))  # power of two, at most 16
+    return block_m, 4 if block_m * lanes <= 4096 else 8
 
 
 def supported(x: torch.Tensor) -> bool:
@@ -125,20 +180,23 @@ def layer_norm_modulate(
 def layer_norm_modulate_quant(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, scale: torch.Tensor | None,
     shift: torch.Tensor | None, eps: float, bits: int, smooth_inv: torch.Tensor | None, fp8: bool,
+    write_y: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`layer_norm_modulate` and the per-token quantization of its output in the same pass: (y (B, N, C)
     in x's dtype, codes (B·N, C) int8 — fp8 e4m3 if ``fp8`` — , scales (B·N, 1) float32), the codes being what
     ``act_quant.quantize_activation(y.view(-1, C), bits, smooth_inv, fp8=fp8)`` gives for this y: the producer
-    of a quantized layer's input writes its codes too, and the quantization pass that would read y again goes."""
+    of a quantized layer's input writes its codes too, and the quantization pass that would read y again goes.
+    ``write_y=False`` skips the store of y (40 % of the traffic): the returned y is then *uninitialized*, for
+    callers whose every reader of y takes the codes instead (``viditq.fusion``)."""
     c = x.shape[-1]
     if smooth_inv is not None and (smooth_inv.shape != (c,) or smooth_inv.dtype != torch.float32
                                    or not smooth_inv.is_contiguous()):
         raise ValueError(f"smooth_inv must be a contiguous float32 vector of {c} channels, got "
                          f"{tuple(smooth_inv.shape)} {smooth_inv.dtype}")
-    return _launch(x, weight, bias, scale, shift, eps, quant=(bits, smooth_inv, fp8))
+    return _launch(x, weight, bias, scale, shift, eps, quant=(bits, smooth_inv, fp8), write_y=write_y)
 
 
-def _launch(x, weight, bias, scale, shift, eps, quant=None):
+def _launch(x, weight, bias, scale, shift, eps, quant=None, write_y=True):
     if not supported(x):
         raise ValueError(f"layer_norm_modulate needs a contiguous (B, N, C) tensor with C <= {MAX_CHANNELS}, "
                          f"got shape {tuple(x.shape)}")
@@ -161,16 +219,16 @@ def _launch(x, weight, bias, scale, shift, eps, quant=None):
                      CUDA_SCALAR_DIV=on_gpu, FAST_ROUND=on_gpu and _FAST_ROUND_OK[0])
     if rows == 0:
         return y, codes, qscale
-    block_c = triton.next_power_of_2(c)
-    block_m = max(1, min(16, 4096 // block_c))
+    ka, kb = split_width(c)
+    block_m, num_warps = launch_shape(c)
     dummy = y
     _ln_modulate_kernel[(triton.cdiv(rows, block_m),)](
         x, dummy if weight is None else weight, dummy if bias is None else bias,
         dummy if scale is None else scale, dummy if shift is None else shift, y, rows, n,
         0 if scale is None else scale.stride(0), 0 if shift is None else shift.stride(0), eps,
         dummy if smooth is None else smooth, dummy if codes is None else codes, dummy if qscale is None else qscale,
-        C=c, BLOCK_C=block_c, BLOCK_M=block_m, HAS_W=weight is not None, HAS_B=bias is not None,
-        HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, num_warps=4 if block_m * block_c <= 4096 else 8,
+        C=c, KA=ka, KB=kb, BLOCK_M=block_m, HAS_W=weight is not None, HAS_B=bias is not None,
+        HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, WRITE_Y=write_y, num_warps=num_warps,
         **extra,
     )
     return y, codes, qscale

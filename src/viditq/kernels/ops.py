@@ -29,11 +29,12 @@ def int_linear_impl(
     x_codes: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
     w_zero: Optional[torch.Tensor], group_size: int, packed_int4: bool, bias: Optional[torch.Tensor],
     out_dtype: torch.dtype, activation: Optional[str] = None, stage_scale: Optional[torch.Tensor] = None,
+    residual: Optional[torch.Tensor] = None, gate: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     from . import int_gemm
 
     return int_gemm.quant_linear(x_codes, x_scale, w, w_scale, w_zero, group_size, packed_int4, bias, out_dtype,
-                                 activation=activation, stage_scale=stage_scale)
+                                 activation=activation, stage_scale=stage_scale, residual=residual, gate=gate)
 
 
 @torch.library.custom_op("viditq::quantize_activation", mutates_args=())
@@ -55,13 +56,15 @@ def _int_linear_op(
     x_codes: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
     w_zero: Optional[torch.Tensor], group_size: int, packed_int4: bool, bias: Optional[torch.Tensor],
     out_dtype: torch.dtype, activation: Optional[str], stage_scale: Optional[torch.Tensor],
+    residual: Optional[torch.Tensor] = None, gate: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     return int_linear_impl(x_codes, x_scale, w, w_scale, w_zero, group_size, packed_int4, bias, out_dtype, activation,
-                           stage_scale)
+                           stage_scale, residual, gate)
 
 
 @_int_linear_op.register_fake
-def _(x_codes, x_scale, w, w_scale, w_zero, group_size, packed_int4, bias, out_dtype, activation, stage_scale):
+def _(x_codes, x_scale, w, w_scale, w_zero, group_size, packed_int4, bias, out_dtype, activation, stage_scale,
+      residual=None, gate=None):
     return x_codes.new_empty((x_codes.shape[0], w.shape[0]), dtype=out_dtype)
 
 
@@ -69,14 +72,15 @@ def _(x_codes, x_scale, w, w_scale, w_zero, group_size, packed_int4, bias, out_d
 def _layer_norm_modulate_quant_op(
     x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], scale: Optional[torch.Tensor],
     shift: Optional[torch.Tensor], eps: float, bits: int, smooth_inv: Optional[torch.Tensor], fp8: bool,
+    write_y: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from . import norm
 
-    return norm.layer_norm_modulate_quant(x, weight, bias, scale, shift, eps, bits, smooth_inv, fp8)
+    return norm.layer_norm_modulate_quant(x, weight, bias, scale, shift, eps, bits, smooth_inv, fp8, write_y)
 
 
 @_layer_norm_modulate_quant_op.register_fake
-def _(x, weight, bias, scale, shift, eps, bits, smooth_inv, fp8):
+def _(x, weight, bias, scale, shift, eps, bits, smooth_inv, fp8, write_y):
     rows = x.numel() // x.shape[-1]
     codes = x.new_empty((rows, x.shape[-1]), dtype=torch.float8_e4m3fn if fp8 else torch.int8)
     return torch.empty_like(x), codes, x.new_empty((rows, 1), dtype=torch.float32)

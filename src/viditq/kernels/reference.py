@@ -98,10 +98,14 @@ def int_linear(
     out_dtype: torch.dtype,
     activation: str | None = None,
     stage_scale: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``y = (x_codes * x_scale) @ dequant(W)^T + bias`` → (M, N) in ``out_dtype``; ``activation="gelu_tanh"``:
-    then ``F.gelu(y, approximate="tanh")``, in float32 before the cast. Packed int4 ``w`` is staged first (to
-    fp8 when ``x_codes`` are fp8), with ``stage_scale`` if given (see :func:`stage_int4`)."""
+    then ``F.gelu(y, approximate="tanh")``, in float32 before the cast; ``residual`` (M, N): then
+    ``residual + gate[row // (M // B)] * y`` (``gate`` (B, N)) or ``residual + y``, still in float32. Packed int4
+    ``w`` is staged first (to fp8 when ``x_codes`` are fp8), with ``stage_scale`` if given (see
+    :func:`stage_int4`)."""
     if packed_int4:
         fp8 = x_codes.dtype == torch.float8_e4m3fn
         w, w_scale = stage_int4(w, w_scale, w_zero, group_size, stage_scale, fp8)
@@ -110,7 +114,12 @@ def int_linear(
     y = (x_codes.float() @ wf.t()) * x_scale
     if bias is not None:
         y = y + bias.float()
-    return apply_activation(y, activation).to(out_dtype)
+    y = apply_activation(y, activation)
+    if residual is not None:
+        if gate is not None:
+            y = (y.view(gate.shape[0], -1, y.shape[-1]) * gate.float()[:, None, :]).view(y.shape)
+        y = y + residual.float()
+    return y.to(out_dtype)
 
 
 def apply_activation(y: torch.Tensor, activation: str | None) -> torch.Tensor:
