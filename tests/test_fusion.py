@@ -211,6 +211,40 @@ def test_pixart_blocks_quantize_in_the_norm_kernel(monkeypatch, preset, attentio
     assert sqnr_db(fused, forward_output(model, x)) < 40
 
 
+@pytest.mark.parametrize("codes_only", [True, False])
+def test_fused_pixart_blocks_run_module_hooks(monkeypatch, codes_only):
+    """Hooks on the attention and feed-forward modules of a fused block still run (the block then calls those
+    modules as they are, and the norm writes its float output for them): ``inject_outliers``'s pre-hooks, which
+    scale the hidden states those modules receive, give the unfused model's output (they were once skipped: 18 dB
+    lost, no error). ``codes_only``: hooks on q/k/v and the up-projection alone."""
+    import dataclasses
+
+    import viditq
+    from viditq.config import BalanceSpec
+    from viditq.testing import calibration_set, forward_output, inject_outliers, sqnr_db, tiny_inputs, tiny_model
+
+    cfg = dataclasses.replace(viditq.PRESETS["w8a8"], balance=BalanceSpec(rotate=False))
+    float_model = tiny_model("pixart")
+    model = tiny_model("pixart")
+    assert inject_outliers(float_model) == inject_outliers(model) > 0
+    model = viditq.quantize(model, cfg, calibration_set("pixart", n=1))
+    if codes_only:  # the hooks on the layers that would read the norm kernel's codes instead
+        for net in (model, float_model):
+            for name, m in net.named_modules():
+                m._forward_pre_hooks.clear()
+                if name.endswith(("attn1.to_q", "attn1.to_k", "attn1.to_v", "ff.net.0.proj")):
+                    m.register_forward_pre_hook(lambda mod, args: (args[0] * 1.5,))
+    model, float_model = model.to(DEVICE), float_model.to(DEVICE)
+    x = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in tiny_inputs("pixart", seed=3).items()}
+    ref = forward_output(float_model, x)
+    monkeypatch.setattr(fusion, "_fusable", lambda t: False)
+    unfused = forward_output(model, x)
+    monkeypatch.setattr(fusion, "_fusable", lambda t: True)
+    fused = forward_output(model, x)
+    assert sqnr_db(ref, unfused) > 25
+    assert abs(sqnr_db(ref, fused) - sqnr_db(ref, unfused)) < 1.0
+
+
 def _quantized_attention_calls(model) -> int:
     return sum(getattr(m.processor, "counts", {}).get("quantized", 0) for m in model.modules()
                if hasattr(m, "processor"))

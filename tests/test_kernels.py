@@ -332,6 +332,13 @@ def test_int_linear_residual_epilogue(m, n, k, bits, group_size, tma, batch):
     with pytest.raises(ValueError, match="gate"):
         int_gemm.quant_linear(a, a_scale, w, w_scale, w_zero, gs, packed, bias, torch.bfloat16, residual=residual,
                               gate=torch.ones(5 if m % 5 else 7, n, device=DEVICE))
+    with pytest.raises(ValueError, match="residual must be"):  # its tile is sized by the output's dtype
+        int_gemm.quant_linear(a, a_scale, w, w_scale, w_zero, gs, packed, bias, torch.bfloat16,
+                              residual=residual.float())
+    one_gate = torch.ones(1, n, device=DEVICE)
+    for fn in (int_gemm.quant_linear, reference.int_linear):  # both backends refuse a gate alone
+        with pytest.raises(ValueError, match="a gate needs a residual"):
+            fn(a, a_scale, w, w_scale, w_zero, gs, packed, bias, torch.bfloat16, gate=one_gate)
 
 
 @gpu_only

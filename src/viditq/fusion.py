@@ -128,15 +128,24 @@ def _quantizes_own_input(layer, channels: int) -> bool:
             and (cache is None or cache.members == 1 or layer._input_index == 0))
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling ``module`` does more than its class's forward: hooks (its own or global) or a replaced
+    ``forward`` (diffusers' HookRegistry). The fused block then calls it as it is instead of running its parts."""
+    from torch.nn.modules import module as torch_module
+
+    return bool(module._forward_pre_hooks or module._forward_hooks or "forward" in module.__dict__
+                or torch_module._global_forward_pre_hooks or torch_module._global_forward_hooks)
+
+
 def _plain_attention(attn) -> bool:
-    """diffusers' plain processor (wrapped by 8-bit attention or not) with no residual, group or spatial norm
-    and no output rescaling: it reads its input through q/k/v only and returns ``to_out``'s output as it is."""
+    """diffusers' plain processor (wrapped by 8-bit attention or not) with no residual, group or spatial norm,
+    no output rescaling and no hooks: it reads its input through q/k/v only and returns ``to_out``'s output."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     processor = attn.processor
     processor = getattr(processor, "processor", processor)  # viditq.attention.QuantizedAttnProcessor
     return (type(processor) is AttnProcessor2_0 and not attn.residual_connection and attn.group_norm is None
-            and attn.spatial_norm is None and attn.rescale_output_factor == 1.0)
+            and attn.spatial_norm is None and attn.rescale_output_factor == 1.0 and not _hooked(attn))
 
 
 def _codes_only_attention(attn, to_q) -> bool:
@@ -144,12 +153,14 @@ def _codes_only_attention(attn, to_q) -> bool:
     first): then the norm kernel need not write the float input at all (only its shape is read)."""
     cache = to_q._input_cache
     return (_plain_attention(attn) and cache is not None and cache.members == 3
-            and attn.to_k._input_cache is cache and attn.to_v._input_cache is cache)
+            and attn.to_k._input_cache is cache and attn.to_v._input_cache is cache
+            and not any(_hooked(m) for m in (to_q, attn.to_k, attn.to_v)))
 
 
 def _project(layer: nn.Module, x, residual, gate=None):
-    """``residual + gate * layer(x)`` (gate (B, 1, C) or None): a QuantLinear adds it in its GEMM epilogue."""
-    if type(layer) is QuantLinear:
+    """``residual + gate * layer(x)`` (gate (B, 1, C) or None): a QuantLinear adds it in its GEMM epilogue (not
+    when hooked: a forward hook sees the layer's own output)."""
+    if type(layer) is QuantLinear and not _hooked(layer):
         return layer(x, residual, gate)
     y = layer(x)
     return residual + (y if gate is None else gate * y)
@@ -202,7 +213,7 @@ def _attend(attn, x, residual, gate=None, context=None, mask=None):
 def _feed_forward(ff, x, residual, gate):
     """``residual + gate * ff(x)`` (diffusers' FeedForward: its modules in turn), the down-projection adding it."""
     tail = _eval_tail(ff, ff.net)
-    if tail is None:
+    if tail is None or _hooked(ff):
         return residual + gate * ff(x)
     for module in tail[:-1]:
         x = module(x)
@@ -211,8 +222,9 @@ def _feed_forward(ff, x, residual, gate):
 
 def _codes_only_ff(ff, up) -> bool:
     """Whether the feed-forward reads its input only through ``up`` (diffusers' GELU projection first)."""
-    first = ff.net[0]
-    return type(first) in (GELU, FusedGELU) and first.proj is up and up._input_cache.members == 1
+    first, cache = ff.net[0], up._input_cache
+    return (type(first) in (GELU, FusedGELU) and first.proj is up and cache is not None and cache.members == 1
+            and not any(_hooked(m) for m in (ff, first, up)))
 
 
 def _norm_modulate(norm: nn.LayerNorm, x, scale, shift, layer, codes_only=False):

@@ -215,6 +215,8 @@ class QuantLinear(nn.Module):
         one row per batch element of a (B, T, K) input; or None: ``residual + y``), added in the GEMM epilogue
         where the kernel runs (the block's residual connection, see :mod:`viditq.fusion`), one rounding."""
         spec = self.spec
+        if gate is not None and residual is None:
+            raise ValueError("a gate needs a residual")
         if spec.weight_only:
             y = self.forward_float_act(x)
             return y if residual is None else residual + (y if gate is None else gate * y)

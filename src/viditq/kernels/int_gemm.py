@@ -463,7 +463,7 @@ def quant_linear(
         raise ValueError(f"unsupported quantized GEMM: K={k}, group_size={group_size}, block_k={cfg.block_k}")
     a, w, w_scale = a.contiguous(), w.contiguous(), w_scale.contiguous()
     a_scale = a_scale.reshape(m).contiguous()
-    res = _residual_args(residual, gate, m, n, a_scale)
+    res = _residual_args(residual, gate, m, n, a_scale, out_dtype)
     c = torch.empty(m, n, device=a.device, dtype=out_dtype)
     if m == 0:
         return c
@@ -483,15 +483,16 @@ def quant_linear(
     return c
 
 
-def _residual_args(residual, gate, m, n, dummy) -> dict:
+def _residual_args(residual, gate, m, n, dummy, out_dtype) -> dict:
     """Kernel arguments of the residual epilogue (pointers, strides, tokens per batch row of ``gate``)."""
     if residual is None:
         if gate is not None:
             raise ValueError("a gate needs a residual")
         return dict(args=(dummy, 0, dummy, 0, 1), residual=None, RESIDUAL=False, HAS_GATE=False)
-    if residual.shape != (m, n) or residual.stride(-1) != 1:
-        raise ValueError(f"residual must be ({m}, {n}) with contiguous rows, got {tuple(residual.shape)} "
-                         f"strides {residual.stride()}")
+    if residual.shape != (m, n) or residual.stride(-1) != 1 or residual.dtype != out_dtype:
+        raise ValueError(f"residual must be ({m}, {n}) {out_dtype} with contiguous rows (the output's dtype: its "
+                         f"tile is sized so), got {tuple(residual.shape)} {residual.dtype} strides "
+                         f"{residual.stride()}")
     if gate is None:
         return dict(args=(residual, residual.stride(0), dummy, 0, 1), residual=residual, RESIDUAL=True,
                     HAS_GATE=False)

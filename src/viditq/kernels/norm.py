@@ -129,14 +129,15 @@ def _ln_modulate_kernel(
 
 def launch_shape(c: int) -> tuple[int, int]:
     """(rows per program, warps) for rows of ``c`` channels: ``VIDITQ_NORM_CONFIG="block_m,num_warps"`` (a
-    benchmark sweep), else one warp per row up to 1152 channels, wider rows ~4k lanes per program."""
+    benchmark sweep), else one warp per row at 1024-1152 lanes (PixArt's width), other widths ~4k lanes per
+    program."""
     env = os.environ.get("VIDITQ_NORM_CONFIG")
     if env:
         block_m, num_warps = (int(v) for v in env.split(","))
         return block_m, num_warps
     lanes = sum(split_width(c))
-    if lanes <= 1152:  # one warp per row: H200 sweep at 8192 x 1152 (session 9), 14.2 us vs 18.2 for (2, 4)
-        return 1, 1
+    if 1024 <= lanes <= 1152:  # one warp per row: H200 sweep at 8192 x 1152 (session 9), 14.2 us vs 18.2 for
+        return 1, 1            # (2, 4); narrow rows (per-head q/k norms, 64 wide) keep many rows per program
     block_m = 1 << max(0, min(4, (4096 // lanes).bit_length() - 1))  # power of two, at most 16
     return block_m, 4 if block_m * lanes <= 4096 else 8
 

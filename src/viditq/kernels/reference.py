@@ -115,6 +115,8 @@ def int_linear(
     if bias is not None:
         y = y + bias.float()
     y = apply_activation(y, activation)
+    if gate is not None and residual is None:
+        raise ValueError("a gate needs a residual")
     if residual is not None:
         if gate is not None:
             y = (y.view(gate.shape[0], -1, y.shape[-1]) * gate.float()[:, None, :]).view(y.shape)
