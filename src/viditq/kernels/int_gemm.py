@@ -477,7 +477,7 @@ def quant_linear(
         m, n, k, a.stride(0), w.stride(0), c.stride(0), w_scale.stride(0), group_size, programs, *res["args"],
         GROUPED=group_size < k, HAS_ZERO=w_zero is not None, HAS_BIAS=bias is not None, FP8=fp8,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        PERSISTENT=cfg.persistent, GELU=gelu, RESIDUAL=res["RESIDUAL"], HAS_GATE=res["HAS_GATE"],
+        PERSISTENT=cfg.persistent, GELU=gelu, RESIDUAL=residual is not None, HAS_GATE=res["HAS_GATE"],
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return c
@@ -488,16 +488,15 @@ def _residual_args(residual, gate, m, n, dummy, out_dtype) -> dict:
     if residual is None:
         if gate is not None:
             raise ValueError("a gate needs a residual")
-        return dict(args=(dummy, 0, dummy, 0, 1), residual=None, RESIDUAL=False, HAS_GATE=False)
+        return dict(args=(dummy, 0, dummy, 0, 1), residual=None, HAS_GATE=False)
     if residual.shape != (m, n) or residual.stride(-1) != 1 or residual.dtype != out_dtype:
         raise ValueError(f"residual must be ({m}, {n}) {out_dtype} with contiguous rows (the output's dtype: its "
                          f"tile is sized so), got {tuple(residual.shape)} {residual.dtype} strides "
                          f"{residual.stride()}")
     if gate is None:
-        return dict(args=(residual, residual.stride(0), dummy, 0, 1), residual=residual, RESIDUAL=True,
-                    HAS_GATE=False)
+        return dict(args=(residual, residual.stride(0), dummy, 0, 1), residual=residual, HAS_GATE=False)
     if gate.dim() != 2 or gate.shape[1] != n or gate.stride(-1) != 1 or gate.shape[0] < 1 or m % gate.shape[0]:
         raise ValueError(f"gate must be (B, {n}) with contiguous channels and B dividing M={m}, got "
                          f"{tuple(gate.shape)} strides {gate.stride()}")
     return dict(args=(residual, residual.stride(0), gate, gate.stride(0), m // gate.shape[0]), residual=residual,
-                RESIDUAL=True, HAS_GATE=True)
+                HAS_GATE=True)
