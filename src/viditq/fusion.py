@@ -35,7 +35,7 @@ from torch import nn
 
 from .config import FLOAT_ACT_BITS
 from .kernels import dispatch
-from .layers import QuantLinear, SharedInputCache
+from .layers import QuantLinear, SharedInputCache, add_residual
 
 
 def _kernel_ok(x: torch.Tensor) -> bool:
@@ -162,8 +162,7 @@ def _project(layer: nn.Module, x, residual, gate=None):
     when hooked: a forward hook sees the layer's own output)."""
     if type(layer) is QuantLinear and not _hooked(layer):
         return layer(x, residual, gate)
-    y = layer(x)
-    return residual + (y if gate is None else gate * y)
+    return add_residual(layer(x), residual, gate)
 
 
 def _eval_tail(module: nn.Module, layers) -> list | None:
@@ -183,8 +182,7 @@ def _attend(attn, x, residual, gate=None, context=None, mask=None):
 
     tail = _eval_tail(attn, attn.to_out)
     if not _plain_attention(attn) or tail is None or len(tail) != 1:
-        out = attn(x, encoder_hidden_states=context, attention_mask=mask)
-        return residual + (out if gate is None else gate * out)
+        return add_residual(attn(x, encoder_hidden_states=context, attention_mask=mask), residual, gate)
     processor = attn.processor
     route = SDPARouter(processor.mode, processor.min_kv_tokens, processor.counts) \
         if isinstance(processor, QuantizedAttnProcessor) else contextlib.nullcontext()
@@ -214,7 +212,7 @@ def _feed_forward(ff, x, residual, gate):
     """``residual + gate * ff(x)`` (diffusers' FeedForward: its modules in turn), the down-projection adding it."""
     tail = _eval_tail(ff, ff.net)
     if tail is None or _hooked(ff):
-        return residual + gate * ff(x)
+        return add_residual(ff(x), residual, gate)
     for module in tail[:-1]:
         x = module(x)
     return _project(tail[-1], x, residual, gate)

@@ -219,7 +219,7 @@ class QuantLinear(nn.Module):
             raise ValueError("a gate needs a residual")
         if spec.weight_only:
             y = self.forward_float_act(x)
-            return y if residual is None else residual + (y if gate is None else gate * y)
+            return y if residual is None else add_residual(y, residual, gate)
         x2d = x.reshape(-1, spec.in_features)  # (M, K), M = batch * tokens
         if spec.act_static or self.rot_matrix is not None:
             xb = self.balance(x2d)
@@ -350,6 +350,11 @@ class SharedInputCache:
 
     def __setstate__(self, state):
         self.__init__(state["members"])
+
+
+def add_residual(y: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+    """``residual + gate * y`` (``residual + y`` without a gate), in PyTorch: what the GEMM epilogue adds."""
+    return residual + (y if gate is None else gate * y)
 
 
 def _same_balancing(a: QuantLinear, b: QuantLinear) -> bool:
