@@ -113,3 +113,44 @@ def test_compiled_blocks_quantize_in_the_norm_kernel(monkeypatch):
     calls.clear()
     assert torch.equal(forward_output(model, x), eager)
     assert len(calls) == eager_calls
+
+
+@pytest.mark.parametrize("preset", ["w4a8-fp8", "w4a8"])
+def test_blocks_stage_their_packed_int4_weights_in_one_launch(monkeypatch, preset):
+    """A W4 block stages its layers' packed int4 weights in one launch before it runs (``WeightStaging``), not one
+    per layer: the layers take those codes, no layer stages its own, nothing stays alive after the block, and
+    the output equals per-layer staging exactly — eager and in compiled blocks (the custom op)."""
+    from viditq.kernels import dispatch, int_gemm
+    from viditq.layers import QuantLinear
+
+    model = tiny_model("pixart", num_layers=2)
+    viditq.quantize(model, preset, calibration_set("pixart", n=1))
+    stagings = [b._viditq_weight_staging for b in model.transformer_blocks]
+    assert all(s is not None for s in stagings)
+    packed = [m for m in model.transformer_blocks[0].modules() if isinstance(m, QuantLinear) and m.spec.packed_int4]
+    per_block = len(packed)
+    kinds = len({(m.weight_zero is not None, m.spec.group_size == m.spec.in_features) for m in packed})
+    assert per_block >= 8
+    monkeypatch.setattr(dispatch, "use_triton", lambda t: True)  # the kernels (the interpreter on CPU)
+    launches, singles = [], []
+    real_launch, real_single = int_gemm._launch_stage, int_gemm.stage_int4
+    monkeypatch.setattr(int_gemm, "_launch_stage", lambda *a: launches.append(len(a[0])) or real_launch(*a))
+    monkeypatch.setattr(int_gemm, "stage_int4", lambda *a, **k: singles.append(1) or real_single(*a, **k))
+    x = tiny_inputs("pixart", seed=5)
+    staged = forward_output(model, x)
+    assert sum(launches) == 2 * per_block and len(launches) == 2 * kinds and not singles
+    assert all(m._weight_staging._staged is None for m in model.modules() if getattr(m, "_weight_staging", None))
+    assert viditq.layers.install_weight_staging(model, enable=False) == 0  # each layer stages its own weights
+    assert all(not b._forward_pre_hooks and m._weight_staging is None for b in model.transformer_blocks
+               for m in packed)
+    launches.clear()
+    alone = forward_output(model, x)
+    assert len(singles) == 2 * per_block and launches == [1] * (2 * per_block)
+    assert torch.equal(staged, alone)
+    viditq.layers.install_weight_staging(model)  # idempotent: the old hooks go
+    assert all(len(b._forward_pre_hooks) == 1 for b in model.transformer_blocks)
+    torch._dynamo.reset()
+    viditq.compile_blocks(model, backend="eager")
+    launches.clear(), singles.clear()
+    assert torch.equal(forward_output(model, x), staged)
+    assert sum(launches) == 2 * per_block and len(launches) == 2 * kinds and not singles

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -408,6 +409,27 @@ def test_stage_int4_matches_reference_exactly(n, k, symmetric, group_size, fp8):
         assert (codes.abs().amax(dim=1) == 127).all()  # each row uses the full int8 range
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_stage_int4_many_equals_one_launch_per_weight(fp8):
+    """Several weights of mixed kinds (zero points or not, grouped or per channel, odd sizes) staged together:
+    each result equals staging that weight alone, bit for bit (one launch per kind, not per weight)."""
+    g = torch.Generator().manual_seed(11)
+    specs = [(45, 128, False, 64), (9, 192, True, 32), (33, 64, False, None), (16, 1024, False, 64), (3, 64, True, None)]
+    weights = []
+    for n, k, symmetric, group_size in specs:
+        w, w_scale, w_zero, gs, _ = _make_weight(n, k, 4, symmetric, group_size, g)
+        stage = reference.int4_stage_scale(w, w_scale, w_zero, gs, fp8) if gs < k else None
+        weights.append((w, w_scale, w_zero, gs, stage))
+    launches = []
+    original = int_gemm._launch_stage
+    with mock.patch.object(int_gemm, "_launch_stage", lambda *a: launches.append(len(a[0])) or original(*a)):
+        together = int_gemm.stage_int4_many(weights, fp8)
+    assert sorted(launches) == [1, 1, 1, 2]  # one launch per kind: the two asymmetric grouped weights share one
+    for (codes, scale), (w, w_scale, w_zero, gs, stage) in zip(together, weights):
+        ref_codes, ref_scale = reference.stage_int4(w, w_scale, w_zero, gs, stage, fp8)
+        assert torch.equal(codes.view(torch.int8), ref_codes.view(torch.int8)) and torch.equal(scale, ref_scale)
+
+
 def test_int4_layer_output_within_staging_error_of_group_dequant():
     """A packed int4 GEMM (staged) against the product with the exact int4 group dequantization: the extra error
     is the int8 requantization only (< 1 % of the output), not a layout slip (which would be ~100 %)."""
@@ -597,3 +619,64 @@ def test_inductor_compiled_quantlinear_matches_eager(fp8, mode, monkeypatch):
     # slightly: compiled must be as close to the float block as eager is
     assert rel_err(compiled, ref) < 1.25 * rel_err(eager, ref) + 1e-3
     assert rel_err(compiled, eager) < 2 * rel_err(eager, ref)
+
+
+def test_pdl_launch_options_follow_the_device(monkeypatch):
+    """Programmatic dependent launch only on CUDA devices of sm_90+ and not with VIDITQ_PDL=0 (the interpreter
+    has no inline PTX: its kernels get PDL=False)."""
+    from viditq.kernels import pdl
+
+    assert pdl.launch_options(torch.device("cpu")) == {"PDL": False}
+    if CUDA:
+        on = torch.cuda.get_device_capability()[0] >= 9
+        assert pdl.launch_options(torch.device("cuda")) == ({"PDL": True, "launch_pdl": True} if on else
+                                                            {"PDL": False})
+        monkeypatch.setenv("VIDITQ_PDL", "0")
+        assert pdl.launch_options(torch.device("cuda")) == {"PDL": False}
+
+
+@gpu_only
+def test_pdl_kernel_chain_in_a_cuda_graph_equals_serial_launches(monkeypatch):
+    """A chain of dependent viditq kernels (norm + quantization → GEMM with residual → quantization → staged W4
+    GEMM → GEMM ...), each reading the one before, launched with PDL and replayed from a CUDA graph: the output
+    equals the same chain launched without PDL, bit for bit, on every replay (a kernel that started before its
+    input was written would show)."""
+    from viditq.kernels import norm
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    m, c, h = 4096, 1152, 4608
+    x = torch.randn(2, m // 2, c, device="cuda", generator=g).to(torch.bfloat16)
+    scale, shift = (torch.randn(2, c, device="cuda", generator=g) * 0.1 for _ in range(2))
+    w1 = quantize_weight(torch.randn(h, c, device="cuda", generator=g), 8).codes
+    w1_scale = torch.full((h, 1), 1e-2, device="cuda")
+    w2, w2_scale, w2_zero, gs, _ = _make_weight(c, h, 4, False, 64, torch.Generator().manual_seed(4))
+
+    def chain(inp):
+        y = inp
+        for _ in range(3):
+            _, codes, qs = norm.layer_norm_modulate_quant(y, None, None, scale, shift, 1e-6, 8, None, False, False)
+            up = int_gemm.quant_linear(codes, qs, w1, w1_scale, None, c, False, None, torch.bfloat16,
+                                       activation="gelu_tanh")
+            a, a_s = act_quant.quantize_activation(up, 8)
+            y = int_gemm.quant_linear(a, a_s, w2, w2_scale, w2_zero, gs, True, None, torch.bfloat16,
+                                      residual=y.reshape(m, c)).reshape(2, m // 2, c)
+        return y
+
+    monkeypatch.setenv("VIDITQ_PDL", "0")
+    serial = chain(x)
+    monkeypatch.setenv("VIDITQ_PDL", "1")
+    assert torch.equal(chain(x), serial)
+    static = x.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        chain(static)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain(static)
+    for i in range(3):
+        static.copy_(x if i != 1 else x * 0.5)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, serial if i != 1 else chain(x * 0.5))

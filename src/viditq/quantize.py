@@ -23,7 +23,7 @@ from .config import CONDITIONING_LAYERS, FLOAT_ACT_BITS, ActSpec, LayerRule, Qua
 from .gptq import apply_gptq, hessian_hooks
 from .layers import (
     LayerSpec, QuantLinear, TimestepSwitchLinear, current_timestep, install_input_sharing, install_timestep_hook,
-    make_layer_spec,
+    install_weight_staging, make_layer_spec,
 )
 from .progress import progress
 
@@ -315,6 +315,7 @@ def _mark_quantized(model: nn.Module, config: QuantConfig) -> None:
     model.viditq_config = config
     install_timestep_hook(model)
     install_input_sharing(model)
+    install_weight_staging(model)
     fuse_norms(model)
     fuse_gelu(model)
     fuse_ada_norm_single(model)

@@ -35,6 +35,7 @@ from triton.language.extra import libdevice
 
 from ..quant.hadamard import paley_hadamard
 from ..quant.quantizers import MIN_SCALE, signed_range
+from . import pdl
 
 FP8_E4M3_MAX = 448.0
 MAX_ROW_ELEMENTS = 8192  # one row (padded to powers of two) must fit a program's registers
@@ -225,8 +226,9 @@ def _act_quant_plain_kernel(
     x_ptr, smooth_ptr, codes_ptr, scale_ptr, M, stride_xm, stride_cm, num_programs,
     K: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, HAS_SMOOTH: tl.constexpr, QMAX: tl.constexpr,
     MIN_S: tl.constexpr, FP8: tl.constexpr, CUDA_SCALAR_DIV: tl.constexpr, FAST_ROUND: tl.constexpr,
-    BLOCK_M: tl.constexpr, PERSISTENT: tl.constexpr, NUM_STAGES: tl.constexpr,
+    BLOCK_M: tl.constexpr, PERSISTENT: tl.constexpr, NUM_STAGES: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    pdl.enter(PDL)
     offs_a = tl.arange(0, KA)
     offs_b = KA + tl.arange(0, KB if KB > 0 else 1)
     if HAS_SMOOTH:
@@ -303,8 +305,9 @@ def _act_quant_rotate_kernel(
     HAS_SMOOTH: tl.constexpr, QMAX: tl.constexpr, MIN_S: tl.constexpr, FP8: tl.constexpr,
     CUDA_SCALAR_DIV: tl.constexpr, FAST_ROUND: tl.constexpr, M_H: tl.constexpr, M_PAD: tl.constexpr,
     P: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_X: tl.constexpr, EXACT_FP32: tl.constexpr,
-    PERSISTENT: tl.constexpr, NUM_STAGES: tl.constexpr, MIX_M: tl.constexpr,
+    PERSISTENT: tl.constexpr, NUM_STAGES: tl.constexpr, MIX_M: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    pdl.enter(PDL)
     offs_i = tl.arange(0, M_PAD)  # Paley axis (padded)
     offs_j = tl.arange(0, P)  # power-of-two axis
     offs_k = offs_i[:, None] * P + offs_j[None, :]  # (M_PAD, P) channel index i * P + j
@@ -459,7 +462,7 @@ def _launch(x, smooth, rot_signs, rot_m, rot_block, codes, scale, common, config
         block_m = max(block_m, 16 // triton.next_power_of_2(k // rot_block))
     programs = _num_programs(x.device, triton.cdiv(m_rows, block_m), config)
     launch = dict(BLOCK_M=block_m, PERSISTENT=config.persistent, NUM_STAGES=config.num_stages,
-                  num_warps=config.num_warps, **common)
+                  num_warps=config.num_warps, **common, **pdl.launch_options(x.device))
     if rot_signs is None:
         ka, kb = split_width(k)
         _act_quant_plain_kernel[(programs,)](

@@ -73,3 +73,13 @@ def int_linear(x_codes, x_scale, w, w_scale, w_zero, group_size, packed_int4, bi
     if torch.compiler.is_compiling():
         return torch.ops.viditq.int_linear(*args)
     return ops.int_linear_impl(*args)
+
+
+def stage_int4_many(w, w_scale, w_zero, group_size, stage_scale, fp8):
+    """Packed int4 weights (lists, one entry per layer, on one CUDA device) → their per-channel int8 codes (fp8
+    e4m3 if ``fp8``) (N, K), staged in one launch per kind (``int_gemm.stage_int4_many``); the caller checks
+    :func:`use_triton` on the weights first."""
+    args = (list(w), list(w_scale), list(w_zero), list(group_size), list(stage_scale), fp8)
+    if torch.compiler.is_compiling():
+        return torch.ops.viditq.stage_int4_many(*args)
+    return ops.stage_int4_many_impl(*args)

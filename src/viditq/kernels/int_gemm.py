@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from . import reference
+from . import pdl, reference
 from .act_quant import _round_half_even
 
 
@@ -219,7 +219,9 @@ def _quant_gemm_kernel(
     GROUPED: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PERSISTENT: tl.constexpr, GELU: tl.constexpr, RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl.enter(PDL)
     if PERSISTENT:
         num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
         for tile_id in range(tl.program_id(0), num_tiles, num_programs):
@@ -241,10 +243,12 @@ def _quant_gemm_tma_kernel(
     GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr,
     FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     GELU: tl.constexpr, RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr, TILE_GATE: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Persistent variant: A and B arrive by TMA (bulk tensor copies, zero-filled at the edges); the tile loop is
     flattened with the K loop so the next tile's loads overlap this tile's epilogue; C leaves by TMA. No zero
     points (int8 zero points need A in registers for the row sums: pointer kernel)."""
+    pdl.enter(PDL)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_tiles = num_pid_m * num_pid_n
@@ -280,13 +284,32 @@ def _quant_gemm_tma_kernel(
 
 @triton.jit
 def _stage_int4_kernel(
-    w_ptr, s_ptr, z_ptr, stage_ptr, out_ptr, N, K, stride_wn, stride_sn, group_size,
+    w_ptrs, s_ptrs, z_ptrs, stage_ptrs, out_ptrs, ns, ks, group_sizes, tile_starts, kh_tiles,
+    NUM: tl.constexpr, HAS_ZERO: tl.constexpr, PER_CHANNEL: tl.constexpr, FP8: tl.constexpr,
+    CUDA_RINT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr, PDL: tl.constexpr = False,
+):
+    """Stage ``NUM`` packed int4 weights in one launch (a block's layers: one launch instead of one per layer):
+    the tuples hold each weight's pointers and sizes, its tiles are programs ``tile_starts[i] ...
+    tile_starts[i + 1] - 1`` (``kh_tiles[i]`` tiles along its packed row), and each program stages its tile with
+    :func:`_stage_tile`."""
+    pdl.enter(PDL)
+    pid = tl.program_id(0)
+    for i in tl.static_range(NUM):
+        if (pid >= tile_starts[i]) & (pid < tile_starts[i + 1]):
+            t = pid - tile_starts[i]
+            _stage_tile(w_ptrs[i], s_ptrs[i], z_ptrs[i], stage_ptrs[i], out_ptrs[i], ns[i], ks[i], group_sizes[i],
+                        t // kh_tiles[i], t % kh_tiles[i], HAS_ZERO, PER_CHANNEL, FP8, CUDA_RINT, BLOCK_N, BLOCK_KH)
+
+
+@triton.jit
+def _stage_tile(
+    w_ptr, s_ptr, z_ptr, stage_ptr, out_ptr, N, K, group_size, pid_n, pid_k,
     HAS_ZERO: tl.constexpr, PER_CHANNEL: tl.constexpr, FP8: tl.constexpr, CUDA_RINT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr,
 ):
     """Packed int4 (N, K // 2) + scales (N, G) [+ zero points] → per-channel int8 codes (N, K) (fp8 e4m3 if
-    ``FP8``), one (BLOCK_N, 2 x BLOCK_KH) tile per program, one pass (the per-channel scale is the layer's
-    stored ``stage_scale``).
+    ``FP8``): tile (``pid_n``, ``pid_k``) of (BLOCK_N, 2 x BLOCK_KH) codes, one pass (the per-channel scale is the
+    layer's stored ``stage_scale``). Contiguous rows (the launcher makes them so).
 
     Per channel (G = 1): codes ``q - zero`` (in [-15, 15], exact in e4m3 too). Grouped: ``deq * (1 / stage)``
     with the reciprocal rounded exactly, then rounded half to even (or cast to e4m3) — the float32 ops of
@@ -294,11 +317,12 @@ def _stage_int4_kernel(
     product: the floor-based ``_round_half_even`` would let ptxas contract the product into its ``v - floor(v)``
     (an FMA: the tie test then sees the exact product, not the rounded one); the CPU interpreter has no FMA and
     no libdevice."""
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     kh = K // 2
-    j = tl.program_id(1) * BLOCK_KH + tl.arange(0, BLOCK_KH)
-    w_row = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+    stride_sn = K // group_size
+    j = pid_k * BLOCK_KH + tl.arange(0, BLOCK_KH)
+    w_row = w_ptr + offs_n[:, None].to(tl.int64) * kh
     if PER_CHANNEL:
         low, high = _int4_halves(tl.load(w_row + j[None, :], mask=n_mask[:, None] & (j < kh)[None, :], other=0))
         if HAS_ZERO:
@@ -316,7 +340,7 @@ def _stage_int4_kernel(
             v = tl.clamp(libdevice.rint(v), -127.0, 127.0)
         else:
             v = tl.clamp(_round_half_even(v), -127.0, 127.0)
-    k = 2 * tl.program_id(1) * BLOCK_KH + tl.arange(0, 2 * BLOCK_KH)
+    k = 2 * pid_k * BLOCK_KH + tl.arange(0, 2 * BLOCK_KH)
     out = out_ptr + offs_n[:, None].to(tl.int64) * K + k[None, :]
     tl.store(out, v.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & (k < K)[None, :])
 
@@ -375,11 +399,12 @@ def _launch_tma(a, a_scale, w, w_scale, group_size, bias, c, cfg, fp8, gelu, res
         GROUPED=group_size < k, HAS_BIAS=bias is not None, FP8=fp8,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         GELU=gelu, RESIDUAL=residual is not None, HAS_GATE=res["HAS_GATE"], TILE_GATE=tokens % cfg.block_m == 0,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch_options(a.device),
     )
 
 
 STAGE_BLOCK_N, STAGE_BLOCK_KH = 32, 64  # 2 KiB of packed bytes per program; DiT widths are multiples of 128
+STAGE_MAX_LAYERS = 16  # weights per staging launch (the kernel holds one branch per weight)
 
 
 def stage_int4(w: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None, group_size: int,
@@ -387,24 +412,56 @@ def stage_int4(w: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | No
     """Packed int4 (N, K // 2) + scales (N, G) [+ zero points (N, G)] → per-channel int8 codes (N, K) (fp8 e4m3
     if ``fp8``) and float32 scales (N, 1), exactly as ``reference.stage_int4``. ``stage_scale`` (N, 1) is the
     layer's stored ``reference.int4_stage_scale`` (computed here if not given: a second pass)."""
-    n, kh = w.shape
-    k = 2 * kh
-    if group_size % 2 or k % group_size:
-        raise ValueError(f"int4 staging needs an even group size dividing K={k}, got {group_size}")
-    per_channel = group_size == k
-    if per_channel or stage_scale is None:  # per channel: the layer's own scale
-        stage_scale = reference.int4_stage_scale(w, w_scale, w_zero, group_size, fp8)
-    w, w_scale, stage_scale = w.contiguous(), w_scale.contiguous(), stage_scale.contiguous()
-    codes = torch.empty(n, k, device=w.device, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
-    if n == 0 or k == 0:
-        return codes, stage_scale
-    grid = (triton.cdiv(n, STAGE_BLOCK_N), triton.cdiv(kh, STAGE_BLOCK_KH))
-    _stage_int4_kernel[grid](
-        w, w_scale, w_zero.contiguous() if w_zero is not None else w_scale, stage_scale, codes, n, k, w.stride(0),
-        w_scale.stride(0), group_size, HAS_ZERO=w_zero is not None, PER_CHANNEL=per_channel, FP8=fp8,
-        CUDA_RINT=w.is_cuda, BLOCK_N=STAGE_BLOCK_N, BLOCK_KH=STAGE_BLOCK_KH, num_warps=4,
+    return stage_int4_many([(w, w_scale, w_zero, group_size, stage_scale)], fp8)[0]
+
+
+def stage_int4_many(weights: list, fp8: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`stage_int4` of several weights ``(w, w_scale, w_zero, group_size, stage_scale)`` (one device) in as
+    few launches as their kinds allow: one per (zero points or not, grouped or per channel) and
+    ``STAGE_MAX_LAYERS`` weights. Returns ``(codes, scale)`` per weight, in order."""
+    prepared, kinds = [], {}
+    for i, (w, w_scale, w_zero, group_size, stage_scale) in enumerate(weights):
+        n, kh = w.shape
+        k = 2 * kh
+        if group_size % 2 or k % group_size or w_scale.shape != (n, k // group_size):
+            raise ValueError(f"int4 staging needs an even group size dividing K={k} and ({n}, K / group) scales, "
+                             f"got group size {group_size}, scales {tuple(w_scale.shape)}")
+        per_channel = group_size == k
+        if per_channel or stage_scale is None:  # per channel: the layer's own scale
+            stage_scale = reference.int4_stage_scale(w, w_scale, w_zero, group_size, fp8)
+        codes = torch.empty(n, k, device=w.device, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
+        prepared.append((codes, stage_scale.contiguous()))
+        if n and k:
+            kinds.setdefault((w_zero is not None, per_channel), []).append(
+                (w.contiguous(), w_scale.contiguous(), None if w_zero is None else w_zero.contiguous(), i))
+    for (has_zero, per_channel), group in kinds.items():
+        for first in range(0, len(group), STAGE_MAX_LAYERS):
+            _launch_stage(group[first:first + STAGE_MAX_LAYERS], prepared, has_zero, per_channel, fp8)
+    return prepared
+
+
+def _launch_stage(group, prepared, has_zero, per_channel, fp8) -> None:
+    ws, scales, zeros, outs, stages, ns, ks, gss, kh_tiles, starts = [], [], [], [], [], [], [], [], [], [0]
+    for w, w_scale, w_zero, i in group:
+        codes, stage_scale = prepared[i]
+        n, kh = w.shape
+        ws.append(w)
+        scales.append(w_scale)
+        zeros.append(w_scale if w_zero is None else w_zero)  # a dummy pointer without zero points
+        stages.append(stage_scale)
+        outs.append(codes)
+        ns.append(n)
+        ks.append(2 * kh)
+        gss.append(2 * kh // w_scale.shape[1])
+        kh_tiles.append(triton.cdiv(kh, STAGE_BLOCK_KH))
+        starts.append(starts[-1] + triton.cdiv(n, STAGE_BLOCK_N) * kh_tiles[-1])
+    device = group[0][0].device
+    _stage_int4_kernel[(starts[-1],)](
+        tuple(ws), tuple(scales), tuple(zeros), tuple(stages), tuple(outs), tuple(ns), tuple(ks), tuple(gss),
+        tuple(starts), tuple(kh_tiles), NUM=len(group), HAS_ZERO=has_zero, PER_CHANNEL=per_channel, FP8=fp8,
+        CUDA_RINT=device.type == "cuda", BLOCK_N=STAGE_BLOCK_N, BLOCK_KH=STAGE_BLOCK_KH, num_warps=4,
+        **pdl.launch_options(device),
     )
-    return codes, stage_scale
 
 
 def supported(k: int, group_size: int, packed_int4: bool, config: GemmConfig | None = None) -> bool:
@@ -478,7 +535,7 @@ def quant_linear(
         GROUPED=group_size < k, HAS_ZERO=w_zero is not None, HAS_BIAS=bias is not None, FP8=fp8,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         PERSISTENT=cfg.persistent, GELU=gelu, RESIDUAL=residual is not None, HAS_GATE=res["HAS_GATE"],
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch_options(a.device),
     )
     return c
 

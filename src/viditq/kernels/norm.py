@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ..quant.quantizers import MIN_SCALE, signed_range
+from . import pdl
 from .act_quant import FP8_E4M3_MAX, _FAST_ROUND_OK, _row_scale, _store_codes, split_width
 
 MAX_CHANNELS = 16384
@@ -73,10 +74,11 @@ def _ln_modulate_kernel(
     HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, WRITE_Y: tl.constexpr = True,
     QUANT: tl.constexpr = False, HAS_SMOOTH: tl.constexpr = False,
     QMAX: tl.constexpr = 127.0, MIN_S: tl.constexpr = 1e-8, FP8: tl.constexpr = False,
-    CUDA_SCALAR_DIV: tl.constexpr = False, FAST_ROUND: tl.constexpr = False,
+    CUDA_SCALAR_DIV: tl.constexpr = False, FAST_ROUND: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     """Rows ``BLOCK_M`` at a time, their C channels as a main tile of KA lanes and a tail tile of KB (0: none;
     ``act_quant.split_width``: 1152 = 1024 + 128 instead of 2048 padded lanes)."""
+    pdl.enter(PDL)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < rows
     rows_x = offs_m.to(tl.int64)[:, None] * C
@@ -230,6 +232,6 @@ def _launch(x, weight, bias, scale, shift, eps, quant=None, write_y=True):
         dummy if smooth is None else smooth, dummy if codes is None else codes, dummy if qscale is None else qscale,
         C=c, KA=ka, KB=kb, BLOCK_M=block_m, HAS_W=weight is not None, HAS_B=bias is not None,
         HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, WRITE_Y=write_y, num_warps=num_warps,
-        **extra,
+        **extra, **pdl.launch_options(x.device),
     )
     return y, codes, qscale

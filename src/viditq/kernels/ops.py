@@ -68,6 +68,30 @@ def _(x_codes, x_scale, w, w_scale, w_zero, group_size, packed_int4, bias, out_d
     return x_codes.new_empty((x_codes.shape[0], w.shape[0]), dtype=out_dtype)
 
 
+def stage_int4_many_impl(
+    w: list[torch.Tensor], w_scale: list[torch.Tensor], w_zero: list[Optional[torch.Tensor]], group_size: list[int],
+    stage_scale: list[Optional[torch.Tensor]], fp8: bool,
+) -> list[torch.Tensor]:
+    from . import int_gemm
+
+    staged = int_gemm.stage_int4_many(list(zip(w, w_scale, w_zero, group_size, stage_scale)), fp8)
+    return [codes for codes, _ in staged]
+
+
+@torch.library.custom_op("viditq::stage_int4_many", mutates_args=())
+def _stage_int4_many_op(
+    w: list[torch.Tensor], w_scale: list[torch.Tensor], w_zero: list[Optional[torch.Tensor]], group_size: list[int],
+    stage_scale: list[Optional[torch.Tensor]], fp8: bool,
+) -> list[torch.Tensor]:
+    return stage_int4_many_impl(w, w_scale, w_zero, group_size, stage_scale, fp8)
+
+
+@_stage_int4_many_op.register_fake
+def _(w, w_scale, w_zero, group_size, stage_scale, fp8):
+    dtype = torch.float8_e4m3fn if fp8 else torch.int8
+    return [t.new_empty((t.shape[0], 2 * t.shape[1]), dtype=dtype) for t in w]
+
+
 @torch.library.custom_op("viditq::layer_norm_modulate_quant", mutates_args=())
 def _layer_norm_modulate_quant_op(
     x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], scale: Optional[torch.Tensor],
