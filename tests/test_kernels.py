@@ -414,7 +414,8 @@ def test_stage_int4_many_equals_one_launch_per_weight(fp8):
     """Several weights of mixed kinds (zero points or not, grouped or per channel, odd sizes) staged together:
     each result equals staging that weight alone, bit for bit (one launch per kind, not per weight)."""
     g = torch.Generator().manual_seed(11)
-    specs = [(45, 128, False, 64), (9, 192, True, 32), (33, 64, False, None), (16, 1024, False, 64), (3, 64, True, None)]
+    specs = [(45, 128, False, 64), (9, 192, True, 32), (33, 64, False, None), (16, 1024, False, 64), (3, 64, True, None),
+             (7, 192, False, 96), (5, 6, False, None)]  # a group of 96 codes (lanes masked), K = 6 per channel
     weights = []
     for n, k, symmetric, group_size in specs:
         w, w_scale, w_zero, gs, _ = _make_weight(n, k, 4, symmetric, group_size, g)
@@ -424,7 +425,7 @@ def test_stage_int4_many_equals_one_launch_per_weight(fp8):
     original = int_gemm._launch_stage
     with mock.patch.object(int_gemm, "_launch_stage", lambda *a: launches.append(len(a[0])) or original(*a)):
         together = int_gemm.stage_int4_many(weights, fp8)
-    assert sorted(launches) == [1, 1, 1, 2]  # one launch per kind: the two asymmetric grouped weights share one
+    assert sorted(launches) == [1, 1, 1, 1, 1, 2]  # one per kind (zero points, group or run): two share one
     for (codes, scale), (w, w_scale, w_zero, gs, stage) in zip(together, weights):
         ref_codes, ref_scale = reference.stage_int4(w, w_scale, w_zero, gs, stage, fp8)
         assert torch.equal(codes.view(torch.int8), ref_codes.view(torch.int8)) and torch.equal(scale, ref_scale)

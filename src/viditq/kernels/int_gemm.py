@@ -108,10 +108,17 @@ def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _int4_halves(packed):
-    """Packed bytes → (even-k codes, odd-k codes), each int8 of the same shape."""
-    byte = packed.to(tl.int8, bitcast=True)
-    return (byte << 4) >> 4, byte >> 4  # arithmetic shifts sign-extend each nibble
+def _int4_halves_f32(packed):
+    """Packed bytes → (even-k codes, odd-k codes) as float32 plus 2^23 + 8: each nibble ``u`` (two's complement
+    code ``(u ^ 8) - 8``) goes into the mantissa of 2^23 (``0x4B000000 | (u ^ 8)``), two integer ops and no
+    int → float conversion; subtracting ``2^23 + 8 (+ zero)`` then gives the code (minus the zero point) exactly."""
+    word = packed.to(tl.uint8, bitcast=True).to(tl.uint32)
+    low = ((word & 0xF) ^ 0x8) | 0x4B000000
+    high = ((word >> 4) ^ 0x8) | 0x4B000000
+    return low.to(tl.float32, bitcast=True), high.to(tl.float32, bitcast=True)
+
+
+INT4_BIAS = tl.constexpr(8388616.0)  # 2^23 + 8: what _int4_halves_f32 adds to a code
 
 
 @triton.jit
@@ -284,80 +291,99 @@ def _quant_gemm_tma_kernel(
 
 @triton.jit
 def _stage_int4_kernel(
-    w_ptrs, s_ptrs, z_ptrs, stage_ptrs, out_ptrs, ns, ks, group_sizes, tile_starts, kh_tiles,
-    NUM: tl.constexpr, HAS_ZERO: tl.constexpr, PER_CHANNEL: tl.constexpr, FP8: tl.constexpr,
-    CUDA_RINT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr, PDL: tl.constexpr = False,
+    w_ptrs, s_ptrs, z_ptrs, stage_ptrs, out_ptrs, ns, ks, tile_starts, k_tiles,
+    NUM: tl.constexpr, HAS_ZERO: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, FP8: tl.constexpr,
+    CUDA_RINT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, HALF_P2: tl.constexpr,
+    EVEN: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
-    """Stage ``NUM`` packed int4 weights in one launch (a block's layers: one launch instead of one per layer):
-    the tuples hold each weight's pointers and sizes, its tiles are programs ``tile_starts[i] ...
-    tile_starts[i + 1] - 1`` (``kh_tiles[i]`` tiles along its packed row), and each program stages its tile with
+    """Stage ``NUM`` packed int4 weights of one kind in one launch (a block's layers: one launch instead of one
+    per layer): the tuples hold each weight's pointers and sizes, its tiles are programs ``tile_starts[i] ...
+    tile_starts[i + 1] - 1`` (``k_tiles[i]`` tiles along a row), and each program stages its tile with
     :func:`_stage_tile`."""
     pdl.enter(PDL)
     pid = tl.program_id(0)
     for i in tl.static_range(NUM):
         if (pid >= tile_starts[i]) & (pid < tile_starts[i + 1]):
             t = pid - tile_starts[i]
-            _stage_tile(w_ptrs[i], s_ptrs[i], z_ptrs[i], stage_ptrs[i], out_ptrs[i], ns[i], ks[i], group_sizes[i],
-                        t // kh_tiles[i], t % kh_tiles[i], HAS_ZERO, PER_CHANNEL, FP8, CUDA_RINT, BLOCK_N, BLOCK_KH)
+            _stage_tile(w_ptrs[i], s_ptrs[i], z_ptrs[i], stage_ptrs[i], out_ptrs[i], ns[i], ks[i], t // k_tiles[i],
+                        t % k_tiles[i], HAS_ZERO, GROUP, PER_CHANNEL, FP8, CUDA_RINT, BLOCK_N, BLOCK_G, HALF_P2, EVEN)
 
 
 @triton.jit
 def _stage_tile(
-    w_ptr, s_ptr, z_ptr, stage_ptr, out_ptr, N, K, group_size, pid_n, pid_k,
-    HAS_ZERO: tl.constexpr, PER_CHANNEL: tl.constexpr, FP8: tl.constexpr, CUDA_RINT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr,
+    w_ptr, s_ptr, z_ptr, stage_ptr, out_ptr, N, K, pid_n, pid_k,
+    HAS_ZERO: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, FP8: tl.constexpr,
+    CUDA_RINT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, HALF_P2: tl.constexpr,
+    EVEN: tl.constexpr,
 ):
     """Packed int4 (N, K // 2) + scales (N, G) [+ zero points] → per-channel int8 codes (N, K) (fp8 e4m3 if
-    ``FP8``): tile (``pid_n``, ``pid_k``) of (BLOCK_N, 2 x BLOCK_KH) codes, one pass (the per-channel scale is the
-    layer's stored ``stage_scale``). Contiguous rows (the launcher makes them so).
+    ``FP8``), contiguous rows: tile (``pid_n``, ``pid_k``) of BLOCK_N rows x BLOCK_G runs of ``GROUP`` codes (a
+    run: one scale group, or per channel a stretch of ``GROUP`` codes of the row), held as (BLOCK_N, BLOCK_G,
+    HALF_P2) packed bytes (HALF_P2: GROUP / 2 rounded up to a power of two, lanes past GROUP / 2 masked), so each
+    scale and zero point is loaded once per run and a row's bytes load contiguously.
 
-    Per channel (G = 1): codes ``q - zero`` (in [-15, 15], exact in e4m3 too). Grouped: ``deq * (1 / stage)``
-    with the reciprocal rounded exactly, then rounded half to even (or cast to e4m3) — the float32 ops of
-    ``reference.stage_int4``, so codes agree bit for bit. On the GPU the rounding is ``rint`` of the rounded
-    product: the floor-based ``_round_half_even`` would let ptxas contract the product into its ``v - floor(v)``
-    (an FMA: the tie test then sees the exact product, not the rounded one); the CPU interpreter has no FMA and
-    no libdevice."""
+    Per channel (one group): codes ``q - zero`` (in [-15, 15], exact in e4m3 too). Grouped: ``deq * (1 / stage)``
+    with ``deq = (q - zero) * scale`` (exact in float32) and the reciprocal rounded exactly, then rounded half to
+    even (or cast to e4m3 by ``cvt.rn.satfinite``: values past 448 by rounding saturate, as the reference's
+    clamp does) — the float32 ops of ``reference.stage_int4``, so codes agree bit for bit. On the GPU the
+    rounding is ``rint`` of the rounded product: the floor-based ``_round_half_even`` would let ptxas contract the
+    product into its ``v - floor(v)`` (an FMA: the tie test then sees the exact product, not the rounded one); the
+    CPU interpreter has no FMA and no libdevice."""
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     kh = K // 2
-    stride_sn = K // group_size
-    j = pid_k * BLOCK_KH + tl.arange(0, BLOCK_KH)
-    w_row = w_ptr + offs_n[:, None].to(tl.int64) * kh
-    if PER_CHANNEL:
-        low, high = _int4_halves(tl.load(w_row + j[None, :], mask=n_mask[:, None] & (j < kh)[None, :], other=0))
-        if HAS_ZERO:
-            zero = tl.load(z_ptr + offs_n * stride_sn, mask=n_mask, other=0)[:, None]
-            low, high = low - zero, high - zero
-        v = tl.interleave(low.to(tl.float32), high.to(tl.float32))
-    else:
-        lo_f, hi_f = _dequant_int4_pair(w_row, s_ptr, z_ptr, offs_n, n_mask, j, kh, stride_sn, group_size, HAS_ZERO)
-        stage = tl.load(stage_ptr + offs_n, mask=n_mask, other=1.0)
-        inv = tl.math.div_rn(tl.full(stage.shape, 1.0, tl.float32), stage)[:, None]
-        v = tl.interleave(lo_f * inv, hi_f * inv)
-        if FP8:
-            v = tl.clamp(v, -448.0, 448.0)
-        elif CUDA_RINT:
-            v = tl.clamp(libdevice.rint(v), -127.0, 127.0)
+    runs = K // GROUP  # runs of GROUP codes per row
+    g = pid_k * BLOCK_G + tl.arange(0, BLOCK_G)
+    jj = tl.arange(0, HALF_P2)
+    rows = offs_n[:, None, None].to(tl.int64)
+    run_mask = n_mask[:, None] & (g < runs)[None, :]  # (BLOCK_N, BLOCK_G)
+    if 2 * HALF_P2 == GROUP:  # a tile's bytes are one contiguous span per row: 2-D (vector) loads and stores
+        span = pid_k * (BLOCK_G * HALF_P2) + tl.arange(0, BLOCK_G * HALF_P2)
+        byte_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * kh + span[None, :]
+        if EVEN:  # whole tiles: no mask
+            byte = tl.load(byte_ptrs)
         else:
-            v = tl.clamp(_round_half_even(v), -127.0, 127.0)
-    k = 2 * pid_k * BLOCK_KH + tl.arange(0, 2 * BLOCK_KH)
-    out = out_ptr + offs_n[:, None].to(tl.int64) * K + k[None, :]
-    tl.store(out, v.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & (k < K)[None, :])
-
-
-@triton.jit
-def _dequant_int4_pair(w_row, s_ptr, z_ptr, offs_n, n_mask, j, kh, stride_sn, group_size, HAS_ZERO: tl.constexpr):
-    """Bytes ``j`` of the packed rows → float32 ``(q - zero) * scale`` of codes 2j and 2j + 1 (same group: the
-    group size is even), exact."""
-    mask = n_mask[:, None] & (j < kh)[None, :]
-    g = (2 * j[None, :]) // group_size
-    s = tl.load(s_ptr + offs_n[:, None] * stride_sn + g, mask=mask, other=0.0).to(tl.float32)
-    low, high = _int4_halves(tl.load(w_row + j[None, :], mask=mask, other=0))
-    lo_f, hi_f = low.to(tl.float32), high.to(tl.float32)
-    if HAS_ZERO:
-        z = tl.load(z_ptr + offs_n[:, None] * stride_sn + g, mask=mask, other=0).to(tl.float32)
-        lo_f, hi_f = lo_f - z, hi_f - z
-    return lo_f * s, hi_f * s
+            byte = tl.load(byte_ptrs, mask=n_mask[:, None] & (span < kh)[None, :], other=0)
+        byte = tl.reshape(byte, (BLOCK_N, BLOCK_G, HALF_P2))
+    else:
+        byte = tl.load(w_ptr + rows * kh + g[None, :, None] * (GROUP // 2) + jj[None, None, :],
+                       mask=run_mask[:, :, None] & (jj < GROUP // 2)[None, None, :], other=0)
+    lo_f, hi_f = _int4_halves_f32(byte)
+    if HAS_ZERO:  # (code - zero) in one exact subtraction
+        if PER_CHANNEL:
+            z = tl.load(z_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)[:, None, None]
+        else:
+            z = tl.load(z_ptr + offs_n[:, None] * runs + g[None, :], mask=run_mask, other=0).to(tl.float32)[:, :, None]
+        lo_f, hi_f = lo_f - (z + INT4_BIAS), hi_f - (z + INT4_BIAS)
+    else:
+        lo_f, hi_f = lo_f - INT4_BIAS, hi_f - INT4_BIAS
+    if not PER_CHANNEL:
+        s = tl.load(s_ptr + offs_n[:, None] * runs + g[None, :], mask=run_mask, other=0.0).to(tl.float32)
+        stage = tl.load(stage_ptr + offs_n, mask=n_mask, other=1.0)
+        inv = tl.math.div_rn(tl.full(stage.shape, 1.0, tl.float32), stage)[:, None, None]
+        lo_f, hi_f = (lo_f * s[:, :, None]) * inv, (hi_f * s[:, :, None]) * inv
+        if not FP8:
+            if CUDA_RINT:
+                lo_f, hi_f = libdevice.rint(lo_f), libdevice.rint(hi_f)
+            else:
+                lo_f, hi_f = _round_half_even(lo_f), _round_half_even(hi_f)
+            lo_f, hi_f = tl.clamp(lo_f, -127.0, 127.0), tl.clamp(hi_f, -127.0, 127.0)
+        elif not CUDA_RINT:  # the interpreter's fp8 cast does not saturate
+            lo_f, hi_f = tl.clamp(lo_f, -448.0, 448.0), tl.clamp(hi_f, -448.0, 448.0)
+    dtype = out_ptr.dtype.element_ty
+    v = tl.reshape(tl.join(lo_f.to(dtype), hi_f.to(dtype)), (BLOCK_N, BLOCK_G, 2 * HALF_P2))  # codes 2j, 2j + 1
+    if 2 * HALF_P2 == GROUP:
+        span = pid_k * (BLOCK_G * GROUP) + tl.arange(0, BLOCK_G * GROUP)
+        out_ptrs = out_ptr + offs_n[:, None].to(tl.int64) * K + span[None, :]
+        v = tl.reshape(v, (BLOCK_N, BLOCK_G * GROUP))
+        if EVEN:
+            tl.store(out_ptrs, v)
+        else:
+            tl.store(out_ptrs, v, mask=n_mask[:, None] & (span < K)[None, :])
+    else:
+        kk = tl.arange(0, 2 * HALF_P2)
+        tl.store(out_ptr + rows * K + g[None, :, None] * GROUP + kk[None, None, :], v,
+                 mask=run_mask[:, :, None] & (kk < GROUP)[None, None, :])
 
 
 # ----------------------------------------------------------------------------------------- launcher
@@ -403,7 +429,7 @@ def _launch_tma(a, a_scale, w, w_scale, group_size, bias, c, cfg, fp8, gelu, res
     )
 
 
-STAGE_BLOCK_N, STAGE_BLOCK_KH = 32, 64  # 2 KiB of packed bytes per program; DiT widths are multiples of 128
+STAGE_BLOCK_N, STAGE_TILE_CODES = 32, 256  # a program's tile: 32 rows x 256 codes (4 KiB of packed bytes)
 STAGE_MAX_LAYERS = 16  # weights per staging launch (the kernel holds one branch per weight)
 
 
@@ -432,16 +458,25 @@ def stage_int4_many(weights: list, fp8: bool = False) -> list[tuple[torch.Tensor
         codes = torch.empty(n, k, device=w.device, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
         prepared.append((codes, stage_scale.contiguous()))
         if n and k:
-            kinds.setdefault((w_zero is not None, per_channel), []).append(
+            run = group_size if not per_channel else min(STAGE_TILE_CODES, _largest_pow2_divisor(k))
+            kinds.setdefault((w_zero is not None, per_channel, run), []).append(
                 (w.contiguous(), w_scale.contiguous(), None if w_zero is None else w_zero.contiguous(), i))
-    for (has_zero, per_channel), group in kinds.items():
+    for (has_zero, per_channel, run), group in kinds.items():
         for first in range(0, len(group), STAGE_MAX_LAYERS):
-            _launch_stage(group[first:first + STAGE_MAX_LAYERS], prepared, has_zero, per_channel, fp8)
+            _launch_stage(group[first:first + STAGE_MAX_LAYERS], prepared, has_zero, per_channel, run, fp8)
     return prepared
 
 
-def _launch_stage(group, prepared, has_zero, per_channel, fp8) -> None:
-    ws, scales, zeros, outs, stages, ns, ks, gss, kh_tiles, starts = [], [], [], [], [], [], [], [], [], [0]
+def _largest_pow2_divisor(k: int) -> int:
+    return k & -k
+
+
+def _launch_stage(group, prepared, has_zero, per_channel, run, fp8) -> None:
+    """One launch for weights of one kind: runs of ``run`` codes (the scale group, or per channel a power of two
+    dividing K), ``STAGE_TILE_CODES // run`` runs (at least one) per tile."""
+    half_p2 = triton.next_power_of_2(run // 2)
+    block_g = max(1, STAGE_TILE_CODES // (2 * half_p2))
+    ws, scales, zeros, outs, stages, ns, ks, k_tiles, starts = [], [], [], [], [], [], [], [], [0]
     for w, w_scale, w_zero, i in group:
         codes, stage_scale = prepared[i]
         n, kh = w.shape
@@ -452,14 +487,15 @@ def _launch_stage(group, prepared, has_zero, per_channel, fp8) -> None:
         outs.append(codes)
         ns.append(n)
         ks.append(2 * kh)
-        gss.append(2 * kh // w_scale.shape[1])
-        kh_tiles.append(triton.cdiv(kh, STAGE_BLOCK_KH))
-        starts.append(starts[-1] + triton.cdiv(n, STAGE_BLOCK_N) * kh_tiles[-1])
+        k_tiles.append(triton.cdiv(2 * kh // run, block_g))
+        starts.append(starts[-1] + triton.cdiv(n, STAGE_BLOCK_N) * k_tiles[-1])
     device = group[0][0].device
+    even = 2 * half_p2 == run and all(n % STAGE_BLOCK_N == 0 and (k // run) % block_g == 0 for n, k in zip(ns, ks))
     _stage_int4_kernel[(starts[-1],)](
-        tuple(ws), tuple(scales), tuple(zeros), tuple(stages), tuple(outs), tuple(ns), tuple(ks), tuple(gss),
-        tuple(starts), tuple(kh_tiles), NUM=len(group), HAS_ZERO=has_zero, PER_CHANNEL=per_channel, FP8=fp8,
-        CUDA_RINT=device.type == "cuda", BLOCK_N=STAGE_BLOCK_N, BLOCK_KH=STAGE_BLOCK_KH, num_warps=4,
+        tuple(ws), tuple(scales), tuple(zeros), tuple(stages), tuple(outs), tuple(ns), tuple(ks), tuple(starts),
+        tuple(k_tiles), NUM=len(group), HAS_ZERO=has_zero, GROUP=run, PER_CHANNEL=per_channel, FP8=fp8,
+        CUDA_RINT=device.type == "cuda", BLOCK_N=STAGE_BLOCK_N, BLOCK_G=block_g, HALF_P2=half_p2, EVEN=even,
+        num_warps=4,
         **pdl.launch_options(device),
     )
 
