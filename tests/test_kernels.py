@@ -24,7 +24,9 @@ triton = pytest.importorskip("triton")
 from viditq.kernels import act_quant, dispatch, int_gemm, reference  # noqa: E402
 from viditq.kernels.triton_compat import patch_interpreter  # noqa: E402
 from viditq.quant.hadamard import hadamard_factors, random_signs  # noqa: E402
-from viditq.quant.quantizers import dequantize_weight, pack_int4, quantize_weight, unpack_int4  # noqa: E402
+from viditq.quant.quantizers import (  # noqa: E402
+    dequantize_weight, pack_int4, quantize_weight, quantize_weight_fp8, unpack_int4,
+)
 
 patch_interpreter()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -681,3 +683,74 @@ def test_pdl_kernel_chain_in_a_cuda_graph_equals_serial_launches(monkeypatch):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, serial if i != 1 else chain(x * 0.5))
+
+
+@pytest.mark.parametrize("fp8,w_bits", [(True, 8), (True, 4), (False, 8), (False, 4)])
+@pytest.mark.parametrize("smooth", [False, True])
+@pytest.mark.parametrize("m,k,h,n", [(70, 256, 384, 192), pytest.param(8192, 1152, 4608, 1152, marks=gpu_only)])
+def test_quantized_output_feeds_blocked_activation_scales(fp8, w_bits, smooth, m, k, h, n):
+    """An up-projection whose epilogue applies the GELU and quantizes its output per token and per 128 channels
+    (``quant_out``) feeding a down-projection that applies those block scales in its K loop: each GEMM matches
+    its reference (``reference.int_linear_quant_out`` / ``int_linear`` with block scales), and the chain is as
+    accurate as quantizing the float hidden state per token (finer scales: no worse)."""
+    g = torch.Generator().manual_seed(5 + w_bits + 2 * fp8)
+    x = torch.randn(m, k, generator=g)
+    w1, w2 = torch.randn(h, k, generator=g) / k ** 0.5, torch.randn(n, h, generator=g) / h ** 0.5
+    bias1 = torch.randn(h, generator=g).to(DEVICE)
+    smooth_inv = (torch.rand(h, generator=g) + 0.5).to(DEVICE) if smooth else None
+
+    def weight(w):
+        if w_bits == 8 and fp8:
+            q = quantize_weight_fp8(w)
+            return q.codes.to(DEVICE), q.scale.to(DEVICE), None, w.shape[1], False
+        q = quantize_weight(w, w_bits, w_bits == 8, None if w_bits == 8 else 64)
+        codes = pack_int4(q.codes) if w_bits == 4 else q.codes
+        scale = q.scale if q.group_size == w.shape[1] else q.scale.half()
+        return codes.to(DEVICE), scale.to(DEVICE), None if q.zero is None else q.zero.to(DEVICE), q.group_size, \
+            w_bits == 4
+
+    (w1q, s1, z1, g1, p1), (w2q, s2, z2, g2, p2) = weight(w1), weight(w2)
+    stage1 = reference.int4_stage_scale(w1q, s1, z1, g1, fp8) if p1 else None
+    stage2 = reference.int4_stage_scale(w2q, s2, z2, g2, fp8) if p2 else None
+    a, a_s = reference.quantize_activation(x.to(DEVICE), 8, fp8=fp8)
+    quant = dict(bits=8, fp8=fp8, smooth_inv=smooth_inv)
+    codes, scales = int_gemm.quant_linear(a, a_s, w1q, s1, z1, g1, p1, bias1, torch.bfloat16,
+                                          activation="gelu_tanh", stage_scale=stage1, quant_out=quant)
+    ref_codes, ref_scales = reference.int_linear_quant_out(a, a_s, w1q, s1, z1, g1, p1, bias1, "gelu_tanh", stage1,
+                                                           8, fp8, smooth_inv, int_gemm.ACT_BLOCK)
+    assert codes.dtype == ref_codes.dtype and scales.shape == (m, h // int_gemm.ACT_BLOCK)
+    torch.testing.assert_close(scales, ref_scales, rtol=1e-4, atol=0)
+    assert rel_err(codes.float() * scales.repeat_interleave(128, 1), ref_codes.float() * ref_scales.repeat_interleave(
+        128, 1)) < 2e-2  # a code may round the other way where the f32 sums differ
+    residual = torch.randn(m, n, generator=g).to(DEVICE)
+    gate = torch.randn(2, n, generator=g).to(DEVICE)
+    y = int_gemm.quant_linear(codes, scales, w2q, s2, z2, g2, p2, None, torch.float32, stage_scale=stage2,
+                              residual=residual, gate=gate)
+    ref = reference.int_linear(codes, scales, w2q, s2, z2, g2, p2, None, torch.float32, None, stage2, residual, gate)
+    assert rel_err(y, ref) < 1e-5
+    # the chain against float hidden states quantized per token
+    hidden = reference.int_linear(a, a_s, w1q, s1, z1, g1, p1, bias1, torch.float32, "gelu_tanh", stage1)
+    w2f = reference.gemm_weight(w2q, s2, z2, g2, p2, fp8, stage2)
+    exact = hidden.double() @ w2f.double().t()
+    hidden_s = hidden * smooth_inv if smooth else hidden
+    per_token = reference.quantize_activation(hidden_s, 8, fp8=fp8)
+    deq_token = per_token[0].float() * per_token[1] / (smooth_inv if smooth else 1.0)
+    token_err = rel_err(deq_token.double() @ w2f.double().t(), exact)
+    blocked = (codes.float() * scales.repeat_interleave(128, 1)) / (smooth_inv if smooth else 1.0)
+    block_err = rel_err(blocked.double() @ w2f.double().t(), exact)
+    assert block_err < token_err * 1.05
+
+
+def test_blocked_scales_and_quantized_outputs_refuse_bad_shapes():
+    a = torch.zeros(8, 256, dtype=torch.int8, device=DEVICE)
+    w = torch.zeros(128, 256, dtype=torch.int8, device=DEVICE)
+    ws = torch.ones(128, 1, device=DEVICE)
+    with pytest.raises(ValueError, match="blocked activation scales must be"):
+        int_gemm.quant_linear(a, torch.ones(8, 3, device=DEVICE), w, ws, None, 256, False, None, torch.float32)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        int_gemm.quant_linear(a, torch.ones(8, 1, device=DEVICE), w[:96], ws[:96], None, 256, False, None,
+                              torch.float32, quant_out=dict(bits=8, fp8=False, smooth_inv=None))
+    wg = quantize_weight(torch.randn(128, 256), 8, True, 64)
+    with pytest.raises(ValueError, match="per-channel weights"):
+        int_gemm.quant_linear(a, torch.ones(8, 2, device=DEVICE), wg.codes.to(DEVICE), wg.scale.to(DEVICE), None, 64,
+                              False, None, torch.float32)

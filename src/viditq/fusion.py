@@ -29,7 +29,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from diffusers.models.activations import GELU
-from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.attention import BasicTransformerBlock, FeedForward
 from diffusers.models.normalization import CogVideoXLayerNormZero
 from torch import nn
 
@@ -98,9 +98,74 @@ class FusedGELU(GELU):
         return self.proj(hidden_states)
 
 
+class FusedFeedForward(FeedForward):
+    """diffusers' ``FeedForward`` (``FusedGELU``, dropouts, a QuantLinear down-projection, dropouts) whose
+    up-projection epilogue also quantizes the hidden state for the down-projection, per token and per 128
+    channels (``QuantLinear.forward_quantized_out``: the widest activation of a block is neither written in 16
+    bits nor read back by a quantization pass), where :func:`_hand_off_ready` holds; else diffusers' forward."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args or kwargs or not _hand_off_ready(self):
+            return super().forward(hidden_states, *args, **kwargs)
+        net = list(self.net)
+        down = [m for m in net if not isinstance(m, nn.Dropout)][1]
+        hidden_states = down(_hand_off(self, hidden_states))
+        for module in net[net.index(down) + 1:]:
+            hidden_states = module(hidden_states)
+        return hidden_states
+
+
+def _hand_off(ff: FusedFeedForward, x):
+    """A FusedFeedForward up to its down-projection's input: the up-projection's stand-in output, its
+    quantization primed in the down-projection's cache. The dropouts between are identities
+    (:func:`_hand_off_ready`) and not called: the down-projection must get the very stand-in (a traced
+    dropout would be a new tensor to ``torch.compile``, and the cache would miss)."""
+    net = list(ff.net)
+    return net[0].proj.forward_quantized_out(x, [m for m in net if not isinstance(m, nn.Dropout)][1])
+
+
+def _gemm_per_channel(layer: QuantLinear) -> bool:
+    s = layer.spec
+    return s.packed_int4 or (s.group_size == s.in_features and layer.weight_zero is None)
+
+
+def _hand_off_ok(up: QuantLinear, down: nn.Module) -> bool:
+    """Whether ``down`` can take its input as ``up``'s epilogue quantizes it: plain dynamic 8-bit activations
+    (no rotation, no static scale), channels a multiple of ``reference.ACT_BLOCK``, per-channel (or packed int4)
+    weights on both sides (the blocked GEMMs' rule), ``down`` reading no shared input."""
+    from .kernels.reference import ACT_BLOCK
+
+    if type(down) is not QuantLinear:
+        return False
+    u, d = up.spec, down.spec
+    return (not u.weight_only and not d.weight_only and not d.act_static and d.act_bits == 8
+            and down.rot_signs is None and down.rot_matrix is None and u.out_features == d.in_features
+            and d.in_features % ACT_BLOCK == 0 and u.in_features % 16 == 0 and _gemm_per_channel(up)
+            and _gemm_per_channel(down) and (down._input_cache is None or down._input_cache.members == 1))
+
+
+def _hand_off_ready(ff: nn.Module) -> bool:
+    """At call time: a FusedFeedForward whose dropouts are identities (eval mode or p = 0), its down-projection's
+    cache in place, no hook on the modules that would see the stand-in output (the GELU, its projection, the
+    dropouts before the down-projection, the down-projection)."""
+    if not isinstance(ff, FusedFeedForward):
+        return False
+    net = list(ff.net)
+    layers = [m for m in net if not isinstance(m, nn.Dropout)]
+    if len(layers) != 2 or net[0] is not layers[0] or not isinstance(layers[0], FusedGELU):
+        return False
+    up, down = layers[0].proj, layers[1]
+    cache = down._input_cache
+    return (cache is not None and cache.members == 1 and _hand_off_ok(up, down)
+            and all(not m.training or m.p == 0 for m in net if isinstance(m, nn.Dropout))
+            and not any(_hooked(m) for m in (up, *net[:net.index(down) + 1])))
+
+
 def fuse_gelu(model: nn.Module) -> int:
     """Fuse the tanh GELU of every diffusers ``GELU`` module whose ``proj`` is a QuantLinear into that layer's
-    GEMM epilogue (idempotent). Returns how many modules are fused."""
+    GEMM epilogue, and in a ``FeedForward`` whose down-projection qualifies (:func:`_hand_off_ok`), that
+    layer's input quantization too (:class:`FusedFeedForward`; the down-projection gets an input cache of its
+    own) (idempotent). Returns how many GELU modules are fused."""
     count = 0
     for module in model.modules():
         if (type(module) is GELU and module.approximate == "tanh" and type(module.proj) is QuantLinear
@@ -108,6 +173,15 @@ def fuse_gelu(model: nn.Module) -> int:
             module.proj.fused_activation = "gelu_tanh"
             module.__class__ = FusedGELU
         count += isinstance(module, FusedGELU)
+    for module in model.modules():
+        if type(module) is FeedForward:
+            layers = [m for m in module.net if not isinstance(m, nn.Dropout)]  # [GELU, down], dropouts around
+            if len(layers) == 2 and module.net[0] is layers[0] and isinstance(layers[0], FusedGELU) \
+                    and _hand_off_ok(layers[0].proj, layers[1]):
+                down = layers[1]
+                if down._input_cache is None:
+                    down._input_cache, down._input_index = SharedInputCache(1), 0
+                module.__class__ = FusedFeedForward
     return count
 
 
@@ -209,12 +283,16 @@ def _attend(attn, x, residual, gate=None, context=None, mask=None):
 
 
 def _feed_forward(ff, x, residual, gate):
-    """``residual + gate * ff(x)`` (diffusers' FeedForward: its modules in turn), the down-projection adding it."""
+    """``residual + gate * ff(x)`` (diffusers' FeedForward: its modules in turn, or the quantized hand-off of a
+    FusedFeedForward), the down-projection adding it."""
     tail = _eval_tail(ff, ff.net)
     if tail is None or _hooked(ff):
         return add_residual(ff(x), residual, gate)
-    for module in tail[:-1]:
-        x = module(x)
+    if _hand_off_ready(ff):
+        x = _hand_off(ff, x)
+    else:
+        for module in tail[:-1]:
+            x = module(x)
     return _project(tail[-1], x, residual, gate)
 
 

@@ -222,27 +222,36 @@ class QuantLinear(nn.Module):
         if spec.weight_only:
             y = self.forward_float_act(x)
             return y if residual is None else add_residual(y, residual, gate)
-        x2d = x.reshape(-1, spec.in_features)  # (M, K), M = batch * tokens
-        if spec.act_static or self.rot_matrix is not None:
-            xb = self.balance(x2d)
-            if spec.act_static:
-                codes = quantize_per_tensor_static(xb, self.act_scale, spec.act_bits)
-                scale = self.act_scale.float().expand(x2d.shape[0], 1)
-            else:
-                codes, scale = reference.quantize_activation(xb, spec.act_bits, fp8=spec.fp8)
-        else:
-            codes, scale = self._quantize_input(x, x2d)
+        codes, scale = self._input_codes(x)
         if residual is not None:
             residual = residual.reshape(-1, spec.out_features)  # (M, N)
             gate = None if gate is None else gate.reshape(gate.shape[0], spec.out_features)  # (B, N)
-        staged = None if self._weight_staging is None else self._weight_staging.take(self._staging_index)
-        if staged is not None:  # packed int4 staged by the block: per-channel int8 / fp8 codes and their scales
-            weight = (staged, self.staged_weight_scale(), None, spec.in_features, False)
-        else:
-            weight = (self.weight_codes, self.weight_scale, self.weight_zero, spec.group_size, spec.packed_int4)
-        y = dispatch.int_linear(codes, scale, *weight, self.bias, x.dtype, self.fused_activation, self.stage_scale,
-                                residual, gate)
+        y = dispatch.int_linear(codes, scale, *self._gemm_weight(), self.bias, x.dtype, self.fused_activation,
+                                self.stage_scale, residual, gate)
         return y.reshape(*x.shape[:-1], spec.out_features)  # (..., N)
+
+    def _gemm_weight(self) -> tuple:
+        """(codes, scales, zero points, group size, packed) of the product: the layer's own, or its packed int4
+        weights as its block staged them (per-channel int8 / fp8 codes and their scales, see WeightStaging)."""
+        spec = self.spec
+        staged = None if self._weight_staging is None else self._weight_staging.take(self._staging_index)
+        if staged is not None:
+            return staged, self.staged_weight_scale(), None, spec.in_features, False
+        return self.weight_codes, self.weight_scale, self.weight_zero, spec.group_size, spec.packed_int4
+
+    def forward_quantized_out(self, x: torch.Tensor, consumer: QuantLinear) -> torch.Tensor:
+        """This layer's output as ``consumer`` (the next layer, reading it alone) quantizes it — per token and per
+        ``reference.ACT_BLOCK`` channels, with its smoothing, in this layer's GEMM epilogue where the kernel runs
+        (``dispatch.int_linear_quant_out``) — handed over through ``consumer``'s input cache; returns a stand-in of
+        the output's shape and dtype that holds no values (``consumer`` must be the only reader: see
+        ``viditq.fusion.fuse_gelu``)."""
+        spec, c = self.spec, consumer.spec
+        codes, scale = self._input_codes(x)
+        out = dispatch.int_linear_quant_out(codes, scale, *self._gemm_weight(), self.bias, self.fused_activation,
+                                            self.stage_scale, c.act_bits, c.fp8, consumer.smooth_inv)
+        y = x.new_empty(()).expand(*x.shape[:-1], spec.out_features)  # (..., N), no storage of its own
+        consumer._input_cache.prime(y, out)
+        return y
 
     def staged_weight_scale(self) -> torch.Tensor:
         """Per-channel float32 scales (N, 1) of this packed int4 layer's staged weights (``stage_scale``; per
@@ -264,6 +273,18 @@ class QuantLinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         y = nn.functional.linear(x, self.dequantized_weight().to(x.dtype), bias)  # (..., N)
         return reference.apply_activation(y, self.fused_activation)
+
+    def _input_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The quantized (balanced) input: codes (M, K) and scales (M, 1) — or (M, K / ACT_BLOCK) where the
+        producer quantized it (``forward_quantized_out``)."""
+        spec = self.spec
+        x2d = x.reshape(-1, spec.in_features)  # (M, K), M = batch * tokens
+        if spec.act_static:
+            codes = quantize_per_tensor_static(self.balance(x2d), self.act_scale, spec.act_bits)
+            return codes, self.act_scale.float().expand(x2d.shape[0], 1)
+        if self.rot_matrix is not None:
+            return reference.quantize_activation(self.balance(x2d), spec.act_bits, fp8=spec.fp8)
+        return self._quantize_input(x, x2d)
 
     def _quantize_input(self, x: torch.Tensor, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Dynamic per-token quantization of the (balanced) input, reused across the layer's input group."""

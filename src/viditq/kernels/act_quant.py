@@ -178,15 +178,19 @@ def _round_quotient(y, scale, inv_scale, FAST_ROUND: tl.constexpr):
 
 
 @triton.jit
-def _store_codes(codes_ptrs, y, scale, mask, QMAX: tl.constexpr, FP8: tl.constexpr, FAST_ROUND: tl.constexpr):
-    """Store ``y / scale`` as int8 (rounded half to even, clamped) or fp8 e4m3: ``y * (1 / scale)`` with the
+def quantize_codes(y, scale, QMAX: tl.constexpr, FP8: tl.constexpr, FAST_ROUND: tl.constexpr):
+    """``y / scale`` as int8 (rounded half to even, clamped) or fp8 e4m3: ``y * (1 / scale)`` with the
     reciprocal rounded exactly (one per row), cast to nearest even, as ``quantize_per_token_fp8`` does."""
     if FP8:
         inv_scale = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
-        tl.store(codes_ptrs, tl.clamp(y * inv_scale, -QMAX, QMAX).to(tl.float8e4nv), mask=mask)
-    else:
-        codes = tl.clamp(_round_quotient(y, scale, 1.0 / scale, FAST_ROUND), -QMAX, QMAX)
-        tl.store(codes_ptrs, codes.to(tl.int8), mask=mask)
+        return tl.clamp(y * inv_scale, -QMAX, QMAX).to(tl.float8e4nv)
+    return tl.clamp(_round_quotient(y, scale, 1.0 / scale, FAST_ROUND), -QMAX, QMAX).to(tl.int8)
+
+
+@triton.jit
+def _store_codes(codes_ptrs, y, scale, mask, QMAX: tl.constexpr, FP8: tl.constexpr, FAST_ROUND: tl.constexpr):
+    """Store :func:`quantize_codes` of ``y``."""
+    tl.store(codes_ptrs, quantize_codes(y, scale, QMAX, FP8, FAST_ROUND), mask=mask)
 
 
 @triton.jit

@@ -86,6 +86,15 @@ def stage_int4(
     return torch.round(v).clamp_(-127, 127).to(torch.int8), stage_scale
 
 
+def gemm_weight(w, w_scale, w_zero, group_size, packed_int4, fp8, stage_scale=None) -> torch.Tensor:
+    """The float32 (N, K) weight a GEMM multiplies by: packed int4 staged first (to fp8 for ``fp8`` activations,
+    see :func:`stage_int4`), then dequantized."""
+    if packed_int4:
+        w, w_scale = stage_int4(w, w_scale, w_zero, group_size, stage_scale, fp8)
+        w_zero, group_size = None, w.shape[1]
+    return dequantize_weight(w, w_scale, w_zero, group_size)
+
+
 def int_linear(
     x_codes: torch.Tensor,
     x_scale: torch.Tensor,
@@ -106,12 +115,11 @@ def int_linear(
     ``residual + gate[row // (M // B)] * y`` (``gate`` (B, N)) or ``residual + y``, still in float32. Packed int4
     ``w`` is staged first (to fp8 when ``x_codes`` are fp8), with ``stage_scale`` if given (see
     :func:`stage_int4`)."""
-    if packed_int4:
-        fp8 = x_codes.dtype == torch.float8_e4m3fn
-        w, w_scale = stage_int4(w, w_scale, w_zero, group_size, stage_scale, fp8)
-        w_zero, group_size = None, x_codes.shape[1]
-    wf = dequantize_weight(w, w_scale, w_zero, group_size)
-    y = (x_codes.float() @ wf.t()) * x_scale
+    wf = gemm_weight(w, w_scale, w_zero, group_size, packed_int4, x_codes.dtype == torch.float8_e4m3fn, stage_scale)
+    if x_scale.dim() == 2 and x_scale.shape[1] > 1:  # per token and per block of channels (quantize_blocks)
+        y = (x_codes.float() * x_scale.repeat_interleave(x_codes.shape[1] // x_scale.shape[1], dim=1)) @ wf.t()
+    else:
+        y = (x_codes.float() @ wf.t()) * x_scale
     if bias is not None:
         y = y + bias.float()
     y = apply_activation(y, activation)
@@ -122,6 +130,31 @@ def int_linear(
             y = (y.view(gate.shape[0], -1, y.shape[-1]) * gate.float()[:, None, :]).view(y.shape)
         y = y + residual.float()
     return y.to(out_dtype)
+
+
+ACT_BLOCK = 128  # channels per activation scale of a quantized GEMM output and of blocked activation scales
+
+
+def quantize_blocks(y: torch.Tensor, bits: int, smooth_inv: torch.Tensor | None, fp8: bool,
+                    block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token quantization of every ``block`` channels on their own: (M, K) float → codes (M, K) int8 (fp8
+    e4m3 if ``fp8``) and float32 scales (M, K / block) — finer than per token (a GEMM epilogue quantizes its
+    output tile so, ``int_gemm.quant_linear(quant_out=...)``; :func:`int_linear` takes such scales)."""
+    m, k = y.shape
+    if k % block:
+        raise ValueError(f"K={k} is not a multiple of the block of {block} channels")
+    x = y.float() if smooth_inv is None else y.float() * smooth_inv
+    codes, scale = quantize_activation(x.reshape(-1, block), bits, fp8=fp8)
+    return codes.reshape(m, k), scale.reshape(m, k // block)
+
+
+def int_linear_quant_out(x_codes, x_scale, w, w_scale, w_zero, group_size, packed_int4, bias, activation,
+                         stage_scale, bits, fp8, smooth_inv, block):
+    """:func:`int_linear` (float32) followed by :func:`quantize_blocks` of its output: what the GEMM with a
+    quantized output computes."""
+    y = int_linear(x_codes, x_scale, w, w_scale, w_zero, group_size, packed_int4, bias, torch.float32, activation,
+                   stage_scale)
+    return quantize_blocks(y, bits, smooth_inv, fp8, block)
 
 
 def apply_activation(y: torch.Tensor, activation: str | None) -> torch.Tensor:
