@@ -183,8 +183,10 @@ def quantize_codes(y, scale, QMAX: tl.constexpr, FP8: tl.constexpr, FAST_ROUND: 
     reciprocal rounded exactly (one per row), cast to nearest even, as ``quantize_per_token_fp8`` does."""
     if FP8:
         inv_scale = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
-        return tl.clamp(y * inv_scale, -QMAX, QMAX).to(tl.float8e4nv)
-    return tl.clamp(_round_quotient(y, scale, 1.0 / scale, FAST_ROUND), -QMAX, QMAX).to(tl.int8)
+        codes = tl.clamp(y * inv_scale, -QMAX, QMAX).to(tl.float8e4nv)
+    else:
+        codes = tl.clamp(_round_quotient(y, scale, 1.0 / scale, FAST_ROUND), -QMAX, QMAX).to(tl.int8)
+    return codes
 
 
 @triton.jit
