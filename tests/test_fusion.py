@@ -295,6 +295,10 @@ def test_feed_forward_hands_its_hidden_state_over_quantized(monkeypatch, preset)
             ff.__class__ = fusion.FusedFeedForward
         assert len(calls) - handed_calls == len(handed)
         assert sqnr_db(ref, out) > sqnr_db(ref, plain) - 0.5 and sqnr_db(plain, out) > 25
+    assert fusion.fuse_gelu(model, hand_off=False) == len(ffs) and not any(
+        isinstance(m, fusion.FusedFeedForward) for m in model.modules())
+    assert torch.equal(forward_output(model, x), plain)  # the per-token path again
+    fusion.fuse_gelu(model)
     seen = []
     handle = handed[0].net[2].register_forward_pre_hook(lambda mod, args: seen.append(args[0].clone()))
     hand_offs.clear()

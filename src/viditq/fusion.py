@@ -161,11 +161,12 @@ def _hand_off_ready(ff: nn.Module) -> bool:
             and not any(_hooked(m) for m in (up, *net[:net.index(down) + 1])))
 
 
-def fuse_gelu(model: nn.Module) -> int:
+def fuse_gelu(model: nn.Module, hand_off: bool = True) -> int:
     """Fuse the tanh GELU of every diffusers ``GELU`` module whose ``proj`` is a QuantLinear into that layer's
-    GEMM epilogue, and in a ``FeedForward`` whose down-projection qualifies (:func:`_hand_off_ok`), that
-    layer's input quantization too (:class:`FusedFeedForward`; the down-projection gets an input cache of its
-    own) (idempotent). Returns how many GELU modules are fused."""
+    GEMM epilogue, and (``hand_off``) in a ``FeedForward`` whose down-projection qualifies (:func:`_hand_off_ok`),
+    that layer's input quantization too (:class:`FusedFeedForward`; the down-projection gets an input cache of
+    its own; ``hand_off=False`` turns FusedFeedForwards back into diffusers' forward) (idempotent). Returns how
+    many GELU modules are fused."""
     count = 0
     for module in model.modules():
         if (type(module) is GELU and module.approximate == "tanh" and type(module.proj) is QuantLinear
@@ -174,7 +175,9 @@ def fuse_gelu(model: nn.Module) -> int:
             module.__class__ = FusedGELU
         count += isinstance(module, FusedGELU)
     for module in model.modules():
-        if type(module) is FeedForward:
+        if not hand_off and type(module) is FusedFeedForward:
+            module.__class__ = FeedForward
+        elif hand_off and type(module) is FeedForward:
             layers = [m for m in module.net if not isinstance(m, nn.Dropout)]  # [GELU, down], dropouts around
             if len(layers) == 2 and module.net[0] is layers[0] and isinstance(layers[0], FusedGELU) \
                     and _hand_off_ok(layers[0].proj, layers[1]):
