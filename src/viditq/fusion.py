@@ -25,6 +25,7 @@ their (quantized) projection, which saves one read and one write of the widest a
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -100,9 +101,11 @@ class FusedGELU(GELU):
 
 class FusedFeedForward(FeedForward):
     """diffusers' ``FeedForward`` (``FusedGELU``, dropouts, a QuantLinear down-projection, dropouts) whose
-    up-projection epilogue also quantizes the hidden state for the down-projection, per token and per 128
-    channels (``QuantLinear.forward_quantized_out``: the widest activation of a block is neither written in 16
-    bits nor read back by a quantization pass), where :func:`_hand_off_ready` holds; else diffusers' forward."""
+    up-projection epilogue also quantizes the hidden state to fp8 for the down-projection, per token with a
+    scale from a bound on the row (``QuantLinear.forward_quantized_out``, ``reference.output_range``: the widest
+    activation of a block is neither written in 16 bits nor read back by a quantization pass), where
+    :func:`_hand_off_ready` holds; else diffusers' forward. The bound is a property of the weights, computed
+    when the hand-off is installed and again whenever a state dict is loaded (``_hand_off_range``)."""
 
     def forward(self, hidden_states, *args, **kwargs):
         if args or kwargs or not _hand_off_ready(self):
@@ -121,7 +124,15 @@ def _hand_off(ff: FusedFeedForward, x):
     (:func:`_hand_off_ready`) and not called: the down-projection must get the very stand-in (a traced
     dropout would be a new tensor to ``torch.compile``, and the cache would miss)."""
     net = list(ff.net)
-    return net[0].proj.forward_quantized_out(x, [m for m in net if not isinstance(m, nn.Dropout)][1])
+    return net[0].proj.forward_quantized_out(x, [m for m in net if not isinstance(m, nn.Dropout)][1],
+                                             ff._hand_off_range)
+
+
+def _set_hand_off_range(ff: FusedFeedForward, *_) -> None:
+    """(Re)compute the bound the up-projection quantizes the hidden state with (also the state-dict post-hook of
+    both projections, so that loading weights at any level refreshes it)."""
+    layers = [m for m in ff.net if not isinstance(m, nn.Dropout)]
+    ff._hand_off_range = layers[0].proj.output_range(layers[1].smooth_inv)
 
 
 def _gemm_per_channel(layer: QuantLinear) -> bool:
@@ -130,18 +141,16 @@ def _gemm_per_channel(layer: QuantLinear) -> bool:
 
 
 def _hand_off_ok(up: QuantLinear, down: nn.Module) -> bool:
-    """Whether ``down`` can take its input as ``up``'s epilogue quantizes it: plain dynamic 8-bit activations
-    (no rotation, no static scale), channels a multiple of ``reference.ACT_BLOCK``, per-channel (or packed int4)
-    weights on both sides (the blocked GEMMs' rule), ``down`` reading no shared input."""
-    from .kernels.reference import ACT_BLOCK
-
+    """Whether ``down`` can take its input as ``up``'s epilogue quantizes it: plain dynamic fp8 activations (no
+    rotation, no static scale; the bound-based scale would cost int8 its bits), 16-byte rows (the TMA kernel),
+    per-channel (or packed int4) weights on ``up``, ``down`` reading no shared input."""
     if type(down) is not QuantLinear:
         return False
     u, d = up.spec, down.spec
-    return (not u.weight_only and not d.weight_only and not d.act_static and d.act_bits == 8
+    return (not u.weight_only and not d.weight_only and not d.act_static and d.fp8
             and down.rot_signs is None and down.rot_matrix is None and u.out_features == d.in_features
-            and d.in_features % ACT_BLOCK == 0 and u.in_features % 16 == 0 and _gemm_per_channel(up)
-            and _gemm_per_channel(down) and (down._input_cache is None or down._input_cache.members == 1))
+            and d.in_features % 16 == 0 and u.in_features % 16 == 0 and _gemm_per_channel(up)
+            and (down._input_cache is None or down._input_cache.members == 1))
 
 
 def _hand_off_ready(ff: nn.Module) -> bool:
@@ -185,6 +194,9 @@ def fuse_gelu(model: nn.Module, hand_off: bool = True) -> int:
                 if down._input_cache is None:
                     down._input_cache, down._input_index = SharedInputCache(1), 0
                 module.__class__ = FusedFeedForward
+                _set_hand_off_range(module)
+                for layer in (layers[0].proj, down):
+                    layer.register_load_state_dict_post_hook(functools.partial(_set_hand_off_range, module))
     return count
 
 

@@ -16,8 +16,8 @@ from .config import FLOAT_ACT_BITS
 from .kernels import dispatch, reference
 from .quant.hadamard import hadamard_rotate
 from .quant.quantizers import (
-    dequantize_weight, pack_int4, quantize_per_tensor_static, quantize_weight, quantize_weight_fp8,
-    resolve_group_size,
+    FP8_E4M3_MAX, dequantize_weight, pack_int4, quantize_per_tensor_static, quantize_weight, quantize_weight_fp8,
+    resolve_group_size, signed_range,
 )
 
 
@@ -239,19 +239,30 @@ class QuantLinear(nn.Module):
             return staged, self.staged_weight_scale(), None, spec.in_features, False
         return self.weight_codes, self.weight_scale, self.weight_zero, spec.group_size, spec.packed_int4
 
-    def forward_quantized_out(self, x: torch.Tensor, consumer: QuantLinear) -> torch.Tensor:
-        """This layer's output as ``consumer`` (the next layer, reading it alone) quantizes it — per token and per
-        ``reference.ACT_BLOCK`` channels, with its smoothing, in this layer's GEMM epilogue where the kernel runs
-        (``dispatch.int_linear_quant_out``) — handed over through ``consumer``'s input cache; returns a stand-in of
-        the output's shape and dtype that holds no values (``consumer`` must be the only reader: see
-        ``viditq.fusion.fuse_gelu``)."""
-        spec, c = self.spec, consumer.spec
+    def forward_quantized_out(self, x: torch.Tensor, consumer: QuantLinear, bound: tuple) -> torch.Tensor:
+        """This layer's output as ``consumer`` (the next layer, reading it alone, fp8 activations) quantizes it —
+        with its smoothing, per token with the scales ``reference.range_scale`` of ``bound``
+        (``reference.output_range`` of this layer's weights: :meth:`output_range`), in this layer's GEMM epilogue
+        where the kernel runs (``dispatch.int_linear_quant_out``) — handed over through ``consumer``'s input
+        cache; returns a stand-in of the output's shape and dtype that holds no values (``consumer`` must be the
+        only reader: see ``viditq.fusion.fuse_gelu``)."""
         codes, scale = self._input_codes(x)
         out = dispatch.int_linear_quant_out(codes, scale, *self._gemm_weight(), self.bias, self.fused_activation,
-                                            self.stage_scale, c.act_bits, c.fp8, consumer.smooth_inv)
-        y = x.new_empty(()).expand(*x.shape[:-1], spec.out_features)  # (..., N), no storage of its own
+                                            self.stage_scale, consumer.smooth_inv, bound)
+        y = x.new_empty(()).expand(*x.shape[:-1], self.spec.out_features)  # (..., N), no storage of its own
         consumer._input_cache.prime(y, out)
         return y
+
+    def output_range(self, smooth_inv: torch.Tensor | None) -> tuple[float, float, float]:
+        """``reference.output_range`` of this layer's GEMM (its weights as the GEMM multiplies them, bias, input
+        code range, fused activation) for a consumer smoothing by ``smooth_inv``: the bound that
+        :meth:`forward_quantized_out` quantizes with. A property of the stored weights: computed once (host)."""
+        spec = self.spec
+        stage = self.staged_weight_scale() if spec.packed_int4 else None
+        wf = reference.gemm_weight(self.weight_codes, self.weight_scale, self.weight_zero, spec.group_size,
+                                   spec.packed_int4, spec.fp8, stage)
+        in_qmax = FP8_E4M3_MAX if spec.fp8 else float(signed_range(spec.act_bits, symmetric=True)[1])
+        return reference.output_range(wf, self.bias, in_qmax, self.fused_activation, smooth_inv)
 
     def staged_weight_scale(self) -> torch.Tensor:
         """Per-channel float32 scales (N, 1) of this packed int4 layer's staged weights (``stage_scale``; per
@@ -275,8 +286,7 @@ class QuantLinear(nn.Module):
         return reference.apply_activation(y, self.fused_activation)
 
     def _input_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The quantized (balanced) input: codes (M, K) and scales (M, 1) — or (M, K / ACT_BLOCK) where the
-        producer quantized it (``forward_quantized_out``)."""
+        """The quantized (balanced) input: codes (M, K) and scales (M, 1)."""
         spec = self.spec
         x2d = x.reshape(-1, spec.in_features)  # (M, K), M = batch * tokens
         if spec.act_static:

@@ -86,14 +86,13 @@ def stage_int4_many(w, w_scale, w_zero, group_size, stage_scale, fp8):
 
 
 def int_linear_quant_out(x_codes, x_scale, w, w_scale, w_zero, group_size, packed_int4, bias, activation, stage_scale,
-                         bits, fp8, smooth_inv):
-    """``act((x_codes * x_scale) @ dequant(w)^T + bias)`` (times ``smooth_inv``) quantized per token and per
-    ``reference.ACT_BLOCK`` channels for the next layer → codes (M, N), scales (M, N / ACT_BLOCK); see
+                         smooth_inv, bound):
+    """``act((x_codes * x_scale) @ dequant(w)^T + bias)`` (times ``smooth_inv``) quantized to fp8 per token for
+    the next layer with the scales ``reference.range_scale(x_scale, bound)`` → codes (M, N), scales (M, 1); see
     ``reference.int_linear_quant_out`` (the GEMM epilogue does it on CUDA)."""
-    args = (x_codes, x_scale, w, w_scale, w_zero, group_size, packed_int4, bias, activation, stage_scale, bits, fp8,
-            smooth_inv)
+    args = (x_codes, x_scale, w, w_scale, w_zero, group_size, packed_int4, bias, activation, stage_scale, smooth_inv)
     if not (use_triton(x_codes) and ops.gemm_supported(x_codes.shape[-1], group_size, packed_int4)):
-        return reference.int_linear_quant_out(*args, reference.ACT_BLOCK)
+        return reference.int_linear_quant_out(*args, bound)
     if torch.compiler.is_compiling():
-        return torch.ops.viditq.int_linear_quant_out(*args)
-    return ops.int_linear_quant_out_impl(*args)
+        return torch.ops.viditq.int_linear_quant_out(*args, *bound)
+    return ops.int_linear_quant_out_impl(*args, *bound)

@@ -34,8 +34,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from . import pdl, reference
-from ..quant.quantizers import MIN_SCALE, signed_range
-from .act_quant import FP8_E4M3_MAX, _FAST_ROUND_OK, _round_half_even, _row_scale, quantize_codes
+from .act_quant import _round_half_even, quantize_codes
 
 
 # ----------------------------------------------------------------------------------------- configs
@@ -131,16 +130,14 @@ def _gelu_tanh(y):
 
 @triton.jit
 def _epilogue(acc, offs_m, offs_n, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, stride_sg,
-              GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, A_BLOCKED: tl.constexpr = False):
-    """Per-token x per-channel dequantization (group scales — and ``A_BLOCKED`` activation scales — were
-    applied in the main loop), bias and (``GELU``) the tanh GELU that follows a feed-forward up-projection, in
-    f32."""
+              GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr):
+    """Per-token x per-channel dequantization (group scales were applied in the main loop), bias and
+    (``GELU``) the tanh GELU that follows a feed-forward up-projection, in f32."""
     n_mask = offs_n < N
     y = acc.to(tl.float32)
     if not GROUPED:
         y = y * tl.load(w_scale_ptr + offs_n * stride_sg, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    if not A_BLOCKED:
-        y = y * tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
+    y = y * tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if GELU:
@@ -247,38 +244,34 @@ def _quant_gemm_kernel(
 
 
 @triton.jit
-def _quantize_out(y, offs_m, offs_n, M, N, pid_n, smooth_ptr, q_scale_ptr, stride_qs, HAS_SMOOTH: tl.constexpr,
-                  QMAX: tl.constexpr, MIN_S: tl.constexpr, FP8_OUT: tl.constexpr, CUDA_SCALAR_DIV: tl.constexpr,
-                  FAST_ROUND: tl.constexpr):
-    """The output tile quantized for the next layer: (smoothed) rows of BLOCK_N channels, one scale each (stored
-    at column ``pid_n`` of the (M, N / BLOCK_N) scales), the codes returned — what ``act_quant`` computes per
-    token, per block of channels."""
+def _quantize_out(y, offs_m, offs_n, M, N, pid_n, a_scale_ptr, smooth_ptr, q_scale_ptr, c1, c2, c3,
+                  HAS_SMOOTH: tl.constexpr):
+    """The output tile quantized to fp8 for the next layer with the per-token scale ``max(c1 * a_scale + c2,
+    c3)`` (``reference.range_scale``: a bound on the output row, so no row reduction; the tiles of column 0
+    store it), (smoothed) codes returned."""
     if HAS_SMOOTH:
         y = y * tl.load(smooth_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
-    scale = _row_scale(tl.max(tl.abs(y), axis=1), QMAX, MIN_S, CUDA_SCALAR_DIV)
-    tl.store(q_scale_ptr + offs_m * stride_qs + pid_n, scale, mask=offs_m < M)
-    return quantize_codes(y, scale[:, None], QMAX, FP8_OUT, FAST_ROUND)
+    scale = tl.maximum(tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=1.0) * c1 + c2, c3)
+    tl.store(q_scale_ptr + offs_m, scale, mask=offs_m < tl.where(pid_n == 0, M, 0))
+    return quantize_codes(y, scale[:, None], 448.0, True, False)
 
 
 @triton.jit
 def _quant_gemm_tma_kernel(
     a_desc, b_desc, c_desc, r_desc, a_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
     M, N, K, stride_am, stride_sg, group_size, num_programs, gate_ptr, stride_gb, tokens,
-    stride_as, smooth_ptr, q_scale_ptr, stride_qs,
+    smooth_ptr, q_scale_ptr, c1, c2, c3,
     GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr,
     FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     GELU: tl.constexpr, RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr, TILE_GATE: tl.constexpr,
-    A_BLOCKED: tl.constexpr = False, QUANT_OUT: tl.constexpr = False, HAS_SMOOTH: tl.constexpr = False,
-    QMAX: tl.constexpr = 448.0, MIN_S: tl.constexpr = 1e-8, FP8_OUT: tl.constexpr = True,
-    CUDA_SCALAR_DIV: tl.constexpr = False, FAST_ROUND: tl.constexpr = False, PDL: tl.constexpr = False,
+    QUANT_OUT: tl.constexpr = False, HAS_SMOOTH: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     """Persistent variant: A and B arrive by TMA (bulk tensor copies, zero-filled at the edges); the tile loop is
     flattened with the K loop so the next tile's loads overlap this tile's epilogue; C leaves by TMA. No zero
     points (int8 zero points need A in registers for the row sums: pointer kernel).
 
-    ``A_BLOCKED``: A's scales are per token and per BLOCK_K channels ((M, K / BLOCK_K), a quantized output of
-    this kernel), applied to each K step's product. ``QUANT_OUT``: C is the output quantized per token and per
-    BLOCK_N channels (:func:`_quantize_out`) for the next layer, its scales in ``q_scale_ptr``."""
+    ``QUANT_OUT``: C is the output quantized to fp8 per token (:func:`_quantize_out`) for the next layer, its
+    scales in ``q_scale_ptr``."""
     pdl.enter(PDL)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -289,7 +282,7 @@ def _quant_gemm_tma_kernel(
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
-        if FP8 or GROUPED or A_BLOCKED:
+        if FP8 or GROUPED:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
@@ -297,14 +290,7 @@ def _quant_gemm_tma_kernel(
             k0 = ki * BLOCK_K
             a = a_desc.load([pid_m * BLOCK_M, k0])
             b = b_desc.load([pid_n * BLOCK_N, k0])
-            if A_BLOCKED:
-                if FP8:
-                    part = tl.dot(a, tl.trans(b))
-                else:
-                    part = tl.dot(a, tl.trans(b), out_dtype=tl.int32).to(tl.float32)
-                s_a = tl.load(a_scale_ptr + offs_m * stride_as + ki, mask=offs_m < M, other=0.0)
-                acc += part * s_a[:, None]
-            elif FP8:
+            if FP8:
                 acc = tl.dot(a, tl.trans(b), acc)
             elif GROUPED:
                 part = tl.dot(a, tl.trans(b), out_dtype=tl.int32)
@@ -313,13 +299,13 @@ def _quant_gemm_tma_kernel(
             else:
                 acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
         y = _epilogue(acc, offs_m, offs_n, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, stride_sg, GROUPED, HAS_BIAS,
-                      GELU, A_BLOCKED)
+                      GELU)
         if RESIDUAL:  # the residual tile arrives by TMA too (a pointer load in the MMA layout stalled the epilogue)
             res = r_desc.load([pid_m * BLOCK_M, pid_n * BLOCK_N])
             y = _add_residual(y, res, gate_ptr, stride_gb, tokens, offs_m, offs_n, M, N, HAS_GATE, TILE_GATE)
         if QUANT_OUT:
-            y = _quantize_out(y, offs_m, offs_n, M, N, pid_n, smooth_ptr, q_scale_ptr, stride_qs, HAS_SMOOTH, QMAX,
-                              MIN_S, FP8_OUT, CUDA_SCALAR_DIV, FAST_ROUND)
+            y = _quantize_out(y, offs_m, offs_n, M, N, pid_n, a_scale_ptr, smooth_ptr, q_scale_ptr, c1, c2, c3,
+                              HAS_SMOOTH)
         c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], y.to(c_desc.dtype))
 
 
@@ -453,18 +439,15 @@ def _launch_tma(a, a_scale, w, w_scale, group_size, bias, c, cfg, fp8, gelu, res
     r_desc = c_desc if residual is None else TensorDescriptor.from_tensor(residual, [cfg.block_m, cfg.block_n])
     num_tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     programs = min(num_tiles, _num_sms(a.device))
-    extra = {}
-    q_scale, smooth = a_scale, a_scale  # dummy pointers unless the output is quantized
+    q_scale, smooth, bound = a_scale, a_scale, (0.0, 0.0, 0.0)  # dummies unless the output is quantized
     if quant is not None:
-        q_scale, smooth, bits, on_gpu = quant["scale"], quant["smooth_inv"], quant["bits"], a.is_cuda
-        extra = dict(QUANT_OUT=True, HAS_SMOOTH=smooth is not None, FP8_OUT=quant["fp8"], MIN_S=MIN_SCALE,
-                     QMAX=FP8_E4M3_MAX if quant["fp8"] else float(signed_range(bits, symmetric=True)[1]),
-                     CUDA_SCALAR_DIV=on_gpu, FAST_ROUND=on_gpu and _FAST_ROUND_OK[0])
-        smooth = a_scale if smooth is None else smooth
+        q_scale, bound = quant["scale"], quant["bound"]
+        smooth = a_scale if quant["smooth_inv"] is None else quant["smooth_inv"]
     _quant_gemm_tma_kernel[(programs,)](
         a_desc, b_desc, c_desc, r_desc, a, a_scale, w_scale, bias if bias is not None else a_scale,
         m, n, k, a.stride(0), w_scale.stride(0), group_size, programs, gate, stride_gb, tokens,
-        a_scale.stride(0), smooth, q_scale, q_scale.stride(0), A_BLOCKED=a_scale.shape[1] > 1, **extra,
+        smooth, q_scale, *bound, QUANT_OUT=quant is not None,
+        HAS_SMOOTH=quant is not None and quant["smooth_inv"] is not None,
         GROUPED=group_size < k, HAS_BIAS=bias is not None, FP8=fp8,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         GELU=gelu, RESIDUAL=residual is not None, HAS_GATE=res["HAS_GATE"], TILE_GATE=tokens % cfg.block_m == 0,
@@ -554,8 +537,6 @@ def supported(k: int, group_size: int, packed_int4: bool, config: GemmConfig | N
     return True
 
 
-ACT_BLOCK = reference.ACT_BLOCK
-BLOCK_CONFIG = GemmConfig(128, 128, ACT_BLOCK, 8, 8, 4, persistent=True, tma=True)  # tiles of those GEMMs
 
 
 def quant_linear(
@@ -579,16 +560,14 @@ def quant_linear(
     ``F.gelu(·, approximate="tanh")`` in the epilogue; ``residual`` (M, N) adds a residual connection there,
     ``residual + gate[row // (M // B)] * y`` with ``gate`` (B, N) (contiguous channels) or ``residual + y``.
 
-    a: (M, K) int8 codes or fp8 e4m3; a_scale: (M, 1) f32, or (M, K / ACT_BLOCK) (one scale per token and per
-    ACT_BLOCK channels: a ``quant_out`` output); w: (N, K) int8 / fp8, or (N, K // 2) uint8 packed int4
+    a: (M, K) int8 codes or fp8 e4m3; a_scale: (M, 1) f32; w: (N, K) int8 / fp8, or (N, K // 2) uint8 packed int4
     (staged to per-channel int8 — fp8 for fp8 ``a`` — first, with ``stage_scale`` (N, 1) if given, see
     :func:`stage_int4`); w_scale: (N, G); w_zero: (N, G) int8 or None; bias: (N,) or None.
 
-    ``quant_out={"bits", "fp8", "smooth_inv"}``: instead of y, return y (times ``smooth_inv`` (N,) if given)
-    quantized per token and per ACT_BLOCK channels for the next layer — codes (M, N) int8 (fp8 e4m3 if
-    ``fp8``) and float32 scales (M, N / ACT_BLOCK), ``reference.quantize_blocks`` — in the epilogue (the
-    activation never goes through memory in 16 bits). Blocked A scales and ``quant_out`` run the TMA kernel
-    (tiles ``BLOCK_CONFIG``) with per-channel (or staged int4) weights; K, resp. N, a multiple of ACT_BLOCK.
+    ``quant_out={"smooth_inv", "bound"}``: instead of y, return y (times ``smooth_inv`` (N,) if given)
+    quantized to fp8 e4m3 per token for the next layer with the scales ``reference.range_scale(a_scale,
+    bound)`` — codes (M, N) and float32 scales (M, 1), ``reference.int_linear_quant_out`` — in the epilogue (the
+    activation never goes through memory in 16 bits); the TMA kernel, 16-byte aligned rows.
     """
     m, k = a.shape
     n = w.shape[0]
@@ -600,41 +579,32 @@ def quant_linear(
         raise ValueError(f"weight shape {tuple(w.shape)} does not match K={k} (packed_int4={packed_int4})")
     if activation not in (None, "gelu_tanh"):
         raise ValueError(f"unknown fused activation {activation!r} (None or 'gelu_tanh')")
-    blocked = a_scale.dim() == 2 and a_scale.shape[1] > 1
-    if blocked and (a_scale.shape != (m, k // ACT_BLOCK) or k % ACT_BLOCK):
-        raise ValueError(f"blocked activation scales must be (M, K / {ACT_BLOCK}) = ({m}, {k // ACT_BLOCK}) with K "
-                         f"a multiple of {ACT_BLOCK}, got {tuple(a_scale.shape)} for K={k}")
-    if quant_out is not None and n % ACT_BLOCK:
-        raise ValueError(f"a quantized output needs N a multiple of {ACT_BLOCK}, got N={n}")
+    if a_scale.numel() != m:
+        raise ValueError(f"activation scales must be per token, ({m}, 1), got {tuple(a_scale.shape)}")
     if packed_int4:
         if not supported(k, group_size, True):
             raise ValueError(f"unsupported packed int4 GEMM: K={k}, group_size={group_size}")
         w, w_scale = stage_int4(w, w_scale, w_zero, group_size, stage_scale, fp8)
         w_zero, group_size = None, k
     gelu = activation == "gelu_tanh"
-    block_path = blocked or quant_out is not None
-    if block_path and (group_size != k or w_zero is not None):
-        raise ValueError("blocked activation scales and quantized outputs take per-channel weights without zero "
-                         "points (or packed int4)")
+    if quant_out is not None and w_zero is not None:
+        raise ValueError("a quantized output takes weights without zero points (the TMA kernel)")
     out_size = 1 if quant_out is not None else out_dtype.itemsize
-    if block_path:
-        cfg = config or BLOCK_CONFIG
-        while cfg.num_stages > 2 and smem_estimate(cfg, out_size, residual is not None) > SMEM_LIMIT:
-            cfg = replace(cfg, num_stages=cfg.num_stages - 1)
-        if (cfg.block_n, cfg.block_k) != (ACT_BLOCK, ACT_BLOCK) or not cfg.tma:
-            raise ValueError(f"blocked activation scales and quantized outputs need TMA tiles with BLOCK_N = BLOCK_K "
-                             f"= {ACT_BLOCK}, got {cfg}")
-    else:
-        cfg = config or default_config(m, n, k, group_size, fp8, out_size, residual is not None)
+    cfg = config or default_config(m, n, k, group_size, fp8, out_size, residual is not None)
+    if quant_out is not None and not cfg.tma:
+        cfg = replace(cfg, persistent=True, tma=True)
     if not supported(k, group_size, False, cfg):
         raise ValueError(f"unsupported quantized GEMM: K={k}, group_size={group_size}, block_k={cfg.block_k}")
     a, w, w_scale = a.contiguous(), w.contiguous(), w_scale.contiguous()
-    a_scale = a_scale.reshape(m, -1).contiguous()
+    a_scale = a_scale.reshape(m, 1).contiguous()
     res = _residual_args(residual, gate, m, n, a_scale, out_dtype)
     quant = None
     if quant_out is not None:
-        c = torch.empty(m, n, device=a.device, dtype=torch.float8_e4m3fn if quant_out["fp8"] else torch.int8)
-        quant = dict(quant_out, scale=torch.empty(m, n // ACT_BLOCK, device=a.device, dtype=torch.float32))
+        c = torch.empty(m, n, device=a.device, dtype=torch.float8_e4m3fn)
+        quant = dict(quant_out, scale=torch.empty(m, 1, device=a.device, dtype=torch.float32))
+        if len(quant_out["bound"]) != 3:
+            raise ValueError(f"quant_out bound must be (c1, c2, c3), got {quant_out['bound']!r}")
+        quant["bound"] = tuple(float(v) for v in quant_out["bound"])
         smooth = quant_out.get("smooth_inv")
         if smooth is not None and (smooth.shape != (n,) or smooth.dtype != torch.float32):
             raise ValueError(f"quant_out smooth_inv must be a float32 vector of {n} channels, got "
@@ -647,8 +617,8 @@ def quant_linear(
     if cfg.tma and _tma_ok(a, w, c, w_zero, residual):
         _launch_tma(a, a_scale, w, w_scale, group_size, bias, c, cfg, fp8, gelu, res, quant)
         return c if quant is None else (c, quant["scale"])
-    if block_path:
-        raise ValueError("blocked activation scales and quantized outputs need 16-byte aligned rows (TMA)")
+    if quant is not None:
+        raise ValueError("a quantized output needs 16-byte aligned rows (TMA)")
     num_tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     programs = min(num_tiles, _num_sms(a.device)) if cfg.persistent else num_tiles
     _quant_gemm_kernel[(programs,)](
