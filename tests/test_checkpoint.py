@@ -13,10 +13,12 @@ from viditq.testing import calibration_set, forward_output, tiny_inputs, tiny_mo
 def quantized_pixart():
     presets = {p: p for p in ("w8a8", "w4a8", "w8a8-fp8", "w4a8-fp8")}
     presets["w4a8-fp8-c4"] = dataclasses.replace(viditq.PRESETS["w4a8-fp8"], name="w4a8-fp8-c4", conditioning_bits=4)
+    presets["w8a8-fp8-exact-ff"] = dataclasses.replace(viditq.PRESETS["w8a8-fp8"], name="w8a8-fp8-exact-ff",
+                                                       ff_hand_off=False)
     return {p: viditq.quantize(tiny_model("pixart"), cfg, calibration_set("pixart", n=2)) for p, cfg in presets.items()}
 
 
-@pytest.mark.parametrize("preset", ["w8a8", "w4a8", "w8a8-fp8", "w4a8-fp8", "w4a8-fp8-c4"])
+@pytest.mark.parametrize("preset", ["w8a8", "w4a8", "w8a8-fp8", "w4a8-fp8", "w4a8-fp8-c4", "w8a8-fp8-exact-ff"])
 def test_round_trip_is_bit_identical(tmp_path, quantized_pixart, preset):
     model = quantized_pixart[preset]
     viditq.save_quantized(model, tmp_path / "ckpt")
@@ -29,6 +31,8 @@ def test_round_trip_is_bit_identical(tmp_path, quantized_pixart, preset):
     assert all(torch.equal(b, dict(loaded.named_buffers())[n]) for n, b in stage.items())
     assert loaded.viditq_config == model.viditq_config
     assert type(loaded) is type(model)
+    hand_offs = [sum(type(m).__name__ == "FusedFeedForward" for m in mod.modules()) for mod in (model, loaded)]
+    assert hand_offs[0] == hand_offs[1] and (hand_offs[0] > 0) == (preset in ("w8a8-fp8", "w4a8-fp8", "w4a8-fp8-c4"))
 
 
 def test_tensor_dtype_must_match_the_layer_spec(tmp_path, quantized_pixart):

@@ -24,10 +24,11 @@ def run(*args):
 def test_quantize_info_generate(float_pipeline_dir):
     d = float_pipeline_dir
     res = run("quantize", "--model", d / "float", "--preset", "w4a8", "--prompts", d / "prompts.txt",
-              "--out", d / "q", "--steps", 2, "--device", "cpu", "--conditioning-bits", 8, *PIPE_ARGS)
+              "--out", d / "q", "--steps", 2, "--device", "cpu", "--conditioning-bits", 8, "--no-ff-hand-off", *PIPE_ARGS)
     assert res.exit_code == 0, res.output
     assert "smaller" in res.output and (d / "q" / "transformer" / "viditq.json").is_file()
-    assert '"conditioning_bits": 8' in (d / "q" / "transformer" / "viditq.json").read_text()
+    meta = (d / "q" / "transformer" / "viditq.json").read_text()
+    assert '"conditioning_bits": 8' in meta and '"ff_hand_off": false' in meta
     assert "text_encoder: text-embedding cosine" in res.output
     assert (d / "q" / "text_encoder" / "viditq.json").is_file()
 

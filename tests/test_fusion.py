@@ -255,8 +255,8 @@ def test_feed_forward_hands_its_hidden_state_over_quantized(monkeypatch, preset)
     """Where the down-projection qualifies (plain dynamic fp8 input: the fp8 presets; not w8a8's int8 input),
     the up-projection's epilogue quantizes the hidden state to fp8 per token for it, with a scale bounding the
     row: one quantization call per block fewer, the output as close to the float model as the per-token path, a
-    hook on the down-projection turns the hand-off off (it sees the real hidden state), and loading a state
-    dict recomputes the bound."""
+    hook on the down-projection turns the hand-off off (it sees the real hidden state), so does
+    ``QuantConfig(ff_hand_off=False)``, and loading a state dict recomputes the bound."""
     import dataclasses
 
     import viditq
@@ -307,6 +307,9 @@ def test_feed_forward_hands_its_hidden_state_over_quantized(monkeypatch, preset)
     handle.remove()
     assert len(hand_offs) == len(handed) - 1 and torch.isfinite(seen[0]).all() and seen[0].abs().amax() > 0
     assert sqnr_db(out, with_hook) > 25
+    no_hand_off = viditq.quantize(tiny_model("pixart"), dataclasses.replace(cfg, ff_hand_off=False),
+                                  calibration_set("pixart", n=1))
+    assert not any(isinstance(m, fusion.FusedFeedForward) for m in no_hand_off.modules())
     up = handed[0].net[0].proj
     before = handed[0]._hand_off_range
     up.load_state_dict({k: v * 2 if k == "bias" else v for k, v in up.state_dict().items()})

@@ -76,6 +76,10 @@ def quantize(
     conditioning_bits: Optional[int] = typer.Option(
         None, help="Override: weight-only bits (8 or 4) for the transformer's timestep / text embedding and adaLN "
                    "modulation layers, 0 to keep them in float."),
+    ff_hand_off: Optional[bool] = typer.Option(
+        None, "--ff-hand-off/--no-ff-hand-off",
+        help="Override (fp8 presets): quantize the feed-forward hidden state in the up-projection's GEMM epilogue "
+             "with a bound-based scale (faster) or in the down-projection (exact per-token scale)."),
     device: str = typer.Option("auto", help="cpu | cuda | auto."),
     pipe_arg: list[str] = typer.Option([], help="Extra pipeline call argument key=value (repeatable)."),
 ):
@@ -96,6 +100,8 @@ def quantize(
             config = dataclasses.replace(config, conditioning_bits=conditioning_bits or None)
         except ValueError as e:
             raise typer.BadParameter(str(e), param_hint="--conditioning-bits") from None
+    if ff_hand_off is not None:
+        config = dataclasses.replace(config, ff_hand_off=ff_hand_off)
     if text_encoder_bits not in (0, 4, 8):
         raise typer.BadParameter(f"expected 8, 4 or 0, got {text_encoder_bits}", param_hint="--text-encoder-bits")
     prompt_list = _read_prompts(prompts)

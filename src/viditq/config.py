@@ -263,6 +263,10 @@ class QuantConfig:
     # Weight-only bits of the conditioning layers (CONDITIONING_LAYERS): None keeps them in float (keep_fp);
     # 8: int8 per output channel, 4: int4 g64 asymmetric; activations stay float (weights dequantized per call).
     conditioning_bits: int | None = None
+    # fp8 activations: the feed-forward's up-projection quantizes the hidden state for the down-projection in its
+    # GEMM epilogue, with a per-token scale that bounds the row (viditq.fusion.FusedFeedForward; faster, a few
+    # tenths of a dB away from the exact per-token scale). False: the down-projection quantizes its own input.
+    ff_hand_off: bool = True
     calib_rows_per_layer: int = 512  # input rows kept per layer for the alpha search (reservoir sample)
     seed: int = 0
     version: int = FORMAT_VERSION
@@ -283,6 +287,8 @@ class QuantConfig:
         if self.conditioning_bits is not None and self.conditioning_bits not in CONDITIONING_BITS:
             raise ValueError(f"conditioning_bits must be None (float) or one of {CONDITIONING_BITS}, "
                              f"got {self.conditioning_bits!r}")
+        if not isinstance(self.ff_hand_off, bool):
+            raise ValueError(f"ff_hand_off must be true or false, got {self.ff_hand_off!r}")
         if self.calib_rows_per_layer < 1:
             raise ValueError(f"calib_rows_per_layer must be >= 1, got {self.calib_rows_per_layer}")
         if self.version > FORMAT_VERSION:

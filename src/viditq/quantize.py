@@ -317,7 +317,7 @@ def _mark_quantized(model: nn.Module, config: QuantConfig) -> None:
     install_input_sharing(model)
     install_weight_staging(model)
     fuse_norms(model)
-    fuse_gelu(model)
+    fuse_gelu(model, hand_off=config.ff_hand_off)
     fuse_ada_norm_single(model)
     if config.attention != "bf16":
         from .attention import apply_quantized_attention
