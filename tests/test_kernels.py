@@ -744,10 +744,11 @@ def test_quantized_outputs_refuse_bad_arguments():
         int_gemm.quant_linear(a, torch.ones(8, 3, device=DEVICE), w, ws, None, 256, False, None, torch.float32)
     with pytest.raises(ValueError, match="bound must be"):
         int_gemm.quant_linear(a, torch.ones(8, 1, device=DEVICE), w, ws, None, 256, False, None, torch.float32,
-                              quant_out=dict(smooth_inv=None, bound=(1.0, 0.0)))
+                              quant_out=dict(smooth_inv=None, bound=(1.0, 0.0, 1e-8)))  # floats, not a tensor
     with pytest.raises(ValueError, match="smooth_inv must be"):
         int_gemm.quant_linear(a, torch.ones(8, 1, device=DEVICE), w, ws, None, 256, False, None, torch.float32,
-                              quant_out=dict(smooth_inv=torch.ones(64, device=DEVICE), bound=(1.0, 0.0, 1e-8)))
+                              quant_out=dict(smooth_inv=torch.ones(64, device=DEVICE),
+                                             bound=torch.tensor([1.0, 0.0, 1e-8], device=DEVICE)))
 
 
 def test_output_range_bounds_the_gelu_output():

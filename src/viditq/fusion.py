@@ -105,7 +105,8 @@ class FusedFeedForward(FeedForward):
     scale from a bound on the row (``QuantLinear.forward_quantized_out``, ``reference.output_range``: the widest
     activation of a block is neither written in 16 bits nor read back by a quantization pass), where
     :func:`_hand_off_ready` holds; else diffusers' forward. The bound is a property of the weights, computed
-    when the hand-off is installed and again whenever a state dict is loaded (``_hand_off_range``)."""
+    when the hand-off is installed and again whenever a state dict is loaded (``_hand_off_range``, a
+    non-persistent buffer)."""
 
     def forward(self, hidden_states, *args, **kwargs):
         if args or kwargs or not _hand_off_ready(self):
@@ -132,7 +133,11 @@ def _set_hand_off_range(ff: FusedFeedForward, *_) -> None:
     """(Re)compute the bound the up-projection quantizes the hidden state with (also the state-dict post-hook of
     both projections, so that loading weights at any level refreshes it)."""
     layers = [m for m in ff.net if not isinstance(m, nn.Dropout)]
-    ff._hand_off_range = layers[0].proj.output_range(layers[1].smooth_inv)
+    bound = layers[0].proj.output_range(layers[1].smooth_inv)  # a (3,) tensor: one compiled graph for all blocks
+    if "_hand_off_range" in ff._buffers:
+        ff._hand_off_range = bound
+    else:  # not in the state dict: derived from the weights
+        ff.register_buffer("_hand_off_range", bound, persistent=False)
 
 
 def _gemm_per_channel(layer: QuantLinear) -> bool:

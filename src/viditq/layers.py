@@ -239,7 +239,7 @@ class QuantLinear(nn.Module):
             return staged, self.staged_weight_scale(), None, spec.in_features, False
         return self.weight_codes, self.weight_scale, self.weight_zero, spec.group_size, spec.packed_int4
 
-    def forward_quantized_out(self, x: torch.Tensor, consumer: QuantLinear, bound: tuple) -> torch.Tensor:
+    def forward_quantized_out(self, x: torch.Tensor, consumer: QuantLinear, bound: torch.Tensor) -> torch.Tensor:
         """This layer's output as ``consumer`` (the next layer, reading it alone, fp8 activations) quantizes it —
         with its smoothing, per token with the scales ``reference.range_scale`` of ``bound``
         (``reference.output_range`` of this layer's weights: :meth:`output_range`), in this layer's GEMM epilogue
@@ -253,7 +253,7 @@ class QuantLinear(nn.Module):
         consumer._input_cache.prime(y, out)
         return y
 
-    def output_range(self, smooth_inv: torch.Tensor | None) -> tuple[float, float, float]:
+    def output_range(self, smooth_inv: torch.Tensor | None) -> torch.Tensor:
         """``reference.output_range`` of this layer's GEMM (its weights as the GEMM multiplies them, bias, input
         code range, fused activation) for a consumer smoothing by ``smooth_inv``: the bound that
         :meth:`forward_quantized_out` quantizes with. A property of the stored weights: computed once (host)."""

@@ -90,9 +90,10 @@ def int_linear_quant_out(x_codes, x_scale, w, w_scale, w_zero, group_size, packe
     """``act((x_codes * x_scale) @ dequant(w)^T + bias)`` (times ``smooth_inv``) quantized to fp8 per token for
     the next layer with the scales ``reference.range_scale(x_scale, bound)`` → codes (M, N), scales (M, 1); see
     ``reference.int_linear_quant_out`` (the GEMM epilogue does it on CUDA)."""
-    args = (x_codes, x_scale, w, w_scale, w_zero, group_size, packed_int4, bias, activation, stage_scale, smooth_inv)
+    args = (x_codes, x_scale, w, w_scale, w_zero, group_size, packed_int4, bias, activation, stage_scale, smooth_inv,
+            bound)
     if not (use_triton(x_codes) and ops.gemm_supported(x_codes.shape[-1], group_size, packed_int4)):
-        return reference.int_linear_quant_out(*args, bound)
+        return reference.int_linear_quant_out(*args)
     if torch.compiler.is_compiling():
-        return torch.ops.viditq.int_linear_quant_out(*args, *bound)
-    return ops.int_linear_quant_out_impl(*args, *bound)
+        return torch.ops.viditq.int_linear_quant_out(*args)
+    return ops.int_linear_quant_out_impl(*args)

@@ -244,13 +244,14 @@ def _quant_gemm_kernel(
 
 
 @triton.jit
-def _quantize_out(y, offs_m, offs_n, M, N, pid_n, a_scale_ptr, smooth_ptr, q_scale_ptr, c1, c2, c3,
+def _quantize_out(y, offs_m, offs_n, M, N, pid_n, a_scale_ptr, smooth_ptr, q_scale_ptr, bound_ptr,
                   HAS_SMOOTH: tl.constexpr):
     """The output tile quantized to fp8 for the next layer with the per-token scale ``max(c1 * a_scale + c2,
-    c3)`` (``reference.range_scale``: a bound on the output row, so no row reduction; the tiles of column 0
-    store it), (smoothed) codes returned."""
+    c3)`` (``bound_ptr``: c1, c2, c3; ``reference.range_scale``: a bound on the output row, so no row
+    reduction; the tiles of column 0 store it), (smoothed) codes returned."""
     if HAS_SMOOTH:
         y = y * tl.load(smooth_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
+    c1, c2, c3 = tl.load(bound_ptr), tl.load(bound_ptr + 1), tl.load(bound_ptr + 2)
     scale = tl.maximum(tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=1.0) * c1 + c2, c3)
     tl.store(q_scale_ptr + offs_m, scale, mask=offs_m < tl.where(pid_n == 0, M, 0))
     return quantize_codes(y, scale[:, None], 448.0, True, False)
@@ -260,7 +261,7 @@ def _quantize_out(y, offs_m, offs_n, M, N, pid_n, a_scale_ptr, smooth_ptr, q_sca
 def _quant_gemm_tma_kernel(
     a_desc, b_desc, c_desc, r_desc, a_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
     M, N, K, stride_am, stride_sg, group_size, num_programs, gate_ptr, stride_gb, tokens,
-    smooth_ptr, q_scale_ptr, c1, c2, c3,
+    smooth_ptr, q_scale_ptr, bound_ptr,
     GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr,
     FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     GELU: tl.constexpr, RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr, TILE_GATE: tl.constexpr,
@@ -304,7 +305,7 @@ def _quant_gemm_tma_kernel(
             res = r_desc.load([pid_m * BLOCK_M, pid_n * BLOCK_N])
             y = _add_residual(y, res, gate_ptr, stride_gb, tokens, offs_m, offs_n, M, N, HAS_GATE, TILE_GATE)
         if QUANT_OUT:
-            y = _quantize_out(y, offs_m, offs_n, M, N, pid_n, a_scale_ptr, smooth_ptr, q_scale_ptr, c1, c2, c3,
+            y = _quantize_out(y, offs_m, offs_n, M, N, pid_n, a_scale_ptr, smooth_ptr, q_scale_ptr, bound_ptr,
                               HAS_SMOOTH)
         c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], y.to(c_desc.dtype))
 
@@ -439,14 +440,14 @@ def _launch_tma(a, a_scale, w, w_scale, group_size, bias, c, cfg, fp8, gelu, res
     r_desc = c_desc if residual is None else TensorDescriptor.from_tensor(residual, [cfg.block_m, cfg.block_n])
     num_tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     programs = min(num_tiles, _num_sms(a.device))
-    q_scale, smooth, bound = a_scale, a_scale, (0.0, 0.0, 0.0)  # dummies unless the output is quantized
+    q_scale, smooth, bound = a_scale, a_scale, a_scale  # dummy pointers unless the output is quantized
     if quant is not None:
         q_scale, bound = quant["scale"], quant["bound"]
         smooth = a_scale if quant["smooth_inv"] is None else quant["smooth_inv"]
     _quant_gemm_tma_kernel[(programs,)](
         a_desc, b_desc, c_desc, r_desc, a, a_scale, w_scale, bias if bias is not None else a_scale,
         m, n, k, a.stride(0), w_scale.stride(0), group_size, programs, gate, stride_gb, tokens,
-        smooth, q_scale, *bound, QUANT_OUT=quant is not None,
+        smooth, q_scale, bound, QUANT_OUT=quant is not None,
         HAS_SMOOTH=quant is not None and quant["smooth_inv"] is not None,
         GROUPED=group_size < k, HAS_BIAS=bias is not None, FP8=fp8,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
@@ -602,9 +603,11 @@ def quant_linear(
     if quant_out is not None:
         c = torch.empty(m, n, device=a.device, dtype=torch.float8_e4m3fn)
         quant = dict(quant_out, scale=torch.empty(m, 1, device=a.device, dtype=torch.float32))
-        if len(quant_out["bound"]) != 3:
-            raise ValueError(f"quant_out bound must be (c1, c2, c3), got {quant_out['bound']!r}")
-        quant["bound"] = tuple(float(v) for v in quant_out["bound"])
+        bound = quant_out["bound"]
+        if not (torch.is_tensor(bound) and bound.shape == (3,) and bound.dtype == torch.float32
+                and bound.device == a.device):
+            raise ValueError(f"quant_out bound must be a float32 tensor (c1, c2, c3) on {a.device}, got {bound!r}")
+        quant["bound"] = bound.contiguous()
         smooth = quant_out.get("smooth_inv")
         if smooth is not None and (smooth.shape != (n,) or smooth.dtype != torch.float32):
             raise ValueError(f"quant_out smooth_inv must be a float32 vector of {n} channels, got "

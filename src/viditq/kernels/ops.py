@@ -72,13 +72,13 @@ def int_linear_quant_out_impl(
     x_codes: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
     w_zero: Optional[torch.Tensor], group_size: int, packed_int4: bool, bias: Optional[torch.Tensor],
     activation: Optional[str], stage_scale: Optional[torch.Tensor], smooth_inv: Optional[torch.Tensor],
-    c1: float, c2: float, c3: float,
+    bound: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from . import int_gemm
 
     return int_gemm.quant_linear(x_codes, x_scale, w, w_scale, w_zero, group_size, packed_int4, bias, torch.float32,
                                  activation=activation, stage_scale=stage_scale,
-                                 quant_out=dict(smooth_inv=smooth_inv, bound=(c1, c2, c3)))
+                                 quant_out=dict(smooth_inv=smooth_inv, bound=bound))
 
 
 @torch.library.custom_op("viditq::int_linear_quant_out", mutates_args=())
@@ -86,15 +86,15 @@ def _int_linear_quant_out_op(
     x_codes: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
     w_zero: Optional[torch.Tensor], group_size: int, packed_int4: bool, bias: Optional[torch.Tensor],
     activation: Optional[str], stage_scale: Optional[torch.Tensor], smooth_inv: Optional[torch.Tensor],
-    c1: float, c2: float, c3: float,
+    bound: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return int_linear_quant_out_impl(x_codes, x_scale, w, w_scale, w_zero, group_size, packed_int4, bias, activation,
-                                     stage_scale, smooth_inv, c1, c2, c3)
+                                     stage_scale, smooth_inv, bound)
 
 
 @_int_linear_quant_out_op.register_fake
-def _(x_codes, x_scale, w, w_scale, w_zero, group_size, packed_int4, bias, activation, stage_scale, smooth_inv, c1,
-      c2, c3):
+def _(x_codes, x_scale, w, w_scale, w_zero, group_size, packed_int4, bias, activation, stage_scale, smooth_inv,
+      bound):
     m, n = x_codes.shape[0], w.shape[0]
     return (x_codes.new_empty((m, n), dtype=torch.float8_e4m3fn),
             x_codes.new_empty((m, 1), dtype=torch.float32))

@@ -133,8 +133,9 @@ GELU_TANH_MIN = 0.17  # |gelu_tanh(y)| <= max(y, 0.17) (its minimum is -0.16997 
 
 
 def output_range(wf: torch.Tensor, bias: torch.Tensor | None, in_qmax: float, activation: str | None,
-                 smooth_inv: torch.Tensor | None) -> tuple[float, float, float]:
-    """Constants ``(c1, c2, c3)`` of a per-token fp8 scale for a GEMM's output, ``max(c1 * x_scale + c2, c3)``
+                 smooth_inv: torch.Tensor | None) -> torch.Tensor:
+    """Constants ``(c1, c2, c3)`` (a float32 tensor (3,) on ``wf``'s device: a tensor, so that compiled code does
+    not specialize on each layer's values) of a per-token fp8 scale for a GEMM's output, ``max(c1 * x_scale + c2, c3)``
     (:func:`range_scale`), from a bound on the output row rather than its maximum: with input codes
     ``|q| <= in_qmax`` and per-token scale ``s``, ``|y_mn| <= in_qmax * s * ||W_n||_1 + |b_n|`` (Hölder), the tanh
     GELU keeps ``|y| <= max(y, 0.17)``, ``smooth_inv`` multiplies by at most its maximum. The scale maps the bound
@@ -147,14 +148,14 @@ def output_range(wf: torch.Tensor, bias: torch.Tensor | None, in_qmax: float, ac
     floor = GELU_TANH_MIN if activation == "gelu_tanh" else 0.0
     s = 1.0 if smooth_inv is None else smooth_inv.double().max().item()
     margin = 1.0 + 2.0 ** -10  # float32 rounding of the GEMM's sums and of the scale itself
-    return (in_qmax * l1 * s * margin / FP8_E4M3_MAX, b * s * margin / FP8_E4M3_MAX,
-            max(floor * s * margin / FP8_E4M3_MAX, MIN_SCALE))
+    return torch.tensor([in_qmax * l1 * s * margin / FP8_E4M3_MAX, b * s * margin / FP8_E4M3_MAX,
+                         max(floor * s * margin / FP8_E4M3_MAX, MIN_SCALE)], dtype=torch.float32, device=wf.device)
 
 
-def range_scale(x_scale: torch.Tensor, bound: tuple[float, float, float]) -> torch.Tensor:
+def range_scale(x_scale: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
     """The per-token output scale ``max(c1 * x_scale + c2, c3)`` (M, 1) float32 of :func:`output_range`."""
-    c1, c2, c3 = bound
-    return (x_scale.float().reshape(-1, 1) * c1 + c2).clamp_min(c3)
+    bound = bound.to(x_scale.device, torch.float32)
+    return torch.maximum(x_scale.float().reshape(-1, 1) * bound[0] + bound[1], bound[2])
 
 
 def int_linear_quant_out(x_codes, x_scale, w, w_scale, w_zero, group_size, packed_int4, bias, activation,
