@@ -538,8 +538,6 @@ def supported(k: int, group_size: int, packed_int4: bool, config: GemmConfig | N
     return True
 
 
-
-
 def quant_linear(
     a: torch.Tensor,
     a_scale: torch.Tensor,
