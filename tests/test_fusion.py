@@ -311,8 +311,10 @@ def test_feed_forward_hands_its_hidden_state_over_quantized(monkeypatch, preset)
                                   calibration_set("pixart", n=1))
     assert not any(isinstance(m, fusion.FusedFeedForward) for m in no_hand_off.modules())
     up = handed[0].net[0].proj
-    before = handed[0]._hand_off_range.clone()
-    assert "_hand_off_range" not in handed[0].state_dict()  # derived, not stored
+    before = up._hand_off_range.clone()
+    assert "_hand_off_range" not in up.state_dict()  # derived, not stored
     up.load_state_dict({k: v * 2 if k == "bias" else v for k, v in up.state_dict().items()})
-    after = handed[0]._hand_off_range
+    after = up._hand_off_range
     assert after[1].item() == pytest.approx(2 * before[1].item(), rel=1e-6) and torch.equal(after[0::2], before[0::2])
+    model.to(torch.bfloat16)  # the bound keeps float32, as the layer's scales do
+    assert up._hand_off_range.dtype == torch.float32 and torch.equal(up._hand_off_range, after)

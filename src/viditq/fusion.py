@@ -105,8 +105,8 @@ class FusedFeedForward(FeedForward):
     scale from a bound on the row (``QuantLinear.forward_quantized_out``, ``reference.output_range``: the widest
     activation of a block is neither written in 16 bits nor read back by a quantization pass), where
     :func:`_hand_off_ready` holds; else diffusers' forward. The bound is a property of the weights, computed
-    when the hand-off is installed and again whenever a state dict is loaded (``_hand_off_range``, a
-    non-persistent buffer)."""
+    when the hand-off is installed and again whenever a state dict is loaded (the up-projection's non-persistent
+    buffer ``_hand_off_range``)."""
 
     def forward(self, hidden_states, *args, **kwargs):
         if args or kwargs or not _hand_off_ready(self):
@@ -125,19 +125,22 @@ def _hand_off(ff: FusedFeedForward, x):
     (:func:`_hand_off_ready`) and not called: the down-projection must get the very stand-in (a traced
     dropout would be a new tensor to ``torch.compile``, and the cache would miss)."""
     net = list(ff.net)
-    return net[0].proj.forward_quantized_out(x, [m for m in net if not isinstance(m, nn.Dropout)][1],
-                                             ff._hand_off_range)
+    up = net[0].proj
+    return up.forward_quantized_out(x, [m for m in net if not isinstance(m, nn.Dropout)][1], up._hand_off_range)
 
 
 def _set_hand_off_range(ff: FusedFeedForward, *_) -> None:
     """(Re)compute the bound the up-projection quantizes the hidden state with (also the state-dict post-hook of
     both projections, so that loading weights at any level refreshes it)."""
     layers = [m for m in ff.net if not isinstance(m, nn.Dropout)]
-    bound = layers[0].proj.output_range(layers[1].smooth_inv)  # a (3,) tensor: one compiled graph for all blocks
-    if "_hand_off_range" in ff._buffers:
-        ff._hand_off_range = bound
-    else:  # not in the state dict: derived from the weights
-        ff.register_buffer("_hand_off_range", bound, persistent=False)
+    up = layers[0].proj
+    bound = up.output_range(layers[1].smooth_inv)  # a (3,) tensor: one compiled graph for all blocks
+    # a buffer of the QuantLinear: it moves with the model and keeps float32 through model.to(torch.bfloat16);
+    # non-persistent: derived from the weights, not in the state dict
+    if "_hand_off_range" in up._buffers:
+        up._buffers["_hand_off_range"] = bound
+    else:
+        up.register_buffer("_hand_off_range", bound, persistent=False)
 
 
 def _gemm_per_channel(layer: QuantLinear) -> bool:
