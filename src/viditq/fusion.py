@@ -202,8 +202,9 @@ def fuse_gelu(model: nn.Module, hand_off: bool = True) -> int:
                 if down._input_cache is None:
                     down._input_cache, down._input_index = SharedInputCache(1), 0
                 module.__class__ = FusedFeedForward
+                first = "_hand_off_range" not in layers[0].proj._buffers  # hooks once, also after hand_off=False
                 _set_hand_off_range(module)
-                for layer in (layers[0].proj, down):
+                for layer in (layers[0].proj, down) if first else ():
                     layer.register_load_state_dict_post_hook(functools.partial(_set_hand_off_range, module))
     return count
 

@@ -12,7 +12,7 @@ import torch
 
 from ..quant.hadamard import hadamard_rotate
 from ..quant.quantizers import (
-    FP8_E4M3_MAX, MIN_SCALE, dequantize_weight, quantize_per_token, quantize_per_token_fp8, unpack_int4,
+    FP8_E4M3_MAX, MIN_SCALE, dequantize_weight, fp8_codes, quantize_per_token, quantize_per_token_fp8, unpack_int4,
 )
 
 
@@ -80,10 +80,10 @@ def stage_int4(
         return (staged.float().to(torch.float8_e4m3fn) if fp8 else staged), w_scale.float().reshape(n, 1)
     if stage_scale is None:
         stage_scale = int4_stage_scale(w, w_scale, w_zero, group_size, fp8)
-    v = dequantize_weight(codes, w_scale, w_zero, group_size) * stage_scale.reciprocal()
+    v = dequantize_weight(codes, w_scale, w_zero, group_size)
     if fp8:
-        return v.clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn), stage_scale
-    return torch.round(v).clamp_(-127, 127).to(torch.int8), stage_scale
+        return fp8_codes(v, stage_scale), stage_scale
+    return torch.round(v * stage_scale.reciprocal()).clamp_(-127, 127).to(torch.int8), stage_scale
 
 
 def gemm_weight(w, w_scale, w_zero, group_size, packed_int4, fp8, stage_scale=None) -> torch.Tensor:
@@ -168,8 +168,7 @@ def int_linear_quant_out(x_codes, x_scale, w, w_scale, w_zero, group_size, packe
     if smooth_inv is not None:
         y = y * smooth_inv
     scale = range_scale(x_scale, bound)
-    inv = torch.ones_like(scale) / scale  # tensor / tensor: IEEE on any device, as the kernel's div_rn
-    return (y * inv).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn), scale
+    return fp8_codes(y, scale), scale
 
 
 def apply_activation(y: torch.Tensor, activation: str | None) -> torch.Tensor:

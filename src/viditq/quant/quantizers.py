@@ -56,7 +56,12 @@ def quantize_per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     exactly), rounded to nearest even by the cast."""
     xf = x.float()
     scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_E4M3_MAX).clamp_min(MIN_SCALE)
-    return (xf * scale.reciprocal()).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn), scale
+    return fp8_codes(xf, scale), scale
+
+
+def fp8_codes(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x * (1 / scale)`` in float32, saturated to ±448 and cast (nearest even) to float8_e4m3fn."""
+    return (x.float() * scale.reciprocal()).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
 
 
 def quantize_per_tensor_static(x: torch.Tensor, scale: torch.Tensor, bits: int = 8) -> torch.Tensor:
