@@ -31,6 +31,7 @@ import torch
 import viditq
 from viditq.calibrate import capture_calibration
 from viditq.config import resolve_config
+from viditq.gptq import video_token_layout
 from viditq.kernels import reference
 from viditq.layers import QuantLinear, current_timestep
 from viditq.metrics.evaluate import generate
@@ -40,6 +41,7 @@ from viditq.models.data import model_scenes
 
 PROMPT_SEED, CALIB_SEED, GUIDANCE = 4242, 99, 4.0  # as eval_mixed_precision_embedded.py
 MP_V2 = "benchmarks/results/mixed_precision_embedded_v2/t2v_n24_steps10/w4a8_mp_decoupled_t2v.yaml"
+MP_V5 = "benchmarks/results/mixed_precision_embedded_v5/t2v_n24_steps10/w4a8_mp_flicker_fa0.1_t2v.yaml"
 ROWS = [  # (label, base config, rules)
     ("W8A8", "w8a8", ""),
     ("W8A8 weights only (float activations)", "w8a8", "weights-only"),
@@ -58,6 +60,21 @@ ROWS = [  # (label, base config, rules)
     ("W8A8, float activations in the last step", "w8a8", "float-acts-last"),
     ("W4A8 + GPTQ, float activations in the last step", "w4a8-gptq", "float-acts-last"),
     ("W4A8-mp decoupled (v2), float activations in the last step", MP_V2, "float-acts-last"),
+    # prototype: per-token activation scales shared by the tokens of one spatial position across frames
+    ("W8A8, frame-shared token scales", "w8a8", "frame-scales"),
+    ("W8A8-fp8, frame-shared token scales", "w8a8-fp8", "frame-scales"),
+    ("W8A8-fp8", "w8a8-fp8", ""),
+    ("W4A8 + GPTQ, frame-shared token scales", "w4a8-gptq", "frame-scales"),
+    ("W4A8-mp decoupled (v2), frame-shared token scales", MP_V2, "frame-scales"),
+    ("W8A8, frame-shared token scales in the last step", "w8a8", "frame-scales-last"),
+    # prototype: GPTQ's Hessian plus that of the inputs' second temporal differences (weight lam, trace-normalized)
+    ("W4A8 + GPTQ, temporal Hessian 1", "w4a8-gptq", "temporal-gptq=1"),
+    ("W4A8 + GPTQ, temporal Hessian 10", "w4a8-gptq", "temporal-gptq=10"),
+    ("W4A8-mp decoupled (v2), temporal Hessian 1", MP_V2, "temporal-gptq=1"),
+    ("W4A8 + GPTQ, temporal Hessian 3", "w4a8-gptq", "temporal-gptq=3"),
+    ("W4A8 + GPTQ, temporal Hessian 30", "w4a8-gptq", "temporal-gptq=30"),
+    ("W4A8 + GPTQ, temporal Hessian 100", "w4a8-gptq", "temporal-gptq=100"),
+    ("W4A8 + GPTQ, temporal Hessian 300", "w4a8-gptq", "temporal-gptq=300"),
 ]
 
 
@@ -69,12 +86,20 @@ def with_rules(base: str, rules: str) -> viditq.QuantConfig:
     config = resolve_config(base)
     extra = []
     for rule in filter(None, rules.split(";")):
-        if rule in ("weights-only", "float-acts-last"):
+        if rule in ("weights-only", "float-acts-last", "frame-scales", "frame-scales-last") \
+                or rule.startswith(("temporal-gptq", "seed=")):
             continue
         pattern, rest = rule.split("@")
         span, level = rest.split(":")
         lo, hi = (float(v) for v in span.split("-"))
         extra.append(level_rule(level, pattern, (lo, hi)))
+    if "temporal-gptq=" in rules:  # GPTQ's Hessian with the inputs' frame-to-frame differences
+        lam = float(rules.split("temporal-gptq=")[1].split(";")[0])
+        config = dataclasses.replace(config, weight=dataclasses.replace(config.weight, gptq_temporal=lam))
+    if "seed=" in rules:
+        config = dataclasses.replace(config, seed=int(rules.split("seed=")[1].split(";")[0]))
+    if "frame-scales" in rules:  # the prototype patches the layers' own input quantization, not the FF hand-off
+        config = dataclasses.replace(config, ff_hand_off=False)
     return dataclasses.replace(config, rules=config.rules + tuple(extra))
 
 
@@ -97,6 +122,46 @@ def float_activations(model, below: float | None = None) -> None:
                 y = reference.apply_activation(y, getattr(m, "fused_activation", None))  # fused GELU of FF-up
                 return y.reshape(*x.shape[:-1], m.spec.out_features)
             m.forward = forward
+
+
+def _video_layout(model) -> dict:
+    """The model's current timestep and token layout (viditq.gptq.video_token_layout), kept by a pre-hook."""
+    layout = {}
+
+    def pre(mod, args, kwargs):
+        text, frames, pos = video_token_layout(mod, args, kwargs)
+        layout.update(t=current_timestep(args, kwargs, None), text=text, frames=frames, pos=pos)
+    model.register_forward_pre_hook(pre, with_kwargs=True)
+    return layout
+
+
+def frame_shared_scales(model, below: float | None = None) -> None:
+    """Prototype: every dynamic per-token activation quantizer of a CogVideoX-style model (sequence = text tokens,
+    then frames x positions) uses, for a video token, the largest per-token scale of its spatial position over
+    the frames, so that nearly equal values in consecutive frames round the same way (text tokens: their own).
+    With ``below``, only in calls whose timestep is below it."""
+    from viditq.quant.quantizers import MIN_SCALE, fp8_codes, signed_range
+
+    layout = _video_layout(model)
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and not m.spec.weight_only and not m.spec.act_static:
+            def quantize_2d(x2d, m=m):
+                s = m.spec
+                y = reference.balance_activation(x2d, m.smooth_inv, m.rot_signs, s.rot_m, s.rot_block).float()
+                amax = y.abs().amax(dim=-1, keepdim=True)  # (M, 1)
+                t, f, p = layout["text"], layout["frames"], layout["pos"]
+                if (below is None or (layout["t"] is not None and layout["t"] < below)) \
+                        and amax.shape[0] % (t + f * p) == 0:
+                    a = amax.view(-1, t + f * p)
+                    video = a[:, t:].reshape(a.shape[0], f, p).amax(dim=1, keepdim=True).expand(-1, f, -1)
+                    amax = torch.cat([a[:, :t], video.reshape(a.shape[0], f * p)], dim=1).reshape(-1, 1)
+                if s.fp8:
+                    scale = (amax / 448.0).clamp_min(MIN_SCALE)
+                    return fp8_codes(y, scale), scale
+                lo, qmax = signed_range(s.act_bits, symmetric=True)
+                scale = (amax / qmax).clamp_min(MIN_SCALE)
+                return torch.round(y / scale).clamp_(lo, qmax).to(torch.int8), scale
+            m._quantize_2d = quantize_2d
 
 
 @torch.no_grad()
@@ -135,8 +200,15 @@ def main():
     parser.add_argument("--per-step", default="",
                         help="comma-separated presets: only the per-step prediction flicker on the calibration calls")
     parser.add_argument("--out", default="benchmarks/results/mixed_precision_embedded_v3/flicker_sources.json")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda (noise from CPU generators: same videos up to "
+                                                          "kernel numerics)")
+    parser.add_argument("--temporal-sweep", default="",
+                        help="LAM[,LAM...]: instead of ROWS, W4A8 + GPTQ and the v5 W4A8-mp (10 %% float "
+                             "activations) at each WeightSpec.gptq_temporal (0 = plain GPTQ)")
+    parser.add_argument("--quant-seeds", default="0", help="--temporal-sweep: QuantConfig.seed values (Hadamard "
+                                                            "signs, kept calibration rows) per config")
     args = parser.parse_args()
-    pipe = load_t2v_pipeline()
+    pipe = load_t2v_pipeline(device=args.device)
     pipe.set_progress_bar_config(disable=True)
     prompts = [s.caption for s in model_scenes("t2v", args.n_video, PROMPT_SEED, split="test")]
     calib_prompts = [s.caption for s in model_scenes("t2v", args.calib_prompts, CALIB_SEED, split="train")]
@@ -156,15 +228,24 @@ def main():
     fp_flicker = per_video_flicker(fp)
     out = Path(args.out)
     results = {"settings": vars(args), "fp_flicker": float(fp_flicker.mean()), "rows": {}}
-    chosen = [int(i) for i in args.only.split(",")] if args.only else range(len(ROWS))
+    rows = ROWS
+    if args.temporal_sweep:
+        seeds = [int(v) for v in args.quant_seeds.split(",")]
+        rows = [(f"{name}, temporal Hessian {lam:g}" + (f", seed {seed}" if len(seeds) > 1 else ""), base,
+                 (f"temporal-gptq={lam:g};" if lam else "") + f"seed={seed}")
+                for name, base in (("W4A8 + GPTQ", "w4a8-gptq"), ("W4A8-mp v5, float acts 10 %", MP_V5))
+                for lam in (float(v) for v in args.temporal_sweep.split(",")) for seed in seeds]
+    chosen = [int(i) for i in args.only.split(",")] if args.only else range(len(rows))
     for i in chosen:
-        label, base, rules = ROWS[i]
+        label, base, rules = rows[i]
         t0 = time.time()
         model = viditq.quantize(copy.deepcopy(float_transformer), with_rules(base, rules), calib)
         if "weights-only" in rules:
             float_activations(model)
         if "float-acts-last" in rules:
             float_activations(model, below=150.0)
+        if "frame-scales" in rules:
+            frame_shared_scales(model, below=150.0 if "frame-scales-last" in rules else None)
         pipe.transformer = model
         x = sample()
         pipe.transformer = float_transformer

@@ -239,6 +239,23 @@ def float_acts_last(chosen: dict, labels: str) -> dict:
     return rows
 
 
+def temporal_gptq(chosen: dict, spec: str) -> dict:
+    """``<label> + temporal GPTQ <lam>`` rows for ``LAM[,LAM...]:LABEL[;LABEL...]``: the config of ``label`` with
+    GPTQ's Hessian also weighing the inputs' frame-to-frame differences (``WeightSpec.gptq_temporal``). A label
+    that is no row of this run is read as a config file (e.g. an earlier allocation) and named after it."""
+    if not spec:
+        return {}
+    lams, labels = spec.split(":", 1)
+    rows = {}
+    for label in filter(None, labels.split(";")):
+        base = viditq.config.resolve_config(chosen.get(label, label))
+        label = label if label in chosen else f"{base.name} ({Path(label).parent.parent.name})"
+        for lam in (float(v) for v in lams.split(",")):
+            rows[f"{label} + temporal GPTQ {lam:g}"] = dataclasses.replace(
+                base, name=f"{base.name}-tgptq{lam:g}", weight=dataclasses.replace(base.weight, gptq_temporal=lam))
+    return rows
+
+
 def float_final_step(chosen: dict, calib, labels: str) -> dict:
     """``<label> + float final step`` rows: the config of ``label`` with every quantized layer kept in float (fp
     weights and activations) in the last denoising step only (the timestep range up to half-way to the second
@@ -323,6 +340,7 @@ def run(kind: str, args, probe) -> dict:
     chosen = configs(allocated)
     chosen.update(float_final_step(chosen, calib, args.float_final_step))
     chosen.update(float_acts_last(chosen, args.float_acts_last))
+    chosen.update(temporal_gptq(chosen, args.gptq_temporal))
     if args.only:
         chosen = {k: v for k, v in chosen.items() if k == "fp" or k in only_labels(args.only)}
     for label, cfg in chosen.items():
@@ -420,6 +438,8 @@ def main():
     parser.add_argument("--float-act-budget", type=lambda v: [float(x) for x in v.split(",")], default=[],
                         help="comma-separated shares of the executed weights that a 'decoupled + flicker' "
                              "allocation may run with float activations (one row each; probes the A16 levels)")
+    parser.add_argument("--gptq-temporal", default="",
+                        help="LAM[,LAM...]:LABEL[;LABEL...]: rows with WeightSpec.gptq_temporal=LAM (video)")
     parser.add_argument("--sensitivity-only", action="store_true", help="stop after the table and allocations")
     parser.add_argument("--proxy-only", action="store_true", help="teacher-forced metrics only (no sampling)")
     parser.add_argument("--only", default="",

@@ -98,7 +98,7 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', dif
         --deadline "{T}" --out "$OUT/e2e_cogvideox.json"
 
     # the launch-shape sweep of the fused activation quantization (its sweep stops 25 s before the step's timeout)
-    wanted tune && step "act quant tune" 200 python3 benchmarks/tune_act_quant.py --out "$OUT/act_quant.json" \
+    wanted tune && step "act quant tune" "${TUNE_STEP_S:-200}" python3 benchmarks/tune_act_quant.py --out "$OUT/act_quant.json" ${TUNE_ARGS:-} \
         --budget-s "{T}"
 
     # torchao last, with the rest of the budget: PixArt first, then CogVideoX if at least 10 s remain after it

@@ -45,10 +45,13 @@ def sweep_configs(k: int, variant: str):
             return [C(1, 4), C(2, 4), C(2, 8), C(4, 8), C(8, 8), C(4, 8, True, 2), C(2, 4, True, 8), C(4, 4)]
         return [C(1, 4), C(1, 8), C(2, 8), C(1, 16), C(1, 8, True, 2), C(1, 4, True, 4), C(2, 16)]
     if k == 1152:
-        return [C(2, 4), C(4, 4), C(4, 8), C(8, 8), C(16, 8), C(4, 8, True, 4), C(8, 8, True, 2), C(2, 2)]
+        return [C(2, 4), C(4, 4), C(4, 8), C(8, 8), C(16, 8), C(4, 8, True, 4), C(8, 8, True, 2), C(2, 2),
+                C(4, 4, True, 8, 3), C(8, 8, True, 4, 3), C(2, 2, True, 16, 2), C(1, 1)]
     if k in (4608, 1920):
-        return [C(1, 4), C(1, 8), C(2, 8), C(2, 4), C(4, 8), C(2, 8, True, 4), C(1, 8, True, 8), C(1, 2)]
-    return [C(1, 8), C(1, 16), C(2, 16), C(1, 4), C(1, 8, True, 4), C(2, 8)]
+        return [C(1, 4), C(1, 8), C(2, 8), C(2, 4), C(4, 8), C(2, 8, True, 4), C(1, 8, True, 8), C(1, 2),
+                C(1, 4, True, 8, 3), C(2, 4, True, 8, 3), C(1, 2, True, 16, 2), C(4, 8, True, 2, 3)]
+    return [C(1, 8), C(1, 16), C(2, 16), C(1, 4), C(1, 8, True, 4), C(2, 8), C(1, 8, True, 4, 3),
+            C(1, 16, True, 2, 2), C(1, 4, True, 8, 2)]
 
 
 def make_inputs(m, k, variant, n_buf, seed=0):
@@ -114,7 +117,10 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--budget-s", type=float, default=230.0)
     ap.add_argument("--workers", type=int, default=14)
+    ap.add_argument("--sweep-variants", default=",".join(SWEEP_VARIANTS), help=f"comma list of {VARIANTS}")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="variants timed at the default launch shape")
     args = ap.parse_args()
+    sweep_variants, variants = args.sweep_variants.split(","), args.variants.split(",")
 
     import triton
     from viditq.kernels import act_quant, int_gemm, reference
@@ -127,9 +133,9 @@ def main():
     # ---- compile everything first (parallel), then time
     jobs = []
     for m, k in SHAPES:
-        for variant in VARIANTS:
+        for variant in variants:
             jobs.append(("v4", k, variant, None))
-        for variant in SWEEP_VARIANTS:
+        for variant in sweep_variants:
             jobs += [("v4", k, variant, cfg) for cfg in sweep_configs(k, variant)]
     out["errors"] += precompile(jobs, args.workers)
 
@@ -145,7 +151,7 @@ def main():
 
     # ---- correctness at the real shapes (default config), every variant
     for m, k in SHAPES:
-        for variant in VARIANTS:
+        for variant in variants:
             key = f"{m}x{k}/{variant}"
             try:
                 out["correctness"][key] = {"v4": check(m, k, variant, v4, reference.quantize_activation)}
@@ -160,7 +166,7 @@ def main():
     # ---- default configs, every shape and variant
     for m, k in SHAPES:
         n_buf = max(1, math.ceil(160e6 / (m * k * 3)))
-        for variant in VARIANTS:
+        for variant in variants:
             xs, bal = make_inputs(m, k, variant, n_buf)
             row = {}
             for name, fn in (("v4", v4),):
@@ -176,7 +182,7 @@ def main():
         torch.cuda.empty_cache()
 
     # ---- launch-shape sweep, within the time budget
-    for variant in SWEEP_VARIANTS:
+    for variant in sweep_variants:
         for m, k in SHAPES:
             if time.time() - T0 > args.budget_s - 25:  # 25 s kept for the layer set and the summary
                 out["errors"].append(f"sweep stopped at {variant} {m}x{k}: time budget")

@@ -75,6 +75,16 @@ def test_bad_conditioning_bits_is_a_clear_error(float_pipeline_dir):
     assert not (d / "x").exists()
 
 
+@pytest.mark.parametrize("preset,value,message", [("w4a8", 3, "needs gptq=True"),
+                                                  ("w4a8-gptq", -1, "gptq_temporal must be")])
+def test_bad_gptq_temporal_is_a_clear_error(float_pipeline_dir, preset, value, message):
+    d = float_pipeline_dir
+    res = run("quantize", "--model", d / "float", "--preset", preset, "--prompts", d / "prompts.txt", "--out",
+              d / "x", "--gptq-temporal", value)
+    assert res.exit_code != 0 and message in res.output and "--gptq-temporal" in res.output
+    assert not (d / "x").exists()
+
+
 def test_missing_prompt_file(float_pipeline_dir):
     d = float_pipeline_dir
     res = run("quantize", "--model", d / "float", "--prompts", d / "nope.txt", "--out", d / "x")

@@ -80,6 +80,9 @@ def quantize(
         None, "--ff-hand-off/--no-ff-hand-off",
         help="Override (fp8 presets): quantize the feed-forward hidden state in the up-projection's GEMM epilogue "
              "with a bound-based scale (faster) or in the down-projection (exact per-token scale)."),
+    gptq_temporal: Optional[float] = typer.Option(
+        None, help="Override (GPTQ presets, video models): weight of the inputs' frame-to-frame differences in "
+                   "GPTQ's Hessian, 0 for plain GPTQ."),
     device: str = typer.Option("auto", help="cpu | cuda | auto."),
     pipe_arg: list[str] = typer.Option([], help="Extra pipeline call argument key=value (repeatable)."),
 ):
@@ -102,6 +105,11 @@ def quantize(
             raise typer.BadParameter(str(e), param_hint="--conditioning-bits") from None
     if ff_hand_off is not None:
         config = dataclasses.replace(config, ff_hand_off=ff_hand_off)
+    if gptq_temporal is not None:
+        try:
+            config = dataclasses.replace(config, weight=dataclasses.replace(config.weight, gptq_temporal=gptq_temporal))
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--gptq-temporal") from None
     if text_encoder_bits not in (0, 4, 8):
         raise typer.BadParameter(f"expected 8, 4 or 0, got {text_encoder_bits}", param_hint="--text-encoder-bits")
     prompt_list = _read_prompts(prompts)

@@ -95,34 +95,89 @@ def gptq_quantize(
 
 
 # ------------------------------------------------------------------------------------------ Hessians
+def video_token_layout(model: nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int] | None:
+    """(prefix tokens, frames, positions per frame) of the token sequence the blocks of a video transformer see
+    in the call ``model(*args, **kwargs)`` — frame-major video tokens after ``prefix`` text tokens — or None for
+    models whose layout is not known here (then no temporal term: plain GPTQ)."""
+    name, cfg = type(model).__name__, getattr(model, "config", None)
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 5 or cfg is None:
+        return None
+    if name.startswith("CogVideoXTransformer3D"):  # (B, F, C, H, W), text tokens first in the joint sequence
+        text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        p, pt = cfg.patch_size, getattr(cfg, "patch_size_t", None) or 1
+        if not isinstance(text, torch.Tensor):
+            return None
+        return text.shape[1], -(-hidden.shape[1] // pt), (hidden.shape[3] // p) * (hidden.shape[4] // p)
+    if name.startswith("WanTransformer3D"):  # (B, C, F, H, W), text through cross-attention
+        pt, ph, pw = cfg.patch_size
+        return 0, hidden.shape[2] // pt, (hidden.shape[3] // ph) * (hidden.shape[4] // pw)
+    return None
+
+
+def temporal_differences(x: torch.Tensor, layout: tuple[int, int, int] | None) -> torch.Tensor | None:
+    """Second frame-to-frame differences ``x[f+1] - 2 x[f] + x[f-1]`` (rows, K) of the video tokens of a layer
+    input ``x`` (B, S, K) laid out as ``layout`` (S = prefix + frames * positions, or frames * positions), or None
+    where it does not match (or has fewer than 3 frames)."""
+    if layout is None or x.dim() != 3:
+        return None
+    prefix, frames, positions = layout
+    video = frames * positions
+    if frames < 3 or x.shape[1] not in (prefix + video, video):
+        return None
+    v = x[:, x.shape[1] - video:].reshape(x.shape[0], frames, positions, x.shape[2])
+    return (v[:, 2:] - 2 * v[:, 1:-1] + v[:, :-2]).reshape(-1, x.shape[2])
+
+
 @contextlib.contextmanager
-def hessian_hooks(layers: dict[str, nn.Linear]):
+def hessian_hooks(layers: dict[str, nn.Linear], model: nn.Module | None = None, temporal: float = 0.0):
     """While active, accumulate ``H = X^T X / rows`` (K, K) float32 of every layer's inputs; yields name → H.
 
-    The dict is filled when the context exits (averaged over all rows seen).
+    With ``temporal`` > 0 and a video ``model`` (:func:`video_token_layout`), ``H`` also weighs the second
+    frame-to-frame differences D of the inputs (:func:`temporal_differences`):
+    ``H = X^T X / n + temporal * tr(X^T X / n) / tr(D^T D / m) * D^T D / m``, so that GPTQ's rounding also keeps
+    how the outputs change from frame to frame (which flicker scores), not only the outputs. The dict is filled
+    when the context exits (averaged over all rows seen).
     """
     sums: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {}
+    diff_sums: dict[str, torch.Tensor] = {}
+    diff_rows: dict[str, int] = {}
+    layout: list = [None]
+
+    def accumulate(store, counts, name, x):
+        if name not in store:
+            store[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+            counts[name] = 0
+        store[name].addmm_(x.T, x)
+        counts[name] += x.shape[0]
 
     def make_hook(name: str):
         def hook(module, args):
-            x = args[0].detach().reshape(-1, module.in_features).float()  # (tokens, K)
-            if name not in sums:
-                sums[name] = torch.zeros(module.in_features, module.in_features, device=x.device)
-                rows[name] = 0
-            sums[name].addmm_(x.T, x)
-            rows[name] += x.shape[0]
+            x = args[0].detach().float()
+            accumulate(sums, rows, name, x.reshape(-1, module.in_features))  # (tokens, K)
+            d = temporal_differences(x, layout[0]) if temporal else None
+            if d is not None:
+                accumulate(diff_sums, diff_rows, name, d)
 
         return hook
 
-    result: dict[str, torch.Tensor] = {}
     handles = [layer.register_forward_pre_hook(make_hook(name)) for name, layer in layers.items()]
+    if temporal and model is not None:
+        handles.append(model.register_forward_pre_hook(
+            lambda mod, args, kwargs: layout.__setitem__(0, video_token_layout(mod, args, kwargs)), with_kwargs=True))
+    result: dict[str, torch.Tensor] = {}
     try:
         yield result
     finally:
         for h in handles:
             h.remove()
-        result.update({name: s / max(rows[name], 1) for name, s in sums.items()})
+        for name, s in sums.items():
+            h = s / max(rows[name], 1)
+            if name in diff_sums:
+                dd = diff_sums[name] / diff_rows[name]
+                h = h + temporal * (torch.trace(h) / torch.trace(dd).clamp_min(1e-30)) * dd
+            result[name] = h
 
 
 def balanced_weight(layer, linear: nn.Linear) -> torch.Tensor:

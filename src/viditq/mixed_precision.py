@@ -431,8 +431,10 @@ def measure_sensitivity(
     # the default's fingerprint is the one of tables measured before the option existed
     # float_final_steps plays no part in the probes, and fields added later enter only when set (tables measured
     # before they existed stay valid)
-    base_settings = {k: v for k, v in base.to_dict().items()
-                     if k != "float_final_steps" and not (k == "conditioning_bits" and v is None)}
+    base_settings = {k: v for k, v in base.to_dict().items() if k != "float_final_steps"
+                     and not (k == "conditioning_bits" and v is None) and not (k == "ff_hand_off" and v)}
+    if not base_settings["weight"].get("gptq_temporal"):
+        base_settings["weight"] = {k: v for k, v in base_settings["weight"].items() if k != "gptq_temporal"}
     settings = dict(base=base_settings, groups=groups, ranges=ranges, levels=measured, metrics=sorted(user_metrics))
     fingerprint = _fingerprint(model, layers, samples, settings)
     if cache is not None and Path(cache).is_file():

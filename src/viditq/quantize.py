@@ -290,7 +290,8 @@ def shared_group_name(group: list[str]) -> str:
 
 def calibrate_layers(model: nn.Module, layers: dict[str, nn.Linear], samples: list[dict], config: QuantConfig):
     """One calibration pass: activation statistics of ``layers`` (and input Hessians when GPTQ is on)."""
-    hooks = hessian_hooks(layers) if config.weight.gptq else contextlib.nullcontext({})
+    hooks = hessian_hooks(layers, model, config.weight.gptq_temporal) if config.weight.gptq \
+        else contextlib.nullcontext({})
     with hooks as hessians:
         stats = collect_activation_stats(model, layers, samples, config.calib_rows_per_layer, config.seed)
     return stats, hessians
