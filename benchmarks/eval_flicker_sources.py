@@ -203,8 +203,9 @@ def main():
     parser.add_argument("--device", default="cpu", help="cpu | cuda (noise from CPU generators: same videos up to "
                                                           "kernel numerics)")
     parser.add_argument("--temporal-sweep", default="",
-                        help="LAM[,LAM...]: instead of ROWS, W4A8 + GPTQ and the v5 W4A8-mp (10 %% float "
-                             "activations) at each WeightSpec.gptq_temporal (0 = plain GPTQ)")
+                        help="LAM[,LAM...]: instead of ROWS, W4A8 + GPTQ and a W4A8-mp allocation (--mp-config) at "
+                             "each WeightSpec.gptq_temporal (0 = plain GPTQ)")
+    parser.add_argument("--mp-config", default=MP_V5, help="--temporal-sweep: the W4A8-mp allocation (config file)")
     parser.add_argument("--quant-seeds", default="0", help="--temporal-sweep: QuantConfig.seed values (Hadamard "
                                                             "signs, kept calibration rows) per config")
     args = parser.parse_args()
@@ -232,8 +233,8 @@ def main():
     if args.temporal_sweep:
         seeds = [int(v) for v in args.quant_seeds.split(",")]
         rows = [(f"{name}, temporal Hessian {lam:g}" + (f", seed {seed}" if len(seeds) > 1 else ""), base,
-                 (f"temporal-gptq={lam:g};" if lam else "") + f"seed={seed}")
-                for name, base in (("W4A8 + GPTQ", "w4a8-gptq"), ("W4A8-mp v5, float acts 10 %", MP_V5))
+                 f"temporal-gptq={lam:g};seed={seed}")
+                for name, base in (("W4A8 + GPTQ", "w4a8-gptq"), (f"W4A8-mp {Path(args.mp_config).stem}", args.mp_config))
                 for lam in (float(v) for v in args.temporal_sweep.split(",")) for seed in seeds]
     chosen = [int(i) for i in args.only.split(",")] if args.only else range(len(rows))
     for i in chosen:
