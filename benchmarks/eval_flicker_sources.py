@@ -67,14 +67,6 @@ ROWS = [  # (label, base config, rules)
     ("W4A8 + GPTQ, frame-shared token scales", "w4a8-gptq", "frame-scales"),
     ("W4A8-mp decoupled (v2), frame-shared token scales", MP_V2, "frame-scales"),
     ("W8A8, frame-shared token scales in the last step", "w8a8", "frame-scales-last"),
-    # prototype: GPTQ's Hessian plus that of the inputs' second temporal differences (weight lam, trace-normalized)
-    ("W4A8 + GPTQ, temporal Hessian 1", "w4a8-gptq", "temporal-gptq=1"),
-    ("W4A8 + GPTQ, temporal Hessian 10", "w4a8-gptq", "temporal-gptq=10"),
-    ("W4A8-mp decoupled (v2), temporal Hessian 1", MP_V2, "temporal-gptq=1"),
-    ("W4A8 + GPTQ, temporal Hessian 3", "w4a8-gptq", "temporal-gptq=3"),
-    ("W4A8 + GPTQ, temporal Hessian 30", "w4a8-gptq", "temporal-gptq=30"),
-    ("W4A8 + GPTQ, temporal Hessian 100", "w4a8-gptq", "temporal-gptq=100"),
-    ("W4A8 + GPTQ, temporal Hessian 300", "w4a8-gptq", "temporal-gptq=300"),
 ]
 
 
@@ -140,7 +132,7 @@ def frame_shared_scales(model, below: float | None = None) -> None:
     then frames x positions) uses, for a video token, the largest per-token scale of its spatial position over
     the frames, so that nearly equal values in consecutive frames round the same way (text tokens: their own).
     With ``below``, only in calls whose timestep is below it."""
-    from viditq.quant.quantizers import MIN_SCALE, fp8_codes, signed_range
+    from viditq.quant.quantizers import FP8_E4M3_MAX, MIN_SCALE, fp8_codes, quantize_per_tensor_static, signed_range
 
     layout = _video_layout(model)
     for m in model.modules():
@@ -155,12 +147,10 @@ def frame_shared_scales(model, below: float | None = None) -> None:
                     a = amax.view(-1, t + f * p)
                     video = a[:, t:].reshape(a.shape[0], f, p).amax(dim=1, keepdim=True).expand(-1, f, -1)
                     amax = torch.cat([a[:, :t], video.reshape(a.shape[0], f * p)], dim=1).reshape(-1, 1)
-                if s.fp8:
-                    scale = (amax / 448.0).clamp_min(MIN_SCALE)
-                    return fp8_codes(y, scale), scale
-                lo, qmax = signed_range(s.act_bits, symmetric=True)
+                qmax = FP8_E4M3_MAX if s.fp8 else signed_range(s.act_bits, symmetric=True)[1]
                 scale = (amax / qmax).clamp_min(MIN_SCALE)
-                return torch.round(y / scale).clamp_(lo, qmax).to(torch.int8), scale
+                codes = fp8_codes(y, scale) if s.fp8 else quantize_per_tensor_static(y, scale, s.act_bits)
+                return codes, scale
             m._quantize_2d = quantize_2d
 
 

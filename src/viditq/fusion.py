@@ -135,12 +135,9 @@ def _set_hand_off_range(ff: FusedFeedForward, *_) -> None:
     layers = [m for m in ff.net if not isinstance(m, nn.Dropout)]
     up = layers[0].proj
     bound = up.output_range(layers[1].smooth_inv)  # a (3,) tensor: one compiled graph for all blocks
-    # a buffer of the QuantLinear: it moves with the model and keeps float32 through model.to(torch.bfloat16);
-    # non-persistent: derived from the weights, not in the state dict
-    if "_hand_off_range" in up._buffers:
-        up._buffers["_hand_off_range"] = bound
-    else:
-        up.register_buffer("_hand_off_range", bound, persistent=False)
+    # a buffer of the QuantLinear (re-registering replaces it): it moves with the model and keeps float32 through
+    # model.to(torch.bfloat16); non-persistent: derived from the weights, not in the state dict
+    up.register_buffer("_hand_off_range", bound, persistent=False)
 
 
 def _gemm_per_channel(layer: QuantLinear) -> bool:
