@@ -23,6 +23,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import re
 import time
 from pathlib import Path
 
@@ -34,7 +35,8 @@ from viditq.config import resolve_config
 from viditq.gptq import video_token_layout
 from viditq.kernels import reference
 from viditq.layers import QuantLinear, current_timestep
-from viditq.metrics.evaluate import generate
+from viditq.metrics.evaluate import evaluate_samples, generate
+from viditq.metrics.probe import load_probe
 from viditq.mixed_precision import level_rule
 from viditq.models import load_t2v_pipeline
 from viditq.models.data import model_scenes
@@ -74,6 +76,46 @@ ROWS = [
 
 def per_video_flicker(v: torch.Tensor) -> torch.Tensor:
     return (v[:, 2:] - 2 * v[:, 1:-1] + v[:, :-2]).abs().mean((1, 2, 3, 4))
+
+
+def scalar_metrics(metrics: dict) -> dict:
+    """The float entries of metrics.evaluate_samples (not the per-attribute breakdown)."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+SUMMARY_KEYS = ("flicker_vs_fp", "attribute_accuracy", "all_correct", "frame_consistency", "fd_probe", "psnr_vs_fp")
+
+
+def seed_summary(rows: dict) -> dict:
+    """Mean and standard deviation over the quantization seeds of each row label (", seed N" removed)."""
+    groups: dict[str, list[dict]] = {}
+    for label, row in rows.items():
+        groups.setdefault(re.sub(r", seed \d+$", "", label), []).append(row)
+    summary = {}
+    for label, group in groups.items():
+        stats = {"n": len(group)}
+        for k in SUMMARY_KEYS:
+            if k in group[0]:
+                v = torch.tensor([r[k] for r in group], dtype=torch.float64)
+                stats[k], stats[k + "_sd"] = float(v.mean()), float(v.std()) if len(v) > 1 else 0.0
+        summary[label] = stats
+    return summary
+
+
+def sweep_bases(configs: list[str]) -> list[tuple[str, str]]:
+    """(label, config) of each --sweep-configs entry: presets by name (W4A8 + GPTQ as in the earlier tables), config
+    files as "W4A8-mp <file name>", with the results directory where two files share a name."""
+    stems = [Path(c).stem for c in configs]
+    out = []
+    for config, stem in zip(configs, stems):
+        if config == "w4a8-gptq":
+            out.append(("W4A8 + GPTQ", config))
+        elif Path(config).suffix in (".yaml", ".yml", ".json"):
+            out.append((f"W4A8-mp {Path(config).parent.parent.name + '/' if stems.count(stem) > 1 else ''}{stem}",
+                        config))
+        else:
+            out.append((config, config))
+    return out
 
 
 def with_rules(base: str, rules: str) -> viditq.QuantConfig:
@@ -195,15 +237,24 @@ def main():
     parser.add_argument("--device", default="cpu", help="cpu | cuda (noise from CPU generators: same videos up to "
                                                           "kernel numerics)")
     parser.add_argument("--temporal-sweep", default="",
-                        help="LAM[,LAM...]: instead of ROWS, W4A8 + GPTQ and a W4A8-mp allocation (--mp-config) at "
-                             "each WeightSpec.gptq_temporal (0 = plain GPTQ)")
-    parser.add_argument("--mp-config", default=MP_V5, help="--temporal-sweep: the W4A8-mp allocation (config file)")
+                        help="LAM[,LAM...]: instead of ROWS, each --sweep-configs entry at each "
+                             "WeightSpec.gptq_temporal (0 = plain GPTQ; configs without GPTQ: one row)")
+    parser.add_argument("--sweep-configs", default=f"w4a8-gptq,{MP_V5}",
+                        help="--temporal-sweep: presets or config files (W4A8-mp allocations), comma-separated")
+    parser.add_argument("--full-metrics", action="store_true",
+                        help="every row also scored on alignment, FD, frame consistency, motion and PSNR vs FP "
+                             "(metrics.evaluate_samples with the shipped probe)")
+    parser.add_argument("--fp-noise-seeds", default="",
+                        help="SEED[,SEED...]: the float model also sampled from these seed sets (unpaired noise rows; "
+                             "flicker change relative to the seed-0 videos)")
     parser.add_argument("--quant-seeds", default="0", help="--temporal-sweep: QuantConfig.seed values (Hadamard "
                                                             "signs, kept calibration rows) per config")
     args = parser.parse_args()
     pipe = load_t2v_pipeline(device=args.device)
     pipe.set_progress_bar_config(disable=True)
-    prompts = [s.caption for s in model_scenes("t2v", args.n_video, PROMPT_SEED, split="test")]
+    scenes = model_scenes("t2v", args.n_video, PROMPT_SEED, split="test")
+    prompts = [s.caption for s in scenes]
+    probe = load_probe(device=args.device) if args.full_metrics else None
     calib_prompts = [s.caption for s in model_scenes("t2v", args.calib_prompts, CALIB_SEED, split="train")]
     calib = capture_calibration(pipe, calib_prompts, num_inference_steps=args.steps, guidance_scale=GUIDANCE,
                                 generator=[torch.Generator().manual_seed(CALIB_SEED + i) for i in range(len(calib_prompts))],
@@ -214,20 +265,35 @@ def main():
         Path(args.out).write_text(json.dumps(result, indent=2))
         return
 
-    def sample():
-        return generate(pipe, prompts, seed=0, num_inference_steps=args.steps, guidance_scale=GUIDANCE)
+    def sample(seed: int = 0):
+        return generate(pipe, prompts, seed=seed, num_inference_steps=args.steps, guidance_scale=GUIDANCE)
 
     fp = sample()
     fp_flicker = per_video_flicker(fp)
     out = Path(args.out)
     results = {"settings": vars(args), "fp_flicker": float(fp_flicker.mean()), "rows": {}}
+    if probe is not None:
+        results["fp_metrics"] = scalar_metrics(evaluate_samples(fp, scenes, probe))
+    for seed in (int(v) for v in filter(None, args.fp_noise_seeds.split(","))):
+        x = sample(seed)
+        row = {"flicker": float(per_video_flicker(x).mean()),
+               "flicker_vs_fp": float(per_video_flicker(x).mean() / fp_flicker.mean() - 1)}
+        if probe is not None:
+            row.update(scalar_metrics(evaluate_samples(x, scenes, probe)))
+        results.setdefault("fp_noise", {})[f"seed {seed}"] = row
+        print(f"FP, seed set {seed}: flicker vs seed set 0 {100 * row['flicker_vs_fp']:+.1f} %", flush=True)
     rows = ROWS
     if args.temporal_sweep:
         seeds = [int(v) for v in args.quant_seeds.split(",")]
-        rows = [(f"{name}, temporal Hessian {lam:g}" + (f", seed {seed}" if len(seeds) > 1 else ""), base,
-                 f"temporal-gptq={lam:g};seed={seed}")
-                for name, base in (("W4A8 + GPTQ", "w4a8-gptq"), (f"W4A8-mp {Path(args.mp_config).stem}", args.mp_config))
-                for lam in (float(v) for v in args.temporal_sweep.split(",")) for seed in seeds]
+        rows = []
+        for name, base in sweep_bases(args.sweep_configs.split(",")):
+            gptq = resolve_config(base).weight.gptq
+            for lam in [float(v) for v in args.temporal_sweep.split(",")] if gptq else [None]:
+                rows += [(name + ("" if lam is None else f", temporal Hessian {lam:g}")
+                          + (f", seed {seed}" if len(seeds) > 1 else ""), base,
+                          ("" if lam is None else f"temporal-gptq={lam:g};") + f"seed={seed}") for seed in seeds]
+    if len({label for label, _, _ in rows}) < len(rows):
+        raise ValueError("two rows have the same label (the same --sweep-configs entry twice?)")
     chosen = [int(i) for i in args.only.split(",")] if args.only else range(len(rows))
     for i in chosen:
         label, base, rules = rows[i]
@@ -247,11 +313,22 @@ def main():
         row = {"base": base, "rules": rules, "flicker": float(per_video_flicker(x).mean()),
                "flicker_vs_fp": float(diff.mean()) / ref, "flicker_vs_fp_se": float(diff.std()) / len(diff) ** 0.5 / ref,
                "rms_vs_fp": float((x - fp).pow(2).mean().sqrt())}
+        if probe is not None:
+            row.update(scalar_metrics(evaluate_samples(x, scenes, probe, reference=fp)))
         results["rows"][label] = row
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2))
         print(f"{label:<48} flicker {row['flicker']:.5f}  vs FP {100 * row['flicker_vs_fp']:+.1f} % "
               f"± {100 * row['flicker_vs_fp_se']:.1f}  ({time.time() - t0:.0f} s)", flush=True)
+    results["summary"] = seed_summary(results["rows"])
+    out.write_text(json.dumps(results, indent=2))
+    keys = [k for k in SUMMARY_KEYS if any(k in v for v in results["summary"].values())]
+    print("mean ± sd over seeds: " + ", ".join(keys))
+    for label, m in [("FP", {**results.get("fp_metrics", {}), "flicker_vs_fp": 0.0})] + \
+            [(f"FP, {k} (noise)", v) for k, v in results.get("fp_noise", {}).items()]:
+        print(f"{label:<64} " + "  ".join(f"{m[k]:.4f}" for k in keys if k in m))
+    for label, stats in results["summary"].items():
+        print(f"{label:<64} n={stats['n']} " + "  ".join(f"{stats[k]:.4f}±{stats[k + '_sd']:.4f}" for k in keys))
 
 
 if __name__ == "__main__":

@@ -88,7 +88,8 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', dif
         --variant-timeout w8a8_fp8_compile_graph=120 --variant-timeout w8a8_compile_graph=120 \
         --variant-timeout bf16_blocks_graph=120 --variant-timeout w8a8_fp8_blocks_graph=150 \
         --variant-timeout w8a8_blocks_graph=150 --variant-timeout w8a8_fp8_attn_blocks_graph=150 \
-        --variant-timeout w4a8_fp8_blocks_graph=150 --deadline "{T}" --out "$OUT/e2e_pixart.json"
+        --variant-timeout w4a8_fp8_blocks_graph=150 --variant-timeout w4a8_fp8_c8_blocks_graph=150 \
+        --variant-timeout w8a8_fp8_c8_blocks_graph=150 --deadline "{T}" --out "$OUT/e2e_pixart.json"
 
     wanted cogvideox && step "e2e cogvideox" "${COGVIDEOX_STEP_S:-300}" python3 benchmarks/bench_e2e.py --models cogvideox \
         --variants "$COGVIDEOX_VARIANTS" --iters 5 --timeout "${COGVIDEOX_TIMEOUT:-85}" \

@@ -169,7 +169,10 @@ def main():
         for variant in variants:
             xs, bal = make_inputs(m, k, variant, n_buf)
             row = {}
-            for name, fn in (("v4", v4),):
+            # "cast": PyTorch's elementwise bf16 -> int8 conversion, the same bytes in and out and no reduction
+            # (a reference point, not a ceiling: 1.05-1.21 TB/s on the H200, session 14)
+            fns = (("v4", v4),) + ((("cast", lambda x, *_: x.to(torch.int8)),) if variant == "plain" else ())
+            for name, fn in fns:
                 try:
                     t = bench_graph(lambda: [fn(x, *bal) for x in xs], n_buf)
                     row[name] = {"us": t * 1e3, "tb_s": m * k * 3 / (t * 1e-3) / 1e12}
@@ -199,7 +202,8 @@ def main():
             res.sort(key=lambda r: r[0])
             out["sweep"][f"{m}x{k}/{variant}"] = [
                 {"us": us, "tb_s": m * k * 3 / (us * 1e-6) / 1e12, "block_m": c.block_m, "num_warps": c.num_warps,
-                 "persistent": c.persistent, "programs_per_sm": c.programs_per_sm} for us, c in res]
+                 "persistent": c.persistent, "programs_per_sm": c.programs_per_sm, "num_stages": c.num_stages}
+                for us, c in res]
             if res:
                 best = res[0]
                 print(f"sweep {variant:10s} {m}x{k}: best {best[0]:.1f} us {best[1]}", flush=True)
@@ -316,10 +320,10 @@ def quantlinear_graph_check():
 
 def summary(out):
     print("\n=== act quant (us, TB/s; graph replay; " + out["device"] + f"; copy {out.get('copy_tb_s', 0):.2f} TB/s)")
-    print(f"{'shape/variant':26s} {'v4 default':>16s} {'v4 best sweep':>16s}")
+    print(f"{'shape/variant':26s} {'v4 default':>16s} {'torch cast':>16s} {'v4 best sweep':>16s}")
     for key, row in out["act_quant"].items():
         best = out["sweep"].get(key, [{}])[0] if out["sweep"].get(key) else {}
-        cells = [f"{row[n]['us']:7.1f} {row[n]['tb_s']:4.2f}" if n in row else "-" for n in ("v4",)]
+        cells = [f"{row[n]['us']:7.1f} {row[n]['tb_s']:4.2f}" if n in row else "-" for n in ("v4", "cast")]
         cells.append(f"{best['us']:7.1f} {best['tb_s']:4.2f}" if best else "-")
         print(f"{key:26s} " + " ".join(f"{c:>16s}" for c in cells))
     for key, res in out["sweep"].items():

@@ -158,6 +158,12 @@ def test_act_quant_split_width_and_defaults():
     for k, rot_m in [(1152, None), (4608, None), (1920, None), (7680, None), (1152, 36), (7680, 60)]:
         cfg = act_quant.default_config(k, rot_m)
         assert isinstance(cfg, act_quant.ActQuantConfig) and cfg.block_m >= 1
+    # without rotation, from 1024 padded channels: one row per program, ~32 channels per thread (the H200 sweeps)
+    C = act_quant.ActQuantConfig
+    assert [act_quant.default_config(k, None) for k in (1152, 1920, 4608, 7680)] == [C(1, 1), C(1, 2), C(1, 4), C(1, 8)]
+    assert act_quant.default_config(96, None) == C(32, 4)  # short rows: several per program
+    assert act_quant.default_config(4608, None, smooth=True) == C(1, 4, True, 8, 3)  # a smoothed entry of the table
+    assert act_quant.default_config(1152, None, smooth=True) == C(1, 1)
 
 
 def test_act_quant_rejects_bad_input(monkeypatch):

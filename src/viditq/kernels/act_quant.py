@@ -17,7 +17,7 @@ v4. Each program step handles ``block_m`` whole rows in registers, read once fro
 Programs are one per row block, or (``ActQuantConfig.persistent``) a few per SM walking the blocks grid-stride.
 Numerics follow ``reference.quantize_activation`` (round half to even, ``MIN_SCALE`` floor, scale = absmax times
 the float32 reciprocal of qmax as PyTorch does on CUDA; codes equal to rounding the IEEE quotient, see
-``_round_quotient``). Launch shapes per width come from the H100 sweep in ``benchmarks/tune_act_quant.py``
+``_round_quotient``). Launch shapes per width come from the sweeps in ``benchmarks/tune_act_quant.py``
 (``default_config``); ``VIDITQ_ACT_QUANT_CONFIG="block_m,num_warps[,persistent,programs_per_sm,num_stages]"``
 overrides them.
 """
@@ -67,16 +67,15 @@ class ActQuantConfig:
             raise ValueError("ActQuantConfig.programs_per_sm and num_stages must be >= 1")
 
 
-# Best launch shapes measured on H100 (benchmarks/tune_act_quant.py, 2026-11-25; NOTES.md "Fused activation
-# quantization"), keyed by (kind, K) with kind "plain" (no rotation), "full" (one rotation of the width) or "block"
-# (runs of 128 channels); swept with smoothing on. Other widths use the rule in default_config. The block entries
-# are the shapes that compile without register spills for sm_90 (benchmarks/compile_act_quant_sm90.py).
+# Best launch shapes where they differ from the rule in default_config, keyed by (kind, K) with kind "plain" (no
+# rotation, no smoothing), "smooth" (no rotation, smoothing), "full" (one rotation of the width) or "block" (runs of
+# 128 channels, with or without smoothing). smooth: the H200 sweep of benchmarks/tune_act_quant.py (session 13;
+# plain rows follow the rule, session 14, NOTES.md); full / block: the H100 sweep (2026-11-25, with smoothing), the
+# block entries being the shapes that compile without register spills for sm_90 (compile_act_quant_sm90.py).
 TUNED_CONFIGS: dict[tuple[str, int], ActQuantConfig] = {
-    ("plain", 1152): ActQuantConfig(4, 4),  # 20.9 us at 8192 rows (v3: 28.6)
-    ("plain", 4608): ActQuantConfig(1, 8, persistent=True, programs_per_sm=8),  # 59.7 us (v3: 97.7)
-    ("plain", 1920): ActQuantConfig(1, 4),  # 91.6 us at 35552 rows (v3: 116.4)
-    ("plain", 7680): ActQuantConfig(1, 8),  # 372 us (v3: 444)
-    ("full", 1152): ActQuantConfig(2, 4, persistent=True, programs_per_sm=8),  # 47.8 us (v3: 49.1)
+    ("smooth", 4608): ActQuantConfig(1, 4, persistent=True, programs_per_sm=8, num_stages=3),  # 49.5 us (rule: 65)
+    ("smooth", 1920): ActQuantConfig(1, 4),  # 35552 rows: 89.1 us, 2.30 TB/s (rule, 2 warps: 90.2)
+    ("full", 1152): ActQuantConfig(2, 4, persistent=True, programs_per_sm=8),  # H100: 47.8 us (v3: 49.1)
     ("full", 4608): ActQuantConfig(1, 4),  # 304 us (v3: 375)
     ("full", 1920): ActQuantConfig(2, 4, persistent=True, programs_per_sm=8),  # 196 us (v3: 198)
     ("full", 7680): ActQuantConfig(1, 4),  # 1359 us (v3: 1648)
@@ -112,13 +111,14 @@ def _config_from_env() -> ActQuantConfig | None:
                          f"programs_per_sm,num_stages]' ({e})") from None
 
 
-def default_config(k: int, rot_m: int | None, rot_block: int = 0) -> ActQuantConfig:
+def default_config(k: int, rot_m: int | None, rot_block: int = 0, smooth: bool = False) -> ActQuantConfig:
     """Launch shape for rows of ``k`` channels (``rot_m``: the rotation's Paley factor, None: no rotation;
-    ``rot_block``: block rotation): the H100-tuned entry, else the rule the H100 sweep suggests (TUNED_CONFIGS)."""
+    ``rot_block``: block rotation; ``smooth``: with a smoothing vector): the tuned entry (TUNED_CONFIGS), else the
+    rule the sweeps suggest."""
     env = _config_from_env()
     if env is not None:
         return env
-    kind = "plain" if rot_m is None else "block" if rot_block else "full"
+    kind = ("smooth" if smooth else "plain") if rot_m is None else "block" if rot_block else "full"
     tuned = TUNED_CONFIGS.get((kind, k))
     if tuned is not None:
         return tuned
@@ -132,9 +132,13 @@ def default_config(k: int, rot_m: int | None, rot_block: int = 0) -> ActQuantCon
         row = (triton.next_power_of_2(m) if m > 1 else 1) * p
         block_m = 1 << max(0, min(5, (4096 // row).bit_length() - 1))
         return ActQuantConfig(block_m, 4, persistent=row <= 2048, programs_per_sm=8)
-    row = sum(split_width(k))  # H100: one row per step from 2k elements on, 4 warps up to 4k elements
-    block_m = 1 << max(0, min(5, (4096 // row).bit_length() - 1))  # power of two, at most 32
-    return ActQuantConfig(block_m, 4 if block_m * row <= 4096 else 8)
+    row = sum(split_width(k))
+    # H200 sweeps (no rotation): one row per program, about 32 elements per thread — plain 13.8 / 47.4 / 80.0 /
+    # 327.5 us at 8192 x 1152 / 8192 x 4608 / 35552 x 1920 / 35552 x 7680 (2.06-2.56 TB/s), smoothed 13.7 us at 1152
+    if row >= 1024:
+        return ActQuantConfig(1, 1 << max(0, min(4, round(math.log2(row / 1024)))))
+    block_m = 1 << max(0, min(5, (4096 // row).bit_length() - 1))  # short rows: up to 32 per step, 4 warps
+    return ActQuantConfig(block_m, 4)
 
 
 # ----------------------------------------------------------------------------------------- kernels
@@ -443,7 +447,7 @@ def quantize_activation(
     scale = torch.empty(m_rows, 1, device=x.device, dtype=torch.float32)
     if m_rows == 0:
         return codes, scale
-    config = config or default_config(k, None if rot_signs is None else rot_m, rot_block)
+    config = config or default_config(k, None if rot_signs is None else rot_m, rot_block, smooth_inv is not None)
     on_gpu = x.device.type == "cuda"
     common = dict(HAS_SMOOTH=smooth_inv is not None, QMAX=qmax, MIN_S=MIN_SCALE, FP8=fp8,
                   CUDA_SCALAR_DIV=on_gpu, FAST_ROUND=on_gpu and _FAST_ROUND_OK[0])
