@@ -58,6 +58,15 @@ def test_bad_values_raise_clear_errors(make, match):
         make()
 
 
+def test_video_mixed_precision_preset_round_trips(tmp_path):
+    cfg = PRESETS["w4a8-mp-video"]
+    spec = cfg.mixed_precision
+    assert spec.flicker and spec.float_act_budget == 0.15 and (spec.timestep_ranges, spec.final_range_steps) == (5, 1)
+    assert cfg.weight.gptq_temporal == 1.0 and not PRESETS["w4a8-mp"].mixed_precision.flicker
+    cfg.save(tmp_path / "mp.yaml")
+    assert QuantConfig.load(tmp_path / "mp.yaml") == cfg
+
+
 def test_fp8_preset_round_trips(tmp_path):
     cfg = PRESETS["w8a8-fp8"]
     assert cfg.weight.format == cfg.act.format == "fp8" and cfg.balance is not None

@@ -493,6 +493,37 @@ def test_flicker_family_on_a_random_weight_diffusers_video_model():
     assert allocation.config.rules and allocation.executed_bits <= 6.0 + 1e-9
 
 
+@pytest.mark.parametrize("name,frame_dim", [("cogvideox", 1), ("wan", 2), ("latte", 2), ("pixart", None)])
+def test_video_frame_dim_of_diffusers_models(name, frame_dim):
+    from viditq.gptq import video_frame_dim
+
+    model = tiny_model(name)
+    assert video_frame_dim(model) == frame_dim
+    if frame_dim is not None:  # the output's frame axis: the calibration inputs' frame count
+        out = forward_output(model, tiny_inputs(name))
+        assert out.dim() == 5 and out.shape[frame_dim] == tiny_inputs(name)["hidden_states"].shape[frame_dim]
+
+
+def test_mixed_precision_spec_flicker_measures_and_allocates_for_flicker(tmp_path):
+    """``MixedPrecisionSpec(flicker=True)`` (the w4a8-mp-video preset): the sensitivity table gets a flicker
+    column along the model's frame axis and the allocation is a plain config; an image model is refused."""
+    model = tiny_model("latte")
+    calib = calibration_set("latte", n=4)
+    cache = tmp_path / "sens.json"
+    spec = dataclasses.replace(viditq.PRESETS["w4a8-mp-video"].mixed_precision, timestep_ranges=2,
+                               final_range_steps=0, float_act_budget=0.0, cache=str(cache))
+    cfg = dataclasses.replace(W4A8, name="mp-flicker", **FAST, mixed_precision=spec)
+    q = viditq.quantize(copy.deepcopy(model), cfg, calib)
+    table = SensitivityTable.load(cache)
+    assert table.metrics == [MSE, "flicker"] and torch.isfinite(table.damage).all()
+    assert table.damage[0, ..., 1].sum() > 0
+    assert q.viditq_config.mixed_precision is None and q.viditq_config.rules
+    with pytest.raises(ValueError, match="frame axis of PixArtTransformer2DModel is not known"):
+        viditq.quantize(tiny_model("pixart"), cfg, calibration_set("pixart", n=2))
+    with pytest.raises(ValueError, match="flicker must be True or False"):
+        MixedPrecisionSpec(flicker="yes")
+
+
 def test_w4a8_mp_lies_between_w4a8_and_w8a8_on_a_diffusers_model():
     model = tiny_model("pixart")
     inject_outliers(model)
@@ -541,6 +572,8 @@ def test_cli_sensitivity_writes_cache_heatmap_and_config(tmp_path):
     bad = CliRunner().invoke(app, [str(a) for a in args + ["--ranges", 1, "--final-range-steps", 1]],
                              env={"COLUMNS": "200"})
     assert bad.exit_code != 0 and "needs timestep_ranges >= 2" in bad.output
+    image = CliRunner().invoke(app, [str(a) for a in args + ["--flicker"]], env={"COLUMNS": "200"})
+    assert image.exit_code != 0 and "frame axis of PixArtTransformer2DModel is not known" in image.output
 
 
 def test_conditioning_layers_stay_out_of_the_sensitivity_groups():

@@ -237,35 +237,38 @@ def sensitivity(
     float_act_budget: float = typer.Option(_MP_DEFAULTS.float_act_budget,
                                            help="Share of the executed weights that may run with float "
                                                 "activations (0: off; probes the A16 levels too)."),
+    flicker: bool = typer.Option(_MP_DEFAULTS.flicker,
+                                 help="Video models: also measure the flicker of the last step's output and "
+                                      "allocate for it (as the w4a8-mp-video preset)."),
     steps: int = typer.Option(20, help="Denoising steps during calibration."),
     device: str = typer.Option("auto", help="cpu | cuda | auto."),
     pipe_arg: list[str] = typer.Option([], help="Extra pipeline call argument key=value (repeatable)."),
 ):
-    """Measure each layer group's sensitivity per timestep range (output-MSE proxy), plot a heatmap, and write
-    the mixed-precision QuantConfig that meets the budget (use it with `viditq quantize --preset`)."""
+    """Measure each layer group's sensitivity per timestep range (output-MSE proxy; --flicker: and the flicker of
+    video models), plot a heatmap, and write the mixed-precision QuantConfig that meets the budget (use it with
+    `viditq quantize --preset`)."""
     from . import capture_calibration
     from .config import resolve_config
-    from .mixed_precision import allocate, measure_sensitivity, plot_sensitivity
+    from .mixed_precision import plot_sensitivity, spec_allocation
 
     try:
         base = resolve_config(preset)
     except (ValueError, FileNotFoundError) as e:
         raise typer.BadParameter(str(e), param_hint="--preset") from None
-    try:  # before calibrating: the range settings are checked by the spec that carries them
-        MixedPrecisionSpec(timestep_ranges=ranges, final_range_steps=final_range_steps)
+    try:  # before calibrating: the spec checks its settings
+        spec = MixedPrecisionSpec(budget_bits=budget_bits, memory_bits=memory_bits, high_bits=high_bits,
+                                  timestep_ranges=ranges, groups=groups, float_act_budget=float_act_budget,
+                                  final_range_steps=final_range_steps, flicker=flicker,
+                                  cache=str(out / "sensitivity.json"))
     except ValueError as e:
-        raise typer.BadParameter(str(e), param_hint="--final-range-steps") from None
+        raise typer.BadParameter(str(e)) from None
     prompt_list = _read_prompts(prompts)
     pipe = _load_any_pipeline(model, _device(device))
     console.print(f"calibrating on {len(prompt_list)} prompts x {steps} steps")
     calib = capture_calibration(pipe, prompt_list, num_inference_steps=steps, **_parse_pipe_args(pipe_arg))
     out.mkdir(parents=True, exist_ok=True)
     try:
-        table = measure_sensitivity(pipe.transformer, calib, groups=groups, timestep_ranges=ranges,
-                                    base_config=base, high_bits=high_bits, cache=out / "sensitivity.json",
-                                    float_acts=float_act_budget > 0, final_range_steps=final_range_steps)
-        allocation = allocate(table, base, budget_bits=budget_bits, memory_bits=memory_bits,
-                              float_act_budget=float_act_budget)
+        table, allocation = spec_allocation(pipe.transformer, calib, base, spec)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     plot_sensitivity(table, out / "sensitivity.png")

@@ -95,6 +95,18 @@ def gptq_quantize(
 
 
 # ------------------------------------------------------------------------------------------ Hessians
+# diffusers video transformers whose 5-D input and output put the frames second: (B, C, F, H, W)
+_CHANNELS_FIRST_VIDEO = ("WanTransformer3D", "LatteTransformer3D", "HunyuanVideoTransformer3D",
+                         "MochiTransformer3D")
+
+
+def video_frame_dim(model: nn.Module) -> int | None:
+    """The frame axis of a video transformer's 5-D input and output: 1 for CogVideoX (B, F, C, H, W), 2 for Wan,
+    Latte, HunyuanVideo and Mochi (B, C, F, H, W); None for other models."""
+    name = type(model).__name__
+    return 1 if name.startswith("CogVideoXTransformer3D") else 2 if name.startswith(_CHANNELS_FIRST_VIDEO) else None
+
+
 def video_token_layout(model: nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int] | None:
     """(prefix tokens, frames, positions per frame) of the token sequence the blocks of a video transformer see
     in the call ``model(*args, **kwargs)`` — frame-major video tokens after ``prefix`` text tokens — or None for

@@ -40,7 +40,8 @@ import torch
 from torch import nn
 
 from .calibrate import _iter_tensors, _map_tensors, model_device, validate_calibration
-from .config import FLOAT_ACT_BITS, LayerRule, QuantConfig, check_final_range_steps, resolve_config
+from .config import FLOAT_ACT_BITS, LayerRule, MixedPrecisionSpec, QuantConfig, check_final_range_steps, resolve_config
+from .gptq import video_frame_dim
 from .layers import TimestepSwitchLinear, current_timestep, install_timestep_hook
 from .progress import progress
 from .quantize import (
@@ -829,18 +830,33 @@ def allocation_config(groups: dict[str, list[str]], cells: list[list[str]], rang
     return dataclasses.replace(base, name=name, rules=base.rules + tuple(rules), mixed_precision=None)
 
 
-def resolve_mixed_precision(model: nn.Module, config: QuantConfig, samples: list[dict]) -> QuantConfig:
-    """The plain QuantConfig that ``config.mixed_precision`` asks for (sensitivity with the MSE proxy on
-    ``samples``, then :func:`allocate`); called by :func:`viditq.quantize`."""
-    spec = config.mixed_precision
-    base = dataclasses.replace(config, mixed_precision=None)
-    table = measure_sensitivity(model, samples, groups=spec.groups, timestep_ranges=spec.timestep_ranges,
+def spec_allocation(model: nn.Module, samples: list[dict], base: QuantConfig, spec: MixedPrecisionSpec,
+                    name: str | None = None) -> tuple[SensitivityTable, Allocation]:
+    """Sensitivity table and allocation that ``spec`` asks for on ``base``: the MSE proxy on ``samples``, and the
+    flicker family if ``spec.flicker`` (:func:`flicker_metric` on the raw output of the last
+    ``max(1, final_range_steps)`` steps, along the frame axis of the model class)."""
+    metrics = None
+    if spec.flicker:
+        frame_dim = video_frame_dim(model)
+        if frame_dim is None:
+            raise ValueError(f"mixed precision flicker=True: the frame axis of {type(model).__name__} is not known "
+                             f"(CogVideoX, Wan, Latte, HunyuanVideo, Mochi); pass a flicker_metric to "
+                             f"measure_sensitivity")
+        metrics = {"flicker": flicker_metric(samples, frame_dim, final_steps=max(1, spec.final_range_steps))}
+    table = measure_sensitivity(model, samples, metrics, groups=spec.groups, timestep_ranges=spec.timestep_ranges,
                                 base_config=base, high_bits=spec.high_bits, cache=spec.cache,
                                 float_acts=spec.float_act_budget > 0, final_range_steps=spec.final_range_steps)
     allocation = allocate(table, base, budget_bits=spec.budget_bits, memory_bits=spec.memory_bits,
-                          timestep_aware=spec.timestep_aware, allow_fp=spec.allow_fp, name=config.name,
+                          timestep_aware=spec.timestep_aware, allow_fp=spec.allow_fp, name=name,
                           float_act_budget=spec.float_act_budget)
-    return allocation.config
+    return table, allocation
+
+
+def resolve_mixed_precision(model: nn.Module, config: QuantConfig, samples: list[dict]) -> QuantConfig:
+    """The plain QuantConfig that ``config.mixed_precision`` asks for (:func:`spec_allocation`); called by
+    :func:`viditq.quantize`."""
+    base = dataclasses.replace(config, mixed_precision=None)
+    return spec_allocation(model, samples, base, config.mixed_precision, name=config.name)[1].config
 
 
 # ------------------------------------------------------------------------------------------ plots
