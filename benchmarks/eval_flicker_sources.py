@@ -276,8 +276,8 @@ def main():
         results["fp_metrics"] = scalar_metrics(evaluate_samples(fp, scenes, probe))
     for seed in (int(v) for v in filter(None, args.fp_noise_seeds.split(","))):
         x = sample(seed)
-        row = {"flicker": float(per_video_flicker(x).mean()),
-               "flicker_vs_fp": float(per_video_flicker(x).mean() / fp_flicker.mean() - 1)}
+        flicker = per_video_flicker(x).mean()
+        row = {"flicker": float(flicker), "flicker_vs_fp": float(flicker / fp_flicker.mean() - 1)}
         if probe is not None:
             row.update(scalar_metrics(evaluate_samples(x, scenes, probe)))
         results.setdefault("fp_noise", {})[f"seed {seed}"] = row

@@ -107,6 +107,15 @@ def video_frame_dim(model: nn.Module) -> int | None:
     return 1 if name.startswith("CogVideoXTransformer3D") else 2 if name.startswith(_CHANNELS_FIRST_VIDEO) else None
 
 
+def temporal_second_difference(x: torch.Tensor, frame_dim: int = 1) -> torch.Tensor:
+    """``x[f+1] - 2 x[f] + x[f-1]`` along the frame axis ``frame_dim`` (zero for frames that change at a constant
+    rate; frame-to-frame noise shows up at full size)."""
+    n = x.shape[frame_dim]
+    if n < 3:
+        raise ValueError(f"need at least 3 frames along dim {frame_dim}, got shape {tuple(x.shape)}")
+    return x.narrow(frame_dim, 2, n - 2) - 2 * x.narrow(frame_dim, 1, n - 2) + x.narrow(frame_dim, 0, n - 2)
+
+
 def video_token_layout(model: nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int] | None:
     """(prefix tokens, frames, positions per frame) of the token sequence the blocks of a video transformer see
     in the call ``model(*args, **kwargs)`` — frame-major video tokens after ``prefix`` text tokens — or None for
@@ -138,7 +147,7 @@ def temporal_differences(x: torch.Tensor, layout: tuple[int, int, int] | None) -
     if frames < 3 or x.shape[1] not in (prefix + video, video):
         return None
     v = x[:, x.shape[1] - video:].reshape(x.shape[0], frames, positions, x.shape[2])
-    return (v[:, 2:] - 2 * v[:, 1:-1] + v[:, :-2]).reshape(-1, x.shape[2])
+    return temporal_second_difference(v, 1).reshape(-1, x.shape[2])
 
 
 @contextlib.contextmanager

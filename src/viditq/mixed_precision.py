@@ -41,7 +41,7 @@ from torch import nn
 
 from .calibrate import _iter_tensors, _map_tensors, model_device, validate_calibration
 from .config import FLOAT_ACT_BITS, LayerRule, MixedPrecisionSpec, QuantConfig, check_final_range_steps, resolve_config
-from .gptq import video_frame_dim
+from .gptq import temporal_second_difference, video_frame_dim
 from .layers import TimestepSwitchLinear, current_timestep, install_timestep_hook
 from .progress import progress
 from .quantize import (
@@ -250,15 +250,6 @@ class OutputMetric(Metric):
     alignment with the prompt and feature distances of the one-step denoised prediction). A probed cell's damage
     is the change on its range's samples, weighted by their share of all samples.
     """
-
-
-def temporal_second_difference(x: torch.Tensor, frame_dim: int = 1) -> torch.Tensor:
-    """``x[f+1] - 2 x[f] + x[f-1]`` along the frame axis ``frame_dim`` (zero for frames that change at a constant
-    rate; frame-to-frame noise shows up at full size)."""
-    n = x.shape[frame_dim]
-    if n < 3:
-        raise ValueError(f"need at least 3 frames along dim {frame_dim}, got shape {tuple(x.shape)}")
-    return x.narrow(frame_dim, 2, n - 2) - 2 * x.narrow(frame_dim, 1, n - 2) + x.narrow(frame_dim, 0, n - 2)
 
 
 def flicker_metric(
