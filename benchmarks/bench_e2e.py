@@ -162,9 +162,12 @@ def prepare(variant: str, model, kwargs, min_kv_tokens: int | None = None):
             viditq.layers.install_weight_staging(model, enable=False)
         if os.environ.get("BENCH_HAND_OFF", "1") == "0":  # A/B: the FF-down quantizes its own input
             viditq.fusion.fuse_gelu(model, hand_off=False)
+        if os.environ.get("BENCH_GROUP_QKV", "1") == "0":  # A/B: q, k and v in three GEMM launches
+            viditq.fusion.fuse_ada_norm_single(model, group_qkv=False)
         notes["hand_offs"] = sum(type(m).__name__ == "FusedFeedForward" for m in model.modules())
         notes["staged_blocks"] = sum(getattr(m, "_viditq_weight_staging", None) is not None for m in model.modules())
         notes["pdl"] = os.environ.get("VIDITQ_PDL", "1") != "0"
+        notes["group_qkv"] = os.environ.get("BENCH_GROUP_QKV", "1") != "0"
     elif base == "bf16_fused":  # the bf16 model with viditq's fused norm + modulation only (no quantization)
         from viditq.fusion import fuse_norms
 

@@ -2,8 +2,9 @@
 
 Tables (one run, same card): bf16 cuBLAS (F.linear), fp8 ``torch._scaled_mm`` row-wise, ``torch._int_mm``, ours
 int8 / W4A8 (packed int4, g64, asymmetric, staged to per-channel int8; the staging alone too) / fp8 GEMM with the
-fused epilogue, the full W8A8 layer (fused quantization + GEMM), the fused quantization alone (GB/s), a config
-sweep, and the device ceilings.
+fused epilogue, the full W8A8 layer (fused quantization + GEMM), q/k/v as one grouped launch
+(``quant_linear_group``) against three cuBLAS launches and one on the concatenated weight, the fused quantization
+alone (GB/s), a config sweep, and the device ceilings.
 
     python benchmarks/bench_gemm.py --out results.json [--sweep]
 """
@@ -181,6 +182,53 @@ def bench_gemms(results):
         torch.cuda.empty_cache()
 
 
+GROUP_SHAPES = {"pixart_qkv": (8192, 1152, 1152), "cogvideox_qkv": (35552, 1920, 1920)}  # (M, N per weight, K)
+GROUP_CONFIGS = [None, (128, 128, 128, 8, 8, 3, True, True), (128, 128, 128, 8, 8, 4, True, True),
+                 (128, 256, 128, 8, 8, 3, True, True), (256, 128, 128, 8, 8, 3, True, True)]  # None: the default
+
+
+def bench_group(results):
+    """q, k and v of one self-attention: three products of one input — bf16 cuBLAS three launches and one on the
+    concatenated weight (diffusers' ``fuse_qkv_projections``), ours three launches and ``quant_linear_group``."""
+    for shape_name, (m, n, k) in GROUP_SHAPES.items():
+        g = torch.Generator(device="cuda").manual_seed(m + n)
+        x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
+        ws = [(torch.randn(n, k, device="cuda", generator=g) * k**-0.5).to(torch.bfloat16) for _ in range(3)]
+        bs = [torch.randn(n, device="cuda", generator=g).to(torch.bfloat16) for _ in range(3)]
+        w_cat, b_cat = torch.cat(ws), torch.cat(bs)
+        fp8_a, fp8_s = reference.quantize_per_token_fp8(x)
+        a8, s8 = reference.quantize_activation(x, 8)
+        fp8_w = [reference.quantize_per_token_fp8(w) for w in ws]
+        int8_w = [(q.codes, q.scale) for q in (quantize_weight(w, 8) for w in ws)]
+        ref = [F.linear(x, w, b).float() for w, b in zip(ws, bs)]
+        fns = {
+            "bf16_cublas_x3": lambda: [F.linear(x, w, b) for w, b in zip(ws, bs)],
+            "bf16_cublas_concat": lambda: F.linear(x, w_cat, b_cat).split(n, dim=1),
+            "ours_fp8_x3": lambda: [int_gemm.quant_linear(fp8_a, fp8_s, w, s, None, k, False, b, torch.bfloat16)
+                                    for (w, s), b in zip(fp8_w, bs)],
+            "ours_int8_x3": lambda: [int_gemm.quant_linear(a8, s8, w, s, None, k, False, b, torch.bfloat16)
+                                     for (w, s), b in zip(int8_w, bs)],
+        }
+        for c in GROUP_CONFIGS:
+            cfg = int_gemm.GemmConfig(*c) if c else None
+            tag = "default" if c is None else "x".join(map(str, c[:3])) + f"w{c[4]}s{c[5]}"
+            fns[f"ours_fp8_group_{tag}"] = lambda cfg=cfg: int_gemm.quant_linear_group(
+                fp8_a, fp8_s, [(w, s, b) for (w, s), b in zip(fp8_w, bs)], torch.bfloat16, cfg)
+            fns[f"ours_int8_group_{tag}"] = lambda cfg=cfg: int_gemm.quant_linear_group(
+                a8, s8, [(w, s, b) for (w, s), b in zip(int8_w, bs)], torch.bfloat16, cfg)
+        for name, fn in fns.items():
+            try:
+                ys = fn()
+                err = max(((y.float() - r).norm() / r.norm()).item() for y, r in zip(ys, ref))
+                t = ms(fn)
+            except Exception as e:  # noqa: BLE001
+                results["errors"].append(f"group {shape_name}/{name}: {type(e).__name__}: {e}"[:300])
+                continue
+            results["group"].append(dict(shape=shape_name, m=m, n=n, k=k, method=name, ms=t,
+                                         tflops=tflops(m, 3 * n, k, t), rel_err_vs_bf16=err))
+        torch.cuda.empty_cache()
+
+
 SWEEP_KINDS = ["int8", "fp8"]  # packed int4 runs the int8 kernel after staging; also int8_res, fp8_res
 SWEEP_SHAPES = ["pixart_qkvo", "pixart_ff_up", "pixart_ff_down", "cogvideox_qkvo", "cogvideox_ff_up"]
 
@@ -320,6 +368,14 @@ def print_tables(results):
             rate = f"{r['gbps']:7.0f} GB/s" if "gbps" in r else f"{r['tflops']:7.1f} TF/s"
             print(f"{shape:18s} {r['method']:31s} {r['ms']:8.3f} ms {rate}  x{speed:4.2f} vs bf16"
                   f"  (eager launch {r['ms_eager']:.3f} ms)")
+    for shape in GROUP_SHAPES:
+        rows = [r for r in results.get("group", []) if r["shape"] == shape]
+        base = {r["method"]: r["ms"] for r in rows}
+        for r in rows:
+            print(f"group {shape:14s} {r['method']:34s} {r['ms']:8.3f} ms {r['tflops']:7.1f} TF/s"
+                  f"  x{base.get('bf16_cublas_x3', float('nan')) / r['ms']:4.2f} vs bf16 x3"
+                  f"  x{base.get('bf16_cublas_concat', float('nan')) / r['ms']:4.2f} vs bf16 concat"
+                  f"  err {r['rel_err_vs_bf16']:.4f}")
     for r in results["act_quant"]:
         print(f"actq {r['m']}x{r['k']} {r['method']:30s} {r['ms']:8.3f} ms {r['gbps']:7.0f} GB/s"
               f"  (eager {r['ms_eager']:.3f} ms)")
@@ -349,7 +405,8 @@ def main():
     parser.add_argument("--sweep-shapes", default=",".join(SWEEP_SHAPES))
     parser.add_argument("--sweep-kinds", default="int8,fp8")
     parser.add_argument("--shapes", default=",".join(SHAPES))
-    parser.add_argument("--sections", default="ceilings,act_quant,gemms,sweep", help="which tables (comma list)")
+    parser.add_argument("--sections", default="ceilings,act_quant,gemms,group,sweep",
+                        help="which tables (comma list)")
     args = parser.parse_args()
     SWEEP_SHAPES[:] = args.sweep_shapes.split(",")
     SWEEP_KINDS[:] = args.sweep_kinds.split(",")
@@ -357,8 +414,9 @@ def main():
         del SHAPES[name]
     results = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), gemm=[], sweep=[], act_quant=[],
-                   ceilings={}, errors=[], norm=[])
-    sections = [bench_ceilings, bench_act_quant, bench_norm, bench_gemms] + ([bench_sweep] if args.sweep else [])
+                   ceilings={}, errors=[], norm=[], group=[])
+    sections = [bench_ceilings, bench_act_quant, bench_norm, bench_gemms, bench_group] + \
+        ([bench_sweep] if args.sweep else [])
     sections = [f for f in sections if f.__name__.removeprefix("bench_") in args.sections.split(",")]
     for section in sections:
         try:

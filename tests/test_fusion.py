@@ -318,3 +318,33 @@ def test_feed_forward_hands_its_hidden_state_over_quantized(monkeypatch, preset)
     assert after[1].item() == pytest.approx(2 * before[1].item(), rel=1e-6) and torch.equal(after[0::2], before[0::2])
     model.to(torch.bfloat16)  # the bound keeps float32, as the layer's scales do
     assert up._hand_off_range.dtype == torch.float32 and torch.equal(up._hand_off_range, after)
+
+
+@pytest.mark.parametrize("preset", ["w8a8-fp8", "w4a8-fp8", "w8a8"])
+def test_fused_pixart_self_attention_projects_qkv_in_one_launch(monkeypatch, preset):
+    """Where the kernels run, a fused block's q, k and v take one grouped GEMM launch on the norm kernel's codes
+    (the W4 weights as their block staged them; w8a8: int8 codes of the rotated input, which all three share):
+    the output equals the one-launch-per-layer block's up to summation order, which
+    ``fuse_ada_norm_single(group_qkv=False)`` restores."""
+    import dataclasses
+
+    import viditq
+    from viditq.config import BalanceSpec
+    from viditq.kernels import dispatch
+    from viditq.testing import calibration_set, forward_output, sqnr_db, tiny_inputs, tiny_model
+
+    cfg = dataclasses.replace(viditq.PRESETS[preset], balance=BalanceSpec(rotate=preset == "w8a8"))
+    model = viditq.quantize(tiny_model("pixart"), cfg, calibration_set("pixart", n=1)).to(DEVICE)
+    blocks = [m for m in model.modules() if isinstance(m, fusion.FusedAdaNormSingleBlock)]
+    x = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in tiny_inputs("pixart", seed=4).items()}
+    monkeypatch.setattr(dispatch, "use_triton", lambda t: True)  # the kernels (the interpreter on CPU)
+    groups = []
+    real = dispatch.int_linear_group
+    monkeypatch.setattr(dispatch, "int_linear_group", lambda *a: groups.append(len(a[2])) or real(*a))
+    grouped = forward_output(model, x)
+    assert groups == [3] * len(blocks)
+    assert fusion.fuse_ada_norm_single(model, group_qkv=False) == len(blocks)
+    groups.clear()
+    separate = forward_output(model, x)
+    assert groups == [] and torch.isfinite(grouped).all()
+    assert sqnr_db(separate, grouped) > 60

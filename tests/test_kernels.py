@@ -375,6 +375,49 @@ def test_residual_epilogue_default_configs(m, n, k, fp8):
     assert rel_err(y, ref) < 8e-3
 
 
+@pytest.mark.parametrize("m,ns,k,fp8,bias", [
+    (37, (48, 32, 48), 64, False, True), (20, (32, 32), 96, True, False), (0, (16, 16), 32, False, True),
+] + [pytest.param(*s, marks=gpu_only) for s in [(8192, (1152,) * 3, 1152, True, True),
+                                                (8192, (1152,) * 3, 1152, False, True),
+                                                (4000, (1920, 1920, 1920), 1920, True, False)]])
+def test_int_linear_group_matches_separate_products(m, ns, k, fp8, bias):
+    """q, k and v in one launch (``quant_linear_group``): each output equals the reference of its own product;
+    tiles of different weights land on one program (the interpreter's 3-program grid, 32 x 32 tiles)."""
+    g = torch.Generator(device=DEVICE).manual_seed(m + k + len(ns))
+    x = torch.randn(m, k, device=DEVICE, generator=g)
+    a, a_scale = reference.quantize_per_token_fp8(x) if fp8 else reference.quantize_activation(x, 8)
+    weights = []
+    for n in ns:
+        w = torch.randn(n, k, device=DEVICE, generator=g) * k**-0.5
+        if fp8:
+            wq, w_scale = reference.quantize_per_token_fp8(w)
+        else:
+            q = quantize_weight(w, 8)
+            wq, w_scale = q.codes, q.scale
+        weights.append((wq, w_scale, torch.randn(n, device=DEVICE, generator=g).bfloat16() if bias else None))
+    assert int_gemm.group_supported(a, weights, torch.bfloat16)
+    cfg = None if CUDA else TMA_CFG
+    outs = int_gemm.quant_linear_group(a, a_scale, weights, torch.bfloat16, cfg)
+    for y, (wq, w_scale, b) in zip(outs, weights):
+        ref = reference.int_linear(a, a_scale, wq, w_scale, None, k, False, b, torch.float32)
+        assert y.shape == (m, wq.shape[0]) and y.dtype == torch.bfloat16
+        assert m == 0 or rel_err(y, ref) < 8e-3
+
+
+def test_int_linear_group_falls_back_where_one_launch_cannot_run():
+    """Zero points, mixed bias or a 16-byte misaligned output row: one launch per weight, same results."""
+    g = torch.Generator(device=DEVICE).manual_seed(5)
+    a, a_scale = reference.quantize_activation(torch.randn(9, 64, device=DEVICE, generator=g), 8)
+    q = quantize_weight(torch.randn(20, 64, device=DEVICE, generator=g), 8)
+    bias = torch.randn(20, device=DEVICE, generator=g)
+    assert not int_gemm.group_supported(a, [(q.codes, q.scale, bias), (q.codes, q.scale, None)], torch.float32)
+    assert not int_gemm.group_supported(a, [(q.codes, q.scale, None)] * 2, torch.bfloat16)  # 40-byte rows
+    outs = int_gemm.quant_linear_group(a, a_scale, [(q.codes, q.scale, bias), (q.codes, q.scale, None)],
+                                       torch.float32, SMALL_CFG)
+    for y, b in zip(outs, (bias, None)):
+        assert rel_err(y, reference.int_linear(a, a_scale, q.codes, q.scale, None, 64, False, b, torch.float32)) < 1e-5
+
+
 STAGE_SHAPES = [(45, 128), (9, 192), (16, 1024), (3, 64)] + [pytest.param(*s, marks=gpu_only)
                                                              for s in [(1152, 1152), (4608, 1152), (1920, 7680)]]
 
@@ -542,8 +585,8 @@ def test_quantlinear_triton_path_matches_reference_path(preset_bits, monkeypatch
 
 # ----------------------------------------------------------------------------------------- custom ops (compile)
 def test_custom_ops_pass_opcheck():
-    """``viditq::quantize_activation`` / ``viditq::int_linear`` (what torch.compile sees): schema, fake-tensor
-    shapes and dtypes agree with the real kernels (run here on the interpreter or the GPU)."""
+    """``viditq::quantize_activation`` / ``viditq::int_linear`` / ``viditq::int_linear_group`` (what torch.compile
+    sees): schema, fake-tensor shapes and dtypes agree with the real kernels (run here on the interpreter or the GPU)."""
     from viditq.kernels import ops  # noqa: F401 — registers the ops
 
     g = torch.Generator().manual_seed(3)
@@ -569,6 +612,11 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.viditq.int_linear.default,
                           (codes, scale, w, w_scale, w_zero, gs, packed, bias, torch.bfloat16, None, stage, residual,
                            gate), test_utils=("test_schema", "test_faketensor"))
+    q = [quantize_weight(torch.randn(n, 64, generator=g), 8) for n in (16, 32)]
+    torch.library.opcheck(torch.ops.viditq.int_linear_group.default,
+                          (codes, scale, [t.codes.to(DEVICE) for t in q], [t.scale.to(DEVICE) for t in q],
+                           [bias, torch.randn(32, generator=g).to(DEVICE, torch.bfloat16)], torch.bfloat16),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize("fp8", [False, True])

@@ -36,7 +36,7 @@ from torch import nn
 
 from .config import FLOAT_ACT_BITS
 from .kernels import dispatch
-from .layers import QuantLinear, SharedInputCache, add_residual
+from .layers import QuantLinear, SharedInputCache, add_residual, forward_group
 
 
 def _kernel_ok(x: torch.Tensor) -> bool:
@@ -268,11 +268,12 @@ def _eval_tail(module: nn.Module, layers) -> list | None:
     return layers if layers and not module.training else None
 
 
-def _attend(attn, x, residual, gate=None, context=None, mask=None):
+def _attend(attn, x, residual, gate=None, context=None, mask=None, group=False):
     """``residual + gate * attn(x, context, mask)``, diffusers' ``AttnProcessor2_0`` arithmetic for a plain
     attention (:func:`_plain_attention`) run here so that the output projection adds the residual (the
     processor's trailing ``/ rescale_output_factor`` would cost a pass over the output: Inductor keeps a division
-    by 1 after a custom op). Through 8-bit attention where the processor is a QuantizedAttnProcessor."""
+    by 1 after a custom op). Through 8-bit attention where the processor is a QuantizedAttnProcessor. ``group``:
+    a self-attention's q, k and v run as one GEMM launch where they can (:func:`viditq.layers.forward_group`)."""
     from .attention import QuantizedAttnProcessor, SDPARouter
 
     tail = _eval_tail(attn, attn.to_out)
@@ -285,12 +286,18 @@ def _attend(attn, x, residual, gate=None, context=None, mask=None):
     if mask is not None:
         mask = attn.prepare_attention_mask(mask, (x if context is None else context).shape[1], batch)
         mask = mask.view(batch, attn.heads, -1, mask.shape[-1])
-    query = attn.to_q(x)
-    if context is None:
-        context = x
-    elif attn.norm_cross:
-        context = attn.norm_encoder_hidden_states(context)
-    key, value = attn.to_k(context), attn.to_v(context)
+    projections = (attn.to_q, attn.to_k, attn.to_v)
+    qkv = forward_group(projections, x) if group and context is None and not any(map(_hooked, projections)) \
+        else None
+    if qkv is not None:
+        query, key, value = qkv
+    else:
+        query = attn.to_q(x)
+        if context is None:
+            context = x
+        elif attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        key, value = attn.to_k(context), attn.to_v(context)
     head_dim = key.shape[-1] // attn.heads
     query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
     if attn.norm_q is not None:
@@ -362,7 +369,8 @@ class FusedAdaNormSingleBlock(BasicTransformerBlock):
         to_q = self.attn1.to_q if _quantizes_own_input(self.attn1.to_q, c) else None
         norm_hidden_states = _norm_modulate(self.norm1, hidden_states, scale_msa, shift_msa, to_q,
                                             to_q is not None and _codes_only_attention(self.attn1, to_q))
-        hidden_states = _attend(self.attn1, norm_hidden_states, hidden_states, gate_msa, mask=attention_mask)
+        hidden_states = _attend(self.attn1, norm_hidden_states, hidden_states, gate_msa, mask=attention_mask,
+                                group=getattr(self, "_viditq_group_qkv", True))
         if self.attn2 is not None:
             hidden_states = _attend(self.attn2, hidden_states, hidden_states, context=encoder_hidden_states,
                                     mask=encoder_attention_mask)
@@ -373,21 +381,24 @@ class FusedAdaNormSingleBlock(BasicTransformerBlock):
         return _feed_forward(self.ff, norm_hidden_states, hidden_states, gate_mlp)
 
 
-def fuse_ada_norm_single(model: nn.Module) -> int:
+def fuse_ada_norm_single(model: nn.Module, group_qkv: bool = True) -> int:
     """Give every PixArt-style block (``BasicTransformerBlock``, ``norm_type="ada_norm_single"``, no positional
     embedding inside, self-attention on its own input) whose q/k/v or feed-forward up-projection the norm kernel
     can quantize (:func:`_quantizes_own_input`) the fused forward (idempotent). The up-projection gets an input
-    cache of its own. Returns how many blocks have it."""
+    cache of its own. ``group_qkv``: the self-attention's q, k and v run as one GEMM launch where the kernel can
+    (False: one launch each). Returns how many blocks have it."""
     count = 0
     for module in model.modules():
-        if type(module) is BasicTransformerBlock and module.norm_type == "ada_norm_single" \
-                and module.pos_embed is None and not module.only_cross_attention \
-                and isinstance(module.norm1, nn.LayerNorm) and isinstance(module.norm2, nn.LayerNorm):
+        if type(module) in (BasicTransformerBlock, FusedAdaNormSingleBlock) \
+                and module.norm_type == "ada_norm_single" and module.pos_embed is None \
+                and not module.only_cross_attention and isinstance(module.norm1, nn.LayerNorm) \
+                and isinstance(module.norm2, nn.LayerNorm):
             c = module.norm1.normalized_shape[0]
             up = getattr(module.ff.net[0], "proj", None)
             if _quantizes_own_input(up, c) and up._input_cache is None:
                 up._input_cache, up._input_index = SharedInputCache(1), 0
             if _quantizes_own_input(module.attn1.to_q, c) or _quantizes_own_input(up, c):
                 module.__class__ = FusedAdaNormSingleBlock
+                module._viditq_group_qkv = group_qkv
         count += isinstance(module, FusedAdaNormSingleBlock)
     return count

@@ -239,6 +239,13 @@ class QuantLinear(nn.Module):
             return staged, self.staged_weight_scale(), None, spec.in_features, False
         return self.weight_codes, self.weight_scale, self.weight_zero, spec.group_size, spec.packed_int4
 
+    def _per_channel_product(self) -> bool:
+        """Whether :meth:`_gemm_weight` will give per-channel codes without zero points (own or staged)."""
+        spec = self.spec
+        if spec.packed_int4:
+            return self._weight_staging is not None and self._weight_staging.ready(self._staging_index)
+        return spec.group_size == spec.in_features and self.weight_zero is None
+
     def forward_quantized_out(self, x: torch.Tensor, consumer: QuantLinear, bound: torch.Tensor) -> torch.Tensor:
         """This layer's output as ``consumer`` (the next layer, reading it alone, fp8 activations) quantizes it —
         with its smoothing, per token with the scales ``reference.range_scale`` of ``bound``
@@ -327,6 +334,29 @@ class QuantLinear(nn.Module):
         w_fmt = fmt if s.fp8_weights else ""
         return (f"in={s.in_features}, out={s.out_features}, W{s.weight_bits}({w_fmt}{g}, "
                 f"{'sym' if s.weight_symmetric else 'asym'}), A{s.act_bits}({fmt}{act}), balance={bal}")
+
+
+def forward_group(layers, x: torch.Tensor) -> list[torch.Tensor] | None:
+    """The outputs of ``layers`` — QuantLinears of one input group (q, k and v of a self-attention, members of
+    one :class:`SharedInputCache`) — on their input ``x``, their products in one GEMM launch
+    (``dispatch.int_linear_group``: the tiles of all three fill the GPU's waves together); None where the layers
+    do not qualify (no kernel, weight-only or static activations, a fused activation, group-wise or un-staged
+    packed weights): call them one by one."""
+    first = layers[0]
+    cache = first._input_cache
+    if not (dispatch.use_triton(x) and cache is not None and cache.members == len(layers) and all(
+            type(m) is QuantLinear and m._input_cache is cache and not m.spec.weight_only and not m.spec.act_static
+            and m.rot_matrix is None and m.fused_activation is None and m._per_channel_product() for m in layers)):
+        return None
+    inputs = [m._input_codes(x) for m in layers]  # one quantization (or the producer's codes) for the group
+    weights = [m._gemm_weight() for m in layers]
+    if any(i is not inputs[0] for i in inputs):  # a member re-quantized: its own codes, one product each
+        ys = [dispatch.int_linear(c, s, *w, m.bias, x.dtype) for (c, s), w, m in zip(inputs, weights, layers)]
+    else:
+        codes, scale = inputs[0]
+        ys = dispatch.int_linear_group(codes, scale, [w[0] for w in weights], [w[1] for w in weights],
+                                       [m.bias for m in layers], x.dtype)
+    return [y.reshape(*x.shape[:-1], m.spec.out_features) for y, m in zip(ys, layers)]
 
 
 class SharedInputCache:
@@ -430,6 +460,10 @@ class WeightStaging:
 
     def after(self, module, args, *rest):
         self._staged = None
+
+    def ready(self, index: int) -> bool:
+        """Whether layer ``index``'s staged codes wait to be taken."""
+        return self._staged is not None and self._staged[index] is not None
 
     def take(self, index: int) -> torch.Tensor | None:
         """Layer ``index``'s staged codes (once), or None."""

@@ -75,6 +75,18 @@ def int_linear(x_codes, x_scale, w, w_scale, w_zero, group_size, packed_int4, bi
     return ops.int_linear_impl(*args)
 
 
+def int_linear_group(x_codes, x_scale, w, w_scale, bias, out_dtype):
+    """:func:`int_linear` of one input with several per-channel weights (lists ``w``, ``w_scale``, ``bias``) →
+    one (M, N_i) output each, in one kernel launch on CUDA (``int_gemm.quant_linear_group``)."""
+    k = x_codes.shape[-1]
+    if not use_triton(x_codes):
+        return [reference.int_linear(x_codes, x_scale, wi, si, None, k, False, bi, out_dtype)
+                for wi, si, bi in zip(w, w_scale, bias)]
+    if torch.compiler.is_compiling():
+        return torch.ops.viditq.int_linear_group(x_codes, x_scale, list(w), list(w_scale), list(bias), out_dtype)
+    return ops.int_linear_group_impl(x_codes, x_scale, w, w_scale, bias, out_dtype)
+
+
 def stage_int4_many(w, w_scale, w_zero, group_size, stage_scale, fp8):
     """Packed int4 weights (lists, one entry per layer, on one CUDA device) → their per-channel int8 codes (fp8
     e4m3 if ``fp8``) (N, K), staged in one launch per kind (``int_gemm.stage_int4_many``); the caller checks

@@ -100,6 +100,28 @@ def _(x_codes, x_scale, w, w_scale, w_zero, group_size, packed_int4, bias, activ
             x_codes.new_empty((m, 1), dtype=torch.float32))
 
 
+def int_linear_group_impl(
+    x_codes: torch.Tensor, x_scale: torch.Tensor, w: list[torch.Tensor], w_scale: list[torch.Tensor],
+    bias: list[Optional[torch.Tensor]], out_dtype: torch.dtype,
+) -> list[torch.Tensor]:
+    from . import int_gemm
+
+    return int_gemm.quant_linear_group(x_codes, x_scale, list(zip(w, w_scale, bias)), out_dtype)
+
+
+@torch.library.custom_op("viditq::int_linear_group", mutates_args=())
+def _int_linear_group_op(
+    x_codes: torch.Tensor, x_scale: torch.Tensor, w: list[torch.Tensor], w_scale: list[torch.Tensor],
+    bias: list[Optional[torch.Tensor]], out_dtype: torch.dtype,
+) -> list[torch.Tensor]:
+    return int_linear_group_impl(x_codes, x_scale, w, w_scale, bias, out_dtype)
+
+
+@_int_linear_group_op.register_fake
+def _(x_codes, x_scale, w, w_scale, bias, out_dtype):
+    return [x_codes.new_empty((x_codes.shape[0], t.shape[0]), dtype=out_dtype) for t in w]
+
+
 def stage_int4_many_impl(
     w: list[torch.Tensor], w_scale: list[torch.Tensor], w_zero: list[Optional[torch.Tensor]], group_size: list[int],
     stage_scale: list[Optional[torch.Tensor]], fp8: bool,
