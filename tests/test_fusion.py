@@ -333,9 +333,15 @@ def test_fused_pixart_self_attention_projects_qkv_in_one_launch(monkeypatch, pre
     from viditq.kernels import dispatch
     from viditq.testing import calibration_set, forward_output, sqnr_db, tiny_inputs, tiny_model
 
-    cfg = dataclasses.replace(viditq.PRESETS[preset], balance=BalanceSpec(rotate=preset == "w8a8"))
-    model = viditq.quantize(tiny_model("pixart"), cfg, calibration_set("pixart", n=1)).to(DEVICE)
+    rotate = preset == "w8a8"
+    cfg = dataclasses.replace(viditq.PRESETS[preset], balance=BalanceSpec(rotate=rotate, rotate_min_gain=0.0))
+    model = tiny_model("pixart")
+    if rotate:  # outlier channels in the q/k/v input (the modulation's scale), so that q/k/v take the rotation
+        for block in model.transformer_blocks:
+            block.scale_shift_table.data[1, :4] += 30.0
+    model = viditq.quantize(model, cfg, calibration_set("pixart", n=1)).to(DEVICE)
     blocks = [m for m in model.modules() if isinstance(m, fusion.FusedAdaNormSingleBlock)]
+    assert blocks and all((b.attn1.to_q.rot_signs is not None) == rotate for b in blocks)
     x = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in tiny_inputs("pixart", seed=4).items()}
     monkeypatch.setattr(dispatch, "use_triton", lambda t: True)  # the kernels (the interpreter on CPU)
     groups = []

@@ -405,17 +405,25 @@ def test_int_linear_group_matches_separate_products(m, ns, k, fp8, bias):
 
 
 def test_int_linear_group_falls_back_where_one_launch_cannot_run():
-    """Zero points, mixed bias or a 16-byte misaligned output row: one launch per weight, same results."""
+    """Bias on some weights only, or a 16-byte misaligned output row: one launch per weight, same results; weights
+    the GEMM cannot take (group-wise scales, another dtype than the codes) are refused by name."""
     g = torch.Generator(device=DEVICE).manual_seed(5)
     a, a_scale = reference.quantize_activation(torch.randn(9, 64, device=DEVICE, generator=g), 8)
     q = quantize_weight(torch.randn(20, 64, device=DEVICE, generator=g), 8)
     bias = torch.randn(20, device=DEVICE, generator=g)
-    assert not int_gemm.group_supported(a, [(q.codes, q.scale, bias), (q.codes, q.scale, None)], torch.float32)
-    assert not int_gemm.group_supported(a, [(q.codes, q.scale, None)] * 2, torch.bfloat16)  # 40-byte rows
-    outs = int_gemm.quant_linear_group(a, a_scale, [(q.codes, q.scale, bias), (q.codes, q.scale, None)],
-                                       torch.float32, SMALL_CFG)
-    for y, b in zip(outs, (bias, None)):
-        assert rel_err(y, reference.int_linear(a, a_scale, q.codes, q.scale, None, 64, False, b, torch.float32)) < 1e-5
+    for weights, out_dtype in (([(q.codes, q.scale, bias), (q.codes, q.scale, None)], torch.float32),
+                               ([(q.codes, q.scale, None)] * 2, torch.bfloat16)):  # 40-byte bf16 rows
+        assert not int_gemm.group_supported(a, weights, out_dtype)
+        outs = int_gemm.quant_linear_group(a, a_scale, weights, out_dtype, SMALL_CFG)
+        for y, (_, _, b) in zip(outs, weights):
+            ref = reference.int_linear(a, a_scale, q.codes, q.scale, None, 64, False, b, torch.float32)
+            assert y.dtype == out_dtype and rel_err(y, ref) < 8e-3
+    grouped = quantize_weight(torch.randn(20, 64, device=DEVICE, generator=g), 8, group_size=32)
+    with pytest.raises(ValueError, match="per-channel"):
+        int_gemm.quant_linear_group(a, a_scale, [(q.codes, q.scale, None), (grouped.codes, grouped.scale, None)],
+                                    torch.float32)
+    with pytest.raises(ValueError, match="int8 or fp8"):
+        int_gemm.quant_linear_group(a.float(), a_scale, [(q.codes, q.scale, None)] * 2, torch.float32)
 
 
 STAGE_SHAPES = [(45, 128), (9, 192), (16, 1024), (3, 64)] + [pytest.param(*s, marks=gpu_only)
@@ -613,10 +621,10 @@ def test_custom_ops_pass_opcheck():
                           (codes, scale, w, w_scale, w_zero, gs, packed, bias, torch.bfloat16, None, stage, residual,
                            gate), test_utils=("test_schema", "test_faketensor"))
     q = [quantize_weight(torch.randn(n, 64, generator=g), 8) for n in (16, 32)]
-    torch.library.opcheck(torch.ops.viditq.int_linear_group.default,
-                          (codes, scale, [t.codes.to(DEVICE) for t in q], [t.scale.to(DEVICE) for t in q],
-                           [bias, torch.randn(32, generator=g).to(DEVICE, torch.bfloat16)], torch.bfloat16),
-                          test_utils=("test_schema", "test_faketensor"))
+    for biases in ([bias, torch.randn(32, generator=g).to(DEVICE, torch.bfloat16)], [None, None]):
+        torch.library.opcheck(torch.ops.viditq.int_linear_group.default,
+                              (codes, scale, [t.codes.to(DEVICE) for t in q], [t.scale.to(DEVICE) for t in q],
+                               biases, torch.bfloat16), test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize("fp8", [False, True])

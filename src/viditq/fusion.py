@@ -399,6 +399,7 @@ def fuse_ada_norm_single(model: nn.Module, group_qkv: bool = True) -> int:
                 up._input_cache, up._input_index = SharedInputCache(1), 0
             if _quantizes_own_input(module.attn1.to_q, c) or _quantizes_own_input(up, c):
                 module.__class__ = FusedAdaNormSingleBlock
-                module._viditq_group_qkv = group_qkv
-        count += isinstance(module, FusedAdaNormSingleBlock)
+        if isinstance(module, FusedAdaNormSingleBlock):
+            module._viditq_group_qkv = group_qkv
+            count += 1
     return count

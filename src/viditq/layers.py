@@ -342,8 +342,7 @@ def forward_group(layers, x: torch.Tensor) -> list[torch.Tensor] | None:
     (``dispatch.int_linear_group``: the tiles of all three fill the GPU's waves together); None where the layers
     do not qualify (no kernel, weight-only or static activations, a fused activation, group-wise or un-staged
     packed weights): call them one by one."""
-    first = layers[0]
-    cache = first._input_cache
+    cache = getattr(layers[0], "_input_cache", None)
     if not (dispatch.use_triton(x) and cache is not None and cache.members == len(layers) and all(
             type(m) is QuantLinear and m._input_cache is cache and not m.spec.weight_only and not m.spec.act_static
             and m.rot_matrix is None and m.fused_activation is None and m._per_channel_product() for m in layers)):

@@ -456,10 +456,10 @@ def _launch_tma(a, a_scale, products, group_size, cfg, fp8, gelu, res, quant=Non
         raise ValueError(f"one launch takes 1 to {MAX_GROUP} products, got {len(products)}")
     b_descs = [TensorDescriptor.from_tensor(w, [cfg.block_n, cfg.block_k]) for w, _, _, _ in products]
     c_descs = [TensorDescriptor.from_tensor(c, [cfg.block_m, cfg.block_n]) for _, _, _, c in products]
-    pad = MAX_GROUP - len(products)  # unused descriptor arguments repeat the first
-    b_descs, c_descs = b_descs + b_descs[:1] * pad, c_descs + c_descs[:1] * pad
+    pad = [None] * (MAX_GROUP - len(products))  # unused descriptor arguments (never read: NUM is a constexpr)
+    b_descs, c_descs = b_descs + pad, c_descs + pad
     residual, (gate, stride_gb, tokens) = res["residual"], res["args"][2:]
-    r_desc = c_descs[0] if residual is None else TensorDescriptor.from_tensor(residual, [cfg.block_m, cfg.block_n])
+    r_desc = None if residual is None else TensorDescriptor.from_tensor(residual, [cfg.block_m, cfg.block_n])
     ns = tuple(w.shape[0] for w, _, _, _ in products)
     num_tiles = sum(triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n) for n in ns)
     programs = min(num_tiles, _num_sms(a.device))
@@ -664,11 +664,12 @@ def group_supported(a: torch.Tensor, weights: list, out_dtype: torch.dtype) -> b
     k = a.shape[1]
     if not 2 <= len(weights) <= MAX_GROUP or len({b is None for _, _, b in weights}) > 1:
         return False
+
     def aligned(t):
         return t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
 
     return aligned(a) and all(
-        w.dtype == a.dtype and w.shape[1] == k and w_scale.numel() == w.shape[0] and aligned(w)
+        w.dtype == a.dtype and w.shape[1] == k and w.shape[0] > 0 and w_scale.numel() == w.shape[0] and aligned(w)
         and (w.shape[0] * out_dtype.itemsize) % 16 == 0 for w, w_scale, _ in weights)
 
 
@@ -679,14 +680,20 @@ def quant_linear_group(a: torch.Tensor, a_scale: torch.Tensor, weights: list, ou
     self-attention: 3 x 576 tiles over 132 SMs fill 13.1 waves where each product alone fills 4.4 — one (M, N_i)
     output each. Where :func:`group_supported` says no, one launch per weight."""
     m, k = a.shape
+    if a.dtype not in (torch.int8, torch.float8_e4m3fn):
+        raise ValueError(f"the grouped GEMM takes int8 or fp8 e4m3 activation codes, got {a.dtype}")
+    for w, s, _ in weights:
+        if w.dim() != 2 or w.dtype != a.dtype or w.shape[1] != k or s.numel() != w.shape[0]:
+            raise ValueError(f"the grouped GEMM takes per-channel {a.dtype} weights (N, {k}) with (N, 1) scales, got "
+                             f"{w.dtype} {tuple(w.shape)} with scales {tuple(s.shape)}")
     a = a.contiguous()
     a_scale = a_scale.reshape(m, 1).contiguous()
     weights = [(w.contiguous(), s.reshape(-1, 1).contiguous(), b) for w, s, b in weights]
     if not group_supported(a, weights, out_dtype):
         return [quant_linear(a, a_scale, w, s, None, k, False, b, out_dtype, config) for w, s, b in weights]
     fp8 = a.dtype == torch.float8_e4m3fn
-    if config is None and m > 512:  # the best fp8 tile of the H200 sweep at 8192 x 1152 x 1152 (25.0 us vs 26.0
-        # for 128 x 256, session 9); N = 1152 weights fill whole 128-wide tiles
+    if config is None and fp8 and m > 512:  # the best fp8 tile of the H200 sweep at 8192 x 1152 x 1152 (25.0 us
+        # vs 26.0 for 128 x 256, session 9); N = 1152 weights fill whole 128-wide tiles. int8: its default tile
         config = GemmConfig(128, 128, 128, 8, 4, 4, persistent=True, tma=True)
     cfg = config or default_config(m, sum(w.shape[0] for w, _, _ in weights), k, k, fp8, out_dtype.itemsize)
     cfg = replace(cfg, persistent=True, tma=True)
