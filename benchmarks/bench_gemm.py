@@ -183,7 +183,7 @@ def bench_gemms(results):
 
 
 GROUP_SHAPES = {"pixart_qkv": (8192, 1152, 1152), "cogvideox_qkv": (35552, 1920, 1920)}  # (M, N per weight, K)
-GROUP_CONFIGS = [None, (128, 128, 128, 8, 8, 3, True, True), (128, 128, 128, 8, 8, 4, True, True),
+GROUP_CONFIGS = [None, (128, 128, 128, 8, 4, 4, True, True), (128, 128, 128, 8, 8, 4, True, True),
                  (128, 256, 128, 8, 8, 3, True, True), (256, 128, 128, 8, 8, 3, True, True)]  # None: the default
 
 
