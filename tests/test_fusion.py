@@ -322,8 +322,9 @@ def test_feed_forward_hands_its_hidden_state_over_quantized(monkeypatch, preset)
 
 @pytest.mark.parametrize("preset", ["w8a8-fp8", "w4a8-fp8", "w8a8"])
 def test_fused_pixart_self_attention_projects_qkv_in_one_launch(monkeypatch, preset):
-    """Where the kernels run, a fused block's q, k and v take one grouped GEMM launch on the norm kernel's codes
-    (the W4 weights as their block staged them; w8a8: int8 codes of the rotated input, which all three share):
+    """Where the kernels run, a fused block's q, k and v take one grouped GEMM launch on their shared codes (the
+    norm kernel's; w8a8: the rotated input's int8 codes, quantized once) and per-channel weights (the W4 ones as
+    their block staged them):
     the output equals the one-launch-per-layer block's up to summation order, which
     ``fuse_ada_norm_single(group_qkv=False)`` restores."""
     import dataclasses
