@@ -62,20 +62,21 @@ def smem_estimate(cfg: GemmConfig, out_size: int, residual: bool = False) -> int
 
 @lru_cache(maxsize=None)
 def default_config(m: int, n: int, k: int, group_size: int, fp8: bool, out_size: int = 2,
-                   residual: bool = False) -> GemmConfig:
+                   residual: bool = False, products: int = 1) -> GemmConfig:
     """Tile choice for DiT shapes from the H100 sweep in benchmarks/NOTES.md (no autotuning, so a first forward
     compiles each kernel once and nothing else). Packed int4 runs the per-channel int8 kernel after staging.
     ``out_size``: bytes per output element; float32 outputs take 128 x 128 tiles (the 256-wide C tile of the
     TMA store would not fit in shared memory). The ``residual`` epilogue takes 128 x 128 x 4-stage tiles (best
     of the H200 residual sweep at the PixArt shapes), dropping stages until its residual tile fits too
-    (:func:`smem_estimate`)."""
-    cfg = _tile_config(m, n, k, group_size, fp8, out_size, residual)
+    (:func:`smem_estimate`). ``products`` > 1: one grouped launch (:func:`quant_linear_group`), ``n`` their sum."""
+    cfg = _tile_config(m, n, k, group_size, fp8, out_size, residual, products)
     while cfg.tma and cfg.num_stages > 2 and smem_estimate(cfg, out_size, residual) > SMEM_LIMIT:
         cfg = replace(cfg, num_stages=cfg.num_stages - 1)
     return cfg
 
 
-def _tile_config(m: int, n: int, k: int, group_size: int, fp8: bool, out_size: int, residual: bool) -> GemmConfig:
+def _tile_config(m: int, n: int, k: int, group_size: int, fp8: bool, out_size: int, residual: bool,
+                 products: int) -> GemmConfig:
     grouped = group_size < k
     override = os.environ.get("VIDITQ_GEMM_CONFIG")
     if override:  # "BM,BN,BK,GROUP_M,warps,stages,persistent,tma" from a benchmark sweep
@@ -87,6 +88,9 @@ def _tile_config(m: int, n: int, k: int, group_size: int, fp8: bool, out_size: i
         return GemmConfig(128, 128, min(64, group_size), 8, 8, 4)
     if residual:
         return GemmConfig(128, 128, 128, 8, 8, 4, persistent=True, tma=True)
+    if products > 1 and fp8 and m > 512:  # the best fp8 tile of the H200 sweep at 8192 x 1152 x 1152 (25.0 us vs
+        # 26.0 for 128 x 256, session 9): q, k, v of N = 1152 fill whole 128-wide tiles. int8: its default below
+        return GemmConfig(128, 128, 128, 8, 4, 4, persistent=True, tma=True)
     if m <= 512 or out_size > 2:  # few row tiles (text tokens): narrow tiles for more programs (H200, session 8)
         return GemmConfig(128, 128, 128, 8, 8, 3, persistent=True, tma=True)
     if fp8:
@@ -659,18 +663,16 @@ def quant_linear(
 
 
 def group_supported(a: torch.Tensor, weights: list, out_dtype: torch.dtype) -> bool:
-    """Whether :func:`quant_linear_group` runs ``weights`` = [(w, w_scale, bias), ...] in one launch: per-channel
-    int8 / fp8 weights of A's dtype and K (no zero points, no packed int4), bias on all or none, TMA-aligned."""
-    k = a.shape[1]
+    """Whether :func:`quant_linear_group` runs ``weights`` = [(w, w_scale, bias), ...] (per-channel weights of A's
+    dtype and K: what it accepts) in one launch: 2 to MAX_GROUP of them, bias on all or none, TMA-aligned."""
     if not 2 <= len(weights) <= MAX_GROUP or len({b is None for _, _, b in weights}) > 1:
         return False
 
     def aligned(t):
         return t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
 
-    return aligned(a) and all(
-        w.dtype == a.dtype and w.shape[1] == k and w.shape[0] > 0 and w_scale.numel() == w.shape[0] and aligned(w)
-        and (w.shape[0] * out_dtype.itemsize) % 16 == 0 for w, w_scale, _ in weights)
+    return aligned(a) and all(aligned(w) and w.shape[0] > 0 and (w.shape[0] * out_dtype.itemsize) % 16 == 0
+                              for w, _, _ in weights)
 
 
 def quant_linear_group(a: torch.Tensor, a_scale: torch.Tensor, weights: list, out_dtype: torch.dtype,
@@ -692,10 +694,8 @@ def quant_linear_group(a: torch.Tensor, a_scale: torch.Tensor, weights: list, ou
     if not group_supported(a, weights, out_dtype):
         return [quant_linear(a, a_scale, w, s, None, k, False, b, out_dtype, config) for w, s, b in weights]
     fp8 = a.dtype == torch.float8_e4m3fn
-    if config is None and fp8 and m > 512:  # the best fp8 tile of the H200 sweep at 8192 x 1152 x 1152 (25.0 us
-        # vs 26.0 for 128 x 256, session 9); N = 1152 weights fill whole 128-wide tiles. int8: its default tile
-        config = GemmConfig(128, 128, 128, 8, 4, 4, persistent=True, tma=True)
-    cfg = config or default_config(m, sum(w.shape[0] for w, _, _ in weights), k, k, fp8, out_dtype.itemsize)
+    cfg = config or default_config(m, sum(w.shape[0] for w, _, _ in weights), k, k, fp8, out_dtype.itemsize,
+                                   products=len(weights))
     cfg = replace(cfg, persistent=True, tma=True)
     outs = [torch.empty(m, w.shape[0], device=a.device, dtype=out_dtype) for w, _, _ in weights]
     if m:
