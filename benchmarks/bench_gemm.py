@@ -3,7 +3,8 @@
 Tables (one run, same card): bf16 cuBLAS (F.linear), fp8 ``torch._scaled_mm`` row-wise, ``torch._int_mm``, ours
 int8 / W4A8 (packed int4, g64, asymmetric, staged to per-channel int8; the staging alone too) / fp8 GEMM with the
 fused epilogue, the full W8A8 layer (fused quantization + GEMM), q/k/v as one grouped launch
-(``quant_linear_group``) against three cuBLAS launches and one on the concatenated weight, the fused quantization
+(``quant_linear_group``) against three cuBLAS launches and one on the concatenated weight, the gated-residual
+epilogue over tile shapes (operands cycled through HBM), the fused quantization
 alone (GB/s), a config sweep, and the device ceilings.
 
     python benchmarks/bench_gemm.py --out results.json [--sweep]
@@ -229,6 +230,57 @@ def bench_group(results):
         torch.cuda.empty_cache()
 
 
+RESIDUAL_SHAPES = ["pixart_qkvo", "pixart_ff_down"]
+RESIDUAL_CONFIGS = [  # (BM, BN, BK, GROUP_M, warps, stages, persistent, tma); None: the default (at N = 1152 its
+    # 128 x 128 tiles are 4.4 waves on 132 SMs); not persistent: one program per tile, two 64-row ones per SM
+    None, (64, 128, 128, 8, 4, 3, False, True), (64, 128, 128, 8, 4, 2, False, True),
+    (64, 128, 128, 8, 4, 4, True, True), (128, 128, 128, 8, 8, 4, False, True), (128, 64, 128, 8, 4, 3, False, True),
+]
+RESIDUAL_COPIES = 4  # operand sets cycled in each timed call: the residual and the output go through HBM, not L2
+
+
+def bench_residual(results):
+    """fp8 GEMMs with the block's gated residual in the epilogue (and, for reference, without) over tile configs;
+    each timed call runs ``RESIDUAL_COPIES`` products on distinct operands (time per product)."""
+    for shape_name in RESIDUAL_SHAPES:
+        m, n, k = SHAPES[shape_name]
+        g = torch.Generator(device="cuda").manual_seed(m + n + k)
+        sets = []
+        for _ in range(RESIDUAL_COPIES):
+            x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
+            w = (torch.randn(n, k, device="cuda", generator=g) * k**-0.5).to(torch.bfloat16)
+            sets.append(dict(x=x, w=w, bias=torch.randn(n, device="cuda", generator=g).to(torch.bfloat16),
+                             a=reference.quantize_per_token_fp8(x), wq=reference.quantize_per_token_fp8(w),
+                             residual=torch.randn(m, n, device="cuda", generator=g).to(torch.bfloat16),
+                             gate=torch.randn(2, n, device="cuda", generator=g).to(torch.bfloat16)))
+        for residual in (True, False):
+            for c in RESIDUAL_CONFIGS:
+                cfg = int_gemm.GemmConfig(*c) if c else None
+
+                def fn(cfg=cfg, residual=residual):
+                    return [int_gemm.quant_linear(*o["a"], *o["wq"], None, k, False, o["bias"], torch.bfloat16, cfg,
+                                                  **(dict(residual=o["residual"], gate=o["gate"]) if residual else {}))
+                            for o in sets]
+
+                tag = "default" if c is None else "x".join(map(str, c[:3])) + f"w{c[4]}s{c[5]}" + "p" * c[6]
+                name = f"fp8_{'res' if residual else 'plain'}_{tag}"
+                try:
+                    o = sets[0]
+                    ref = F.linear(o["x"], o["w"], o["bias"]).float()
+                    if residual:
+                        ref = (ref.view(2, -1, n) * o["gate"].float()[:, None]).view(m, n) + o["residual"].float()
+                    y = fn()[0].float()
+                    err = ((y - ref).norm() / ref.norm()).item()
+                    t = ms(fn) / RESIDUAL_COPIES
+                except Exception as e:  # noqa: BLE001
+                    results["errors"].append(f"residual {shape_name}/{name}: {type(e).__name__}: {e}"[:300])
+                    continue
+                results["residual"].append(dict(shape=shape_name, method=name, config=list(c) if c else "default",
+                                                ms=t, tflops=tflops(m, n, k, t), rel_err_vs_bf16=err))
+        del sets
+        torch.cuda.empty_cache()
+
+
 SWEEP_KINDS = ["int8", "fp8"]  # packed int4 runs the int8 kernel after staging; also int8_res, fp8_res
 SWEEP_SHAPES = ["pixart_qkvo", "pixart_ff_up", "pixart_ff_down", "cogvideox_qkvo", "cogvideox_ff_up"]
 
@@ -376,6 +428,9 @@ def print_tables(results):
                   f"  x{base.get('bf16_cublas_x3', float('nan')) / r['ms']:4.2f} vs bf16 x3"
                   f"  x{base.get('bf16_cublas_concat', float('nan')) / r['ms']:4.2f} vs bf16 concat"
                   f"  err {r['rel_err_vs_bf16']:.4f}")
+    for r in results.get("residual", []):
+        print(f"resid {r['shape']:14s} {r['method']:34s} {r['ms'] * 1e3:8.1f} us {r['tflops']:7.1f} TF/s"
+              f"  err {r['rel_err_vs_bf16']:.4f}")
     for r in results["act_quant"]:
         print(f"actq {r['m']}x{r['k']} {r['method']:30s} {r['ms']:8.3f} ms {r['gbps']:7.0f} GB/s"
               f"  (eager {r['ms_eager']:.3f} ms)")
@@ -405,7 +460,7 @@ def main():
     parser.add_argument("--sweep-shapes", default=",".join(SWEEP_SHAPES))
     parser.add_argument("--sweep-kinds", default="int8,fp8")
     parser.add_argument("--shapes", default=",".join(SHAPES))
-    parser.add_argument("--sections", default="ceilings,act_quant,gemms,group,sweep",
+    parser.add_argument("--sections", default="ceilings,act_quant,gemms,group,residual,sweep",
                         help="which tables (comma list)")
     args = parser.parse_args()
     SWEEP_SHAPES[:] = args.sweep_shapes.split(",")
@@ -414,8 +469,8 @@ def main():
         del SHAPES[name]
     results = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), gemm=[], sweep=[], act_quant=[],
-                   ceilings={}, errors=[], norm=[], group=[])
-    sections = [bench_ceilings, bench_act_quant, bench_norm, bench_gemms, bench_group] + \
+                   ceilings={}, errors=[], norm=[], group=[], residual=[])
+    sections = [bench_ceilings, bench_act_quant, bench_norm, bench_gemms, bench_group, bench_residual] + \
         ([bench_sweep] if args.sweep else [])
     sections = [f for f in sections if f.__name__.removeprefix("bench_") in args.sections.split(",")]
     for section in sections:

@@ -506,16 +506,22 @@ def test_int4_layer_output_within_staging_error_of_group_dequant():
                               torch.float32)
 
 
-@pytest.mark.parametrize("persistent", [False, True])
-def test_int_linear_persistent_grid_covers_every_tile(persistent):
+@pytest.mark.parametrize("persistent,tma", [(False, False), (True, False), (False, True), (True, True)])
+def test_int_linear_persistent_grid_covers_every_tile(persistent, tma):
+    """One program per tile or per SM (the interpreter's 3), pointer or TMA kernel, with and without the gated
+    residual epilogue: every tile written."""
     g = torch.Generator().manual_seed(7)
-    m, n, k = (700, 900, 256) if CUDA else (70, 90, 64)
+    m, n, k = (700, 912, 256) if CUDA else (70, 96, 64)
     w, w_scale, _, gs, packed = _make_weight(n, k, 8, True, None, g)
     a = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8).to(DEVICE)
     a_scale = (torch.rand(m, 1, generator=g) + 0.1).to(DEVICE)
-    cfg = int_gemm.GemmConfig(64, 64, 32, 4, 4, 3, persistent=persistent)
+    cfg = int_gemm.GemmConfig(64, 64, 32, 4, 4, 3, persistent=persistent, tma=tma)
+    ref = reference.int_linear(a, a_scale, w, w_scale, None, gs, packed, None, torch.float32)
     y = int_gemm.quant_linear(a, a_scale, w, w_scale, None, gs, packed, None, torch.float32, cfg)
-    assert rel_err(y, reference.int_linear(a, a_scale, w, w_scale, None, gs, packed, None, torch.float32)) < 1e-5
+    assert rel_err(y, ref) < 1e-5
+    residual = torch.randn(m, n, generator=g).to(DEVICE, torch.bfloat16)
+    y = int_gemm.quant_linear(a, a_scale, w, w_scale, None, gs, packed, None, torch.bfloat16, cfg, residual=residual)
+    assert rel_err(y, ref + residual.float()) < 8e-3
 
 
 @pytest.mark.parametrize("m,n,k", [pytest.param(333, 1152, 1152, marks=gpu_only), (77, 45, 96)])

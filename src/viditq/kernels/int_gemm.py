@@ -47,7 +47,8 @@ class GemmConfig:
     num_warps: int = 8
     num_stages: int = 3
     persistent: bool = False
-    tma: bool = False  # TMA + persistent kernel (ignored where its alignment rules do not hold)
+    tma: bool = False  # the TMA kernel (ignored where its alignment rules do not hold); one program per tile
+    # unless ``persistent`` (one per SM)
 
 
 SMEM_LIMIT = 232448  # bytes of shared memory per block on sm_90 (H100 / H200)
@@ -78,8 +79,10 @@ def default_config(m: int, n: int, k: int, group_size: int, fp8: bool, out_size:
 def _tile_config(m: int, n: int, k: int, group_size: int, fp8: bool, out_size: int, residual: bool,
                  products: int) -> GemmConfig:
     grouped = group_size < k
-    override = os.environ.get("VIDITQ_GEMM_CONFIG")
-    if override:  # "BM,BN,BK,GROUP_M,warps,stages,persistent,tma" from a benchmark sweep
+    # "BM,BN,BK,GROUP_M,warps,stages,persistent,tma" from a benchmark sweep (for the residual epilogue's GEMMs
+    # VIDITQ_GEMM_RESIDUAL_CONFIG first)
+    override = (residual and os.environ.get("VIDITQ_GEMM_RESIDUAL_CONFIG")) or os.environ.get("VIDITQ_GEMM_CONFIG")
+    if override:
         fields = [int(v) for v in override.split(",")]
         return GemmConfig(*fields[:6], bool(fields[6]), bool(fields[7]))
     if m <= 64:
@@ -88,9 +91,9 @@ def _tile_config(m: int, n: int, k: int, group_size: int, fp8: bool, out_size: i
         return GemmConfig(128, 128, min(64, group_size), 8, 8, 4)
     if residual:
         return GemmConfig(128, 128, 128, 8, 8, 4, persistent=True, tma=True)
-    if products > 1 and fp8 and m > 512:  # the best fp8 tile of the H200 sweep at 8192 x 1152 x 1152 (25.0 us vs
-        # 26.0 for 128 x 256, session 9): q, k, v of N = 1152 fill whole 128-wide tiles. int8: its default below
-        return GemmConfig(128, 128, 128, 8, 4, 4, persistent=True, tma=True)
+    if products > 1 and m > 512:  # q, k, v in one launch, fp8 and int8: the best tile of the H100 group sweep
+        # (session 16) at 8192 x 1152 x 1152 (fp8 70 us vs 76 for 128 x 128 x 128) and 35552 x 1920 x 1920 (706 vs 802)
+        return GemmConfig(256, 128, 128, 8, 8, 3, persistent=True, tma=True)
     if m <= 512 or out_size > 2:  # few row tiles (text tokens): narrow tiles for more programs (H200, session 8)
         return GemmConfig(128, 128, 128, 8, 8, 3, persistent=True, tma=True)
     if fp8:
@@ -466,7 +469,7 @@ def _launch_tma(a, a_scale, products, group_size, cfg, fp8, gelu, res, quant=Non
     r_desc = None if residual is None else TensorDescriptor.from_tensor(residual, [cfg.block_m, cfg.block_n])
     ns = tuple(w.shape[0] for w, _, _, _ in products)
     num_tiles = sum(triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n) for n in ns)
-    programs = min(num_tiles, _num_sms(a.device))
+    programs = min(num_tiles, _num_sms(a.device)) if cfg.persistent else num_tiles  # else one tile a program
     q_scale, smooth, bound = a_scale, a_scale, a_scale  # dummy pointers unless the output is quantized
     if quant is not None:
         q_scale, bound = quant["scale"], quant["bound"]
