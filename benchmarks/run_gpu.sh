@@ -121,7 +121,9 @@ for name in ("e2e_pixart.json", "e2e_cogvideox.json", "e2e_torchao.json"):
         continue
     runs += res.get("runs", [])
     problems += [f"{k}: {m[:300]}" for k in ("timed_out", "skipped", "errors") for m in res.get(k, [])]
-base = {r["model"]: r.get("ms_median") for r in runs if r["variant"] == "bf16_compile"}
+# the ratio's baseline: bf16 torch.compile, else bf16 compile_blocks + graph (the one most calls run)
+base = {r["model"]: r.get("ms_median") for r in runs if r["variant"] == "bf16_blocks_graph"}
+base.update({r["model"]: r.get("ms_median") for r in runs if r["variant"] == "bf16_compile"})
 print(f"{'model':10s} {'variant':20s} {'ms':>8s} {'x bf16c':>7s} {'weights':>9s} {'peak':>8s} {'ready':>6s} "
       f"{'quant':>6s} {'err':>7s}  attention calls (q/short/fallback)")
 for r in runs:
