@@ -236,39 +236,31 @@ RESIDUAL_CONFIGS = [  # (BM, BN, BK, GROUP_M, warps, stages, persistent, tma); N
     None, (64, 128, 128, 8, 4, 3, False, True), (64, 128, 128, 8, 4, 2, False, True),
     (64, 128, 128, 8, 4, 4, True, True), (128, 128, 128, 8, 8, 4, False, True), (128, 64, 128, 8, 4, 3, False, True),
 ]
-RESIDUAL_COPIES = 4  # operand sets cycled in each timed call: the residual and the output go through HBM, not L2
+RESIDUAL_COPIES = 4  # operand buffers cycled in each timed call: the residual and the output go through HBM, not L2
 
 
 def bench_residual(results):
     """fp8 GEMMs with the block's gated residual in the epilogue (and, for reference, without) over tile configs;
-    each timed call runs ``RESIDUAL_COPIES`` products on distinct operands (time per product)."""
+    each timed call runs ``RESIDUAL_COPIES`` products on distinct operand buffers (time per product)."""
     for shape_name in RESIDUAL_SHAPES:
         m, n, k = SHAPES[shape_name]
-        g = torch.Generator(device="cuda").manual_seed(m + n + k)
-        sets = []
-        for _ in range(RESIDUAL_COPIES):
-            x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
-            w = (torch.randn(n, k, device="cuda", generator=g) * k**-0.5).to(torch.bfloat16)
-            sets.append(dict(x=x, w=w, bias=torch.randn(n, device="cuda", generator=g).to(torch.bfloat16),
-                             a=reference.quantize_per_token_fp8(x), wq=reference.quantize_per_token_fp8(w),
-                             residual=torch.randn(m, n, device="cuda", generator=g).to(torch.bfloat16),
-                             gate=torch.randn(2, n, device="cuda", generator=g).to(torch.bfloat16)))
-        for residual in (True, False):
+        sets = [make_operands(m, n, k) for _ in range(RESIDUAL_COPIES)]
+        o = sets[0]
+        plain = F.linear(o["x"], o["w"], o["bias"]).float()
+        gated = (plain.view(2, -1, n) * o["gate"].float()[:, None]).view(m, n) + o["residual"].float()
+        for residual, ref in ((True, gated), (False, plain)):
             for c in RESIDUAL_CONFIGS:
                 cfg = int_gemm.GemmConfig(*c) if c else None
 
                 def fn(cfg=cfg, residual=residual):
-                    return [int_gemm.quant_linear(*o["a"], *o["wq"], None, k, False, o["bias"], torch.bfloat16, cfg,
+                    return [int_gemm.quant_linear(o["fp8_a"], o["fp8_a_scale"], o["fp8_w"], o["fp8_w_scale"], None, k,
+                                                  False, o["bias"], torch.bfloat16, cfg,
                                                   **(dict(residual=o["residual"], gate=o["gate"]) if residual else {}))
                             for o in sets]
 
                 tag = "default" if c is None else "x".join(map(str, c[:3])) + f"w{c[4]}s{c[5]}" + "p" * c[6]
                 name = f"fp8_{'res' if residual else 'plain'}_{tag}"
                 try:
-                    o = sets[0]
-                    ref = F.linear(o["x"], o["w"], o["bias"]).float()
-                    if residual:
-                        ref = (ref.view(2, -1, n) * o["gate"].float()[:, None]).view(m, n) + o["residual"].float()
                     y = fn()[0].float()
                     err = ((y - ref).norm() / ref.norm()).item()
                     t = ms(fn) / RESIDUAL_COPIES
@@ -277,7 +269,7 @@ def bench_residual(results):
                     continue
                 results["residual"].append(dict(shape=shape_name, method=name, config=list(c) if c else "default",
                                                 ms=t, tflops=tflops(m, n, k, t), rel_err_vs_bf16=err))
-        del sets
+        del sets, o, plain, gated
         torch.cuda.empty_cache()
 
 

@@ -79,10 +79,8 @@ def default_config(m: int, n: int, k: int, group_size: int, fp8: bool, out_size:
 def _tile_config(m: int, n: int, k: int, group_size: int, fp8: bool, out_size: int, residual: bool,
                  products: int) -> GemmConfig:
     grouped = group_size < k
-    # "BM,BN,BK,GROUP_M,warps,stages,persistent,tma" from a benchmark sweep (for the residual epilogue's GEMMs
-    # VIDITQ_GEMM_RESIDUAL_CONFIG first)
-    override = (residual and os.environ.get("VIDITQ_GEMM_RESIDUAL_CONFIG")) or os.environ.get("VIDITQ_GEMM_CONFIG")
-    if override:
+    override = os.environ.get("VIDITQ_GEMM_CONFIG")
+    if override:  # "BM,BN,BK,GROUP_M,warps,stages,persistent,tma" from a benchmark sweep
         fields = [int(v) for v in override.split(",")]
         return GemmConfig(*fields[:6], bool(fields[6]), bool(fields[7]))
     if m <= 64:
