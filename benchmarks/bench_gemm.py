@@ -4,7 +4,8 @@ Tables (one run, same card): bf16 cuBLAS (F.linear), fp8 ``torch._scaled_mm`` ro
 int8 / W4A8 (packed int4, g64, asymmetric, staged to per-channel int8; the staging alone too) / fp8 GEMM with the
 fused epilogue, the full W8A8 layer (fused quantization + GEMM), q/k/v as one grouped launch
 (``quant_linear_group``) against three cuBLAS launches and one on the concatenated weight, the gated-residual
-epilogue over tile shapes (operands cycled through HBM), the fused quantization
+epilogue (operands cycled through HBM: the shipped default, the tl kernel, the warp-specialized Gluon kernel's
+stage counts), the fused quantization
 alone (GB/s), a config sweep, and the device ceilings.
 
     python benchmarks/bench_gemm.py --out results.json [--sweep]
@@ -21,6 +22,7 @@ import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
 from viditq.kernels import act_quant, int_gemm, reference
+from viditq.kernels.int_gemm import ws_gemm
 from viditq.quant.hadamard import hadamard_factors, random_signs
 from viditq.quant.quantizers import pack_int4, quantize_weight
 
@@ -230,18 +232,41 @@ def bench_group(results):
         torch.cuda.empty_cache()
 
 
-RESIDUAL_SHAPES = ["pixart_qkvo", "pixart_ff_down"]
-RESIDUAL_CONFIGS = [  # (BM, BN, BK, GROUP_M, warps, stages, persistent, tma); None: the default (at N = 1152 its
-    # 128 x 128 tiles are 4.4 waves on 132 SMs); not persistent: one program per tile, two 64-row ones per SM
-    None, (64, 128, 128, 8, 4, 3, False, True), (64, 128, 128, 8, 4, 2, False, True),
-    (64, 128, 128, 8, 4, 4, True, True), (128, 128, 128, 8, 8, 4, False, True), (128, 64, 128, 8, 4, 3, False, True),
-]
+RESIDUAL_SHAPES = ["pixart_qkvo", "pixart_ff_down", "pixart_ff_up", "cogvideox_qkvo"]
 RESIDUAL_COPIES = 4  # operand buffers cycled in each timed call: the residual and the output go through HBM, not L2
 
 
+def _residual_methods(m, n, k, residual):
+    """fp8 GEMM variants of the residual table: name → fn(operand set) (``default``: what ``quant_linear``
+    dispatches to — the warp-specialized Gluon kernel on sm_90; ``tl_default``: the tl kernel's default tile)."""
+    extra = (lambda o: dict(residual=o["residual"], gate=o["gate"])) if residual else (lambda o: {})
+
+    def ours(cfg=None):
+        return lambda o: int_gemm.quant_linear(o["fp8_a"], o["fp8_a_scale"], o["fp8_w"], o["fp8_w_scale"], None, k,
+                                               False, o["bias"], torch.bfloat16, cfg, **extra(o))
+
+    def ws(stages):
+        return lambda o: ws_gemm.fp8_linear(o["fp8_a"], o["fp8_a_scale"].view(-1), o["fp8_w"],
+                                            o["fp8_w_scale"].view(-1), o["bias"], torch.empty_like(o["residual"]),
+                                            stages=stages, **extra(o))
+
+    def bf16(o):
+        y = F.linear(o["x"], o["w"], o["bias"])
+        if not residual:
+            return y
+        return torch.addcmul(o["residual"].view(2, -1, n), o["gate"][:, None], y.view(2, -1, n)).view(-1, n)
+
+    methods = {"bf16_cublas": bf16, "default": ours(),
+               "tl_default": ours(int_gemm.default_config(m, n, k, k, True, 2, residual))}
+    if ws_gemm is not None:
+        methods.update({f"ws_s{s}": ws(s) for s in (3, 5)})
+    return methods
+
+
 def bench_residual(results):
-    """fp8 GEMMs with the block's gated residual in the epilogue (and, for reference, without) over tile configs;
-    each timed call runs ``RESIDUAL_COPIES`` products on distinct operand buffers (time per product)."""
+    """fp8 GEMMs with the block's gated residual in the epilogue (and without): the shipped default, the tl
+    kernel, the warp-specialized kernel's stage counts, bf16 cuBLAS + addcmul; each timed call runs
+    ``RESIDUAL_COPIES`` products on distinct operand buffers (time per product)."""
     for shape_name in RESIDUAL_SHAPES:
         m, n, k = SHAPES[shape_name]
         sets = [make_operands(m, n, k) for _ in range(RESIDUAL_COPIES)]
@@ -249,17 +274,12 @@ def bench_residual(results):
         plain = F.linear(o["x"], o["w"], o["bias"]).float()
         gated = (plain.view(2, -1, n) * o["gate"].float()[:, None]).view(m, n) + o["residual"].float()
         for residual, ref in ((True, gated), (False, plain)):
-            for c in RESIDUAL_CONFIGS:
-                cfg = int_gemm.GemmConfig(*c) if c else None
+            for name, one in _residual_methods(m, n, k, residual).items():
+                def fn(one=one):
+                    return [one(o) for o in sets]
 
-                def fn(cfg=cfg, residual=residual):
-                    return [int_gemm.quant_linear(o["fp8_a"], o["fp8_a_scale"], o["fp8_w"], o["fp8_w_scale"], None, k,
-                                                  False, o["bias"], torch.bfloat16, cfg,
-                                                  **(dict(residual=o["residual"], gate=o["gate"]) if residual else {}))
-                            for o in sets]
-
-                tag = "default" if c is None else "x".join(map(str, c[:3])) + f"w{c[4]}s{c[5]}" + "p" * c[6]
-                name = f"fp8_{'res' if residual else 'plain'}_{tag}"
+                name = f"fp8_{'res' if residual else 'plain'}_{name}" if name != "bf16_cublas" else \
+                    f"bf16_{'res' if residual else 'plain'}"
                 try:
                     y = fn()[0].float()
                     err = ((y - ref).norm() / ref.norm()).item()
@@ -267,8 +287,8 @@ def bench_residual(results):
                 except Exception as e:  # noqa: BLE001
                     results["errors"].append(f"residual {shape_name}/{name}: {type(e).__name__}: {e}"[:300])
                     continue
-                results["residual"].append(dict(shape=shape_name, method=name, config=list(c) if c else "default",
-                                                ms=t, tflops=tflops(m, n, k, t), rel_err_vs_bf16=err))
+                results["residual"].append(dict(shape=shape_name, method=name, ms=t, tflops=tflops(m, n, k, t),
+                                                rel_err_vs_bf16=err))
         del sets, o, plain, gated
         torch.cuda.empty_cache()
 

@@ -13,40 +13,24 @@ import sys
 
 import torch
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.runtime import driver
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 sys.path.insert(0, os.path.dirname(__file__))
 
 
-class _NoGpuDriver:
-    """Just enough of a driver for the JIT to specialize and compile (warm-up only, nothing launched)."""
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
-    def get_active_torch_device(self):
-        return torch.device("cpu")
-
-
 def main():
-    driver.set_active(_NoGpuDriver())
     from compile_act_quant_sm90 import resources
     from triton.backends.nvidia import driver as nvidia
 
-    from viditq.kernels import int_gemm, reference
+    from viditq.kernels import int_gemm, offline, reference
     from viditq.quant.quantizers import quantize_weight
 
-    kernel, compiled = int_gemm._quant_gemm_tma_kernel, []
-    real_run = kernel.run
-    kernel.run = lambda *a, grid, warmup, **k: compiled.append(real_run(*a, grid=grid, warmup=True, **k))
+    with offline.sm90_compiles(int_gemm._quant_gemm_tma_kernel) as compiled:
+        _compile_all(compiled, int_gemm, reference, quantize_weight, resources, nvidia)
+    print(f"triton {triton.__version__}: {len(compiled)} kernels compiled for sm_90")
+
+
+def _compile_all(compiled, int_gemm, reference, quantize_weight, resources, nvidia):
     m, n, k = 512, 1152, 1152
     cfg = int_gemm.GemmConfig(128, 128, 128, 8, 4, 4, persistent=True, tma=True)
     x = torch.randn(m, k)
@@ -83,7 +67,6 @@ def main():
                 nvidia.make_launcher(constants, dict(src.signature), getattr(c.metadata, "tensordesc_meta", None))
                 launcher = "launcher ok"
             print(f"{'fp8' if fp8 else 'int8'} {name:17s} {resources(c)}  {launcher}")
-    print(f"triton {triton.__version__}: {len(compiled)} kernels compiled for sm_90")
 
 
 if __name__ == "__main__":

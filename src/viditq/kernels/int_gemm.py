@@ -36,6 +36,11 @@ from triton.language.extra import libdevice
 from . import pdl, reference
 from .act_quant import _round_half_even, quantize_codes
 
+try:
+    from . import ws_gemm
+except ImportError:  # a Triton without Gluon's Hopper module: the tl kernels only
+    ws_gemm = None
+
 
 # ----------------------------------------------------------------------------------------- configs
 @dataclass(frozen=True)
@@ -645,6 +650,11 @@ def quant_linear(
         c = torch.empty(m, n, device=a.device, dtype=out_dtype)
     if m == 0:
         return c if quant is None else (c, quant["scale"])
+    if _use_ws(config, quant, gelu, fp8, group_size == k, a, w, c, residual):
+        gate, has_gate = res["args"][2], res["HAS_GATE"]
+        ws_gemm.fp8_linear(a, a_scale.view(-1), w, w_scale.view(-1), bias, c, residual, gate if has_gate else None,
+                           pdl=pdl.enabled(a.device))
+        return c
     if cfg.tma and _tma_ok(a, w, c, w_zero, residual):
         _launch_tma(a, a_scale, [(w, w_scale, bias, c)], group_size, cfg, fp8, gelu, res, quant)
         return c if quant is None else (c, quant["scale"])
@@ -661,6 +671,14 @@ def quant_linear(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch_options(a.device),
     )
     return c
+
+
+def _use_ws(config, quant, gelu, fp8, per_channel, a, w, c, residual) -> bool:
+    """The warp-specialized Gluon kernel (:mod:`ws_gemm`) for fp8 products with a plain or residual epilogue on
+    sm_90, unless a tile config is given (argument or ``VIDITQ_GEMM_CONFIG``: the tl kernel's sweeps)."""
+    if ws_gemm is None or config is not None or os.environ.get("VIDITQ_GEMM_CONFIG"):
+        return False
+    return fp8 and per_channel and quant is None and not gelu and ws_gemm.applies(a, w, c, residual)
 
 
 def group_supported(a: torch.Tensor, weights: list, out_dtype: torch.dtype) -> bool:

@@ -1,0 +1,304 @@
+"""FP8 GEMM for Hopper in Triton's Gluon dialect, warp-specialized so the epilogue overlaps the main loop.
+
+``y = (a * a_scale) @ (w * w_scale)^T + bias`` [``residual + gate[row // tokens] * y``]: a (M, K) fp8 e4m3 codes
+with per-token float32 scales, w (N, K) fp8 e4m3 (the layer's K-major buffer) with per-channel float32 scales,
+a 16-bit output (bf16 / fp16; the residual of the same dtype).
+
+Structure ("ping-pong", as CUTLASS's sm90 kernels and FA3): a persistent grid, one program per SM; in each, one
+*producer* warp issues every TMA load — the A / B tiles through a ring of ``STAGES`` shared-memory stages
+(mbarriers ``ready`` / ``empty``) and, for the residual epilogue, the residual tile straight into the consumer's
+C buffer — and two *consumer* warpgroups take the program's output tiles in turn (tile i to group i % 2). A group
+runs its asynchronous wgmma main loop, hands the tensor cores to the other group (mbarriers ``turn``), then does
+its epilogue (dequantization, bias, gate and residual, the 16-bit store by TMA) while the other group's main
+loop runs. The Triton ``tl`` kernel (:mod:`int_gemm`) runs its epilogue in the warps that issue the MMAs; at
+DiT shapes with K = 1152 the epilogue is a large share of a tile (NOTES.md, session 17: 8192 x 1152 x 1152 with
+the gated residual 36.3 → 30.7 µs, 8192 x 1152 x 4608 92.1 → 84.1 µs on an H100).
+
+Why the turns: a consumer waits on the ring's mbarriers by phase parity, which cannot tell fill n of a stage
+from fill n + 2; if the second group waited while the first still consumed, it could take the first group's
+data. With the turns, a group starts waiting only once the other group has waited for all of its stages.
+
+Gluon has no CPU interpreter: CI compiles the kernel for sm_90 (``tests/test_kernels.py``), the GPU tests compare
+it with the ``tl`` kernel, whose results it reproduces bit for bit (same products, same f32 epilogue order).
+:func:`applies` says when :func:`int_gemm.quant_linear` dispatches here.
+"""
+import os
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                               warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+from triton.language.core import _aggregate as aggregate
+
+# (no ``from __future__ import annotations``: the aggregate's field annotations must be classes, not strings)
+
+# Names that changed after Triton 3.6 (the GPU image's); Triton 3.9 (CI's) has the second ones.
+_thread_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
+_tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
+_tma_store = tma.async_store if hasattr(tma, "async_store") else tma.async_copy_shared_to_global
+
+
+@aggregate
+class Cfg:
+    """The compile-time choices, passed to the partitions as one aggregate (constexprs inside
+    ``warp_specialize``'s argument tuples arrive as tensors in Triton 3.6)."""
+    BLOCK_M: gl.constexpr
+    BLOCK_N: gl.constexpr
+    BLOCK_K: gl.constexpr
+    GROUP_M: gl.constexpr
+    STAGES: gl.constexpr
+    HAS_BIAS: gl.constexpr
+    RESIDUAL: gl.constexpr
+    HAS_GATE: gl.constexpr
+    TILE_GATE: gl.constexpr
+
+    @gluon.constexpr_function
+    def __init__(self, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, HAS_BIAS, RESIDUAL, HAS_GATE, TILE_GATE):
+        self.BLOCK_M = gl.constexpr(BLOCK_M)
+        self.BLOCK_N = gl.constexpr(BLOCK_N)
+        self.BLOCK_K = gl.constexpr(BLOCK_K)
+        self.GROUP_M = gl.constexpr(GROUP_M)
+        self.STAGES = gl.constexpr(STAGES)
+        self.HAS_BIAS = gl.constexpr(HAS_BIAS)
+        self.RESIDUAL = gl.constexpr(RESIDUAL)
+        self.HAS_GATE = gl.constexpr(HAS_GATE)
+        self.TILE_GATE = gl.constexpr(TILE_GATE)
+
+
+@gluon.jit
+def _tile_coords(t, num_pid_m, num_pid_n, GROUP_M: gl.constexpr):
+    in_group = GROUP_M * num_pid_n
+    first_m = (t // in_group) * GROUP_M
+    size_m = gl.minimum(num_pid_m - first_m, GROUP_M)
+    return first_m + (t % in_group) % size_m, (t % in_group) // size_m
+
+
+@gluon.jit
+def _producer(a_desc, b_desc, r_desc, a_bufs, b_bufs, c_bufs, ready, empty, r_ready, r_empty, M, N, K, cfg):
+    """One warp: the TMA loads of every tile of this program, in tile order, through the ``STAGES`` ring; the
+    residual tile of local tile i into consumer (i % 2)'s C buffer once that consumer's previous store has left it."""
+    BLOCK_M: gl.constexpr = cfg.BLOCK_M
+    BLOCK_N: gl.constexpr = cfg.BLOCK_N
+    BLOCK_K: gl.constexpr = cfg.BLOCK_K
+    STAGES: gl.constexpr = cfg.STAGES
+    num_pid_m = gl.cdiv(M, BLOCK_M)
+    num_pid_n = gl.cdiv(N, BLOCK_N)
+    k_tiles = gl.cdiv(K, BLOCK_K)
+    it = 0
+    i = 0
+    for t in range(gl.program_id(0), num_pid_m * num_pid_n, gl.num_programs(0)):
+        pid_m, pid_n = _tile_coords(t, num_pid_m, num_pid_n, cfg.GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        for ki in range(k_tiles):
+            s = it % STAGES
+            mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
+            mbarrier.expect(ready.index(s), a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+            _tma_load(a_desc, [off_m, ki * BLOCK_K], ready.index(s), a_bufs.index(s))
+            _tma_load(b_desc, [off_n, ki * BLOCK_K], ready.index(s), b_bufs.index(s))
+            it += 1
+            if cfg.RESIDUAL:
+                if ki == 0:  # after the tile's first stage, so its main loop can start
+                    c = i % 2
+                    mbarrier.wait(r_empty.index(c), ((i // 2) & 1) ^ 1)
+                    mbarrier.expect(r_ready.index(c), r_desc.block_type.nbytes)
+                    _tma_load(r_desc, [off_m, off_n], r_ready.index(c), c_bufs.index(c))
+        i += 1
+
+
+@gluon.jit
+def _consumer(CID: gl.constexpr, a_bufs, b_bufs, c_bufs, ready, empty, r_ready, r_empty, turn, c_desc,
+              a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, stride_gb, tokens, M, N, K, cfg):
+    """One warpgroup: the program's local tiles CID, CID + 2, ...: asynchronous wgmma over the ring (one in
+    flight, the stage before it released), then the epilogue and a TMA store from its own C buffer (where the
+    residual tile, if any, arrived)."""
+    BLOCK_M: gl.constexpr = cfg.BLOCK_M
+    BLOCK_N: gl.constexpr = cfg.BLOCK_N
+    BLOCK_K: gl.constexpr = cfg.BLOCK_K
+    STAGES: gl.constexpr = cfg.STAGES
+    layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                     instr_shape=[16, BLOCK_N, 32])
+    rows: gl.constexpr = gl.SliceLayout(1, layout)
+    cols: gl.constexpr = gl.SliceLayout(0, layout)
+    num_pid_m = gl.cdiv(M, BLOCK_M)
+    num_pid_n = gl.cdiv(N, BLOCK_N)
+    k_tiles = gl.cdiv(K, BLOCK_K)
+    c_buf = c_bufs.index(CID)
+    i = 0
+    for t in range(gl.program_id(0), num_pid_m * num_pid_n, gl.num_programs(0)):
+        if i % 2 == CID:
+            pid_m, pid_n = _tile_coords(t, num_pid_m, num_pid_n, cfg.GROUP_M)
+            off_m = pid_m * BLOCK_M
+            off_n = pid_n * BLOCK_N
+            it = i * k_tiles
+            j = i // 2  # this warpgroup's j-th tile
+            # Main loops alternate between the two groups (the ring's parity waits must not see another
+            # group's fills): wait for the other group's last main loop to have issued.
+            mbarrier.wait(turn.index(CID), (j - CID) & 1 ^ 1, pred=(j > 0) | (CID == 1))
+            acc = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout)
+            for ki in range(k_tiles):
+                s = it % STAGES
+                mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+                acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), acc, is_async=True)
+                acc = warpgroup_mma_wait(1, deps=(acc,))
+                if ki > 0:
+                    mbarrier.arrive(empty.index((it - 1) % STAGES))
+                it += 1
+            mbarrier.arrive(turn.index(1 - CID))
+            acc = warpgroup_mma_wait(0, deps=(acc,))
+            mbarrier.arrive(empty.index((it - 1) % STAGES))
+
+            offs_m = off_m + gl.arange(0, BLOCK_M, layout=rows)
+            offs_n = off_n + gl.arange(0, BLOCK_N, layout=cols)
+            n_mask = offs_n < N
+            y = acc * gl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0).to(gl.float32)[None, :]
+            y = y * gl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
+            if cfg.HAS_BIAS:
+                y += gl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(gl.float32)[None, :]
+            if cfg.RESIDUAL:
+                if cfg.HAS_GATE:
+                    if cfg.TILE_GATE:
+                        g = gl.load(gate_ptr + (off_m // tokens) * stride_gb + offs_n, mask=n_mask, other=0.0)
+                        y = y * g.to(gl.float32)[None, :]
+                    else:
+                        gp = gate_ptr + (offs_m // tokens)[:, None] * stride_gb + offs_n[None, :]
+                        g = gl.load(gp, mask=(offs_m < M)[:, None] & n_mask[None, :], other=0.0)
+                        y = y * g.to(gl.float32)
+                mbarrier.wait(r_ready.index(CID), (i // 2) & 1)  # the residual tile, loaded into c_buf
+                y = y + c_buf.load(layout).to(gl.float32)
+                _thread_barrier()
+            else:
+                tma.store_wait(0)  # this warpgroup's previous store has left c_buf
+            c_buf.store(y.to(c_desc.dtype))
+            fence_async_shared()
+            _tma_store(c_desc, [off_m, off_n], c_buf)
+            if cfg.RESIDUAL:  # c_buf is the next residual's buffer: free once the store has read it (the group
+                # waits for its turn next, so the wait is hidden behind the other group's main loop)
+                tma.store_wait(0)
+                _thread_barrier()
+                mbarrier.arrive(r_empty.index(CID))
+        i += 1
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _consumer0(a_bufs, b_bufs, c_bufs, ready, empty, r_ready, r_empty, turn, c_desc, a_scale_ptr, w_scale_ptr,
+               bias_ptr, gate_ptr, stride_gb, tokens, M, N, K, cfg):
+    _consumer(0, a_bufs, b_bufs, c_bufs, ready, empty, r_ready, r_empty, turn, c_desc, a_scale_ptr, w_scale_ptr,
+              bias_ptr, gate_ptr, stride_gb, tokens, M, N, K, cfg)
+
+
+@gluon.jit
+def _consumer1(a_bufs, b_bufs, c_bufs, ready, empty, r_ready, r_empty, turn, c_desc, a_scale_ptr, w_scale_ptr,
+               bias_ptr, gate_ptr, stride_gb, tokens, M, N, K, cfg):
+    _consumer(1, a_bufs, b_bufs, c_bufs, ready, empty, r_ready, r_empty, turn, c_desc, a_scale_ptr, w_scale_ptr,
+              bias_ptr, gate_ptr, stride_gb, tokens, M, N, K, cfg)
+
+
+@gluon.jit
+def _fp8_gemm_ws_kernel(a_desc, b_desc, c_desc, r_desc, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, stride_gb,
+                       tokens, M, N, K, GROUP_M: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr,
+                       RESIDUAL: gl.constexpr, HAS_GATE: gl.constexpr, TILE_GATE: gl.constexpr,
+                       PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, PDL: gl.constexpr):
+    if PDL:  # programmatic dependent launch, as pdl.enter: wait for the previous grid, let the next one launch
+        gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False,
+                                  pack=1)
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
+                                  is_pure=False, pack=1)
+    BLOCK_M: gl.constexpr = c_desc.block_type.shape[0]
+    BLOCK_N: gl.constexpr = c_desc.block_type.shape[1]
+    BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
+    b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
+    c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2] + c_desc.block_type.shape, c_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    r_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    r_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=1)
+    for c in gl.static_range(2):
+        mbarrier.init(r_ready.index(c), count=1)
+        mbarrier.init(r_empty.index(c), count=1)
+        mbarrier.init(turn.index(c), count=1)
+    fence_async_shared()
+    cfg = Cfg(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, HAS_BIAS, RESIDUAL, HAS_GATE, TILE_GATE)
+    consumer_args = (a_bufs, b_bufs, c_bufs, ready, empty, r_ready, r_empty, turn, c_desc,
+                     a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, stride_gb, tokens, M, N, K, cfg)
+    gl.warp_specialize([
+        (_consumer0, consumer_args),
+        (_consumer1, consumer_args),
+        (_producer, (a_desc, b_desc, r_desc, a_bufs, b_bufs, c_bufs, ready, empty, r_ready, r_empty, M, N, K, cfg)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+BLOCK = (128, 128, 128)  # (BLOCK_M, BLOCK_N, BLOCK_K) of a consumer's tile (its 128 x 128 f32 accumulator: 128
+# registers a thread in one warpgroup)
+STAGES = 4  # H100 sweep (session 17): 4 and 5 stages alike at PixArt's shapes, 4 better at CogVideoX's; 3 slower
+GROUP_M = 8
+REGS = (232, 40)  # registers per thread: consumer warpgroups, producer warp (setmaxnreg)
+MIN_ROWS = 513  # below this (text tokens) the tl kernel's narrow tiles fill more SMs
+MAX_WAVES = 24  # tiles per SM above which the tl kernel's wider tiles win. H100 (session 17), fp8, operands through
+# HBM, µs tl → ws: PixArt 8192 x 1152 x 1152 (4.4 waves) 36.2 → 29.8 with the gated residual, 27.7 → 24.4 plain;
+# 8192 x 1152 x 4608 90.8 → 84.6 / 85.0 → 79.4; 8192 x 4608 x 1152 (17.5 waves) 85.7 → 84.4; CogVideoX 35552 x
+# 1920 x 1920 (31.6 waves) 303.8 → 318.1 / 238.4 → 246.4
+
+
+_SMS: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SMS:
+        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SMS[index]
+
+
+def applies(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, residual: torch.Tensor | None) -> bool:
+    """Whether :func:`fp8_linear` runs this product: fp8 codes on an sm_90 GPU, M > 512 rows, at most
+    ``MAX_WAVES`` tiles per SM, 16-bit output, 16-byte aligned rows (TMA), and not switched off by
+    ``VIDITQ_WS_GEMM=0``."""
+    if a.device.type != "cuda" or os.environ.get("VIDITQ_WS_GEMM", "1") == "0":
+        return False
+    if a.dtype != torch.float8_e4m3fn or w.dtype != torch.float8_e4m3fn or a.shape[0] < MIN_ROWS:
+        return False
+    if out.dtype not in (torch.bfloat16, torch.float16) or torch.cuda.get_device_capability(a.device) != (9, 0):
+        return False
+    if triton.cdiv(a.shape[0], BLOCK[0]) * triton.cdiv(w.shape[0], BLOCK[1]) > MAX_WAVES * _sm_count(a.device):
+        return False
+    tensors = (a, w, out) if residual is None else (a, w, out, residual)
+    return all(t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
+               for t in tensors)
+
+
+def fp8_linear(a, a_scale, w, w_scale, bias, out, residual=None, gate=None, stages=STAGES, pdl=False,
+               programs=None):
+    """Write ``(a * a_scale) @ (w * w_scale)^T + bias`` [``residual + gate[row // (M // B)] * y``] into ``out``
+    (M, N); ``a_scale`` (M,) / ``w_scale`` (N,) float32, contiguous; ``gate`` (B, N) with B dividing M.
+    Arguments as :func:`int_gemm.quant_linear` validates them. ``programs``: the persistent grid (default: one
+    per SM, at most one per tile)."""
+    m, k = a.shape
+    n = w.shape[0]
+    bm, bn, bk = BLOCK
+    fp8, out_gl = gl.float8e4nv, gl.bfloat16 if out.dtype == torch.bfloat16 else gl.float16
+    a_desc = TensorDescriptor.from_tensor(a, [bm, bk], gl.NVMMASharedLayout.get_default_for([bm, bk], fp8))
+    b_desc = TensorDescriptor.from_tensor(w, [bn, bk], gl.NVMMASharedLayout.get_default_for([bn, bk], fp8))
+    c_layout = gl.NVMMASharedLayout.get_default_for([bm, bn], out_gl)
+    c_desc = TensorDescriptor.from_tensor(out, [bm, bn], c_layout)
+    r_desc = TensorDescriptor.from_tensor(residual if residual is not None else out, [bm, bn], c_layout)
+    tokens = m // gate.shape[0] if gate is not None else 1
+    if programs is None:
+        programs = _sm_count(a.device)
+    programs = max(1, min(programs, triton.cdiv(m, bm) * triton.cdiv(n, bn)))
+    _fp8_gemm_ws_kernel[(programs,)](
+        a_desc, b_desc, c_desc, r_desc, a_scale, w_scale, bias if bias is not None else a_scale,
+        gate if gate is not None else a_scale, gate.stride(0) if gate is not None else 0, tokens, m, n, k,
+        GROUP_M=GROUP_M, STAGES=stages, HAS_BIAS=bias is not None, RESIDUAL=residual is not None,
+        HAS_GATE=gate is not None, TILE_GATE=tokens % bm == 0, PRODUCER_REGS=REGS[1], CONSUMER_REGS=REGS[0],
+        PDL=pdl, num_warps=4, **(dict(launch_pdl=True) if pdl else {}))
+    return out

@@ -1,0 +1,116 @@
+"""The warp-specialized Gluon fp8 GEMM (``viditq.kernels.ws_gemm``).
+
+Gluon has no CPU interpreter, so CI compiles the kernel for sm_90 (Triton's bundled ptxas, in a subprocess:
+``tests/sm90_compile.py``) and checks what the compiler made of it; on an H100 / H200 the kernel is compared
+with the ``tl`` kernel — the same products in the same float32 epilogue order, so bit for bit — and with the
+reference, and ``int_gemm.quant_linear`` is checked to dispatch to it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+ws_gemm = pytest.importorskip("viditq.kernels.ws_gemm")
+
+from viditq.kernels import int_gemm, reference  # noqa: E402
+
+SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+sm90_only = pytest.mark.skipif(not SM90, reason="the Gluon kernel runs on sm_90 (H100 / H200) only")
+
+
+def test_kernel_compiles_for_sm90_as_designed():
+    """Both epilogues compile for sm_90: two consumer warpgroups' fp8 wgmma (m64n128k32, 8 per 128-deep step
+    each), setmaxnreg for the partitions, TMA loads (A, B; + the residual tile as two 64-column boxes), the PDL wait,
+    and shared memory within the 227 KiB of an SM (4 stages of A + B tiles, two C tiles)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(ws_gemm.__file__).parents[2]), env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, str(Path(__file__).with_name("sm90_compile.py"))], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout)
+    stages = ws_gemm.STAGES * 2 * 128 * 128  # fp8 A and B tiles
+    for name, info in out.items():
+        assert info["wgmma_e4m3"] == 16 and info["setmaxnreg"] and info["griddepcontrol"], (name, info)
+        assert stages + 2 * 128 * 128 * 2 <= info["shared"] <= int_gemm.SMEM_LIMIT, (name, info)
+    assert out["plain"]["tma_loads"] >= 2 and out["residual"]["tma_loads"] >= out["plain"]["tma_loads"] + 2
+
+
+def test_dispatch_predicate_off_the_gpu():
+    """``applies`` refuses what the kernel cannot take: CPU tensors, int8 codes, few rows, fp32 output."""
+    a = torch.zeros(1024, 256, dtype=torch.float8_e4m3fn)
+    w = torch.zeros(128, 256, dtype=torch.float8_e4m3fn)
+    assert not ws_gemm.applies(a, w, torch.empty(1024, 128, dtype=torch.bfloat16), None)  # not CUDA
+    assert not int_gemm._use_ws(None, None, False, True, True, a, w, torch.empty(1024, 128), None)
+
+
+def _operands(m, n, k, batch, seed, device="cuda"):
+    g = torch.Generator(device=device).manual_seed(seed)
+    a, a_scale = reference.quantize_per_token_fp8(torch.randn(m, k, device=device, generator=g))
+    w, w_scale = reference.quantize_per_token_fp8(torch.randn(n, k, device=device, generator=g) * k**-0.5)
+    bias = torch.randn(n, device=device, generator=g).to(torch.bfloat16)
+    residual = torch.randn(m, n, device=device, generator=g).to(torch.bfloat16)
+    gate = None if batch is None else torch.randn(batch, n, device=device, generator=g).to(torch.bfloat16)
+    return a, a_scale, w, w_scale, bias, residual, gate
+
+
+@sm90_only
+@pytest.mark.parametrize("m,n,k,batch,programs", [
+    (1000, 1000, 1152, 2, None),  # tiles cut at both edges, per-row gate (500 tokens a batch row)
+    (4096, 1152, 4608, 2, None),  # 288 tiles: two or three a program, both consumer groups
+    (2048, 392, 640, 4, 7),  # 7 programs, 64 tiles: many turns per group; tile gate (512 rows a batch row)
+    (8192, 1152, 1152, None, None),  # PixArt's shape, ungated residual
+])
+@pytest.mark.parametrize("epilogue", ["plain", "residual", "plain_fp16"])
+def test_ws_gemm_equals_the_tl_kernel(m, n, k, batch, programs, epilogue):
+    a, a_scale, w, w_scale, bias, residual, gate = _operands(m, n, k, batch, m + n + k)
+    out_dtype = torch.float16 if epilogue == "plain_fp16" else torch.bfloat16
+    extra = dict(residual=residual, gate=gate) if epilogue == "residual" else {}
+    if epilogue == "plain_fp16":
+        bias = None
+    cfg = int_gemm.GemmConfig(128, 128, 128, 8, 8, 4, persistent=True, tma=True)  # a config: the tl kernel
+    expected = int_gemm.quant_linear(a, a_scale, w, w_scale, None, k, False, bias, out_dtype, cfg, **extra)
+    y = ws_gemm.fp8_linear(a, a_scale.view(-1), w, w_scale.view(-1), bias, torch.empty_like(expected),
+                           programs=programs, **extra)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    ref = reference.int_linear(a, a_scale, w, w_scale, None, k, False, bias, torch.float32, None, None,
+                               extra.get("residual"), extra.get("gate"))
+    assert ((y.double() - ref.double()).norm() / ref.double().norm()).item() < 8e-3
+
+
+@sm90_only
+def test_quant_linear_dispatches_fp8_products_to_the_ws_kernel(monkeypatch):
+    """fp8 products with a plain or residual epilogue, > 512 rows and few waves of tiles go to the Gluon kernel; a
+    GELU epilogue, few rows, many waves, a given config or ``VIDITQ_WS_GEMM=0`` keep the tl kernel; results agree
+    either way."""
+    calls = []
+    real = ws_gemm.fp8_linear
+    monkeypatch.setattr(ws_gemm, "fp8_linear", lambda *args, **kw: calls.append(1) or real(*args, **kw))
+    a, a_scale, w, w_scale, bias, residual, gate = _operands(1024, 384, 256, 2, 7)
+
+    def run(**kw):
+        return int_gemm.quant_linear(a, a_scale, w, w_scale, None, 256, False, bias, torch.bfloat16, **kw)
+
+    y = run(residual=residual, gate=gate)
+    assert len(calls) == 1
+    run(activation="gelu_tanh")
+    run(config=int_gemm.GemmConfig(128, 128, 128, 8, 8, 4, persistent=True, tma=True))
+    int_gemm.quant_linear(a[:512], a_scale[:512], w, w_scale, None, 256, False, bias, torch.bfloat16)
+    waves = ws_gemm.MAX_WAVES
+    monkeypatch.setattr(ws_gemm, "MAX_WAVES", 0)  # many tiles per SM (CogVideoX): the tl kernel's wider tiles
+    run(residual=residual, gate=gate)
+    monkeypatch.setattr(ws_gemm, "MAX_WAVES", waves)
+    assert len(calls) == 1
+    monkeypatch.setenv("VIDITQ_WS_GEMM", "0")
+    y_tl = run(residual=residual, gate=gate)
+    assert len(calls) == 1
+    monkeypatch.delenv("VIDITQ_WS_GEMM")
+    run(residual=residual, gate=gate)
+    assert len(calls) == 2
+    torch.testing.assert_close(y, y_tl, rtol=0, atol=0)
