@@ -237,8 +237,9 @@ RESIDUAL_COPIES = 4  # operand buffers cycled in each timed call: the residual a
 
 
 def _residual_methods(m, n, k, residual):
-    """fp8 GEMM variants of the residual table: name → fn(operand set) (``default``: what ``quant_linear``
-    dispatches to — the warp-specialized Gluon kernel on sm_90; ``tl_default``: the tl kernel's default tile)."""
+    """GEMM variants of the residual table, fp8 unless named int8: name → fn(operand set) (``default``: what
+    ``quant_linear`` dispatches to — the warp-specialized Gluon kernel on sm_90 at few waves; ``tl_default``: the tl
+    kernel's default tile)."""
     extra = (lambda o: dict(residual=o["residual"], gate=o["gate"])) if residual else (lambda o: {})
 
     def ours(cfg=None):
@@ -246,7 +247,7 @@ def _residual_methods(m, n, k, residual):
                                                False, o["bias"], torch.bfloat16, cfg, **extra(o))
 
     def ws(stages):
-        return lambda o: ws_gemm.fp8_linear(o["fp8_a"], o["fp8_a_scale"].view(-1), o["fp8_w"],
+        return lambda o: ws_gemm.linear(o["fp8_a"], o["fp8_a_scale"].view(-1), o["fp8_w"],
                                             o["fp8_w_scale"].view(-1), o["bias"], torch.empty_like(o["residual"]),
                                             stages=stages, **extra(o))
 
@@ -256,15 +257,21 @@ def _residual_methods(m, n, k, residual):
             return y
         return torch.addcmul(o["residual"].view(2, -1, n), o["gate"][:, None], y.view(2, -1, n)).view(-1, n)
 
+    def int8(cfg=None):
+        return lambda o: int_gemm.quant_linear(o["a"], o["a_scale"], o["w8"], o["w8_scale"], None, k, False,
+                                               o["bias"], torch.bfloat16, cfg, **extra(o))
+
     methods = {"bf16_cublas": bf16, "default": ours(),
                "tl_default": ours(int_gemm.default_config(m, n, k, k, True, 2, residual))}
     if ws_gemm is not None:
         methods.update({f"ws_s{s}": ws(s) for s in (3, 5)})
+    methods.update({"int8_default": int8(), "int8_tl_default": int8(int_gemm.default_config(m, n, k, k, False, 2,
+                                                                                             residual))})
     return methods
 
 
 def bench_residual(results):
-    """fp8 GEMMs with the block's gated residual in the epilogue (and without): the shipped default, the tl
+    """8-bit GEMMs with the block's gated residual in the epilogue (and without): the shipped default, the tl
     kernel, the warp-specialized kernel's stage counts, bf16 cuBLAS + addcmul; each timed call runs
     ``RESIDUAL_COPIES`` products on distinct operand buffers (time per product)."""
     for shape_name in RESIDUAL_SHAPES:
@@ -278,8 +285,8 @@ def bench_residual(results):
                 def fn(one=one):
                     return [one(o) for o in sets]
 
-                name = f"fp8_{'res' if residual else 'plain'}_{name}" if name != "bf16_cublas" else \
-                    f"bf16_{'res' if residual else 'plain'}"
+                kind = "bf16" if name == "bf16_cublas" else "int8" if name.startswith("int8") else "fp8"
+                name = f"{kind}_{'res' if residual else 'plain'}_{name.removeprefix('int8_')}".removesuffix("_bf16_cublas")
                 try:
                     y = fn()[0].float()
                     err = ((y - ref).norm() / ref.norm()).item()

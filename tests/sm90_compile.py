@@ -12,21 +12,24 @@ from viditq.kernels import offline, ws_gemm
 
 def main():
     m, n, k = 1000, 392, 640
-    a = torch.randn(m, k).to(torch.float8_e4m3fn)
-    w = torch.randn(n, k).to(torch.float8_e4m3fn)
-    a_scale, w_scale, bias = torch.rand(m), torch.rand(n), torch.randn(n).bfloat16()
     out = {}
     residual = dict(residual=torch.randn(m, n).bfloat16(), gate=torch.randn(2, n).bfloat16())
-    with offline.sm90_compiles(ws_gemm._fp8_gemm_ws_kernel) as compiled:
-        for name, extra in {"plain": {}, "residual": residual}.items():
-            ws_gemm.fp8_linear(a, a_scale, w, w_scale, bias, torch.empty(m, n, dtype=torch.bfloat16), programs=132,
+    with offline.sm90_compiles(ws_gemm._gemm_ws_kernel) as compiled:
+        for codes in (torch.float8_e4m3fn, torch.int8):
+            a = torch.randn(m, k).mul(20).clamp(-127, 127).to(codes)
+            w = torch.randn(n, k).mul(20).clamp(-127, 127).to(codes)
+            a_scale, w_scale, bias = torch.rand(m), torch.rand(n), torch.randn(n).bfloat16()
+            for name, extra in {"plain": {}, "residual": residual}.items():
+                ws_gemm.linear(a, a_scale, w, w_scale, bias, torch.empty(m, n, dtype=torch.bfloat16), programs=132,
                                pdl=True, **extra)
-            c = compiled[-1]
-            ptx = c.asm["ptx"]
-            out[name] = dict(shared=c.metadata.shared, setmaxnreg="setmaxnreg" in ptx,
-                             wgmma_e4m3=ptx.count("wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3"),
-                             griddepcontrol="griddepcontrol.wait" in ptx,
-                             tma_loads=len(re.findall(r"cp\.async\.bulk\.tensor\.2d\.shared::\w+\.global", ptx)))
+                c = compiled[-1]
+                ptx = c.asm["ptx"]
+                kind = "e4m3.e4m3" if codes == torch.float8_e4m3fn else "s32.s8.s8"
+                out[f"{name} {str(codes).removeprefix('torch.')}"] = dict(
+                    shared=c.metadata.shared, setmaxnreg="setmaxnreg" in ptx,
+                    wgmma=len(re.findall(rf"wgmma\.mma_async\.sync\.aligned\.m64n128k32\.\w*\.?{kind}", ptx)),
+                    griddepcontrol="griddepcontrol.wait" in ptx,
+                    tma_loads=len(re.findall(r"cp\.async\.bulk\.tensor\.2d\.shared::\w+\.global", ptx)))
     json.dump(out, sys.stdout)
 
 

@@ -1,4 +1,4 @@
-"""The warp-specialized Gluon fp8 GEMM (``viditq.kernels.ws_gemm``).
+"""The warp-specialized Gluon 8-bit GEMM (``viditq.kernels.ws_gemm``).
 
 Gluon has no CPU interpreter, so CI compiles the kernel for sm_90 (Triton's bundled ptxas, in a subprocess:
 ``tests/sm90_compile.py``) and checks what the compiler made of it; on an H100 / H200 the kernel is compared
@@ -20,40 +20,49 @@ pytest.importorskip("triton")
 ws_gemm = pytest.importorskip("viditq.kernels.ws_gemm")
 
 from viditq.kernels import int_gemm, reference  # noqa: E402
+from viditq.quant.quantizers import quantize_weight  # noqa: E402
 
 SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 sm90_only = pytest.mark.skipif(not SM90, reason="the Gluon kernel runs on sm_90 (H100 / H200) only")
 
 
 def test_kernel_compiles_for_sm90_as_designed():
-    """Both epilogues compile for sm_90: two consumer warpgroups' fp8 wgmma (m64n128k32, 8 per 128-deep step
-    each), setmaxnreg for the partitions, TMA loads (A, B; + the residual tile as two 64-column boxes), the PDL wait,
-    and shared memory within the 227 KiB of an SM (4 stages of A + B tiles, two C tiles)."""
+    """Both epilogues, fp8 and int8 codes, compile for sm_90: two consumer warpgroups' 8-bit wgmma (m64n128k32,
+    8 per 128-deep step each), setmaxnreg for the partitions, TMA loads (A, B; + the residual tile), the PDL
+    wait, and shared memory within the 227 KiB of an SM (4 stages of A + B tiles, two C tiles)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(ws_gemm.__file__).parents[2]), env.get("PYTHONPATH", "")])
     run = subprocess.run([sys.executable, str(Path(__file__).with_name("sm90_compile.py"))], env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout)
-    stages = ws_gemm.STAGES * 2 * 128 * 128  # fp8 A and B tiles
+    assert len(out) == 4
+    stages = ws_gemm.STAGES * 2 * 128 * 128  # 8-bit A and B tiles
     for name, info in out.items():
-        assert info["wgmma_e4m3"] == 16 and info["setmaxnreg"] and info["griddepcontrol"], (name, info)
+        assert info["wgmma"] == 16 and info["setmaxnreg"] and info["griddepcontrol"], (name, info)
         assert stages + 2 * 128 * 128 * 2 <= info["shared"] <= int_gemm.SMEM_LIMIT, (name, info)
-    assert out["plain"]["tma_loads"] >= 2 and out["residual"]["tma_loads"] >= out["plain"]["tma_loads"] + 2
+    for codes in ("float8_e4m3fn", "int8"):
+        plain, res = out[f"plain {codes}"]["tma_loads"], out[f"residual {codes}"]["tma_loads"]
+        assert plain >= 2 and res >= plain + 2
 
 
 def test_dispatch_predicate_off_the_gpu():
-    """``applies`` refuses what the kernel cannot take: CPU tensors, int8 codes, few rows, fp32 output."""
+    """``applies`` refuses what the kernel cannot take: CPU tensors, fp32 output."""
     a = torch.zeros(1024, 256, dtype=torch.float8_e4m3fn)
     w = torch.zeros(128, 256, dtype=torch.float8_e4m3fn)
     assert not ws_gemm.applies(a, w, torch.empty(1024, 128, dtype=torch.bfloat16), None)  # not CUDA
-    assert not int_gemm._use_ws(None, None, False, True, True, a, w, torch.empty(1024, 128), None)
+    assert not int_gemm._use_ws(None, None, False, True, a, w, torch.empty(1024, 128), None)
 
 
-def _operands(m, n, k, batch, seed, device="cuda"):
+def _operands(m, n, k, batch, seed, codes="fp8", device="cuda"):
     g = torch.Generator(device=device).manual_seed(seed)
-    a, a_scale = reference.quantize_per_token_fp8(torch.randn(m, k, device=device, generator=g))
-    w, w_scale = reference.quantize_per_token_fp8(torch.randn(n, k, device=device, generator=g) * k**-0.5)
+    x = torch.randn(m, k, device=device, generator=g)
+    w = torch.randn(n, k, device=device, generator=g) * k**-0.5
+    if codes == "fp8":
+        (a, a_scale), (w, w_scale) = reference.quantize_per_token_fp8(x), reference.quantize_per_token_fp8(w)
+    else:
+        (a, a_scale), q = reference.quantize_activation(x, 8), quantize_weight(w, 8)
+        w, w_scale = q.codes, q.scale
     bias = torch.randn(n, device=device, generator=g).to(torch.bfloat16)
     residual = torch.randn(m, n, device=device, generator=g).to(torch.bfloat16)
     gate = None if batch is None else torch.randn(batch, n, device=device, generator=g).to(torch.bfloat16)
@@ -68,30 +77,31 @@ def _operands(m, n, k, batch, seed, device="cuda"):
     (8192, 1152, 1152, None, None),  # PixArt's shape, ungated residual
 ])
 @pytest.mark.parametrize("epilogue", ["plain", "residual", "plain_fp16"])
-def test_ws_gemm_equals_the_tl_kernel(m, n, k, batch, programs, epilogue):
-    a, a_scale, w, w_scale, bias, residual, gate = _operands(m, n, k, batch, m + n + k)
+@pytest.mark.parametrize("codes", ["fp8", "int8"])
+def test_ws_gemm_equals_the_tl_kernel(m, n, k, batch, programs, epilogue, codes):
+    a, a_scale, w, w_scale, bias, residual, gate = _operands(m, n, k, batch, m + n + k, codes)
     out_dtype = torch.float16 if epilogue == "plain_fp16" else torch.bfloat16
     extra = dict(residual=residual, gate=gate) if epilogue == "residual" else {}
     if epilogue == "plain_fp16":
         bias = None
     cfg = int_gemm.GemmConfig(128, 128, 128, 8, 8, 4, persistent=True, tma=True)  # a config: the tl kernel
     expected = int_gemm.quant_linear(a, a_scale, w, w_scale, None, k, False, bias, out_dtype, cfg, **extra)
-    y = ws_gemm.fp8_linear(a, a_scale.view(-1), w, w_scale.view(-1), bias, torch.empty_like(expected),
+    y = ws_gemm.linear(a, a_scale.view(-1), w, w_scale.view(-1), bias, torch.empty_like(expected),
                            programs=programs, **extra)
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
     ref = reference.int_linear(a, a_scale, w, w_scale, None, k, False, bias, torch.float32, None, None,
                                extra.get("residual"), extra.get("gate"))
-    assert ((y.double() - ref.double()).norm() / ref.double().norm()).item() < 8e-3
+    assert ((y.double() - ref.double()).norm() / ref.double().norm()).item() < 8e-3  # the 16-bit output's rounding
 
 
 @sm90_only
 def test_quant_linear_dispatches_fp8_products_to_the_ws_kernel(monkeypatch):
-    """fp8 products with a plain or residual epilogue, > 512 rows and few waves of tiles go to the Gluon kernel; a
+    """8-bit products with a plain or residual epilogue, > 512 rows and few waves of tiles go to the Gluon kernel; a
     GELU epilogue, few rows, many waves, a given config or ``VIDITQ_WS_GEMM=0`` keep the tl kernel; results agree
     either way."""
     calls = []
-    real = ws_gemm.fp8_linear
-    monkeypatch.setattr(ws_gemm, "fp8_linear", lambda *args, **kw: calls.append(1) or real(*args, **kw))
+    real = ws_gemm.linear
+    monkeypatch.setattr(ws_gemm, "linear", lambda *args, **kw: calls.append(1) or real(*args, **kw))
     a, a_scale, w, w_scale, bias, residual, gate = _operands(1024, 384, 256, 2, 7)
 
     def run(**kw):
@@ -99,6 +109,10 @@ def test_quant_linear_dispatches_fp8_products_to_the_ws_kernel(monkeypatch):
 
     y = run(residual=residual, gate=gate)
     assert len(calls) == 1
+    a8, s8, w8, ws8 = _operands(1024, 384, 256, 2, 7, "int8")[:4]
+    int_gemm.quant_linear(a8, s8, w8, ws8, None, 256, False, bias, torch.bfloat16)  # int8 codes too
+    assert len(calls) == 2
+    calls.clear()
     run(activation="gelu_tanh")
     run(config=int_gemm.GemmConfig(128, 128, 128, 8, 8, 4, persistent=True, tma=True))
     int_gemm.quant_linear(a[:512], a_scale[:512], w, w_scale, None, 256, False, bias, torch.bfloat16)

@@ -650,9 +650,9 @@ def quant_linear(
         c = torch.empty(m, n, device=a.device, dtype=out_dtype)
     if m == 0:
         return c if quant is None else (c, quant["scale"])
-    if _use_ws(config, quant, gelu, fp8, group_size == k, a, w, c, residual):
+    if _use_ws(config, quant, gelu, group_size == k and w_zero is None, a, w, c, residual):
         gate, has_gate = res["args"][2], res["HAS_GATE"]
-        ws_gemm.fp8_linear(a, a_scale.view(-1), w, w_scale.view(-1), bias, c, residual, gate if has_gate else None,
+        ws_gemm.linear(a, a_scale.view(-1), w, w_scale.view(-1), bias, c, residual, gate if has_gate else None,
                            pdl=pdl.enabled(a.device))
         return c
     if cfg.tma and _tma_ok(a, w, c, w_zero, residual):
@@ -673,12 +673,13 @@ def quant_linear(
     return c
 
 
-def _use_ws(config, quant, gelu, fp8, per_channel, a, w, c, residual) -> bool:
-    """The warp-specialized Gluon kernel (:mod:`ws_gemm`) for fp8 products with a plain or residual epilogue on
-    sm_90, unless a tile config is given (argument or ``VIDITQ_GEMM_CONFIG``: the tl kernel's sweeps)."""
+def _use_ws(config, quant, gelu, per_channel, a, w, c, residual) -> bool:
+    """The warp-specialized Gluon kernel (:mod:`ws_gemm`) for per-channel 8-bit products (no zero points) with a
+    plain or residual epilogue on sm_90, unless a tile config is given (argument or ``VIDITQ_GEMM_CONFIG``: the tl
+    kernel's sweeps)."""
     if ws_gemm is None or config is not None or os.environ.get("VIDITQ_GEMM_CONFIG"):
         return False
-    return fp8 and per_channel and quant is None and not gelu and ws_gemm.applies(a, w, c, residual)
+    return per_channel and quant is None and not gelu and ws_gemm.applies(a, w, c, residual)
 
 
 def group_supported(a: torch.Tensor, weights: list, out_dtype: torch.dtype) -> bool:

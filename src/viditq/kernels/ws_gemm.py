@@ -1,8 +1,9 @@
-"""FP8 GEMM for Hopper in Triton's Gluon dialect, warp-specialized so the epilogue overlaps the main loop.
+"""8-bit GEMM for Hopper in Triton's Gluon dialect, warp-specialized so the epilogue overlaps the main loop.
 
-``y = (a * a_scale) @ (w * w_scale)^T + bias`` [``residual + gate[row // tokens] * y``]: a (M, K) fp8 e4m3 codes
-with per-token float32 scales, w (N, K) fp8 e4m3 (the layer's K-major buffer) with per-channel float32 scales,
-a 16-bit output (bf16 / fp16; the residual of the same dtype).
+``y = (a * a_scale) @ (w * w_scale)^T + bias`` [``residual + gate[row // tokens] * y``]: a (M, K) fp8 e4m3 (or
+int8) codes with per-token float32 scales, w (N, K) codes of the same dtype (the layer's K-major buffer) with
+per-channel scales; float32 (int32 for int8) accumulation; a 16-bit output (bf16 / fp16; the residual of the same
+dtype).
 
 Structure ("ping-pong", as CUTLASS's sm90 kernels and FA3): a persistent grid, one program per SM; in each, one
 *producer* warp issues every TMA load — the A / B tiles through a ring of ``STAGES`` shared-memory stages
@@ -54,9 +55,10 @@ class Cfg:
     RESIDUAL: gl.constexpr
     HAS_GATE: gl.constexpr
     TILE_GATE: gl.constexpr
+    INT8: gl.constexpr
 
     @gluon.constexpr_function
-    def __init__(self, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, HAS_BIAS, RESIDUAL, HAS_GATE, TILE_GATE):
+    def __init__(self, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, HAS_BIAS, RESIDUAL, HAS_GATE, TILE_GATE, INT8):
         self.BLOCK_M = gl.constexpr(BLOCK_M)
         self.BLOCK_N = gl.constexpr(BLOCK_N)
         self.BLOCK_K = gl.constexpr(BLOCK_K)
@@ -66,6 +68,7 @@ class Cfg:
         self.RESIDUAL = gl.constexpr(RESIDUAL)
         self.HAS_GATE = gl.constexpr(HAS_GATE)
         self.TILE_GATE = gl.constexpr(TILE_GATE)
+        self.INT8 = gl.constexpr(INT8)
 
 
 @gluon.jit
@@ -138,7 +141,7 @@ def _consumer(CID: gl.constexpr, a_bufs, b_bufs, c_bufs, ready, empty, r_ready, 
             # Main loops alternate between the two groups (the ring's parity waits must not see another
             # group's fills): wait for the other group's last main loop to have issued.
             mbarrier.wait(turn.index(CID), (j - CID) & 1 ^ 1, pred=(j > 0) | (CID == 1))
-            acc = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout)
+            acc = gl.zeros((BLOCK_M, BLOCK_N), gl.int32 if cfg.INT8 else gl.float32, layout)
             for ki in range(k_tiles):
                 s = it % STAGES
                 mbarrier.wait(ready.index(s), (it // STAGES) & 1)
@@ -154,7 +157,7 @@ def _consumer(CID: gl.constexpr, a_bufs, b_bufs, c_bufs, ready, empty, r_ready, 
             offs_m = off_m + gl.arange(0, BLOCK_M, layout=rows)
             offs_n = off_n + gl.arange(0, BLOCK_N, layout=cols)
             n_mask = offs_n < N
-            y = acc * gl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0).to(gl.float32)[None, :]
+            y = acc.to(gl.float32) * gl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0).to(gl.float32)[None, :]
             y = y * gl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
             if cfg.HAS_BIAS:
                 y += gl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(gl.float32)[None, :]
@@ -199,7 +202,7 @@ def _consumer1(a_bufs, b_bufs, c_bufs, ready, empty, r_ready, r_empty, turn, c_d
 
 
 @gluon.jit
-def _fp8_gemm_ws_kernel(a_desc, b_desc, c_desc, r_desc, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, stride_gb,
+def _gemm_ws_kernel(a_desc, b_desc, c_desc, r_desc, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, stride_gb,
                        tokens, M, N, K, GROUP_M: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr,
                        RESIDUAL: gl.constexpr, HAS_GATE: gl.constexpr, TILE_GATE: gl.constexpr,
                        PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, PDL: gl.constexpr):
@@ -227,7 +230,8 @@ def _fp8_gemm_ws_kernel(a_desc, b_desc, c_desc, r_desc, a_scale_ptr, w_scale_ptr
         mbarrier.init(r_empty.index(c), count=1)
         mbarrier.init(turn.index(c), count=1)
     fence_async_shared()
-    cfg = Cfg(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, HAS_BIAS, RESIDUAL, HAS_GATE, TILE_GATE)
+    cfg = Cfg(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, HAS_BIAS, RESIDUAL, HAS_GATE, TILE_GATE,
+              a_desc.dtype == gl.int8)
     consumer_args = (a_bufs, b_bufs, c_bufs, ready, empty, r_ready, r_empty, turn, c_desc,
                      a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, stride_gb, tokens, M, N, K, cfg)
     gl.warp_specialize([
@@ -242,6 +246,7 @@ BLOCK = (128, 128, 128)  # (BLOCK_M, BLOCK_N, BLOCK_K) of a consumer's tile (its
 STAGES = 4  # H100 sweep (session 17): 4 and 5 stages alike at PixArt's shapes, 4 better at CogVideoX's; 3 slower
 GROUP_M = 8
 REGS = (232, 40)  # registers per thread: consumer warpgroups, producer warp (setmaxnreg)
+CODES = {torch.float8_e4m3fn: gl.float8e4nv, torch.int8: gl.int8}  # 8-bit codes: f32 / int32 accumulation
 MIN_ROWS = 513  # below this (text tokens) the tl kernel's narrow tiles fill more SMs
 MAX_WAVES = 24  # tiles per SM above which the tl kernel's wider tiles win. H100 (session 17), fp8, operands through
 # HBM, µs tl → ws: PixArt 8192 x 1152 x 1152 (4.4 waves) 36.2 → 29.8 with the gated residual, 27.7 → 24.4 plain;
@@ -260,12 +265,12 @@ def _sm_count(device: torch.device) -> int:
 
 
 def applies(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, residual: torch.Tensor | None) -> bool:
-    """Whether :func:`fp8_linear` runs this product: fp8 codes on an sm_90 GPU, M > 512 rows, at most
+    """Whether :func:`linear` runs this product: fp8 or int8 codes on an sm_90 GPU, M > 512 rows, at most
     ``MAX_WAVES`` tiles per SM, 16-bit output, 16-byte aligned rows (TMA), and not switched off by
     ``VIDITQ_WS_GEMM=0``."""
     if a.device.type != "cuda" or os.environ.get("VIDITQ_WS_GEMM", "1") == "0":
         return False
-    if a.dtype != torch.float8_e4m3fn or w.dtype != torch.float8_e4m3fn or a.shape[0] < MIN_ROWS:
+    if a.dtype not in CODES or w.dtype != a.dtype or a.shape[0] < MIN_ROWS:
         return False
     if out.dtype not in (torch.bfloat16, torch.float16) or torch.cuda.get_device_capability(a.device) != (9, 0):
         return False
@@ -276,7 +281,7 @@ def applies(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, residual: torch
                for t in tensors)
 
 
-def fp8_linear(a, a_scale, w, w_scale, bias, out, residual=None, gate=None, stages=STAGES, pdl=False,
+def linear(a, a_scale, w, w_scale, bias, out, residual=None, gate=None, stages=STAGES, pdl=False,
                programs=None):
     """Write ``(a * a_scale) @ (w * w_scale)^T + bias`` [``residual + gate[row // (M // B)] * y``] into ``out``
     (M, N); ``a_scale`` (M,) / ``w_scale`` (N,) float32, contiguous; ``gate`` (B, N) with B dividing M.
@@ -285,9 +290,9 @@ def fp8_linear(a, a_scale, w, w_scale, bias, out, residual=None, gate=None, stag
     m, k = a.shape
     n = w.shape[0]
     bm, bn, bk = BLOCK
-    fp8, out_gl = gl.float8e4nv, gl.bfloat16 if out.dtype == torch.bfloat16 else gl.float16
-    a_desc = TensorDescriptor.from_tensor(a, [bm, bk], gl.NVMMASharedLayout.get_default_for([bm, bk], fp8))
-    b_desc = TensorDescriptor.from_tensor(w, [bn, bk], gl.NVMMASharedLayout.get_default_for([bn, bk], fp8))
+    codes, out_gl = CODES[a.dtype], gl.bfloat16 if out.dtype == torch.bfloat16 else gl.float16
+    a_desc = TensorDescriptor.from_tensor(a, [bm, bk], gl.NVMMASharedLayout.get_default_for([bm, bk], codes))
+    b_desc = TensorDescriptor.from_tensor(w, [bn, bk], gl.NVMMASharedLayout.get_default_for([bn, bk], codes))
     c_layout = gl.NVMMASharedLayout.get_default_for([bm, bn], out_gl)
     c_desc = TensorDescriptor.from_tensor(out, [bm, bn], c_layout)
     r_desc = TensorDescriptor.from_tensor(residual if residual is not None else out, [bm, bn], c_layout)
@@ -295,7 +300,7 @@ def fp8_linear(a, a_scale, w, w_scale, bias, out, residual=None, gate=None, stag
     if programs is None:
         programs = _sm_count(a.device)
     programs = max(1, min(programs, triton.cdiv(m, bm) * triton.cdiv(n, bn)))
-    _fp8_gemm_ws_kernel[(programs,)](
+    _gemm_ws_kernel[(programs,)](
         a_desc, b_desc, c_desc, r_desc, a_scale, w_scale, bias if bias is not None else a_scale,
         gate if gate is not None else a_scale, gate.stride(0) if gate is not None else 0, tokens, m, n, k,
         GROUP_M=GROUP_M, STAGES=stages, HAS_BIAS=bias is not None, RESIDUAL=residual is not None,
