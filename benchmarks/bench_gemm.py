@@ -247,9 +247,8 @@ def _residual_methods(m, n, k, residual):
                                                False, o["bias"], torch.bfloat16, cfg, **extra(o))
 
     def ws(stages):
-        return lambda o: ws_gemm.linear(o["fp8_a"], o["fp8_a_scale"].view(-1), o["fp8_w"],
-                                            o["fp8_w_scale"].view(-1), o["bias"], torch.empty_like(o["residual"]),
-                                            stages=stages, **extra(o))
+        return lambda o: ws_gemm.linear(o["fp8_a"], o["fp8_a_scale"].view(-1), o["fp8_w"], o["fp8_w_scale"].view(-1),
+                                        o["bias"], torch.empty_like(o["residual"]), stages=stages, **extra(o))
 
     def bf16(o):
         y = F.linear(o["x"], o["w"], o["bias"])
@@ -286,7 +285,8 @@ def bench_residual(results):
                     return [one(o) for o in sets]
 
                 kind = "bf16" if name == "bf16_cublas" else "int8" if name.startswith("int8") else "fp8"
-                name = f"{kind}_{'res' if residual else 'plain'}_{name.removeprefix('int8_')}".removesuffix("_bf16_cublas")
+                epilogue = "res" if residual else "plain"
+                name = kind + "_" + epilogue + ("" if kind == "bf16" else "_" + name.removeprefix("int8_"))
                 try:
                     y = fn()[0].float()
                     err = ((y - ref).norm() / ref.norm()).item()

@@ -16,21 +16,20 @@ import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 sys.path.insert(0, os.path.dirname(__file__))
+from compile_act_quant_sm90 import resources  # noqa: E402
+from triton.backends.nvidia import driver as nvidia  # noqa: E402
+
+from viditq.kernels import int_gemm, offline, reference  # noqa: E402
+from viditq.quant.quantizers import quantize_weight  # noqa: E402
 
 
 def main():
-    from compile_act_quant_sm90 import resources
-    from triton.backends.nvidia import driver as nvidia
-
-    from viditq.kernels import int_gemm, offline, reference
-    from viditq.quant.quantizers import quantize_weight
-
     with offline.sm90_compiles(int_gemm._quant_gemm_tma_kernel) as compiled:
-        _compile_all(compiled, int_gemm, reference, quantize_weight, resources, nvidia)
+        _compile_all(compiled)
     print(f"triton {triton.__version__}: {len(compiled)} kernels compiled for sm_90")
 
 
-def _compile_all(compiled, int_gemm, reference, quantize_weight, resources, nvidia):
+def _compile_all(compiled):
     m, n, k = 512, 1152, 1152
     cfg = int_gemm.GemmConfig(128, 128, 128, 8, 4, 4, persistent=True, tma=True)
     x = torch.randn(m, k)

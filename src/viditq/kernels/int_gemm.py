@@ -21,6 +21,10 @@ is the layout the tensor cores want for B, so no transposed copy is needed:
 
 With ``persistent`` the grid is one program per SM, each walking tiles ``pid, pid + programs, ...``; tiles are
 visited in groups of ``GROUP_M`` row-blocks so consecutive programs share B tiles in L2.
+
+On sm_90, per-channel 8-bit products with a plain or residual epilogue and few waves of tiles (PixArt's shapes)
+go to the warp-specialized Gluon kernel of :mod:`ws_gemm` instead (:func:`_use_ws`); it computes the same
+products with the same epilogue, bit for bit.
 """
 from __future__ import annotations
 
@@ -653,7 +657,7 @@ def quant_linear(
     if _use_ws(config, quant, gelu, group_size == k and w_zero is None, a, w, c, residual):
         gate, has_gate = res["args"][2], res["HAS_GATE"]
         ws_gemm.linear(a, a_scale.view(-1), w, w_scale.view(-1), bias, c, residual, gate if has_gate else None,
-                           pdl=pdl.enabled(a.device))
+                       pdl=pdl.enabled(a.device))
         return c
     if cfg.tma and _tma_ok(a, w, c, w_zero, residual):
         _launch_tma(a, a_scale, [(w, w_scale, bias, c)], group_size, cfg, fp8, gelu, res, quant)

@@ -12,14 +12,15 @@ C buffer — and two *consumer* warpgroups take the program's output tiles in tu
 runs its asynchronous wgmma main loop, hands the tensor cores to the other group (mbarriers ``turn``), then does
 its epilogue (dequantization, bias, gate and residual, the 16-bit store by TMA) while the other group's main
 loop runs. The Triton ``tl`` kernel (:mod:`int_gemm`) runs its epilogue in the warps that issue the MMAs; at
-DiT shapes with K = 1152 the epilogue is a large share of a tile (NOTES.md, session 17: 8192 x 1152 x 1152 with
-the gated residual 36.3 → 30.7 µs, 8192 x 1152 x 4608 92.1 → 84.1 µs on an H100).
+DiT shapes with K = 1152 the epilogue is a large share of a tile (NOTES.md, session 17, H100, fp8: 8192 x 1152 x
+1152 with the gated residual 36.2 → 29.8-30.2 µs, 8192 x 1152 x 4608 90.8-91.9 → 84.6-85.8 µs; int8 41.1 → 29.1
+and 105.1 → 80.8 µs).
 
 Why the turns: a consumer waits on the ring's mbarriers by phase parity, which cannot tell fill n of a stage
 from fill n + 2; if the second group waited while the first still consumed, it could take the first group's
 data. With the turns, a group starts waiting only once the other group has waited for all of its stages.
 
-Gluon has no CPU interpreter: CI compiles the kernel for sm_90 (``tests/test_kernels.py``), the GPU tests compare
+Gluon has no CPU interpreter: CI compiles the kernel for sm_90 (``tests/test_ws_gemm.py``), the GPU tests compare
 it with the ``tl`` kernel, whose results it reproduces bit for bit (same products, same f32 epilogue order).
 :func:`applies` says when :func:`int_gemm.quant_linear` dispatches here.
 """
@@ -203,9 +204,9 @@ def _consumer1(a_bufs, b_bufs, c_bufs, ready, empty, r_ready, r_empty, turn, c_d
 
 @gluon.jit
 def _gemm_ws_kernel(a_desc, b_desc, c_desc, r_desc, a_scale_ptr, w_scale_ptr, bias_ptr, gate_ptr, stride_gb,
-                       tokens, M, N, K, GROUP_M: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr,
-                       RESIDUAL: gl.constexpr, HAS_GATE: gl.constexpr, TILE_GATE: gl.constexpr,
-                       PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, PDL: gl.constexpr):
+                    tokens, M, N, K, GROUP_M: gl.constexpr, STAGES: gl.constexpr, HAS_BIAS: gl.constexpr,
+                    RESIDUAL: gl.constexpr, HAS_GATE: gl.constexpr, TILE_GATE: gl.constexpr,
+                    PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr, PDL: gl.constexpr):
     if PDL:  # programmatic dependent launch, as pdl.enter: wait for the previous grid, let the next one launch
         gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False,
                                   pack=1)
@@ -254,14 +255,15 @@ MAX_WAVES = 24  # tiles per SM above which the tl kernel's wider tiles win. H100
 # 1920 x 1920 (31.6 waves) 303.8 → 318.1 / 238.4 → 246.4
 
 
-_SMS: dict[int, int] = {}
+_DEVICES: dict[int, tuple[tuple[int, int], int]] = {}  # CUDA index → (compute capability, SM count)
 
 
-def _sm_count(device: torch.device) -> int:
+def _device(device: torch.device) -> tuple[tuple[int, int], int]:
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SMS:
-        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SMS[index]
+    if index not in _DEVICES:
+        props = torch.cuda.get_device_properties(index)
+        _DEVICES[index] = ((props.major, props.minor), props.multi_processor_count)
+    return _DEVICES[index]
 
 
 def applies(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, residual: torch.Tensor | None) -> bool:
@@ -272,17 +274,17 @@ def applies(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, residual: torch
         return False
     if a.dtype not in CODES or w.dtype != a.dtype or a.shape[0] < MIN_ROWS:
         return False
-    if out.dtype not in (torch.bfloat16, torch.float16) or torch.cuda.get_device_capability(a.device) != (9, 0):
+    capability, sms = _device(a.device)
+    if out.dtype not in (torch.bfloat16, torch.float16) or capability != (9, 0):
         return False
-    if triton.cdiv(a.shape[0], BLOCK[0]) * triton.cdiv(w.shape[0], BLOCK[1]) > MAX_WAVES * _sm_count(a.device):
+    if triton.cdiv(a.shape[0], BLOCK[0]) * triton.cdiv(w.shape[0], BLOCK[1]) > MAX_WAVES * sms:
         return False
     tensors = (a, w, out) if residual is None else (a, w, out, residual)
     return all(t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
                for t in tensors)
 
 
-def linear(a, a_scale, w, w_scale, bias, out, residual=None, gate=None, stages=STAGES, pdl=False,
-               programs=None):
+def linear(a, a_scale, w, w_scale, bias, out, residual=None, gate=None, stages=STAGES, pdl=False, programs=None):
     """Write ``(a * a_scale) @ (w * w_scale)^T + bias`` [``residual + gate[row // (M // B)] * y``] into ``out``
     (M, N); ``a_scale`` (M,) / ``w_scale`` (N,) float32, contiguous; ``gate`` (B, N) with B dividing M.
     Arguments as :func:`int_gemm.quant_linear` validates them. ``programs``: the persistent grid (default: one
@@ -298,7 +300,7 @@ def linear(a, a_scale, w, w_scale, bias, out, residual=None, gate=None, stages=S
     r_desc = TensorDescriptor.from_tensor(residual if residual is not None else out, [bm, bn], c_layout)
     tokens = m // gate.shape[0] if gate is not None else 1
     if programs is None:
-        programs = _sm_count(a.device)
+        programs = _device(a.device)[1]
     programs = max(1, min(programs, triton.cdiv(m, bm) * triton.cdiv(n, bn)))
     _gemm_ws_kernel[(programs,)](
         a_desc, b_desc, c_desc, r_desc, a_scale, w_scale, bias if bias is not None else a_scale,
