@@ -19,9 +19,13 @@ def main():
             a = torch.randn(m, k).mul(20).clamp(-127, 127).to(codes)
             w = torch.randn(n, k).mul(20).clamp(-127, 127).to(codes)
             a_scale, w_scale, bias = torch.rand(m), torch.rand(n), torch.randn(n).bfloat16()
-            for name, extra in {"plain": {}, "residual": residual}.items():
-                ws_gemm.linear(a, a_scale, w, w_scale, bias, torch.empty(m, n, dtype=torch.bfloat16), programs=132,
-                               pdl=True, **extra)
+            for name, extra in {"plain": {}, "residual": residual, "group": None}.items():
+                if extra is None:  # q, k and v in one launch
+                    ws_gemm.linear_group(a, a_scale, [(w, w_scale, bias, torch.empty(m, n, dtype=torch.bfloat16))
+                                                      for _ in range(3)], programs=132, pdl=True)
+                else:
+                    ws_gemm.linear(a, a_scale, w, w_scale, bias, torch.empty(m, n, dtype=torch.bfloat16),
+                                   programs=132, pdl=True, **extra)
                 c = compiled[-1]
                 ptx = c.asm["ptx"]
                 kind = "e4m3.e4m3" if codes == torch.float8_e4m3fn else "s32.s8.s8"

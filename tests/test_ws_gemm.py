@@ -27,19 +27,21 @@ sm90_only = pytest.mark.skipif(not SM90, reason="the Gluon kernel runs on sm_90 
 
 
 def test_kernel_compiles_for_sm90_as_designed():
-    """Both epilogues, fp8 and int8 codes, compile for sm_90: two consumer warpgroups' 8-bit wgmma (m64n128k32,
-    8 per 128-deep step each), setmaxnreg for the partitions, TMA loads (A, B; + the residual tile), the PDL
-    wait, and shared memory within the 227 KiB of an SM (4 stages of A + B tiles, two C tiles)."""
+    """Both epilogues and the three-product launch, fp8 and int8 codes, compile for sm_90: two consumer
+    warpgroups' 8-bit wgmma (m64n128k32, 8 per 128-deep step each), setmaxnreg for the partitions, TMA loads (A,
+    B; + the residual tile), the PDL wait, and shared memory within the 227 KiB of an SM (4 stages of A + B
+    tiles, two C tiles)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(ws_gemm.__file__).parents[2]), env.get("PYTHONPATH", "")])
     run = subprocess.run([sys.executable, str(Path(__file__).with_name("sm90_compile.py"))], env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout)
-    assert len(out) == 4
+    assert len(out) == 6
     stages = ws_gemm.STAGES * 2 * 128 * 128  # 8-bit A and B tiles
     for name, info in out.items():
-        assert info["wgmma"] == 16 and info["setmaxnreg"] and info["griddepcontrol"], (name, info)
+        wgmma = 48 if name.startswith("group") else 16  # q, k and v: the consumer loop unrolled per product
+        assert info["wgmma"] == wgmma and info["setmaxnreg"] and info["griddepcontrol"], (name, info)
         assert stages + 2 * 128 * 128 * 2 <= info["shared"] <= int_gemm.SMEM_LIMIT, (name, info)
     for codes in ("float8_e4m3fn", "int8"):
         plain, res = out[f"plain {codes}"]["tma_loads"], out[f"residual {codes}"]["tma_loads"]
@@ -51,7 +53,7 @@ def test_dispatch_predicate_off_the_gpu():
     a = torch.zeros(1024, 256, dtype=torch.float8_e4m3fn)
     w = torch.zeros(128, 256, dtype=torch.float8_e4m3fn)
     assert not ws_gemm.applies(a, w, torch.empty(1024, 128, dtype=torch.bfloat16), None)  # not CUDA
-    assert not int_gemm._use_ws(None, None, False, True, a, w, torch.empty(1024, 128), None)
+    assert not int_gemm._use_ws(None, None, False, True, a, [w], [torch.empty(1024, 128)], None)
 
 
 def _operands(m, n, k, batch, seed, codes="fp8", device="cuda"):
@@ -127,3 +129,36 @@ def test_quant_linear_dispatches_8bit_products_to_the_ws_kernel(monkeypatch):
     run(residual=residual, gate=gate)
     assert len(calls) == 3
     torch.testing.assert_close(y, y_tl, rtol=0, atol=0)
+
+
+@sm90_only
+@pytest.mark.parametrize("m,ns,k,bias,programs", [(8192, (1152, 1152, 1152), 1152, True, None),
+                                                  (1000, (392, 1000, 264), 640, False, 5)])
+@pytest.mark.parametrize("codes", ["fp8", "int8"])
+def test_ws_group_equals_the_tl_group(m, ns, k, bias, programs, codes):
+    """q, k and v in one launch of the Gluon kernel equal the tl kernel's grouped launch bit for bit (different
+    widths, edge tiles, few programs so tiles of two products share a program), and ``quant_linear_group``
+    dispatches to it unless ``VIDITQ_WS_GROUP=0``."""
+    a, a_scale = _operands(m, 8, k, None, m + k, codes)[:2]
+    weights = []
+    for i, n in enumerate(ns):
+        _, _, w, w_scale, b, _, _ = _operands(16, n, k, None, m + n + i, codes)
+        weights.append((w, w_scale, b if bias else None))
+    cfg = int_gemm.GemmConfig(256, 128, 128, 8, 8, 3, persistent=True, tma=True)
+    expected = int_gemm.quant_linear_group(a, a_scale, weights, torch.bfloat16, cfg)
+    outs = [torch.empty_like(e) for e in expected]
+    ws_gemm.linear_group(a, a_scale.view(-1), [(w, s.view(-1), b, c) for (w, s, b), c in zip(weights, outs)],
+                         programs=programs)
+    for y, e in zip(outs, expected):
+        torch.testing.assert_close(y, e, rtol=0, atol=0)
+    if programs is None:
+        calls = []
+        real = ws_gemm.linear_group
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(ws_gemm, "linear_group", lambda *args, **kw: calls.append(1) or real(*args, **kw))
+            got = int_gemm.quant_linear_group(a, a_scale, weights, torch.bfloat16)
+            mp.setenv("VIDITQ_WS_GROUP", "0")
+            int_gemm.quant_linear_group(a, a_scale, weights, torch.bfloat16)
+        assert len(calls) == 1
+        for y, e in zip(got, expected):
+            torch.testing.assert_close(y, e, rtol=0, atol=0)

@@ -654,7 +654,7 @@ def quant_linear(
         c = torch.empty(m, n, device=a.device, dtype=out_dtype)
     if m == 0:
         return c if quant is None else (c, quant["scale"])
-    if _use_ws(config, quant, gelu, group_size == k and w_zero is None, a, w, c, residual):
+    if _use_ws(config, quant, gelu, group_size == k and w_zero is None, a, [w], [c], residual):
         gate, has_gate = res["args"][2], res["HAS_GATE"]
         ws_gemm.linear(a, a_scale.view(-1), w, w_scale.view(-1), bias, c, residual, gate if has_gate else None,
                        pdl=pdl.enabled(a.device))
@@ -677,13 +677,15 @@ def quant_linear(
     return c
 
 
-def _use_ws(config, quant, gelu, per_channel, a, w, c, residual) -> bool:
+def _use_ws(config, quant, gelu, per_channel, a, ws, outs, residual, group=False) -> bool:
     """The warp-specialized Gluon kernel (:mod:`ws_gemm`) for per-channel 8-bit products (no zero points) with a
     plain or residual epilogue on sm_90, unless a tile config is given (argument or ``VIDITQ_GEMM_CONFIG``: the tl
-    kernel's sweeps)."""
+    kernel's sweeps); grouped q/k/v launches unless ``VIDITQ_WS_GROUP=0``."""
     if ws_gemm is None or config is not None or os.environ.get("VIDITQ_GEMM_CONFIG"):
         return False
-    return per_channel and quant is None and not gelu and ws_gemm.applies(a, w, c, residual)
+    if group and os.environ.get("VIDITQ_WS_GROUP", "1") == "0":
+        return False
+    return per_channel and quant is None and not gelu and ws_gemm.applies(a, ws, outs, residual)
 
 
 def group_supported(a: torch.Tensor, weights: list, out_dtype: torch.dtype) -> bool:
@@ -704,7 +706,8 @@ def quant_linear_group(a: torch.Tensor, a_scale: torch.Tensor, weights: list, ou
     """:func:`quant_linear` of one input with several weights ``[(w, w_scale, bias), ...]`` (per-channel int8
     or fp8 codes (N_i, K), scales (N_i, 1), bias (N_i,) or None) in one launch of the TMA kernel — q, k and v of a
     self-attention: 3 x 576 tiles over 132 SMs fill 13.1 waves where each product alone fills 4.4 — one (M, N_i)
-    output each. Where :func:`group_supported` says no, one launch per weight."""
+    output each (the warp-specialized Gluon kernel's launch where :func:`_use_ws` says so). Where
+    :func:`group_supported` says no, one launch per weight."""
     m, k = a.shape
     if a.dtype not in (torch.int8, torch.float8_e4m3fn):
         raise ValueError(f"the grouped GEMM takes int8 or fp8 e4m3 activation codes, got {a.dtype}")
@@ -722,7 +725,10 @@ def quant_linear_group(a: torch.Tensor, a_scale: torch.Tensor, weights: list, ou
                                    products=len(weights))
     cfg = replace(cfg, persistent=True, tma=True)
     outs = [torch.empty(m, w.shape[0], device=a.device, dtype=out_dtype) for w, _, _ in weights]
-    if m:
+    if m and _use_ws(config, None, False, True, a, [w for w, _, _ in weights], outs, None, group=True):
+        ws_gemm.linear_group(a, a_scale.view(-1), [(w, s.view(-1), b, c) for (w, s, b), c in zip(weights, outs)],
+                             pdl=pdl.enabled(a.device))
+    elif m:
         res = _residual_args(None, None, m, 0, a_scale, out_dtype)
         _launch_tma(a, a_scale, [(w, s, b, c) for (w, s, b), c in zip(weights, outs)], k, cfg, fp8, False, res)
     return outs
