@@ -52,7 +52,7 @@ def test_dispatch_predicate_off_the_gpu():
     """``applies`` refuses what the kernel cannot take: CPU tensors, fp32 output."""
     a = torch.zeros(1024, 256, dtype=torch.float8_e4m3fn)
     w = torch.zeros(128, 256, dtype=torch.float8_e4m3fn)
-    assert not ws_gemm.applies(a, w, torch.empty(1024, 128, dtype=torch.bfloat16), None)  # not CUDA
+    assert not ws_gemm.applies(a, [w], [torch.empty(1024, 128, dtype=torch.bfloat16)], None)  # not CUDA
     assert not int_gemm._use_ws(None, None, False, True, a, [w], [torch.empty(1024, 128)], None)
 
 
@@ -88,8 +88,8 @@ def test_ws_gemm_equals_the_tl_kernel(m, n, k, batch, programs, epilogue, codes)
         bias = None
     cfg = int_gemm.GemmConfig(128, 128, 128, 8, 8, 4, persistent=True, tma=True)  # a config: the tl kernel
     expected = int_gemm.quant_linear(a, a_scale, w, w_scale, None, k, False, bias, out_dtype, cfg, **extra)
-    y = ws_gemm.linear(a, a_scale.view(-1), w, w_scale.view(-1), bias, torch.empty_like(expected),
-                           programs=programs, **extra)
+    y = ws_gemm.linear(a, a_scale.view(-1), w, w_scale.view(-1), bias, torch.empty_like(expected), programs=programs,
+                       **extra)
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
     ref = reference.int_linear(a, a_scale, w, w_scale, None, k, False, bias, torch.float32, None, None,
                                extra.get("residual"), extra.get("gate"))
