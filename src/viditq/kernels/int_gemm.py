@@ -42,7 +42,7 @@ from .act_quant import _round_half_even, quantize_codes
 
 try:
     from . import ws_gemm
-except ImportError:  # a Triton without Gluon's Hopper module: the tl kernels only
+except (ImportError, AttributeError):  # a Triton without (this shape of) Gluon's Hopper API: the tl kernels only
     ws_gemm = None
 
 
