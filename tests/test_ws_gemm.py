@@ -54,8 +54,8 @@ def test_dispatch_predicate_off_the_gpu():
     """``applies`` refuses what the kernel cannot take: CPU tensors, fp32 output."""
     a = torch.zeros(1024, 256, dtype=torch.float8_e4m3fn)
     w = torch.zeros(128, 256, dtype=torch.float8_e4m3fn)
-    assert not ws_gemm.applies(a, [w], [torch.empty(1024, 128, dtype=torch.bfloat16)], None)  # not CUDA
-    assert not int_gemm._use_ws(None, None, False, True, a, [w], [torch.empty(1024, 128)], None)
+    assert not ws_gemm.applies(a, [w], [torch.empty(1024, 128, dtype=torch.bfloat16)])  # not CUDA
+    assert not int_gemm._use_ws(None, None, False, True, a, [w], [torch.empty(1024, 128)])
 
 
 def _operands(m, n, k, batch, seed, codes="fp8", device="cuda"):

@@ -450,11 +450,16 @@ def _num_sms(device: torch.device) -> int:
     return _SM_COUNT[index]
 
 
+def _tma_aligned(t: torch.Tensor) -> bool:
+    """TMA needs a 16-byte aligned base and row stride."""
+    return t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+
+
 def _tma_ok(a, w, c, w_zero, residual=None) -> bool:
-    """TMA needs 16-byte aligned bases and row strides; int8 zero points need the pointer kernel's row sums."""
+    """The TMA kernels' operands: aligned (:func:`_tma_aligned`), and no int8 zero points (they need the pointer
+    kernel's row sums)."""
     tensors = (a, w, c) if residual is None else (a, w, c, residual)
-    aligned = all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in tensors)
-    return aligned and w_zero is None
+    return w_zero is None and all(_tma_aligned(t) for t in tensors)
 
 
 MAX_GROUP = 3  # products of one TMA launch (quant_linear_group)
@@ -654,12 +659,13 @@ def quant_linear(
         c = torch.empty(m, n, device=a.device, dtype=out_dtype)
     if m == 0:
         return c if quant is None else (c, quant["scale"])
-    if _use_ws(config, quant, gelu, group_size == k and w_zero is None, a, [w], [c], residual):
+    tma_ok = _tma_ok(a, w, c, w_zero, residual)
+    if _use_ws(config, quant, gelu, tma_ok and group_size == k, a, [w], [c]):
         gate, has_gate = res["args"][2], res["HAS_GATE"]
         ws_gemm.linear(a, a_scale.view(-1), w, w_scale.view(-1), bias, c, residual, gate if has_gate else None,
                        pdl=pdl.enabled(a.device))
         return c
-    if cfg.tma and _tma_ok(a, w, c, w_zero, residual):
+    if cfg.tma and tma_ok:
         _launch_tma(a, a_scale, [(w, w_scale, bias, c)], group_size, cfg, fp8, gelu, res, quant)
         return c if quant is None else (c, quant["scale"])
     if quant is not None:
@@ -677,15 +683,16 @@ def quant_linear(
     return c
 
 
-def _use_ws(config, quant, gelu, per_channel, a, ws, outs, residual, group=False) -> bool:
-    """The warp-specialized Gluon kernel (:mod:`ws_gemm`) for per-channel 8-bit products (no zero points) with a
-    plain or residual epilogue on sm_90, unless a tile config is given (argument or ``VIDITQ_GEMM_CONFIG``: the tl
-    kernel's sweeps); grouped q/k/v launches unless ``VIDITQ_WS_GROUP=0``."""
+def _use_ws(config, quant, gelu, tma_per_channel, a, ws, outs, group=False) -> bool:
+    """The warp-specialized Gluon kernel (:mod:`ws_gemm`) for per-channel 8-bit products with TMA-ready operands
+    (``tma_per_channel``: :func:`_tma_ok`, no scale groups) and a plain or residual epilogue, where
+    ``ws_gemm.applies``, unless a tile config is given (argument or ``VIDITQ_GEMM_CONFIG``: the tl kernel's
+    sweeps); grouped q/k/v launches unless ``VIDITQ_WS_GROUP=0``."""
     if ws_gemm is None or config is not None or os.environ.get("VIDITQ_GEMM_CONFIG"):
         return False
     if group and os.environ.get("VIDITQ_WS_GROUP", "1") == "0":
         return False
-    return per_channel and quant is None and not gelu and ws_gemm.applies(a, ws, outs, residual)
+    return tma_per_channel and quant is None and not gelu and ws_gemm.applies(a, ws, outs)
 
 
 def group_supported(a: torch.Tensor, weights: list, out_dtype: torch.dtype) -> bool:
@@ -694,11 +701,8 @@ def group_supported(a: torch.Tensor, weights: list, out_dtype: torch.dtype) -> b
     if not 2 <= len(weights) <= MAX_GROUP or len({b is None for _, _, b in weights}) > 1:
         return False
 
-    def aligned(t):
-        return t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
-
-    return aligned(a) and all(aligned(w) and w.shape[0] > 0 and (w.shape[0] * out_dtype.itemsize) % 16 == 0
-                              for w, _, _ in weights)
+    return _tma_aligned(a) and all(_tma_aligned(w) and w.shape[0] > 0 and (w.shape[0] * out_dtype.itemsize) % 16 == 0
+                                   for w, _, _ in weights)
 
 
 def quant_linear_group(a: torch.Tensor, a_scale: torch.Tensor, weights: list, out_dtype: torch.dtype,
@@ -720,15 +724,15 @@ def quant_linear_group(a: torch.Tensor, a_scale: torch.Tensor, weights: list, ou
     weights = [(w.contiguous(), s.reshape(-1, 1).contiguous(), b) for w, s, b in weights]
     if not group_supported(a, weights, out_dtype):
         return [quant_linear(a, a_scale, w, s, None, k, False, b, out_dtype, config) for w, s, b in weights]
-    fp8 = a.dtype == torch.float8_e4m3fn
-    cfg = config or default_config(m, sum(w.shape[0] for w, _, _ in weights), k, k, fp8, out_dtype.itemsize,
-                                   products=len(weights))
-    cfg = replace(cfg, persistent=True, tma=True)
     outs = [torch.empty(m, w.shape[0], device=a.device, dtype=out_dtype) for w, _, _ in weights]
-    if m and _use_ws(config, None, False, True, a, [w for w, _, _ in weights], outs, None, group=True):
+    if m and _use_ws(config, None, False, True, a, [w for w, _, _ in weights], outs, group=True):
         ws_gemm.linear_group(a, a_scale.view(-1), [(w, s.view(-1), b, c) for (w, s, b), c in zip(weights, outs)],
                              pdl=pdl.enabled(a.device))
     elif m:
+        fp8 = a.dtype == torch.float8_e4m3fn
+        cfg = config or default_config(m, sum(w.shape[0] for w, _, _ in weights), k, k, fp8, out_dtype.itemsize,
+                                       products=len(weights))
+        cfg = replace(cfg, persistent=True, tma=True)
         res = _residual_args(None, None, m, 0, a_scale, out_dtype)
         _launch_tma(a, a_scale, [(w, s, b, c) for (w, s, b), c in zip(weights, outs)], k, cfg, fp8, False, res)
     return outs
