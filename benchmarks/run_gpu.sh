@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call (one H100 / H200), in steps that each run under their own timeout, the whole script ending
 # within BUDGET_S (default 560) seconds of its start:
-#   tests      the GPU kernel tests (TESTS_K: a pytest -k filter; empty = all of test_kernels/ws_gemm/attention/fusion;
+#   tests      the GPU kernel tests (TESTS_K: a pytest -k filter; empty = all of test_kernels/ws_gemm/ws_attention/attention/fusion;
 #              TESTS_S: their timeout, default 170 s)
 #   gemm       bench_gemm.py: ceilings, act-quant table, GEMM table (bf16 cuBLAS, fp8 _scaled_mm, ours);
 #              GEMM_ARGS: extra arguments (e.g. --shapes pixart_qkvo,pixart_ff_up)
@@ -74,7 +74,7 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', dif
       'accelerate', accelerate.__version__, 'torchao', ao)" 2>&1 | tail -3
 
     # the kernel tests on the GPU (real DiT shapes included: the gpu_only cases)
-    wanted tests && step "gpu kernel tests" "${TESTS_S:-170}" sh -c "python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_ws_gemm.py tests/test_attention.py tests/test_fusion.py ${TESTS_K:+-k '$TESTS_K'} --tb=short > '$OUT/tests.txt' 2>&1; tail -4 '$OUT/tests.txt'"
+    wanted tests && step "gpu kernel tests" "${TESTS_S:-170}" sh -c "python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_ws_gemm.py tests/test_ws_attention.py tests/test_attention.py tests/test_fusion.py ${TESTS_K:+-k '$TESTS_K'} --tb=short > '$OUT/tests.txt' 2>&1; tail -4 '$OUT/tests.txt'"
 
     wanted gemm && step "gemm + act quant tables" 120 sh -c "python3 benchmarks/bench_gemm.py --out '$OUT/gemm.json' ${GEMM_ARGS:-} > '$OUT/gemm_log.txt' 2>&1; grep -v '^kern' '$OUT/gemm_log.txt' | tail -45"
 

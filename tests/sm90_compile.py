@@ -1,16 +1,17 @@
-"""Compile :mod:`viditq.kernels.ws_gemm` for sm_90 without a GPU (Triton's bundled ptxas) and print what the
-tests check, as JSON: run in a subprocess by ``tests/test_ws_gemm.py`` (``offline.sm90_compiles`` swaps
-Triton's active driver, and the compile must not see ``TRITON_INTERPRET``)."""
+"""Compile the Gluon kernels for sm_90 without a GPU (Triton's bundled ptxas) and print what the tests check, as
+JSON: ``gemm`` (:mod:`viditq.kernels.ws_gemm`, for ``tests/test_ws_gemm.py``) or ``attention``
+(:mod:`viditq.kernels.ws_attention`, for ``tests/test_ws_attention.py``). Run in a subprocess by the tests
+(``offline.sm90_compiles`` swaps Triton's active driver, and the compile must not see ``TRITON_INTERPRET``)."""
 import json
 import re
 import sys
 
 import torch
 
-from viditq.kernels import offline, ws_gemm
+from viditq.kernels import attention, offline, ws_attention, ws_gemm
 
 
-def main():
+def gemm():
     m, n, k = 1000, 392, 640
     out = {}
     residual = dict(residual=torch.randn(m, n).bfloat16(), gate=torch.randn(2, n).bfloat16())
@@ -34,8 +35,39 @@ def main():
                     wgmma=len(re.findall(rf"wgmma\.mma_async\.sync\.aligned\.m64n128k32\.\w*\.?{kind}", ptx)),
                     griddepcontrol="griddepcontrol.wait" in ptx,
                     tma_loads=len(re.findall(r"cp\.async\.bulk\.tensor\.2d\.shared::\w+\.global", ptx)))
-    json.dump(out, sys.stdout)
+    return out
+
+
+def attention_kernel():
+    """fp8 operands as ``attention.quantize_operands`` lays them out, per padded head dim and key block."""
+    out = {}
+    b, h, n = 1, 2, 300
+    with offline.sm90_compiles(ws_attention._attn_fp8_ws_kernel) as compiled:
+        for head_d in ws_attention.HEAD_DS:
+            for block_n in ws_attention.BLOCK_NS:
+                nq_pad, nkv_pad = 320, triton_cdiv(n, block_n) * block_n
+                ops = attention.QuantizedOperands(
+                    q8=torch.zeros(b * h, nq_pad, head_d, dtype=torch.int8), q_scale=torch.rand(b * h, nq_pad // 64),
+                    k8=torch.zeros(b * h, nkv_pad, head_d, dtype=torch.int8),
+                    k_scale=torch.rand(b * h, nkv_pad // block_n),
+                    v=torch.zeros(b * h, head_d, nkv_pad).to(torch.float8_e4m3fn), v_scale=torch.rand(b * h, head_d),
+                    bias=None)
+                ws_attention.attention(ops, torch.empty(b, n, h, head_d, dtype=torch.bfloat16).transpose(1, 2), n,
+                                       block_n)
+                c = compiled[-1]
+                ptx = c.asm["ptx"]
+                out[f"d{head_d} n{block_n}"] = dict(
+                    shared=c.metadata.shared, setmaxnreg="setmaxnreg" in ptx,
+                    qk=len(re.findall(rf"wgmma\.mma_async\.sync\.aligned\.m64n{block_n}k32\.s32\.s8\.s8", ptx)),
+                    pv=len(re.findall(rf"wgmma\.mma_async\.sync\.aligned\.m64n{head_d}k32\.f32\.e4m3\.e4m3", ptx)),
+                    tma_loads=len(re.findall(r"cp\.async\.bulk\.tensor\.2d\.shared::\w+\.global", ptx)),
+                    local_mem="ld.local" in ptx or "st.local" in ptx)
+    return out
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
 
 
 if __name__ == "__main__":
-    main()
+    json.dump({"gemm": gemm, "attention": attention_kernel}[sys.argv[1]](), sys.stdout)

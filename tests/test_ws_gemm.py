@@ -35,7 +35,7 @@ def test_kernel_compiles_for_sm90_as_designed():
     tiles, two C tiles)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(ws_gemm.__file__).parents[2]), env.get("PYTHONPATH", "")])
-    run = subprocess.run([sys.executable, str(Path(__file__).with_name("sm90_compile.py"))], env=env,
+    run = subprocess.run([sys.executable, str(Path(__file__).with_name("sm90_compile.py")), "gemm"], env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout)

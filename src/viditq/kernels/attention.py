@@ -36,6 +36,11 @@ import torch
 import triton
 import triton.language as tl
 
+try:  # the FA3-structured fp8 kernel for sm_90 (Gluon); without its Hopper API, the tl kernel runs everything
+    from . import ws_attention
+except (ImportError, AttributeError):
+    ws_attention = None
+
 MODES = ("int8", "fp8")
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E)
 INT8_MAX = 127.0
@@ -505,7 +510,10 @@ def quantize_operands(q, k, v, mode: str, scale: float, bias, config: AttentionC
 def attention_from_operands(
     ops: QuantizedOperands, out: torch.Tensor, n_kv: int, config: AttentionConfig
 ) -> torch.Tensor:
-    """Run the attention kernel into ``out`` (B, H, Nq, D) (any strides)."""
+    """Run the attention kernel into ``out`` (B, H, Nq, D) (any strides): on sm_90 the fp8 mode goes to the
+    warp-specialized Gluon kernel (:mod:`ws_attention`) where it applies."""
+    if ws_attention is not None and ws_attention.applies(ops, out, config.block_m, config.block_n):
+        return ws_attention.attention(ops, out, n_kv, config.block_n)
     b, h, n_q, d = out.shape
     nkv_pad = ops.k8.shape[1]
     n_unmasked = nkv_pad if ops.bias is not None else (n_kv // config.block_n) * config.block_n

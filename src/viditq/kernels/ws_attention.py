@@ -1,0 +1,220 @@
+"""The fp8 mode of :mod:`attention` for Hopper in Triton's Gluon dialect, structured as FlashAttention-3.
+
+Same operands and numerics as the ``tl`` kernel of :mod:`attention` (fp8 mode, no bias): int8 Q·Kᵀ with per-block
+scales, the online softmax on ``exp2`` with the row max taken on the integer scores, P shifted so its row max is
+448 and cast to fp8 e4m3, P·V on fp8 tensor cores with V's per-channel scales applied at the end.
+
+Structure, per program: one head (b·h) and two query tiles of ``BLOCK_M`` = 64 rows. One *producer* warp loads
+both Q tiles, then streams the head's K blocks (``BLOCK_N`` x D int8) and Vᵀ blocks (D x ``BLOCK_N`` fp8) by TMA
+through a ring of ``STAGES`` shared-memory stages; both *consumer* warpgroups read every stage (a stage is free
+once both have arrived on ``empty``), each for its own query tile. Within a consumer, the loop is software
+pipelined as FA3's: the wgmma of S(j) = Q·K(j)ᵀ and of O += P(j-1)·V(j-1) are issued together, and the softmax
+of block j runs while P(j-1)·V(j-1) is in flight. The two warpgroups' softmax and wgmma interleave on the SM; the
+``tl`` kernel (one warpgroup waiting on its own wgmma, 2-3 programs per SM) cannot schedule that (NOTES.md,
+"8-bit attention").
+
+Gluon has no CPU interpreter: CI compiles the kernel for sm_90 (``tests/test_ws_attention.py``); on an H100 /
+H200 the tests compare it with the ``tl`` kernel and the reference. :func:`applies` says when
+:func:`attention.attention_from_operands` dispatches here (``VIDITQ_WS_ATTENTION=0`` turns it off).
+"""
+import os
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
+                                                               warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+from triton.language.core import _aggregate as aggregate
+
+from .ws_gemm import _device, _tma_load
+
+# (no ``from __future__ import annotations``: the aggregate's field annotations must be classes, not strings)
+
+BLOCK_M = 64  # query rows per consumer warpgroup (one m64 wgmma row block)
+BLOCK_NS = (64, 128)  # key blocks the kernel takes (the K quantization block of the operands)
+HEAD_DS = (32, 64, 128)  # padded head dims: the accumulators of a 64-row tile fit the consumers' registers
+STAGES = 3
+REGS = (232, 40)  # registers per thread: consumers, producer
+P_SHIFT = gl.constexpr(8.807354922057604)  # log2(448): P's row max lands on 448
+
+
+@aggregate
+class Cfg:
+    """Compile-time choices for the partitions (constexprs in ``warp_specialize``'s argument tuples arrive as
+    tensors in Triton 3.6)."""
+    BLOCK_M: gl.constexpr
+    BLOCK_N: gl.constexpr
+    HEAD_D: gl.constexpr
+    STAGES: gl.constexpr
+
+    @gluon.constexpr_function
+    def __init__(self, BLOCK_M, BLOCK_N, HEAD_D, STAGES):
+        self.BLOCK_M = gl.constexpr(BLOCK_M)
+        self.BLOCK_N = gl.constexpr(BLOCK_N)
+        self.HEAD_D = gl.constexpr(HEAD_D)
+        self.STAGES = gl.constexpr(STAGES)
+
+
+@gluon.jit
+def _producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, ready, empty, NQ_PAD, NKV_PAD, N_KV, cfg):
+    bh = gl.program_id(1)
+    row_q = bh * NQ_PAD + gl.program_id(0) * (2 * cfg.BLOCK_M)
+    for c in gl.static_range(2):  # (past the head's last tile, TMA reads the next head's rows or zeros: unused)
+        mbarrier.expect(q_ready.index(c), q_desc.block_type.nbytes)
+        _tma_load(q_desc, [row_q + c * cfg.BLOCK_M, 0], q_ready.index(c), q_bufs.index(c))
+    for j in range(gl.cdiv(N_KV, cfg.BLOCK_N)):
+        s = j % cfg.STAGES
+        mbarrier.wait(empty.index(s), ((j // cfg.STAGES) & 1) ^ 1)
+        mbarrier.expect(ready.index(s), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        _tma_load(k_desc, [bh * NKV_PAD + j * cfg.BLOCK_N, 0], ready.index(s), k_bufs.index(s))
+        _tma_load(v_desc, [bh * cfg.HEAD_D, j * cfg.BLOCK_N], ready.index(s), v_bufs.index(s))
+
+
+@gluon.jit
+def _softmax_block(qk, j, m_i, qk_scale, N_KV, cfg, s_layout: gl.constexpr):
+    """One key block's online-softmax step on the int32 scores: (P shifted so its row max is 448, the new row
+    max, the factor that rescales the running sums)."""
+    if (j + 1) * cfg.BLOCK_N > N_KV:  # the last, partial key block: padded keys masked
+        offs_n = j * cfg.BLOCK_N + gl.arange(0, cfg.BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        sc = gl.where((offs_n < N_KV)[None, :], qk.to(gl.float32) * qk_scale, -1.0e30)
+        m_new = gl.maximum(m_i, gl.max(sc, axis=1))
+        p = gl.exp2(sc - (m_new - P_SHIFT)[:, None])
+    else:  # row max on the integers, one FFMA + one exp2 per score
+        m_new = gl.maximum(m_i, gl.max(qk, axis=1).to(gl.float32) * qk_scale)
+        p = gl.exp2(qk.to(gl.float32) * qk_scale - (m_new - P_SHIFT)[:, None])
+    return p, m_new, gl.exp2(m_i - m_new)
+
+
+@gluon.jit
+def _consumer(CID: gl.constexpr, q_bufs, k_bufs, v_bufs, q_ready, ready, empty, QScale, KScale, VScale, Out,
+              stride_ob, stride_oh, stride_on, stride_od, H, N_Q, N_KV, D, NQ_PAD, NKV_PAD, cfg):
+    BLOCK_M: gl.constexpr = cfg.BLOCK_M
+    BLOCK_N: gl.constexpr = cfg.BLOCK_N
+    HEAD_D: gl.constexpr = cfg.HEAD_D
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 32])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_D, 32])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
+    bh = gl.program_id(1)
+    m_block = gl.program_id(0) * 2 + CID
+    nq_blocks = NQ_PAD // BLOCK_M  # odd: the last program's second tile is past the end (nothing stored)
+    q_scale = gl.load(QScale + bh * nq_blocks + m_block, mask=m_block < nq_blocks, other=0.0)
+    k_scales = KScale + bh * (NKV_PAD // BLOCK_N)
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([BLOCK_M, HEAD_D], gl.float32, o_layout)
+    zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, s_layout)
+    mbarrier.wait(q_ready.index(CID), 0)
+    q_smem = q_bufs.index(CID)
+    n_blocks = gl.cdiv(N_KV, BLOCK_N)
+
+    mbarrier.wait(ready.index(0), 0)
+    qk = warpgroup_mma(q_smem, k_bufs.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    qk = warpgroup_mma_wait(0, deps=(qk,))
+    p, m_i, alpha = _softmax_block(qk, 0, m_i, q_scale * gl.load(k_scales), N_KV, cfg, s_layout)
+    l_i = gl.sum(p, axis=1)
+    p8 = gl.convert_layout(p.to(gl.float8e4nv), p_layout)
+    for j in range(1, n_blocks):
+        s = j % cfg.STAGES
+        s_prev = (j - 1) % cfg.STAGES
+        mbarrier.wait(ready.index(s), (j // cfg.STAGES) & 1)
+        qk = warpgroup_mma(q_smem, k_bufs.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        # P is a register operand; an 8-bit tensor cannot be a wait dep in Triton 3.6, ptxas keeps it alive
+        acc = warpgroup_mma(p8, v_bufs.index(s_prev).permute((1, 0)), acc, is_async=True)
+        qk = warpgroup_mma_wait(1, deps=(qk,))  # S(j) done; P(j-1)·V(j-1) may still run
+        p, m_i, alpha = _softmax_block(qk, j, m_i, q_scale * gl.load(k_scales + j), N_KV, cfg, s_layout)
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        p8 = gl.convert_layout(p.to(gl.float8e4nv), p_layout)
+        acc = warpgroup_mma_wait(0, deps=(acc,))
+        mbarrier.arrive(empty.index(s_prev))
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+    s_last = (n_blocks - 1) % cfg.STAGES
+    acc = warpgroup_mma(p8, v_bufs.index(s_last).permute((1, 0)), acc, is_async=True)
+    acc = warpgroup_mma_wait(0, deps=(acc,))
+    mbarrier.arrive(empty.index(s_last))
+
+    offs_m = m_block * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
+    offs_d = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, o_layout))
+    out = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]
+    out = out * gl.load(VScale + bh * HEAD_D + offs_d)[None, :]
+    b = bh // H
+    h = bh % H
+    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
+    gl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m < N_Q)[:, None] & (offs_d < D)[None, :])
+
+
+@gluon.jit
+def _consumer0(q_bufs, k_bufs, v_bufs, q_ready, ready, empty, QScale, KScale, VScale, Out,
+               stride_ob, stride_oh, stride_on, stride_od, H, N_Q, N_KV, D, NQ_PAD, NKV_PAD, cfg):
+    _consumer(0, q_bufs, k_bufs, v_bufs, q_ready, ready, empty, QScale, KScale, VScale, Out,
+              stride_ob, stride_oh, stride_on, stride_od, H, N_Q, N_KV, D, NQ_PAD, NKV_PAD, cfg)
+
+
+@gluon.jit
+def _consumer1(q_bufs, k_bufs, v_bufs, q_ready, ready, empty, QScale, KScale, VScale, Out,
+               stride_ob, stride_oh, stride_on, stride_od, H, N_Q, N_KV, D, NQ_PAD, NKV_PAD, cfg):
+    _consumer(1, q_bufs, k_bufs, v_bufs, q_ready, ready, empty, QScale, KScale, VScale, Out,
+              stride_ob, stride_oh, stride_on, stride_od, H, N_Q, N_KV, D, NQ_PAD, NKV_PAD, cfg)
+
+
+@gluon.jit
+def _attn_fp8_ws_kernel(q_desc, k_desc, v_desc, QScale, KScale, VScale, Out, stride_ob, stride_oh, stride_on,
+                        stride_od, H, N_Q, N_KV, D, NQ_PAD, NKV_PAD, STAGES: gl.constexpr,
+                        CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
+    HEAD_D: gl.constexpr = q_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+    k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for c in gl.static_range(2):
+        mbarrier.init(q_ready.index(c), count=1)
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=2)  # both consumer groups read every K / V stage
+    fence_async_shared()
+    cfg = Cfg(BLOCK_M, BLOCK_N, HEAD_D, STAGES)
+    consumer_args = (q_bufs, k_bufs, v_bufs, q_ready, ready, empty, QScale, KScale, VScale, Out,
+                     stride_ob, stride_oh, stride_on, stride_od, H, N_Q, N_KV, D, NQ_PAD, NKV_PAD, cfg)
+    gl.warp_specialize([
+        (_consumer0, consumer_args),
+        (_consumer1, consumer_args),
+        (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, ready, empty, NQ_PAD, NKV_PAD, N_KV,
+                     cfg)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+def applies(ops, out: torch.Tensor, block_m: int, block_n: int) -> bool:
+    """Whether :func:`attention` should run these operands (quantized with Q / K blocks ``block_m`` /
+    ``block_n``): fp8 mode without bias on an sm_90 GPU, 64-row Q blocks, a key block and padded head dim the
+    kernel takes, and not switched off by ``VIDITQ_WS_ATTENTION=0``."""
+    if out.device.type != "cuda" or os.environ.get("VIDITQ_WS_ATTENTION", "1") == "0":
+        return False
+    if ops.v_scale is None or ops.bias is not None or block_m != BLOCK_M or block_n not in BLOCK_NS:
+        return False
+    return ops.q8.shape[2] in HEAD_DS and _device(out.device)[0] == (9, 0)
+
+
+def attention(ops, out: torch.Tensor, n_kv: int, block_n: int, stages: int = STAGES) -> torch.Tensor:
+    """Write the attention of the quantized operands ``ops`` (``attention.QuantizedOperands``, fp8 mode, Q in
+    64-row blocks, K / V in ``block_n``-key blocks) over the first ``n_kv`` keys into ``out`` (B, H, Nq, D), any
+    strides."""
+    b, h, n_q, d = out.shape
+    bh, nq_pad, head_d = ops.q8.shape
+    nkv_pad = ops.k8.shape[1]
+    i8, f8 = gl.int8, gl.float8e4nv
+    q_desc = TensorDescriptor.from_tensor(ops.q8.view(bh * nq_pad, head_d), [BLOCK_M, head_d],
+                                          gl.NVMMASharedLayout.get_default_for([BLOCK_M, head_d], i8))
+    k_desc = TensorDescriptor.from_tensor(ops.k8.view(bh * nkv_pad, head_d), [block_n, head_d],
+                                          gl.NVMMASharedLayout.get_default_for([block_n, head_d], i8))
+    v_desc = TensorDescriptor.from_tensor(ops.v.view(bh * head_d, nkv_pad), [head_d, block_n],
+                                          gl.NVMMASharedLayout.get_default_for([head_d, block_n], f8))
+    grid = ((nq_pad // BLOCK_M + 1) // 2, bh)
+    _attn_fp8_ws_kernel[grid](q_desc, k_desc, v_desc, ops.q_scale, ops.k_scale, ops.v_scale, out, *out.stride(), h,
+                              n_q, n_kv, d, nq_pad, nkv_pad, STAGES=stages, CONSUMER_REGS=REGS[0],
+                              PRODUCER_REGS=REGS[1], num_warps=4)
+    return out
