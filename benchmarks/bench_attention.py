@@ -11,7 +11,9 @@ warm-up; quality vs float32 attention on the first ``--ref-rows`` queries of eac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import time
 
 import torch
@@ -103,8 +105,22 @@ def graph_bench(fn):
     return bench(graph.replay)
 
 
-def config_key(mode, cfg):
-    return f"{mode}_m{cfg.block_m}_n{cfg.block_n}_w{cfg.num_warps}_s{cfg.num_stages}"
+def config_key(mode, cfg, tl_only=False):
+    return f"{mode}_m{cfg.block_m}_n{cfg.block_n}_w{cfg.num_warps}_s{cfg.num_stages}{'_tl' if tl_only else ''}"
+
+
+@contextlib.contextmanager
+def ws_attention_off():
+    """The tl kernel where the Gluon one (kernels/ws_attention.py) would run: its A/B in the same process."""
+    old = os.environ.get("VIDITQ_WS_ATTENTION")
+    os.environ["VIDITQ_WS_ATTENTION"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["VIDITQ_WS_ATTENTION"]
+        else:
+            os.environ["VIDITQ_WS_ATTENTION"] = old
 
 
 def time_config(q, k, v, bias, mode, cfg, flops, sdpa_ms):
@@ -145,15 +161,19 @@ def time_shape(name, q, k, v, mask, configs):
     for mode in KA.MODES:
         timed = {}
         for cfg in configs:
-            timed[cfg] = time_config(q, k, v, bias, mode, cfg, flops, res["sdpa_bf16_ms"])
-        for cfg, r in timed.items():
-            res["configs"][config_key(mode, cfg)] = r
+            timed[cfg, False] = time_config(q, k, v, bias, mode, cfg, flops, res["sdpa_bf16_ms"])
+            ws = KA.ws_attention
+            if ws is not None and mode == "fp8" and bias is None and cfg.block_m == ws.BLOCK_M:
+                with ws_attention_off():
+                    timed[cfg, True] = time_config(q, k, v, bias, mode, cfg, flops, res["sdpa_bf16_ms"])
+        for c, r in timed.items():
+            res["configs"][config_key(mode, *c)] = r
         ok = [c for c in timed if "total_ms" in timed[c]]
         if ok:
             best = min(ok, key=lambda c: timed[c]["total_ms"])
-            res[f"best_{mode}"] = {"config": config_key(mode, best), **timed[best]}
+            res[f"best_{mode}"] = {"config": config_key(mode, *best), **timed[best]}
         print(f"  {name} {mode} (total / kernel / prep in a graph / stats vs torch stats, ms): " + ", ".join(
-            f"{config_key(mode, c)} {r.get('total_ms', float('nan')):.3f} / {r.get('kernel_ms', float('nan')):.3f}"
+            f"{config_key(mode, *c)} {r.get('total_ms', float('nan')):.3f} / {r.get('kernel_ms', float('nan')):.3f}"
             f" / {r.get('prep_graph_ms', float('nan')):.3f} / {r.get('stats_graph_ms', float('nan')):.3f} vs "
             f"{r.get('stats_torch_graph_ms', float('nan')):.3f}" for c, r in timed.items()), flush=True)
     return res
