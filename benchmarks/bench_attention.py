@@ -110,10 +110,10 @@ def config_key(mode, cfg, tl_only=False):
 
 
 @contextlib.contextmanager
-def ws_attention_off():
-    """The tl kernel where the Gluon one (kernels/ws_attention.py) would run: its A/B in the same process."""
+def ws_attention(on: bool):
+    """The Gluon kernel (kernels/ws_attention.py) or the tl kernel for the fp8 mode: their A/B in one process."""
     old = os.environ.get("VIDITQ_WS_ATTENTION")
-    os.environ["VIDITQ_WS_ATTENTION"] = "0"
+    os.environ["VIDITQ_WS_ATTENTION"] = "1" if on else "0"
     try:
         yield
     finally:
@@ -161,11 +161,13 @@ def time_shape(name, q, k, v, mask, configs):
     for mode in KA.MODES:
         timed = {}
         for cfg in configs:
-            timed[cfg, False] = time_config(q, k, v, bias, mode, cfg, flops, res["sdpa_bf16_ms"])
             ws = KA.ws_attention
             if ws is not None and mode == "fp8" and bias is None and cfg.block_m == ws.BLOCK_M:
-                with ws_attention_off():
-                    timed[cfg, True] = time_config(q, k, v, bias, mode, cfg, flops, res["sdpa_bf16_ms"])
+                for tl_only in (False, True):
+                    with ws_attention(not tl_only):
+                        timed[cfg, tl_only] = time_config(q, k, v, bias, mode, cfg, flops, res["sdpa_bf16_ms"])
+            else:
+                timed[cfg, False] = time_config(q, k, v, bias, mode, cfg, flops, res["sdpa_bf16_ms"])
         for c, r in timed.items():
             res["configs"][config_key(mode, *c)] = r
         ok = [c for c in timed if "total_ms" in timed[c]]

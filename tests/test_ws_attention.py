@@ -49,7 +49,7 @@ def test_kernel_compiles_for_sm90_as_designed():
             assert smem <= info["shared"] <= smem + 1024, info
 
 
-def test_dispatch_predicate_off_the_gpu():
+def test_dispatch_predicate_off_the_gpu(monkeypatch):
     """``applies`` refuses what the kernel cannot take: CPU tensors, the int8 mode (bf16 V), a key-padding bias,
     128-row Q blocks."""
     q, k, v = (torch.randn(1, 2, 300, 64) for _ in range(3))
@@ -57,6 +57,7 @@ def test_dispatch_predicate_off_the_gpu():
     out = torch.empty(1, 2, 300, 64)
     assert not ws_attention.applies(fp8, out, 64, 128)  # not CUDA
     if SM90:
+        monkeypatch.setenv("VIDITQ_WS_ATTENTION", "1")
         cuda = KA.QuantizedOperands(**{f: getattr(fp8, f).cuda() if getattr(fp8, f) is not None else None
                                        for f in fp8.__dataclass_fields__})
         out = out.cuda()
@@ -91,6 +92,7 @@ def test_kernel_matches_tl_kernel_and_reference(shape, block_n, monkeypatch):
     calls = []
     real = ws_attention.attention
     monkeypatch.setattr(ws_attention, "attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setenv("VIDITQ_WS_ATTENTION", "1")
     out = KA.quantized_attention_triton(q, k, v, "fp8", config=config)
     assert calls == [1]
     monkeypatch.setenv("VIDITQ_WS_ATTENTION", "0")

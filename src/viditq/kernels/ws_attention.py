@@ -15,7 +15,7 @@ of block j runs while P(j-1)·V(j-1) is in flight. The two warpgroups' softmax a
 
 Gluon has no CPU interpreter: CI compiles the kernel for sm_90 (``tests/test_ws_attention.py``); on an H100 /
 H200 the tests compare it with the ``tl`` kernel and the reference. :func:`applies` says when
-:func:`attention.attention_from_operands` dispatches here (``VIDITQ_WS_ATTENTION=0`` turns it off).
+:func:`attention.attention_from_operands` dispatches here (``VIDITQ_WS_ATTENTION=1`` / ``0`` turns it on / off).
 """
 import os
 
@@ -35,6 +35,7 @@ BLOCK_M = 64  # query rows per consumer warpgroup (one m64 wgmma row block)
 BLOCK_NS = (64, 128)  # key blocks the kernel takes (the K quantization block of the operands)
 HEAD_DS = (32, 64, 128)  # padded head dims: the accumulators of a 64-row tile fit the consumers' registers
 STAGES = 3
+ENABLED_BY_DEFAULT = False  # until measured on an H100 (``VIDITQ_WS_ATTENTION=1`` turns it on, ``=0`` off)
 REGS = (232, 40)  # registers per thread: consumers, producer
 P_SHIFT = gl.constexpr(8.807354922057604)  # log2(448): P's row max lands on 448
 
@@ -191,8 +192,8 @@ def _attn_fp8_ws_kernel(q_desc, k_desc, v_desc, QScale, KScale, VScale, Out, str
 def applies(ops, out: torch.Tensor, block_m: int, block_n: int) -> bool:
     """Whether :func:`attention` should run these operands (quantized with Q / K blocks ``block_m`` /
     ``block_n``): fp8 mode without bias on an sm_90 GPU, 64-row Q blocks, a key block and padded head dim the
-    kernel takes, and not switched off by ``VIDITQ_WS_ATTENTION=0``."""
-    if out.device.type != "cuda" or os.environ.get("VIDITQ_WS_ATTENTION", "1") == "0":
+    kernel takes, and switched on (``VIDITQ_WS_ATTENTION``, default ``ENABLED_BY_DEFAULT``)."""
+    if out.device.type != "cuda" or os.environ.get("VIDITQ_WS_ATTENTION", "01"[ENABLED_BY_DEFAULT]) != "1":
         return False
     if ops.v_scale is None or ops.bias is not None or block_m != BLOCK_M or block_n not in BLOCK_NS:
         return False
