@@ -7,6 +7,7 @@ import re
 import sys
 
 import torch
+import triton
 
 from viditq.kernels import attention, offline, ws_attention, ws_gemm
 
@@ -45,7 +46,7 @@ def attention_kernel():
     with offline.sm90_compiles(ws_attention._attn_fp8_ws_kernel) as compiled:
         for head_d in ws_attention.HEAD_DS:
             for block_n in ws_attention.BLOCK_NS:
-                nq_pad, nkv_pad = 320, triton_cdiv(n, block_n) * block_n
+                nq_pad, nkv_pad = 320, triton.cdiv(n, block_n) * block_n
                 ops = attention.QuantizedOperands(
                     q8=torch.zeros(b * h, nq_pad, head_d, dtype=torch.int8), q_scale=torch.rand(b * h, nq_pad // 64),
                     k8=torch.zeros(b * h, nkv_pad, head_d, dtype=torch.int8),
@@ -61,12 +62,8 @@ def attention_kernel():
                     qk=len(re.findall(rf"wgmma\.mma_async\.sync\.aligned\.m64n{block_n}k32\.s32\.s8\.s8", ptx)),
                     pv=len(re.findall(rf"wgmma\.mma_async\.sync\.aligned\.m64n{head_d}k32\.f32\.e4m3\.e4m3", ptx)),
                     tma_loads=len(re.findall(r"cp\.async\.bulk\.tensor\.2d\.shared::\w+\.global", ptx)),
-                    local_mem="ld.local" in ptx or "st.local" in ptx)
+                    **offline.ptxas_report(c))
     return out
-
-
-def triton_cdiv(a, b):
-    return -(-a // b)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,14 @@ the compiler makes of the Gluon GEMM (which has no CPU interpreter), and the ben
 from __future__ import annotations
 
 import contextlib
+import os
+import re
+import subprocess
+import tempfile
 
 import torch
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.runtime import driver
 
 
@@ -45,3 +50,19 @@ def sm90_compiles(kernel):
         kernel.run = real_run
         with contextlib.suppress(RuntimeError):  # no default driver to go back to on a machine without a GPU
             driver.reset_active()
+
+
+def ptxas_report(compiled) -> dict:
+    """Bundled ptxas, verbose, on a compiled kernel's PTX for sm_90a: registers per thread, spill bytes, and
+    whether ptxas serialized the asynchronous wgmma (it does when it cannot prove a register operand or
+    accumulator untouched while in flight — a silent loss of the overlap)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "kernel.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        run = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", ptx, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True, check=True)
+    log = run.stdout + run.stderr
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return dict(registers=int(re.search(r"Used (\d+) registers", log)[1]), spill_stores=int(spills[1]),
+                spill_loads=int(spills[2]), wgmma_serialized="wgmma.mma_async instructions are serialized" in log)
