@@ -105,22 +105,27 @@ def graph_bench(fn):
     return bench(graph.replay)
 
 
-def config_key(mode, cfg, tl_only=False):
-    return f"{mode}_m{cfg.block_m}_n{cfg.block_n}_w{cfg.num_warps}_s{cfg.num_stages}{'_tl' if tl_only else ''}"
+def config_key(mode, cfg, kernel=""):
+    return f"{mode}_m{cfg.block_m}_n{cfg.block_n}_w{cfg.num_warps}_s{cfg.num_stages}{'_' + kernel if kernel else ''}"
+
+
+WS_KERNELS = ("tl", "ws", "ws_pingpong")  # the fp8 tiles the Gluon kernel takes run on each of these
 
 
 @contextlib.contextmanager
-def ws_attention(on: bool):
-    """The Gluon kernel (kernels/ws_attention.py) or the tl kernel for the fp8 mode: their A/B in one process."""
-    old = os.environ.get("VIDITQ_WS_ATTENTION")
-    os.environ["VIDITQ_WS_ATTENTION"] = "1" if on else "0"
+def fp8_kernel(kernel: str):
+    """The tl kernel or the Gluon one (kernels/ws_attention.py, plain or ping-pong order) for the fp8 mode."""
+    old = os.environ.get("VIDITQ_WS_ATTENTION"), KA.ws_attention.PINGPONG
+    os.environ["VIDITQ_WS_ATTENTION"] = "0" if kernel == "tl" else "1"
+    KA.ws_attention.PINGPONG = kernel == "ws_pingpong"
     try:
         yield
     finally:
-        if old is None:
+        KA.ws_attention.PINGPONG = old[1]
+        if old[0] is None:
             del os.environ["VIDITQ_WS_ATTENTION"]
         else:
-            os.environ["VIDITQ_WS_ATTENTION"] = old
+            os.environ["VIDITQ_WS_ATTENTION"] = old[0]
 
 
 def time_config(q, k, v, bias, mode, cfg, flops, sdpa_ms):
@@ -163,11 +168,11 @@ def time_shape(name, q, k, v, mask, configs):
         for cfg in configs:
             ws = KA.ws_attention
             if ws is not None and mode == "fp8" and bias is None and cfg.block_m == ws.BLOCK_M:
-                for tl_only in (False, True):
-                    with ws_attention(not tl_only):
-                        timed[cfg, tl_only] = time_config(q, k, v, bias, mode, cfg, flops, res["sdpa_bf16_ms"])
+                for kernel in WS_KERNELS:
+                    with fp8_kernel(kernel):
+                        timed[cfg, kernel] = time_config(q, k, v, bias, mode, cfg, flops, res["sdpa_bf16_ms"])
             else:
-                timed[cfg, False] = time_config(q, k, v, bias, mode, cfg, flops, res["sdpa_bf16_ms"])
+                timed[cfg, ""] = time_config(q, k, v, bias, mode, cfg, flops, res["sdpa_bf16_ms"])
         for c, r in timed.items():
             res["configs"][config_key(mode, *c)] = r
         ok = [c for c in timed if "total_ms" in timed[c]]

@@ -40,29 +40,30 @@ def gemm():
 
 
 def attention_kernel():
-    """fp8 operands as ``attention.quantize_operands`` lays them out, per padded head dim and key block."""
+    """fp8 operands as ``attention.quantize_operands`` lays them out, per padded head dim and key block; the
+    ping-pong order at the CogVideoX tile."""
     out = {}
     b, h, n = 1, 2, 300
     with offline.sm90_compiles(ws_attention._attn_fp8_ws_kernel) as compiled:
-        for head_d in ws_attention.HEAD_DS:
-            for block_n in ws_attention.BLOCK_NS:
-                nq_pad, nkv_pad = 320, triton.cdiv(n, block_n) * block_n
-                ops = attention.QuantizedOperands(
-                    q8=torch.zeros(b * h, nq_pad, head_d, dtype=torch.int8), q_scale=torch.rand(b * h, nq_pad // 64),
-                    k8=torch.zeros(b * h, nkv_pad, head_d, dtype=torch.int8),
-                    k_scale=torch.rand(b * h, nkv_pad // block_n),
-                    v=torch.zeros(b * h, head_d, nkv_pad).to(torch.float8_e4m3fn), v_scale=torch.rand(b * h, head_d),
-                    bias=None)
-                ws_attention.attention(ops, torch.empty(b, n, h, head_d, dtype=torch.bfloat16).transpose(1, 2), n,
-                                       block_n)
-                c = compiled[-1]
-                ptx = c.asm["ptx"]
-                out[f"d{head_d} n{block_n}"] = dict(
-                    shared=c.metadata.shared, setmaxnreg="setmaxnreg" in ptx,
-                    qk=len(re.findall(rf"wgmma\.mma_async\.sync\.aligned\.m64n{block_n}k32\.s32\.s8\.s8", ptx)),
-                    pv=len(re.findall(rf"wgmma\.mma_async\.sync\.aligned\.m64n{head_d}k32\.f32\.e4m3\.e4m3", ptx)),
-                    tma_loads=len(re.findall(r"cp\.async\.bulk\.tensor\.2d\.shared::\w+\.global", ptx)),
-                    **offline.ptxas_report(c))
+        variants = [(d, bn, False) for d in ws_attention.HEAD_DS for bn in ws_attention.BLOCK_NS] + [(64, 128, True)]
+        for head_d, block_n, pingpong in variants:
+            nq_pad, nkv_pad = 320, triton.cdiv(n, block_n) * block_n
+            ops = attention.QuantizedOperands(
+                q8=torch.zeros(b * h, nq_pad, head_d, dtype=torch.int8), q_scale=torch.rand(b * h, nq_pad // 64),
+                k8=torch.zeros(b * h, nkv_pad, head_d, dtype=torch.int8),
+                k_scale=torch.rand(b * h, nkv_pad // block_n),
+                v=torch.zeros(b * h, head_d, nkv_pad).to(torch.float8_e4m3fn), v_scale=torch.rand(b * h, head_d),
+                bias=None)
+            ws_attention.attention(ops, torch.empty(b, n, h, head_d, dtype=torch.bfloat16).transpose(1, 2), n,
+                                   block_n, pingpong=pingpong)
+            c = compiled[-1]
+            ptx = c.asm["ptx"]
+            out[f"d{head_d} n{block_n}{' pingpong' if pingpong else ''}"] = dict(
+                shared=c.metadata.shared, setmaxnreg="setmaxnreg" in ptx,
+                qk=len(re.findall(rf"wgmma\.mma_async\.sync\.aligned\.m64n{block_n}k32\.s32\.s8\.s8", ptx)),
+                pv=len(re.findall(rf"wgmma\.mma_async\.sync\.aligned\.m64n{head_d}k32\.f32\.e4m3\.e4m3", ptx)),
+                tma_loads=len(re.findall(r"cp\.async\.bulk\.tensor\.2d\.shared::\w+\.global", ptx)),
+                **offline.ptxas_report(c))
     return out
 
 

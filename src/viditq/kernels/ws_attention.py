@@ -7,15 +7,19 @@ scales, the online softmax on ``exp2`` with the row max taken on the integer sco
 Structure, per program: one head (b·h) and two query tiles of ``BLOCK_M`` = 64 rows. One *producer* warp loads
 both Q tiles, then streams the head's K blocks (``BLOCK_N`` x D int8) and Vᵀ blocks (D x ``BLOCK_N`` fp8) by TMA
 through a ring of ``STAGES`` shared-memory stages; both *consumer* warpgroups read every stage (a stage is free
-once both have arrived on ``empty``), each for its own query tile. Within a consumer, the loop is software
-pipelined as FA3's: the wgmma of S(j) = Q·K(j)ᵀ and of O += P(j-1)·V(j-1) are issued together, and the softmax
-of block j runs while P(j-1)·V(j-1) is in flight. The two warpgroups' softmax and wgmma interleave on the SM; the
-``tl`` kernel (one warpgroup waiting on its own wgmma, 2-3 programs per SM) cannot schedule that (NOTES.md,
-"8-bit attention").
+once both have arrived on ``empty``), each for its own query tile: S = Q·K(j)ᵀ, the softmax, O += P·V(j).
+``pingpong``: the two groups issue their wgmma in turns (mbarriers ``turn``), as FA3 orders its warpgroups with
+named barriers, so that one group's softmax runs while the other's wgmma do.
+
+Status (NOTES.md, session 18, H100, CogVideoX's (2, 30, 17776, 64)): correct (the GPU tests: within 0.001-0.003
+of the ``tl`` kernel), but **slower than the tl kernel** — 10.2 ms against 8.8-8.9 ms (3 stages or 4); a software-
+pipelined loop (S(j+1) and P(j)·V(j) in flight together, FA3's intra-warpgroup overlap) was slower still (12.1
+ms). Hence off by default (``VIDITQ_WS_ATTENTION=1`` turns it on). The ping-pong order is compiled in CI, not
+yet timed.
 
 Gluon has no CPU interpreter: CI compiles the kernel for sm_90 (``tests/test_ws_attention.py``); on an H100 /
 H200 the tests compare it with the ``tl`` kernel and the reference. :func:`applies` says when
-:func:`attention.attention_from_operands` dispatches here (``VIDITQ_WS_ATTENTION=1`` / ``0`` turns it on / off).
+:func:`attention.attention_from_operands` dispatches here.
 """
 import os
 
@@ -35,8 +39,9 @@ BLOCK_M = 64  # query rows per consumer warpgroup (one m64 wgmma row block)
 BLOCK_NS = (64, 128)  # key blocks the kernel takes (the K quantization block of the operands)
 HEAD_DS = (32, 64, 128)  # padded head dims: the accumulators of a 64-row tile fit the consumers' registers
 STAGES = 3
-ENABLED_BY_DEFAULT = False  # until measured on an H100 (``VIDITQ_WS_ATTENTION=1`` turns it on, ``=0`` off)
-REGS = (240, 24)  # registers per thread: consumers, producer (FA3's split; fewer spills than (232, 40))
+ENABLED_BY_DEFAULT = False  # slower than the tl kernel on the H100 (module docstring); VIDITQ_WS_ATTENTION=1: on
+PINGPONG = False  # the consumers' wgmma issue in turns (compiled, not yet timed on a GPU)
+REGS = (232, 40)  # registers per thread: consumers, producer
 P_SHIFT = gl.constexpr(8.807354922057604)  # log2(448): P's row max lands on 448
 
 
@@ -48,13 +53,15 @@ class Cfg:
     BLOCK_N: gl.constexpr
     HEAD_D: gl.constexpr
     STAGES: gl.constexpr
+    PINGPONG: gl.constexpr
 
     @gluon.constexpr_function
-    def __init__(self, BLOCK_M, BLOCK_N, HEAD_D, STAGES):
+    def __init__(self, BLOCK_M, BLOCK_N, HEAD_D, STAGES, PINGPONG):
         self.BLOCK_M = gl.constexpr(BLOCK_M)
         self.BLOCK_N = gl.constexpr(BLOCK_N)
         self.HEAD_D = gl.constexpr(HEAD_D)
         self.STAGES = gl.constexpr(STAGES)
+        self.PINGPONG = gl.constexpr(PINGPONG)
 
 
 @gluon.jit
@@ -88,7 +95,23 @@ def _softmax_block(qk, j, m_i, qk_scale, N_KV, cfg, s_layout: gl.constexpr):
 
 
 @gluon.jit
-def _consumer(CID: gl.constexpr, q_bufs, k_bufs, v_bufs, q_ready, ready, empty, QScale, KScale, VScale, Out,
+def _take_turn(turn, CID: gl.constexpr, t, cfg):
+    """Ping-pong: before its wgmma issue number ``t``, a consumer waits for the other's issue ``t - 1 + CID``
+    (group 0 goes first), so the two groups issue S(0), S(0), PV(0), PV(0), S(1)... in turn and one group's
+    softmax runs while the other's wgmma do."""
+    if cfg.PINGPONG:
+        if CID == 1 or t > 0:
+            mbarrier.wait(turn.index(CID), (t + CID - 1) & 1)
+
+
+@gluon.jit
+def _pass_turn(turn, CID: gl.constexpr, cfg):
+    if cfg.PINGPONG:
+        mbarrier.arrive(turn.index(1 - CID))
+
+
+@gluon.jit
+def _consumer(CID: gl.constexpr, q_bufs, k_bufs, v_bufs, q_ready, ready, empty, turn, QScale, KScale, VScale, Out,
               stride_ob, stride_oh, stride_on, stride_od, H, N_Q, N_KV, D, NQ_PAD, NKV_PAD, cfg):
     BLOCK_M: gl.constexpr = cfg.BLOCK_M
     BLOCK_N: gl.constexpr = cfg.BLOCK_N
@@ -104,36 +127,27 @@ def _consumer(CID: gl.constexpr, q_bufs, k_bufs, v_bufs, q_ready, ready, empty, 
     q_scale = gl.load(QScale + bh * nq_blocks + m_block, mask=m_block < nq_blocks, other=0.0)
     k_scales = KScale + bh * (NKV_PAD // BLOCK_N)
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
     acc = gl.zeros([BLOCK_M, HEAD_D], gl.float32, o_layout)
     zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, s_layout)
     mbarrier.wait(q_ready.index(CID), 0)
     q_smem = q_bufs.index(CID)
-    n_blocks = gl.cdiv(N_KV, BLOCK_N)
-
-    mbarrier.wait(ready.index(0), 0)
-    qk = warpgroup_mma(q_smem, k_bufs.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-    qk = warpgroup_mma_wait(0, deps=(qk,))
-    p, m_i, alpha = _softmax_block(qk, 0, m_i, q_scale * gl.load(k_scales), N_KV, cfg, s_layout)
-    l_i = gl.sum(p, axis=1)
-    p8 = gl.convert_layout(p.to(gl.float8e4nv), p_layout)
-    for j in range(1, n_blocks):
+    for j in range(gl.cdiv(N_KV, BLOCK_N)):
         s = j % cfg.STAGES
-        s_prev = (j - 1) % cfg.STAGES
         mbarrier.wait(ready.index(s), (j // cfg.STAGES) & 1)
+        _take_turn(turn, CID, 2 * j, cfg)
         qk = warpgroup_mma(q_smem, k_bufs.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        # P is a register operand; an 8-bit tensor cannot be a wait dep in Triton 3.6, ptxas keeps it alive
-        acc = warpgroup_mma(p8, v_bufs.index(s_prev).permute((1, 0)), acc, is_async=True)
-        qk = warpgroup_mma_wait(1, deps=(qk,))  # S(j) done; P(j-1)·V(j-1) may still run
+        _pass_turn(turn, CID, cfg)
+        qk = warpgroup_mma_wait(0, deps=(qk,))
         p, m_i, alpha = _softmax_block(qk, j, m_i, q_scale * gl.load(k_scales + j), N_KV, cfg, s_layout)
         l_i = l_i * alpha + gl.sum(p, axis=1)
-        p8 = gl.convert_layout(p.to(gl.float8e4nv), p_layout)
-        acc = warpgroup_mma_wait(0, deps=(acc,))
-        mbarrier.arrive(empty.index(s_prev))
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-    s_last = (n_blocks - 1) % cfg.STAGES
-    acc = warpgroup_mma(p8, v_bufs.index(s_last).permute((1, 0)), acc, is_async=True)
-    acc = warpgroup_mma_wait(0, deps=(acc,))
-    mbarrier.arrive(empty.index(s_last))
+        p8 = gl.convert_layout(p.to(gl.float8e4nv), p_layout)
+        _take_turn(turn, CID, 2 * j + 1, cfg)
+        acc = warpgroup_mma(p8, v_bufs.index(s).permute((1, 0)), acc, is_async=True)
+        _pass_turn(turn, CID, cfg)
+        acc = warpgroup_mma_wait(0, deps=(acc,))
+        mbarrier.arrive(empty.index(s))
 
     offs_m = m_block * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
     offs_d = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, o_layout))
@@ -146,22 +160,22 @@ def _consumer(CID: gl.constexpr, q_bufs, k_bufs, v_bufs, q_ready, ready, empty, 
 
 
 @gluon.jit
-def _consumer0(q_bufs, k_bufs, v_bufs, q_ready, ready, empty, QScale, KScale, VScale, Out,
+def _consumer0(q_bufs, k_bufs, v_bufs, q_ready, ready, empty, turn, QScale, KScale, VScale, Out,
                stride_ob, stride_oh, stride_on, stride_od, H, N_Q, N_KV, D, NQ_PAD, NKV_PAD, cfg):
-    _consumer(0, q_bufs, k_bufs, v_bufs, q_ready, ready, empty, QScale, KScale, VScale, Out,
+    _consumer(0, q_bufs, k_bufs, v_bufs, q_ready, ready, empty, turn, QScale, KScale, VScale, Out,
               stride_ob, stride_oh, stride_on, stride_od, H, N_Q, N_KV, D, NQ_PAD, NKV_PAD, cfg)
 
 
 @gluon.jit
-def _consumer1(q_bufs, k_bufs, v_bufs, q_ready, ready, empty, QScale, KScale, VScale, Out,
+def _consumer1(q_bufs, k_bufs, v_bufs, q_ready, ready, empty, turn, QScale, KScale, VScale, Out,
                stride_ob, stride_oh, stride_on, stride_od, H, N_Q, N_KV, D, NQ_PAD, NKV_PAD, cfg):
-    _consumer(1, q_bufs, k_bufs, v_bufs, q_ready, ready, empty, QScale, KScale, VScale, Out,
+    _consumer(1, q_bufs, k_bufs, v_bufs, q_ready, ready, empty, turn, QScale, KScale, VScale, Out,
               stride_ob, stride_oh, stride_on, stride_od, H, N_Q, N_KV, D, NQ_PAD, NKV_PAD, cfg)
 
 
 @gluon.jit
 def _attn_fp8_ws_kernel(q_desc, k_desc, v_desc, QScale, KScale, VScale, Out, stride_ob, stride_oh, stride_on,
-                        stride_od, H, N_Q, N_KV, D, NQ_PAD, NKV_PAD, STAGES: gl.constexpr,
+                        stride_od, H, N_Q, N_KV, D, NQ_PAD, NKV_PAD, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
                         CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
     HEAD_D: gl.constexpr = q_desc.block_type.shape[1]
@@ -172,14 +186,16 @@ def _attn_fp8_ws_kernel(q_desc, k_desc, v_desc, QScale, KScale, VScale, Out, str
     q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for c in gl.static_range(2):
         mbarrier.init(q_ready.index(c), count=1)
+        mbarrier.init(turn.index(c), count=1)
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
         mbarrier.init(empty.index(s), count=2)  # both consumer groups read every K / V stage
     fence_async_shared()
-    cfg = Cfg(BLOCK_M, BLOCK_N, HEAD_D, STAGES)
-    consumer_args = (q_bufs, k_bufs, v_bufs, q_ready, ready, empty, QScale, KScale, VScale, Out,
+    cfg = Cfg(BLOCK_M, BLOCK_N, HEAD_D, STAGES, PINGPONG)
+    consumer_args = (q_bufs, k_bufs, v_bufs, q_ready, ready, empty, turn, QScale, KScale, VScale, Out,
                      stride_ob, stride_oh, stride_on, stride_od, H, N_Q, N_KV, D, NQ_PAD, NKV_PAD, cfg)
     gl.warp_specialize([
         (_consumer0, consumer_args),
@@ -200,10 +216,11 @@ def applies(ops, out: torch.Tensor, block_m: int, block_n: int) -> bool:
     return ops.q8.shape[2] in HEAD_DS and _device(out.device)[0] == (9, 0)
 
 
-def attention(ops, out: torch.Tensor, n_kv: int, block_n: int, stages: int = STAGES) -> torch.Tensor:
+def attention(ops, out: torch.Tensor, n_kv: int, block_n: int, stages: int = STAGES,
+              pingpong: bool | None = None) -> torch.Tensor:
     """Write the attention of the quantized operands ``ops`` (``attention.QuantizedOperands``, fp8 mode, Q in
     64-row blocks, K / V in ``block_n``-key blocks) over the first ``n_kv`` keys into ``out`` (B, H, Nq, D), any
-    strides."""
+    strides. ``pingpong``: the wgmma issue order (default: the module's ``PINGPONG``)."""
     b, h, n_q, d = out.shape
     bh, nq_pad, head_d = ops.q8.shape
     nkv_pad = ops.k8.shape[1]
@@ -216,6 +233,7 @@ def attention(ops, out: torch.Tensor, n_kv: int, block_n: int, stages: int = STA
                                           gl.NVMMASharedLayout.get_default_for([head_d, block_n], f8))
     grid = ((nq_pad // BLOCK_M + 1) // 2, bh)
     _attn_fp8_ws_kernel[grid](q_desc, k_desc, v_desc, ops.q_scale, ops.k_scale, ops.v_scale, out, *out.stride(), h,
-                              n_q, n_kv, d, nq_pad, nkv_pad, STAGES=stages, CONSUMER_REGS=REGS[0],
+                              n_q, n_kv, d, nq_pad, nkv_pad, STAGES=stages,
+                              PINGPONG=PINGPONG if pingpong is None else pingpong, CONSUMER_REGS=REGS[0],
                               PRODUCER_REGS=REGS[1], num_warps=4)
     return out
