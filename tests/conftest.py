@@ -1,5 +1,10 @@
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 import torch
 
 os.environ.setdefault("VIDITQ_PROGRESS", "0")
@@ -16,3 +21,21 @@ if not torch.cuda.is_available():
         pass
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def sm90_compile():
+    """``sm90_compile(which)``: runs ``tests/sm90_compile.py which`` (the Gluon kernels compiled for sm_90 without a
+    GPU) in a subprocess — Triton's active driver is swapped there, and the compile must not see
+    ``TRITON_INTERPRET`` — and returns what it prints (JSON)."""
+    import viditq
+
+    def run(which: str) -> dict:
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(viditq.__file__).parents[1]), env.get("PYTHONPATH", "")])
+        proc = subprocess.run([sys.executable, str(Path(__file__).with_name("sm90_compile.py")), which], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout)
+
+    return run

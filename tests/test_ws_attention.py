@@ -7,11 +7,6 @@ the ``tl`` kernel (same numerics), the PyTorch reference and exact attention, an
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,17 +23,12 @@ SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0
 sm90_only = pytest.mark.skipif(not SM90, reason="the Gluon kernel runs on sm_90 (H100 / H200) only")
 
 
-def test_kernel_compiles_for_sm90_as_designed():
+def test_kernel_compiles_for_sm90_as_designed(sm90_compile):
     """Every padded head dim and key block (and the ping-pong order) compiles for sm_90: per consumer warpgroup,
     the int8 Q·Kᵀ and fp8 P·V wgmma (m64nBLOCK_Nk32 / m64nHEAD_Dk32 per 32-deep step), setmaxnreg for the
     partitions, four TMA loads (two Q tiles, K, Vᵀ), wgmma that ptxas leaves asynchronous, and the shared memory
     of two Q tiles and ``STAGES`` K + Vᵀ stages."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(ws_attention.__file__).parents[2]), env.get("PYTHONPATH", "")])
-    run = subprocess.run([sys.executable, str(Path(__file__).with_name("sm90_compile.py")), "attention"], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = json.loads(run.stdout)
+    out = sm90_compile("attention")
     assert len(out) == len(ws_attention.HEAD_DS) * len(ws_attention.BLOCK_NS) + 1
     for name, info in out.items():
         head_d, block_n = (int(x[1:]) for x in name.split()[:2])

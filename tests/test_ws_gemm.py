@@ -7,11 +7,6 @@ reference, and ``int_gemm.quant_linear`` is checked to dispatch to it.
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,17 +23,12 @@ SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0
 sm90_only = pytest.mark.skipif(not SM90, reason="the Gluon kernel runs on sm_90 (H100 / H200) only")
 
 
-def test_kernel_compiles_for_sm90_as_designed():
+def test_kernel_compiles_for_sm90_as_designed(sm90_compile):
     """Both epilogues and the three-product launch, fp8 and int8 codes, compile for sm_90: two consumer
     warpgroups' 8-bit wgmma (m64n128k32, 8 per 128-deep step each), setmaxnreg for the partitions, TMA loads (A,
     B; + the residual tile), the PDL wait, and shared memory within the 227 KiB of an SM (4 stages of A + B
     tiles, two C tiles)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(ws_gemm.__file__).parents[2]), env.get("PYTHONPATH", "")])
-    run = subprocess.run([sys.executable, str(Path(__file__).with_name("sm90_compile.py")), "gemm"], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = json.loads(run.stdout)
+    out = sm90_compile("gemm")
     assert len(out) == 6
     stages = ws_gemm.STAGES * 2 * 128 * 128  # 8-bit A and B tiles
     for name, info in out.items():
