@@ -7,7 +7,6 @@ the ``tl`` kernel (same numerics), the PyTorch reference and exact attention, an
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F

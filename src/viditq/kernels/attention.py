@@ -510,8 +510,8 @@ def quantize_operands(q, k, v, mode: str, scale: float, bias, config: AttentionC
 def attention_from_operands(
     ops: QuantizedOperands, out: torch.Tensor, n_kv: int, config: AttentionConfig
 ) -> torch.Tensor:
-    """Run the attention kernel into ``out`` (B, H, Nq, D) (any strides): on sm_90 the fp8 mode goes to the
-    warp-specialized Gluon kernel (:mod:`ws_attention`) where it applies."""
+    """Run the attention kernel into ``out`` (B, H, Nq, D) (any strides); with ``VIDITQ_WS_ATTENTION=1`` the fp8
+    mode on sm_90 goes to the warp-specialized Gluon kernel (:mod:`ws_attention`, slower so far) where it applies."""
     if ws_attention is not None and ws_attention.applies(ops, out, config.block_m, config.block_n):
         return ws_attention.attention(ops, out, n_kv, config.block_n)
     b, h, n_q, d = out.shape
