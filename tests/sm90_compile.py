@@ -63,7 +63,7 @@ def attention_kernel():
                 qk=len(re.findall(rf"wgmma\.mma_async\.sync\.aligned\.m64n{block_n}k32\.s32\.s8\.s8", ptx)),
                 pv=len(re.findall(rf"wgmma\.mma_async\.sync\.aligned\.m64n{head_d}k32\.f32\.e4m3\.e4m3", ptx)),
                 tma_loads=len(re.findall(r"cp\.async\.bulk\.tensor\.2d\.shared::\w+\.global", ptx)),
-                **offline.ptxas_report(c))
+                **offline.ptxas_report(c), loops=offline.mma_loops(c))
     return out
 
 

@@ -25,17 +25,24 @@ sm90_only = pytest.mark.skipif(not SM90, reason="the Gluon kernel runs on sm_90 
 def test_kernel_compiles_for_sm90_as_designed(sm90_compile):
     """Every padded head dim and key block (and the ping-pong order) compiles for sm_90: per consumer warpgroup,
     the int8 Q·Kᵀ and fp8 P·V wgmma (m64nBLOCK_Nk32 / m64nHEAD_Dk32 per 32-deep step), setmaxnreg for the
-    partitions, four TMA loads (two Q tiles, K, Vᵀ), wgmma that ptxas leaves asynchronous, and the shared memory
-    of two Q tiles and ``STAGES`` K + Vᵀ stages."""
+    partitions, four TMA loads (two Q tiles, K, Vᵀ), wgmma that ptxas leaves asynchronous, the shared memory of
+    two Q tiles and ``STAGES`` K + Vᵀ stages, and one exp2 per score in the SASS of the key-block loop."""
     out = sm90_compile("attention")
     assert len(out) == len(ws_attention.HEAD_DS) * len(ws_attention.BLOCK_NS) + 1
     for name, info in out.items():
         head_d, block_n = (int(x[1:]) for x in name.split()[:2])
-        assert info["qk"] == 2 * head_d // 32 and info["pv"] == 2 * block_n // 32, (name, info)
+        # per consumer, the full-block loop's and the masked last block's
+        assert info["qk"] == 2 * 2 * head_d // 32 and info["pv"] == 2 * 2 * block_n // 32, (name, info)
         assert info["setmaxnreg"] and info["tma_loads"] == 4, info
         assert not info["wgmma_serialized"], (name, info)  # (spills: none with Triton 3.6's ptxas, some with 3.9's)
         smem = 2 * 64 * head_d + ws_attention.STAGES * 2 * block_n * head_d
         assert smem <= info["shared"] <= smem + 1024, (name, info)
+        # One trip over a key block (its S and P·V wgmma) evaluates one exp2 per score: 64 x BLOCK_N scores over
+        # 128 threads, + 2 rows' rescale factors. (A runtime branch for the masked last block inside the loop
+        # once made it evaluate both sides: 130 per trip, the kernel exp-bound at 10.2 ms on CogVideoX.)
+        trip = min((loop for loop in info["loops"] if loop["mma"] == (head_d + block_n) // 32),
+                   key=lambda loop: loop["instructions"])
+        assert trip["ex2"] == block_n // 2 + 2, (name, trip)
 
 
 def test_dispatch_predicate_off_the_gpu(monkeypatch):

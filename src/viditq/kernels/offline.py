@@ -14,6 +14,7 @@ import subprocess
 import tempfile
 
 import torch
+from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.runtime import driver
@@ -66,3 +67,25 @@ def ptxas_report(compiled) -> dict:
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     return dict(registers=int(re.search(r"Used (\d+) registers", log)[1]), spill_stores=int(spills[1]),
                 spill_loads=int(spills[2]), wgmma_serialized="wgmma.mma_async instructions are serialized" in log)
+
+
+def mma_loops(compiled) -> list[dict]:
+    """The loops of a compiled kernel's SASS (bundled cuobjdump) that issue warpgroup MMAs, innermost first: per
+    loop body, its instruction count, MMA instructions (HGMMA / IGMMA / QGMMA) and exp2 (``MUFU.EX2``) — what one
+    trip costs, e.g. the exponentials per score of an attention kernel."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    code = [(int(m[1], 16), m[2]) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([^;]*);", sass)]
+    index = {addr: i for i, (addr, _) in enumerate(code)}
+    loops = []
+    for i, (addr, text) in enumerate(code):
+        branch = re.match(r"BRA\b.*?0x([0-9a-f]+)", text)
+        if branch and int(branch[1], 16) < addr and int(branch[1], 16) in index:  # a backward branch: a loop
+            body = [t for _, t in code[index[int(branch[1], 16)]:i + 1]]
+            mma = sum(bool(re.match(r"[HIQ]GMMA", t)) for t in body)
+            if mma:
+                loops.append(dict(instructions=len(body), mma=mma, ex2=sum(t.startswith("MUFU.EX2") for t in body)))
+    return sorted(loops, key=lambda loop: loop["instructions"])

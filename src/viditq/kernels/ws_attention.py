@@ -12,10 +12,12 @@ once both have arrived on ``empty``), each for its own query tile: S = Q·K(j)�
 named barriers, so that one group's softmax runs while the other's wgmma do.
 
 Status (NOTES.md, session 18, H100, CogVideoX's (2, 30, 17776, 64)): correct (the GPU tests: within 0.001-0.003
-of the ``tl`` kernel), but **slower than the tl kernel** — 10.2 ms against 8.8-8.9 ms (3 stages or 4); a software-
-pipelined loop (S(j+1) and P(j)·V(j) in flight together, FA3's intra-warpgroup overlap) was slower still (12.1
-ms). Hence off by default (``VIDITQ_WS_ATTENTION=1`` turns it on). The ping-pong order is compiled in CI, not
-yet timed.
+of the ``tl`` kernel), but as measured **slower than the tl kernel** — 10.2 ms against 8.8 ms. Its SASS then
+showed why: the masked last key block was a runtime branch inside the loop, and the compiler evaluated both sides'
+exp2 on every block (130 ``MUFU.EX2`` per trip against the tl kernel's 66; at the H100's 16 exp2 / clock / SM the
+exponentials alone take 5.1 ms at that shape when each is evaluated once). The last block is now a separate
+instantiation, as in the tl kernel (66 per trip, checked in CI); this version has not run on a GPU yet, so it
+stays off by default (``VIDITQ_WS_ATTENTION=1`` turns it on). Neither has the ping-pong order.
 
 Gluon has no CPU interpreter: CI compiles the kernel for sm_90 (``tests/test_ws_attention.py``); on an H100 /
 H200 the tests compare it with the ``tl`` kernel and the reference. :func:`applies` says when
@@ -39,7 +41,7 @@ BLOCK_M = 64  # query rows per consumer warpgroup (one m64 wgmma row block)
 BLOCK_NS = (64, 128)  # key blocks the kernel takes (the K quantization block of the operands)
 HEAD_DS = (32, 64, 128)  # padded head dims: the accumulators of a 64-row tile fit the consumers' registers
 STAGES = 3
-ENABLED_BY_DEFAULT = False  # slower than the tl kernel on the H100 (module docstring); VIDITQ_WS_ATTENTION=1: on
+ENABLED_BY_DEFAULT = False  # until timed on an H100 (module docstring); VIDITQ_WS_ATTENTION=1 turns it on
 PINGPONG = False  # the consumers' wgmma issue in turns (compiled, not yet timed on a GPU)
 REGS = (232, 40)  # registers per thread: consumers, producer
 P_SHIFT = gl.constexpr(8.807354922057604)  # log2(448): P's row max lands on 448
@@ -80,21 +82,6 @@ def _producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, ready, em
 
 
 @gluon.jit
-def _softmax_block(qk, j, m_i, qk_scale, N_KV, cfg, s_layout: gl.constexpr):
-    """One key block's online-softmax step on the int32 scores: (P shifted so its row max is 448, the new row
-    max, the factor that rescales the running sums)."""
-    if (j + 1) * cfg.BLOCK_N > N_KV:  # the last, partial key block: padded keys masked
-        offs_n = j * cfg.BLOCK_N + gl.arange(0, cfg.BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        sc = gl.where((offs_n < N_KV)[None, :], qk.to(gl.float32) * qk_scale, -1.0e30)
-        m_new = gl.maximum(m_i, gl.max(sc, axis=1))
-        p = gl.exp2(sc - (m_new - P_SHIFT)[:, None])
-    else:  # row max on the integers, one FFMA + one exp2 per score
-        m_new = gl.maximum(m_i, gl.max(qk, axis=1).to(gl.float32) * qk_scale)
-        p = gl.exp2(qk.to(gl.float32) * qk_scale - (m_new - P_SHIFT)[:, None])
-    return p, m_new, gl.exp2(m_i - m_new)
-
-
-@gluon.jit
 def _take_turn(turn, CID: gl.constexpr, t, cfg):
     """Ping-pong: before its wgmma issue number ``t``, a consumer waits for the other's issue ``t - 1 + CID``
     (group 0 goes first), so the two groups issue S(0), S(0), PV(0), PV(0), S(1)... in turn and one group's
@@ -108,6 +95,39 @@ def _take_turn(turn, CID: gl.constexpr, t, cfg):
 def _pass_turn(turn, CID: gl.constexpr, cfg):
     if cfg.PINGPONG:
         mbarrier.arrive(turn.index(1 - CID))
+
+
+@gluon.jit
+def _key_block(j, MASKED: gl.constexpr, q_smem, k_bufs, v_bufs, ready, empty, turn, CID: gl.constexpr, zero_s,
+               m_i, l_i, acc, qk_scale, N_KV, cfg, s_layout: gl.constexpr, o_layout: gl.constexpr,
+               p_layout: gl.constexpr):
+    """One key block: S = Q·K(j)ᵀ (int32), the online softmax (P shifted so its row max is 448), O += P·V(j).
+    ``MASKED``: the last, partial block, whose padded keys are masked — a separate instantiation, as in the tl
+    kernel: a runtime branch inside the loop made the compiler evaluate both sides' exp2 on every block."""
+    s = j % cfg.STAGES
+    mbarrier.wait(ready.index(s), (j // cfg.STAGES) & 1)
+    _take_turn(turn, CID, 2 * j, cfg)
+    qk = warpgroup_mma(q_smem, k_bufs.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    _pass_turn(turn, CID, cfg)
+    qk = warpgroup_mma_wait(0, deps=(qk,))
+    if MASKED:
+        offs_n = j * cfg.BLOCK_N + gl.arange(0, cfg.BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        sc = gl.where((offs_n < N_KV)[None, :], qk.to(gl.float32) * qk_scale, -1.0e30)
+        m_new = gl.maximum(m_i, gl.max(sc, axis=1))
+        p = gl.exp2(sc - (m_new - P_SHIFT)[:, None])
+    else:  # row max on the integers, one FFMA + one exp2 per score
+        m_new = gl.maximum(m_i, gl.max(qk, axis=1).to(gl.float32) * qk_scale)
+        p = gl.exp2(qk.to(gl.float32) * qk_scale - (m_new - P_SHIFT)[:, None])
+    alpha = gl.exp2(m_i - m_new)
+    l_i = l_i * alpha + gl.sum(p, axis=1)
+    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+    p8 = gl.convert_layout(p.to(gl.float8e4nv), p_layout)
+    _take_turn(turn, CID, 2 * j + 1, cfg)
+    acc = warpgroup_mma(p8, v_bufs.index(s).permute((1, 0)), acc, is_async=True)
+    _pass_turn(turn, CID, cfg)
+    acc = warpgroup_mma_wait(0, deps=(acc,))
+    mbarrier.arrive(empty.index(s))
+    return m_new, l_i, acc
 
 
 @gluon.jit
@@ -132,22 +152,14 @@ def _consumer(CID: gl.constexpr, q_bufs, k_bufs, v_bufs, q_ready, ready, empty, 
     zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, s_layout)
     mbarrier.wait(q_ready.index(CID), 0)
     q_smem = q_bufs.index(CID)
-    for j in range(gl.cdiv(N_KV, BLOCK_N)):
-        s = j % cfg.STAGES
-        mbarrier.wait(ready.index(s), (j // cfg.STAGES) & 1)
-        _take_turn(turn, CID, 2 * j, cfg)
-        qk = warpgroup_mma(q_smem, k_bufs.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        _pass_turn(turn, CID, cfg)
-        qk = warpgroup_mma_wait(0, deps=(qk,))
-        p, m_i, alpha = _softmax_block(qk, j, m_i, q_scale * gl.load(k_scales + j), N_KV, cfg, s_layout)
-        l_i = l_i * alpha + gl.sum(p, axis=1)
-        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-        p8 = gl.convert_layout(p.to(gl.float8e4nv), p_layout)
-        _take_turn(turn, CID, 2 * j + 1, cfg)
-        acc = warpgroup_mma(p8, v_bufs.index(s).permute((1, 0)), acc, is_async=True)
-        _pass_turn(turn, CID, cfg)
-        acc = warpgroup_mma_wait(0, deps=(acc,))
-        mbarrier.arrive(empty.index(s))
+    n_full = N_KV // BLOCK_N
+    for j in range(n_full):
+        m_i, l_i, acc = _key_block(j, False, q_smem, k_bufs, v_bufs, ready, empty, turn, CID, zero_s, m_i, l_i, acc,
+                                   q_scale * gl.load(k_scales + j), N_KV, cfg, s_layout, o_layout, p_layout)
+    if n_full * BLOCK_N < N_KV:
+        m_i, l_i, acc = _key_block(n_full, True, q_smem, k_bufs, v_bufs, ready, empty, turn, CID, zero_s, m_i, l_i,
+                                   acc, q_scale * gl.load(k_scales + n_full), N_KV, cfg, s_layout, o_layout,
+                                   p_layout)
 
     offs_m = m_block * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
     offs_d = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, o_layout))
