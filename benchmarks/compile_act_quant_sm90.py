@@ -6,12 +6,9 @@ memory per launch shape (Triton's bundled ptxas + cuobjdump). Used to prune the 
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import re
-import subprocess
 import sys
-import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -19,19 +16,15 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from viditq.kernels import act_quant as aq  # noqa: E402
+from viditq.kernels import offline  # noqa: E402
 from viditq.quant.hadamard import hadamard_factors  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
-CUOBJDUMP = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump"))[0]
 COMMON = dict(QMAX=127.0, MIN_S=1e-8, FP8=False, CUDA_SCALAR_DIV=True, FAST_ROUND=True)
 
 
 def resources(compiled) -> str:
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        out = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout
-    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", offline.cuobjdump(compiled, "-res-usage"))
     return f"reg {m[1]:>3} stack {m[2]:>4} smem {int(m[3]) + compiled.metadata.shared:>6} local {m[4]}"
 
 

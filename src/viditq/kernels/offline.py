@@ -69,15 +69,20 @@ def ptxas_report(compiled) -> dict:
                 spill_loads=int(spills[2]), wgmma_serialized="wgmma.mma_async instructions are serialized" in log)
 
 
+def cuobjdump(compiled, *flags: str) -> str:
+    """The bundled cuobjdump's output on a compiled kernel's cubin (``-sass``, ``-res-usage``, ...)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        return subprocess.run([knobs.nvidia.cuobjdump.path, *flags, f.name], capture_output=True, text=True,
+                              check=True).stdout
+
+
 def mma_loops(compiled) -> list[dict]:
     """The loops of a compiled kernel's SASS (bundled cuobjdump) that issue warpgroup MMAs, innermost first: per
     loop body, its instruction count, MMA instructions (HGMMA / IGMMA / QGMMA) and exp2 (``MUFU.EX2``) — what one
     trip costs, e.g. the exponentials per score of an attention kernel."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        sass = subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", f.name], capture_output=True, text=True,
-                              check=True).stdout
+    sass = cuobjdump(compiled, "-sass")
     code = [(int(m[1], 16), m[2]) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([^;]*);", sass)]
     index = {addr: i for i, (addr, _) in enumerate(code)}
     loops = []
