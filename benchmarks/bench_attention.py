@@ -31,9 +31,10 @@ SHAPES = {
     "pixart_self": (2, 16, 4096, 4096, 72, 0),
     "pixart_cross": (2, 16, 4096, 120, 72, 30),
 }
-TILES = {  # (block_m, block_n, num_warps, num_stages) tried per shape
-    # (CogVideoX's 2-stage, 64 x 64 and 128 x 64 / 4-warp tiles: 6-12 % slower in the H100 sweep, dropped)
-    "cogvideox_self": [(64, 128, 4, 3), (64, 128, 4, 4), (128, 64, 8, 3)],
+TILES = {  # (block_m, block_n, num_warps, num_stages[, max_registers]) tried per shape
+    # (CogVideoX's 2-stage, 64 x 64 and 128 x 64 / 4-warp tiles: 6-12 % slower in the H100 sweep, dropped; 4 stages
+    # no faster than 3 in sessions 16-19)
+    "cogvideox_self": [(64, 128, 4, 3, 128), (64, 128, 4, 3), (128, 64, 8, 3)],
     "pixart_self": [(128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3)],
     "pixart_cross": [(128, 64, 8, 3), (64, 64, 4, 3)],
 }
@@ -106,7 +107,8 @@ def graph_bench(fn):
 
 
 def config_key(mode, cfg, kernel=""):
-    return f"{mode}_m{cfg.block_m}_n{cfg.block_n}_w{cfg.num_warps}_s{cfg.num_stages}{'_' + kernel if kernel else ''}"
+    regs = f"_r{cfg.max_registers}" if cfg.max_registers else ""
+    return f"{mode}_m{cfg.block_m}_n{cfg.block_n}_w{cfg.num_warps}_s{cfg.num_stages}{regs}{'_' + kernel if kernel else ''}"
 
 
 WS_KERNELS = ("tl", "ws", "ws_pingpong")  # the fp8 tiles the Gluon kernel takes run on each of these

@@ -1,6 +1,7 @@
 """Compile the Gluon kernels for sm_90 without a GPU (Triton's bundled ptxas) and print what the tests check, as
-JSON: ``gemm`` (:mod:`viditq.kernels.ws_gemm`, for ``tests/test_ws_gemm.py``) or ``attention``
-(:mod:`viditq.kernels.ws_attention`, for ``tests/test_ws_attention.py``). Run in a subprocess by the tests
+JSON: ``gemm`` (:mod:`viditq.kernels.ws_gemm`, for ``tests/test_ws_gemm.py``), ``attention``
+(:mod:`viditq.kernels.ws_attention`, for ``tests/test_ws_attention.py``) or ``tl_attention`` (the ``tl`` kernel
+of :mod:`viditq.kernels.attention`, for ``tests/test_attention.py``). Run in a subprocess by the tests
 (``offline.sm90_compiles`` swaps Triton's active driver, and the compile must not see ``TRITON_INTERPRET``)."""
 import json
 import re
@@ -67,5 +68,28 @@ def attention_kernel():
     return out
 
 
+def tl_attention():
+    """The ``tl`` kernel of :mod:`attention` in fp8 mode at its default tiles (head dims 64 and 128): the SASS
+    loops."""
+    out = {}
+    b, h, n = 1, 2, 300
+    with offline.sm90_compiles(attention._attn_fwd_kernel) as compiled:
+        for head_d in (64, 128):
+            for config in {attention.default_config(head_d, "fp8"), attention.default_config(head_d, "fp8", 120)}:
+                nq_pad, nkv_pad = triton.cdiv(n, config.block_m) * config.block_m, triton.cdiv(n, config.block_n) * config.block_n
+                ops = attention.QuantizedOperands(
+                    q8=torch.zeros(b * h, nq_pad, head_d, dtype=torch.int8),
+                    q_scale=torch.rand(b * h, nq_pad // config.block_m),
+                    k8=torch.zeros(b * h, nkv_pad, head_d, dtype=torch.int8),
+                    k_scale=torch.rand(b * h, nkv_pad // config.block_n),
+                    v=torch.zeros(b * h, head_d, nkv_pad).to(torch.float8_e4m3fn), v_scale=torch.rand(b * h, head_d),
+                    bias=None)
+                attention.attention_from_operands(
+                    ops, torch.empty(b, n, h, head_d, dtype=torch.bfloat16).transpose(1, 2), n, config)
+                out[f"d{head_d} m{config.block_m} n{config.block_n} w{config.num_warps}"] = dict(
+                    loops=offline.mma_loops(compiled[-1]))
+    return out
+
+
 if __name__ == "__main__":
-    json.dump({"gemm": gemm, "attention": attention_kernel}[sys.argv[1]](), sys.stdout)
+    json.dump({"gemm": gemm, "attention": attention_kernel, "tl_attention": tl_attention}[sys.argv[1]](), sys.stdout)

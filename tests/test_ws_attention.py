@@ -26,7 +26,8 @@ def test_kernel_compiles_for_sm90_as_designed(sm90_compile):
     """Every padded head dim and key block (and the ping-pong order) compiles for sm_90: per consumer warpgroup,
     the int8 Q·Kᵀ and fp8 P·V wgmma (m64nBLOCK_Nk32 / m64nHEAD_Dk32 per 32-deep step), setmaxnreg for the
     partitions, four TMA loads (two Q tiles, K, Vᵀ), wgmma that ptxas leaves asynchronous, the shared memory of
-    two Q tiles and ``STAGES`` K + Vᵀ stages, and one exp2 per score in the SASS of the key-block loop."""
+    two Q tiles and ``STAGES`` K + Vᵀ stages, and in the SASS of the key-block loop one exp2 per score and no
+    shuffle between the two products."""
     out = sm90_compile("attention")
     assert len(out) == len(ws_attention.HEAD_DS) * len(ws_attention.BLOCK_NS) + 1
     for name, info in out.items():
@@ -43,6 +44,7 @@ def test_kernel_compiles_for_sm90_as_designed(sm90_compile):
         trip = min((loop for loop in info["loops"] if loop["mma"] == (head_d + block_n) // 32),
                    key=lambda loop: loop["instructions"])
         assert trip["ex2"] == block_n // 2 + 2, (name, trip)
+        assert trip["shuffles"] == 0, (name, trip)  # P reaches the P·V wgmma without shuffles (V in key order)
 
 
 def test_dispatch_predicate_off_the_gpu(monkeypatch):

@@ -11,13 +11,14 @@ once both have arrived on ``empty``), each for its own query tile: S = Q·K(j)�
 ``pingpong``: the two groups issue their wgmma in turns (mbarriers ``turn``), as FA3 orders its warpgroups with
 named barriers, so that one group's softmax runs while the other's wgmma do.
 
-Status (NOTES.md, session 18, H100, CogVideoX's (2, 30, 17776, 64)): correct (the GPU tests: within 0.001-0.003
-of the ``tl`` kernel), but as measured **slower than the tl kernel** — 10.2 ms against 8.8 ms. Its SASS then
-showed why: the masked last key block was a runtime branch inside the loop, and the compiler evaluated both sides'
-exp2 on every block (130 ``MUFU.EX2`` per trip against the tl kernel's 66; at the H100's 16 exp2 / clock / SM the
-exponentials alone take 5.1 ms at that shape when each is evaluated once). The last block is now a separate
-instantiation, as in the tl kernel (66 per trip, checked in CI); this version has not run on a GPU yet, so it
-stays off by default (``VIDITQ_WS_ATTENTION=1`` turns it on). Neither has the ping-pong order.
+Status (NOTES.md, sessions 18-19, H100, CogVideoX's (2, 30, 17776, 64)): correct (the GPU tests: within
+0.001-0.003 of the ``tl`` kernel) but **slower than the tl kernel**, so off by default (``VIDITQ_WS_ATTENTION=1``
+turns it on). Session 18 found the masked last key block as a runtime branch in the loop (both sides' exp2
+evaluated on every block: 130 ``MUFU.EX2`` per trip instead of 66) and split it off; measured in session 19:
+9.12 ms against the tl kernel's 8.66 (ping-pong order 10.26). With P relabeled into the P·V operand's order
+instead of shuffled (V's keys stored in that order, :func:`attention._pv_key_position`; 437 instead of 486
+instructions per trip) it measured 10.61 ms against 9.20 before, on one machine — slower for a reason the SASS
+does not show; the tl kernel, given the same change and TMA loads, went from 8.74 to 7.73 ms.
 
 Gluon has no CPU interpreter: CI compiles the kernel for sm_90 (``tests/test_ws_attention.py``); on an H100 /
 H200 the tests compare it with the ``tl`` kernel and the reference. :func:`applies` says when
@@ -41,8 +42,8 @@ BLOCK_M = 64  # query rows per consumer warpgroup (one m64 wgmma row block)
 BLOCK_NS = (64, 128)  # key blocks the kernel takes (the K quantization block of the operands)
 HEAD_DS = (32, 64, 128)  # padded head dims: the accumulators of a 64-row tile fit the consumers' registers
 STAGES = 3
-ENABLED_BY_DEFAULT = False  # until timed on an H100 (module docstring); VIDITQ_WS_ATTENTION=1 turns it on
-PINGPONG = False  # the consumers' wgmma issue in turns (compiled, not yet timed on a GPU)
+ENABLED_BY_DEFAULT = False  # slower than the tl kernel on the H100 (module docstring); VIDITQ_WS_ATTENTION=1 turns it on
+PINGPONG = False  # the consumers' wgmma issue in turns (H100: slower than the plain order, 10.26 vs 9.12 ms)
 REGS = (232, 40)  # registers per thread: consumers, producer
 P_SHIFT = gl.constexpr(8.807354922057604)  # log2(448): P's row max lands on 448
 
@@ -121,7 +122,9 @@ def _key_block(j, MASKED: gl.constexpr, q_smem, k_bufs, v_bufs, ready, empty, tu
     alpha = gl.exp2(m_i - m_new)
     l_i = l_i * alpha + gl.sum(p, axis=1)
     acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-    p8 = gl.convert_layout(p.to(gl.float8e4nv), p_layout)
+    # P's columns in the V operand's key order (attention._pv_key_position): a relabeling of registers
+    p8 = gl.reshape(p.to(gl.float8e4nv), [cfg.BLOCK_M, cfg.BLOCK_N // 32, 2, 2, 4, 2])
+    p8 = gl.convert_layout(gl.reshape(gl.permute(p8, [0, 1, 2, 4, 3, 5]), [cfg.BLOCK_M, cfg.BLOCK_N]), p_layout)
     _take_turn(turn, CID, 2 * j + 1, cfg)
     acc = warpgroup_mma(p8, v_bufs.index(s).permute((1, 0)), acc, is_async=True)
     _pass_turn(turn, CID, cfg)
