@@ -108,7 +108,8 @@ def graph_bench(fn):
 
 def config_key(mode, cfg, kernel=""):
     regs = f"_r{cfg.max_registers}" if cfg.max_registers else ""
-    return f"{mode}_m{cfg.block_m}_n{cfg.block_n}_w{cfg.num_warps}_s{cfg.num_stages}{regs}{'_' + kernel if kernel else ''}"
+    tile = f"{mode}_m{cfg.block_m}_n{cfg.block_n}_w{cfg.num_warps}_s{cfg.num_stages}{regs}"
+    return f"{tile}_{kernel}" if kernel else tile
 
 
 WS_KERNELS = ("tl", "ws", "ws_pingpong")  # the fp8 tiles the Gluon kernel takes run on each of these

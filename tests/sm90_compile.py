@@ -76,7 +76,8 @@ def tl_attention():
     with offline.sm90_compiles(attention._attn_fwd_kernel) as compiled:
         for head_d in (64, 128):
             for config in {attention.default_config(head_d, "fp8"), attention.default_config(head_d, "fp8", 120)}:
-                nq_pad, nkv_pad = triton.cdiv(n, config.block_m) * config.block_m, triton.cdiv(n, config.block_n) * config.block_n
+                nq_pad = triton.cdiv(n, config.block_m) * config.block_m
+                nkv_pad = triton.cdiv(n, config.block_n) * config.block_n
                 ops = attention.QuantizedOperands(
                     q8=torch.zeros(b * h, nq_pad, head_d, dtype=torch.int8),
                     q_scale=torch.rand(b * h, nq_pad // config.block_m),

@@ -208,7 +208,7 @@ def _quantize_blocks_kernel(
 @triton.jit
 def _pv_key_position(n):
     """Where the fp8 V operand stores key ``n``: within each 32 keys, key ``16h + 8j + 2t + p`` at ``16h + 4t +
-    2j + p`` — the order in which a thread holds P's columns in the P·V accumulator layout of the Q·Kᵀ product (per
+    2j + p`` — the order in which a thread holds P's columns in the accumulator layout of the Q·Kᵀ product (per
     8 columns, 2 adjacent ones per thread) matches the k order the 8-bit P·V operand wants from it (4 adjacent
     ones per thread). :func:`_p_in_key_order` reorders P the same way, a relabeling of registers: no shuffles
     between the two products (FlashAttention-3 permutes V for the same reason)."""
@@ -333,7 +333,7 @@ def _softmax_pv(
 ):
     """Online-softmax update with one key/value block: integer scores qk (BLOCK_M, BLOCK_N), v (fp8: (HEAD_D,
     BLOCK_N), transposed; bf16: (BLOCK_N, HEAD_D)) → (acc, m_i, l_i). The P·V product accumulates into the
-    rescaled acc (no second accumulator: 9 registers and a trip's 32 adds fewer than ``acc * alpha + P·V``).
+    rescaled acc (one accumulator: 9 registers fewer than ``acc * alpha + P·V`` at CogVideoX's tile).
 
     Scores are in log2 units after ``* qk_scale`` (scale * LOG2E is folded into the Q scales)."""
     # fp8: shift by log2(448) so that each row's largest P is 448, the top of e4m3's range (acc and l share it).
@@ -490,8 +490,8 @@ def quantize_per_block(
 
 
 def quantize_v_fp8(v: torch.Tensor, block: int, head_dim_padded: int, v_scale: torch.Tensor) -> torch.Tensor:
-    """(B, H, N, D) with per-channel scales (B·H, D_pad) → fp8 e4m3 codes (B·H, D_pad, N_pad) (transposed, keys in
-    P·V order)."""
+    """(B, H, N, D) with per-channel scales (B·H, D_pad) → fp8 e4m3 codes (B·H, D_pad, N_pad) (transposed, keys
+    in P·V order)."""
     b, h, n, d = v.shape
     n_blocks = triton.cdiv(n, block)
     codes = torch.empty((b * h, head_dim_padded, n_blocks * block), dtype=torch.float8_e4m3fn, device=v.device)

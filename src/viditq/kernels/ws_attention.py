@@ -42,7 +42,7 @@ BLOCK_M = 64  # query rows per consumer warpgroup (one m64 wgmma row block)
 BLOCK_NS = (64, 128)  # key blocks the kernel takes (the K quantization block of the operands)
 HEAD_DS = (32, 64, 128)  # padded head dims: the accumulators of a 64-row tile fit the consumers' registers
 STAGES = 3
-ENABLED_BY_DEFAULT = False  # slower than the tl kernel on the H100 (module docstring); VIDITQ_WS_ATTENTION=1 turns it on
+ENABLED_BY_DEFAULT = False  # slower than the tl kernel on the H100 (docstring); VIDITQ_WS_ATTENTION=1 turns it on
 PINGPONG = False  # the consumers' wgmma issue in turns (H100: slower than the plain order, 10.26 vs 9.12 ms)
 REGS = (232, 40)  # registers per thread: consumers, producer
 P_SHIFT = gl.constexpr(8.807354922057604)  # log2(448): P's row max lands on 448
