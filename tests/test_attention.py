@@ -292,11 +292,12 @@ def test_compile_traces_without_graph_breaks():
         assert "viditq.quantized_attention.default" in targets
 
 
+@pytest.mark.parametrize("head_d", [16, 64, 200])  # padded to 32, 64, 256
 @pytest.mark.parametrize("tma", [True, False])  # K / V blocks by tensor descriptors (sm_90+) or pointers
 @pytest.mark.parametrize("config", [KA.AttentionConfig(64, 128, 4, 3), KA.AttentionConfig(64, 32, 4, 2)])
-def test_kernel_tiles_match_reference(config, tma, monkeypatch):
+def test_kernel_tiles_match_reference(config, tma, head_d, monkeypatch):
     monkeypatch.setattr(KA, "_tma_loads", lambda ops: tma and ops.v_scale is not None)
-    q, k, v = realistic_qkv(1, 2, 100, 150, 64, seed=11)
+    q, k, v = realistic_qkv(1, 2, 100, 150, head_d, seed=11)
     out = KA.quantized_attention_triton(q, k, v, "fp8", config=config)
     assert rel_l2(out, KA.quantized_attention_reference(q, k, v, "fp8", config=config)) < 0.03
 

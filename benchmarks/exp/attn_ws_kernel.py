@@ -1,6 +1,8 @@
 import triton
 import triton.language as tl
 
+from viditq.kernels.attention import _p_in_key_order  # V's keys are stored in P·V order (session 19)
+
 
 @triton.jit
 def _attn_ws_kernel(Q8, K8, V, QScale, KScale, VScale, Out, stride_ob, stride_oh, stride_on, stride_od,
@@ -31,7 +33,7 @@ def _attn_ws_kernel(Q8, K8, V, QScale, KScale, VScale, Out, stride_ob, stride_oh
         p = tl.math.exp2(qk.to(tl.float32) * qk_scale - (m_new - 8.807354922057604)[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         v = v_desc.load([0, j * BLOCK_N])
-        pv = tl.dot(p.to(tl.float8e4nv), tl.trans(v))
+        pv = tl.dot(_p_in_key_order(p.to(tl.float8e4nv), BLOCK_N), tl.trans(v))
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + pv
         m_i = m_new

@@ -64,7 +64,7 @@ class AttentionConfig:
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 3
-    max_registers: int | None = None  # per thread (Triton's ``maxnreg``): fewer, more programs per SM
+    max_registers: int | None = None  # per thread (Triton's ``maxnreg``; with TMA loads): fewer, more programs per SM
 
 
 def default_config(head_dim_padded: int, mode: str, n_kv: int = 4096) -> AttentionConfig:
@@ -578,7 +578,8 @@ def attention_from_operands(
         out, *out.stride(), h, n_q, n_kv, n_unmasked, d, ops.q8.shape[1], nkv_pad,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, HEAD_D=ops.q8.shape[2],
         PV_FP8=ops.v_scale is not None, HAS_BIAS=ops.bias is not None, TMA=tma,
-        num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.max_registers)
+        num_warps=config.num_warps, num_stages=config.num_stages,
+        maxnreg=config.max_registers if tma else None)  # (the register cap was measured with the TMA loads only)
     return out
 
 
