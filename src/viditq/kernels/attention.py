@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # a Triton without host-side tensor descriptors: pointer loads only
@@ -552,7 +554,7 @@ def _tma_loads(ops: QuantizedOperands) -> bool:
     the same code path); the int8 mode and older GPUs load through pointers."""
     if ops.v_scale is None or TensorDescriptor is None:
         return False
-    return not ops.k8.is_cuda or torch.cuda.get_device_capability(ops.k8.device) >= (9, 0)
+    return not ops.k8.is_cuda or pdl.sm90_plus(ops.k8.device)
 
 
 def attention_from_operands(

@@ -34,17 +34,22 @@ def enter(PDL: tl.constexpr):
         gdc_launch_dependents()
 
 
-_CAPABLE: dict[int, bool] = {}
+_SM90_PLUS: dict[int, bool] = {}
+
+
+def sm90_plus(device: torch.device) -> bool:
+    """Whether ``device`` is a CUDA GPU of compute capability 9.0 or more (asked once per device)."""
+    if device.type != "cuda":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM90_PLUS:
+        _SM90_PLUS[index] = torch.cuda.get_device_capability(index)[0] >= 9
+    return _SM90_PLUS[index]
 
 
 def enabled(device: torch.device) -> bool:
     """Whether kernels on ``device`` launch with PDL (CUDA, sm_90+, not ``VIDITQ_PDL=0``)."""
-    if device.type != "cuda" or os.environ.get("VIDITQ_PDL", "1") == "0":
-        return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _CAPABLE:
-        _CAPABLE[index] = torch.cuda.get_device_capability(index)[0] >= 9
-    return _CAPABLE[index]
+    return os.environ.get("VIDITQ_PDL", "1") != "0" and sm90_plus(device)
 
 
 def launch_options(device: torch.device) -> dict:
