@@ -103,8 +103,14 @@ def module_bytes(model: torch.nn.Module) -> int:
 
 def state_bytes(model: torch.nn.Module) -> int:
     """Bytes of the state dict (what a checkpoint stores: parameters and persistent buffers; not the buffers
-    rebuilt at load, such as PixArt's sin-cos position table or the staged int4 scales)."""
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    rebuilt at load, such as PixArt's sin-cos position table or the staged int4 scales). torchao's weight tensors
+    cannot be detached under inference mode (``state_dict`` does): those are read outside it."""
+    try:
+        state = model.state_dict()
+    except RuntimeError:
+        with torch.inference_mode(False):
+            state = model.state_dict()
+    return sum(t.numel() * t.element_size() for t in state.values())
 
 
 # ----------------------------------------------------------------------------------------- variants

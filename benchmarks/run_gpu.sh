@@ -130,7 +130,12 @@ for r in runs:
     ms, b = r.get("ms_median") or float("nan"), base.get(r["model"])
     speed = f"{b / ms:.2f}x" if b and ms == ms else "-"
     att = r.get("attention", {}).get("calls_per_forward")
-    att = f"{att['quantized']}/{att['short_kv_sdpa']}/{att['fallback_sdpa']}" if att else ""
+    if not att:
+        att = ""
+    elif not any(att.values()):  # CUDA-graph replays and compiled calls are not counted
+        att = "not counted (graph / compiled)"
+    else:
+        att = f"{att['quantized']}/{att['short_kv_sdpa']}/{att['fallback_sdpa']}"
     print(f"{r['model']:10s} {r['variant']:20s} {ms:8.2f} {speed:>7s} {r['weight_bytes'] / 2**20:7.0f}MB "
           f"{r.get('peak_bytes', 0) / 2**30:6.2f}GB {r['ready_s']:6.1f} {r.get('quantize_s', 0):6.1f} "
           f"{r['rel_err_vs_bf16']:7.4f}  {att}")
