@@ -154,18 +154,21 @@ def run(entries: list[str], out: str, shapes: list[str], tiles_spec: str | None,
             child_env = {**os.environ, **env, "PYTHONPATH": os.pathsep.join(
                 filter(None, [str(copy), os.environ.get("PYTHONPATH", "")]))}
             t0 = time.time()
-            proc = subprocess.run(cmd, env=child_env, capture_output=True, text=True, timeout=timeout_s)
-            if proc.returncode != 0:
-                result["runs"].append({"entry": entry, "error": proc.stderr[-2000:]})
-                print(f"{entry}: failed\n{proc.stderr[-2000:]}", flush=True)
-                continue
-            run_result = json.loads(Path(tmp.name).read_text())
-        if not run_result["package"].startswith(str(copy)):
+            try:
+                proc = subprocess.run(cmd, env=child_env, capture_output=True, text=True, timeout=timeout_s)
+                error = proc.stderr[-2000:] if proc.returncode != 0 else None
+            except subprocess.TimeoutExpired:
+                error = f"timed out after {timeout_s:.0f} s"
+            run_result = {"entry": entry, "error": error} if error else json.loads(Path(tmp.name).read_text())
+        if not error and not run_result["package"].startswith(str(copy)):
             raise SystemExit(f"{entry} imported {run_result['package']}, not its copy under {copy}")
         run_result["seconds"] = time.time() - t0
         result["runs"].append(run_result)
         with open(out, "w") as f:
             json.dump(result, f, indent=1)
+        if error:
+            print(f"{entry}: failed\n{error}", flush=True)
+            continue
         for shape, e in run_result["shapes"].items():
             for key, r in e.items():
                 if isinstance(r, dict):

@@ -46,15 +46,19 @@ def test_run_times_each_entry_in_its_own_copy(tmp_path, monkeypatch):
     monkeypatch.setattr(AB, "AB_DIR", tmp_path / "ab")
     AB.prepare("old", "HEAD", AB.AB_DIR)
     AB.prepare("new", "worktree", AB.AB_DIR)
+    broken = AB.prepare("broken", "worktree", AB.AB_DIR)
+    (broken / "kernels" / "attention.py").write_text("raise ImportError('broken variant')\n")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delenv("PYTHONPATH", raising=False)
     out = tmp_path / "ab.json"
-    result = AB.run(["old", "new:VIDITQ_WS_ATTENTION=0"], str(out), ["1x1x64x320x64"], None, timeout_s=300)
-    assert [r["entry"] for r in result["runs"]] == ["old", "new:VIDITQ_WS_ATTENTION=0"]
-    for run, name in zip(result["runs"], ("old", "new")):
+    entries = ["old", "broken", "new:VIDITQ_WS_ATTENTION=0"]
+    result = AB.run(entries, str(out), ["1x1x64x320x64"], None, timeout_s=300)
+    assert [r["entry"] for r in result["runs"]] == entries
+    assert "broken variant" in result["runs"][1]["error"]  # a failing entry is recorded, the next one still runs
+    for run, name in zip(result["runs"][::2], ("old", "new")):
         assert "error" not in run, run
         assert run["package"].startswith(str(AB.AB_DIR / name))
         (tile, timing), = run["shapes"]["1x1x64x320x64"].items()
         assert tile == "64,128,4,3,128" and timing["finite"] and timing["kernel_ms"] > 0
         assert 0 < timing["rel_l2"] < 0.2  # (the unpatched interpreter rounds fp8 coarser than the GPU)
-    assert json.loads(out.read_text())["runs"][1]["entry"] == "new:VIDITQ_WS_ATTENTION=0"
+    assert json.loads(out.read_text())["runs"][2]["entry"] == "new:VIDITQ_WS_ATTENTION=0"
