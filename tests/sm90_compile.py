@@ -40,6 +40,16 @@ def gemm():
     return out
 
 
+def _fp8_operands(bh: int, n: int, head_d: int, block_m: int, block_n: int) -> attention.QuantizedOperands:
+    """Operands of the fp8 mode as ``attention.quantize_operands`` lays them out (``n`` tokens padded to whole Q /
+    K blocks); the values do not matter for a compile."""
+    nq_pad, nkv_pad = triton.cdiv(n, block_m) * block_m, triton.cdiv(n, block_n) * block_n
+    return attention.QuantizedOperands(
+        q8=torch.zeros(bh, nq_pad, head_d, dtype=torch.int8), q_scale=torch.rand(bh, nq_pad // block_m),
+        k8=torch.zeros(bh, nkv_pad, head_d, dtype=torch.int8), k_scale=torch.rand(bh, nkv_pad // block_n),
+        v=torch.zeros(bh, head_d, nkv_pad).to(torch.float8_e4m3fn), v_scale=torch.rand(bh, head_d), bias=None)
+
+
 def attention_kernel():
     """fp8 operands as ``attention.quantize_operands`` lays them out, per padded head dim and key block; the
     ping-pong order at the CogVideoX tile."""
@@ -48,13 +58,7 @@ def attention_kernel():
     with offline.sm90_compiles(ws_attention._attn_fp8_ws_kernel) as compiled:
         variants = [(d, bn, False) for d in ws_attention.HEAD_DS for bn in ws_attention.BLOCK_NS] + [(64, 128, True)]
         for head_d, block_n, pingpong in variants:
-            nq_pad, nkv_pad = 320, triton.cdiv(n, block_n) * block_n
-            ops = attention.QuantizedOperands(
-                q8=torch.zeros(b * h, nq_pad, head_d, dtype=torch.int8), q_scale=torch.rand(b * h, nq_pad // 64),
-                k8=torch.zeros(b * h, nkv_pad, head_d, dtype=torch.int8),
-                k_scale=torch.rand(b * h, nkv_pad // block_n),
-                v=torch.zeros(b * h, head_d, nkv_pad).to(torch.float8_e4m3fn), v_scale=torch.rand(b * h, head_d),
-                bias=None)
+            ops = _fp8_operands(b * h, n, head_d, ws_attention.BLOCK_M, block_n)
             ws_attention.attention(ops, torch.empty(b, n, h, head_d, dtype=torch.bfloat16).transpose(1, 2), n,
                                    block_n, pingpong=pingpong)
             c = compiled[-1]
@@ -76,15 +80,7 @@ def tl_attention():
     with offline.sm90_compiles(attention._attn_fwd_kernel) as compiled:
         for head_d in (64, 128):
             for config in {attention.default_config(head_d, "fp8"), attention.default_config(head_d, "fp8", 120)}:
-                nq_pad = triton.cdiv(n, config.block_m) * config.block_m
-                nkv_pad = triton.cdiv(n, config.block_n) * config.block_n
-                ops = attention.QuantizedOperands(
-                    q8=torch.zeros(b * h, nq_pad, head_d, dtype=torch.int8),
-                    q_scale=torch.rand(b * h, nq_pad // config.block_m),
-                    k8=torch.zeros(b * h, nkv_pad, head_d, dtype=torch.int8),
-                    k_scale=torch.rand(b * h, nkv_pad // config.block_n),
-                    v=torch.zeros(b * h, head_d, nkv_pad).to(torch.float8_e4m3fn), v_scale=torch.rand(b * h, head_d),
-                    bias=None)
+                ops = _fp8_operands(b * h, n, head_d, config.block_m, config.block_n)
                 attention.attention_from_operands(
                     ops, torch.empty(b, n, h, head_d, dtype=torch.bfloat16).transpose(1, 2), n, config)
                 out[f"d{head_d} m{config.block_m} n{config.block_n} w{config.num_warps}"] = dict(

@@ -7,7 +7,6 @@ reference, and ``int_gemm.quant_linear`` is checked to dispatch to it.
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
 
