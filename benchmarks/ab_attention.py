@@ -9,8 +9,9 @@ On the device (``carry: [".whl", ".ab"]``):
 ``prepare NAME=REV``: REV is a git revision (``git archive``) or ``worktree`` (``src/viditq`` as it is now); the
 embedded models' weights (``*.safetensors``) are left out. ``run``: each entry ``NAME[:KEY=VALUE,...]`` runs in a
 fresh process with its copy first on ``PYTHONPATH`` (and those environment variables); per shape and tile it
-times the kernel alone on prepared operands and the operand preparation (``do_bench`` medians) and measures the
-relative L2 error against float32 SDPA on the first 512 queries; the first entry also times SDPA (cuDNN, flash).
+times the kernel alone on prepared operands and the operand preparation (``do_bench`` medians; the preparation
+also replayed in a CUDA graph, as a graph-mode forward runs it) and measures the relative L2 error against
+float32 SDPA on the first 512 queries; the first entry also times SDPA (cuDNN, flash).
 List a variant twice to see the machine's drift. Tiles: ``bench_attention.TILES`` unless ``--tiles``.
 """
 from __future__ import annotations
@@ -127,9 +128,12 @@ def worker(label: str, out: str, shapes: list[str], tiles: dict | None, sdpa: bo
             o = torch.empty(b, n_q, h, d, dtype=torch.bfloat16, device=device).transpose(1, 2)
             KA.attention_from_operands(ops, o, n_kv, cfg)
             got = o[:, :, :512].double()
+            prep = lambda: KA.quantize_operands(q, k, v, "fp8", d ** -0.5, bias, cfg)  # noqa: E731
             entry[",".join(map(str, tile))] = {
                 "kernel_ms": median_ms(lambda: KA.attention_from_operands(ops, o, n_kv, cfg)),
-                "prep_ms": median_ms(lambda: KA.quantize_operands(q, k, v, "fp8", d ** -0.5, bias, cfg), rep=300),
+                "prep_ms": median_ms(prep, rep=300),
+                # what a CUDA-graph forward pays: the launches replayed without the host
+                "prep_graph_ms": BA.graph_bench(prep) if device == "cuda" else None,
                 "rel_l2": float((got - ref).norm() / ref.norm()), "finite": bool(torch.isfinite(o).all())}
         del q, k, v, ref
         if device == "cuda":
@@ -172,8 +176,9 @@ def run(entries: list[str], out: str, shapes: list[str], tiles_spec: str | None,
         for shape, e in run_result["shapes"].items():
             for key, r in e.items():
                 if isinstance(r, dict):
+                    graph = f" (graph {r['prep_graph_ms']:.3f})" if r.get("prep_graph_ms") is not None else ""
                     print(f"{entry:24s} {shape:15s} {key:14s} kernel {r['kernel_ms']:7.3f} ms  prep {r['prep_ms']:6.3f}"
-                          f"  rel L2 {r['rel_l2']:.4f}", flush=True)
+                          f"{graph}  rel L2 {r['rel_l2']:.4f}", flush=True)
                 else:
                     print(f"{entry:24s} {shape:15s} {key:14s} {r:7.3f} ms", flush=True)
     return result

@@ -95,10 +95,19 @@ def build_model(name: str, device: str, tiny: bool):
     raise ValueError(f"unknown model {name!r}; choose pixart or cogvideox")
 
 
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds: a wrapper subclass (torchao's fp8 weights: codes + scales, reporting the float dtype
+    it stands for) counts its inner tensors."""
+    if hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, name)) for name in names)
+    return t.numel() * t.element_size()
+
+
 def module_bytes(model: torch.nn.Module) -> int:
     """Bytes of parameters and buffers as stored (packed int4 counts half a byte per weight)."""
     tensors = list(model.parameters()) + [b for b in model.buffers() if b is not None]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return sum(tensor_bytes(t) for t in tensors)
 
 
 def state_bytes(model: torch.nn.Module) -> int:
@@ -110,7 +119,7 @@ def state_bytes(model: torch.nn.Module) -> int:
     except RuntimeError:
         with torch.inference_mode(False):
             state = model.state_dict()
-    return sum(t.numel() * t.element_size() for t in state.values())
+    return sum(tensor_bytes(t) for t in state.values())
 
 
 # ----------------------------------------------------------------------------------------- variants

@@ -445,15 +445,18 @@ STATS_PROGRAMS = 1024  # statistics pass: about this many programs (B·H x token
 
 
 def attention_stats(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, head_dim_padded: int
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, head_dim_padded: int,
+    programs: int = STATS_PROGRAMS, tile: int = 2048, num_warps: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One pass over Q, K (and V) in token splits and a finishing launch per head: k mean, lam, 1 / lam (B·H, D)
     float32 and the fp8 V scales (B·H, head_dim_padded) (1 in the padding; None without v) —
-    :func:`attention_stats_reference`, with the K sum in another order (split sums)."""
+    :func:`attention_stats_reference`, with the K sum in another order (split sums). About ``programs`` programs
+    of ``num_warps`` warps, each stepping over ``tile / head_dim_padded`` tokens at a time (the launch shape swept
+    in benchmarks/exp/prep_sweep.py)."""
     b, h, n_q, d = q.shape
     n_kv = k.shape[2]
-    block_t = max(8, 2048 // head_dim_padded)
-    splits = triton.next_power_of_2(max(1, min(triton.cdiv(STATS_PROGRAMS, b * h),
+    block_t = max(8, tile // head_dim_padded)
+    splits = triton.next_power_of_2(max(1, min(triton.cdiv(programs, b * h),
                                                triton.cdiv(max(n_q, n_kv), block_t))))
     part = torch.empty((5, b * h, splits, head_dim_padded), dtype=torch.float32, device=q.device)
     stat_stride = part[0].numel()
@@ -465,7 +468,7 @@ def attention_stats(
     _attn_stats_kernel[(splits, b * h)](
         q, k, v_arg, part, *q.stride(), *k.stride(), *v_arg.stride(), h, n_q, n_kv, d, per_split(n_q),
         per_split(n_kv), stat_stride, BLOCK_T=block_t, HEAD_D=head_dim_padded, SPLITS=splits, HAS_V=v is not None,
-        num_warps=4)
+        num_warps=num_warps)
     mean, balance, inv_balance = (torch.empty((b * h, d), dtype=torch.float32, device=q.device) for _ in range(3))
     v_scale = torch.empty((b * h, head_dim_padded), dtype=torch.float32, device=q.device) if v is not None else None
     _attn_stats_finish_kernel[(b * h,)](
