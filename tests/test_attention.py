@@ -136,14 +136,17 @@ def test_kernel_accuracy_holds_over_long_key_sequences(mode):
     assert rel_l2(out, exact_attention(q, k, v)) < (0.04 if mode == "int8" else 0.055)
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 50, 70, 72), (1, 2, 300, 33, 64), (1, 1, 20, 9000, 64), (1, 2, 40, 40, 16)])
-def test_attention_stats_kernel_matches_torch(shape):
+@pytest.mark.parametrize("shape, launch", [
+    ((2, 3, 50, 70, 72), {}), ((1, 2, 300, 33, 64), {}), ((1, 1, 20, 9000, 64), {}), ((1, 2, 40, 40, 16), {}),
+    ((1, 2, 300, 33, 64), dict(programs=64, tile=4096, num_warps=8)),  # another launch shape (prep_sweep.py's)
+])
+def test_attention_stats_kernel_matches_torch(shape, launch):
     """The one-pass statistics (split over tokens) equal the PyTorch ones; inputs in the (B, N, H, D) memory
     layout the processors hand over."""
     b, h, n_q, n_kv, d = shape
     q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in realistic_qkv(b, h, n_q, n_kv, d, seed=3))
     d_pad = KA.padded_head_dim(d)
-    mean, lam, inv, v_scale = KA.attention_stats(q, k, v, d_pad)
+    mean, lam, inv, v_scale = KA.attention_stats(q, k, v, d_pad, **launch)
     ref_mean, ref_lam, ref_inv, ref_v = KA.attention_stats_reference(q, k, v)
     torch.testing.assert_close(mean.view(b, h, d), ref_mean, rtol=1e-5, atol=1e-6)  # sums in another order
     torch.testing.assert_close(lam.view(b, h, d), ref_lam, rtol=1e-5, atol=0)
