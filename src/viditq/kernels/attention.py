@@ -177,6 +177,19 @@ def _check_inputs(q, k, v, mode, bias) -> None:
 
 # ------------------------------------------------------------------------------------------ kernels
 @triton.jit
+def _load_tile(X, stride_b, stride_h, stride_n, stride_d, pid_blk, pid_bh, H, N, D, BLOCK: tl.constexpr,
+               HEAD_D: tl.constexpr):
+    """Token block ``pid_blk`` of head ``pid_bh`` (= b·H + h) of a (B, H, N, D) tensor as a float32 (BLOCK, HEAD_D)
+    tile, zero past N and D; with its token and channel offsets and mask."""
+    offs_n = pid_blk * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_D)
+    mask = (offs_n < N)[:, None] & (offs_d < D)[None, :]
+    ptrs = X + (pid_bh // H) * stride_b + (pid_bh % H) * stride_h + offs_n[:, None] * stride_n
+    ptrs += offs_d[None, :] * stride_d
+    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32), offs_n, offs_d, mask
+
+
+@triton.jit
 def _quantize_blocks_kernel(
     X, Mean, ChanScale, Codes, Scales,
     stride_xb, stride_xh, stride_xn, stride_xd,
@@ -187,13 +200,8 @@ def _quantize_blocks_kernel(
     one absmax scale."""
     pid_blk = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_n = pid_blk * BLOCK + tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, HEAD_D)
-    mask = (offs_n < N)[:, None] & (offs_d < D)[None, :]
-    x_ptrs = X + b * stride_xb + h * stride_xh + offs_n[:, None] * stride_xn + offs_d[None, :] * stride_xd
-    x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    x, offs_n, offs_d, mask = _load_tile(X, stride_xb, stride_xh, stride_xn, stride_xd, pid_blk, pid_bh, H, N, D,
+                                         BLOCK, HEAD_D)
     if HAS_MEAN:
         mean = tl.load(Mean + pid_bh * D + offs_d, mask=offs_d < D, other=0.0)
         x = tl.where(mask, x - mean[None, :], 0.0)
@@ -237,13 +245,8 @@ def _quantize_v_fp8_kernel(
     of each 32 in P·V order (:func:`_pv_key_position`)."""
     pid_blk = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_n = pid_blk * BLOCK + tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, HEAD_D)
-    mask = (offs_n < N)[:, None] & (offs_d < D)[None, :]
-    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
-    v = tl.load(v_ptrs, mask=mask, other=0.0).to(tl.float32)
+    v, offs_n, offs_d, _ = _load_tile(V, stride_vb, stride_vh, stride_vn, stride_vd, pid_blk, pid_bh, H, N, D,
+                                      BLOCK, HEAD_D)
     v_scale = tl.load(VScale + pid_bh * HEAD_D + offs_d)
     v = tl.minimum(tl.maximum(v / v_scale[None, :], -448.0), 448.0)
     out_ptrs = Out + pid_bh * HEAD_D * N_PAD + offs_d[None, :] * N_PAD + _pv_key_position(offs_n)[:, None]
