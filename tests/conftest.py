@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import os
 import subprocess
@@ -39,3 +40,16 @@ def sm90_compile():
         return json.loads(proc.stdout)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def benchmark_script():
+    """``benchmark_script(name)``: ``benchmarks/<name>.py`` imported as a module (benchmarks/ is not a package)."""
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

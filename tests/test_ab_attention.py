@@ -1,6 +1,5 @@
 """benchmarks/ab_attention.py off the GPU: the package copies it times (from git and from the working tree) and its
 argument parsing. The timing itself needs a GPU (run on the device machine)."""
-import importlib.util
 import json
 import subprocess
 from pathlib import Path
@@ -8,12 +7,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("ab_attention", ROOT / "benchmarks" / "ab_attention.py")
-AB = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(AB)
 
 
-def test_prepare_copies_the_package_from_git_and_from_the_worktree_without_weights(tmp_path):
+@pytest.fixture(scope="module")
+def AB(benchmark_script):  # noqa: N802 (the module)
+    return benchmark_script("ab_attention")
+
+
+def test_prepare_copies_the_package_from_git_and_from_the_worktree_without_weights(AB, tmp_path):
     head = AB.prepare("old", "HEAD", tmp_path)
     work = AB.prepare("new", "worktree", tmp_path)
     committed = subprocess.run(["git", "-C", str(ROOT), "show", "HEAD:src/viditq/kernels/attention.py"],
@@ -29,7 +30,7 @@ def test_prepare_copies_the_package_from_git_and_from_the_worktree_without_weigh
     assert not (again / "stale.py").exists() and (again / "kernels" / "attention.py").read_text() == committed
 
 
-def test_entries_and_tiles_parse():
+def test_entries_and_tiles_parse(AB):
     assert AB.parse_entry("new") == ("new", {})
     assert AB.parse_entry("new:VIDITQ_A=1,B=x=y") == ("new", {"VIDITQ_A": "1", "B": "x=y"})
     for bad in ("", ":A=1", "new:A", "new:=1"):
@@ -40,7 +41,7 @@ def test_entries_and_tiles_parse():
     assert AB.parse_tiles(None) is None
 
 
-def test_run_times_each_entry_in_its_own_copy(tmp_path, monkeypatch):
+def test_run_times_each_entry_in_its_own_copy(AB, tmp_path, monkeypatch):
     """The whole path on the CPU interpreter at a tiny shape: two copies, one entry with an environment variable;
     each process imports its own copy (the tool checks) and writes its kernel time and error."""
     monkeypatch.setattr(AB, "AB_DIR", tmp_path / "ab")

@@ -1,18 +1,12 @@
 """benchmarks/bench_e2e.py's byte counts: what the weights row of the end-to-end table reports."""
-import importlib.util
-from pathlib import Path
-
 import torch
 from torch.testing._internal.two_tensor import TwoTensor
 
-spec = importlib.util.spec_from_file_location("bench_e2e", Path(__file__).parents[1] / "benchmarks" / "bench_e2e.py")
-bench_e2e = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench_e2e)
 
-
-def test_weight_bytes_count_the_inner_tensors_of_wrapper_subclasses():
+def test_weight_bytes_count_the_inner_tensors_of_wrapper_subclasses(benchmark_script):
     """A weight held as a wrapper subclass (torchao's fp8 tensors report the bf16 dtype they stand for) counts the
     bytes of the tensors it holds: session 21's torchao row reported the bf16 size, 1232 MB for 664 MB held."""
+    bench_e2e = benchmark_script("bench_e2e")
     model = torch.nn.Linear(64, 32, dtype=torch.bfloat16)
     plain = 64 * 32 * 2 + 32 * 2
     assert bench_e2e.module_bytes(model) == plain

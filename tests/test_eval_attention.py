@@ -2,21 +2,14 @@
 routes attention through the 8-bit path exactly in the 8-bit rows, and is paired (a repeated float run is identical
 to the reference). T2V (CogVideoX) with the cheapest 8-bit row; the W8A8 rows on T2I (PixArt, 8-bit path forced
 with min_kv_tokens=0), where the reference attention costs little."""
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "eval_attention_embedded.py"
-
 
 @pytest.fixture(scope="module")
-def script():
-    spec = importlib.util.spec_from_file_location("eval_attention_embedded", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def script(benchmark_script):
+    return benchmark_script("eval_attention_embedded")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ On the CPU the hooks run the whole flow (execution device ``cpu:0``, nothing rea
 quantized modules are checked by sending them to the ``meta`` device through the same hook. On CUDA,
 ``benchmarks/check_offload.py`` runs for real.
 """
-import importlib.util
 import json
 import subprocess
 import sys
@@ -21,12 +20,6 @@ from viditq.testing import calibration_set, tiny_model, tiny_pixart_pipeline
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_check_offload():
-    spec = importlib.util.spec_from_file_location("check_offload", ROOT / "benchmarks" / "check_offload.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="module")
 def quantized_modules():
@@ -35,9 +28,9 @@ def quantized_modules():
     return {"transformer": transformer, "text_encoder": text_encoder}
 
 
-def test_offload_flow_on_cpu_matches_resident_generation():
+def test_offload_flow_on_cpu_matches_resident_generation(benchmark_script):
     pytest.importorskip("accelerate")
-    res = load_check_offload().check_pipeline("pixart_tiny", "cpu", torch.float32, steps=2)
+    res = benchmark_script("check_offload").check_pipeline("pixart_tiny", "cpu", torch.float32, steps=2)
     assert res["ok"], res
     assert res["hooks"] == {"text_encoder": "CpuOffload", "vae": "CpuOffload", "transformer": "CpuOffload"}
     assert res["quantized_layers"]["text_encoder"] == 12 and res["quantized_layers"]["transformer"] > 0
