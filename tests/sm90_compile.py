@@ -84,7 +84,7 @@ def tl_attention():
                 attention.attention_from_operands(
                     ops, torch.empty(b, n, h, head_d, dtype=torch.bfloat16).transpose(1, 2), n, config)
                 out[f"d{head_d} m{config.block_m} n{config.block_n} w{config.num_warps}"] = dict(
-                    loops=offline.mma_loops(compiled[-1]))
+                    loops=offline.mma_loops(compiled[-1]), ptxas=offline.ptxas_report(compiled[-1]))
     return out
 
 

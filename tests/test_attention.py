@@ -324,12 +324,18 @@ def test_fp8_kernel_sass_hands_p_to_pv_without_shuffles(sm90_compile):
     """The fp8 kernel compiled for sm_90 (no GPU): one trip over a key block issues the Q·Kᵀ and P·V wgmma, one
     exp2 per score (+ the rows' rescale factors) and no indexed shuffle — P's registers are relabeled into the
     P·V operand's order, the keys of V stored in that order (``_pv_key_position``). Before: 16 ``SHFL.IDX``
-    (+ 16 ``PRMT``, 17 ``SEL``) of 559 instructions per trip at CogVideoX's tile; after: 512."""
+    (+ 16 ``PRMT``, 17 ``SEL``) of 559 instructions per trip at CogVideoX's tile; after: 512.
+
+    And the wgmma stay asynchronous: at most one wait for the Q·Kᵀ chunks and one for the P·V chunks. Without the
+    kernel's explicit P·V wait (``WAIT_PV``), ptxas serializes them at CogVideoX's 128-register cap — a wait after
+    each of the 6 chunks."""
     out = sm90_compile("tl_attention")
     assert len(out) == 4, out
     for name, info in out.items():
         head_d, block_m, block_n, warps = (int(x[1:]) for x in name.split())
         trip = min(info["loops"], key=lambda loop: loop["instructions"])  # (TMA: the barrier waits' retry branches)
+        assert not info["ptxas"]["wgmma_serialized"] and info["ptxas"]["spill_stores"] == 0, (name, info["ptxas"])
+        assert trip["waits"] <= 2, (name, trip)
         assert trip["mma"] == (head_d + block_n) // 32 * (block_m // 64) // (warps // 4), (name, trip)
         assert trip["ex2"] == block_m * block_n // (32 * warps) + 2, (name, trip)
         assert trip["shuffles"] == 0, (name, trip)

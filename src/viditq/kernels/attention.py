@@ -335,6 +335,7 @@ def _attn_stats_finish_kernel(
 def _softmax_pv(
     acc, m_i, l_i, qk, qk_scale, v, Bias, start_n, N_KV,
     BLOCK_N: tl.constexpr, MASK_KV: tl.constexpr, HAS_BIAS: tl.constexpr, PV_FP8: tl.constexpr,
+    WAIT_PV: tl.constexpr,
 ):
     """Online-softmax update with one key/value block: integer scores qk (BLOCK_M, BLOCK_N), v (fp8: (HEAD_D,
     BLOCK_N), transposed; bf16: (BLOCK_N, HEAD_D)) → (acc, m_i, l_i). The P·V product accumulates into the
@@ -364,6 +365,9 @@ def _softmax_pv(
     else:
         acc = tl.dot(p.to(tl.bfloat16), v, acc)
     l_i = l_i * alpha + tl.sum(p, axis=1)
+    if WAIT_PV:  # this block's P·V done before the next block's Q·Kᵀ is issued (the launcher says why)
+        tl.inline_asm_elementwise("wgmma.wait_group.sync.aligned 0; // $0", "=r", [], dtype=tl.int32,
+                                  is_pure=False, pack=1)
     return acc, m_new, l_i
 
 
@@ -393,7 +397,7 @@ def _attn_fwd_kernel(
     stride_ob, stride_oh, stride_on, stride_od,
     H, N_Q, N_KV, N_UNMASKED, D, NQ_PAD, NKV_PAD,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
-    PV_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, TMA: tl.constexpr,
+    PV_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, TMA: tl.constexpr, WAIT_PV: tl.constexpr,
 ):
     """One (BLOCK_M, HEAD_D) output tile of one head. Grid (Nq_pad / BLOCK_M, B·H): the query blocks of a head
     run next to each other, so that head's K and V stay in L2. ``TMA``: K8 and V are tensor descriptors."""
@@ -415,13 +419,13 @@ def _attn_fwd_kernel(
         qk = tl.dot(q, tl.trans(k), out_dtype=tl.int32)  # (BLOCK_M, BLOCK_N) exact integers
         acc, m_i, l_i = _softmax_pv(
             acc, m_i, l_i, qk, q_scale * tl.load(k_scales + j), v, bias_ptr, j * BLOCK_N, N_KV,
-            BLOCK_N, False, HAS_BIAS, PV_FP8)
+            BLOCK_N, False, HAS_BIAS, PV_FP8, WAIT_PV)
     if N_UNMASKED < N_KV:  # the last, partial key block
         k, v = _load_kv(K8, V, pid_bh, n_blocks, NKV_PAD, BLOCK_N, HEAD_D, PV_FP8, TMA)
         qk = tl.dot(q, tl.trans(k), out_dtype=tl.int32)
         acc, m_i, l_i = _softmax_pv(
             acc, m_i, l_i, qk, q_scale * tl.load(k_scales + n_blocks), v, bias_ptr, N_UNMASKED, N_KV,
-            BLOCK_N, True, HAS_BIAS, PV_FP8)
+            BLOCK_N, True, HAS_BIAS, PV_FP8, WAIT_PV)
     out = acc / l_i[:, None]
     if PV_FP8:
         out = out * tl.load(VScale + pid_bh * HEAD_D + offs_d)[None, :]
@@ -480,6 +484,12 @@ def attention_stats(
     return mean, balance, inv_balance, v_scale
 
 
+def _quant_warps(block: int, head_dim_padded: int) -> int:
+    """Warps of a quantization program over ``block`` tokens: 8 from 64 x 128 elements up (sm_90 compile,
+    PixArt's 128 x 128 V tile: 255 registers and spills at 4 warps, 93 at 8), else 4."""
+    return 8 if block * head_dim_padded >= 8192 else 4
+
+
 def quantize_per_block(
     x: torch.Tensor, block: int, head_dim_padded: int, chan_scale: torch.Tensor, multiplier: float = 1.0,
     mean: torch.Tensor | None = None,
@@ -492,8 +502,9 @@ def quantize_per_block(
     scales = torch.empty((b * h, n_blocks), dtype=torch.float32, device=x.device)
     mean_arg = mean.contiguous() if mean is not None else scales
     _quantize_blocks_kernel[(n_blocks, b * h)](
-        x, mean_arg, chan_scale.contiguous(), codes, scales, *x.stride(), h, n, d, n_blocks * block, n_blocks, multiplier,
-        BLOCK=block, HEAD_D=head_dim_padded, HAS_MEAN=mean is not None)
+        x, mean_arg, chan_scale.contiguous(), codes, scales, *x.stride(), h, n, d, n_blocks * block, n_blocks,
+        multiplier, BLOCK=block, HEAD_D=head_dim_padded, HAS_MEAN=mean is not None,
+        num_warps=_quant_warps(block, head_dim_padded))
     return codes, scales
 
 
@@ -504,7 +515,8 @@ def quantize_v_fp8(v: torch.Tensor, block: int, head_dim_padded: int, v_scale: t
     n_blocks = triton.cdiv(n, block)
     codes = torch.empty((b * h, head_dim_padded, n_blocks * block), dtype=torch.float8_e4m3fn, device=v.device)
     _quantize_v_fp8_kernel[(n_blocks, b * h)](
-        v, v_scale, codes, *v.stride(), h, n, d, n_blocks * block, BLOCK=block, HEAD_D=head_dim_padded)
+        v, v_scale, codes, *v.stride(), h, n, d, n_blocks * block, BLOCK=block, HEAD_D=head_dim_padded,
+        num_warps=_quant_warps(block, head_dim_padded))
     return codes
 
 
@@ -586,6 +598,11 @@ def attention_from_operands(
         out, *out.stride(), h, n_q, n_kv, n_unmasked, d, ops.q8.shape[1], nkv_pad,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, HEAD_D=ops.q8.shape[2],
         PV_FP8=ops.v_scale is not None, HAS_BIAS=ops.bias is not None, TMA=tma,
+        # Under the register cap, an explicit wait for each block's P·V (inline PTX, so not under the CPU
+        # interpreter): without it ptxas, short of registers to keep that P·V in flight next to the next Q·Kᵀ,
+        # serializes every wgmma — a wait after each of a trip's 6 chunks; with it, one wait per product, still
+        # 128 registers (sm_90 compile, CogVideoX's tile). Not yet timed on a GPU (benchmarks/NOTES.md, session 22).
+        WAIT_PV=tma and config.max_registers is not None and os.environ.get("TRITON_INTERPRET", "0") != "1",
         num_warps=config.num_warps, num_stages=config.num_stages,
         maxnreg=config.max_registers if tma else None)  # (the register cap was measured with the TMA loads only)
     return out

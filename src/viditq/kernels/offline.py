@@ -80,9 +80,9 @@ def cuobjdump(compiled, *flags: str) -> str:
 
 def mma_loops(compiled) -> list[dict]:
     """The loops of a compiled kernel's SASS (bundled cuobjdump) that issue warpgroup MMAs, innermost first: per
-    loop body, its instruction count, MMA instructions (HGMMA / IGMMA / QGMMA), exp2 (``MUFU.EX2``) and indexed
-    shuffles (``SHFL.IDX``: register layout conversions) — what one trip costs, e.g. the exponentials per score
-    of an attention kernel."""
+    loop body, its instruction count, MMA instructions (HGMMA / IGMMA / QGMMA), waits on them
+    (``WARPGROUP.DEPBAR``), exp2 (``MUFU.EX2``) and indexed shuffles (``SHFL.IDX``: register layout conversions) —
+    what one trip costs, e.g. the exponentials per score of an attention kernel."""
     sass = cuobjdump(compiled, "-sass")
     code = [(int(m[1], 16), m[2]) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([^;]*);", sass)]
     index = {addr: i for i, (addr, _) in enumerate(code)}
@@ -94,5 +94,6 @@ def mma_loops(compiled) -> list[dict]:
             mma = sum(bool(re.match(r"[HIQ]GMMA", t)) for t in body)
             if mma:
                 loops.append(dict(instructions=len(body), mma=mma, ex2=sum(t.startswith("MUFU.EX2") for t in body),
+                                  waits=sum(t.startswith("WARPGROUP.DEPBAR") for t in body),
                                   shuffles=sum(t.startswith("SHFL.IDX") for t in body)))
     return sorted(loops, key=lambda loop: loop["instructions"])
