@@ -36,6 +36,7 @@ from triton.language.extra import libdevice
 from ..quant.hadamard import paley_hadamard
 from ..quant.quantizers import MIN_SCALE, signed_range
 from . import pdl
+from .triton_compat import interpreted
 
 FP8_E4M3_MAX = 448.0
 MAX_ROW_ELEMENTS = 8192  # one row (padded to powers of two) must fit a program's registers
@@ -379,10 +380,6 @@ def _hadamard_operands(
     return hp, hm, m, m_pad, p
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 _SM_COUNT: dict[int, int] = {}
 
 
@@ -484,5 +481,5 @@ def _launch(x, smooth, rot_signs, rot_m, rot_block, codes, scale, common, config
     _act_quant_rotate_kernel[(programs,)](
         x, smooth, rot_signs, hp, hm, codes, scale, m_rows, x.stride(0), codes.stride(0),
         1.0 / math.sqrt(rot_block or k), programs, M_H=m_h, M_PAD=m_pad, P=p, SPLIT_X=split_x,
-        EXACT_FP32=_interpreted(), MIX_M=not rot_block, **launch,
+        EXACT_FP32=interpreted(), MIX_M=not rot_block, **launch,
     )

@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from . import pdl
+from .triton_compat import interpreted
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -602,7 +603,7 @@ def attention_from_operands(
         # interpreter): without it ptxas, short of registers to keep that P·V in flight next to the next Q·Kᵀ,
         # serializes every wgmma — a wait after each of a trip's 6 chunks; with it, one wait per product, still
         # 128 registers (sm_90 compile, CogVideoX's tile). Not yet timed on a GPU (benchmarks/NOTES.md, session 22).
-        WAIT_PV=tma and config.max_registers is not None and os.environ.get("TRITON_INTERPRET", "0") != "1",
+        WAIT_PV=tma and config.max_registers is not None and not interpreted(),
         num_warps=config.num_warps, num_stages=config.num_stages,
         maxnreg=config.max_registers if tma else None)  # (the register cap was measured with the TMA loads only)
     return out

@@ -12,6 +12,13 @@ conversion, which rounds like the GPU for the finite, in-range values the kernel
 """
 from __future__ import annotations
 
+import os
+
+
+def interpreted() -> bool:
+    """Whether Triton kernels run on the CPU interpreter (no inline PTX, no fused multiply-add) in this process."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
 
 def patch_interpreter_scalar_index() -> None:
     """Idempotent: wrap ``triton.runtime.interpreter._patch_lang_tensor`` so ``__index__`` reads ``.item()``."""
