@@ -73,12 +73,12 @@ def attention_kernel():
 
 
 def tl_attention():
-    """The ``tl`` kernel of :mod:`attention` in fp8 mode at its default tiles (head dims 64 and 128): the SASS
+    """The ``tl`` kernel of :mod:`attention` in fp8 mode at its default tiles (padded head dims 64, 96 = 64 + 32 and 128): the SASS
     loops."""
     out = {}
     b, h, n = 1, 2, 300
     with offline.sm90_compiles(attention._attn_fwd_kernel) as compiled:
-        for head_d in (64, 128):
+        for head_d in (64, 96, 128):
             for config in {attention.default_config(head_d, "fp8"), attention.default_config(head_d, "fp8", 120)}:
                 ops = _fp8_operands(b * h, n, head_d, config.block_m, config.block_n)
                 attention.attention_from_operands(
