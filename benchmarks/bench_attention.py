@@ -142,7 +142,7 @@ def time_config(q, k, v, bias, mode, cfg, flops, sdpa_ms):
         prep = bench(lambda: KA.quantize_operands(q, k, v, mode, d ** -0.5, bias, cfg))
         prep_graph = graph_bench(lambda: KA.quantize_operands(q, k, v, mode, d ** -0.5, bias, cfg))
         v_stats = v if mode == "fp8" else None
-        stats = graph_bench(lambda: KA.attention_stats(q, k, v_stats, KA.padded_head_dim(d)))
+        stats = graph_bench(lambda: KA.attention_stats(q, k, v_stats, KA.padded_head_dim(d, mode)))
         stats_torch = graph_bench(lambda: KA.attention_stats_reference(q, k, v_stats))
     except Exception as e:  # a tile shape that does not compile (shared memory, registers) is skipped
         return {"error": repr(e)[:300]}

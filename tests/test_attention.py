@@ -321,12 +321,14 @@ def test_kernel_tiles_match_reference(config, tma, head_d, monkeypatch):
 
 
 def test_head_dims_pad_to_a_power_of_two_or_a_sum_of_two():
-    """72 (PixArt, Latte, Open-Sora) is stored as 96 = 64 + 32 channels, the kernel's two slices, where the next
-    power of two would be 128: a quarter less tensor-core work, operand bytes and accumulator registers."""
+    """In the fp8 mode 72 (PixArt, Latte, Open-Sora) is stored as 96 = 64 + 32 channels, the kernel's two slices,
+    where the next power of two would be 128: a quarter less tensor-core work, operand bytes and accumulator
+    registers."""
     padded = {d: KA.padded_head_dim(d) for d in (8, 32, 40, 64, 72, 80, 96, 100, 128, 136, 192, 200, 256)}
     assert padded == {8: 32, 32: 32, 40: 64, 64: 64, 72: 96, 80: 96, 96: 96, 100: 128, 128: 128, 136: 160,
                       192: 192, 200: 256, 256: 256}
     assert [KA.head_dim_parts(d) for d in (64, 96, 160, 192)] == [(64, 0), (64, 32), (128, 32), (128, 64)]
+    assert [KA.padded_head_dim(d, "int8") for d in (40, 72, 136)] == [64, 128, 256]  # bf16 P·V: powers of two
     q, k, v = realistic_qkv(1, 2, 70, 90, 72, seed=5)
     ops = KA.quantize_operands(q, k, v, "fp8", 72 ** -0.5, None, KA.default_config(96, "fp8", 90))
     assert ops.q8.shape[2] == ops.k8.shape[2] == ops.v.shape[1] == ops.v_scale.shape[1] == 96

@@ -83,16 +83,17 @@ def default_config(head_dim_padded: int, mode: str, n_kv: int = 4096) -> Attenti
         # 96 = 64 + 32 (PixArt's 72): at 2 stages 160 registers and 55 KB of shared memory, 3 programs per SM
         # (sm_90 compile; 128 takes 178 registers there, 2 programs). Not yet timed on a GPU (NOTES, session 23).
         return AttentionConfig(64, 128, 4, 2 if head_dim_padded == 96 else 3)
-    return AttentionConfig(128, 128, 8, 3) if head_dim_padded > 64 else AttentionConfig(128, 64, 4, 3)
+    return AttentionConfig(128, 128, 8, 3) if head_dim_padded >= 128 else AttentionConfig(128, 64, 4, 3)
 
 
-def padded_head_dim(d: int) -> int:
+def padded_head_dim(d: int, mode: str = "fp8") -> int:
     """Channels of the quantized copies: ``d`` rounded up to 32 (the int8 tensor-core k step), kept if it is a
     power of two or a sum of two (:func:`head_dim_parts`; 72 → 96 = 64 + 32, a quarter less tensor-core work
-    and accumulator registers than 128), else the next power of two (200 → 256)."""
+    and accumulator registers than 128), else the next power of two (200 → 256). The int8 mode (bf16 P·V) always
+    takes the power of two: the split measured slower there (benchmarks/NOTES.md, session 7)."""
     d32 = max(32, triton.cdiv(d, 32) * 32)
     low = head_dim_parts(d32)[1]
-    return d32 if low & (low - 1) == 0 else triton.next_power_of_2(d32)
+    return d32 if mode == "fp8" and low & (low - 1) == 0 else triton.next_power_of_2(d32)
 
 
 def head_dim_parts(head_dim_padded: int) -> tuple[int, int]:
@@ -148,7 +149,7 @@ def quantized_attention_reference(
     row's final max here, to the running max there.
     """
     _check_inputs(q, k, v, mode, bias)
-    config = config or default_config(padded_head_dim(q.shape[-1]), mode, k.shape[2])
+    config = config or default_config(padded_head_dim(q.shape[-1], mode), mode, k.shape[2])
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     k_mean, balance, _, v_scale = attention_stats_reference(q, k, v if mode == "fp8" else None)
     balance = balance[:, :, None, :]  # (B, H, 1, D)
@@ -622,7 +623,7 @@ class QuantizedOperands:
 def quantize_operands(q, k, v, mode: str, scale: float, bias, config: AttentionConfig) -> QuantizedOperands:
     """Step 1-2 of the module docstring (and V to fp8 / padded bf16): one statistics pass over Q, K (and V),
     then one quantization pass over each."""
-    head_d = padded_head_dim(q.shape[-1])
+    head_d = padded_head_dim(q.shape[-1], mode)
     k_mean, balance, inv_balance, v_scale = attention_stats(q, k, v if mode == "fp8" else None, head_d)
     q8, q_scale = quantize_per_block(q, config.block_m, head_d, balance, multiplier=scale * LOG2E)
     k8, k_scale = quantize_per_block(k, config.block_n, head_d, inv_balance, mean=k_mean)
@@ -693,7 +694,7 @@ def quantized_attention_triton(
     → (B, H, Nq, D) in q.dtype, laid out as (B, Nq, H, D) in memory (what attention processors reshape next)."""
     _check_inputs(q, k, v, mode, bias)
     b, h, n_q, d = q.shape
-    config = config or default_config(padded_head_dim(d), mode, k.shape[2])
+    config = config or default_config(padded_head_dim(d, mode), mode, k.shape[2])
     scale = d ** -0.5 if scale is None else scale
     ops = quantize_operands(q, k, v, mode, scale, bias, config)
     out = torch.empty((b, n_q, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
