@@ -13,12 +13,12 @@
    largest entry per row is 448 and small probabilities stay out of fp8's subnormal range); mode ``"int8"``:
    P and V in bf16 (only Q·Kᵀ is 8-bit).
 
-Head dims up to 256 are padded in the quantized copies to a multiple of 32 that is a power of two or a sum of two
-(72 → 96 = 64 + 32: the kernel runs each product on the two channel slices; :func:`padded_head_dim`); sequence
-lengths are padded
-to whole blocks and padded keys are masked. ``bias`` is an optional additive key-padding bias (B, H, Nkv), the
-form text-padding masks take in cross-attention; masks that vary over queries are not supported here (the
-integration in :mod:`viditq.attention` leaves those to the model's own SDPA).
+Head dims up to 256 are padded in the quantized copies to a multiple of 32 that is a power of two or, in the fp8
+mode, a sum of two (72 → 96 = 64 + 32: the kernel runs each product on the two channel slices;
+:func:`padded_head_dim`); sequence lengths are padded to whole blocks and padded keys are masked. ``bias`` is an
+optional additive key-padding bias (B, H, Nkv), the form text-padding masks take in cross-attention; masks that
+vary over queries are not supported here (the integration in :mod:`viditq.attention` leaves those to the model's
+own SDPA).
 
 :func:`quantized_attention_reference` is the PyTorch definition of the numerics (fake-quantized in float32, whole
 softmax rows at once instead of online); :func:`quantized_attention_triton` is the kernel. Layout of the kernel's
