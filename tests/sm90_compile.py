@@ -73,8 +73,8 @@ def attention_kernel():
 
 
 def tl_attention():
-    """The ``tl`` kernel of :mod:`attention` in fp8 mode at its default tiles (padded head dims 64, 96 = 64 + 32 and 128): the SASS
-    loops."""
+    """The ``tl`` kernel of :mod:`attention` in fp8 mode at its default tiles (padded head dims 64, 96 = 64 + 32 and
+    128): the SASS loops."""
     out = {}
     b, h, n = 1, 2, 300
     with offline.sm90_compiles(attention._attn_fwd_kernel) as compiled:
