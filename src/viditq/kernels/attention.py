@@ -13,12 +13,10 @@
    largest entry per row is 448 and small probabilities stay out of fp8's subnormal range); mode ``"int8"``:
    P and V in bf16 (only Q·Kᵀ is 8-bit).
 
-Head dims up to 256 are padded in the quantized copies to a multiple of 32 that is a power of two or, in the fp8
-mode, a sum of two (72 → 96 = 64 + 32: the kernel runs each product on the two channel slices;
-:func:`padded_head_dim`); sequence lengths are padded to whole blocks and padded keys are masked. ``bias`` is an
-optional additive key-padding bias (B, H, Nkv), the form text-padding masks take in cross-attention; masks that
-vary over queries are not supported here (the integration in :mod:`viditq.attention` leaves those to the model's
-own SDPA).
+Head dims up to 256 are padded to a power of two (72 → 128) in the quantized copies; sequence lengths are padded
+to whole blocks and padded keys are masked. ``bias`` is an optional additive key-padding bias (B, H, Nkv), the
+form text-padding masks take in cross-attention; masks that vary over queries are not supported here (the
+integration in :mod:`viditq.attention` leaves those to the model's own SDPA).
 
 :func:`quantized_attention_reference` is the PyTorch definition of the numerics (fake-quantized in float32, whole
 softmax rows at once instead of online); :func:`quantized_attention_triton` is the kernel. Layout of the kernel's
@@ -40,7 +38,6 @@ import triton
 import triton.language as tl
 
 from . import pdl
-from .triton_compat import interpreted
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -78,29 +75,13 @@ def default_config(head_dim_padded: int, mode: str, n_kv: int = 4096) -> Attenti
     if n_kv <= 256:  # cross-attention to text: one or two key blocks
         return AttentionConfig(128, 64, 8, 3)
     if mode == "fp8":  # at head dim <= 64, 128 registers: 4 programs per SM instead of 3 (7.73 vs 7.90 ms, H100)
-        if head_dim_padded <= 64:
-            return AttentionConfig(64, 128, 4, 3, 128)
-        # 96 = 64 + 32 (PixArt's 72): at 2 stages 160 registers and 55 KB of shared memory, 3 programs per SM
-        # (sm_90 compile; 128 takes 178 registers there, 2 programs). Not yet timed on a GPU (NOTES, session 23).
-        return AttentionConfig(64, 128, 4, 2 if head_dim_padded == 96 else 3)
+        return AttentionConfig(64, 128, 4, 3, 128 if head_dim_padded <= 64 else None)
     return AttentionConfig(128, 128, 8, 3) if head_dim_padded >= 128 else AttentionConfig(128, 64, 4, 3)
 
 
-def padded_head_dim(d: int, mode: str = "fp8") -> int:
-    """Channels of the quantized copies: ``d`` rounded up to 32 (the int8 tensor-core k step), kept if it is a
-    power of two or a sum of two (:func:`head_dim_parts`; 72 → 96 = 64 + 32, a quarter less tensor-core work
-    and accumulator registers than 128), else the next power of two (200 → 256). The int8 mode (bf16 P·V) always
-    takes the power of two: the split measured slower there (benchmarks/NOTES.md, session 7)."""
-    d32 = max(32, triton.cdiv(d, 32) * 32)
-    low = head_dim_parts(d32)[1]
-    return d32 if mode == "fp8" and low & (low - 1) == 0 else triton.next_power_of_2(d32)
-
-
-def head_dim_parts(head_dim_padded: int) -> tuple[int, int]:
-    """(high, low): a padded head dim as a power of two plus a smaller part (0, or a power of two once padded):
-    the attention kernel's two channel slices, each product of one slice a power-of-two tile (96 → (64, 32))."""
-    high = 1 << (head_dim_padded.bit_length() - 1)
-    return high, head_dim_padded - high
+def padded_head_dim(d: int) -> int:
+    """Power of two >= max(d, 32) (32: int8 tensor-core K step)."""
+    return max(32, triton.next_power_of_2(d))
 
 
 def _round_half_away(x: torch.Tensor) -> torch.Tensor:
@@ -149,7 +130,7 @@ def quantized_attention_reference(
     row's final max here, to the running max there.
     """
     _check_inputs(q, k, v, mode, bias)
-    config = config or default_config(padded_head_dim(q.shape[-1], mode), mode, k.shape[2])
+    config = config or default_config(padded_head_dim(q.shape[-1]), mode, k.shape[2])
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     k_mean, balance, _, v_scale = attention_stats_reference(q, k, v if mode == "fp8" else None)
     balance = balance[:, :, None, :]  # (B, H, 1, D)
@@ -213,10 +194,10 @@ def _quantize_blocks_kernel(
     X, Mean, ChanScale, Codes, Scales,
     stride_xb, stride_xh, stride_xn, stride_xd,
     H, N, D, N_PAD, N_BLOCKS, multiplier,
-    BLOCK: tl.constexpr, HEAD_D: tl.constexpr, D_PAD: tl.constexpr, HAS_MEAN: tl.constexpr,
+    BLOCK: tl.constexpr, HEAD_D: tl.constexpr, HAS_MEAN: tl.constexpr,
 ):
-    """One (BLOCK, HEAD_D) tile of one head, ``(x - mean) * chan_scale`` → int8 codes (BLOCK, D_PAD) (zero in the
-    padding) and one absmax scale. HEAD_D: D_PAD's next power of two (the tile)."""
+    """One (BLOCK, HEAD_D) tile of one head, ``(x - mean) * chan_scale`` → int8 codes (zero in the padding) and
+    one absmax scale."""
     pid_blk = tl.program_id(0)
     pid_bh = tl.program_id(1)
     x, offs_n, offs_d, mask = _load_tile(X, stride_xb, stride_xh, stride_xn, stride_xd, pid_blk, pid_bh, H, N, D,
@@ -229,8 +210,8 @@ def _quantize_blocks_kernel(
     scale = tl.where(amax > 0, amax / 127.0, 1.0)
     y = x / scale
     codes = tl.where(y >= 0, tl.floor(y + 0.5), -tl.floor(0.5 - y))  # round half away from zero
-    out_ptrs = Codes + pid_bh * N_PAD * D_PAD + offs_n[:, None] * D_PAD + offs_d[None, :]
-    tl.store(out_ptrs, codes.to(tl.int8), mask=(offs_d < D_PAD)[None, :])
+    out_ptrs = Codes + pid_bh * N_PAD * HEAD_D + offs_n[:, None] * HEAD_D + offs_d[None, :]
+    tl.store(out_ptrs, codes.to(tl.int8))
     tl.store(Scales + pid_bh * N_BLOCKS + pid_blk, scale * multiplier)
 
 
@@ -258,18 +239,18 @@ def _quantize_v_fp8_kernel(
     V, VScale, Out,
     stride_vb, stride_vh, stride_vn, stride_vd,
     H, N, D, N_PAD,
-    BLOCK: tl.constexpr, HEAD_D: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK: tl.constexpr, HEAD_D: tl.constexpr,
 ):
-    """One (BLOCK, HEAD_D) tile of V / per-channel scale (B·H, D_PAD) → fp8 e4m3, stored transposed as (D_PAD,
-    N_PAD), the keys of each 32 in P·V order (:func:`_pv_key_position`)."""
+    """One (BLOCK, HEAD_D) tile of V / per-channel scale → fp8 e4m3, stored transposed as (HEAD_D, N_PAD), the keys
+    of each 32 in P·V order (:func:`_pv_key_position`)."""
     pid_blk = tl.program_id(0)
     pid_bh = tl.program_id(1)
     v, offs_n, offs_d, _ = _load_tile(V, stride_vb, stride_vh, stride_vn, stride_vd, pid_blk, pid_bh, H, N, D,
                                       BLOCK, HEAD_D)
-    v_scale = tl.load(VScale + pid_bh * D_PAD + offs_d, mask=offs_d < D_PAD, other=1.0)
+    v_scale = tl.load(VScale + pid_bh * HEAD_D + offs_d)
     v = tl.minimum(tl.maximum(v / v_scale[None, :], -448.0), 448.0)
-    out_ptrs = Out + pid_bh * D_PAD * N_PAD + offs_d[None, :] * N_PAD + _pv_key_position(offs_n)[:, None]
-    tl.store(out_ptrs, v.to(tl.float8e4nv), mask=(offs_d < D_PAD)[None, :])
+    out_ptrs = Out + pid_bh * HEAD_D * N_PAD + offs_d[None, :] * N_PAD + _pv_key_position(offs_n)[:, None]
+    tl.store(out_ptrs, v.to(tl.float8e4nv))
 
 
 @triton.jit
@@ -325,10 +306,10 @@ def _attn_stats_kernel(
 @triton.jit
 def _attn_stats_finish_kernel(
     Part, Mean, Balance, InvBalance, VScale, n_kv, D, STAT_STRIDE,
-    HEAD_D: tl.constexpr, D_PAD: tl.constexpr, SPLITS: tl.constexpr, HAS_V: tl.constexpr,
+    HEAD_D: tl.constexpr, SPLITS: tl.constexpr, HAS_V: tl.constexpr,
 ):
     """One head: the splits' statistics → K mean, balance ``lam`` and ``1 / lam`` (B·H, D) (the arithmetic of
-    :func:`channel_balance`, IEEE-rounded), fp8 V scales (B·H, D_PAD) (1 in the padding)."""
+    :func:`channel_balance`, IEEE-rounded), fp8 V scales (B·H, HEAD_D) (1 in the padding)."""
     pid_bh = tl.program_id(0)
     offs_s = tl.arange(0, SPLITS)
     offs_d = tl.arange(0, HEAD_D)
@@ -347,16 +328,17 @@ def _attn_stats_finish_kernel(
     if HAS_V:
         v_amax = tl.max(tl.load(idx + 4 * STAT_STRIDE), axis=0)
         v_scale = tl.maximum(tl.math.div_rn(v_amax, tl.full([HEAD_D], 448.0, tl.float32)), 1e-12)
-        tl.store(VScale + pid_bh * D_PAD + offs_d, tl.where(d_ok, v_scale, 1.0), mask=offs_d < D_PAD)
+        tl.store(VScale + pid_bh * HEAD_D + offs_d, tl.where(d_ok, v_scale, 1.0))
 
 
 @triton.jit
-def _softmax(
-    m_i, qk, qk_scale, Bias, start_n, N_KV,
+def _softmax_pv(
+    acc, m_i, l_i, qk, qk_scale, v, Bias, start_n, N_KV,
     BLOCK_N: tl.constexpr, MASK_KV: tl.constexpr, HAS_BIAS: tl.constexpr, PV_FP8: tl.constexpr,
 ):
-    """Online-softmax step over one key block: integer scores qk (BLOCK_M, BLOCK_N) → (P as the P·V operand, the
-    rescale factor alpha of the accumulator and row sums, the new row max, P's row sums).
+    """Online-softmax update with one key/value block: integer scores qk (BLOCK_M, BLOCK_N), v (fp8: (HEAD_D,
+    BLOCK_N), transposed; bf16: (BLOCK_N, HEAD_D)) → (acc, m_i, l_i). The P·V product accumulates into the
+    rescaled acc (one accumulator: 9 registers fewer than ``acc * alpha + P·V`` at CogVideoX's tile).
 
     Scores are in log2 units after ``* qk_scale`` (scale * LOG2E is folded into the Q scales)."""
     # fp8: shift by log2(448) so that each row's largest P is 448, the top of e4m3's range (acc and l share it).
@@ -376,107 +358,50 @@ def _softmax(
         m_new = tl.maximum(m_i, tl.max(qk, axis=1).to(tl.float32) * qk_scale)
         p = tl.math.exp2(qk.to(tl.float32) * qk_scale - (m_new - p_shift)[:, None])
     alpha = tl.math.exp2(m_i - m_new)
+    acc = acc * alpha[:, None]
     if PV_FP8:
-        p_op = _p_in_key_order(p.to(tl.float8e4nv), BLOCK_N)
+        acc = tl.dot(_p_in_key_order(p.to(tl.float8e4nv), BLOCK_N), tl.trans(v), acc)
     else:
-        p_op = p.to(tl.bfloat16)
-    return p_op, alpha, m_new, tl.sum(p, axis=1)
+        acc = tl.dot(p.to(tl.bfloat16), v, acc)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    return acc, m_new, l_i
 
 
 @triton.jit
-def _pv(acc, alpha, p, v, PV_FP8: tl.constexpr):
-    """``acc * alpha + P·V``, accumulated into the rescaled acc (one accumulator: 9 registers fewer than a
-    separate P·V product at CogVideoX's tile). v: fp8 (D, BLOCK_N), transposed; bf16 (BLOCK_N, D)."""
-    if PV_FP8:
-        v = tl.trans(v)
-    return tl.dot(p, v, acc * alpha[:, None])
-
-
-@triton.jit
-def _load_kv(K8, V, pid_bh, j, NKV_PAD, D0: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
-             D_PAD: tl.constexpr, PV_FP8: tl.constexpr, TMA: tl.constexpr):
-    """Key block ``j`` of head ``pid_bh``, channels [D0, D0 + HEAD_D) of D_PAD: K codes (BLOCK_N, HEAD_D) and V
-    (module docstring's layouts), from tensor descriptors (``TMA``: K8 and V are descriptors of the 2-D views with
-    boxes of these channels) or pointers. The offsets are computed from ``j`` each trip: 32-bit arithmetic, where
-    advancing 64-bit pointer tensors cost registers and adds."""
+def _load_kv(K8, V, pid_bh, j, NKV_PAD, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, PV_FP8: tl.constexpr,
+             TMA: tl.constexpr):
+    """Key block ``j`` of head ``pid_bh``: K codes (BLOCK_N, HEAD_D) and V (module docstring's layouts), from
+    tensor descriptors (``TMA``: K8 and V are descriptors of the 2-D views) or pointers. The offsets are computed
+    from ``j`` each trip: 32-bit arithmetic, where advancing 64-bit pointer tensors cost registers and adds."""
     offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = D0 + tl.arange(0, HEAD_D)
+    offs_d = tl.arange(0, HEAD_D)
     if TMA:
-        k = K8.load([pid_bh * NKV_PAD + j * BLOCK_N, D0])
-        v = V.load([pid_bh * D_PAD + D0, j * BLOCK_N])
+        k = K8.load([pid_bh * NKV_PAD + j * BLOCK_N, 0])
+        v = V.load([pid_bh * HEAD_D, j * BLOCK_N])
     else:
-        k = tl.load(K8 + pid_bh * NKV_PAD * D_PAD + offs_n[:, None] * D_PAD + offs_d[None, :])
+        k = tl.load(K8 + pid_bh * NKV_PAD * HEAD_D + offs_n[:, None] * HEAD_D + offs_d[None, :])
         if PV_FP8:
-            v = tl.load(V + pid_bh * D_PAD * NKV_PAD + offs_d[:, None] * NKV_PAD + offs_n[None, :])
+            v = tl.load(V + pid_bh * HEAD_D * NKV_PAD + offs_d[:, None] * NKV_PAD + offs_n[None, :])
         else:
-            v = tl.load(V + pid_bh * NKV_PAD * D_PAD + offs_n[:, None] * D_PAD + offs_d[None, :])
+            v = tl.load(V + pid_bh * NKV_PAD * HEAD_D + offs_n[:, None] * HEAD_D + offs_d[None, :])
     return k, v
 
 
 @triton.jit
-def _attend_block(
-    acc, acc2, m_i, l_i, q, q2, K8, V, K8b, Vb, Bias, pid_bh, j, qk_scale, N_KV, NKV_PAD,
-    BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, HEAD_D2: tl.constexpr, MASK_KV: tl.constexpr,
-    HAS_BIAS: tl.constexpr, PV_FP8: tl.constexpr, TMA: tl.constexpr, WAIT_PV: tl.constexpr,
-):
-    """One key block into (acc, acc2, m_i, l_i): Q·Kᵀ over the channel slices [0, HEAD_D) and (HEAD_D2 > 0)
-    [HEAD_D, HEAD_D + HEAD_D2) into one integer accumulator, the softmax step, P·V into acc and acc2 (the output's
-    two channel slices; acc2 and q2 are unused placeholders when HEAD_D2 == 0)."""
-    k, v = _load_kv(K8, V, pid_bh, j, NKV_PAD, 0, BLOCK_N, HEAD_D, HEAD_D + HEAD_D2, PV_FP8, TMA)
-    qk = tl.dot(q, tl.trans(k), out_dtype=tl.int32)  # (BLOCK_M, BLOCK_N) exact integers
-    if HEAD_D2 > 0:
-        k2, v2 = _load_kv(K8b, Vb, pid_bh, j, NKV_PAD, HEAD_D, BLOCK_N, HEAD_D2, HEAD_D + HEAD_D2, PV_FP8, TMA)
-        qk = tl.dot(q2, tl.trans(k2), qk, out_dtype=tl.int32)
-    p, alpha, m_i, p_sum = _softmax(m_i, qk, qk_scale, Bias, j * BLOCK_N, N_KV, BLOCK_N, MASK_KV, HAS_BIAS,
-                                  PV_FP8)
-    acc = _pv(acc, alpha, p, v, PV_FP8)
-    if HEAD_D2 > 0:
-        acc2 = _pv(acc2, alpha, p, v2, PV_FP8)
-    l_i = l_i * alpha + p_sum
-    if WAIT_PV:  # this block's P·V done before the next block's Q·Kᵀ is issued (the launcher says why)
-        tl.inline_asm_elementwise("wgmma.wait_group.sync.aligned 0; // $0", "=r", [], dtype=tl.int32,
-                                  is_pure=False, pack=1)
-    return acc, acc2, m_i, l_i
-
-
-@triton.jit
-def _store_out(Out, acc, l_i, VScale, pid_bh, H, offs_m, N_Q, D, stride_ob, stride_oh, stride_on, stride_od,
-               D0: tl.constexpr, HEAD_D: tl.constexpr, D_PAD: tl.constexpr, PV_FP8: tl.constexpr):
-    """Output channels [D0, D0 + HEAD_D): acc / l (times the fp8 V scales), rows < N_Q and channels < D."""
-    offs_d = D0 + tl.arange(0, HEAD_D)
-    out = acc / l_i[:, None]
-    if PV_FP8:
-        out = out * tl.load(VScale + pid_bh * D_PAD + offs_d)[None, :]
-    b = pid_bh // H
-    h = pid_bh % H
-    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m < N_Q)[:, None] & (offs_d < D)[None, :])
-
-
-@triton.jit
 def _attn_fwd_kernel(
-    Q8, K8, V, K8b, Vb, QScale, KScale, VScale, Bias, Out,
+    Q8, K8, V, QScale, KScale, VScale, Bias, Out,
     stride_ob, stride_oh, stride_on, stride_od,
     H, N_Q, N_KV, N_UNMASKED, D, NQ_PAD, NKV_PAD,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, HEAD_D2: tl.constexpr,
-    PV_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, TMA: tl.constexpr, WAIT_PV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
+    PV_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, TMA: tl.constexpr,
 ):
-    """One (BLOCK_M, HEAD_D + HEAD_D2) output tile of one head. Grid (Nq_pad / BLOCK_M, B·H): the query blocks of a
-    head run next to each other, so that head's K and V stay in L2. The padded head dim is HEAD_D (a power of two)
-    + HEAD_D2 (0 or a smaller power of two, :func:`head_dim_parts`): with HEAD_D2, every product runs on the two
-    channel slices (K8b, Vb: the second slice's descriptors; with pointers, K8 and V again). ``TMA``: K8, V, K8b
-    and Vb are tensor descriptors."""
-    D_PAD: tl.constexpr = HEAD_D + HEAD_D2
+    """One (BLOCK_M, HEAD_D) output tile of one head. Grid (Nq_pad / BLOCK_M, B·H): the query blocks of a head
+    run next to each other, so that head's K and V stay in L2. ``TMA``: K8 and V are tensor descriptors."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    q_rows = Q8 + pid_bh * NQ_PAD * D_PAD + offs_m[:, None] * D_PAD
-    q = tl.load(q_rows + tl.arange(0, HEAD_D)[None, :])
-    q2 = 0
-    acc2 = 0.0
-    if HEAD_D2 > 0:
-        q2 = tl.load(q_rows + HEAD_D + tl.arange(0, HEAD_D2)[None, :])
-        acc2 = tl.zeros([BLOCK_M, HEAD_D2], dtype=tl.float32)
+    offs_d = tl.arange(0, HEAD_D)
+    q = tl.load(Q8 + pid_bh * NQ_PAD * HEAD_D + offs_m[:, None] * HEAD_D + offs_d[None, :])
     q_scale = tl.load(QScale + pid_bh * (NQ_PAD // BLOCK_M) + pid_m)
     k_scales = KScale + pid_bh * (NKV_PAD // BLOCK_N)
     bias_ptr = Bias + pid_bh * NKV_PAD
@@ -486,19 +411,24 @@ def _attn_fwd_kernel(
     # Key blocks [0, N_UNMASKED) need no padding mask (with a bias, padded keys already carry MASKED_SCORE).
     n_blocks = N_UNMASKED // BLOCK_N
     for j in range(0, n_blocks):
-        acc, acc2, m_i, l_i = _attend_block(
-            acc, acc2, m_i, l_i, q, q2, K8, V, K8b, Vb, bias_ptr, pid_bh, j, q_scale * tl.load(k_scales + j),
-            N_KV, NKV_PAD, BLOCK_N, HEAD_D, HEAD_D2, False, HAS_BIAS, PV_FP8, TMA, WAIT_PV)
+        k, v = _load_kv(K8, V, pid_bh, j, NKV_PAD, BLOCK_N, HEAD_D, PV_FP8, TMA)
+        qk = tl.dot(q, tl.trans(k), out_dtype=tl.int32)  # (BLOCK_M, BLOCK_N) exact integers
+        acc, m_i, l_i = _softmax_pv(
+            acc, m_i, l_i, qk, q_scale * tl.load(k_scales + j), v, bias_ptr, j * BLOCK_N, N_KV,
+            BLOCK_N, False, HAS_BIAS, PV_FP8)
     if N_UNMASKED < N_KV:  # the last, partial key block
-        acc, acc2, m_i, l_i = _attend_block(
-            acc, acc2, m_i, l_i, q, q2, K8, V, K8b, Vb, bias_ptr, pid_bh, n_blocks,
-            q_scale * tl.load(k_scales + n_blocks), N_KV, NKV_PAD, BLOCK_N, HEAD_D, HEAD_D2, True, HAS_BIAS,
-            PV_FP8, TMA, WAIT_PV)
-    _store_out(Out, acc, l_i, VScale, pid_bh, H, offs_m, N_Q, D, stride_ob, stride_oh, stride_on, stride_od,
-               0, HEAD_D, D_PAD, PV_FP8)
-    if HEAD_D2 > 0:
-        _store_out(Out, acc2, l_i, VScale, pid_bh, H, offs_m, N_Q, D, stride_ob, stride_oh, stride_on, stride_od,
-                   HEAD_D, HEAD_D2, D_PAD, PV_FP8)
+        k, v = _load_kv(K8, V, pid_bh, n_blocks, NKV_PAD, BLOCK_N, HEAD_D, PV_FP8, TMA)
+        qk = tl.dot(q, tl.trans(k), out_dtype=tl.int32)
+        acc, m_i, l_i = _softmax_pv(
+            acc, m_i, l_i, qk, q_scale * tl.load(k_scales + n_blocks), v, bias_ptr, N_UNMASKED, N_KV,
+            BLOCK_N, True, HAS_BIAS, PV_FP8)
+    out = acc / l_i[:, None]
+    if PV_FP8:
+        out = out * tl.load(VScale + pid_bh * HEAD_D + offs_d)[None, :]
+    b = pid_bh // H
+    h = pid_bh % H
+    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m < N_Q)[:, None] & (offs_d < D)[None, :])
 
 
 # ------------------------------------------------------------------------------------------ launchers
@@ -528,11 +458,10 @@ def attention_stats(
     in benchmarks/exp/prep_sweep.py)."""
     b, h, n_q, d = q.shape
     n_kv = k.shape[2]
-    tile_d = triton.next_power_of_2(head_dim_padded)
-    block_t = max(8, tile // tile_d)
+    block_t = max(8, tile // head_dim_padded)
     splits = triton.next_power_of_2(max(1, min(triton.cdiv(programs, b * h),
                                                triton.cdiv(max(n_q, n_kv), block_t))))
-    part = torch.empty((5, b * h, splits, tile_d), dtype=torch.float32, device=q.device)
+    part = torch.empty((5, b * h, splits, head_dim_padded), dtype=torch.float32, device=q.device)
     stat_stride = part[0].numel()
     v_arg = v if v is not None else k
 
@@ -541,20 +470,14 @@ def attention_stats(
 
     _attn_stats_kernel[(splits, b * h)](
         q, k, v_arg, part, *q.stride(), *k.stride(), *v_arg.stride(), h, n_q, n_kv, d, per_split(n_q),
-        per_split(n_kv), stat_stride, BLOCK_T=block_t, HEAD_D=tile_d, SPLITS=splits, HAS_V=v is not None,
+        per_split(n_kv), stat_stride, BLOCK_T=block_t, HEAD_D=head_dim_padded, SPLITS=splits, HAS_V=v is not None,
         num_warps=num_warps)
     mean, balance, inv_balance = (torch.empty((b * h, d), dtype=torch.float32, device=q.device) for _ in range(3))
     v_scale = torch.empty((b * h, head_dim_padded), dtype=torch.float32, device=q.device) if v is not None else None
     _attn_stats_finish_kernel[(b * h,)](
         part, mean, balance, inv_balance, v_scale if v_scale is not None else mean, float(n_kv), d, stat_stride,
-        HEAD_D=tile_d, D_PAD=head_dim_padded, SPLITS=splits, HAS_V=v is not None, num_warps=4)
+        HEAD_D=head_dim_padded, SPLITS=splits, HAS_V=v is not None, num_warps=4)
     return mean, balance, inv_balance, v_scale
-
-
-def _quant_warps(block: int, head_dim_padded: int) -> int:
-    """Warps of a quantization program over ``block`` tokens: 8 from 64 x 128 elements up (sm_90 compile,
-    PixArt's 128 x 128 V tile: 255 registers and spills at 4 warps, 93 at 8), else 4."""
-    return 8 if block * triton.next_power_of_2(head_dim_padded) >= 8192 else 4
 
 
 def quantize_per_block(
@@ -569,9 +492,8 @@ def quantize_per_block(
     scales = torch.empty((b * h, n_blocks), dtype=torch.float32, device=x.device)
     mean_arg = mean.contiguous() if mean is not None else scales
     _quantize_blocks_kernel[(n_blocks, b * h)](
-        x, mean_arg, chan_scale.contiguous(), codes, scales, *x.stride(), h, n, d, n_blocks * block, n_blocks,
-        multiplier, BLOCK=block, HEAD_D=triton.next_power_of_2(head_dim_padded), D_PAD=head_dim_padded,
-        HAS_MEAN=mean is not None, num_warps=_quant_warps(block, head_dim_padded))
+        x, mean_arg, chan_scale.contiguous(), codes, scales, *x.stride(), h, n, d, n_blocks * block, n_blocks, multiplier,
+        BLOCK=block, HEAD_D=head_dim_padded, HAS_MEAN=mean is not None)
     return codes, scales
 
 
@@ -582,9 +504,7 @@ def quantize_v_fp8(v: torch.Tensor, block: int, head_dim_padded: int, v_scale: t
     n_blocks = triton.cdiv(n, block)
     codes = torch.empty((b * h, head_dim_padded, n_blocks * block), dtype=torch.float8_e4m3fn, device=v.device)
     _quantize_v_fp8_kernel[(n_blocks, b * h)](
-        v, v_scale, codes, *v.stride(), h, n, d, n_blocks * block, BLOCK=block,
-        HEAD_D=triton.next_power_of_2(head_dim_padded), D_PAD=head_dim_padded,
-        num_warps=_quant_warps(block, head_dim_padded))
+        v, v_scale, codes, *v.stride(), h, n, d, n_blocks * block, BLOCK=block, HEAD_D=head_dim_padded)
     return codes
 
 
@@ -623,7 +543,7 @@ class QuantizedOperands:
 def quantize_operands(q, k, v, mode: str, scale: float, bias, config: AttentionConfig) -> QuantizedOperands:
     """Step 1-2 of the module docstring (and V to fp8 / padded bf16): one statistics pass over Q, K (and V),
     then one quantization pass over each."""
-    head_d = padded_head_dim(q.shape[-1], mode)
+    head_d = padded_head_dim(q.shape[-1])
     k_mean, balance, inv_balance, v_scale = attention_stats(q, k, v if mode == "fp8" else None, head_d)
     q8, q_scale = quantize_per_block(q, config.block_m, head_d, balance, multiplier=scale * LOG2E)
     k8, k_scale = quantize_per_block(k, config.block_n, head_d, inv_balance, mean=k_mean)
@@ -655,27 +575,17 @@ def attention_from_operands(
     n_unmasked = nkv_pad if ops.bias is not None else (n_kv // config.block_n) * config.block_n
     grid = (ops.q8.shape[1] // config.block_m, b * h)
     dummy = ops.q_scale  # placeholder pointer for operands a mode does not use
-    head_d = ops.q8.shape[2]
-    parts = head_dim_parts(head_d)
-    kv_ops, tma = [ops.k8, ops.v] * 2, _tma_loads(ops)  # K and V of each channel slice (pointers: the tensors)
+    k_op, v_op, tma = ops.k8, ops.v, _tma_loads(ops)
     if tma:
-        def descriptors(width):
-            return [TensorDescriptor.from_tensor(ops.k8.view(-1, head_d), [config.block_n, width]),
-                    TensorDescriptor.from_tensor(ops.v.view(-1, nkv_pad), [width, config.block_n])]
-
-        kv_ops = descriptors(parts[0])
-        kv_ops += descriptors(parts[1]) if parts[1] else kv_ops
+        head_d = ops.q8.shape[2]
+        k_op = TensorDescriptor.from_tensor(ops.k8.view(-1, head_d), [config.block_n, head_d])
+        v_op = TensorDescriptor.from_tensor(ops.v.view(-1, nkv_pad), [head_d, config.block_n])
     _attn_fwd_kernel[grid](
-        ops.q8, *kv_ops, ops.q_scale, ops.k_scale,
+        ops.q8, k_op, v_op, ops.q_scale, ops.k_scale,
         ops.v_scale if ops.v_scale is not None else dummy, ops.bias if ops.bias is not None else dummy,
         out, *out.stride(), h, n_q, n_kv, n_unmasked, d, ops.q8.shape[1], nkv_pad,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, HEAD_D=parts[0], HEAD_D2=parts[1],
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, HEAD_D=ops.q8.shape[2],
         PV_FP8=ops.v_scale is not None, HAS_BIAS=ops.bias is not None, TMA=tma,
-        # Under the register cap, an explicit wait for each block's P·V (inline PTX, so not under the CPU
-        # interpreter): without it ptxas, short of registers to keep that P·V in flight next to the next Q·Kᵀ,
-        # serializes every wgmma — a wait after each of a trip's 6 chunks; with it, one wait per product, still
-        # 128 registers (sm_90 compile, CogVideoX's tile). Not yet timed on a GPU (benchmarks/NOTES.md, session 22).
-        WAIT_PV=tma and config.max_registers is not None and not interpreted(),
         num_warps=config.num_warps, num_stages=config.num_stages,
         maxnreg=config.max_registers if tma else None)  # (the register cap was measured with the TMA loads only)
     return out
@@ -694,7 +604,7 @@ def quantized_attention_triton(
     → (B, H, Nq, D) in q.dtype, laid out as (B, Nq, H, D) in memory (what attention processors reshape next)."""
     _check_inputs(q, k, v, mode, bias)
     b, h, n_q, d = q.shape
-    config = config or default_config(padded_head_dim(d, mode), mode, k.shape[2])
+    config = config or default_config(padded_head_dim(d), mode, k.shape[2])
     scale = d ** -0.5 if scale is None else scale
     ops = quantize_operands(q, k, v, mode, scale, bias, config)
     out = torch.empty((b, n_q, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
