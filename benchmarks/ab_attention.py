@@ -10,7 +10,8 @@ On the device (``carry: [".whl", ".ab"]``):
 embedded models' weights (``*.safetensors``) are left out. ``run``: each entry ``NAME[:KEY=VALUE,...]`` runs in a
 fresh process with its copy first on ``PYTHONPATH`` (and those environment variables); per shape and tile it
 times the kernel alone on prepared operands and the operand preparation (``do_bench`` medians; the preparation
-also replayed in a CUDA graph, as a graph-mode forward runs it) and measures the relative L2 error against
+also replayed in a CUDA graph, as a graph-mode forward runs it, and preparation + kernel in one graph on inputs in the
+attention processors' (B, N, H, D) memory layout) and measures the relative L2 error against
 float32 SDPA on the first 512 queries; the first entry also times SDPA (cuDNN, flash).
 List a variant twice to see the machine's drift. Tiles: ``bench_attention.TILES`` unless ``--tiles``.
 """
@@ -129,12 +130,18 @@ def worker(label: str, out: str, shapes: list[str], tiles: dict | None, sdpa: bo
             KA.attention_from_operands(ops, o, n_kv, cfg)
             got = o[:, :, :512].double()
             prep = lambda: KA.quantize_operands(q, k, v, "fp8", d ** -0.5, bias, cfg)  # noqa: E731
+            # the (B, N, H, D) memory layout the attention processors hand over, preparation and kernel together
+            qt, kt, vt = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+            whole = lambda: KA.attention_from_operands(  # noqa: E731
+                KA.quantize_operands(qt, kt, vt, "fp8", d ** -0.5, bias, cfg), o, n_kv, cfg)
             entry[",".join(map(str, tile))] = {
                 "kernel_ms": median_ms(lambda: KA.attention_from_operands(ops, o, n_kv, cfg)),
                 "prep_ms": median_ms(prep, rep=300),
                 # what a CUDA-graph forward pays: the launches replayed without the host
                 "prep_graph_ms": BA.graph_bench(prep) if device == "cuda" else None,
+                "whole_graph_ms": BA.graph_bench(whole) if device == "cuda" else None,
                 "rel_l2": float((got - ref).norm() / ref.norm()), "finite": bool(torch.isfinite(o).all())}
+            del qt, kt, vt
         del q, k, v, ref
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -176,7 +183,8 @@ def run(entries: list[str], out: str, shapes: list[str], tiles_spec: str | None,
         for shape, e in run_result["shapes"].items():
             for key, r in e.items():
                 if isinstance(r, dict):
-                    graph = f" (graph {r['prep_graph_ms']:.3f})" if r.get("prep_graph_ms") is not None else ""
+                    graph = (f" (graph {r['prep_graph_ms']:.3f}, whole BNHD {r['whole_graph_ms']:.3f})"
+                             if r.get("whole_graph_ms") is not None else "")
                     print(f"{entry:24s} {shape:15s} {key:14s} kernel {r['kernel_ms']:7.3f} ms  prep {r['prep_ms']:6.3f}"
                           f"{graph}  rel L2 {r['rel_l2']:.4f}", flush=True)
                 else:

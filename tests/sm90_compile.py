@@ -88,5 +88,56 @@ def tl_attention():
     return out
 
 
+def _pdl_order(ptx: str) -> dict:
+    """Line numbers in the PTX: the PDL wait and trigger, the first global load, the last global store."""
+    lines = ptx.splitlines()
+
+    def where(pattern, last=False):
+        hits = [i for i, line in enumerate(lines) if re.search(pattern, line)]
+        return (hits[-1] if last else hits[0]) if hits else None
+
+    return dict(wait=where(r"griddepcontrol\.wait"), launch=where(r"griddepcontrol\.launch_dependents"),
+                first_load=where(r"ld\.global|cp\.async\.bulk\.tensor"), last_store=where(r"st\.global", last=True))
+
+
+def attention_prep():
+    """The 8-bit attention's preparation kernels and the attention kernel compiled with PDL on (as on an H100):
+    where each waits for the previous grid and lets the next one launch (:func:`_pdl_order`)."""
+    from viditq.kernels import pdl
+
+    pdl.launch_options = lambda device: dict(PDL=True, launch_pdl=True)
+    b, h, n, d = 1, 2, 300, 72
+    x = torch.randn(b, h, n, d).bfloat16()
+    d_pad = attention.padded_head_dim(d)
+    cfg = attention.default_config(d_pad, "fp8", n)
+    chan, v_scale = torch.ones(b * h, d), torch.ones(b * h, d_pad)
+    part = torch.zeros(5, b * h, 4, d_pad)
+    launches = {
+        "stats": (attention._attn_stats_kernel, lambda: attention.attention_stats(x, x, x, d_pad)),
+        "finish": (attention._attn_stats_finish_kernel, lambda: attention._attn_stats_finish_kernel[(b * h,)](
+            part, chan, chan, chan, v_scale, float(n), d, part[0].numel(), HEAD_D=d_pad, SPLITS=4, HAS_V=True,
+            num_warps=4, **pdl.launch_options(x.device))),
+        "quantize q": (attention._quantize_blocks_kernel,
+                       lambda: attention.quantize_per_block(x, cfg.block_m, d_pad, chan, 0.1)),
+        "quantize k": (attention._quantize_blocks_kernel, lambda: attention.quantize_per_block(
+            x, cfg.block_n, d_pad, chan, mean=chan, independent=True)),
+        "quantize v": (attention._quantize_v_fp8_kernel,
+                       lambda: attention.quantize_v_fp8(x, cfg.block_n, d_pad, v_scale, independent=True)),
+        "attention": (attention._attn_fwd_kernel, lambda: attention.attention_from_operands(
+            _fp8_operands(b * h, n, d_pad, cfg.block_m, cfg.block_n),
+            torch.empty(b, n, h, d, dtype=torch.bfloat16).transpose(1, 2), n, cfg)),
+    }
+    out = {}
+    for name, (kernel, launch) in launches.items():
+        with offline.sm90_compiles(kernel) as compiled:
+            try:
+                launch()
+            except (RuntimeError, AttributeError):  # a later launch needs the real driver: the first one compiled
+                pass
+        out[name] = _pdl_order(compiled[0].asm["ptx"])
+    return out
+
+
 if __name__ == "__main__":
-    json.dump({"gemm": gemm, "attention": attention_kernel, "tl_attention": tl_attention}[sys.argv[1]](), sys.stdout)
+    which = {"gemm": gemm, "attention": attention_kernel, "tl_attention": tl_attention, "attention_prep": attention_prep}
+    json.dump(which[sys.argv[1]](), sys.stdout)

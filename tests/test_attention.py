@@ -335,6 +335,21 @@ def test_fp8_kernel_sass_hands_p_to_pv_without_shuffles(sm90_compile):
         assert trip["shuffles"] == 0, (name, trip)
 
 
+def test_preparation_kernels_chain_by_programmatic_dependent_launch(sm90_compile):
+    """Compiled for sm_90 with PDL on (no GPU): the statistics, Q's quantization and the attention kernel wait for
+    the previous grid before their first load; K's and V's quantization (which read nothing the launch before them
+    writes) let the next grid launch first and wait only after their last store, so their completion still implies
+    the previous grid's and the attention kernel never sees an unfinished operand."""
+    out = sm90_compile("attention_prep")
+    assert set(out) == {"stats", "finish", "quantize q", "quantize k", "quantize v", "attention"}, out
+    for name, at in out.items():
+        assert None not in at.values(), (name, at)
+        if name in ("quantize k", "quantize v"):
+            assert at["launch"] < at["first_load"] and at["wait"] > at["last_store"], (name, at)
+        else:
+            assert at["wait"] < at["launch"] < at["first_load"], (name, at)
+
+
 def test_wrapper_forwards_attribute_writes_to_the_wrapped_processor():
     from viditq.attention import QuantizedAttnProcessor
 

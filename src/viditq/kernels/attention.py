@@ -194,10 +194,11 @@ def _quantize_blocks_kernel(
     X, Mean, ChanScale, Codes, Scales,
     stride_xb, stride_xh, stride_xn, stride_xd,
     H, N, D, N_PAD, N_BLOCKS, multiplier,
-    BLOCK: tl.constexpr, HEAD_D: tl.constexpr, HAS_MEAN: tl.constexpr,
+    BLOCK: tl.constexpr, HEAD_D: tl.constexpr, HAS_MEAN: tl.constexpr, PDL: tl.constexpr, INDEPENDENT: tl.constexpr,
 ):
     """One (BLOCK, HEAD_D) tile of one head, ``(x - mean) * chan_scale`` → int8 codes (zero in the padding) and
-    one absmax scale."""
+    one absmax scale. ``INDEPENDENT``: runs alongside the grid before it (:func:`pdl.enter`)."""
+    pdl.enter(PDL, INDEPENDENT)
     pid_blk = tl.program_id(0)
     pid_bh = tl.program_id(1)
     x, offs_n, offs_d, mask = _load_tile(X, stride_xb, stride_xh, stride_xn, stride_xd, pid_blk, pid_bh, H, N, D,
@@ -213,6 +214,7 @@ def _quantize_blocks_kernel(
     out_ptrs = Codes + pid_bh * N_PAD * HEAD_D + offs_n[:, None] * HEAD_D + offs_d[None, :]
     tl.store(out_ptrs, codes.to(tl.int8))
     tl.store(Scales + pid_bh * N_BLOCKS + pid_blk, scale * multiplier)
+    pdl.leave(PDL, INDEPENDENT)
 
 
 @triton.jit
@@ -239,10 +241,11 @@ def _quantize_v_fp8_kernel(
     V, VScale, Out,
     stride_vb, stride_vh, stride_vn, stride_vd,
     H, N, D, N_PAD,
-    BLOCK: tl.constexpr, HEAD_D: tl.constexpr,
+    BLOCK: tl.constexpr, HEAD_D: tl.constexpr, PDL: tl.constexpr, INDEPENDENT: tl.constexpr,
 ):
     """One (BLOCK, HEAD_D) tile of V / per-channel scale → fp8 e4m3, stored transposed as (HEAD_D, N_PAD), the keys
-    of each 32 in P·V order (:func:`_pv_key_position`)."""
+    of each 32 in P·V order (:func:`_pv_key_position`). ``INDEPENDENT``: as in :func:`_quantize_blocks_kernel`."""
+    pdl.enter(PDL, INDEPENDENT)
     pid_blk = tl.program_id(0)
     pid_bh = tl.program_id(1)
     v, offs_n, offs_d, _ = _load_tile(V, stride_vb, stride_vh, stride_vn, stride_vd, pid_blk, pid_bh, H, N, D,
@@ -251,6 +254,7 @@ def _quantize_v_fp8_kernel(
     v = tl.minimum(tl.maximum(v / v_scale[None, :], -448.0), 448.0)
     out_ptrs = Out + pid_bh * HEAD_D * N_PAD + offs_d[None, :] * N_PAD + _pv_key_position(offs_n)[:, None]
     tl.store(out_ptrs, v.to(tl.float8e4nv))
+    pdl.leave(PDL, INDEPENDENT)
 
 
 @triton.jit
@@ -259,11 +263,12 @@ def _attn_stats_kernel(
     stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     H, N_Q, N_KV, D, Q_PER_SPLIT, KV_PER_SPLIT, STAT_STRIDE,
-    BLOCK_T: tl.constexpr, HEAD_D: tl.constexpr, SPLITS: tl.constexpr, HAS_V: tl.constexpr,
+    BLOCK_T: tl.constexpr, HEAD_D: tl.constexpr, SPLITS: tl.constexpr, HAS_V: tl.constexpr, PDL: tl.constexpr,
 ):
     """Partial per-channel statistics of one head over one token split: max|q|, sum k, min k, max k, max|v|
     → Part (5, B·H, SPLITS, HEAD_D) float32 (stat, head, split, channel). Reads Q, K, V once; (BLOCK_T, HEAD_D)
     accumulators, reduced over tokens once at the end."""
+    pdl.enter(PDL)
     split = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -272,28 +277,30 @@ def _attn_stats_kernel(
     offs_d = tl.arange(0, HEAD_D)
     d_ok = (offs_d < D)[None, :]
     q_amax = tl.zeros([BLOCK_T, HEAD_D], dtype=tl.float32)
-    q_start = split * Q_PER_SPLIT
-    q_end = tl.minimum(q_start + Q_PER_SPLIT, N_Q)
-    for t in range(q_start, q_end, BLOCK_T):
-        mask = ((t + offs_t) < q_end)[:, None] & d_ok
-        ptrs = Q + b * stride_qb + h * stride_qh + (t + offs_t)[:, None] * stride_qn + offs_d[None, :] * stride_qd
-        q_amax = tl.maximum(q_amax, tl.abs(tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)))
     k_sum = tl.zeros([BLOCK_T, HEAD_D], dtype=tl.float32)
     k_min = tl.full([BLOCK_T, HEAD_D], float("inf"), dtype=tl.float32)
     k_max = tl.full([BLOCK_T, HEAD_D], float("-inf"), dtype=tl.float32)
     v_amax = tl.zeros([BLOCK_T, HEAD_D], dtype=tl.float32)
+    q_start = split * Q_PER_SPLIT
+    q_end = tl.minimum(q_start + Q_PER_SPLIT, N_Q)
     kv_start = split * KV_PER_SPLIT
     kv_end = tl.minimum(kv_start + KV_PER_SPLIT, N_KV)
-    for t in range(kv_start, kv_end, BLOCK_T):
-        mask = ((t + offs_t) < kv_end)[:, None] & d_ok
-        ptrs = K + b * stride_kb + h * stride_kh + (t + offs_t)[:, None] * stride_kn + offs_d[None, :] * stride_kd
-        k = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    # Q, K and V rows in one loop: three loads in flight per step (self-attention: as many Q as K / V steps)
+    for i in range(0, tl.maximum(Q_PER_SPLIT, KV_PER_SPLIT), BLOCK_T):
+        t = q_start + i + offs_t
+        ptrs = Q + b * stride_qb + h * stride_qh + t[:, None] * stride_qn + offs_d[None, :] * stride_qd
+        q = tl.load(ptrs, mask=(t < q_end)[:, None] & d_ok, other=0.0)
+        t = kv_start + i + offs_t
+        mask = (t < kv_end)[:, None] & d_ok
+        k = tl.load(K + b * stride_kb + h * stride_kh + t[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=mask, other=0.0).to(tl.float32)
+        if HAS_V:
+            ptrs = V + b * stride_vb + h * stride_vh + t[:, None] * stride_vn + offs_d[None, :] * stride_vd
+            v_amax = tl.maximum(v_amax, tl.abs(tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)))
+        q_amax = tl.maximum(q_amax, tl.abs(q.to(tl.float32)))
         k_sum += k
         k_min = tl.minimum(k_min, tl.where(mask, k, float("inf")))
         k_max = tl.maximum(k_max, tl.where(mask, k, float("-inf")))
-        if HAS_V:
-            ptrs = V + b * stride_vb + h * stride_vh + (t + offs_t)[:, None] * stride_vn + offs_d[None, :] * stride_vd
-            v_amax = tl.maximum(v_amax, tl.abs(tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)))
     out = Part + (pid_bh * SPLITS + split) * HEAD_D + offs_d
     tl.store(out, tl.max(q_amax, axis=0))
     tl.store(out + STAT_STRIDE, tl.sum(k_sum, axis=0))
@@ -306,10 +313,11 @@ def _attn_stats_kernel(
 @triton.jit
 def _attn_stats_finish_kernel(
     Part, Mean, Balance, InvBalance, VScale, n_kv, D, STAT_STRIDE,
-    HEAD_D: tl.constexpr, SPLITS: tl.constexpr, HAS_V: tl.constexpr,
+    HEAD_D: tl.constexpr, SPLITS: tl.constexpr, HAS_V: tl.constexpr, PDL: tl.constexpr,
 ):
     """One head: the splits' statistics → K mean, balance ``lam`` and ``1 / lam`` (B·H, D) (the arithmetic of
     :func:`channel_balance`, IEEE-rounded), fp8 V scales (B·H, HEAD_D) (1 in the padding)."""
+    pdl.enter(PDL)
     pid_bh = tl.program_id(0)
     offs_s = tl.arange(0, SPLITS)
     offs_d = tl.arange(0, HEAD_D)
@@ -393,10 +401,11 @@ def _attn_fwd_kernel(
     stride_ob, stride_oh, stride_on, stride_od,
     H, N_Q, N_KV, N_UNMASKED, D, NQ_PAD, NKV_PAD,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
-    PV_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, TMA: tl.constexpr,
+    PV_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, TMA: tl.constexpr, PDL: tl.constexpr,
 ):
     """One (BLOCK_M, HEAD_D) output tile of one head. Grid (Nq_pad / BLOCK_M, B·H): the query blocks of a head
     run next to each other, so that head's K and V stay in L2. ``TMA``: K8 and V are tensor descriptors."""
+    pdl.enter(PDL)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -449,7 +458,7 @@ STATS_PROGRAMS = 1024  # statistics pass: about this many programs (B·H x token
 
 def attention_stats(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, head_dim_padded: int,
-    programs: int = STATS_PROGRAMS, tile: int = 2048, num_warps: int = 4,
+    programs: int = STATS_PROGRAMS, tile: int = 1024, num_warps: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One pass over Q, K (and V) in token splits and a finishing launch per head: k mean, lam, 1 / lam (B·H, D)
     float32 and the fp8 V scales (B·H, head_dim_padded) (1 in the padding; None without v) —
@@ -471,21 +480,23 @@ def attention_stats(
     _attn_stats_kernel[(splits, b * h)](
         q, k, v_arg, part, *q.stride(), *k.stride(), *v_arg.stride(), h, n_q, n_kv, d, per_split(n_q),
         per_split(n_kv), stat_stride, BLOCK_T=block_t, HEAD_D=head_dim_padded, SPLITS=splits, HAS_V=v is not None,
-        num_warps=num_warps)
+        num_warps=num_warps, **pdl.launch_options(q.device))
     mean, balance, inv_balance = (torch.empty((b * h, d), dtype=torch.float32, device=q.device) for _ in range(3))
     v_scale = torch.empty((b * h, head_dim_padded), dtype=torch.float32, device=q.device) if v is not None else None
     _attn_stats_finish_kernel[(b * h,)](
         part, mean, balance, inv_balance, v_scale if v_scale is not None else mean, float(n_kv), d, stat_stride,
-        HEAD_D=head_dim_padded, SPLITS=splits, HAS_V=v is not None, num_warps=4)
+        HEAD_D=head_dim_padded, SPLITS=splits, HAS_V=v is not None, num_warps=4, **pdl.launch_options(q.device))
     return mean, balance, inv_balance, v_scale
 
 
 def quantize_per_block(
     x: torch.Tensor, block: int, head_dim_padded: int, chan_scale: torch.Tensor, multiplier: float = 1.0,
-    mean: torch.Tensor | None = None,
+    mean: torch.Tensor | None = None, independent: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, H, N, D) → int8 codes of ``(x - mean) * chan_scale`` (B·H, N_pad, D_pad), scales (B·H, N_pad / block)
-    float32 (times multiplier). ``mean`` (B·H, D) float32 or None, ``chan_scale`` (B·H, D) float32."""
+    float32 (times multiplier). ``mean`` (B·H, D) float32 or None, ``chan_scale`` (B·H, D) float32.
+    ``independent``: the kernel launched just before reads and writes none of these tensors (this one may run
+    alongside it, :func:`pdl.enter`)."""
     b, h, n, d = x.shape
     n_blocks = triton.cdiv(n, block)
     codes = torch.empty((b * h, n_blocks * block, head_dim_padded), dtype=torch.int8, device=x.device)
@@ -493,18 +504,22 @@ def quantize_per_block(
     mean_arg = mean.contiguous() if mean is not None else scales
     _quantize_blocks_kernel[(n_blocks, b * h)](
         x, mean_arg, chan_scale.contiguous(), codes, scales, *x.stride(), h, n, d, n_blocks * block, n_blocks, multiplier,
-        BLOCK=block, HEAD_D=head_dim_padded, HAS_MEAN=mean is not None)
+        BLOCK=block, HEAD_D=head_dim_padded, HAS_MEAN=mean is not None, INDEPENDENT=independent,
+        **pdl.launch_options(x.device))
     return codes, scales
 
 
-def quantize_v_fp8(v: torch.Tensor, block: int, head_dim_padded: int, v_scale: torch.Tensor) -> torch.Tensor:
+def quantize_v_fp8(
+    v: torch.Tensor, block: int, head_dim_padded: int, v_scale: torch.Tensor, independent: bool = False
+) -> torch.Tensor:
     """(B, H, N, D) with per-channel scales (B·H, D_pad) → fp8 e4m3 codes (B·H, D_pad, N_pad) (transposed, keys
-    in P·V order)."""
+    in P·V order). ``independent``: as in :func:`quantize_per_block`."""
     b, h, n, d = v.shape
     n_blocks = triton.cdiv(n, block)
     codes = torch.empty((b * h, head_dim_padded, n_blocks * block), dtype=torch.float8_e4m3fn, device=v.device)
     _quantize_v_fp8_kernel[(n_blocks, b * h)](
-        v, v_scale, codes, *v.stride(), h, n, d, n_blocks * block, BLOCK=block, HEAD_D=head_dim_padded)
+        v, v_scale, codes, *v.stride(), h, n, d, n_blocks * block, BLOCK=block, HEAD_D=head_dim_padded,
+        INDEPENDENT=independent, **pdl.launch_options(v.device))
     return codes
 
 
@@ -545,10 +560,12 @@ def quantize_operands(q, k, v, mode: str, scale: float, bias, config: AttentionC
     then one quantization pass over each."""
     head_d = padded_head_dim(q.shape[-1])
     k_mean, balance, inv_balance, v_scale = attention_stats(q, k, v if mode == "fp8" else None, head_d)
+    # Q's launch waits for the statistics; K's and V's read nothing the launch before them writes, so on sm_90 the
+    # three quantization grids overlap (programmatic dependent launch), each with its own registers
     q8, q_scale = quantize_per_block(q, config.block_m, head_d, balance, multiplier=scale * LOG2E)
-    k8, k_scale = quantize_per_block(k, config.block_n, head_d, inv_balance, mean=k_mean)
+    k8, k_scale = quantize_per_block(k, config.block_n, head_d, inv_balance, mean=k_mean, independent=True)
     if mode == "fp8":
-        v_op = quantize_v_fp8(v, config.block_n, head_d, v_scale)
+        v_op = quantize_v_fp8(v, config.block_n, head_d, v_scale, independent=True)
     else:
         v_op, v_scale = _pad_v_bf16(v, config.block_n, head_d), None
     bias_op = _bias_log2(bias, k8.shape[1]) if bias is not None else None
@@ -586,7 +603,7 @@ def attention_from_operands(
         out, *out.stride(), h, n_q, n_kv, n_unmasked, d, ops.q8.shape[1], nkv_pad,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, HEAD_D=ops.q8.shape[2],
         PV_FP8=ops.v_scale is not None, HAS_BIAS=ops.bias is not None, TMA=tma,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl.launch_options(out.device),
         maxnreg=config.max_registers if tma else None)  # (the register cap was measured with the TMA loads only)
     return out
 

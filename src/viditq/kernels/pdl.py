@@ -27,11 +27,22 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
-def enter(PDL: tl.constexpr):
-    """The first statement of a PDL-launched kernel (see the module docstring)."""
+def enter(PDL: tl.constexpr, INDEPENDENT: tl.constexpr = False):
+    """The first statement of a PDL-launched kernel (see the module docstring). ``INDEPENDENT``: the kernel reads
+    nothing the previous grid writes, and writes nothing it reads, so it runs alongside it and only lets the next
+    grid launch here; it waits in :func:`leave` instead, so that its completion still implies the previous grid's
+    (the ordering stays transitive for the kernels after it)."""
     if PDL:
-        gdc_wait()
+        if not INDEPENDENT:
+            gdc_wait()
         gdc_launch_dependents()
+
+
+@triton.jit
+def leave(PDL: tl.constexpr, INDEPENDENT: tl.constexpr):
+    """The last statement of a kernel that entered ``INDEPENDENT``: wait for the previous grid's completion."""
+    if PDL and INDEPENDENT:
+        gdc_wait()
 
 
 _SM90_PLUS: dict[int, bool] = {}
