@@ -5,6 +5,8 @@ tiles on 132 SMs) that beats the default by the 2 % issue 6's int8 target needs 
     python benchmarks/exp/ws_tiles.py --out ws_tiles.json
 
 Operands cycled through ``COPIES`` buffers (HBM, as bench_gemm's residual table); CUDA-graph medians per product.
+Answer (H100, results/gemm_ws_tiles_h100_2026-12-07_session24_call1.json): no — 1.47x default, 1.51x at 5 stages;
+narrower tiles 20-80 % slower (benchmarks/NOTES.md, session 24).
 """
 import argparse
 import json

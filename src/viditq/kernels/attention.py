@@ -13,6 +13,9 @@
    largest entry per row is 448 and small probabilities stay out of fp8's subnormal range); mode ``"int8"``:
    P and V in bf16 (only Q·Kᵀ is 8-bit).
 
+On sm_90 the preparation's five launches (statistics, their finish per head, the Q, K and V quantization) and the
+attention kernel chain by programmatic dependent launch (:mod:`pdl`); K's and V's quantization run alongside Q's.
+
 Head dims up to 256 are padded to a power of two (72 → 128) in the quantized copies; sequence lengths are padded
 to whole blocks and padded keys are masked. ``bias`` is an optional additive key-padding bias (B, H, Nkv), the
 form text-padding masks take in cross-attention; masks that vary over queries are not supported here (the
@@ -277,30 +280,28 @@ def _attn_stats_kernel(
     offs_d = tl.arange(0, HEAD_D)
     d_ok = (offs_d < D)[None, :]
     q_amax = tl.zeros([BLOCK_T, HEAD_D], dtype=tl.float32)
+    q_start = split * Q_PER_SPLIT
+    q_end = tl.minimum(q_start + Q_PER_SPLIT, N_Q)
+    for t in range(q_start, q_end, BLOCK_T):
+        mask = ((t + offs_t) < q_end)[:, None] & d_ok
+        ptrs = Q + b * stride_qb + h * stride_qh + (t + offs_t)[:, None] * stride_qn + offs_d[None, :] * stride_qd
+        q_amax = tl.maximum(q_amax, tl.abs(tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)))
     k_sum = tl.zeros([BLOCK_T, HEAD_D], dtype=tl.float32)
     k_min = tl.full([BLOCK_T, HEAD_D], float("inf"), dtype=tl.float32)
     k_max = tl.full([BLOCK_T, HEAD_D], float("-inf"), dtype=tl.float32)
     v_amax = tl.zeros([BLOCK_T, HEAD_D], dtype=tl.float32)
-    q_start = split * Q_PER_SPLIT
-    q_end = tl.minimum(q_start + Q_PER_SPLIT, N_Q)
     kv_start = split * KV_PER_SPLIT
     kv_end = tl.minimum(kv_start + KV_PER_SPLIT, N_KV)
-    # Q, K and V rows in one loop: three loads in flight per step (self-attention: as many Q as K / V steps)
-    for i in range(0, tl.maximum(Q_PER_SPLIT, KV_PER_SPLIT), BLOCK_T):
-        t = q_start + i + offs_t
-        ptrs = Q + b * stride_qb + h * stride_qh + t[:, None] * stride_qn + offs_d[None, :] * stride_qd
-        q = tl.load(ptrs, mask=(t < q_end)[:, None] & d_ok, other=0.0)
-        t = kv_start + i + offs_t
-        mask = (t < kv_end)[:, None] & d_ok
-        k = tl.load(K + b * stride_kb + h * stride_kh + t[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=mask, other=0.0).to(tl.float32)
-        if HAS_V:
-            ptrs = V + b * stride_vb + h * stride_vh + t[:, None] * stride_vn + offs_d[None, :] * stride_vd
-            v_amax = tl.maximum(v_amax, tl.abs(tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)))
-        q_amax = tl.maximum(q_amax, tl.abs(q.to(tl.float32)))
+    for t in range(kv_start, kv_end, BLOCK_T):
+        mask = ((t + offs_t) < kv_end)[:, None] & d_ok
+        ptrs = K + b * stride_kb + h * stride_kh + (t + offs_t)[:, None] * stride_kn + offs_d[None, :] * stride_kd
+        k = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         k_sum += k
         k_min = tl.minimum(k_min, tl.where(mask, k, float("inf")))
         k_max = tl.maximum(k_max, tl.where(mask, k, float("-inf")))
+        if HAS_V:
+            ptrs = V + b * stride_vb + h * stride_vh + (t + offs_t)[:, None] * stride_vn + offs_d[None, :] * stride_vd
+            v_amax = tl.maximum(v_amax, tl.abs(tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)))
     out = Part + (pid_bh * SPLITS + split) * HEAD_D + offs_d
     tl.store(out, tl.max(q_amax, axis=0))
     tl.store(out + STAT_STRIDE, tl.sum(k_sum, axis=0))
@@ -452,21 +453,29 @@ def attention_stats_reference(
     return k_mean, balance, 1.0 / balance, v_scale
 
 
-STATS_PROGRAMS = 1024  # statistics pass: about this many programs (B·H x token splits); measured on an H200,
-# 1024 programs of (32 tokens x 64 channels) steps beat one program per 128-token chunk (0.18 vs 0.28 ms, CogVideoX)
+STATS_PROGRAMS = 512  # statistics pass: about this many programs (B·H x token splits, rounded up to a power of two
+# per head); elements per step: :func:`stats_tile`. From the H100 sweep of session 21; A/B in session 24 (H100, whole
+# preparation in a CUDA graph): PixArt 0.144 → 0.130 ms, CogVideoX 0.468 → 0.421 ms against 1024 programs of 2048
+# (ncu: those left PixArt's statistics pass at 1.55 waves, latency-bound at 35 % of DRAM bandwidth)
+
+
+def stats_tile(head_dim_padded: int) -> int:
+    """Elements per step of a statistics program (:func:`attention_stats`) at this padded head dim."""
+    return 4096 if head_dim_padded >= 128 else 1024
 
 
 def attention_stats(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, head_dim_padded: int,
-    programs: int = STATS_PROGRAMS, tile: int = 1024, num_warps: int = 4,
+    programs: int = STATS_PROGRAMS, tile: int | None = None, num_warps: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One pass over Q, K (and V) in token splits and a finishing launch per head: k mean, lam, 1 / lam (B·H, D)
     float32 and the fp8 V scales (B·H, head_dim_padded) (1 in the padding; None without v) —
     :func:`attention_stats_reference`, with the K sum in another order (split sums). About ``programs`` programs
     of ``num_warps`` warps, each stepping over ``tile / head_dim_padded`` tokens at a time (the launch shape swept
-    in benchmarks/exp/prep_sweep.py)."""
+    in benchmarks/exp/prep_sweep.py; default :func:`stats_tile`)."""
     b, h, n_q, d = q.shape
     n_kv = k.shape[2]
+    tile = tile or stats_tile(head_dim_padded)
     block_t = max(8, tile // head_dim_padded)
     splits = triton.next_power_of_2(max(1, min(triton.cdiv(programs, b * h),
                                                triton.cdiv(max(n_q, n_kv), block_t))))

@@ -9,9 +9,13 @@ soon as every program of the current one has signalled, and wait on the device f
 Each viditq kernel starts with :func:`enter`: ``griddepcontrol.wait`` (block until the previous grid in the
 stream has completed and its writes are visible — before this kernel reads or writes any memory, so no read or
 write hazard can cross it) then ``griddepcontrol.launch_dependents`` (let the next grid begin launching). Since
-every PDL-launched kernel waits before touching memory, ordering stays transitive along the chain; a kernel
-launched without PDL (cuDNN attention, Inductor's) waits for the whole previous grid as usual. CUDA graphs capture
-the launches as programmatic edges.
+every PDL-launched kernel waits before touching memory, ordering stays transitive along the chain. The exception,
+``enter(PDL, INDEPENDENT=True)``, is for a kernel that shares no memory with the one before it — no tensor, and no
+block the allocator could hand out again while it runs, i.e. that grid's tensors all stay referenced (the
+attention preparation's K and V quantization after Q's): it runs alongside that grid and waits at its end
+(:func:`leave`), so its completion still implies the previous grid's. A kernel launched without PDL (cuDNN
+attention, Inductor's) waits for the whole previous grid as usual. CUDA graphs capture the launches as
+programmatic edges.
 
 :func:`launch_options` gives the launch keywords: ``PDL=True, launch_pdl=True`` on CUDA devices of compute
 capability 9.0 or more, ``PDL=False`` elsewhere (the CPU interpreter has no inline PTX) or with ``VIDITQ_PDL=0``.
