@@ -1,7 +1,8 @@
 """Compile the Gluon kernels for sm_90 without a GPU (Triton's bundled ptxas) and print what the tests check, as
 JSON: ``gemm`` (:mod:`viditq.kernels.ws_gemm`, for ``tests/test_ws_gemm.py``), ``attention``
-(:mod:`viditq.kernels.ws_attention`, for ``tests/test_ws_attention.py``) or ``tl_attention`` (the ``tl`` kernel
-of :mod:`viditq.kernels.attention`, for ``tests/test_attention.py``). Run in a subprocess by the tests
+(:mod:`viditq.kernels.ws_attention`, for ``tests/test_ws_attention.py``), ``tl_attention`` (the ``tl`` kernel
+of :mod:`viditq.kernels.attention`, for ``tests/test_attention.py``) or ``attention_prep`` (its preparation kernels'
+programmatic-dependent-launch order, same test file). Run in a subprocess by the tests
 (``offline.sm90_compiles`` swaps Triton's active driver, and the compile must not see ``TRITON_INTERPRET``)."""
 import json
 import re
