@@ -140,5 +140,5 @@ def attention_prep():
 
 
 if __name__ == "__main__":
-    which = {"gemm": gemm, "attention": attention_kernel, "tl_attention": tl_attention, "attention_prep": attention_prep}
+    which = dict(gemm=gemm, attention=attention_kernel, tl_attention=tl_attention, attention_prep=attention_prep)
     json.dump(which[sys.argv[1]](), sys.stdout)

@@ -512,8 +512,8 @@ def quantize_per_block(
     scales = torch.empty((b * h, n_blocks), dtype=torch.float32, device=x.device)
     mean_arg = mean.contiguous() if mean is not None else scales
     _quantize_blocks_kernel[(n_blocks, b * h)](
-        x, mean_arg, chan_scale.contiguous(), codes, scales, *x.stride(), h, n, d, n_blocks * block, n_blocks, multiplier,
-        BLOCK=block, HEAD_D=head_dim_padded, HAS_MEAN=mean is not None, INDEPENDENT=independent,
+        x, mean_arg, chan_scale.contiguous(), codes, scales, *x.stride(), h, n, d, n_blocks * block, n_blocks,
+        multiplier, BLOCK=block, HEAD_D=head_dim_padded, HAS_MEAN=mean is not None, INDEPENDENT=independent,
         **pdl.launch_options(x.device))
     return codes, scales
 
