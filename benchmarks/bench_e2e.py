@@ -179,6 +179,7 @@ def prepare(variant: str, model, kwargs, min_kv_tokens: int | None = None):
             viditq.fusion.fuse_gelu(model, hand_off=False)
         if os.environ.get("BENCH_GROUP_QKV", "1") == "0":  # A/B: q, k and v in three GEMM launches
             viditq.fusion.fuse_ada_norm_single(model, group_qkv=False)
+            viditq.fusion.fuse_cogvideox_blocks(model, group_qkv=False)
         notes["hand_offs"] = sum(type(m).__name__ == "FusedFeedForward" for m in model.modules())
         notes["staged_blocks"] = sum(getattr(m, "_viditq_weight_staging", None) is not None for m in model.modules())
         notes["pdl"] = os.environ.get("VIDITQ_PDL", "1") != "0"

@@ -121,6 +121,40 @@ def test_compiled_blocks_quantize_in_the_norm_kernel(monkeypatch):
     assert len(calls) == eager_calls
 
 
+def test_compiled_cogvideox_blocks_quantize_in_the_norm_kernel(monkeypatch):
+    """Compiled CogVideoX blocks keep the joint norm kernel (text and video tokens in one launch, through the
+    custom op with its prefix arguments) priming q/k/v's and the feed-forward's input caches: the same
+    quantization calls and output as eager."""
+    import dataclasses
+
+    from viditq import fusion
+    from viditq.config import BalanceSpec
+    from viditq.kernels import dispatch, norm
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = tiny_model("cogvideox", num_layers=2)
+    viditq.quantize(model, dataclasses.replace(viditq.PRESETS["w8a8-fp8"], balance=BalanceSpec(rotate=False)),
+                    calibration_set("cogvideox", n=1))
+    assert fusion.fuse_cogvideox_blocks(model) == 2
+    model.to(device)
+    monkeypatch.setattr(fusion, "_fusable", lambda t: True)  # the kernels (the interpreter on CPU)
+    calls, norms = [], []
+    real = dispatch.quantize_activation
+    monkeypatch.setattr(dispatch, "quantize_activation", lambda x, *a: calls.append(tuple(x.shape)) or real(x, *a))
+    real_norm = norm.layer_norm_modulate_quant
+    monkeypatch.setattr(norm, "layer_norm_modulate_quant", lambda *a, **k: norms.append(1) or real_norm(*a, **k))
+    x = {k: v.to(device) if torch.is_tensor(v) else v for k, v in tiny_inputs("cogvideox", seed=5).items()}
+    eager = forward_output(model, x)
+    eager_calls = len(calls)
+    assert len(norms) == 2 * 2
+    torch._dynamo.reset()
+    viditq.compile_blocks(model, backend="eager")
+    forward_output(model, x)  # compiles
+    calls.clear(), norms.clear()
+    assert torch.equal(forward_output(model, x), eager)
+    assert len(calls) == eager_calls and len(norms) == 2 * 2
+
+
 @pytest.mark.parametrize("preset", ["w4a8-fp8", "w4a8"])
 def test_blocks_stage_their_packed_int4_weights_in_one_launch(monkeypatch, preset):
     """A W4 block stages its layers' packed int4 weights in one launch before it runs (``WeightStaging``), not one

@@ -151,6 +151,26 @@ def test_layer_norm_modulate_quant_gives_the_act_quant_codes_of_its_output(fp8, 
         norm.layer_norm_modulate_quant(x, None, None, scale, shift, 1e-6, 8, smooth[:-1], fp8)
 
 
+def _spy_quantization(monkeypatch, joint: bool):
+    """(activation quantization calls, the norm kernel's ``write_y`` per call), the norm kernel poisoned: an
+    output it did not write is NaN, so no reader may see it. ``joint``: every call has a prefix (CogVideoX)."""
+    from viditq.kernels import dispatch
+
+    calls, norm_calls = [], []
+    real = dispatch.quantize_activation
+    monkeypatch.setattr(dispatch, "quantize_activation", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real_norm = norm.layer_norm_modulate_quant
+
+    def poisoned_norm(*args, prefix=None):
+        assert (prefix is not None) == joint
+        y, codes, qscale = real_norm(*args, prefix=prefix)
+        norm_calls.append(args[-1])
+        return (y if args[-1] else y.fill_(float("nan"))), codes, qscale
+
+    monkeypatch.setattr(norm, "layer_norm_modulate_quant", poisoned_norm)
+    return calls, norm_calls
+
+
 @pytest.mark.parametrize("preset,attention", [("w8a8", None), ("w8a8-fp8", None), ("w4a8-fp8", None),
                                               ("w8a8-fp8", "int8")])
 def test_pixart_blocks_quantize_in_the_norm_kernel(monkeypatch, preset, attention):
@@ -178,17 +198,7 @@ def test_pixart_blocks_quantize_in_the_norm_kernel(monkeypatch, preset, attentio
         from viditq.attention import apply_quantized_attention
 
         apply_quantized_attention(model, attention, min_kv_tokens=0)
-    calls, norm_calls = [], []
-    real = dispatch.quantize_activation
-    monkeypatch.setattr(dispatch, "quantize_activation", lambda *a, **k: calls.append(1) or real(*a, **k))
-    real_norm = norm.layer_norm_modulate_quant
-
-    def poisoned_norm(*args):  # an output the kernel did not write is NaN here: no reader may see it
-        y, codes, qscale = real_norm(*args)
-        norm_calls.append(args[-1])
-        return (y if args[-1] else y.fill_(float("nan"))), codes, qscale
-
-    monkeypatch.setattr(norm, "layer_norm_modulate_quant", poisoned_norm)
+    calls, norm_calls = _spy_quantization(monkeypatch, joint=False)
     residuals = []
     real_linear = dispatch.int_linear
     monkeypatch.setattr(dispatch, "int_linear", lambda *a: residuals.append(a[11] is not None) or real_linear(*a))
@@ -355,3 +365,103 @@ def test_fused_pixart_self_attention_projects_qkv_in_one_launch(monkeypatch, pre
     separate = forward_output(model, x)
     assert groups == [] and torch.isfinite(grouped).all()
     assert sqnr_db(separate, grouped) > 60
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_norm_kernel_normalizes_a_prefix_and_x_as_one_sequence(fp8):
+    """``prefix=(x0, scale0, shift0)``: the kernel's rows are those of ``torch.cat([x0, x], dim=1)``, each part
+    with its own modulation (CogVideoX's text and video tokens): the same values as the kernel on each part alone,
+    the codes of that output, the reference within bf16 rounding; mismatched parts fail with a clear error."""
+    from viditq.kernels import reference
+
+    g = torch.Generator().manual_seed(11)
+    b, n0, n, c = 2, 3, 5, 72
+    x = (torch.randn(b, n, c, generator=g) * 3 + 1).to(DEVICE, torch.bfloat16)
+    x0 = (torch.randn(b, n0, c, generator=g) - 2).to(DEVICE, torch.bfloat16)
+    w, bias = (torch.randn(c, generator=g).to(DEVICE, torch.bfloat16) for _ in range(2))
+    shift, scale, _, shift0, scale0, _ = torch.randn(b, 6 * c, generator=g).to(DEVICE, torch.bfloat16).chunk(6, 1)
+    y, codes, qscale = norm.layer_norm_modulate_quant(x, w, bias, scale, shift, 1e-6, 8, None, fp8,
+                                                      prefix=(x0, scale0, shift0))
+    assert y.shape == (b, n0 + n, c) and codes.shape == (b * (n0 + n), c)
+    parts = torch.cat([norm.layer_norm_modulate(x0, w, bias, scale0, shift0, 1e-6),
+                       norm.layer_norm_modulate(x, w, bias, scale, shift, 1e-6)], dim=1)
+    assert torch.equal(y, parts)
+    assert torch.equal(norm.layer_norm_modulate(x, w, bias, scale, shift, 1e-6, prefix=(x0, scale0, shift0)), y)
+    ref_codes, ref_scale = reference.quantize_activation(y.reshape(-1, c), 8, None, None, 1, 0, fp8)
+    assert torch.equal(codes.float(), ref_codes.float()) and torch.equal(qscale, ref_scale)
+    ref = norm.layer_norm_modulate_quant_reference(x, w, bias, scale, shift, 1e-6, 8, None, fp8, (x0, scale0, shift0))
+    torch.testing.assert_close(y.float(), ref[0].float(), rtol=2e-2, atol=6e-2)
+    with pytest.raises(ValueError, match="prefix must be"):
+        norm.layer_norm_modulate(x, w, bias, scale, shift, 1e-6, prefix=(x0[:, :, :-1], scale0, shift0))
+    with pytest.raises(ValueError, match="prefix needs a scale"):
+        norm.layer_norm_modulate(x, w, bias, scale, shift, 1e-6, prefix=(x0, None, shift0))
+
+
+@pytest.mark.parametrize("preset,attention", [("w8a8-fp8", None), ("w4a8-fp8", "fp8"), ("w8a8", None)])
+def test_cogvideox_blocks_quantize_in_the_norm_kernel(monkeypatch, preset, attention):
+    """Quantized CogVideoX blocks: one norm kernel quantizes the joint [text, video] input of q/k/v and of the
+    feed-forward up-projection (those layers' own quantization calls go, the norm output is not written), the
+    attention runs as diffusers' processor (8-bit where wrapped): the unfused model's output up to rounding."""
+    import dataclasses
+
+    import viditq
+    from viditq.config import BalanceSpec
+    from viditq.testing import calibration_set, forward_output, sqnr_db, tiny_inputs, tiny_model
+
+    cfg = dataclasses.replace(viditq.PRESETS[preset], balance=BalanceSpec(rotate=False))
+    float_model = tiny_model("cogvideox")
+    model = viditq.quantize(tiny_model("cogvideox"), cfg, calibration_set("cogvideox", n=1))
+    blocks = [m for m in model.modules() if isinstance(m, fusion.FusedCogVideoXBlock)]
+    assert len(blocks) == len(model.transformer_blocks) and fusion.fuse_cogvideox_blocks(model) == len(blocks)
+    model, float_model = model.to(DEVICE), float_model.to(DEVICE)
+    x = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in tiny_inputs("cogvideox", seed=3).items()}
+    if attention:
+        from viditq.attention import apply_quantized_attention
+
+        apply_quantized_attention(model, attention, min_kv_tokens=0)
+    calls, norm_calls = _spy_quantization(monkeypatch, joint=True)
+    monkeypatch.setattr(fusion, "_fusable", lambda t: False)
+    unfused = forward_output(model, x)  # diffusers' forward
+    unfused_calls, calls[:] = len(calls), []
+    monkeypatch.setattr(fusion, "_fusable", lambda t: True)  # the kernels (the interpreter on CPU)
+    quantized_attention = _quantized_attention_calls(model)
+    fused = forward_output(model, x)
+    assert _quantized_attention_calls(model) - quantized_attention == (len(blocks) if attention else 0)
+    assert unfused_calls - len(calls) == 2 * len(blocks)  # q/k/v (one shared call) and FF up: in the norm kernel
+    assert norm_calls == [False] * (2 * len(blocks))
+    assert sqnr_db(unfused, fused) > 30
+    ref = forward_output(float_model, x)
+    assert abs(sqnr_db(ref, fused) - sqnr_db(ref, unfused)) < 1.0
+
+
+def test_fused_cogvideox_block_rotates_the_video_tokens(monkeypatch):
+    """With rotary embeddings (CogVideoX-5B and later) the fused block rotates q and k of the video tokens only,
+    as diffusers' processor does: one block, both forwards, same output up to the norm's rounding."""
+    import viditq
+    from viditq.testing import calibration_set, sqnr_db, tiny_model
+
+    model = viditq.quantize(tiny_model("cogvideox"), viditq.PRESETS["w8a8-fp8"], calibration_set("cogvideox", n=1))
+    block = model.transformer_blocks[0].to(DEVICE)
+    assert isinstance(block, fusion.FusedCogVideoXBlock)
+    g = torch.Generator().manual_seed(5)
+    c, heads, n, t = 64, 2, 12, 4
+    hidden, enc = torch.randn(2, n, c, generator=g).to(DEVICE), torch.randn(2, t, c, generator=g).to(DEVICE)
+    temb = torch.randn(2, block.norm1.linear.in_features, generator=g).to(DEVICE)
+    angles = torch.randn(n, c // heads // 2, generator=g).repeat_interleave(2, dim=-1).to(DEVICE)
+    rotary = (angles.cos(), angles.sin())
+    with torch.no_grad():
+        monkeypatch.setattr(fusion, "_fusable", lambda t: False)
+        unfused = block(hidden, enc, temb, image_rotary_emb=rotary)
+        plain = block(hidden, enc, temb)
+        monkeypatch.setattr(fusion, "_fusable", lambda t: True)
+        calls = []
+        real = norm.layer_norm_modulate_quant
+        monkeypatch.setattr(norm, "layer_norm_modulate_quant", lambda *a, **k: calls.append(1) or real(*a, **k))
+        fused = block(hidden, enc, temb, image_rotary_emb=rotary)
+    assert len(calls) == 2  # the fused path: both norms in the kernel
+    # what the block adds to its inputs (the residual stream would dominate a comparison of the outputs)
+    added = [(y - x0).float() for y, x0 in zip(fused, (hidden, enc))]
+    expected = [(y - x0).float() for y, x0 in zip(unfused, (hidden, enc))]
+    for a, b in zip(added, expected):
+        assert sqnr_db(b, a) > 30
+    assert sqnr_db(expected[0], plain[0] - hidden) < 15  # the rotation changes the video tokens' update

@@ -16,7 +16,12 @@ activation, three passes through memory (13 % of CogVideoX-2B's bf16 forward on 
 :func:`fuse_norms` gives those modules a forward that does it in one Triton kernel (``kernels.norm``) on CUDA.
 Parameters, state dict and checkpoints are unchanged (the module's class is swapped for a subclass), and the
 original forward runs wherever the kernel does not apply: CPU, ``VIDITQ_BACKEND=reference``, under
-``torch.compile`` (Inductor fuses these ops itself).
+``torch.compile`` (Inductor fuses these ops itself). In quantized CogVideoX blocks :func:`fuse_cogvideox_blocks`
+goes further, as :func:`fuse_ada_norm_single` does for PixArt: the attention and the feed-forward read the joint
+sequence [text, video] of the two norms' outputs only through q/k/v and the up-projection, so one launch
+normalizes, modulates (each part with its own scale and shift) and quantizes both parts into those layers' codes
+(``kernels.norm``'s ``prefix``), and neither the norm outputs, nor their concatenation, nor a quantization pass
+over it touches memory (eager and compiled).
 
 :func:`fuse_gelu` moves the tanh GELU of diffusers' ``GELU`` activation modules into the int8 GEMM epilogue of
 their (quantized) projection, which saves one read and one write of the widest activation of every block
@@ -32,6 +37,7 @@ import torch.nn.functional as F
 from diffusers.models.activations import GELU
 from diffusers.models.attention import BasicTransformerBlock, FeedForward
 from diffusers.models.normalization import CogVideoXLayerNormZero
+from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
 from torch import nn
 
 from .config import FLOAT_ACT_BITS
@@ -243,13 +249,27 @@ def _plain_attention(attn) -> bool:
             and attn.spatial_norm is None and attn.rescale_output_factor == 1.0 and not _hooked(attn))
 
 
+def _qkv_read_codes(attn) -> bool:
+    """Whether q, k and v of ``attn`` share one input cache, ``to_q`` first, and no hooks."""
+    cache = attn.to_q._input_cache
+    return (cache is not None and cache.members == 3 and attn.to_k._input_cache is cache
+            and attn.to_v._input_cache is cache and not any(_hooked(m) for m in (attn.to_q, attn.to_k, attn.to_v)))
+
+
 def _codes_only_attention(attn, to_q) -> bool:
     """Whether the self-attention ``attn`` reads its input only through q/k/v (one input cache with ``to_q``
     first): then the norm kernel need not write the float input at all (only its shape is read)."""
-    cache = to_q._input_cache
-    return (_plain_attention(attn) and cache is not None and cache.members == 3
-            and attn.to_k._input_cache is cache and attn.to_v._input_cache is cache
-            and not any(_hooked(m) for m in (to_q, attn.to_k, attn.to_v)))
+    return _plain_attention(attn) and attn.to_q is to_q and _qkv_read_codes(attn)
+
+
+def _sdpa_route(attn):
+    """The context ``attn``'s processor runs its SDPA in: 8-bit attention where it is a QuantizedAttnProcessor."""
+    from .attention import QuantizedAttnProcessor, SDPARouter
+
+    processor = attn.processor
+    if isinstance(processor, QuantizedAttnProcessor):
+        return SDPARouter(processor.mode, processor.min_kv_tokens, processor.counts)
+    return contextlib.nullcontext()
 
 
 def _project(layer: nn.Module, x, residual, gate=None):
@@ -274,14 +294,9 @@ def _attend(attn, x, residual, gate=None, context=None, mask=None, group=False):
     processor's trailing ``/ rescale_output_factor`` would cost a pass over the output: Inductor keeps a division
     by 1 after a custom op). Through 8-bit attention where the processor is a QuantizedAttnProcessor. ``group``:
     a self-attention's q, k and v run as one GEMM launch where they can (:func:`viditq.layers.forward_group`)."""
-    from .attention import QuantizedAttnProcessor, SDPARouter
-
     tail = _eval_tail(attn, attn.to_out)
     if not _plain_attention(attn) or tail is None or len(tail) != 1:
         return add_residual(attn(x, encoder_hidden_states=context, attention_mask=mask), residual, gate)
-    processor = attn.processor
-    route = SDPARouter(processor.mode, processor.min_kv_tokens, processor.counts) \
-        if isinstance(processor, QuantizedAttnProcessor) else contextlib.nullcontext()
     batch = x.shape[0]
     if mask is not None:
         mask = attn.prepare_attention_mask(mask, (x if context is None else context).shape[1], batch)
@@ -304,7 +319,7 @@ def _attend(attn, x, residual, gate=None, context=None, mask=None, group=False):
         query = attn.norm_q(query)
     if attn.norm_k is not None:
         key = attn.norm_k(key)
-    with route:
+    with _sdpa_route(attn):
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False)
     out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
     return _project(tail[0], out, residual, gate)
@@ -331,21 +346,26 @@ def _codes_only_ff(ff, up) -> bool:
             and not any(_hooked(m) for m in (ff, first, up)))
 
 
-def _norm_modulate(norm: nn.LayerNorm, x, scale, shift, layer, codes_only=False):
+def _norm_modulate(norm: nn.LayerNorm, x, scale, shift, layer, codes_only=False, prefix=None):
     """``norm(x) * (1 + scale) + shift`` (scale, shift (B, 1, C)); with ``layer`` (a QuantLinear with an input
     cache) one kernel also quantizes the result for it and primes its cache; ``codes_only``: every reader of the
-    result takes the codes, so the kernel does not write the result (an uninitialized tensor of its shape)."""
+    result takes the codes, so the kernel does not write the result (an uninitialized tensor of its shape).
+    ``prefix = (x0, scale0, shift0)``: the same for ``torch.cat([x0, x], dim=1)``, x0 with its own modulation
+    (one kernel over both, no concatenation)."""
     from .kernels import norm as kernels
 
     if layer is None or layer._input_cache is None or not 1 <= x.shape[-1] <= kernels.MAX_CHANNELS:
-        return norm(x) * (1 + scale) + shift
+        y = norm(x) * (1 + scale) + shift
+        return y if prefix is None else torch.cat([norm(prefix[0]) * (1 + prefix[1]) + prefix[2], y], dim=1)
     s = layer.spec
     args = (x.contiguous(), norm.weight, norm.bias, scale[:, 0], shift[:, 0], norm.eps, s.act_bits, layer.smooth_inv,
             s.fp8, not codes_only)
+    if prefix is not None:
+        args += (prefix[0].contiguous(), prefix[1][:, 0], prefix[2][:, 0])
     if torch.compiler.is_compiling():
         y, codes, qscale = torch.ops.viditq.layer_norm_modulate_quant(*args)
     else:
-        y, codes, qscale = kernels.layer_norm_modulate_quant(*args)
+        y, codes, qscale = kernels.layer_norm_modulate_quant(*args[:10], prefix=args[10:] or None)
     layer._input_cache.prime(y, (codes, qscale))
     return y
 
@@ -387,19 +407,117 @@ def fuse_ada_norm_single(model: nn.Module, group_qkv: bool = True) -> int:
     can quantize (:func:`_quantizes_own_input`) the fused forward (idempotent). The up-projection gets an input
     cache of its own. ``group_qkv``: the self-attention's q, k and v run as one GEMM launch where the kernel can
     (False: one launch each). Returns how many blocks have it."""
+    def layer_norm(block):
+        ok = (block.norm_type == "ada_norm_single" and block.pos_embed is None and not block.only_cross_attention
+              and isinstance(block.norm1, nn.LayerNorm) and isinstance(block.norm2, nn.LayerNorm))
+        return block.norm1 if ok else None
+
+    return _fuse_blocks(model, BasicTransformerBlock, FusedAdaNormSingleBlock, layer_norm, False, group_qkv)
+
+
+def _fuse_blocks(model: nn.Module, block_cls, fused_cls, layer_norm, both: bool, group_qkv: bool) -> int:
+    """Swap ``block_cls`` blocks to ``fused_cls`` where ``layer_norm(block)`` (the first norm's LayerNorm, or
+    None: not fusable) gives the width and the norm kernel can quantize the input of q/k/v and (``both``) or the
+    feed-forward up-projection, which gets an input cache of its own; set the fused blocks' ``group_qkv``."""
     count = 0
     for module in model.modules():
-        if type(module) in (BasicTransformerBlock, FusedAdaNormSingleBlock) \
-                and module.norm_type == "ada_norm_single" and module.pos_embed is None \
-                and not module.only_cross_attention and isinstance(module.norm1, nn.LayerNorm) \
-                and isinstance(module.norm2, nn.LayerNorm):
-            c = module.norm1.normalized_shape[0]
+        norm = layer_norm(module) if type(module) in (block_cls, fused_cls) else None
+        if norm is not None:
+            c = norm.normalized_shape[0]
             up = getattr(module.ff.net[0], "proj", None)
             if _quantizes_own_input(up, c) and up._input_cache is None:
                 up._input_cache, up._input_index = SharedInputCache(1), 0
-            if _quantizes_own_input(module.attn1.to_q, c) or _quantizes_own_input(up, c):
-                module.__class__ = FusedAdaNormSingleBlock
-        if isinstance(module, FusedAdaNormSingleBlock):
+            qkv, ff = _quantizes_own_input(module.attn1.to_q, c), _quantizes_own_input(up, c)
+            if (qkv and ff) if both else (qkv or ff):
+                module.__class__ = fused_cls
+        if isinstance(module, fused_cls):
             module._viditq_group_qkv = group_qkv
             count += 1
     return count
+
+
+# ------------------------------------------------------------------------------------------ CogVideoX blocks
+def _joint_attention(attn) -> bool:
+    """CogVideoX's processor (wrapped by 8-bit attention or not) in self-attention over the joint [text, video]
+    sequence, one output projection, no hooks: :func:`_attend_joint` computes what it does."""
+    from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
+
+    processor = getattr(attn.processor, "processor", attn.processor)
+    tail = _eval_tail(attn, attn.to_out)
+    return (type(processor) is CogVideoXAttnProcessor2_0 and not attn.is_cross_attention and not _hooked(attn)
+            and tail is not None and len(tail) == 1)
+
+
+def _attend_joint(attn, x, text_len: int, image_rotary_emb, group: bool):
+    """``CogVideoXAttnProcessor2_0``'s arithmetic (no mask) on the joint sequence ``x`` = [text, video] that the
+    norm kernel produced (q, k and v read its codes), through 8-bit attention where the processor is wrapped:
+    the output projection's output (B, T + N, C), text tokens first."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    batch = x.shape[0]
+    projections = (attn.to_q, attn.to_k, attn.to_v)
+    qkv = forward_group(projections, x) if group and not any(map(_hooked, projections)) else None
+    query, key, value = qkv if qkv is not None else (p(x) for p in projections)
+    head_dim = key.shape[-1] // attn.heads
+    query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    if image_rotary_emb is not None:  # the video tokens only
+        query[:, :, text_len:] = apply_rotary_emb(query[:, :, text_len:], image_rotary_emb)
+        key[:, :, text_len:] = apply_rotary_emb(key[:, :, text_len:], image_rotary_emb)
+    with _sdpa_route(attn):
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+    out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
+    return _eval_tail(attn, attn.to_out)[0](out)
+
+
+def _norm_modulate_joint(norm_zero, hidden, enc, temb, layer, codes_only):
+    """``CogVideoXLayerNormZero(hidden, enc, temb)`` as one joint sequence ``[enc, hidden]`` (the concatenation
+    the attention and the feed-forward read), quantized for ``layer`` by the norm kernel (:func:`_norm_modulate`)
+    → (joint y, video gate, text gate)."""
+    shift, scale, gate, enc_shift, enc_scale, enc_gate = norm_zero.linear(norm_zero.silu(temb)).chunk(6, dim=1)
+    y = _norm_modulate(norm_zero.norm, hidden, scale[:, None], shift[:, None], layer, codes_only,
+                       prefix=(enc, enc_scale[:, None], enc_shift[:, None]))
+    return y, gate[:, None, :], enc_gate[:, None, :]
+
+
+class FusedCogVideoXBlock(CogVideoXBlock):
+    """CogVideoX block whose two LayerNormZero also quantize the inputs of q/k/v and of the feed-forward
+    up-projection: one kernel normalizes, modulates and quantizes the text and the video tokens as the joint
+    sequence those layers read (:func:`fuse_cogvideox_blocks`), so neither the norms' outputs, nor their
+    concatenation, nor the quantization passes that would read them again touch memory. Same arithmetic as
+    diffusers' forward up to rounding (the norm and modulation round once, in the kernel)."""
+
+    def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, attention_kwargs=None):
+        attn, c = self.attn1, hidden_states.shape[-1]
+        up = getattr(self.ff.net[0], "proj", None)
+        if attention_kwargs or hidden_states.dim() != 3 or not _fusable(hidden_states) \
+                or not _joint_attention(attn) or not _quantizes_own_input(attn.to_q, c) \
+                or not _quantizes_own_input(up, c) or any(map(_hooked, (self.norm1, self.norm2, self.ff))):
+            return super().forward(hidden_states, encoder_hidden_states, temb, image_rotary_emb, attention_kwargs)
+        text_len = encoder_hidden_states.shape[1]
+        x, gate, enc_gate = _norm_modulate_joint(self.norm1, hidden_states, encoder_hidden_states, temb, attn.to_q,
+                                                 _qkv_read_codes(attn))
+        out = _attend_joint(attn, x, text_len, image_rotary_emb, getattr(self, "_viditq_group_qkv", True))
+        hidden_states = hidden_states + gate * out[:, text_len:]
+        encoder_hidden_states = encoder_hidden_states + enc_gate * out[:, :text_len]
+        x, gate, enc_gate = _norm_modulate_joint(self.norm2, hidden_states, encoder_hidden_states, temb, up,
+                                                 _codes_only_ff(self.ff, up))
+        out = self.ff(x)
+        hidden_states = hidden_states + gate * out[:, text_len:]
+        encoder_hidden_states = encoder_hidden_states + enc_gate * out[:, :text_len]
+        return hidden_states, encoder_hidden_states
+
+
+def fuse_cogvideox_blocks(model: nn.Module, group_qkv: bool = True) -> int:
+    """Give every CogVideoX block (diffusers ``CogVideoXBlock``) whose q/k/v and feed-forward up-projection the
+    norm kernel can quantize (:func:`_quantizes_own_input`) the fused forward (idempotent); the up-projection
+    gets an input cache of its own. ``group_qkv``: q, k and v in one GEMM launch where the kernel can. Returns
+    how many blocks have it."""
+    def layer_norm(block):
+        ok = isinstance(block.norm1.norm, nn.LayerNorm) and isinstance(block.norm2.norm, nn.LayerNorm)
+        return block.norm1.norm if ok else None
+
+    return _fuse_blocks(model, CogVideoXBlock, FusedCogVideoXBlock, layer_norm, True, group_qkv)

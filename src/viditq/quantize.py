@@ -311,7 +311,7 @@ def build_layer(linear: nn.Linear, precision: Precision, *, stats: LayerStats, h
 
 
 def _mark_quantized(model: nn.Module, config: QuantConfig) -> None:
-    from .fusion import fuse_ada_norm_single, fuse_gelu, fuse_norms
+    from .fusion import fuse_ada_norm_single, fuse_cogvideox_blocks, fuse_gelu, fuse_norms
 
     model.viditq_config = config
     install_timestep_hook(model)
@@ -320,6 +320,7 @@ def _mark_quantized(model: nn.Module, config: QuantConfig) -> None:
     fuse_norms(model)
     fuse_gelu(model, hand_off=config.ff_hand_off)
     fuse_ada_norm_single(model)
+    fuse_cogvideox_blocks(model)
     if config.attention != "bf16":
         from .attention import apply_quantized_attention
 

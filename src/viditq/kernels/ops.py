@@ -150,15 +150,18 @@ def _(w, w_scale, w_zero, group_size, stage_scale, fp8):
 def _layer_norm_modulate_quant_op(
     x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], scale: Optional[torch.Tensor],
     shift: Optional[torch.Tensor], eps: float, bits: int, smooth_inv: Optional[torch.Tensor], fp8: bool,
-    write_y: bool,
+    write_y: bool, x0: Optional[torch.Tensor] = None, scale0: Optional[torch.Tensor] = None,
+    shift0: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from . import norm
 
-    return norm.layer_norm_modulate_quant(x, weight, bias, scale, shift, eps, bits, smooth_inv, fp8, write_y)
+    return norm.layer_norm_modulate_quant(x, weight, bias, scale, shift, eps, bits, smooth_inv, fp8, write_y,
+                                          None if x0 is None else (x0, scale0, shift0))
 
 
 @_layer_norm_modulate_quant_op.register_fake
-def _(x, weight, bias, scale, shift, eps, bits, smooth_inv, fp8, write_y):
-    rows = x.numel() // x.shape[-1]
-    codes = x.new_empty((rows, x.shape[-1]), dtype=torch.float8_e4m3fn if fp8 else torch.int8)
-    return torch.empty_like(x), codes, x.new_empty((rows, 1), dtype=torch.float32)
+def _(x, weight, bias, scale, shift, eps, bits, smooth_inv, fp8, write_y, x0=None, scale0=None, shift0=None):
+    b, n, c = x.shape
+    n += 0 if x0 is None else x0.shape[1]
+    codes = x.new_empty((b * n, c), dtype=torch.float8_e4m3fn if fp8 else torch.int8)
+    return x.new_empty((b, n, c)), codes, x.new_empty((b * n, 1), dtype=torch.float32)
