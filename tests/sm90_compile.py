@@ -1,8 +1,9 @@
 """Compile the Gluon kernels for sm_90 without a GPU (Triton's bundled ptxas) and print what the tests check, as
 JSON: ``gemm`` (:mod:`viditq.kernels.ws_gemm`, for ``tests/test_ws_gemm.py``), ``attention``
 (:mod:`viditq.kernels.ws_attention`, for ``tests/test_ws_attention.py``), ``tl_attention`` (the ``tl`` kernel
-of :mod:`viditq.kernels.attention`, for ``tests/test_attention.py``) or ``attention_prep`` (its preparation kernels'
-programmatic-dependent-launch order, same test file). Run in a subprocess by the tests
+of :mod:`viditq.kernels.attention`, for ``tests/test_attention.py``), ``attention_prep`` (its preparation kernels'
+programmatic-dependent-launch order, same test file) or ``norm`` (the LayerNorm + modulation + quantization kernel
+with and without a prefix, for ``tests/test_fusion.py``). Run in a subprocess by the tests
 (``offline.sm90_compiles`` swaps Triton's active driver, and the compile must not see ``TRITON_INTERPRET``)."""
 import json
 import re
@@ -139,6 +140,30 @@ def attention_prep():
     return out
 
 
+def norm_kernel():
+    """The norm kernel at CogVideoX-2B's width (1920 channels, 226 text + 300 video tokens) quantizing for fp8 and
+    int8, codes only or with the output, with and without the text prefix: ptxas's registers and spills."""
+    from viditq.kernels import norm
+
+    b, c = 2, 1920
+    x, x0 = torch.randn(b, 300, c).bfloat16(), torch.randn(b, 226, c).bfloat16()
+    w, bias = torch.randn(c).bfloat16(), torch.randn(c).bfloat16()
+    shift, scale, _, shift0, scale0, _ = torch.randn(b, 6 * c).bfloat16().chunk(6, 1)
+    out = {}
+    with offline.sm90_compiles(norm._ln_modulate_kernel) as compiled:
+        for fp8 in (True, False):
+            for write_y in (False, True):
+                for prefix in (None, (x0, scale0, shift0)):
+                    try:
+                        norm.layer_norm_modulate_quant(x, w, bias, scale, shift, 1e-6, 8, None, fp8, write_y, prefix)
+                    except (RuntimeError, AttributeError):  # the launch needs the real driver: compiled already
+                        pass
+                    out[f"fp8={fp8} write_y={write_y} prefix={prefix is not None}"] = dict(
+                        compiles=len(compiled), **offline.ptxas_report(compiled[-1]))
+    return out
+
+
 if __name__ == "__main__":
-    which = dict(gemm=gemm, attention=attention_kernel, tl_attention=tl_attention, attention_prep=attention_prep)
+    which = dict(gemm=gemm, attention=attention_kernel, tl_attention=tl_attention, attention_prep=attention_prep,
+                 norm=norm_kernel)
     json.dump(which[sys.argv[1]](), sys.stdout)
