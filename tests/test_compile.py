@@ -127,6 +127,8 @@ def test_compiled_cogvideox_blocks_quantize_in_the_norm_kernel(monkeypatch):
     quantization calls and output as eager."""
     import dataclasses
 
+    from torch._dynamo.utils import counters
+
     from viditq import fusion
     from viditq.config import BalanceSpec
     from viditq.kernels import dispatch, norm
@@ -148,8 +150,10 @@ def test_compiled_cogvideox_blocks_quantize_in_the_norm_kernel(monkeypatch):
     eager_calls = len(calls)
     assert len(norms) == 2 * 2
     torch._dynamo.reset()
+    counters.clear()
     viditq.compile_blocks(model, backend="eager")
     forward_output(model, x)  # compiles
+    assert not counters["graph_break"]  # the joint norm, attention and residuals in one graph per block
     calls.clear(), norms.clear()
     assert torch.equal(forward_output(model, x), eager)
     assert len(calls) == eager_calls and len(norms) == 2 * 2

@@ -288,6 +288,17 @@ def _eval_tail(module: nn.Module, layers) -> list | None:
     return layers if layers and not module.training else None
 
 
+def _heads(attn, batch: int, query, key, value):
+    """q, k, v (B, N, heads · D) → (B, heads, N, D), with ``attn``'s per-head q / k norms."""
+    head_dim = key.shape[-1] // attn.heads
+    query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key, value
+
+
 def _attend(attn, x, residual, gate=None, context=None, mask=None, group=False):
     """``residual + gate * attn(x, context, mask)``, diffusers' ``AttnProcessor2_0`` arithmetic for a plain
     attention (:func:`_plain_attention`) run here so that the output projection adds the residual (the
@@ -313,15 +324,10 @@ def _attend(attn, x, residual, gate=None, context=None, mask=None, group=False):
         elif attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
         key, value = attn.to_k(context), attn.to_v(context)
-    head_dim = key.shape[-1] // attn.heads
-    query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
-    if attn.norm_q is not None:
-        query = attn.norm_q(query)
-    if attn.norm_k is not None:
-        key = attn.norm_k(key)
+    query, key, value = _heads(attn, batch, query, key, value)
     with _sdpa_route(attn):
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False)
-    out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+    out = out.transpose(1, 2).reshape(batch, -1, attn.heads * query.shape[-1]).to(query.dtype)
     return _project(tail[0], out, residual, gate)
 
 
@@ -425,11 +431,11 @@ def _fuse_blocks(model: nn.Module, block_cls, fused_cls, layer_norm, both: bool,
         if norm is not None:
             c = norm.normalized_shape[0]
             up = getattr(module.ff.net[0], "proj", None)
-            if _quantizes_own_input(up, c) and up._input_cache is None:
-                up._input_cache, up._input_index = SharedInputCache(1), 0
             qkv, ff = _quantizes_own_input(module.attn1.to_q, c), _quantizes_own_input(up, c)
             if (qkv and ff) if both else (qkv or ff):
                 module.__class__ = fused_cls
+                if ff and up._input_cache is None:
+                    up._input_cache, up._input_index = SharedInputCache(1), 0
         if isinstance(module, fused_cls):
             module._viditq_group_qkv = group_qkv
             count += 1
@@ -442,7 +448,11 @@ def _joint_attention(attn) -> bool:
     sequence, one output projection, no hooks: :func:`_attend_joint` computes what it does."""
     from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 
-    processor = getattr(attn.processor, "processor", attn.processor)
+    from .attention import QuantizedAttnProcessor
+
+    processor = attn.processor
+    if isinstance(processor, QuantizedAttnProcessor):  # (its SDPA routing: _sdpa_route)
+        processor = processor.processor
     tail = _eval_tail(attn, attn.to_out)
     return (type(processor) is CogVideoXAttnProcessor2_0 and not attn.is_cross_attention and not _hooked(attn)
             and tail is not None and len(tail) == 1)
@@ -458,18 +468,13 @@ def _attend_joint(attn, x, text_len: int, image_rotary_emb, group: bool):
     projections = (attn.to_q, attn.to_k, attn.to_v)
     qkv = forward_group(projections, x) if group and not any(map(_hooked, projections)) else None
     query, key, value = qkv if qkv is not None else (p(x) for p in projections)
-    head_dim = key.shape[-1] // attn.heads
-    query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
-    if attn.norm_q is not None:
-        query = attn.norm_q(query)
-    if attn.norm_k is not None:
-        key = attn.norm_k(key)
+    query, key, value = _heads(attn, batch, query, key, value)
     if image_rotary_emb is not None:  # the video tokens only
         query[:, :, text_len:] = apply_rotary_emb(query[:, :, text_len:], image_rotary_emb)
         key[:, :, text_len:] = apply_rotary_emb(key[:, :, text_len:], image_rotary_emb)
     with _sdpa_route(attn):
         out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
-    out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
+    out = out.transpose(1, 2).reshape(batch, -1, attn.heads * query.shape[-1])
     return _eval_tail(attn, attn.to_out)[0](out)
 
 
@@ -493,9 +498,10 @@ class FusedCogVideoXBlock(CogVideoXBlock):
     def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, attention_kwargs=None):
         attn, c = self.attn1, hidden_states.shape[-1]
         up = getattr(self.ff.net[0], "proj", None)
-        if attention_kwargs or hidden_states.dim() != 3 or not _fusable(hidden_states) \
-                or not _joint_attention(attn) or not _quantizes_own_input(attn.to_q, c) \
-                or not _quantizes_own_input(up, c) or any(map(_hooked, (self.norm1, self.norm2, self.ff))):
+        if attention_kwargs or hidden_states.dim() != 3 or encoder_hidden_states.dtype != hidden_states.dtype \
+                or not _fusable(hidden_states) or not _joint_attention(attn) \
+                or not _quantizes_own_input(attn.to_q, c) or not _quantizes_own_input(up, c) \
+                or any(map(_hooked, (self.norm1, self.norm1.norm, self.norm2, self.norm2.norm, self.ff))):
             return super().forward(hidden_states, encoder_hidden_states, temb, image_rotary_emb, attention_kwargs)
         text_len = encoder_hidden_states.shape[1]
         x, gate, enc_gate = _norm_modulate_joint(self.norm1, hidden_states, encoder_hidden_states, temb, attn.to_q,

@@ -242,11 +242,16 @@ def _launch(x, weight, bias, scale, shift, eps, quant=None, write_y=True, prefix
     x0, scale0, shift0, n0 = x, scale, shift, 0
     if prefix is not None:
         x0, scale0, shift0 = prefix
-        if not supported(x0) or x0.shape[0] != b or x0.shape[2] != c or x0.dtype != x.dtype:
-            raise ValueError(f"the prefix must be a contiguous ({b}, N0, {c}) {x.dtype} tensor like x, got "
-                             f"{tuple(x0.shape)} {x0.dtype}")
+        if not supported(x0) or x0.shape[0] != b or x0.shape[2] != c or x0.dtype != x.dtype \
+                or x0.device != x.device:
+            raise ValueError(f"the prefix must be a contiguous ({b}, N0, {c}) {x.dtype} tensor on {x.device} like "
+                             f"x, got shape {tuple(x0.shape)} strides {x0.stride()} {x0.dtype} on {x0.device}")
         if (scale0 is None) != (scale is None) or (shift0 is None) != (shift is None):
             raise ValueError("the prefix needs a scale and a shift where x has them, and only there")
+        for name, t, t0 in (("scale", scale, scale0), ("shift", shift, shift0)):
+            if t is not None and (t0.dtype != t.dtype or t0.device != t.device):
+                raise ValueError(f"the prefix's {name} must be {t.dtype} on {t.device} like x's, got "
+                                 f"{t0.dtype} on {t0.device}")
         n0 = x0.shape[1]
     strides += [_check_modulation("prefix scale", scale0, b, c), _check_modulation("prefix shift", shift0, b, c)]
     tokens = n0 + n
