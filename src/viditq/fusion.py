@@ -443,9 +443,10 @@ def _fuse_blocks(model: nn.Module, block_cls, fused_cls, layer_norm, both: bool,
 
 
 # ------------------------------------------------------------------------------------------ CogVideoX blocks
-def _joint_attention(attn) -> bool:
-    """CogVideoX's processor (wrapped by 8-bit attention or not) in self-attention over the joint [text, video]
-    sequence, one output projection, no hooks: :func:`_attend_joint` computes what it does."""
+def _joint_output_projection(attn) -> nn.Module | None:
+    """The output projection of ``attn`` if it runs CogVideoX's processor (wrapped by 8-bit attention or not) in
+    self-attention over the joint [text, video] sequence, through one projection and no hooks — what
+    :func:`_attend_joint` computes; else None."""
     from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 
     from .attention import QuantizedAttnProcessor
@@ -454,14 +455,15 @@ def _joint_attention(attn) -> bool:
     if isinstance(processor, QuantizedAttnProcessor):  # (its SDPA routing: _sdpa_route)
         processor = processor.processor
     tail = _eval_tail(attn, attn.to_out)
-    return (type(processor) is CogVideoXAttnProcessor2_0 and not attn.is_cross_attention and not _hooked(attn)
-            and tail is not None and len(tail) == 1)
+    ok = (type(processor) is CogVideoXAttnProcessor2_0 and not attn.is_cross_attention and not _hooked(attn)
+          and tail is not None and len(tail) == 1)
+    return tail[0] if ok else None
 
 
-def _attend_joint(attn, x, text_len: int, image_rotary_emb, group: bool):
+def _attend_joint(attn, out_proj, x, text_len: int, image_rotary_emb, group: bool):
     """``CogVideoXAttnProcessor2_0``'s arithmetic (no mask) on the joint sequence ``x`` = [text, video] that the
     norm kernel produced (q, k and v read its codes), through 8-bit attention where the processor is wrapped:
-    the output projection's output (B, T + N, C), text tokens first."""
+    the output of ``out_proj`` (:func:`_joint_output_projection`), (B, T + N, C), text tokens first."""
     from diffusers.models.embeddings import apply_rotary_emb
 
     batch = x.shape[0]
@@ -474,8 +476,7 @@ def _attend_joint(attn, x, text_len: int, image_rotary_emb, group: bool):
         key[:, :, text_len:] = apply_rotary_emb(key[:, :, text_len:], image_rotary_emb)
     with _sdpa_route(attn):
         out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
-    out = out.transpose(1, 2).reshape(batch, -1, attn.heads * query.shape[-1])
-    return _eval_tail(attn, attn.to_out)[0](out)
+    return out_proj(out.transpose(1, 2).reshape(batch, -1, attn.heads * query.shape[-1]))
 
 
 def _norm_modulate_joint(norm_zero, hidden, enc, temb, layer, codes_only):
@@ -498,15 +499,16 @@ class FusedCogVideoXBlock(CogVideoXBlock):
     def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, attention_kwargs=None):
         attn, c = self.attn1, hidden_states.shape[-1]
         up = getattr(self.ff.net[0], "proj", None)
+        out_proj = _joint_output_projection(attn)
         if attention_kwargs or hidden_states.dim() != 3 or encoder_hidden_states.dtype != hidden_states.dtype \
-                or not _fusable(hidden_states) or not _joint_attention(attn) \
+                or not _fusable(hidden_states) or out_proj is None \
                 or not _quantizes_own_input(attn.to_q, c) or not _quantizes_own_input(up, c) \
                 or any(map(_hooked, (self.norm1, self.norm1.norm, self.norm2, self.norm2.norm, self.ff))):
             return super().forward(hidden_states, encoder_hidden_states, temb, image_rotary_emb, attention_kwargs)
         text_len = encoder_hidden_states.shape[1]
         x, gate, enc_gate = _norm_modulate_joint(self.norm1, hidden_states, encoder_hidden_states, temb, attn.to_q,
                                                  _qkv_read_codes(attn))
-        out = _attend_joint(attn, x, text_len, image_rotary_emb, getattr(self, "_viditq_group_qkv", True))
+        out = _attend_joint(attn, out_proj, x, text_len, image_rotary_emb, getattr(self, "_viditq_group_qkv", True))
         hidden_states = hidden_states + gate * out[:, text_len:]
         encoder_hidden_states = encoder_hidden_states + enc_gate * out[:, :text_len]
         x, gate, enc_gate = _norm_modulate_joint(self.norm2, hidden_states, encoder_hidden_states, temb, up,

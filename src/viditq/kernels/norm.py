@@ -25,7 +25,7 @@ from . import pdl
 from .act_quant import FP8_E4M3_MAX, _FAST_ROUND_OK, _row_scale, _store_codes, split_width
 
 MAX_CHANNELS = 16384
-Prefix = tuple[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"]  # x0 (B, N0, C), its scale and shift
+Prefix = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]  # x0 (B, N0, C), its scale and shift
 
 
 def layer_norm_modulate_reference(
@@ -238,8 +238,8 @@ def _launch(x, weight, bias, scale, shift, eps, quant=None, write_y=True, prefix
         raise ValueError(f"layer_norm_modulate needs a contiguous (B, N, C) tensor with C <= {MAX_CHANNELS}, "
                          f"got shape {tuple(x.shape)}")
     b, n, c = x.shape
-    strides = [_check_modulation("scale", scale, b, c), _check_modulation("shift", shift, b, c)]
-    x0, scale0, shift0, n0 = x, scale, shift, 0
+    strides = [_check_modulation("scale", scale, b, c), _check_modulation("shift", shift, b, c)] * 2
+    x0, scale0, shift0, n0 = x, scale, shift, 0  # (no prefix: placeholders the kernel does not read)
     if prefix is not None:
         x0, scale0, shift0 = prefix
         if not supported(x0) or x0.shape[0] != b or x0.shape[2] != c or x0.dtype != x.dtype \
@@ -253,7 +253,7 @@ def _launch(x, weight, bias, scale, shift, eps, quant=None, write_y=True, prefix
                 raise ValueError(f"the prefix's {name} must be {t.dtype} on {t.device} like x's, got "
                                  f"{t0.dtype} on {t0.device}")
         n0 = x0.shape[1]
-    strides += [_check_modulation("prefix scale", scale0, b, c), _check_modulation("prefix shift", shift0, b, c)]
+        strides[2:] = _check_modulation("prefix scale", scale0, b, c), _check_modulation("prefix shift", shift0, b, c)
     tokens = n0 + n
     y = torch.empty(b, tokens, c, device=x.device, dtype=x.dtype)
     rows = b * tokens
