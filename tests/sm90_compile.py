@@ -103,8 +103,9 @@ def _pdl_order(ptx: str) -> dict:
 
 
 def attention_prep():
-    """The 8-bit attention's preparation kernels and the attention kernel compiled with PDL on (as on an H100):
-    where each waits for the previous grid and lets the next one launch (:func:`_pdl_order`)."""
+    """The 8-bit attention's preparation kernels (head dim 72; with q / k norms at 64) and the attention kernel
+    compiled with PDL on (as on an H100): where each waits for the previous grid and lets the next one launch
+    (:func:`_pdl_order`), and ptxas's spill stores."""
     from viditq.kernels import pdl
 
     pdl.launch_options = lambda device: dict(PDL=True, launch_pdl=True)
@@ -114,6 +115,8 @@ def attention_prep():
     cfg = attention.default_config(d_pad, "fp8", n)
     chan, v_scale = torch.ones(b * h, d), torch.ones(b * h, d_pad)
     part = torch.zeros(5, b * h, 4, d_pad)
+    x64, w = torch.randn(b, h, n, 64).bfloat16(), torch.ones(64).bfloat16()  # q / k norms: CogVideoX's head dim
+    qk_norm = (w, w, w, w, 1e-6)
     launches = {
         "stats": (attention._attn_stats_kernel, lambda: attention.attention_stats(x, x, x, d_pad)),
         "finish": (attention._attn_stats_finish_kernel, lambda: attention._attn_stats_finish_kernel[(b * h,)](
@@ -123,6 +126,12 @@ def attention_prep():
                        lambda: attention.quantize_per_block(x, cfg.block_m, d_pad, chan, 0.1)),
         "quantize k": (attention._quantize_blocks_kernel, lambda: attention.quantize_per_block(
             x, cfg.block_n, d_pad, chan, mean=chan, independent=True)),
+        "stats with qk norms, d64": (attention._attn_stats_kernel, lambda: attention.attention_stats(
+            x64, x64, x64, 64, qk_norm=qk_norm)),
+        "quantize q with its norm, d64": (attention._quantize_blocks_kernel, lambda: attention.quantize_per_block(
+            x64, cfg.block_m, 64, chan, 0.1, norm=(w, w, 1e-6))),
+        "quantize k with its norm, d64": (attention._quantize_blocks_kernel, lambda: attention.quantize_per_block(
+            x64, cfg.block_n, 64, chan, mean=chan, independent=True, norm=(w, w, 1e-6))),
         "quantize v": (attention._quantize_v_fp8_kernel,
                        lambda: attention.quantize_v_fp8(x, cfg.block_n, d_pad, v_scale, independent=True)),
         "attention": (attention._attn_fwd_kernel, lambda: attention.attention_from_operands(
@@ -136,7 +145,7 @@ def attention_prep():
                 launch()
             except (RuntimeError, AttributeError):  # a later launch needs the real driver: the first one compiled
                 pass
-        out[name] = _pdl_order(compiled[0].asm["ptx"])
+        out[name] = dict(_pdl_order(compiled[0].asm["ptx"]), spills=offline.ptxas_report(compiled[0])["spill_stores"])
     return out
 
 

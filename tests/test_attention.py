@@ -174,6 +174,50 @@ def test_kernel_key_padding_bias(mode):
     assert rel_l2(out, exact) < 0.5 * rel_l2(unmasked, exact)  # the mask really applied
 
 
+def _qk_norm(d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    weights = [(1 + 0.3 * torch.randn(d, generator=g)) if i % 2 == 0 else 0.2 * torch.randn(d, generator=g)
+               for i in range(4)]
+    return (*(w.to(DEVICE, torch.bfloat16) for w in weights), 1e-6)
+
+
+@pytest.mark.parametrize("mode", KA.MODES)
+@pytest.mark.parametrize("shape", [(1, 2, 130, 130, 64), (2, 1, 96, 40, 72)])
+def test_kernel_applies_the_qk_norms_it_is_given(shape, mode):
+    """``qk_norm``: the preparation kernels normalize each head's q and k rows as they read them (CogVideoX's
+    per-head LayerNorms) — the same attention as normalizing first, in the (B, N, H, D) layout of a projection's
+    output; the statistics pass alone equals the statistics of the normalized q and k."""
+    b, h, n_q, n_kv, d = shape
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2)
+               for x in realistic_qkv(b, h, n_q, n_kv, d, seed=sum(shape)))
+    q, k = q * 3 + 1, k * 0.5 - 2  # rows far from normalized, so a missing norm shows
+    norm = _qk_norm(d, seed=d)
+    q_n, k_n = KA.layer_norm_heads(q, *norm[0:2], norm[4]), KA.layer_norm_heads(k, *norm[2:4], norm[4])
+    out = KA.quantized_attention_triton(q, k, v, mode, qk_norm=norm)
+    assert out.dtype == q.dtype and torch.isfinite(out).all()
+    ref = KA.quantized_attention_reference(q, k, v, mode, qk_norm=norm)
+    assert ref.dtype == q.dtype
+    torch.testing.assert_close(ref, KA.quantized_attention_reference(q_n, k_n, v, mode).to(q.dtype), rtol=0, atol=0)
+    assert rel_l2(out, ref) < (0.003 if mode == "int8" else 0.03)
+    exact = exact_attention(q_n, k_n, v)
+    assert cosine(out, exact) >= 0.999
+    assert rel_l2(out, exact_attention(q, k, v)) > 10 * rel_l2(out, exact)  # the norms really applied
+    stats = KA.attention_stats(q, k, v, KA.padded_head_dim(d), qk_norm=norm)
+    for got, want in zip(stats[:3], KA.attention_stats_reference(q_n, k_n, v)[:3]):
+        torch.testing.assert_close(got.view(b, h, d), want, rtol=1e-4, atol=1e-5)
+
+
+def test_qk_norm_bad_inputs():
+    q, k, v = realistic_qkv(1, 1, 8, 8, 64)
+    norm = _qk_norm(64)
+    with pytest.raises(ValueError, match="qk_norm k bias"):
+        KA.quantized_attention(q, k, v, "fp8", qk_norm=(*norm[:3], norm[3][:32], norm[4]))
+    with pytest.raises(ValueError, match="eps"):
+        KA.quantized_attention(q, k, v, "fp8", qk_norm=(*norm[:4], 0.0))
+    with pytest.raises(ValueError, match="qk_norm must be"):
+        KA.quantized_attention(q, k, v, "fp8", qk_norm=norm[:4])
+
+
 def test_scale_argument():
     q, k, v = realistic_qkv(1, 2, 64, 64, 64, seed=5)
     out = KA.quantized_attention(q, k, v, "int8", scale=0.05)
@@ -339,12 +383,15 @@ def test_preparation_kernels_chain_by_programmatic_dependent_launch(sm90_compile
     """Compiled for sm_90 with PDL on (no GPU): the statistics, Q's quantization and the attention kernel wait for
     the previous grid before their first load; K's and V's quantization (which read nothing the launch before them
     writes) let the next grid launch first and wait only after their last store, so their completion still implies
-    the previous grid's and the attention kernel never sees an unfinished operand."""
+    the previous grid's and the attention kernel never sees an unfinished operand. With q / k norms (CogVideoX's
+    head dim) the kernels do not spill."""
     out = sm90_compile("attention_prep")
-    assert set(out) == {"stats", "finish", "quantize q", "quantize k", "quantize v", "attention"}, out
+    norms = {"stats with qk norms, d64", "quantize q with its norm, d64", "quantize k with its norm, d64"}
+    assert set(out) == {"stats", "finish", "quantize q", "quantize k", "quantize v", "attention"} | norms, out
     for name, at in out.items():
-        assert None not in at.values(), (name, at)
-        if name in ("quantize k", "quantize v"):
+        spills = at.pop("spills")
+        assert None not in at.values() and (spills == 0 or name not in norms), (name, at, spills)
+        if name.startswith(("quantize k", "quantize v")):
             assert at["launch"] < at["first_load"] and at["wait"] > at["last_store"], (name, at)
         else:
             assert at["wait"] < at["launch"] < at["first_load"], (name, at)

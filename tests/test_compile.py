@@ -121,10 +121,11 @@ def test_compiled_blocks_quantize_in_the_norm_kernel(monkeypatch):
     assert len(calls) == eager_calls
 
 
-def test_compiled_cogvideox_blocks_quantize_in_the_norm_kernel(monkeypatch):
+@pytest.mark.parametrize("attention", [None, "fp8"])
+def test_compiled_cogvideox_blocks_quantize_in_the_norm_kernel(monkeypatch, attention):
     """Compiled CogVideoX blocks keep the joint norm kernel (text and video tokens in one launch, through the
-    custom op with its prefix arguments) priming q/k/v's and the feed-forward's input caches: the same
-    quantization calls and output as eager."""
+    custom op with its prefix arguments) priming q/k/v's and the feed-forward's input caches, and 8-bit
+    attention with its q / k norms as arguments: the same quantization calls and output as eager."""
     import dataclasses
 
     from torch._dynamo.utils import counters
@@ -138,6 +139,10 @@ def test_compiled_cogvideox_blocks_quantize_in_the_norm_kernel(monkeypatch):
     viditq.quantize(model, dataclasses.replace(viditq.PRESETS["w8a8-fp8"], balance=BalanceSpec(rotate=False)),
                     calibration_set("cogvideox", n=1))
     assert fusion.fuse_cogvideox_blocks(model) == 2
+    if attention:
+        from viditq.attention import apply_quantized_attention
+
+        apply_quantized_attention(model, attention, min_kv_tokens=0)
     model.to(device)
     monkeypatch.setattr(fusion, "_fusable", lambda t: True)  # the kernels (the interpreter on CPU)
     calls, norms = [], []

@@ -1,5 +1,6 @@
 """Fused LayerNorm + adaLN modulation: the Triton kernel against its reference (CPU interpreter here, GPU in the
 device run), and the fused CogVideoX norm module against diffusers' own."""
+import functools
 import os
 
 import pytest
@@ -421,7 +422,9 @@ def test_norm_kernel_normalizes_a_prefix_and_x_as_one_sequence(fp8, n0):
 def test_cogvideox_blocks_quantize_in_the_norm_kernel(monkeypatch, preset, attention):
     """Quantized CogVideoX blocks: one norm kernel quantizes the joint [text, video] input of q/k/v and of the
     feed-forward up-projection (those layers' own quantization calls go, the norm output is not written), the
-    attention runs as diffusers' processor (8-bit where wrapped): the unfused model's output up to rounding."""
+    attention runs as diffusers' processor (8-bit where wrapped, and then the attention's preparation applies
+    the q / k LayerNorms instead of the norm modules): the unfused model's output up to rounding."""
+    from viditq.kernels import attention as KA
     from viditq.testing import forward_output, sqnr_db
 
     model, float_model, blocks, x = _fused_tiny("cogvideox", preset, fusion.fuse_cogvideox_blocks)
@@ -430,8 +433,18 @@ def test_cogvideox_blocks_quantize_in_the_norm_kernel(monkeypatch, preset, atten
 
         apply_quantized_attention(model, attention, min_kv_tokens=0)
     calls, norm_calls = _spy_quantization(monkeypatch, joint=True)
+    qk_norms, real_attention = [], KA.quantized_attention  # (diffusers' path imported its own reference)
+    monkeypatch.setattr(KA, "quantized_attention",
+                        lambda *a, **k: qk_norms.append(k.get("qk_norm") is not None) or real_attention(*a, **k))
+    norm_modules = [m for b in blocks for m in (b.attn1.norm_q, b.attn1.norm_k)]
+    for m in norm_modules:
+        m.forward = functools.partial(lambda m, *a: calls.append("qk norm") or type(m).forward(m, *a), m)
+    assert fusion._qk_norm_args(blocks[0].attn1, 4096, 32) is None  # a replaced forward (a hook): the modules run
+    for m in norm_modules:
+        del m.forward
     unfused, fused, saved, quantized_attention = _both_forwards(monkeypatch, model, x, calls)
     assert quantized_attention == (len(blocks) if attention else 0)
+    assert qk_norms == [True] * (len(blocks) if attention else 0)  # 8-bit attention normalizes q and k itself
     assert saved == 2 * len(blocks)  # per block: q/k/v (one shared call) and FF up, in the norm kernel
     assert norm_calls == [False] * (2 * len(blocks))
     assert sqnr_db(unfused, fused) > 50  # float32: the norm's rounding, at most a rare code flip

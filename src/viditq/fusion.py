@@ -460,23 +460,49 @@ def _joint_output_projection(attn) -> nn.Module | None:
     return tail[0] if ok else None
 
 
+def _qk_norm_args(attn, n_kv: int, head_dim: int):
+    """``qk_norm`` for :func:`viditq.kernels.attention.quantized_attention` where ``attn`` runs 8-bit attention
+    over these ``n_kv`` keys and its q / k norms are per-head LayerNorms with weight and bias (CogVideoX's): the
+    kernels' preparation applies them as it reads q and k. Else None (the norms run as modules)."""
+    from .attention import QuantizedAttnProcessor
+
+    processor, norms = attn.processor, (attn.norm_q, attn.norm_k)
+    if not isinstance(processor, QuantizedAttnProcessor) or n_kv < processor.min_kv_tokens:
+        return None
+    if not all(isinstance(n, nn.LayerNorm) and n.normalized_shape == (head_dim,) and n.weight is not None
+               and n.bias is not None and n.eps == norms[0].eps and not _hooked(n) for n in norms):
+        return None
+    return attn.norm_q.weight, attn.norm_q.bias, attn.norm_k.weight, attn.norm_k.bias, attn.norm_q.eps
+
+
 def _attend_joint(attn, out_proj, x, text_len: int, image_rotary_emb, group: bool):
     """``CogVideoXAttnProcessor2_0``'s arithmetic (no mask) on the joint sequence ``x`` = [text, video] that the
     norm kernel produced (q, k and v read its codes), through 8-bit attention where the processor is wrapped:
-    the output of ``out_proj`` (:func:`_joint_output_projection`), (B, T + N, C), text tokens first."""
+    the output of ``out_proj`` (:func:`_joint_output_projection`), (B, T + N, C), text tokens first. Without
+    rotary embeddings the 8-bit attention applies the q / k LayerNorms itself (:func:`_qk_norm_args`)."""
     from diffusers.models.embeddings import apply_rotary_emb
+
+    from .kernels.attention import quantized_attention
 
     batch = x.shape[0]
     projections = (attn.to_q, attn.to_k, attn.to_v)
     qkv = forward_group(projections, x) if group and not any(map(_hooked, projections)) else None
     query, key, value = qkv if qkv is not None else (p(x) for p in projections)
-    query, key, value = _heads(attn, batch, query, key, value)
-    if image_rotary_emb is not None:  # the video tokens only
-        query[:, :, text_len:] = apply_rotary_emb(query[:, :, text_len:], image_rotary_emb)
-        key[:, :, text_len:] = apply_rotary_emb(key[:, :, text_len:], image_rotary_emb)
-    with _sdpa_route(attn):
-        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
-    return out_proj(out.transpose(1, 2).reshape(batch, -1, attn.heads * query.shape[-1]))
+    head_dim = key.shape[-1] // attn.heads
+    qk_norm = _qk_norm_args(attn, x.shape[1], head_dim) if image_rotary_emb is None else None
+    if qk_norm is not None:
+        query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+        if not torch.compiler.is_compiling():
+            attn.processor.counts["quantized"] += 1
+        out = quantized_attention(query, key, value, attn.processor.mode, qk_norm=qk_norm)
+    else:
+        query, key, value = _heads(attn, batch, query, key, value)
+        if image_rotary_emb is not None:  # the video tokens only
+            query[:, :, text_len:] = apply_rotary_emb(query[:, :, text_len:], image_rotary_emb)
+            key[:, :, text_len:] = apply_rotary_emb(key[:, :, text_len:], image_rotary_emb)
+        with _sdpa_route(attn):
+            out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+    return out_proj(out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim))
 
 
 def _norm_modulate_joint(norm_zero, hidden, enc, temb, layer, codes_only):

@@ -58,6 +58,7 @@ FP8_E4M3_MAX = 448.0
 LOG2_FP8_E4M3_MAX = math.log2(FP8_E4M3_MAX)  # P = exp2(s - m + this) puts each row's largest P at 448
 MASKED_SCORE = -1.0e30  # finite "minus infinity": a fully masked key block gives exp2(0) terms, not NaN
 QUERY_CHUNK = 1024  # reference: query rows per chunk, to bound the (chunk, Nkv) score matrix
+QKNorm = tuple  # (q_weight, q_bias, k_weight, k_bias, eps): per-head LayerNorms of q and k, weights (D,)
 
 
 # ------------------------------------------------------------------------------------------ configs
@@ -125,16 +126,21 @@ def quantized_attention_reference(
     scale: float | None = None,
     bias: torch.Tensor | None = None,
     config: AttentionConfig | None = None,
+    qk_norm: QKNorm | None = None,
 ) -> torch.Tensor:
     """PyTorch definition of the kernel's numerics, in float32 on any device.
 
     q (B, H, Nq, D), k/v (B, H, Nkv, D), bias (B, H, Nkv) additive in natural-log units or None
-    → (B, H, Nq, D) in q.dtype. Differs from the kernel only in rounding order: P is quantized relative to each
+    → (B, H, Nq, D) in q.dtype. ``qk_norm``: q and k go through their per-head LayerNorms first, in float32
+    (:func:`layer_norm_heads`). Differs from the kernel only in rounding order: P is quantized relative to each
     row's final max here, to the running max there.
     """
-    _check_inputs(q, k, v, mode, bias)
+    _check_inputs(q, k, v, mode, bias, qk_norm)
     config = config or default_config(padded_head_dim(q.shape[-1]), mode, k.shape[2])
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out_dtype = q.dtype
+    if qk_norm is not None:
+        q, k = layer_norm_heads(q, *qk_norm[0:2], qk_norm[4]), layer_norm_heads(k, *qk_norm[2:4], qk_norm[4])
     k_mean, balance, _, v_scale = attention_stats_reference(q, k, v if mode == "fp8" else None)
     balance = balance[:, :, None, :]  # (B, H, 1, D)
     q_dq = fake_quant_per_block(q.float() * balance, config.block_m) / balance
@@ -158,10 +164,15 @@ def quantized_attention_reference(
             p = torch.exp2(s - s_max)
             p_mma = p.to(torch.bfloat16).float()
         out[:, :, rows] = (p_mma @ v_dq) / p.sum(dim=-1, keepdim=True)
-    return out.to(q.dtype)
+    return out.to(out_dtype)
 
 
-def _check_inputs(q, k, v, mode, bias) -> None:
+def layer_norm_heads(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """``F.layer_norm`` of (B, H, N, D) over D in float32 (a per-head q / k norm, as the kernels apply it)."""
+    return torch.nn.functional.layer_norm(x.float(), x.shape[-1:], weight.float(), bias.float(), eps)
+
+
+def _check_inputs(q, k, v, mode, bias, qk_norm=None) -> None:
     if mode not in MODES:
         raise ValueError(f"quantized attention mode must be one of {MODES}, got {mode!r}")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -176,6 +187,15 @@ def _check_inputs(q, k, v, mode, bias) -> None:
         raise ValueError(f"head dim must be <= 256, got {d}")
     if bias is not None and bias.shape != (b, h, k.shape[2]):
         raise ValueError(f"bias must have shape (B, H, Nkv) = {(b, h, k.shape[2])}, got {tuple(bias.shape)}")
+    if qk_norm is not None:
+        if len(qk_norm) != 5 or not all(isinstance(t, torch.Tensor) for t in qk_norm[:4]):
+            raise ValueError("qk_norm must be (q_weight, q_bias, k_weight, k_bias, eps)")
+        for name, t in zip(("q weight", "q bias", "k weight", "k bias"), qk_norm[:4]):
+            if t.shape != (d,) or not t.is_floating_point() or t.device != q.device:
+                raise ValueError(f"qk_norm {name} must be a float ({d},) tensor on {q.device}, got "
+                                 f"{tuple(t.shape)} {t.dtype} on {t.device}")
+        if not qk_norm[4] > 0:
+            raise ValueError(f"qk_norm eps must be positive, got {qk_norm[4]!r}")
 
 
 # ------------------------------------------------------------------------------------------ kernels
@@ -193,19 +213,36 @@ def _load_tile(X, stride_b, stride_h, stride_n, stride_d, pid_blk, pid_bh, H, N,
 
 
 @triton.jit
+def _layer_norm_rows(x, mask, offs_d, NormW, NormB, eps, D):
+    """The rows of a float32 tile (zero outside ``mask``) through a LayerNorm over their D channels with weight and
+    bias (B·H-independent, (D,)): a per-head q / k norm; zero outside ``mask`` again."""
+    d_ok = offs_d < D
+    mean = tl.sum(x, axis=1) / D
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
+    w = tl.load(NormW + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    b = tl.load(NormB + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    return tl.where(mask, xc * rstd[:, None] * w[None, :] + b[None, :], 0.0)
+
+
+@triton.jit
 def _quantize_blocks_kernel(
-    X, Mean, ChanScale, Codes, Scales,
+    X, Mean, ChanScale, Codes, Scales, NormW, NormB, norm_eps,
     stride_xb, stride_xh, stride_xn, stride_xd,
     H, N, D, N_PAD, N_BLOCKS, multiplier,
     BLOCK: tl.constexpr, HEAD_D: tl.constexpr, HAS_MEAN: tl.constexpr, PDL: tl.constexpr, INDEPENDENT: tl.constexpr,
+    HAS_NORM: tl.constexpr = False,
 ):
     """One (BLOCK, HEAD_D) tile of one head, ``(x - mean) * chan_scale`` → int8 codes (zero in the padding) and
-    one absmax scale. ``INDEPENDENT``: runs alongside the grid before it (:func:`pdl.enter`)."""
+    one absmax scale; ``HAS_NORM``: x through the head's LayerNorm first (:func:`_layer_norm_rows`).
+    ``INDEPENDENT``: runs alongside the grid before it (:func:`pdl.enter`)."""
     pdl.enter(PDL, INDEPENDENT)
     pid_blk = tl.program_id(0)
     pid_bh = tl.program_id(1)
     x, offs_n, offs_d, mask = _load_tile(X, stride_xb, stride_xh, stride_xn, stride_xd, pid_blk, pid_bh, H, N, D,
                                          BLOCK, HEAD_D)
+    if HAS_NORM:
+        x = _layer_norm_rows(x, mask, offs_d, NormW, NormB, norm_eps, D)
     if HAS_MEAN:
         mean = tl.load(Mean + pid_bh * D + offs_d, mask=offs_d < D, other=0.0)
         x = tl.where(mask, x - mean[None, :], 0.0)
@@ -262,15 +299,17 @@ def _quantize_v_fp8_kernel(
 
 @triton.jit
 def _attn_stats_kernel(
-    Q, K, V, Part,
+    Q, K, V, Part, NormQW, NormQB, NormKW, NormKB, norm_eps,
     stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     H, N_Q, N_KV, D, Q_PER_SPLIT, KV_PER_SPLIT, STAT_STRIDE,
     BLOCK_T: tl.constexpr, HEAD_D: tl.constexpr, SPLITS: tl.constexpr, HAS_V: tl.constexpr, PDL: tl.constexpr,
+    HAS_NORM: tl.constexpr = False,
 ):
     """Partial per-channel statistics of one head over one token split: max|q|, sum k, min k, max k, max|v|
     → Part (5, B·H, SPLITS, HEAD_D) float32 (stat, head, split, channel). Reads Q, K, V once; (BLOCK_T, HEAD_D)
-    accumulators, reduced over tokens once at the end."""
+    accumulators, reduced over tokens once at the end. ``HAS_NORM``: of q and k through their heads' LayerNorms
+    (:func:`_layer_norm_rows`)."""
     pdl.enter(PDL)
     split = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -285,7 +324,10 @@ def _attn_stats_kernel(
     for t in range(q_start, q_end, BLOCK_T):
         mask = ((t + offs_t) < q_end)[:, None] & d_ok
         ptrs = Q + b * stride_qb + h * stride_qh + (t + offs_t)[:, None] * stride_qn + offs_d[None, :] * stride_qd
-        q_amax = tl.maximum(q_amax, tl.abs(tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)))
+        q = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_NORM:
+            q = _layer_norm_rows(q, mask, offs_d, NormQW, NormQB, norm_eps, D)
+        q_amax = tl.maximum(q_amax, tl.abs(q))
     k_sum = tl.zeros([BLOCK_T, HEAD_D], dtype=tl.float32)
     k_min = tl.full([BLOCK_T, HEAD_D], float("inf"), dtype=tl.float32)
     k_max = tl.full([BLOCK_T, HEAD_D], float("-inf"), dtype=tl.float32)
@@ -296,6 +338,8 @@ def _attn_stats_kernel(
         mask = ((t + offs_t) < kv_end)[:, None] & d_ok
         ptrs = K + b * stride_kb + h * stride_kh + (t + offs_t)[:, None] * stride_kn + offs_d[None, :] * stride_kd
         k = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_NORM:
+            k = _layer_norm_rows(k, mask, offs_d, NormKW, NormKB, norm_eps, D)
         k_sum += k
         k_min = tl.minimum(k_min, tl.where(mask, k, float("inf")))
         k_max = tl.maximum(k_max, tl.where(mask, k, float("-inf")))
@@ -466,13 +510,14 @@ def stats_tile(head_dim_padded: int) -> int:
 
 def attention_stats(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, head_dim_padded: int,
-    programs: int = STATS_PROGRAMS, tile: int | None = None, num_warps: int = 4,
+    programs: int = STATS_PROGRAMS, tile: int | None = None, num_warps: int = 4, qk_norm: QKNorm | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One pass over Q, K (and V) in token splits and a finishing launch per head: k mean, lam, 1 / lam (B·H, D)
     float32 and the fp8 V scales (B·H, head_dim_padded) (1 in the padding; None without v) —
-    :func:`attention_stats_reference`, with the K sum in another order (split sums). About ``programs`` programs
-    of ``num_warps`` warps, each stepping over ``tile / head_dim_padded`` tokens at a time (the launch shape swept
-    in benchmarks/exp/prep_sweep.py; default :func:`stats_tile`)."""
+    :func:`attention_stats_reference`, with the K sum in another order (split sums); ``qk_norm``: of q and k
+    through their per-head LayerNorms. About ``programs`` programs of ``num_warps`` warps, each stepping over
+    ``tile / head_dim_padded`` tokens at a time (the launch shape swept in benchmarks/exp/prep_sweep.py; default
+    :func:`stats_tile`)."""
     b, h, n_q, d = q.shape
     n_kv = k.shape[2]
     tile = tile or stats_tile(head_dim_padded)
@@ -486,10 +531,11 @@ def attention_stats(
     def per_split(n):  # tokens per split, whole BLOCK_T steps
         return triton.cdiv(triton.cdiv(n, splits), block_t) * block_t
 
+    norm_args = (part,) * 4 + (0.0,) if qk_norm is None else qk_norm
     _attn_stats_kernel[(splits, b * h)](
-        q, k, v_arg, part, *q.stride(), *k.stride(), *v_arg.stride(), h, n_q, n_kv, d, per_split(n_q),
+        q, k, v_arg, part, *norm_args, *q.stride(), *k.stride(), *v_arg.stride(), h, n_q, n_kv, d, per_split(n_q),
         per_split(n_kv), stat_stride, BLOCK_T=block_t, HEAD_D=head_dim_padded, SPLITS=splits, HAS_V=v is not None,
-        num_warps=num_warps, **pdl.launch_options(q.device))
+        HAS_NORM=qk_norm is not None, num_warps=num_warps, **pdl.launch_options(q.device))
     mean, balance, inv_balance = (torch.empty((b * h, d), dtype=torch.float32, device=q.device) for _ in range(3))
     v_scale = torch.empty((b * h, head_dim_padded), dtype=torch.float32, device=q.device) if v is not None else None
     _attn_stats_finish_kernel[(b * h,)](
@@ -501,20 +547,21 @@ def attention_stats(
 def quantize_per_block(
     x: torch.Tensor, block: int, head_dim_padded: int, chan_scale: torch.Tensor, multiplier: float = 1.0,
     mean: torch.Tensor | None = None, independent: bool = False,
+    norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, H, N, D) → int8 codes of ``(x - mean) * chan_scale`` (B·H, N_pad, D_pad), scales (B·H, N_pad / block)
-    float32 (times multiplier). ``mean`` (B·H, D) float32 or None, ``chan_scale`` (B·H, D) float32.
-    ``independent``: the kernel launched just before reads and writes none of these tensors (this one may run
-    alongside it, :func:`pdl.enter`)."""
+    float32 (times multiplier). ``mean`` (B·H, D) float32 or None, ``chan_scale`` (B·H, D) float32; ``norm =
+    (weight, bias, eps)``: x through that per-head LayerNorm first. ``independent``: the kernel launched just
+    before reads and writes none of these tensors (this one may run alongside it, :func:`pdl.enter`)."""
     b, h, n, d = x.shape
     n_blocks = triton.cdiv(n, block)
     codes = torch.empty((b * h, n_blocks * block, head_dim_padded), dtype=torch.int8, device=x.device)
     scales = torch.empty((b * h, n_blocks), dtype=torch.float32, device=x.device)
     mean_arg = mean.contiguous() if mean is not None else scales
     _quantize_blocks_kernel[(n_blocks, b * h)](
-        x, mean_arg, chan_scale.contiguous(), codes, scales, *x.stride(), h, n, d, n_blocks * block, n_blocks,
-        multiplier, BLOCK=block, HEAD_D=head_dim_padded, HAS_MEAN=mean is not None, INDEPENDENT=independent,
-        **pdl.launch_options(x.device))
+        x, mean_arg, chan_scale.contiguous(), codes, scales, *(norm or (scales, scales, 0.0)), *x.stride(), h, n, d,
+        n_blocks * block, n_blocks, multiplier, BLOCK=block, HEAD_D=head_dim_padded, HAS_MEAN=mean is not None,
+        INDEPENDENT=independent, HAS_NORM=norm is not None, **pdl.launch_options(x.device))
     return codes, scales
 
 
@@ -564,15 +611,22 @@ class QuantizedOperands:
     bias: torch.Tensor | None
 
 
-def quantize_operands(q, k, v, mode: str, scale: float, bias, config: AttentionConfig) -> QuantizedOperands:
+def quantize_operands(q, k, v, mode: str, scale: float, bias, config: AttentionConfig,
+                      qk_norm: QKNorm | None = None) -> QuantizedOperands:
     """Step 1-2 of the module docstring (and V to fp8 / padded bf16): one statistics pass over Q, K (and V),
-    then one quantization pass over each."""
+    then one quantization pass over each; ``qk_norm``: q and k through their per-head LayerNorms in both (the
+    normalized q and k are never written)."""
     head_d = padded_head_dim(q.shape[-1])
-    k_mean, balance, inv_balance, v_scale = attention_stats(q, k, v if mode == "fp8" else None, head_d)
+    k_mean, balance, inv_balance, v_scale = attention_stats(q, k, v if mode == "fp8" else None, head_d,
+                                                            qk_norm=qk_norm)
+    q_norm = k_norm = None
+    if qk_norm is not None:
+        q_norm, k_norm = (*qk_norm[0:2], qk_norm[4]), (*qk_norm[2:4], qk_norm[4])
     # Q's launch waits for the statistics; K's and V's read nothing the launch before them writes, so on sm_90 the
     # three quantization grids overlap (programmatic dependent launch), each with its own registers
-    q8, q_scale = quantize_per_block(q, config.block_m, head_d, balance, multiplier=scale * LOG2E)
-    k8, k_scale = quantize_per_block(k, config.block_n, head_d, inv_balance, mean=k_mean, independent=True)
+    q8, q_scale = quantize_per_block(q, config.block_m, head_d, balance, multiplier=scale * LOG2E, norm=q_norm)
+    k8, k_scale = quantize_per_block(k, config.block_n, head_d, inv_balance, mean=k_mean, independent=True,
+                                     norm=k_norm)
     if mode == "fp8":
         v_op = quantize_v_fp8(v, config.block_n, head_d, v_scale, independent=True)
     else:
@@ -625,14 +679,16 @@ def quantized_attention_triton(
     scale: float | None = None,
     bias: torch.Tensor | None = None,
     config: AttentionConfig | None = None,
+    qk_norm: QKNorm | None = None,
 ) -> torch.Tensor:
-    """Triton 8-bit attention. q (B, H, Nq, D), k/v (B, H, Nkv, D) (any strides), bias (B, H, Nkv) or None
-    → (B, H, Nq, D) in q.dtype, laid out as (B, Nq, H, D) in memory (what attention processors reshape next)."""
-    _check_inputs(q, k, v, mode, bias)
+    """Triton 8-bit attention. q (B, H, Nq, D), k/v (B, H, Nkv, D) (any strides), bias (B, H, Nkv) or None,
+    ``qk_norm`` as in :func:`quantized_attention_reference` → (B, H, Nq, D) in q.dtype, laid out as (B, Nq, H, D)
+    in memory (what attention processors reshape next)."""
+    _check_inputs(q, k, v, mode, bias, qk_norm)
     b, h, n_q, d = q.shape
     config = config or default_config(padded_head_dim(d), mode, k.shape[2])
     scale = d ** -0.5 if scale is None else scale
-    ops = quantize_operands(q, k, v, mode, scale, bias, config)
+    ops = quantize_operands(q, k, v, mode, scale, bias, config, qk_norm)
     out = torch.empty((b, n_q, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
     return attention_from_operands(ops, out, k.shape[2], config)
 
@@ -640,16 +696,20 @@ def quantized_attention_triton(
 # ------------------------------------------------------------------------------------------ entry point
 @torch.library.custom_op("viditq::quantized_attention", mutates_args=())
 def _quantized_attention_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, mode: str, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, mode: str, scale: float,
+    q_norm_weight: torch.Tensor | None = None, q_norm_bias: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None, k_norm_bias: torch.Tensor | None = None, norm_eps: float = 0.0,
 ) -> torch.Tensor:
+    qk_norm = None if q_norm_weight is None else (q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, norm_eps)
     if q.is_cuda and os.environ.get("VIDITQ_BACKEND", "auto") != "reference":
-        return quantized_attention_triton(q, k, v, mode, scale, bias)
-    out = quantized_attention_reference(q, k, v, mode, scale, bias)
+        return quantized_attention_triton(q, k, v, mode, scale, bias, qk_norm=qk_norm)
+    out = quantized_attention_reference(q, k, v, mode, scale, bias, qk_norm=qk_norm)
     return out.transpose(1, 2).contiguous().transpose(1, 2)  # same (B, Nq, H, D) memory layout as the kernel
 
 
 @_quantized_attention_op.register_fake
-def _(q, k, v, bias, mode, scale):
+def _(q, k, v, bias, mode, scale, q_norm_weight=None, q_norm_bias=None, k_norm_weight=None, k_norm_bias=None,
+      norm_eps=0.0):
     b, h, n_q, d = q.shape
     return q.new_empty((b, n_q, h, d)).transpose(1, 2)
 
@@ -661,12 +721,17 @@ def quantized_attention(
     mode: str,
     scale: float | None = None,
     bias: torch.Tensor | None = None,
+    qk_norm: QKNorm | None = None,
 ) -> torch.Tensor:
     """8-bit attention: the Triton kernel on CUDA, the PyTorch reference elsewhere (or with
     ``VIDITQ_BACKEND=reference``). A ``torch.library`` op, so ``torch.compile`` keeps it as one opaque call.
 
     q (B, H, Nq, D), k/v (B, H, Nkv, D), bias (B, H, Nkv) additive or None → (B, H, Nq, D) in q.dtype.
+    ``qk_norm = (q_weight, q_bias, k_weight, k_bias, eps)``: the attention of ``LayerNorm(q)`` and
+    ``LayerNorm(k)`` over each head's D channels (weights (D,); CogVideoX's per-head q / k norms), applied by the
+    preparation kernels as they read q and k — the normalized tensors are never written.
     """
-    _check_inputs(q, k, v, mode, bias)
+    _check_inputs(q, k, v, mode, bias, qk_norm)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _quantized_attention_op(q, k, v, bias, mode, scale)
+    norm = (None,) * 4 + (0.0,) if qk_norm is None else (*qk_norm[:4], float(qk_norm[4]))
+    return _quantized_attention_op(q, k, v, bias, mode, scale, *norm)
