@@ -406,12 +406,19 @@ def test_norm_kernel_normalizes_a_prefix_and_x_as_one_sequence(fp8, n0):
                        norm.layer_norm_modulate(x, w, bias, scale, shift, 1e-6)], dim=1)
     assert torch.equal(y, parts)
     assert torch.equal(norm.layer_norm_modulate(x, w, bias, scale, shift, 1e-6, prefix=(x0, scale0, shift0)), y)
+    joint = torch.cat([x0, x], dim=1)  # the parts as views of one sequence (batch stride n0 + n rows)
+    views = norm.layer_norm_modulate_quant(joint[:, n0:], w, bias, scale, shift, 1e-6, 8, None, fp8,
+                                           prefix=(joint[:, :n0], scale0, shift0))
+    assert all(torch.equal(u, v) for u, v in zip(views, (y, codes, qscale)))
     ref_codes, ref_scale = reference.quantize_activation(y.reshape(-1, c), 8, None, None, 1, 0, fp8)
     assert torch.equal(codes.float(), ref_codes.float()) and torch.equal(qscale, ref_scale)
     ref = norm.layer_norm_modulate_quant_reference(x, w, bias, scale, shift, 1e-6, 8, None, fp8, (x0, scale0, shift0))
     torch.testing.assert_close(y.float(), ref[0].float(), rtol=2e-2, atol=6e-2)
     with pytest.raises(ValueError, match="prefix must be"):
         norm.layer_norm_modulate(x, w, bias, scale, shift, 1e-6, prefix=(x0[:, :, :-1], scale0, shift0))
+    if n0 > 1:
+        with pytest.raises(ValueError, match="contiguous rows"):  # rows must be contiguous, batches need not
+            norm.layer_norm_modulate(x, w, bias, scale, shift, 1e-6, prefix=(joint[:, :n0:2], scale0, shift0))
     with pytest.raises(ValueError, match="prefix needs a scale"):
         norm.layer_norm_modulate(x, w, bias, scale, shift, 1e-6, prefix=(x0, None, shift0))
     with pytest.raises(ValueError, match="prefix's scale must be torch.bfloat16"):
@@ -425,6 +432,7 @@ def test_cogvideox_blocks_quantize_in_the_norm_kernel(monkeypatch, preset, atten
     attention runs as diffusers' processor (8-bit where wrapped, and then the attention's preparation applies
     the q / k LayerNorms instead of the norm modules): the unfused model's output up to rounding."""
     from viditq.kernels import attention as KA
+    from viditq.kernels import dispatch
     from viditq.testing import forward_output, sqnr_db
 
     model, float_model, blocks, x = _fused_tiny("cogvideox", preset, fusion.fuse_cogvideox_blocks)
@@ -433,6 +441,9 @@ def test_cogvideox_blocks_quantize_in_the_norm_kernel(monkeypatch, preset, atten
 
         apply_quantized_attention(model, attention, min_kv_tokens=0)
     calls, norm_calls = _spy_quantization(monkeypatch, joint=True)
+    residuals, real_linear = [], dispatch.int_linear
+    monkeypatch.setattr(dispatch, "int_linear",
+                        lambda *a: residuals.append(a[11] is not None and a[13]) or real_linear(*a))
     qk_norms, real_attention = [], KA.quantized_attention  # (diffusers' path imported its own reference)
     monkeypatch.setattr(KA, "quantized_attention",
                         lambda *a, **k: qk_norms.append(k.get("qk_norm") is not None) or real_attention(*a, **k))
@@ -445,6 +456,10 @@ def test_cogvideox_blocks_quantize_in_the_norm_kernel(monkeypatch, preset, atten
     unfused, fused, saved, quantized_attention = _both_forwards(monkeypatch, model, x, calls)
     assert quantized_attention == (len(blocks) if attention else 0)
     assert qk_norms == [True] * (len(blocks) if attention else 0)  # 8-bit attention normalizes q and k itself
+    # the attention output projection and the FF down-projection add the joint residual, gates split at the text
+    text_len = x["encoder_hidden_states"].shape[1]
+    half = len(residuals) // 2  # (the unfused forward first)
+    assert residuals[half:].count(text_len) == 2 * len(blocks) and not any(residuals[:half])
     assert saved == 2 * len(blocks)  # per block: q/k/v (one shared call) and FF up, in the norm kernel
     assert norm_calls == [False] * (2 * len(blocks))
     assert sqnr_db(unfused, fused) > 50  # float32: the norm's rounding, at most a rare code flip
@@ -527,3 +542,17 @@ def test_norm_kernel_with_a_prefix_compiles_for_sm90(sm90_compile):
     assert len(out) == 8 and sorted(v["compiles"] for v in out.values()) == list(range(1, 9))
     for name, report in out.items():
         assert report["spill_stores"] == report["spill_loads"] == 0, (name, report)
+
+
+def test_joint_sequence_is_a_view_where_the_parts_are_one_sequence():
+    """The fused CogVideoX block's residual stream [text, video]: a view (no copy) where the block's inputs are
+    the two parts of one tensor (the previous fused block's output, diffusers' split of the patch embedding),
+    else their concatenation — equal either way."""
+    joint = torch.randn(2, 7, 4)
+    enc, hidden = joint[:, :3], joint[:, 3:]
+    view = fusion._joint_sequence(enc, hidden)
+    assert torch.equal(view, joint) and view.data_ptr() == joint.data_ptr()
+    for enc2, hidden2 in ((enc.clone(), hidden), (enc, hidden.clone()), (joint[:, :2], joint[:, 3:]),
+                          (enc.float().double(), hidden.double())):
+        out = fusion._joint_sequence(enc2, hidden2)
+        assert torch.equal(out, torch.cat([enc2, hidden2], 1)) and out.data_ptr() != joint.data_ptr()

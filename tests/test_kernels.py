@@ -350,6 +350,46 @@ def test_int_linear_residual_epilogue(m, n, k, bits, group_size, tma, batch):
             fn(a, a_scale, w, w_scale, w_zero, gs, packed, bias, torch.bfloat16, gate=one_gate)
 
 
+@pytest.mark.parametrize("batch,tokens,prefix,tma,fp8", [
+    (2, 34, 5, False, False), (3, 20, 20, True, False), (2, 70, 9, True, True), (1, 40, 0, True, True)] + [
+    pytest.param(*s, marks=gpu_only) for s in [(2, 18002, 226, True, True), (2, 18002, 226, True, False),
+                                               (2, 1000, 77, False, False)]])
+def test_int_linear_split_gate_epilogue(batch, tokens, prefix, tma, fp8):
+    """``gate_prefix``: a (B, 2, N) gate, the first gate for the first ``prefix`` tokens of each batch entry and
+    the second for the rest (CogVideoX's text and video tokens in one sequence, each part with its own gate), in
+    the epilogue as in the reference; tiles straddle the parts and the batch entries."""
+    m, n, k = batch * tokens, 48, 64
+    g = torch.Generator().manual_seed(m + prefix)
+    a = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
+    w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    if fp8:
+        a, w = (t.float().div(4).to(torch.float8_e4m3fn) for t in (a, w))
+    a, w = a.to(DEVICE), w.to(DEVICE)
+    a_scale = (torch.rand(m, 1, generator=g) * 0.05).to(DEVICE)
+    w_scale = (torch.rand(n, 1, generator=g) * 0.05).to(DEVICE)
+    bias = torch.randn(n, generator=g).to(DEVICE, torch.bfloat16)
+    residual = torch.randn(m, n, generator=g).to(DEVICE, torch.bfloat16)
+    gate = torch.randn(batch, 2, n, generator=g).to(DEVICE, torch.bfloat16)
+    config = (TMA_CFG if tma else (SMALL_CFG if not CUDA else None))
+    y = int_gemm.quant_linear(a, a_scale, w, w_scale, None, k, False, bias, torch.bfloat16, config, residual=residual,
+                              gate=gate, gate_prefix=prefix)
+    plain = reference.int_linear(a, a_scale, w, w_scale, None, k, False, bias, torch.float32).view(batch, tokens, n)
+    per_token = torch.cat([gate[:, :1].expand(-1, prefix, -1), gate[:, 1:].expand(-1, tokens - prefix, -1)], 1)
+    expected = (plain * per_token.float()).view(m, n) + residual.float()
+    ref = reference.int_linear(a, a_scale, w, w_scale, None, k, False, bias, torch.bfloat16, None, None, residual,
+                               gate, prefix)
+    assert rel_err(ref, expected) < 4e-3
+    assert y.dtype == torch.bfloat16 and rel_err(y, expected) < 8e-3
+    one_gate = plain.view(m, n) * gate[:, 1].float().repeat_interleave(tokens, 0) + residual.float()
+    assert prefix == 0 or rel_err(y, one_gate) > 0.05  # the first gate really applied
+    with pytest.raises(ValueError, match="gate_prefix must be in"):
+        int_gemm.quant_linear(a, a_scale, w, w_scale, None, k, False, bias, torch.bfloat16, residual=residual,
+                              gate=gate, gate_prefix=tokens + 1)
+    with pytest.raises(ValueError, match=r"gate must be \(B, 2"):
+        int_gemm.quant_linear(a, a_scale, w, w_scale, None, k, False, bias, torch.bfloat16, residual=residual,
+                              gate=gate[:, 0], gate_prefix=prefix)
+
+
 @gpu_only
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("m,n,k", [(8192, 1152, 1152), (8192, 1152, 4608), (35552, 1920, 7680)])

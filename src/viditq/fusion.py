@@ -272,12 +272,13 @@ def _sdpa_route(attn):
     return contextlib.nullcontext()
 
 
-def _project(layer: nn.Module, x, residual, gate=None):
-    """``residual + gate * layer(x)`` (gate (B, 1, C) or None): a QuantLinear adds it in its GEMM epilogue (not
-    when hooked: a forward hook sees the layer's own output)."""
+def _project(layer: nn.Module, x, residual, gate=None, gate_prefix=None):
+    """``residual + gate * layer(x)`` (gate (B, 1, C), (B, 2, C) with ``gate_prefix`` — see
+    :func:`viditq.layers.add_residual` — or None): a QuantLinear adds it in its GEMM epilogue (not when hooked: a
+    forward hook sees the layer's own output)."""
     if type(layer) is QuantLinear and not _hooked(layer):
-        return layer(x, residual, gate)
-    return add_residual(layer(x), residual, gate)
+        return layer(x, residual, gate, gate_prefix)
+    return add_residual(layer(x), residual, gate, gate_prefix)
 
 
 def _eval_tail(module: nn.Module, layers) -> list | None:
@@ -331,18 +332,18 @@ def _attend(attn, x, residual, gate=None, context=None, mask=None, group=False):
     return _project(tail[0], out, residual, gate)
 
 
-def _feed_forward(ff, x, residual, gate):
+def _feed_forward(ff, x, residual, gate, gate_prefix=None):
     """``residual + gate * ff(x)`` (diffusers' FeedForward: its modules in turn, or the quantized hand-off of a
-    FusedFeedForward), the down-projection adding it."""
+    FusedFeedForward), the down-projection adding it (``gate_prefix``: :func:`_project`)."""
     tail = _eval_tail(ff, ff.net)
     if tail is None or _hooked(ff):
-        return add_residual(ff(x), residual, gate)
+        return add_residual(ff(x), residual, gate, gate_prefix)
     if _hand_off_ready(ff):
         x = _hand_off(ff, x)
     else:
         for module in tail[:-1]:
             x = module(x)
-    return _project(tail[-1], x, residual, gate)
+    return _project(tail[-1], x, residual, gate, gate_prefix)
 
 
 def _codes_only_ff(ff, up) -> bool:
@@ -364,10 +365,12 @@ def _norm_modulate(norm: nn.LayerNorm, x, scale, shift, layer, codes_only=False,
         y = norm(x) * (1 + scale) + shift
         return y if prefix is None else torch.cat([norm(prefix[0]) * (1 + prefix[1]) + prefix[2], y], dim=1)
     s = layer.spec
-    args = (x.contiguous(), norm.weight, norm.bias, scale[:, 0], shift[:, 0], norm.eps, s.act_bits, layer.smooth_inv,
-            s.fp8, not codes_only)
+    if prefix is not None:  # the kernel reads either part with its own batch stride (views of one sequence)
+        x, x0 = (t if kernels.rows_contiguous(t) else t.contiguous() for t in (x, prefix[0]))
+    args = (x.contiguous() if prefix is None else x, norm.weight, norm.bias, scale[:, 0], shift[:, 0], norm.eps,
+            s.act_bits, layer.smooth_inv, s.fp8, not codes_only)
     if prefix is not None:
-        args += (prefix[0].contiguous(), prefix[1][:, 0], prefix[2][:, 0])
+        args += (x0, prefix[1][:, 0], prefix[2][:, 0])
     if torch.compiler.is_compiling():
         y, codes, qscale = torch.ops.viditq.layer_norm_modulate_quant(*args)
     else:
@@ -475,11 +478,12 @@ def _qk_norm_args(attn, n_kv: int, head_dim: int):
     return attn.norm_q.weight, attn.norm_q.bias, attn.norm_k.weight, attn.norm_k.bias, attn.norm_q.eps
 
 
-def _attend_joint(attn, out_proj, x, text_len: int, image_rotary_emb, group: bool):
-    """``CogVideoXAttnProcessor2_0``'s arithmetic (no mask) on the joint sequence ``x`` = [text, video] that the
-    norm kernel produced (q, k and v read its codes), through 8-bit attention where the processor is wrapped:
-    the output of ``out_proj`` (:func:`_joint_output_projection`), (B, T + N, C), text tokens first. Without
-    rotary embeddings the 8-bit attention applies the q / k LayerNorms itself (:func:`_qk_norm_args`)."""
+def _attend_joint(attn, out_proj, x, text_len: int, image_rotary_emb, group: bool, residual, gate):
+    """``residual + gate * attn(x)`` for ``CogVideoXAttnProcessor2_0``'s arithmetic (no mask) on the joint
+    sequence ``x`` = [text, video] that the norm kernel produced (q, k and v read its codes), through 8-bit
+    attention where the processor is wrapped, ``out_proj`` (:func:`_joint_output_projection`) adding the
+    residual (B, T + N, C) with the text and video gates (B, 2, C) in its epilogue. Without rotary embeddings the
+    8-bit attention applies the q / k LayerNorms itself (:func:`_qk_norm_args`)."""
     from diffusers.models.embeddings import apply_rotary_emb
 
     from .kernels.attention import quantized_attention
@@ -502,25 +506,43 @@ def _attend_joint(attn, out_proj, x, text_len: int, image_rotary_emb, group: boo
             key[:, :, text_len:] = apply_rotary_emb(key[:, :, text_len:], image_rotary_emb)
         with _sdpa_route(attn):
             out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
-    return out_proj(out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim))
+    out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
+    return _project(out_proj, out, residual, gate, text_len)
 
 
 def _norm_modulate_joint(norm_zero, hidden, enc, temb, layer, codes_only):
     """``CogVideoXLayerNormZero(hidden, enc, temb)`` as one joint sequence ``[enc, hidden]`` (the concatenation
     the attention and the feed-forward read), quantized for ``layer`` by the norm kernel (:func:`_norm_modulate`)
-    → (joint y, video gate, text gate)."""
+    → (joint y, the text and video gates (B, 2, C))."""
     shift, scale, gate, enc_shift, enc_scale, enc_gate = norm_zero.linear(norm_zero.silu(temb)).chunk(6, dim=1)
     y = _norm_modulate(norm_zero.norm, hidden, scale[:, None], shift[:, None], layer, codes_only,
                        prefix=(enc, enc_scale[:, None], enc_shift[:, None]))
-    return y, gate[:, None, :], enc_gate[:, None, :]
+    return y, torch.stack([enc_gate, gate], dim=1)
+
+
+def _joint_sequence(enc: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """``torch.cat([enc, hidden], dim=1)``, or in eager mode a view of the one sequence ``enc`` and ``hidden`` are
+    consecutive parts of (a fused block's output, or diffusers' split of the patch embedding): no copy."""
+    b, t, c = enc.shape
+    if not torch.compiler.is_compiling() and hidden.dim() == 3 and hidden.shape[::2] == (b, c) \
+            and hidden.dtype == enc.dtype and hidden.device == enc.device:
+        joint = (b, t + hidden.shape[1], c)
+        strides = (joint[1] * c, c, 1)
+        if enc.stride() == hidden.stride() == strides and hidden.storage_offset() == enc.storage_offset() + t * c \
+                and hidden.untyped_storage().data_ptr() == enc.untyped_storage().data_ptr():
+            return enc.as_strided(joint, strides)
+    return torch.cat([enc, hidden], dim=1)
 
 
 class FusedCogVideoXBlock(CogVideoXBlock):
     """CogVideoX block whose two LayerNormZero also quantize the inputs of q/k/v and of the feed-forward
     up-projection: one kernel normalizes, modulates and quantizes the text and the video tokens as the joint
     sequence those layers read (:func:`fuse_cogvideox_blocks`), so neither the norms' outputs, nor their
-    concatenation, nor the quantization passes that would read them again touch memory. Same arithmetic as
-    diffusers' forward up to rounding (the norm and modulation round once, in the kernel)."""
+    concatenation, nor the quantization passes that would read them again touch memory. The residual stream
+    runs as one joint [text, video] sequence too: the attention's output projection and the feed-forward's
+    down-projection add it, each part with its own gate, in their GEMM epilogues, and the block returns the
+    video and text parts of the last one (views). Same arithmetic as diffusers' forward up to rounding (the norm
+    and modulation round once, in the kernel, and so do the projections with their residual)."""
 
     def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, attention_kwargs=None):
         attn, c = self.attn1, hidden_states.shape[-1]
@@ -532,17 +554,15 @@ class FusedCogVideoXBlock(CogVideoXBlock):
                 or any(map(_hooked, (self.norm1, self.norm1.norm, self.norm2, self.norm2.norm, self.ff))):
             return super().forward(hidden_states, encoder_hidden_states, temb, image_rotary_emb, attention_kwargs)
         text_len = encoder_hidden_states.shape[1]
-        x, gate, enc_gate = _norm_modulate_joint(self.norm1, hidden_states, encoder_hidden_states, temb, attn.to_q,
-                                                 _qkv_read_codes(attn))
-        out = _attend_joint(attn, out_proj, x, text_len, image_rotary_emb, getattr(self, "_viditq_group_qkv", True))
-        hidden_states = hidden_states + gate * out[:, text_len:]
-        encoder_hidden_states = encoder_hidden_states + enc_gate * out[:, :text_len]
-        x, gate, enc_gate = _norm_modulate_joint(self.norm2, hidden_states, encoder_hidden_states, temb, up,
-                                                 _codes_only_ff(self.ff, up))
-        out = self.ff(x)
-        hidden_states = hidden_states + gate * out[:, text_len:]
-        encoder_hidden_states = encoder_hidden_states + enc_gate * out[:, :text_len]
-        return hidden_states, encoder_hidden_states
+        x, gates = _norm_modulate_joint(self.norm1, hidden_states, encoder_hidden_states, temb, attn.to_q,
+                                        _qkv_read_codes(attn))
+        joint = _joint_sequence(encoder_hidden_states, hidden_states)  # the residual stream, text first
+        joint = _attend_joint(attn, out_proj, x, text_len, image_rotary_emb, getattr(self, "_viditq_group_qkv", True),
+                              joint, gates)
+        x, gates = _norm_modulate_joint(self.norm2, joint[:, text_len:], joint[:, :text_len], temb, up,
+                                        _codes_only_ff(self.ff, up))
+        joint = _feed_forward(self.ff, x, joint, gates, text_len)
+        return joint[:, text_len:], joint[:, :text_len]
 
 
 def fuse_cogvideox_blocks(model: nn.Module, group_qkv: bool = True) -> int:

@@ -160,10 +160,12 @@ def _epilogue(acc, offs_m, offs_n, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, str
 
 
 @triton.jit
-def _add_residual(y, res, gate_ptr, stride_gb, tokens, offs_m, offs_n, M, N, HAS_GATE: tl.constexpr,
-                  TILE_GATE: tl.constexpr):
+def _add_residual(y, res, gate_ptr, stride_gb, tokens, gate_prefix, offs_m, offs_n, M, N, HAS_GATE: tl.constexpr,
+                  TILE_GATE: tl.constexpr, SPLIT_GATE: tl.constexpr):
     """The block's residual connection ``res + gate[row // tokens] * y`` (``HAS_GATE``; else ``res + y``) in f32;
-    ``TILE_GATE``: the tile's rows share one batch row (``tokens`` a multiple of BLOCK_M), one gate vector."""
+    ``TILE_GATE``: the tile's rows share one batch row (``tokens`` a multiple of BLOCK_M), one gate vector;
+    ``SPLIT_GATE``: two gate rows per batch row, the first for its first ``gate_prefix`` tokens (CogVideoX's text
+    and video tokens in one sequence)."""
     n_mask = offs_n < N
     if HAS_GATE:
         if TILE_GATE:
@@ -171,6 +173,8 @@ def _add_residual(y, res, gate_ptr, stride_gb, tokens, offs_m, offs_n, M, N, HAS
             gate = tl.load(gate_ptr + batch * stride_gb + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         else:
             batch = (offs_m // tokens).to(tl.int64)
+            if SPLIT_GATE:
+                batch = 2 * batch + (offs_m % tokens >= gate_prefix).to(tl.int64)
             mask = (offs_m < M)[:, None] & n_mask[None, :]
             gate = tl.load(gate_ptr + batch[:, None] * stride_gb + offs_n[None, :], mask=mask, other=0.0)
         y = y * gate.to(tl.float32)
@@ -181,9 +185,9 @@ def _add_residual(y, res, gate_ptr, stride_gb, tokens, offs_m, offs_n, M, N, HAS
 def _gemm_tile(
     tile_id, a_ptr, a_scale_ptr, b_ptr, w_scale_ptr, w_zero_ptr, bias_ptr, c_ptr,
     M, N, K, stride_am, stride_bn, stride_cm, stride_sg, group_size, res_ptr, stride_rm, gate_ptr, stride_gb, tokens,
-    GROUPED: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+    gate_prefix, GROUPED: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    GELU: tl.constexpr, RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr,
+    GELU: tl.constexpr, RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr, SPLIT_GATE: tl.constexpr,
 ):
     """One (BLOCK_M, BLOCK_N) output tile: main loop over K, then the fused epilogue."""
     pid_m, pid_n = _tile_coords(tile_id, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -227,7 +231,8 @@ def _gemm_tile(
     if RESIDUAL:
         res = tl.load(res_ptr + offs_m[:, None].to(tl.int64) * stride_rm + offs_n[None, :],
                       mask=m_mask & n_mask[None, :], other=0.0)
-        y = _add_residual(y, res, gate_ptr, stride_gb, tokens, offs_m, offs_n, M, N, HAS_GATE, False)
+        y = _add_residual(y, res, gate_ptr, stride_gb, tokens, gate_prefix, offs_m, offs_n, M, N, HAS_GATE, False,
+                          SPLIT_GATE)
     c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=m_mask & n_mask[None, :])
 
@@ -236,11 +241,11 @@ def _gemm_tile(
 def _quant_gemm_kernel(
     a_ptr, a_scale_ptr, b_ptr, w_scale_ptr, w_zero_ptr, bias_ptr, c_ptr,
     M, N, K, stride_am, stride_bn, stride_cm, stride_sg, group_size, num_programs,
-    res_ptr, stride_rm, gate_ptr, stride_gb, tokens,
+    res_ptr, stride_rm, gate_ptr, stride_gb, tokens, gate_prefix,
     GROUPED: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PERSISTENT: tl.constexpr, GELU: tl.constexpr, RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr,
-    PDL: tl.constexpr = False,
+    SPLIT_GATE: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     pdl.enter(PDL)
     if PERSISTENT:
@@ -248,13 +253,15 @@ def _quant_gemm_kernel(
         for tile_id in range(tl.program_id(0), num_tiles, num_programs):
             _gemm_tile(tile_id, a_ptr, a_scale_ptr, b_ptr, w_scale_ptr, w_zero_ptr, bias_ptr, c_ptr,
                        M, N, K, stride_am, stride_bn, stride_cm, stride_sg, group_size,
-                       res_ptr, stride_rm, gate_ptr, stride_gb, tokens,
-                       GROUPED, HAS_ZERO, HAS_BIAS, FP8, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, GELU, RESIDUAL, HAS_GATE)
+                       res_ptr, stride_rm, gate_ptr, stride_gb, tokens, gate_prefix,
+                       GROUPED, HAS_ZERO, HAS_BIAS, FP8, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, GELU, RESIDUAL, HAS_GATE,
+                       SPLIT_GATE)
     else:
         _gemm_tile(tl.program_id(0), a_ptr, a_scale_ptr, b_ptr, w_scale_ptr, w_zero_ptr, bias_ptr, c_ptr,
                    M, N, K, stride_am, stride_bn, stride_cm, stride_sg, group_size,
-                   res_ptr, stride_rm, gate_ptr, stride_gb, tokens,
-                   GROUPED, HAS_ZERO, HAS_BIAS, FP8, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, GELU, RESIDUAL, HAS_GATE)
+                   res_ptr, stride_rm, gate_ptr, stride_gb, tokens, gate_prefix,
+                   GROUPED, HAS_ZERO, HAS_BIAS, FP8, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, GELU, RESIDUAL, HAS_GATE,
+                   SPLIT_GATE)
 
 
 @triton.jit
@@ -275,13 +282,13 @@ def _quantize_out(y, offs_m, offs_n, M, N, pid_n, a_scale_ptr, smooth_ptr, q_sca
 def _quant_gemm_tma_kernel(
     a_desc, b_desc0, b_desc1, b_desc2, c_desc0, c_desc1, c_desc2, r_desc, a_ptr, a_scale_ptr, w_scale_ptrs,
     bias_ptrs,
-    M, ns, K, stride_am, stride_sg, group_size, num_programs, gate_ptr, stride_gb, tokens,
+    M, ns, K, stride_am, stride_sg, group_size, num_programs, gate_ptr, stride_gb, tokens, gate_prefix,
     smooth_ptr, q_scale_ptr, bound_ptr,
     GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr,
     FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     GELU: tl.constexpr, RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr, TILE_GATE: tl.constexpr,
     QUANT_OUT: tl.constexpr = False, HAS_SMOOTH: tl.constexpr = False, PDL: tl.constexpr = False,
-    NUM: tl.constexpr = 1,
+    NUM: tl.constexpr = 1, SPLIT_GATE: tl.constexpr = False,
 ):
     """Persistent variant: A and B arrive by TMA (bulk tensor copies, zero-filled at the edges); the tile loop is
     flattened with the K loop so the next tile's loads overlap this tile's epilogue; C leaves by TMA. No zero
@@ -331,7 +338,8 @@ def _quant_gemm_tma_kernel(
                           HAS_BIAS, GELU)
             if RESIDUAL:  # the residual tile arrives by TMA too (a pointer load in the MMA layout stalled the epilogue)
                 res = r_desc.load([pid_m * BLOCK_M, pid_n * BLOCK_N])
-                y = _add_residual(y, res, gate_ptr, stride_gb, tokens, offs_m, offs_n, M, N, HAS_GATE, TILE_GATE)
+                y = _add_residual(y, res, gate_ptr, stride_gb, tokens, gate_prefix, offs_m, offs_n, M, N, HAS_GATE,
+                                  TILE_GATE, SPLIT_GATE)
             if QUANT_OUT:
                 y = _quantize_out(y, offs_m, offs_n, M, N, pid_n, a_scale_ptr, smooth_ptr, q_scale_ptr, bound_ptr,
                                   HAS_SMOOTH)
@@ -477,7 +485,7 @@ def _launch_tma(a, a_scale, products, group_size, cfg, fp8, gelu, res, quant=Non
     c_descs = [TensorDescriptor.from_tensor(c, [cfg.block_m, cfg.block_n]) for _, _, _, c in products]
     pad = [None] * (MAX_GROUP - len(products))  # unused descriptor arguments (never read: NUM is a constexpr)
     b_descs, c_descs = b_descs + pad, c_descs + pad
-    residual, (gate, stride_gb, tokens) = res["residual"], res["args"][2:]
+    residual, (gate, stride_gb, tokens, gate_prefix) = res["residual"], res["args"][2:]
     r_desc = None if residual is None else TensorDescriptor.from_tensor(residual, [cfg.block_m, cfg.block_n])
     ns = tuple(w.shape[0] for w, _, _, _ in products)
     num_tiles = sum(triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n) for n in ns)
@@ -490,12 +498,13 @@ def _launch_tma(a, a_scale, products, group_size, cfg, fp8, gelu, res, quant=Non
     _quant_gemm_tma_kernel[(programs,)](
         a_desc, *b_descs, *c_descs, r_desc, a, a_scale, tuple(s for _, s, _, _ in products),
         tuple(bias if has_bias else a_scale for _, _, bias, _ in products),
-        m, ns, k, a.stride(0), products[0][1].stride(0), group_size, programs, gate, stride_gb, tokens,
+        m, ns, k, a.stride(0), products[0][1].stride(0), group_size, programs, gate, stride_gb, tokens, gate_prefix,
         smooth, q_scale, bound, QUANT_OUT=quant is not None,
         HAS_SMOOTH=quant is not None and quant["smooth_inv"] is not None,
         GROUPED=group_size < k, HAS_BIAS=has_bias, FP8=fp8,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        GELU=gelu, RESIDUAL=residual is not None, HAS_GATE=res["HAS_GATE"], TILE_GATE=tokens % cfg.block_m == 0,
+        GELU=gelu, RESIDUAL=residual is not None, HAS_GATE=res["HAS_GATE"],
+        TILE_GATE=tokens % cfg.block_m == 0 and not res["SPLIT_GATE"], SPLIT_GATE=res["SPLIT_GATE"],
         NUM=len(products), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch_options(a.device),
     )
 
@@ -598,10 +607,13 @@ def quant_linear(
     residual: torch.Tensor | None = None,
     gate: torch.Tensor | None = None,
     quant_out: dict | None = None,
+    gate_prefix: int | None = None,
 ):
     """``(a * a_scale) @ dequant(w)^T + bias`` → (M, N) ``out_dtype``; ``activation="gelu_tanh"`` applies
     ``F.gelu(·, approximate="tanh")`` in the epilogue; ``residual`` (M, N) adds a residual connection there,
-    ``residual + gate[row // (M // B)] * y`` with ``gate`` (B, N) (contiguous channels) or ``residual + y``.
+    ``residual + gate[row // (M // B)] * y`` with ``gate`` (B, N) (contiguous channels) or ``residual + y``;
+    with ``gate_prefix`` = T, ``gate`` is (B, 2, N): the first T rows of each batch row's ``M // B`` take
+    ``gate[:, 0]``, the others ``gate[:, 1]`` (text and video tokens of one sequence, each with its own gate).
 
     a: (M, K) int8 codes or fp8 e4m3; a_scale: (M, 1) f32; w: (N, K) int8 / fp8, or (N, K // 2) uint8 packed int4
     (staged to per-channel int8 — fp8 for fp8 ``a`` — first, with ``stage_scale`` (N, 1) if given, see
@@ -640,7 +652,7 @@ def quant_linear(
         raise ValueError(f"unsupported quantized GEMM: K={k}, group_size={group_size}, block_k={cfg.block_k}")
     a, w, w_scale = a.contiguous(), w.contiguous(), w_scale.contiguous()
     a_scale = a_scale.reshape(m, 1).contiguous()
-    res = _residual_args(residual, gate, m, n, a_scale, out_dtype)
+    res = _residual_args(residual, gate, m, n, a_scale, out_dtype, gate_prefix)
     quant = None
     if quant_out is not None:
         c = torch.empty(m, n, device=a.device, dtype=torch.float8_e4m3fn)
@@ -660,7 +672,7 @@ def quant_linear(
     if m == 0:
         return c if quant is None else (c, quant["scale"])
     tma_ok = _tma_ok(a, w, c, w_zero, residual)
-    if _use_ws(config, quant, gelu, tma_ok and group_size == k, a, [w], [c]):
+    if not res["SPLIT_GATE"] and _use_ws(config, quant, gelu, tma_ok and group_size == k, a, [w], [c]):
         gate, has_gate = res["args"][2], res["HAS_GATE"]
         ws_gemm.linear(a, a_scale.view(-1), w, w_scale.view(-1), bias, c, residual, gate if has_gate else None,
                        pdl=pdl.enabled(a.device))
@@ -678,7 +690,8 @@ def quant_linear(
         GROUPED=group_size < k, HAS_ZERO=w_zero is not None, HAS_BIAS=bias is not None, FP8=fp8,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         PERSISTENT=cfg.persistent, GELU=gelu, RESIDUAL=residual is not None, HAS_GATE=res["HAS_GATE"],
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch_options(a.device),
+        SPLIT_GATE=res["SPLIT_GATE"], num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **pdl.launch_options(a.device),
     )
     return c
 
@@ -738,20 +751,33 @@ def quant_linear_group(a: torch.Tensor, a_scale: torch.Tensor, weights: list, ou
     return outs
 
 
-def _residual_args(residual, gate, m, n, dummy, out_dtype) -> dict:
-    """Kernel arguments of the residual epilogue (pointers, strides, tokens per batch row of ``gate``)."""
+def _residual_args(residual, gate, m, n, dummy, out_dtype, gate_prefix=None) -> dict:
+    """Kernel arguments of the residual epilogue (pointers, strides, tokens per batch row of ``gate``, the rows
+    of each that take its first gate where ``gate_prefix`` splits it in two)."""
     if residual is None:
         if gate is not None:
             raise ValueError("a gate needs a residual")
-        return dict(args=(dummy, 0, dummy, 0, 1), residual=None, HAS_GATE=False)
+        return dict(args=(dummy, 0, dummy, 0, 1, 0), residual=None, HAS_GATE=False, SPLIT_GATE=False)
     if residual.shape != (m, n) or residual.stride(-1) != 1 or residual.dtype != out_dtype:
         raise ValueError(f"residual must be ({m}, {n}) {out_dtype} with contiguous rows (the output's dtype: its "
                          f"tile is sized so), got {tuple(residual.shape)} {residual.dtype} strides "
                          f"{residual.stride()}")
     if gate is None:
-        return dict(args=(residual, residual.stride(0), dummy, 0, 1), residual=residual, HAS_GATE=False)
-    if gate.dim() != 2 or gate.shape[1] != n or gate.stride(-1) != 1 or gate.shape[0] < 1 or m % gate.shape[0]:
-        raise ValueError(f"gate must be (B, {n}) with contiguous channels and B dividing M={m}, got "
-                         f"{tuple(gate.shape)} strides {gate.stride()}")
-    return dict(args=(residual, residual.stride(0), gate, gate.stride(0), m // gate.shape[0]), residual=residual,
-                HAS_GATE=True)
+        if gate_prefix is not None:
+            raise ValueError("gate_prefix needs a gate")
+        return dict(args=(residual, residual.stride(0), dummy, 0, 1, 0), residual=residual, HAS_GATE=False,
+                    SPLIT_GATE=False)
+    split = gate_prefix is not None
+    if gate.dim() != (3 if split else 2) or gate.shape[-1] != n or gate.shape[0] < 1 or m % gate.shape[0] \
+            or (split and gate.shape[1] != 2):
+        raise ValueError(f"gate must be ({'B, 2' if split else 'B'}, {n}) with B dividing M={m}, got "
+                         f"{tuple(gate.shape)}")
+    tokens = m // gate.shape[0]
+    if split:
+        if not 0 <= gate_prefix <= tokens:
+            raise ValueError(f"gate_prefix must be in [0, {tokens}] (rows per batch entry), got {gate_prefix}")
+        gate = gate.reshape(-1, n)  # (2B, N): rows 2b, 2b + 1 (a view wherever the rows have one stride)
+    if gate.stride(-1) != 1:
+        raise ValueError(f"gate must have contiguous channels, got strides {gate.stride()}")
+    return dict(args=(residual, residual.stride(0), gate, gate.stride(0), tokens, gate_prefix or 0),
+                residual=residual, HAS_GATE=True, SPLIT_GATE=split)

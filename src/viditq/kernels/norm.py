@@ -76,7 +76,8 @@ def _modulate_part(xc, rstd, offs_c, c_ok, mask, w_ptr, b_ptr, scale_rows, shift
 @triton.jit
 def _ln_modulate_kernel(
     x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, y_ptr, rows, tokens, stride_sb, stride_hb, eps,
-    smooth_ptr, codes_ptr, qscale_ptr, x0_ptr, scale0_ptr, shift0_ptr, prefix, stride_s0b, stride_h0b,
+    smooth_ptr, codes_ptr, qscale_ptr, x0_ptr, scale0_ptr, shift0_ptr, prefix, stride_s0b, stride_h0b, stride_xb,
+    stride_x0b,
     C: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, BLOCK_M: tl.constexpr, HAS_W: tl.constexpr,
     HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, WRITE_Y: tl.constexpr = True,
     QUANT: tl.constexpr = False, HAS_SMOOTH: tl.constexpr = False,
@@ -87,7 +88,8 @@ def _ln_modulate_kernel(
     """Rows ``BLOCK_M`` at a time, their C channels as a main tile of KA lanes and a tail tile of KB (0: none;
     ``act_quant.split_width``: 1152 = 1024 + 128 instead of 2048 padded lanes). Outputs are (rows, C) with
     ``tokens`` rows per batch entry; ``HAS_PREFIX``: the first ``prefix`` of them come from ``x0`` (with
-    ``scale0`` / ``shift0``), the rest from ``x`` — the norm of ``torch.cat([x0, x], dim=1)``."""
+    ``scale0`` / ``shift0``), the rest from ``x`` — the norm of ``torch.cat([x0, x], dim=1)``; x0 and x then have
+    batch strides ``stride_x0b`` / ``stride_xb`` (contiguous rows: they may be the two parts of one sequence)."""
     pdl.enter(PDL)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < rows
@@ -98,8 +100,8 @@ def _ln_modulate_kernel(
     if HAS_PREFIX:  # row (batch, t): x0[batch, t] for t < prefix, else x[batch, t - prefix]
         t = (offs_m % tokens).to(tl.int64)
         first = t < prefix
-        in_rows = tl.where(first, x0_ptr + (batch * prefix + t) * C,
-                           x_ptr + (batch * (tokens - prefix) + t - prefix) * C)[:, None]
+        in_rows = tl.where(first, x0_ptr + batch * stride_x0b + t * C,
+                           x_ptr + batch * stride_xb + (t - prefix) * C)[:, None]
         scale_rows = tl.where(first, scale0_ptr + batch * stride_s0b, scale_rows)
         shift_rows = tl.where(first, shift0_ptr + batch * stride_h0b, shift_rows)
     else:
@@ -169,6 +171,13 @@ def supported(x: torch.Tensor) -> bool:
     return x.dim() == 3 and x.is_contiguous() and 1 <= x.shape[-1] <= MAX_CHANNELS
 
 
+def rows_contiguous(x: torch.Tensor) -> bool:
+    """(B, N, C) whose N x C rows are contiguous in each batch entry (any batch stride): what a prefix call takes,
+    e.g. the text and the video part of one sequence (views, not copies)."""
+    return x.dim() == 3 and x.stride(2) == 1 and (x.shape[1] <= 1 or x.stride(1) == x.shape[2]) \
+        and 1 <= x.shape[-1] <= MAX_CHANNELS
+
+
 def _row_major_order(x: torch.Tensor) -> list[int] | None:
     """A permutation of x's leading dims (last dim kept last) under which x is contiguous, or None."""
     order = sorted(range(x.dim() - 1), key=lambda d: -x.stride(d)) + [x.dim() - 1]
@@ -199,7 +208,8 @@ def layer_norm_modulate(
     """The fused kernel; same arguments and result as :func:`layer_norm_modulate_reference`. ``scale`` and
     ``shift`` may be strided views (chunks of one projection) as long as their channels are contiguous.
     ``prefix = (x0, scale0, shift0)``: the result is that of ``torch.cat([x0, x], dim=1)``, x0's rows modulated
-    by its own scale and shift (CogVideoX's text and video tokens), without the concatenation's copy."""
+    by its own scale and shift (CogVideoX's text and video tokens), without the concatenation's copy; x0 and x may
+    then have any batch stride (:func:`rows_contiguous`: e.g. the two parts of one sequence)."""
     return _launch(x, weight, bias, scale, shift, eps, prefix=prefix)[0]
 
 
@@ -234,18 +244,19 @@ def _check_modulation(name: str, t: torch.Tensor | None, b: int, c: int) -> int:
 
 
 def _launch(x, weight, bias, scale, shift, eps, quant=None, write_y=True, prefix=None):
-    if not supported(x):
-        raise ValueError(f"layer_norm_modulate needs a contiguous (B, N, C) tensor with C <= {MAX_CHANNELS}, "
-                         f"got shape {tuple(x.shape)}")
+    if not (supported(x) or (prefix is not None and rows_contiguous(x))):
+        raise ValueError(f"layer_norm_modulate needs a contiguous (B, N, C) tensor with C <= {MAX_CHANNELS} (with a "
+                         f"prefix: contiguous rows), got shape {tuple(x.shape)} strides {x.stride()}")
     b, n, c = x.shape
     strides = [_check_modulation("scale", scale, b, c), _check_modulation("shift", shift, b, c)] * 2
     x0, scale0, shift0, n0 = x, scale, shift, 0  # (no prefix: placeholders the kernel does not read)
     if prefix is not None:
         x0, scale0, shift0 = prefix
-        if not supported(x0) or x0.shape[0] != b or x0.shape[2] != c or x0.dtype != x.dtype \
+        if not rows_contiguous(x0) or x0.shape[0] != b or x0.shape[2] != c or x0.dtype != x.dtype \
                 or x0.device != x.device:
-            raise ValueError(f"the prefix must be a contiguous ({b}, N0, {c}) {x.dtype} tensor on {x.device} like "
-                             f"x, got shape {tuple(x0.shape)} strides {x0.stride()} {x0.dtype} on {x0.device}")
+            raise ValueError(f"the prefix must be a ({b}, N0, {c}) {x.dtype} tensor with contiguous rows on "
+                             f"{x.device} like x, got shape {tuple(x0.shape)} strides {x0.stride()} {x0.dtype} on "
+                             f"{x0.device}")
         if (scale0 is None) != (scale is None) or (shift0 is None) != (shift is None):
             raise ValueError("the prefix needs a scale and a shift where x has them, and only there")
         for name, t, t0 in (("scale", scale, scale0), ("shift", shift, shift0)):
@@ -277,7 +288,7 @@ def _launch(x, weight, bias, scale, shift, eps, quant=None, write_y=True, prefix
         dummy if scale is None else scale, dummy if shift is None else shift, y, rows, tokens, strides[0],
         strides[1], eps, dummy if smooth is None else smooth, dummy if codes is None else codes,
         dummy if qscale is None else qscale, x0, dummy if scale0 is None else scale0,
-        dummy if shift0 is None else shift0, n0, strides[2], strides[3],
+        dummy if shift0 is None else shift0, n0, strides[2], strides[3], x.stride(0), x0.stride(0),
         C=c, KA=ka, KB=kb, BLOCK_M=block_m, HAS_W=weight is not None, HAS_B=bias is not None,
         HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, WRITE_Y=write_y, HAS_PREFIX=prefix is not None,
         num_warps=num_warps, **extra, **pdl.launch_options(x.device),
