@@ -351,13 +351,15 @@ def test_int_linear_residual_epilogue(m, n, k, bits, group_size, tma, batch):
 
 
 @pytest.mark.parametrize("batch,tokens,prefix,tma,fp8", [
-    (2, 34, 5, False, False), (3, 20, 20, True, False), (2, 70, 9, True, True), (1, 40, 0, True, True)] + [
+    (2, 34, 5, False, False), (3, 40, 39, True, False), (2, 70, 9, True, True), (1, 40, 1, True, True),
+    (3, 20, 7, True, False)] + [  # (20 tokens < the 32-row tile: the pointer kernel)
     pytest.param(*s, marks=gpu_only) for s in [(2, 18002, 226, True, True), (2, 18002, 226, True, False),
-                                               (2, 1000, 77, False, False)]])
-def test_int_linear_split_gate_epilogue(batch, tokens, prefix, tma, fp8):
-    """``gate_prefix``: a (B, 2, N) gate, the first gate for the first ``prefix`` tokens of each batch entry and
-    the second for the rest (CogVideoX's text and video tokens in one sequence, each part with its own gate), in
-    the epilogue as in the reference; tiles straddle the parts and the batch entries."""
+                                               (2, 1000, 77, False, False), (2, 300, 200, True, True)]])
+def test_int_linear_residual_in_two_parts(batch, tokens, prefix, tma, fp8, monkeypatch):
+    """``residual_prefix``: the residual of each batch entry's first ``prefix`` rows and ``residual`` that of the
+    rest, both views of one sequence with its batch stride (CogVideoX's text and video tokens), with a (B, 2, N)
+    gate, a row for each part — in the epilogue as in the reference, tiles straddling the parts and the batch
+    entries (TMA: each part a 3-D descriptor, rows outside it filled with zeros)."""
     m, n, k = batch * tokens, 48, 64
     g = torch.Generator().manual_seed(m + prefix)
     a = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
@@ -368,26 +370,34 @@ def test_int_linear_split_gate_epilogue(batch, tokens, prefix, tma, fp8):
     a_scale = (torch.rand(m, 1, generator=g) * 0.05).to(DEVICE)
     w_scale = (torch.rand(n, 1, generator=g) * 0.05).to(DEVICE)
     bias = torch.randn(n, generator=g).to(DEVICE, torch.bfloat16)
-    residual = torch.randn(m, n, generator=g).to(DEVICE, torch.bfloat16)
+    joint = torch.randn(batch, tokens, n, generator=g).to(DEVICE, torch.bfloat16)
+    text, video = joint[:, :prefix], joint[:, prefix:]
     gate = torch.randn(batch, 2, n, generator=g).to(DEVICE, torch.bfloat16)
     config = (TMA_CFG if tma else (SMALL_CFG if not CUDA else None))
-    y = int_gemm.quant_linear(a, a_scale, w, w_scale, None, k, False, bias, torch.bfloat16, config, residual=residual,
-                              gate=gate, gate_prefix=prefix)
+    launches, real_launch = [], int_gemm._launch_tma
+    monkeypatch.setattr(int_gemm, "_launch_tma", lambda *a, **kw: launches.append(1) or real_launch(*a, **kw))
+    y = int_gemm.quant_linear(a, a_scale, w, w_scale, None, k, False, bias, torch.bfloat16, config, residual=video,
+                              gate=gate, residual_prefix=text)
+    if config is not None:  # the TMA kernel where a tile meets at most two batch entries
+        assert len(launches) == (tma and tokens >= config.block_m)
     plain = reference.int_linear(a, a_scale, w, w_scale, None, k, False, bias, torch.float32).view(batch, tokens, n)
     per_token = torch.cat([gate[:, :1].expand(-1, prefix, -1), gate[:, 1:].expand(-1, tokens - prefix, -1)], 1)
-    expected = (plain * per_token.float()).view(m, n) + residual.float()
-    ref = reference.int_linear(a, a_scale, w, w_scale, None, k, False, bias, torch.bfloat16, None, None, residual,
-                               gate, prefix)
+    expected = (plain * per_token.float() + joint.float()).view(m, n)
+    ref = reference.int_linear(a, a_scale, w, w_scale, None, k, False, bias, torch.bfloat16, None, None, video,
+                               gate, text)
     assert rel_err(ref, expected) < 4e-3
     assert y.dtype == torch.bfloat16 and rel_err(y, expected) < 8e-3
-    one_gate = plain.view(m, n) * gate[:, 1].float().repeat_interleave(tokens, 0) + residual.float()
-    assert prefix == 0 or rel_err(y, one_gate) > 0.05  # the first gate really applied
-    with pytest.raises(ValueError, match="gate_prefix must be in"):
-        int_gemm.quant_linear(a, a_scale, w, w_scale, None, k, False, bias, torch.bfloat16, residual=residual,
-                              gate=gate, gate_prefix=tokens + 1)
-    with pytest.raises(ValueError, match=r"gate must be \(B, 2"):
-        int_gemm.quant_linear(a, a_scale, w, w_scale, None, k, False, bias, torch.bfloat16, residual=residual,
-                              gate=gate[:, 0], gate_prefix=prefix)
+    one_gate = (plain * gate[:, 1:].float() + joint.float()).view(m, n)
+    assert rel_err(y, one_gate) > 0.02  # the first gate really applied
+    ungated = int_gemm.quant_linear(a, a_scale, w, w_scale, None, k, False, bias, torch.bfloat16, config,
+                                    residual=video.contiguous(), residual_prefix=text.contiguous())
+    assert rel_err(ungated, (plain + joint.float()).view(m, n)) < 8e-3  # contiguous parts, no gate
+    with pytest.raises(ValueError, match="two parts must be"):
+        int_gemm.quant_linear(a, a_scale, w, w_scale, None, k, False, bias, torch.bfloat16, residual=video,
+                              gate=gate, residual_prefix=text[:, :, :-1])
+    with pytest.raises(ValueError, match=r"gate must be"):
+        int_gemm.quant_linear(a, a_scale, w, w_scale, None, k, False, bias, torch.bfloat16, residual=video,
+                              gate=gate[:, :1], residual_prefix=text)
 
 
 @gpu_only

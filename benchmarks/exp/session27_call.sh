@@ -6,17 +6,17 @@
 # Times CogVideoX-2B's forward (W8A8-fp8 + fp8 attention, compiled blocks in a CUDA graph) with four package
 # copies, each in its own process on the same machine (NOTES § Session 26): old = before the fused blocks,
 # fused = session 25's fused blocks (the norms quantize the joint [text, video] sequence), qknorm = + the q / k
-# LayerNorms in the 8-bit attention's preparation, new = + the joint residual stream added in the output
-# projections' GEMM epilogues with split gates; PixArt's forward new / old (its GEMM and norm kernels changed
+# LayerNorms in the 8-bit attention's preparation, new = + the text and video residuals added in the output
+# projections' GEMM epilogues with their gates; PixArt's forward new / old (its GEMM and norm kernels changed
 # signature, not behaviour), after the new code's GPU tests.
-# Predictions: CogVideoX old 367 -> fused ~356 -> qknorm ~352 -> new ~345 ms; PixArt unchanged (25.8 ms).
+# Predictions: CogVideoX old 367 -> fused ~356 -> qknorm ~352 -> new ~343 ms; PixArt unchanged (25.8 ms).
 set -u
 mkdir -p "$OUT"
 start=$SECONDS
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv > "$OUT/gpu.txt" 2>&1
 PYTHONPATH=$PWD/src:/tmp/site timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_fusion.py \
   tests/test_compile.py tests/test_kernels.py tests/test_attention.py \
-  -k "prefix or cogvideox or falls_back or norm_kernel or joint or split_gate or residual or qk_norm" \
+  -k "prefix or cogvideox or falls_back or norm_kernel or two_parts or residual or qk_norm" \
   > "$OUT/tests.txt" 2>&1
 run() {  # run PACKAGE MODEL VARIANT TAG: skipped once the call has used 470 s (the limit is 600)
   if (( SECONDS - start > 470 )); then echo "skipped (time)" > "$OUT/e2e_$2_$1_$4.txt"; return; fi

@@ -272,13 +272,13 @@ def _sdpa_route(attn):
     return contextlib.nullcontext()
 
 
-def _project(layer: nn.Module, x, residual, gate=None, gate_prefix=None):
-    """``residual + gate * layer(x)`` (gate (B, 1, C), (B, 2, C) with ``gate_prefix`` — see
-    :func:`viditq.layers.add_residual` — or None): a QuantLinear adds it in its GEMM epilogue (not when hooked: a
-    forward hook sees the layer's own output)."""
+def _project(layer: nn.Module, x, residual, gate=None, residual_prefix=None):
+    """``residual + gate * layer(x)`` (gate (B, 1, C) or None; with ``residual_prefix`` the residual in two parts
+    and gate (B, 2, C), see :func:`viditq.layers.add_residual`): a QuantLinear adds it in its GEMM epilogue (not
+    when hooked: a forward hook sees the layer's own output)."""
     if type(layer) is QuantLinear and not _hooked(layer):
-        return layer(x, residual, gate, gate_prefix)
-    return add_residual(layer(x), residual, gate, gate_prefix)
+        return layer(x, residual, gate, residual_prefix)
+    return add_residual(layer(x), residual, gate, residual_prefix)
 
 
 def _eval_tail(module: nn.Module, layers) -> list | None:
@@ -332,18 +332,18 @@ def _attend(attn, x, residual, gate=None, context=None, mask=None, group=False):
     return _project(tail[0], out, residual, gate)
 
 
-def _feed_forward(ff, x, residual, gate, gate_prefix=None):
+def _feed_forward(ff, x, residual, gate, residual_prefix=None):
     """``residual + gate * ff(x)`` (diffusers' FeedForward: its modules in turn, or the quantized hand-off of a
-    FusedFeedForward), the down-projection adding it (``gate_prefix``: :func:`_project`)."""
+    FusedFeedForward), the down-projection adding it (``residual_prefix``: :func:`_project`)."""
     tail = _eval_tail(ff, ff.net)
     if tail is None or _hooked(ff):
-        return add_residual(ff(x), residual, gate, gate_prefix)
+        return add_residual(ff(x), residual, gate, residual_prefix)
     if _hand_off_ready(ff):
         x = _hand_off(ff, x)
     else:
         for module in tail[:-1]:
             x = module(x)
-    return _project(tail[-1], x, residual, gate, gate_prefix)
+    return _project(tail[-1], x, residual, gate, residual_prefix)
 
 
 def _codes_only_ff(ff, up) -> bool:
@@ -478,12 +478,12 @@ def _qk_norm_args(attn, n_kv: int, head_dim: int):
     return attn.norm_q.weight, attn.norm_q.bias, attn.norm_k.weight, attn.norm_k.bias, attn.norm_q.eps
 
 
-def _attend_joint(attn, out_proj, x, text_len: int, image_rotary_emb, group: bool, residual, gate):
-    """``residual + gate * attn(x)`` for ``CogVideoXAttnProcessor2_0``'s arithmetic (no mask) on the joint
-    sequence ``x`` = [text, video] that the norm kernel produced (q, k and v read its codes), through 8-bit
-    attention where the processor is wrapped, ``out_proj`` (:func:`_joint_output_projection`) adding the
-    residual (B, T + N, C) with the text and video gates (B, 2, C) in its epilogue. Without rotary embeddings the
-    8-bit attention applies the q / k LayerNorms itself (:func:`_qk_norm_args`)."""
+def _attend_joint(attn, out_proj, x, text_len: int, image_rotary_emb, group: bool, hidden, enc, gates):
+    """``[enc, hidden] + gates * attn(x)`` (B, T + N, C) for ``CogVideoXAttnProcessor2_0``'s arithmetic (no mask)
+    on the joint sequence ``x`` = [text, video] that the norm kernel produced (q, k and v read its codes), through
+    8-bit attention where the processor is wrapped, ``out_proj`` (:func:`_joint_output_projection`) adding the
+    text and video residuals with their gates (B, 2, C) in its epilogue. Without rotary embeddings the 8-bit
+    attention applies the q / k LayerNorms itself (:func:`_qk_norm_args`)."""
     from diffusers.models.embeddings import apply_rotary_emb
 
     from .kernels.attention import quantized_attention
@@ -507,7 +507,7 @@ def _attend_joint(attn, out_proj, x, text_len: int, image_rotary_emb, group: boo
         with _sdpa_route(attn):
             out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
     out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
-    return _project(out_proj, out, residual, gate, text_len)
+    return _project(out_proj, out, hidden, gates, enc)
 
 
 def _norm_modulate_joint(norm_zero, hidden, enc, temb, layer, codes_only):
@@ -520,29 +520,17 @@ def _norm_modulate_joint(norm_zero, hidden, enc, temb, layer, codes_only):
     return y, torch.stack([enc_gate, gate], dim=1)
 
 
-def _joint_sequence(enc: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-    """``torch.cat([enc, hidden], dim=1)``, or in eager mode a view of the one sequence ``enc`` and ``hidden`` are
-    consecutive parts of (a fused block's output, or diffusers' split of the patch embedding): no copy."""
-    b, t, c = enc.shape
-    if not torch.compiler.is_compiling() and hidden.dim() == 3 and hidden.shape[::2] == (b, c) \
-            and hidden.dtype == enc.dtype and hidden.device == enc.device:
-        joint = (b, t + hidden.shape[1], c)
-        strides = (joint[1] * c, c, 1)
-        if enc.stride() == hidden.stride() == strides and hidden.storage_offset() == enc.storage_offset() + t * c \
-                and hidden.untyped_storage().data_ptr() == enc.untyped_storage().data_ptr():
-            return enc.as_strided(joint, strides)
-    return torch.cat([enc, hidden], dim=1)
-
-
 class FusedCogVideoXBlock(CogVideoXBlock):
     """CogVideoX block whose two LayerNormZero also quantize the inputs of q/k/v and of the feed-forward
     up-projection: one kernel normalizes, modulates and quantizes the text and the video tokens as the joint
     sequence those layers read (:func:`fuse_cogvideox_blocks`), so neither the norms' outputs, nor their
     concatenation, nor the quantization passes that would read them again touch memory. The residual stream
-    runs as one joint [text, video] sequence too: the attention's output projection and the feed-forward's
-    down-projection add it, each part with its own gate, in their GEMM epilogues, and the block returns the
-    video and text parts of the last one (views). Same arithmetic as diffusers' forward up to rounding (the norm
-    and modulation round once, in the kernel, and so do the projections with their residual)."""
+    runs as one [text, video] sequence too: the attention's output projection adds the text and video residuals,
+    each with its own gate, in its GEMM epilogue (reading the two parts where they lie) and writes the joint
+    result, the second norm and the feed-forward's down-projection read its two parts as views, and the block
+    returns the video and text parts of the down-projection's output (views). Same arithmetic as diffusers'
+    forward up to rounding (the norm and modulation round once, in the kernel, and so do the projections with
+    their residual)."""
 
     def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, attention_kwargs=None):
         attn, c = self.attn1, hidden_states.shape[-1]
@@ -556,12 +544,12 @@ class FusedCogVideoXBlock(CogVideoXBlock):
         text_len = encoder_hidden_states.shape[1]
         x, gates = _norm_modulate_joint(self.norm1, hidden_states, encoder_hidden_states, temb, attn.to_q,
                                         _qkv_read_codes(attn))
-        joint = _joint_sequence(encoder_hidden_states, hidden_states)  # the residual stream, text first
         joint = _attend_joint(attn, out_proj, x, text_len, image_rotary_emb, getattr(self, "_viditq_group_qkv", True),
-                              joint, gates)
-        x, gates = _norm_modulate_joint(self.norm2, joint[:, text_len:], joint[:, :text_len], temb, up,
+                              hidden_states, encoder_hidden_states, gates)  # the residual stream [text, video]
+        hidden_states, encoder_hidden_states = joint[:, text_len:], joint[:, :text_len]
+        x, gates = _norm_modulate_joint(self.norm2, hidden_states, encoder_hidden_states, temb, up,
                                         _codes_only_ff(self.ff, up))
-        joint = _feed_forward(self.ff, x, joint, gates, text_len)
+        joint = _feed_forward(self.ff, x, hidden_states, gates, encoder_hidden_states)
         return joint[:, text_len:], joint[:, :text_len]
 
 

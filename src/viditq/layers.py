@@ -212,25 +212,29 @@ class QuantLinear(nn.Module):
         return dequantize_weight(codes, self.weight_scale, self.weight_zero, self.spec.group_size)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
-                gate: torch.Tensor | None = None, gate_prefix: int | None = None) -> torch.Tensor:
+                gate: torch.Tensor | None = None, residual_prefix: torch.Tensor | None = None) -> torch.Tensor:
         """``y = layer(x)``; with ``residual`` (x's shape but N channels) ``residual + gate * y`` (gate (B, 1, N):
         one row per batch element of a (B, T, K) input; or None: ``residual + y``), added in the GEMM epilogue
         where the kernel runs (the block's residual connection, see :mod:`viditq.fusion`), one rounding.
-        ``gate_prefix``: gate (B, 2, N), its first row for the first ``gate_prefix`` tokens, the second for the
-        others (CogVideoX's text and video tokens, :func:`add_residual`)."""
+        ``residual_prefix``: the residual in two parts, (B, T, N) for x's first T tokens and ``residual`` for the
+        rest, gate (B, 2, N) with a row for each (CogVideoX's text and video tokens, :func:`add_residual`)."""
         spec = self.spec
         if gate is not None and residual is None:
             raise ValueError("a gate needs a residual")
         if spec.weight_only:
             y = self.forward_float_act(x)
-            return y if residual is None else add_residual(y, residual, gate, gate_prefix)
+            return y if residual is None else add_residual(y, residual, gate, residual_prefix)
         codes, scale = self._input_codes(x)
         if residual is not None:
-            residual = residual.reshape(-1, spec.out_features)  # (M, N)
+            if residual_prefix is None:
+                residual = residual.reshape(-1, spec.out_features)  # (M, N)
+            else:  # two (B, ·, N) parts, each with contiguous rows (any batch stride: views of one sequence)
+                residual, residual_prefix = (t if t.stride(-1) == 1 and (t.shape[1] <= 1 or t.stride(1) == t.shape[2])
+                                             else t.contiguous() for t in (residual, residual_prefix))
             if gate is not None:  # (B, N), or (B, 2, N) with a prefix
-                gate = gate.reshape(gate.shape[0], *(() if gate_prefix is None else (2,)), spec.out_features)
+                gate = gate.reshape(gate.shape[0], *(() if residual_prefix is None else (2,)), spec.out_features)
         y = dispatch.int_linear(codes, scale, *self._gemm_weight(), self.bias, x.dtype, self.fused_activation,
-                                self.stage_scale, residual, gate, gate_prefix)
+                                self.stage_scale, residual, gate, residual_prefix)
         return y.reshape(*x.shape[:-1], spec.out_features)  # (..., N)
 
     def _gemm_weight(self) -> tuple:
@@ -514,13 +518,16 @@ def install_weight_staging(model: nn.Module, enable: bool = True) -> int:
 
 
 def add_residual(y: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor | None = None,
-                 gate_prefix: int | None = None) -> torch.Tensor:
-    """``residual + gate * y`` (``residual + y`` without a gate), in PyTorch: what the GEMM epilogue adds. y (B, T,
-    N); ``gate_prefix``: ``gate`` (B, 2, N), its first row for y's first ``gate_prefix`` tokens, the second for the
-    rest."""
-    if gate is not None and gate_prefix is not None:
-        return residual + torch.cat([gate[:, :1] * y[:, :gate_prefix], gate[:, 1:] * y[:, gate_prefix:]], dim=1)
-    return residual + (y if gate is None else gate * y)
+                 residual_prefix: torch.Tensor | None = None) -> torch.Tensor:
+    """``residual + gate * y`` (``residual + y`` without a gate), in PyTorch: what the GEMM epilogue adds. y (B, L,
+    N); ``residual_prefix`` (B, T, N): the residual of y's first T tokens (``residual`` that of the rest), ``gate``
+    then (B, 2, N), a row for each part."""
+    if residual_prefix is None:
+        return residual + (y if gate is None else gate * y)
+    t = residual_prefix.shape[1]
+    if gate is None:
+        return torch.cat([residual_prefix + y[:, :t], residual + y[:, t:]], dim=1)
+    return torch.cat([residual_prefix + gate[:, :1] * y[:, :t], residual + gate[:, 1:] * y[:, t:]], dim=1)
 
 
 def _same_balancing(a: QuantLinear, b: QuantLinear) -> bool:

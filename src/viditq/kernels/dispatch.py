@@ -63,11 +63,11 @@ def quantize_activation(x, bits, smooth_inv=None, rot_signs=None, rot_m=1, rot_b
 
 
 def int_linear(x_codes, x_scale, w, w_scale, w_zero, group_size, packed_int4, bias, out_dtype, activation=None,
-               stage_scale=None, residual=None, gate=None, gate_prefix=None):
+               stage_scale=None, residual=None, gate=None, residual_prefix=None):
     """``act((x_codes * x_scale) @ dequant(w)^T + bias)`` → (M, N) ``out_dtype`` [+ a residual connection]; see
     ``reference.int_linear``."""
     args = (x_codes, x_scale, w, w_scale, w_zero, group_size, packed_int4, bias, out_dtype, activation, stage_scale,
-            residual, gate, gate_prefix)
+            residual, gate, residual_prefix)
     if not (use_triton(x_codes) and ops.gemm_supported(x_codes.shape[-1], group_size, packed_int4)):
         return reference.int_linear(*args)
     if torch.compiler.is_compiling():

@@ -184,10 +184,12 @@ def _add_residual(y, res, gate_ptr, stride_gb, tokens, gate_prefix, offs_m, offs
 @triton.jit
 def _gemm_tile(
     tile_id, a_ptr, a_scale_ptr, b_ptr, w_scale_ptr, w_zero_ptr, bias_ptr, c_ptr,
-    M, N, K, stride_am, stride_bn, stride_cm, stride_sg, group_size, res_ptr, stride_rm, gate_ptr, stride_gb, tokens,
-    gate_prefix, GROUPED: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+    M, N, K, stride_am, stride_bn, stride_cm, stride_sg, group_size, res_ptr, stride_rb, stride_rm, res0_ptr,
+    stride_r0b, stride_r0m, gate_ptr, stride_gb, tokens, prefix,
+    GROUPED: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     GELU: tl.constexpr, RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr, SPLIT_GATE: tl.constexpr,
+    RES_PARTS: tl.constexpr,
 ):
     """One (BLOCK_M, BLOCK_N) output tile: main loop over K, then the fused epilogue."""
     pid_m, pid_n = _tile_coords(tile_id, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -229,9 +231,15 @@ def _gemm_tile(
         acc -= rowsum[:, None] * z[None, :]
     y = _epilogue(acc, offs_m, offs_n, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, stride_sg, GROUPED, HAS_BIAS, GELU)
     if RESIDUAL:
-        res = tl.load(res_ptr + offs_m[:, None].to(tl.int64) * stride_rm + offs_n[None, :],
-                      mask=m_mask & n_mask[None, :], other=0.0)
-        y = _add_residual(y, res, gate_ptr, stride_gb, tokens, gate_prefix, offs_m, offs_n, M, N, HAS_GATE, False,
+        if RES_PARTS:  # row (b, t) of the sequence: res0[b, t] for t < prefix, else res[b, t - prefix]
+            batch = (offs_m // tokens).to(tl.int64)
+            t = (offs_m % tokens).to(tl.int64)
+            rows = tl.where(t < prefix, res0_ptr + batch * stride_r0b + t * stride_r0m,
+                            res_ptr + batch * stride_rb + (t - prefix) * stride_rm)
+        else:
+            rows = res_ptr + offs_m.to(tl.int64) * stride_rm
+        res = tl.load(rows[:, None] + offs_n[None, :], mask=m_mask & n_mask[None, :], other=0.0)
+        y = _add_residual(y, res, gate_ptr, stride_gb, tokens, prefix, offs_m, offs_n, M, N, HAS_GATE, False,
                           SPLIT_GATE)
     c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=m_mask & n_mask[None, :])
@@ -241,11 +249,11 @@ def _gemm_tile(
 def _quant_gemm_kernel(
     a_ptr, a_scale_ptr, b_ptr, w_scale_ptr, w_zero_ptr, bias_ptr, c_ptr,
     M, N, K, stride_am, stride_bn, stride_cm, stride_sg, group_size, num_programs,
-    res_ptr, stride_rm, gate_ptr, stride_gb, tokens, gate_prefix,
+    res_ptr, stride_rb, stride_rm, res0_ptr, stride_r0b, stride_r0m, gate_ptr, stride_gb, tokens, prefix,
     GROUPED: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PERSISTENT: tl.constexpr, GELU: tl.constexpr, RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr,
-    SPLIT_GATE: tl.constexpr = False, PDL: tl.constexpr = False,
+    SPLIT_GATE: tl.constexpr = False, RES_PARTS: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     pdl.enter(PDL)
     if PERSISTENT:
@@ -253,15 +261,15 @@ def _quant_gemm_kernel(
         for tile_id in range(tl.program_id(0), num_tiles, num_programs):
             _gemm_tile(tile_id, a_ptr, a_scale_ptr, b_ptr, w_scale_ptr, w_zero_ptr, bias_ptr, c_ptr,
                        M, N, K, stride_am, stride_bn, stride_cm, stride_sg, group_size,
-                       res_ptr, stride_rm, gate_ptr, stride_gb, tokens, gate_prefix,
-                       GROUPED, HAS_ZERO, HAS_BIAS, FP8, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, GELU, RESIDUAL, HAS_GATE,
-                       SPLIT_GATE)
+                       res_ptr, stride_rb, stride_rm, res0_ptr, stride_r0b, stride_r0m, gate_ptr, stride_gb, tokens,
+                       prefix, GROUPED, HAS_ZERO, HAS_BIAS, FP8, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, GELU, RESIDUAL,
+                       HAS_GATE, SPLIT_GATE, RES_PARTS)
     else:
         _gemm_tile(tl.program_id(0), a_ptr, a_scale_ptr, b_ptr, w_scale_ptr, w_zero_ptr, bias_ptr, c_ptr,
                    M, N, K, stride_am, stride_bn, stride_cm, stride_sg, group_size,
-                   res_ptr, stride_rm, gate_ptr, stride_gb, tokens, gate_prefix,
-                   GROUPED, HAS_ZERO, HAS_BIAS, FP8, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, GELU, RESIDUAL, HAS_GATE,
-                   SPLIT_GATE)
+                   res_ptr, stride_rb, stride_rm, res0_ptr, stride_r0b, stride_r0m, gate_ptr, stride_gb, tokens,
+                   prefix, GROUPED, HAS_ZERO, HAS_BIAS, FP8, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, GELU, RESIDUAL,
+                   HAS_GATE, SPLIT_GATE, RES_PARTS)
 
 
 @triton.jit
@@ -279,16 +287,41 @@ def _quantize_out(y, offs_m, offs_n, M, N, pid_n, a_scale_ptr, smooth_ptr, q_sca
 
 
 @triton.jit
+def _residual_tile(r_desc, r0_desc, row, col, tokens, prefix, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   RES_PARTS: tl.constexpr):
+    """The residual tile at (row, col) by TMA. ``RES_PARTS``: the sequence's rows (b, t) are ``r0[b, t]`` for t <
+    ``prefix`` and ``r[b, t - prefix]`` after (3-D descriptors of the two parts, any batch stride); each part is
+    loaded where the tile has rows of it, its other rows arriving as zeros (TMA fills what is out of bounds,
+    negative coordinates included), and the loads are summed. A tile meets at most two batch entries (``tokens``
+    >= BLOCK_M: the launcher's condition)."""
+    if RES_PARTS:
+        b = row // tokens
+        t = row - b * tokens
+        res = tl.zeros((1, BLOCK_M, BLOCK_N), r_desc.dtype)
+        if t < prefix:
+            res += r0_desc.load([b, t, col])
+        if t + BLOCK_M > prefix:
+            res += r_desc.load([b, t - prefix, col])
+        if t + BLOCK_M > tokens:  # the tile's last rows open entry b + 1 (zeros past the last entry)
+            res += r0_desc.load([b + 1, t - tokens, col])
+            if t + BLOCK_M > tokens + prefix:
+                res += r_desc.load([b + 1, t - tokens - prefix, col])
+        return tl.reshape(res, (BLOCK_M, BLOCK_N))
+    else:
+        return r_desc.load([row, col])
+
+
+@triton.jit
 def _quant_gemm_tma_kernel(
-    a_desc, b_desc0, b_desc1, b_desc2, c_desc0, c_desc1, c_desc2, r_desc, a_ptr, a_scale_ptr, w_scale_ptrs,
+    a_desc, b_desc0, b_desc1, b_desc2, c_desc0, c_desc1, c_desc2, r_desc, r0_desc, a_ptr, a_scale_ptr, w_scale_ptrs,
     bias_ptrs,
-    M, ns, K, stride_am, stride_sg, group_size, num_programs, gate_ptr, stride_gb, tokens, gate_prefix,
+    M, ns, K, stride_am, stride_sg, group_size, num_programs, gate_ptr, stride_gb, tokens, prefix,
     smooth_ptr, q_scale_ptr, bound_ptr,
     GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr,
     FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     GELU: tl.constexpr, RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr, TILE_GATE: tl.constexpr,
     QUANT_OUT: tl.constexpr = False, HAS_SMOOTH: tl.constexpr = False, PDL: tl.constexpr = False,
-    NUM: tl.constexpr = 1, SPLIT_GATE: tl.constexpr = False,
+    NUM: tl.constexpr = 1, SPLIT_GATE: tl.constexpr = False, RES_PARTS: tl.constexpr = False,
 ):
     """Persistent variant: A and B arrive by TMA (bulk tensor copies, zero-filled at the edges); the tile loop is
     flattened with the K loop so the next tile's loads overlap this tile's epilogue; C leaves by TMA. No zero
@@ -337,8 +370,9 @@ def _quant_gemm_tma_kernel(
             y = _epilogue(acc, offs_m, offs_n, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, stride_sg, GROUPED,
                           HAS_BIAS, GELU)
             if RESIDUAL:  # the residual tile arrives by TMA too (a pointer load in the MMA layout stalled the epilogue)
-                res = r_desc.load([pid_m * BLOCK_M, pid_n * BLOCK_N])
-                y = _add_residual(y, res, gate_ptr, stride_gb, tokens, gate_prefix, offs_m, offs_n, M, N, HAS_GATE,
+                res = _residual_tile(r_desc, r0_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, tokens, prefix, BLOCK_M,
+                                     BLOCK_N, RES_PARTS)
+                y = _add_residual(y, res, gate_ptr, stride_gb, tokens, prefix, offs_m, offs_n, M, N, HAS_GATE,
                                   TILE_GATE, SPLIT_GATE)
             if QUANT_OUT:
                 y = _quantize_out(y, offs_m, offs_n, M, N, pid_n, a_scale_ptr, smooth_ptr, q_scale_ptr, bound_ptr,
@@ -459,15 +493,17 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _tma_aligned(t: torch.Tensor) -> bool:
-    """TMA needs a 16-byte aligned base and row stride."""
-    return t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+    """TMA needs a 16-byte aligned base and strides (but the last)."""
+    return t.data_ptr() % 16 == 0 and all((st * t.element_size()) % 16 == 0 for st in t.stride()[:-1])
 
 
-def _tma_ok(a, w, c, w_zero, residual=None) -> bool:
-    """The TMA kernels' operands: aligned (:func:`_tma_aligned`), and no int8 zero points (they need the pointer
-    kernel's row sums)."""
-    tensors = (a, w, c) if residual is None else (a, w, c, residual)
-    return w_zero is None and all(_tma_aligned(t) for t in tensors)
+def _tma_ok(a, w, c, w_zero, res=None, block_m: int = 0) -> bool:
+    """The TMA kernels' operands: aligned (:func:`_tma_aligned`), no int8 zero points (they need the pointer
+    kernel's row sums), and a residual in two parts only with ``block_m`` rows or more per batch entry (a tile
+    then meets at most two: :func:`_residual_tile`)."""
+    tensors = [a, w, c] + ([] if res is None else [t for t in (res["residual"], res["prefix_part"]) if t is not None])
+    parts_ok = res is None or not res["RES_PARTS"] or res["tokens"] >= block_m
+    return w_zero is None and parts_ok and all(_tma_aligned(t) for t in tensors)
 
 
 MAX_GROUP = 3  # products of one TMA launch (quant_linear_group)
@@ -485,8 +521,14 @@ def _launch_tma(a, a_scale, products, group_size, cfg, fp8, gelu, res, quant=Non
     c_descs = [TensorDescriptor.from_tensor(c, [cfg.block_m, cfg.block_n]) for _, _, _, c in products]
     pad = [None] * (MAX_GROUP - len(products))  # unused descriptor arguments (never read: NUM is a constexpr)
     b_descs, c_descs = b_descs + pad, c_descs + pad
-    residual, (gate, stride_gb, tokens, gate_prefix) = res["residual"], res["args"][2:]
-    r_desc = None if residual is None else TensorDescriptor.from_tensor(residual, [cfg.block_m, cfg.block_n])
+    residual, gate, stride_gb, tokens, prefix = (res[key] for key in ("residual", "gate", "stride_gb", "tokens",
+                                                                       "prefix"))
+    r_desc = r0_desc = None
+    if res["RES_PARTS"]:  # 3-D descriptors of the two parts (B, S, N) and (B, T, N), tiles of one batch entry
+        r_desc, r0_desc = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, cfg.block_m, cfg.block_n])
+                           for t in (residual, res["prefix_part"]))
+    elif residual is not None:
+        r_desc = TensorDescriptor.from_tensor(residual, [cfg.block_m, cfg.block_n])
     ns = tuple(w.shape[0] for w, _, _, _ in products)
     num_tiles = sum(triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n) for n in ns)
     programs = min(num_tiles, _num_sms(a.device)) if cfg.persistent else num_tiles  # else one tile a program
@@ -496,16 +538,17 @@ def _launch_tma(a, a_scale, products, group_size, cfg, fp8, gelu, res, quant=Non
         smooth = a_scale if quant["smooth_inv"] is None else quant["smooth_inv"]
     has_bias = products[0][2] is not None
     _quant_gemm_tma_kernel[(programs,)](
-        a_desc, *b_descs, *c_descs, r_desc, a, a_scale, tuple(s for _, s, _, _ in products),
+        a_desc, *b_descs, *c_descs, r_desc, r0_desc, a, a_scale, tuple(s for _, s, _, _ in products),
         tuple(bias if has_bias else a_scale for _, _, bias, _ in products),
-        m, ns, k, a.stride(0), products[0][1].stride(0), group_size, programs, gate, stride_gb, tokens, gate_prefix,
+        m, ns, k, a.stride(0), products[0][1].stride(0), group_size, programs, gate, stride_gb, tokens, prefix,
         smooth, q_scale, bound, QUANT_OUT=quant is not None,
         HAS_SMOOTH=quant is not None and quant["smooth_inv"] is not None,
         GROUPED=group_size < k, HAS_BIAS=has_bias, FP8=fp8,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         GELU=gelu, RESIDUAL=residual is not None, HAS_GATE=res["HAS_GATE"],
         TILE_GATE=tokens % cfg.block_m == 0 and not res["SPLIT_GATE"], SPLIT_GATE=res["SPLIT_GATE"],
-        NUM=len(products), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch_options(a.device),
+        RES_PARTS=res["RES_PARTS"], NUM=len(products), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **pdl.launch_options(a.device),
     )
 
 
@@ -607,13 +650,15 @@ def quant_linear(
     residual: torch.Tensor | None = None,
     gate: torch.Tensor | None = None,
     quant_out: dict | None = None,
-    gate_prefix: int | None = None,
+    residual_prefix: torch.Tensor | None = None,
 ):
     """``(a * a_scale) @ dequant(w)^T + bias`` → (M, N) ``out_dtype``; ``activation="gelu_tanh"`` applies
     ``F.gelu(·, approximate="tanh")`` in the epilogue; ``residual`` (M, N) adds a residual connection there,
-    ``residual + gate[row // (M // B)] * y`` with ``gate`` (B, N) (contiguous channels) or ``residual + y``;
-    with ``gate_prefix`` = T, ``gate`` is (B, 2, N): the first T rows of each batch row's ``M // B`` take
-    ``gate[:, 0]``, the others ``gate[:, 1]`` (text and video tokens of one sequence, each with its own gate).
+    ``residual + gate[row // (M // B)] * y`` with ``gate`` (B, N) (contiguous channels) or ``residual + y``.
+    ``residual_prefix`` (B, T, N): the residual comes in two parts, of each batch entry's first T rows and
+    (``residual``, (B, S, N)) of its other S (M = B (T + S); any batch strides, contiguous rows: e.g. the text and
+    video parts of one sequence), and ``gate`` may be (B, 2, N), ``gate[:, 0]`` for the first T rows and
+    ``gate[:, 1]`` for the rest (CogVideoX's text and video tokens, each with its own gate).
 
     a: (M, K) int8 codes or fp8 e4m3; a_scale: (M, 1) f32; w: (N, K) int8 / fp8, or (N, K // 2) uint8 packed int4
     (staged to per-channel int8 — fp8 for fp8 ``a`` — first, with ``stage_scale`` (N, 1) if given, see
@@ -652,7 +697,7 @@ def quant_linear(
         raise ValueError(f"unsupported quantized GEMM: K={k}, group_size={group_size}, block_k={cfg.block_k}")
     a, w, w_scale = a.contiguous(), w.contiguous(), w_scale.contiguous()
     a_scale = a_scale.reshape(m, 1).contiguous()
-    res = _residual_args(residual, gate, m, n, a_scale, out_dtype, gate_prefix)
+    res = _residual_args(residual, gate, m, n, a_scale, out_dtype, residual_prefix)
     quant = None
     if quant_out is not None:
         c = torch.empty(m, n, device=a.device, dtype=torch.float8_e4m3fn)
@@ -671,11 +716,11 @@ def quant_linear(
         c = torch.empty(m, n, device=a.device, dtype=out_dtype)
     if m == 0:
         return c if quant is None else (c, quant["scale"])
-    tma_ok = _tma_ok(a, w, c, w_zero, residual)
-    if not res["SPLIT_GATE"] and _use_ws(config, quant, gelu, tma_ok and group_size == k, a, [w], [c]):
-        gate, has_gate = res["args"][2], res["HAS_GATE"]
-        ws_gemm.linear(a, a_scale.view(-1), w, w_scale.view(-1), bias, c, residual, gate if has_gate else None,
-                       pdl=pdl.enabled(a.device))
+    tma_ok = _tma_ok(a, w, c, w_zero, res, cfg.block_m)
+    plain_gate = not (res["SPLIT_GATE"] or res["RES_PARTS"])  # the Gluon kernel: one residual, a gate row a batch
+    if plain_gate and _use_ws(config, quant, gelu, tma_ok and group_size == k, a, [w], [c]):
+        ws_gemm.linear(a, a_scale.view(-1), w, w_scale.view(-1), bias, c, residual,
+                       res["gate"] if res["HAS_GATE"] else None, pdl=pdl.enabled(a.device))
         return c
     if cfg.tma and tma_ok:
         _launch_tma(a, a_scale, [(w, w_scale, bias, c)], group_size, cfg, fp8, gelu, res, quant)
@@ -690,7 +735,7 @@ def quant_linear(
         GROUPED=group_size < k, HAS_ZERO=w_zero is not None, HAS_BIAS=bias is not None, FP8=fp8,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         PERSISTENT=cfg.persistent, GELU=gelu, RESIDUAL=residual is not None, HAS_GATE=res["HAS_GATE"],
-        SPLIT_GATE=res["SPLIT_GATE"], num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        SPLIT_GATE=res["SPLIT_GATE"], RES_PARTS=res["RES_PARTS"], num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **pdl.launch_options(a.device),
     )
     return c
@@ -751,33 +796,46 @@ def quant_linear_group(a: torch.Tensor, a_scale: torch.Tensor, weights: list, ou
     return outs
 
 
-def _residual_args(residual, gate, m, n, dummy, out_dtype, gate_prefix=None) -> dict:
-    """Kernel arguments of the residual epilogue (pointers, strides, tokens per batch row of ``gate``, the rows
-    of each that take its first gate where ``gate_prefix`` splits it in two)."""
+def _residual_args(residual, gate, m, n, dummy, out_dtype, residual_prefix=None) -> dict:
+    """The residual epilogue's operands, checked (:func:`quant_linear`): the tensors (``residual``,
+    ``prefix_part``, ``gate`` as (B, N) or (2B, N) rows), tokens per batch entry and prefix rows, the constexpr
+    flags, and the pointer kernel's arguments (``args``)."""
+    res = dict(residual=residual, prefix_part=residual_prefix, gate=dummy, stride_gb=0, tokens=1, prefix=0,
+               HAS_GATE=gate is not None, SPLIT_GATE=False, RES_PARTS=residual_prefix is not None)
     if residual is None:
-        if gate is not None:
-            raise ValueError("a gate needs a residual")
-        return dict(args=(dummy, 0, dummy, 0, 1, 0), residual=None, HAS_GATE=False, SPLIT_GATE=False)
-    if residual.shape != (m, n) or residual.stride(-1) != 1 or residual.dtype != out_dtype:
+        if gate is not None or residual_prefix is not None:
+            raise ValueError("a gate needs a residual" if gate is not None else "a residual prefix needs a residual")
+        return dict(res, args=(dummy, 0, 0, dummy, 0, 0, dummy, 0, 1, 0))
+    batch = None
+    if residual_prefix is not None:
+        parts = (residual_prefix, residual)
+        if not all(t.dim() == 3 and t.shape[0] == residual.shape[0] and t.shape[1] >= 1 and t.shape[2] == n
+                   and t.stride(2) == 1 and (t.shape[1] == 1 or t.stride(1) == n) and t.dtype == out_dtype
+                   and t.device == residual.device for t in parts) \
+                or residual.shape[0] * (residual.shape[1] + residual_prefix.shape[1]) != m:
+            raise ValueError(f"a residual in two parts must be (B, T, {n}) and (B, S, {n}) {out_dtype} tensors with "
+                             f"contiguous rows and B (T + S) = M = {m}, got {tuple(residual_prefix.shape)} "
+                             f"strides {residual_prefix.stride()} {residual_prefix.dtype} and {tuple(residual.shape)} "
+                             f"strides {residual.stride()} {residual.dtype}")
+        batch, res["prefix"] = residual.shape[0], residual_prefix.shape[1]
+        res["tokens"] = m // batch
+        args = (residual, residual.stride(0), residual.stride(1), residual_prefix, residual_prefix.stride(0),
+                residual_prefix.stride(1))
+    elif residual.shape != (m, n) or residual.stride(-1) != 1 or residual.dtype != out_dtype:
         raise ValueError(f"residual must be ({m}, {n}) {out_dtype} with contiguous rows (the output's dtype: its "
                          f"tile is sized so), got {tuple(residual.shape)} {residual.dtype} strides "
                          f"{residual.stride()}")
-    if gate is None:
-        if gate_prefix is not None:
-            raise ValueError("gate_prefix needs a gate")
-        return dict(args=(residual, residual.stride(0), dummy, 0, 1, 0), residual=residual, HAS_GATE=False,
-                    SPLIT_GATE=False)
-    split = gate_prefix is not None
-    if gate.dim() != (3 if split else 2) or gate.shape[-1] != n or gate.shape[0] < 1 or m % gate.shape[0] \
-            or (split and gate.shape[1] != 2):
-        raise ValueError(f"gate must be ({'B, 2' if split else 'B'}, {n}) with B dividing M={m}, got "
-                         f"{tuple(gate.shape)}")
-    tokens = m // gate.shape[0]
-    if split:
-        if not 0 <= gate_prefix <= tokens:
-            raise ValueError(f"gate_prefix must be in [0, {tokens}] (rows per batch entry), got {gate_prefix}")
-        gate = gate.reshape(-1, n)  # (2B, N): rows 2b, 2b + 1 (a view wherever the rows have one stride)
-    if gate.stride(-1) != 1:
-        raise ValueError(f"gate must have contiguous channels, got strides {gate.stride()}")
-    return dict(args=(residual, residual.stride(0), gate, gate.stride(0), tokens, gate_prefix or 0),
-                residual=residual, HAS_GATE=True, SPLIT_GATE=split)
+    else:
+        args = (residual, 0, residual.stride(0), dummy, 0, 0)
+    if gate is not None:
+        res["SPLIT_GATE"] = split = batch is not None and gate.dim() == 3
+        if gate.dim() != (3 if split else 2) or gate.shape[-1] != n or gate.shape[0] < 1 or m % gate.shape[0] \
+                or (split and gate.shape[1] != 2) or (batch is not None and gate.shape[0] != batch):
+            shape = f"({'B' if batch is None else batch}, {n})" + ("" if batch is None else f" or ({batch}, 2, {n})")
+            raise ValueError(f"gate must be {shape} with B dividing M={m}, got {tuple(gate.shape)}")
+        res["tokens"] = m // gate.shape[0]
+        gate = gate.reshape(-1, n)  # (2B, N) split: rows 2b, 2b + 1 (a view wherever the rows have one stride)
+        if gate.stride(-1) != 1:
+            raise ValueError(f"gate must have contiguous channels, got strides {gate.stride()}")
+        res["gate"], res["stride_gb"] = gate, gate.stride(0)
+    return dict(res, args=args + (res["gate"], res["stride_gb"], res["tokens"], res["prefix"]))

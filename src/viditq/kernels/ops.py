@@ -29,13 +29,14 @@ def int_linear_impl(
     x_codes: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
     w_zero: Optional[torch.Tensor], group_size: int, packed_int4: bool, bias: Optional[torch.Tensor],
     out_dtype: torch.dtype, activation: Optional[str] = None, stage_scale: Optional[torch.Tensor] = None,
-    residual: Optional[torch.Tensor] = None, gate: Optional[torch.Tensor] = None, gate_prefix: Optional[int] = None,
+    residual: Optional[torch.Tensor] = None, gate: Optional[torch.Tensor] = None,
+    residual_prefix: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     from . import int_gemm
 
     return int_gemm.quant_linear(x_codes, x_scale, w, w_scale, w_zero, group_size, packed_int4, bias, out_dtype,
                                  activation=activation, stage_scale=stage_scale, residual=residual, gate=gate,
-                                 gate_prefix=gate_prefix)
+                                 residual_prefix=residual_prefix)
 
 
 @torch.library.custom_op("viditq::quantize_activation", mutates_args=())
@@ -57,15 +58,16 @@ def _int_linear_op(
     x_codes: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
     w_zero: Optional[torch.Tensor], group_size: int, packed_int4: bool, bias: Optional[torch.Tensor],
     out_dtype: torch.dtype, activation: Optional[str], stage_scale: Optional[torch.Tensor],
-    residual: Optional[torch.Tensor] = None, gate: Optional[torch.Tensor] = None, gate_prefix: Optional[int] = None,
+    residual: Optional[torch.Tensor] = None, gate: Optional[torch.Tensor] = None,
+    residual_prefix: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     return int_linear_impl(x_codes, x_scale, w, w_scale, w_zero, group_size, packed_int4, bias, out_dtype, activation,
-                           stage_scale, residual, gate, gate_prefix)
+                           stage_scale, residual, gate, residual_prefix)
 
 
 @_int_linear_op.register_fake
 def _(x_codes, x_scale, w, w_scale, w_zero, group_size, packed_int4, bias, out_dtype, activation, stage_scale,
-      residual=None, gate=None, gate_prefix=None):
+      residual=None, gate=None, residual_prefix=None):
     return x_codes.new_empty((x_codes.shape[0], w.shape[0]), dtype=out_dtype)
 
 

@@ -109,14 +109,15 @@ def int_linear(
     stage_scale: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
     gate: torch.Tensor | None = None,
-    gate_prefix: int | None = None,
+    residual_prefix: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``y = (x_codes * x_scale) @ dequant(W)^T + bias`` → (M, N) in ``out_dtype``; ``activation="gelu_tanh"``:
     then ``F.gelu(y, approximate="tanh")``, in float32 before the cast; ``residual`` (M, N): then
-    ``residual + gate[row // (M // B)] * y`` (``gate`` (B, N)) or ``residual + y``, still in float32; with
-    ``gate_prefix`` = T, ``gate`` (B, 2, N): ``gate[:, 0]`` for the first T rows of each batch entry's, ``gate[:, 1]``
-    for the rest. Packed int4 ``w`` is staged first (to fp8 when ``x_codes`` are fp8), with ``stage_scale`` if given
-    (see :func:`stage_int4`)."""
+    ``residual + gate[row // (M // B)] * y`` (``gate`` (B, N)) or ``residual + y``, still in float32;
+    ``residual_prefix`` (B, T, N): the residual is ``torch.cat([residual_prefix, residual], dim=1)`` and ``gate``
+    may be (B, 2, N): ``gate[:, 0]`` for each batch entry's first T rows, ``gate[:, 1]`` for the rest. Packed int4
+    ``w`` is staged first (to fp8 when ``x_codes`` are fp8), with ``stage_scale`` if given (see
+    :func:`stage_int4`)."""
     wf = gemm_weight(w, w_scale, w_zero, group_size, packed_int4, x_codes.dtype == torch.float8_e4m3fn, stage_scale)
     y = (x_codes.float() @ wf.t()) * x_scale
     if bias is not None:
@@ -124,16 +125,20 @@ def int_linear(
     y = apply_activation(y, activation)
     if gate is not None and residual is None:
         raise ValueError("a gate needs a residual")
+    if residual_prefix is not None:
+        residual = torch.cat([residual_prefix, residual], dim=1).reshape(y.shape)
     if residual is not None:
         if gate is not None:
             g = gate.float()
-            if gate_prefix is not None:  # (B, 2, N) → one gate row per token
+            if g.dim() == 3:  # (B, 2, N) with a residual prefix → one gate row per token
                 rows = torch.arange(y.shape[0] // g.shape[0], device=y.device)[None, :, None]
-                g = torch.where(rows < gate_prefix, g[:, :1], g[:, 1:])
+                g = torch.where(rows < residual_prefix.shape[1], g[:, :1], g[:, 1:])
             else:
                 g = g[:, None, :]
             y = (y.view(gate.shape[0], -1, y.shape[-1]) * g).view(y.shape)
         y = y + residual.float()
+    elif residual_prefix is not None:
+        raise ValueError("a residual prefix needs a residual")
     return y.to(out_dtype)
 
 
