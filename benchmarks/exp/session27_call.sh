@@ -18,13 +18,14 @@ PYTHONPATH=$PWD/src:/tmp/site timeout 90 python3 -m pytest -q -p no:cacheprovide
   tests/test_compile.py tests/test_kernels.py tests/test_attention.py \
   -k "prefix or cogvideox or falls_back or norm_kernel or two_parts or residual or qk_norm" \
   > "$OUT/tests.txt" 2>&1
-run() {  # run PACKAGE MODEL VARIANT TAG: skipped once the call has used 470 s (the limit is 600)
+run() {  # run PACKAGE MODEL VARIANT TAG [PROFILE]: skipped once the call has used 470 s (the limit is 600)
   if (( SECONDS - start > 470 )); then echo "skipped (time)" > "$OUT/e2e_$2_$1_$4.txt"; return; fi
-  PYTHONPATH=$PWD/.ab/$1:/tmp/site timeout 110 python3 benchmarks/bench_e2e.py --models "$2" --variants "$3" \
-    --iters 5 --timeout 105 --out "$OUT/e2e_$2_$1_$4.json" > "$OUT/e2e_$2_$1_$4.txt" 2>&1
+  VIDITQ_PROFILE=${5:-0} PYTHONPATH=$PWD/.ab/$1:/tmp/site timeout 110 python3 benchmarks/bench_e2e.py \
+    --models "$2" --variants "$3" --iters 5 --timeout 105 --out "$OUT/e2e_$2_$1_$4.json" > "$OUT/e2e_$2_$1_$4.txt" 2>&1
 }
 for pkg in old fused qknorm new; do run "$pkg" cogvideox w8a8_fp8_attn_blocks_graph 1; done
-for pkg in new fused; do run "$pkg" cogvideox w8a8_fp8_attn_blocks_graph 2; done
+run new cogvideox w8a8_fp8_attn_blocks_graph 2 1  # with the kernel profile (json: profile_top)
+run fused cogvideox w8a8_fp8_attn_blocks_graph 2
 run new pixart w8a8_fp8_blocks_graph 1
 run old pixart w8a8_fp8_blocks_graph 1
 echo "== gpu"; cat "$OUT/gpu.txt"
