@@ -117,6 +117,7 @@ def attention_prep():
     part = torch.zeros(5, b * h, 4, d_pad)
     x64, w = torch.randn(b, h, n, 64).bfloat16(), torch.ones(64).bfloat16()  # q / k norms: CogVideoX's head dim
     qk_norm = (w, w, w, w, 1e-6)
+    rope = (torch.ones(n - 20, 64), torch.zeros(n - 20, 64), 20)  # (tables of the tokens after 20 text tokens)
     launches = {
         "stats": (attention._attn_stats_kernel, lambda: attention.attention_stats(x, x, x, d_pad)),
         "finish": (attention._attn_stats_finish_kernel, lambda: attention._attn_stats_finish_kernel[(b * h,)](
@@ -132,6 +133,11 @@ def attention_prep():
             x64, cfg.block_m, 64, chan, 0.1, norm=(w, w, 1e-6))),
         "quantize k with its norm, d64": (attention._quantize_blocks_kernel, lambda: attention.quantize_per_block(
             x64, cfg.block_n, 64, chan, mean=chan, independent=True, norm=(w, w, 1e-6))),
+        "stats with qk norms and rope, d64": (attention._attn_stats_kernel, lambda: attention.attention_stats(
+            x64, x64, x64, 64, qk_norm=qk_norm, rope=rope)),
+        "quantize q with its norm and rope, d64": (
+            attention._quantize_blocks_kernel,
+            lambda: attention.quantize_per_block(x64, cfg.block_m, 64, chan, 0.1, norm=(w, w, 1e-6), rope=rope)),
         "quantize v": (attention._quantize_v_fp8_kernel,
                        lambda: attention.quantize_v_fp8(x, cfg.block_n, d_pad, v_scale, independent=True)),
         "attention": (attention._attn_fwd_kernel, lambda: attention.attention_from_operands(

@@ -501,13 +501,23 @@ def test_fused_cogvideox_block_falls_back_to_diffusers(monkeypatch):
     assert torch.equal(run(True), run(False)) and not kernel_calls
 
 
-def test_fused_cogvideox_block_rotates_the_video_tokens(monkeypatch):
+@pytest.mark.parametrize("attention", [None, "fp8"])
+def test_fused_cogvideox_block_rotates_the_video_tokens(monkeypatch, attention):
     """With rotary embeddings (CogVideoX-5B and later) the fused block rotates q and k of the video tokens only,
-    as diffusers' processor does: one block, both forwards, same output up to the norm's rounding."""
+    as diffusers' processor does — with 8-bit attention, in its preparation (with the q / k norms): one block,
+    both forwards, same output up to the norm's rounding."""
     import viditq
+    from viditq.kernels import attention as KA
     from viditq.testing import calibration_set, sqnr_db, tiny_model
 
     model = viditq.quantize(tiny_model("cogvideox"), viditq.PRESETS["w8a8-fp8"], calibration_set("cogvideox", n=1))
+    if attention:
+        from viditq.attention import apply_quantized_attention
+
+        apply_quantized_attention(model, attention, min_kv_tokens=0)
+    ropes, real_attention = [], KA.quantized_attention
+    monkeypatch.setattr(KA, "quantized_attention",
+                        lambda *a, **k: ropes.append(k.get("rope") is not None) or real_attention(*a, **k))
     block = model.transformer_blocks[0].to(DEVICE)
     assert isinstance(block, fusion.FusedCogVideoXBlock)
     g = torch.Generator().manual_seed(5)
@@ -526,6 +536,7 @@ def test_fused_cogvideox_block_rotates_the_video_tokens(monkeypatch):
         monkeypatch.setattr(norm, "layer_norm_modulate_quant", lambda *a, **k: calls.append(1) or real(*a, **k))
         fused = block(hidden, enc, temb, image_rotary_emb=rotary)
     assert len(calls) == 2  # the fused path: both norms in the kernel
+    assert ropes == ([True] if attention else [])  # 8-bit attention rotates q and k itself
     # what the block adds to its inputs (the residual stream would dominate a comparison of the outputs)
     added = [(y - x0).float() for y, x0 in zip(fused, (hidden, enc))]
     expected = [(y - x0).float() for y, x0 in zip(unfused, (hidden, enc))]

@@ -478,12 +478,25 @@ def _qk_norm_args(attn, n_kv: int, head_dim: int):
     return attn.norm_q.weight, attn.norm_q.bias, attn.norm_k.weight, attn.norm_k.bias, attn.norm_q.eps
 
 
+def _rope_args(image_rotary_emb, n_video: int, head_dim: int, text_len: int, device) -> tuple[bool, tuple | None]:
+    """(Whether 8-bit attention can apply CogVideoX's ``image_rotary_emb`` — none, or (cos, sin) of the video
+    tokens as (N, D) float tables with contiguous channels — and its ``rope`` argument for
+    :func:`viditq.kernels.attention.quantized_attention`.)"""
+    if image_rotary_emb is None:
+        return True, None
+    tables = image_rotary_emb if isinstance(image_rotary_emb, (tuple, list)) else ()
+    ok = len(tables) == 2 and all(isinstance(t, torch.Tensor) and t.shape == (n_video, head_dim) and t.device == device
+                                  and t.is_floating_point() and t.stride() == tables[0].stride() and t.stride(-1) == 1
+                                  for t in tables)
+    return ok, ((*tables, text_len) if ok else None)
+
+
 def _attend_joint(attn, out_proj, x, text_len: int, image_rotary_emb, group: bool, hidden, enc, gates):
     """``[enc, hidden] + gates * attn(x)`` (B, T + N, C) for ``CogVideoXAttnProcessor2_0``'s arithmetic (no mask)
     on the joint sequence ``x`` = [text, video] that the norm kernel produced (q, k and v read its codes), through
     8-bit attention where the processor is wrapped, ``out_proj`` (:func:`_joint_output_projection`) adding the
-    text and video residuals with their gates (B, 2, C) in its epilogue. Without rotary embeddings the 8-bit
-    attention applies the q / k LayerNorms itself (:func:`_qk_norm_args`)."""
+    text and video residuals with their gates (B, 2, C) in its epilogue. There the 8-bit attention applies the
+    q / k LayerNorms (:func:`_qk_norm_args`) and the video tokens' rotary embedding itself."""
     from diffusers.models.embeddings import apply_rotary_emb
 
     from .kernels.attention import quantized_attention
@@ -493,12 +506,13 @@ def _attend_joint(attn, out_proj, x, text_len: int, image_rotary_emb, group: boo
     qkv = forward_group(projections, x) if group and not any(map(_hooked, projections)) else None
     query, key, value = qkv if qkv is not None else (p(x) for p in projections)
     head_dim = key.shape[-1] // attn.heads
-    qk_norm = _qk_norm_args(attn, x.shape[1], head_dim) if image_rotary_emb is None else None
-    if qk_norm is not None:
+    qk_norm = _qk_norm_args(attn, x.shape[1], head_dim)
+    rope_ok, rope = _rope_args(image_rotary_emb, x.shape[1] - text_len, head_dim, text_len, x.device)
+    if qk_norm is not None and rope_ok:
         query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
         if not torch.compiler.is_compiling():
             attn.processor.counts["quantized"] += 1
-        out = quantized_attention(query, key, value, attn.processor.mode, qk_norm=qk_norm)
+        out = quantized_attention(query, key, value, attn.processor.mode, qk_norm=qk_norm, rope=rope)
     else:
         query, key, value = _heads(attn, batch, query, key, value)
         if image_rotary_emb is not None:  # the video tokens only

@@ -59,6 +59,7 @@ LOG2_FP8_E4M3_MAX = math.log2(FP8_E4M3_MAX)  # P = exp2(s - m + this) puts each 
 MASKED_SCORE = -1.0e30  # finite "minus infinity": a fully masked key block gives exp2(0) terms, not NaN
 QUERY_CHUNK = 1024  # reference: query rows per chunk, to bound the (chunk, Nkv) score matrix
 QKNorm = tuple  # (q_weight, q_bias, k_weight, k_bias, eps): per-head LayerNorms of q and k, weights (D,)
+Rope = tuple  # (cos, sin, start): rotary embedding (S, D) tables of q's and k's tokens [start, start + S)
 
 
 # ------------------------------------------------------------------------------------------ configs
@@ -127,20 +128,24 @@ def quantized_attention_reference(
     bias: torch.Tensor | None = None,
     config: AttentionConfig | None = None,
     qk_norm: QKNorm | None = None,
+    rope: Rope | None = None,
 ) -> torch.Tensor:
     """PyTorch definition of the kernel's numerics, in float32 on any device.
 
     q (B, H, Nq, D), k/v (B, H, Nkv, D), bias (B, H, Nkv) additive in natural-log units or None
     → (B, H, Nq, D) in q.dtype. ``qk_norm``: q and k go through their per-head LayerNorms first, in float32
-    (:func:`layer_norm_heads`). Differs from the kernel only in rounding order: P is quantized relative to each
-    row's final max here, to the running max there.
+    (:func:`layer_norm_heads`); ``rope``: then through that rotary embedding (:func:`rotary_heads`). Differs from
+    the kernel only in rounding order: P is quantized relative to each row's final max here, to the running max
+    there.
     """
-    _check_inputs(q, k, v, mode, bias, qk_norm)
+    _check_inputs(q, k, v, mode, bias, qk_norm, rope)
     config = config or default_config(padded_head_dim(q.shape[-1]), mode, k.shape[2])
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     out_dtype = q.dtype
     if qk_norm is not None:
         q, k = layer_norm_heads(q, *qk_norm[0:2], qk_norm[4]), layer_norm_heads(k, *qk_norm[2:4], qk_norm[4])
+    if rope is not None:
+        q, k = rotary_heads(q, *rope), rotary_heads(k, *rope)
     k_mean, balance, _, v_scale = attention_stats_reference(q, k, v if mode == "fp8" else None)
     balance = balance[:, :, None, :]  # (B, H, 1, D)
     q_dq = fake_quant_per_block(q.float() * balance, config.block_m) / balance
@@ -172,7 +177,17 @@ def layer_norm_heads(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     return torch.nn.functional.layer_norm(x.float(), x.shape[-1:], weight.float(), bias.float(), eps)
 
 
-def _check_inputs(q, k, v, mode, bias, qk_norm=None) -> None:
+def rotary_heads(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int) -> torch.Tensor:
+    """diffusers' ``apply_rotary_emb`` (real form: pairs of adjacent channels) on tokens [start, start + S) of
+    (B, H, N, D) with (S, D) ``cos`` / ``sin``, the others unchanged, in float32 (as the kernels apply it)."""
+    x = x.float().clone()
+    part = x[:, :, start:start + cos.shape[0]]
+    rot = torch.stack([-part[..., 1::2], part[..., 0::2]], dim=-1).flatten(-2)
+    x[:, :, start:start + cos.shape[0]] = part * cos.float() + rot * sin.float()
+    return x
+
+
+def _check_inputs(q, k, v, mode, bias, qk_norm=None, rope=None) -> None:
     if mode not in MODES:
         raise ValueError(f"quantized attention mode must be one of {MODES}, got {mode!r}")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -196,6 +211,19 @@ def _check_inputs(q, k, v, mode, bias, qk_norm=None) -> None:
                                  f"{tuple(t.shape)} {t.dtype} on {t.device}")
         if not qk_norm[4] > 0:
             raise ValueError(f"qk_norm eps must be positive, got {qk_norm[4]!r}")
+    if rope is not None:
+        if len(rope) != 3 or not all(isinstance(t, torch.Tensor) for t in rope[:2]) or isinstance(rope[2], bool) \
+                or not isinstance(rope[2], int):
+            raise ValueError("rope must be (cos, sin, start)")
+        cos, sin, start = rope
+        if cos.dim() != 2 or cos.shape != sin.shape or cos.shape[1] != d or d % 2 or cos.stride(-1) != 1 \
+                or sin.stride() != cos.stride() or not cos.is_floating_point() or not sin.is_floating_point() \
+                or cos.device != q.device or sin.device != q.device:
+            raise ValueError(f"rope cos / sin must be float (S, {d}) tables with contiguous channels on {q.device} "
+                             f"(and D even), got {tuple(cos.shape)} / {tuple(sin.shape)}")
+        if not 0 <= start <= min(q.shape[2], k.shape[2]) - cos.shape[0]:
+            raise ValueError(f"rope start must place its {cos.shape[0]} tokens inside q's and k's "
+                             f"{min(q.shape[2], k.shape[2])}, got {start}")
 
 
 # ------------------------------------------------------------------------------------------ kernels
@@ -226,23 +254,49 @@ def _layer_norm_rows(x, mask, offs_d, NormW, NormB, eps, D):
 
 
 @triton.jit
+def _rotate_rows(x, offs_n, offs_d, Cos, Sin, stride_rope, rope_start, rope_len, D, HEAD_D: tl.constexpr):
+    """Rotary embedding of the tile's tokens ``offs_n`` in [rope_start, rope_start + rope_len), with their rows of
+    the (rope_len, D) cos / sin tables — diffusers' ``apply_rotary_emb`` (real form, pairs of adjacent channels):
+    ``x * cos + rot(x) * sin``, rot(x)[2i] = -x[2i + 1], rot(x)[2i + 1] = x[2i]; other tokens as they are."""
+    r = offs_n - rope_start
+    ok = ((r >= 0) & (r < rope_len))[:, None] & (offs_d < D)[None, :]
+    ptrs = r[:, None] * stride_rope + offs_d[None, :]
+    cos = tl.load(Cos + ptrs, mask=ok, other=1.0).to(tl.float32)
+    sin = tl.load(Sin + ptrs, mask=ok, other=0.0).to(tl.float32)
+    even, odd = tl.split(tl.reshape(x, (x.shape[0], HEAD_D // 2, 2)))
+    return x * cos + tl.reshape(tl.join(-odd, even), (x.shape[0], HEAD_D)) * sin
+
+
+@triton.jit
+def _prepare_rows(x, mask, offs_n, offs_d, NormW, NormB, norm_eps, Cos, Sin, stride_rope, rope_start, rope_len, D,
+                  HEAD_D: tl.constexpr, HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr):
+    """q or k rows as the model's attention sees them: its per-head LayerNorm (``HAS_NORM``), then its rotary
+    embedding (``HAS_ROPE``), in float32."""
+    if HAS_NORM:
+        x = _layer_norm_rows(x, mask, offs_d, NormW, NormB, norm_eps, D)
+    if HAS_ROPE:
+        x = _rotate_rows(x, offs_n, offs_d, Cos, Sin, stride_rope, rope_start, rope_len, D, HEAD_D)
+    return x
+
+
+@triton.jit
 def _quantize_blocks_kernel(
-    X, Mean, ChanScale, Codes, Scales, NormW, NormB, norm_eps,
+    X, Mean, ChanScale, Codes, Scales, NormW, NormB, norm_eps, Cos, Sin, stride_rope, rope_start, rope_len,
     stride_xb, stride_xh, stride_xn, stride_xd,
     H, N, D, N_PAD, N_BLOCKS, multiplier,
     BLOCK: tl.constexpr, HEAD_D: tl.constexpr, HAS_MEAN: tl.constexpr, PDL: tl.constexpr, INDEPENDENT: tl.constexpr,
-    HAS_NORM: tl.constexpr = False,
+    HAS_NORM: tl.constexpr = False, HAS_ROPE: tl.constexpr = False,
 ):
     """One (BLOCK, HEAD_D) tile of one head, ``(x - mean) * chan_scale`` → int8 codes (zero in the padding) and
-    one absmax scale; ``HAS_NORM``: x through the head's LayerNorm first (:func:`_layer_norm_rows`).
-    ``INDEPENDENT``: runs alongside the grid before it (:func:`pdl.enter`)."""
+    one absmax scale; x through the head's LayerNorm and rotary embedding first where given
+    (:func:`_prepare_rows`). ``INDEPENDENT``: runs alongside the grid before it (:func:`pdl.enter`)."""
     pdl.enter(PDL, INDEPENDENT)
     pid_blk = tl.program_id(0)
     pid_bh = tl.program_id(1)
     x, offs_n, offs_d, mask = _load_tile(X, stride_xb, stride_xh, stride_xn, stride_xd, pid_blk, pid_bh, H, N, D,
                                          BLOCK, HEAD_D)
-    if HAS_NORM:
-        x = _layer_norm_rows(x, mask, offs_d, NormW, NormB, norm_eps, D)
+    x = _prepare_rows(x, mask, offs_n, offs_d, NormW, NormB, norm_eps, Cos, Sin, stride_rope, rope_start, rope_len, D,
+                      HEAD_D, HAS_NORM, HAS_ROPE)
     if HAS_MEAN:
         mean = tl.load(Mean + pid_bh * D + offs_d, mask=offs_d < D, other=0.0)
         x = tl.where(mask, x - mean[None, :], 0.0)
@@ -299,17 +353,17 @@ def _quantize_v_fp8_kernel(
 
 @triton.jit
 def _attn_stats_kernel(
-    Q, K, V, Part, NormQW, NormQB, NormKW, NormKB, norm_eps,
+    Q, K, V, Part, NormQW, NormQB, NormKW, NormKB, norm_eps, Cos, Sin, stride_rope, rope_start, rope_len,
     stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     H, N_Q, N_KV, D, Q_PER_SPLIT, KV_PER_SPLIT, STAT_STRIDE,
     BLOCK_T: tl.constexpr, HEAD_D: tl.constexpr, SPLITS: tl.constexpr, HAS_V: tl.constexpr, PDL: tl.constexpr,
-    HAS_NORM: tl.constexpr = False,
+    HAS_NORM: tl.constexpr = False, HAS_ROPE: tl.constexpr = False,
 ):
     """Partial per-channel statistics of one head over one token split: max|q|, sum k, min k, max k, max|v|
     → Part (5, B·H, SPLITS, HEAD_D) float32 (stat, head, split, channel). Reads Q, K, V once; (BLOCK_T, HEAD_D)
-    accumulators, reduced over tokens once at the end. ``HAS_NORM``: of q and k through their heads' LayerNorms
-    (:func:`_layer_norm_rows`)."""
+    accumulators, reduced over tokens once at the end. Of q and k through their heads' LayerNorms and rotary
+    embedding where given (:func:`_prepare_rows`)."""
     pdl.enter(PDL)
     split = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -324,9 +378,8 @@ def _attn_stats_kernel(
     for t in range(q_start, q_end, BLOCK_T):
         mask = ((t + offs_t) < q_end)[:, None] & d_ok
         ptrs = Q + b * stride_qb + h * stride_qh + (t + offs_t)[:, None] * stride_qn + offs_d[None, :] * stride_qd
-        q = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_NORM:
-            q = _layer_norm_rows(q, mask, offs_d, NormQW, NormQB, norm_eps, D)
+        q = _prepare_rows(tl.load(ptrs, mask=mask, other=0.0).to(tl.float32), mask, t + offs_t, offs_d, NormQW,
+                          NormQB, norm_eps, Cos, Sin, stride_rope, rope_start, rope_len, D, HEAD_D, HAS_NORM, HAS_ROPE)
         q_amax = tl.maximum(q_amax, tl.abs(q))
     k_sum = tl.zeros([BLOCK_T, HEAD_D], dtype=tl.float32)
     k_min = tl.full([BLOCK_T, HEAD_D], float("inf"), dtype=tl.float32)
@@ -337,9 +390,8 @@ def _attn_stats_kernel(
     for t in range(kv_start, kv_end, BLOCK_T):
         mask = ((t + offs_t) < kv_end)[:, None] & d_ok
         ptrs = K + b * stride_kb + h * stride_kh + (t + offs_t)[:, None] * stride_kn + offs_d[None, :] * stride_kd
-        k = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_NORM:
-            k = _layer_norm_rows(k, mask, offs_d, NormKW, NormKB, norm_eps, D)
+        k = _prepare_rows(tl.load(ptrs, mask=mask, other=0.0).to(tl.float32), mask, t + offs_t, offs_d, NormKW,
+                          NormKB, norm_eps, Cos, Sin, stride_rope, rope_start, rope_len, D, HEAD_D, HAS_NORM, HAS_ROPE)
         k_sum += k
         k_min = tl.minimum(k_min, tl.where(mask, k, float("inf")))
         k_max = tl.maximum(k_max, tl.where(mask, k, float("-inf")))
@@ -511,13 +563,14 @@ def stats_tile(head_dim_padded: int) -> int:
 def attention_stats(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, head_dim_padded: int,
     programs: int = STATS_PROGRAMS, tile: int | None = None, num_warps: int = 4, qk_norm: QKNorm | None = None,
+    rope: Rope | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One pass over Q, K (and V) in token splits and a finishing launch per head: k mean, lam, 1 / lam (B·H, D)
     float32 and the fp8 V scales (B·H, head_dim_padded) (1 in the padding; None without v) —
-    :func:`attention_stats_reference`, with the K sum in another order (split sums); ``qk_norm``: of q and k
-    through their per-head LayerNorms. About ``programs`` programs of ``num_warps`` warps, each stepping over
-    ``tile / head_dim_padded`` tokens at a time (the launch shape swept in benchmarks/exp/prep_sweep.py; default
-    :func:`stats_tile`)."""
+    :func:`attention_stats_reference`, with the K sum in another order (split sums); ``qk_norm`` / ``rope``: of q
+    and k through their per-head LayerNorms / rotary embedding. About ``programs`` programs of ``num_warps``
+    warps, each stepping over ``tile / head_dim_padded`` tokens at a time (the launch shape swept in
+    benchmarks/exp/prep_sweep.py; default :func:`stats_tile`)."""
     b, h, n_q, d = q.shape
     n_kv = k.shape[2]
     tile = tile or stats_tile(head_dim_padded)
@@ -533,9 +586,10 @@ def attention_stats(
 
     norm_args = (part,) * 4 + (0.0,) if qk_norm is None else qk_norm
     _attn_stats_kernel[(splits, b * h)](
-        q, k, v_arg, part, *norm_args, *q.stride(), *k.stride(), *v_arg.stride(), h, n_q, n_kv, d, per_split(n_q),
-        per_split(n_kv), stat_stride, BLOCK_T=block_t, HEAD_D=head_dim_padded, SPLITS=splits, HAS_V=v is not None,
-        HAS_NORM=qk_norm is not None, num_warps=num_warps, **pdl.launch_options(q.device))
+        q, k, v_arg, part, *norm_args, *_rope_args(rope, part), *q.stride(), *k.stride(), *v_arg.stride(), h, n_q,
+        n_kv, d, per_split(n_q), per_split(n_kv), stat_stride, BLOCK_T=block_t, HEAD_D=head_dim_padded,
+        SPLITS=splits, HAS_V=v is not None, HAS_NORM=qk_norm is not None, HAS_ROPE=rope is not None,
+        num_warps=num_warps, **pdl.launch_options(q.device))
     mean, balance, inv_balance = (torch.empty((b * h, d), dtype=torch.float32, device=q.device) for _ in range(3))
     v_scale = torch.empty((b * h, head_dim_padded), dtype=torch.float32, device=q.device) if v is not None else None
     _attn_stats_finish_kernel[(b * h,)](
@@ -544,24 +598,34 @@ def attention_stats(
     return mean, balance, inv_balance, v_scale
 
 
+def _rope_args(rope: Rope | None, dummy: torch.Tensor) -> tuple:
+    """The kernels' rotary-embedding arguments: cos, sin, their row stride, first token, tokens."""
+    if rope is None:
+        return dummy, dummy, 0, 0, 0
+    cos, sin, start = rope
+    return cos, sin, cos.stride(0), start, cos.shape[0]
+
+
 def quantize_per_block(
     x: torch.Tensor, block: int, head_dim_padded: int, chan_scale: torch.Tensor, multiplier: float = 1.0,
     mean: torch.Tensor | None = None, independent: bool = False,
-    norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+    norm: tuple[torch.Tensor, torch.Tensor, float] | None = None, rope: Rope | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, H, N, D) → int8 codes of ``(x - mean) * chan_scale`` (B·H, N_pad, D_pad), scales (B·H, N_pad / block)
     float32 (times multiplier). ``mean`` (B·H, D) float32 or None, ``chan_scale`` (B·H, D) float32; ``norm =
-    (weight, bias, eps)``: x through that per-head LayerNorm first. ``independent``: the kernel launched just
-    before reads and writes none of these tensors (this one may run alongside it, :func:`pdl.enter`)."""
+    (weight, bias, eps)``: x through that per-head LayerNorm first, ``rope``: then through that rotary embedding.
+    ``independent``: the kernel launched just before reads and writes none of these tensors (this one may run
+    alongside it, :func:`pdl.enter`)."""
     b, h, n, d = x.shape
     n_blocks = triton.cdiv(n, block)
     codes = torch.empty((b * h, n_blocks * block, head_dim_padded), dtype=torch.int8, device=x.device)
     scales = torch.empty((b * h, n_blocks), dtype=torch.float32, device=x.device)
     mean_arg = mean.contiguous() if mean is not None else scales
     _quantize_blocks_kernel[(n_blocks, b * h)](
-        x, mean_arg, chan_scale.contiguous(), codes, scales, *(norm or (scales, scales, 0.0)), *x.stride(), h, n, d,
-        n_blocks * block, n_blocks, multiplier, BLOCK=block, HEAD_D=head_dim_padded, HAS_MEAN=mean is not None,
-        INDEPENDENT=independent, HAS_NORM=norm is not None, **pdl.launch_options(x.device))
+        x, mean_arg, chan_scale.contiguous(), codes, scales, *(norm or (scales, scales, 0.0)),
+        *_rope_args(rope, scales), *x.stride(), h, n, d, n_blocks * block, n_blocks, multiplier, BLOCK=block,
+        HEAD_D=head_dim_padded, HAS_MEAN=mean is not None, INDEPENDENT=independent, HAS_NORM=norm is not None,
+        HAS_ROPE=rope is not None, **pdl.launch_options(x.device))
     return codes, scales
 
 
@@ -612,21 +676,22 @@ class QuantizedOperands:
 
 
 def quantize_operands(q, k, v, mode: str, scale: float, bias, config: AttentionConfig,
-                      qk_norm: QKNorm | None = None) -> QuantizedOperands:
+                      qk_norm: QKNorm | None = None, rope: Rope | None = None) -> QuantizedOperands:
     """Step 1-2 of the module docstring (and V to fp8 / padded bf16): one statistics pass over Q, K (and V),
-    then one quantization pass over each; ``qk_norm``: q and k through their per-head LayerNorms in both (the
-    normalized q and k are never written)."""
+    then one quantization pass over each; ``qk_norm`` / ``rope``: q and k through their per-head LayerNorms and
+    rotary embedding in both (the transformed q and k are never written)."""
     head_d = padded_head_dim(q.shape[-1])
     k_mean, balance, inv_balance, v_scale = attention_stats(q, k, v if mode == "fp8" else None, head_d,
-                                                            qk_norm=qk_norm)
+                                                            qk_norm=qk_norm, rope=rope)
     q_norm = k_norm = None
     if qk_norm is not None:
         q_norm, k_norm = (*qk_norm[0:2], qk_norm[4]), (*qk_norm[2:4], qk_norm[4])
     # Q's launch waits for the statistics; K's and V's read nothing the launch before them writes, so on sm_90 the
     # three quantization grids overlap (programmatic dependent launch), each with its own registers
-    q8, q_scale = quantize_per_block(q, config.block_m, head_d, balance, multiplier=scale * LOG2E, norm=q_norm)
+    q8, q_scale = quantize_per_block(q, config.block_m, head_d, balance, multiplier=scale * LOG2E, norm=q_norm,
+                                     rope=rope)
     k8, k_scale = quantize_per_block(k, config.block_n, head_d, inv_balance, mean=k_mean, independent=True,
-                                     norm=k_norm)
+                                     norm=k_norm, rope=rope)
     if mode == "fp8":
         v_op = quantize_v_fp8(v, config.block_n, head_d, v_scale, independent=True)
     else:
@@ -680,15 +745,16 @@ def quantized_attention_triton(
     bias: torch.Tensor | None = None,
     config: AttentionConfig | None = None,
     qk_norm: QKNorm | None = None,
+    rope: Rope | None = None,
 ) -> torch.Tensor:
     """Triton 8-bit attention. q (B, H, Nq, D), k/v (B, H, Nkv, D) (any strides), bias (B, H, Nkv) or None,
-    ``qk_norm`` as in :func:`quantized_attention_reference` → (B, H, Nq, D) in q.dtype, laid out as (B, Nq, H, D)
-    in memory (what attention processors reshape next)."""
-    _check_inputs(q, k, v, mode, bias, qk_norm)
+    ``qk_norm`` and ``rope`` as in :func:`quantized_attention_reference` → (B, H, Nq, D) in q.dtype, laid out as
+    (B, Nq, H, D) in memory (what attention processors reshape next)."""
+    _check_inputs(q, k, v, mode, bias, qk_norm, rope)
     b, h, n_q, d = q.shape
     config = config or default_config(padded_head_dim(d), mode, k.shape[2])
     scale = d ** -0.5 if scale is None else scale
-    ops = quantize_operands(q, k, v, mode, scale, bias, config, qk_norm)
+    ops = quantize_operands(q, k, v, mode, scale, bias, config, qk_norm, rope)
     out = torch.empty((b, n_q, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
     return attention_from_operands(ops, out, k.shape[2], config)
 
@@ -699,17 +765,19 @@ def _quantized_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, mode: str, scale: float,
     q_norm_weight: torch.Tensor | None = None, q_norm_bias: torch.Tensor | None = None,
     k_norm_weight: torch.Tensor | None = None, k_norm_bias: torch.Tensor | None = None, norm_eps: float = 0.0,
+    rope_cos: torch.Tensor | None = None, rope_sin: torch.Tensor | None = None, rope_start: int = 0,
 ) -> torch.Tensor:
     qk_norm = None if q_norm_weight is None else (q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, norm_eps)
+    rope = None if rope_cos is None else (rope_cos, rope_sin, rope_start)
     if q.is_cuda and os.environ.get("VIDITQ_BACKEND", "auto") != "reference":
-        return quantized_attention_triton(q, k, v, mode, scale, bias, qk_norm=qk_norm)
-    out = quantized_attention_reference(q, k, v, mode, scale, bias, qk_norm=qk_norm)
+        return quantized_attention_triton(q, k, v, mode, scale, bias, qk_norm=qk_norm, rope=rope)
+    out = quantized_attention_reference(q, k, v, mode, scale, bias, qk_norm=qk_norm, rope=rope)
     return out.transpose(1, 2).contiguous().transpose(1, 2)  # same (B, Nq, H, D) memory layout as the kernel
 
 
 @_quantized_attention_op.register_fake
 def _(q, k, v, bias, mode, scale, q_norm_weight=None, q_norm_bias=None, k_norm_weight=None, k_norm_bias=None,
-      norm_eps=0.0):
+      norm_eps=0.0, rope_cos=None, rope_sin=None, rope_start=0):
     b, h, n_q, d = q.shape
     return q.new_empty((b, n_q, h, d)).transpose(1, 2)
 
@@ -722,16 +790,19 @@ def quantized_attention(
     scale: float | None = None,
     bias: torch.Tensor | None = None,
     qk_norm: QKNorm | None = None,
+    rope: Rope | None = None,
 ) -> torch.Tensor:
     """8-bit attention: the Triton kernel on CUDA, the PyTorch reference elsewhere (or with
     ``VIDITQ_BACKEND=reference``). A ``torch.library`` op, so ``torch.compile`` keeps it as one opaque call.
 
     q (B, H, Nq, D), k/v (B, H, Nkv, D), bias (B, H, Nkv) additive or None → (B, H, Nq, D) in q.dtype.
     ``qk_norm = (q_weight, q_bias, k_weight, k_bias, eps)``: the attention of ``LayerNorm(q)`` and
-    ``LayerNorm(k)`` over each head's D channels (weights (D,); CogVideoX's per-head q / k norms), applied by the
-    preparation kernels as they read q and k — the normalized tensors are never written.
+    ``LayerNorm(k)`` over each head's D channels (weights (D,); CogVideoX's per-head q / k norms); ``rope = (cos,
+    sin, start)``: then rotated (diffusers' ``apply_rotary_emb``, real form) on tokens [start, start + S) by the
+    (S, D) tables (CogVideoX's video tokens after the text). The preparation kernels apply both as they read q and
+    k — the transformed tensors are never written.
     """
-    _check_inputs(q, k, v, mode, bias, qk_norm)
+    _check_inputs(q, k, v, mode, bias, qk_norm, rope)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     norm = (None,) * 4 + (0.0,) if qk_norm is None else (*qk_norm[:4], float(qk_norm[4]))
-    return _quantized_attention_op(q, k, v, bias, mode, scale, *norm)
+    return _quantized_attention_op(q, k, v, bias, mode, scale, *norm, *((None, None, 0) if rope is None else rope))
