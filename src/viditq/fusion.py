@@ -467,10 +467,11 @@ def _qk_norm_args(attn, n_kv: int, head_dim: int):
     """``qk_norm`` for :func:`viditq.kernels.attention.quantized_attention` where ``attn`` runs 8-bit attention
     over these ``n_kv`` keys and its q / k norms are per-head LayerNorms with weight and bias (CogVideoX's): the
     kernels' preparation applies them as it reads q and k. Else None (the norms run as modules)."""
-    from .attention import QuantizedAttnProcessor
+    from .attention import MAX_HEAD_DIM, QuantizedAttnProcessor
 
     processor, norms = attn.processor, (attn.norm_q, attn.norm_k)
-    if not isinstance(processor, QuantizedAttnProcessor) or n_kv < processor.min_kv_tokens:
+    if not isinstance(processor, QuantizedAttnProcessor) or n_kv < processor.min_kv_tokens \
+            or head_dim > MAX_HEAD_DIM:
         return None
     if not all(isinstance(n, nn.LayerNorm) and n.normalized_shape == (head_dim,) and n.weight is not None
                and n.bias is not None and n.eps == norms[0].eps and not _hooked(n) for n in norms):

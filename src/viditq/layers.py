@@ -219,8 +219,8 @@ class QuantLinear(nn.Module):
         ``residual_prefix``: the residual in two parts, (B, T, N) for x's first T tokens and ``residual`` for the
         rest, gate (B, 2, N) with a row for each (CogVideoX's text and video tokens, :func:`add_residual`)."""
         spec = self.spec
-        if gate is not None and residual is None:
-            raise ValueError("a gate needs a residual")
+        if (gate is not None or residual_prefix is not None) and residual is None:
+            raise ValueError("a gate needs a residual" if gate is not None else "a residual prefix needs a residual")
         if spec.weight_only:
             y = self.forward_float_act(x)
             return y if residual is None else add_residual(y, residual, gate, residual_prefix)

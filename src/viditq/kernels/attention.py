@@ -584,7 +584,7 @@ def attention_stats(
     def per_split(n):  # tokens per split, whole BLOCK_T steps
         return triton.cdiv(triton.cdiv(n, splits), block_t) * block_t
 
-    norm_args = (part,) * 4 + (0.0,) if qk_norm is None else qk_norm
+    norm_args = (part,) * 4 + (0.0,) if qk_norm is None else (*(t.contiguous() for t in qk_norm[:4]), qk_norm[4])
     _attn_stats_kernel[(splits, b * h)](
         q, k, v_arg, part, *norm_args, *_rope_args(rope, part), *q.stride(), *k.stride(), *v_arg.stride(), h, n_q,
         n_kv, d, per_split(n_q), per_split(n_kv), stat_stride, BLOCK_T=block_t, HEAD_D=head_dim_padded,
@@ -622,7 +622,8 @@ def quantize_per_block(
     scales = torch.empty((b * h, n_blocks), dtype=torch.float32, device=x.device)
     mean_arg = mean.contiguous() if mean is not None else scales
     _quantize_blocks_kernel[(n_blocks, b * h)](
-        x, mean_arg, chan_scale.contiguous(), codes, scales, *(norm or (scales, scales, 0.0)),
+        x, mean_arg, chan_scale.contiguous(), codes, scales,
+        *((scales, scales, 0.0) if norm is None else (norm[0].contiguous(), norm[1].contiguous(), norm[2])),
         *_rope_args(rope, scales), *x.stride(), h, n, d, n_blocks * block, n_blocks, multiplier, BLOCK=block,
         HEAD_D=head_dim_padded, HAS_MEAN=mean is not None, INDEPENDENT=independent, HAS_NORM=norm is not None,
         HAS_ROPE=rope is not None, **pdl.launch_options(x.device))

@@ -500,9 +500,9 @@ def _tma_aligned(t: torch.Tensor) -> bool:
 def _tma_ok(a, w, c, w_zero, res=None, block_m: int = 0) -> bool:
     """The TMA kernels' operands: aligned (:func:`_tma_aligned`), no int8 zero points (they need the pointer
     kernel's row sums), and a residual in two parts only with ``block_m`` rows or more per batch entry (a tile
-    then meets at most two: :func:`_residual_tile`)."""
+    then meets at most two: :func:`_residual_tile`) and rows in both parts (a descriptor has no empty dims)."""
     tensors = [a, w, c] + ([] if res is None else [t for t in (res["residual"], res["prefix_part"]) if t is not None])
-    parts_ok = res is None or not res["RES_PARTS"] or res["tokens"] >= block_m
+    parts_ok = res is None or not res["RES_PARTS"] or (res["tokens"] >= block_m and 0 < res["prefix"] < res["tokens"])
     return w_zero is None and parts_ok and all(_tma_aligned(t) for t in tensors)
 
 
@@ -809,7 +809,7 @@ def _residual_args(residual, gate, m, n, dummy, out_dtype, residual_prefix=None)
     batch = None
     if residual_prefix is not None:
         parts = (residual_prefix, residual)
-        if not all(t.dim() == 3 and t.shape[0] == residual.shape[0] and t.shape[1] >= 1 and t.shape[2] == n
+        if not all(t.dim() == 3 and t.shape[0] == residual.shape[0] and t.shape[2] == n
                    and t.stride(2) == 1 and (t.shape[1] == 1 or t.stride(1) == n) and t.dtype == out_dtype
                    and t.device == residual.device for t in parts) \
                 or residual.shape[0] * (residual.shape[1] + residual_prefix.shape[1]) != m:
@@ -818,7 +818,7 @@ def _residual_args(residual, gate, m, n, dummy, out_dtype, residual_prefix=None)
                              f"strides {residual_prefix.stride()} {residual_prefix.dtype} and {tuple(residual.shape)} "
                              f"strides {residual.stride()} {residual.dtype}")
         batch, res["prefix"] = residual.shape[0], residual_prefix.shape[1]
-        res["tokens"] = m // batch
+        res["tokens"] = residual_prefix.shape[1] + residual.shape[1]
         args = (residual, residual.stride(0), residual.stride(1), residual_prefix, residual_prefix.stride(0),
                 residual_prefix.stride(1))
     elif residual.shape != (m, n) or residual.stride(-1) != 1 or residual.dtype != out_dtype:
@@ -829,11 +829,12 @@ def _residual_args(residual, gate, m, n, dummy, out_dtype, residual_prefix=None)
         args = (residual, 0, residual.stride(0), dummy, 0, 0)
     if gate is not None:
         res["SPLIT_GATE"] = split = batch is not None and gate.dim() == 3
-        if gate.dim() != (3 if split else 2) or gate.shape[-1] != n or gate.shape[0] < 1 or m % gate.shape[0] \
-                or (split and gate.shape[1] != 2) or (batch is not None and gate.shape[0] != batch):
+        batch_ok = gate.shape[0] >= 1 and m % gate.shape[0] == 0 if batch is None else gate.shape[0] == batch
+        if gate.dim() != (3 if split else 2) or gate.shape[-1] != n or not batch_ok or (split and gate.shape[1] != 2):
             shape = f"({'B' if batch is None else batch}, {n})" + ("" if batch is None else f" or ({batch}, 2, {n})")
             raise ValueError(f"gate must be {shape} with B dividing M={m}, got {tuple(gate.shape)}")
-        res["tokens"] = m // gate.shape[0]
+        if batch is None:  # (with parts: their rows per entry)
+            res["tokens"] = m // gate.shape[0]
         gate = gate.reshape(-1, n)  # (2B, N) split: rows 2b, 2b + 1 (a view wherever the rows have one stride)
         if gate.stride(-1) != 1:
             raise ValueError(f"gate must have contiguous channels, got strides {gate.stride()}")

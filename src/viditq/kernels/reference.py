@@ -125,6 +125,10 @@ def int_linear(
     y = apply_activation(y, activation)
     if gate is not None and residual is None:
         raise ValueError("a gate needs a residual")
+    if residual is None and (gate is not None or residual_prefix is not None):
+        raise ValueError("a gate needs a residual" if gate is not None else "a residual prefix needs a residual")
+    if gate is not None and gate.dim() == 3 and residual_prefix is None:
+        raise ValueError(f"a (B, 2, N) gate needs a residual prefix, got gate {tuple(gate.shape)}")
     if residual_prefix is not None:
         residual = torch.cat([residual_prefix, residual], dim=1).reshape(y.shape)
     if residual is not None:
@@ -137,8 +141,6 @@ def int_linear(
                 g = g[:, None, :]
             y = (y.view(gate.shape[0], -1, y.shape[-1]) * g).view(y.shape)
         y = y + residual.float()
-    elif residual_prefix is not None:
-        raise ValueError("a residual prefix needs a residual")
     return y.to(out_dtype)
 
 
