@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The first device call of the next session with a GPU (one H100, ~500 s), from the repo root, with
+# The first device call of the next session with a GPU (one H100, ~560 s), from the repo root, with
 #   here:  python benchmarks/ab_attention.py prepare old=95fa78f fused=628c122 qknorm=0b77714 new=HEAD
 #   there: carry [".whl", ".ab"]; python3 -m pip install ... --target /tmp/site .whl/*.whl (run_gpu.sh's header);
 #          OUT=$OUT bash benchmarks/exp/session27_call.sh
@@ -16,7 +16,7 @@ start=$SECONDS
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv > "$OUT/gpu.txt" 2>&1
 PYTHONPATH=$PWD/src:/tmp/site timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_fusion.py \
   tests/test_compile.py tests/test_kernels.py tests/test_attention.py \
-  -k "prefix or cogvideox or falls_back or norm_kernel or two_parts or residual or qk_norm" \
+  -k "prefix or cogvideox or falls_back or norm_kernel or two_parts or residual or qk_transform or rotates" \
   > "$OUT/tests.txt" 2>&1
 run() {  # run PACKAGE MODEL VARIANT TAG [PROFILE]: skipped once the call has used 470 s (the limit is 600)
   if (( SECONDS - start > 470 )); then echo "skipped (time)" > "$OUT/e2e_$2_$1_$4.txt"; return; fi
@@ -24,11 +24,15 @@ run() {  # run PACKAGE MODEL VARIANT TAG [PROFILE]: skipped once the call has us
     --models "$2" --variants "$3" --iters 5 --timeout 105 --out "$OUT/e2e_$2_$1_$4.json" > "$OUT/e2e_$2_$1_$4.txt" 2>&1
 }
 for pkg in old fused qknorm new; do run "$pkg" cogvideox w8a8_fp8_attn_blocks_graph 1; done
+# the two changes at the kernel level (the preparation with / without the norms, the two-part residual epilogue)
+PYTHONPATH=$PWD/src:/tmp/site timeout 120 python3 benchmarks/exp/session26_kernels.py --out "$OUT/kernels.json" \
+  > "$OUT/kernels.txt" 2>&1
 run new cogvideox w8a8_fp8_attn_blocks_graph 2 1  # with the kernel profile (json: profile_top)
 run fused cogvideox w8a8_fp8_attn_blocks_graph 2
 run new pixart w8a8_fp8_blocks_graph 1
 run old pixart w8a8_fp8_blocks_graph 1
 echo "== gpu"; cat "$OUT/gpu.txt"
 echo "== tests"; tail -2 "$OUT/tests.txt"
+echo "== kernels"; tail -16 "$OUT/kernels.txt"
 echo "== e2e ($((SECONDS - start)) s)"
 for f in "$OUT"/e2e_*.txt; do echo "$(basename "$f" .txt): $(grep -hE '^(cogvideox|pixart) |skipped' "$f" | cut -c1-80)"; done
