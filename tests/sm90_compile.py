@@ -1,6 +1,7 @@
 """Compile the Gluon kernels for sm_90 without a GPU (Triton's bundled ptxas) and print what the tests check, as
 JSON: ``gemm`` (:mod:`viditq.kernels.ws_gemm`, for ``tests/test_ws_gemm.py``), ``attention``
-(:mod:`viditq.kernels.ws_attention`, for ``tests/test_ws_attention.py``), ``tl_attention`` (the ``tl`` kernel
+(:mod:`viditq.kernels.ws_attention`, for ``tests/test_ws_attention.py``), ``residual_gemm`` (the ``tl`` TMA GEMM's
+residual epilogues, for ``tests/test_kernels.py``), ``tl_attention`` (the ``tl`` kernel
 of :mod:`viditq.kernels.attention`, for ``tests/test_attention.py``), ``attention_prep`` (its preparation kernels'
 programmatic-dependent-launch order, same test file) or ``norm`` (the LayerNorm + modulation + quantization kernel
 with and without a prefix, for ``tests/test_fusion.py``). Run in a subprocess by the tests
@@ -178,7 +179,40 @@ def norm_kernel():
     return out
 
 
+def residual_gemm():
+    """The tl TMA GEMM's residual epilogue at CogVideoX-2B's out-projection and FF down-projection (fp8 and int8,
+    its default residual tile): one residual with one gate row a batch entry, and the text and video residuals as
+    two parts (3-D TMA descriptors over views of one sequence) with split gates — shared memory, ptxas's
+    registers and spills, and the residual's TMA loads (2-D / 3-D) in the PTX."""
+    from viditq.kernels import int_gemm
+
+    b, t, s, n = 2, 226, 775, 1920  # (a short video part: the compile does not depend on it)
+    m = b * (t + s)
+    joint = torch.zeros(b, t + s, n).bfloat16()
+    out = {}
+    with offline.sm90_compiles(int_gemm._quant_gemm_tma_kernel) as compiled:
+        for codes in (torch.float8_e4m3fn, torch.int8):
+            for k in (1920, 5120):
+                a, w = torch.zeros(m, k).to(codes), torch.zeros(n, k).to(codes)
+                cfg = int_gemm.default_config(36004, n, k, k, codes == torch.float8_e4m3fn, 2, True)
+                for parts in (False, True):
+                    kw = dict(residual=joint.view(m, n), gate=torch.zeros(b, n).bfloat16())
+                    if parts:  # the text and video parts of one sequence, a gate row each
+                        kw = dict(residual=joint[:, t:], residual_prefix=joint[:, :t],
+                                  gate=torch.zeros(b, 2, n).bfloat16())
+                    try:
+                        int_gemm.quant_linear(a, torch.ones(m, 1), w, torch.ones(n, 1), None, k, False, None,
+                                              torch.bfloat16, cfg, **kw)
+                    except (RuntimeError, AttributeError):  # the launch needs the real driver: compiled already
+                        pass
+                    ptx = compiled[-1].asm["ptx"]
+                    out[f"{str(codes).removeprefix('torch.')} k={k} parts={parts}"] = dict(
+                        shared=compiled[-1].metadata.shared, **offline.ptxas_report(compiled[-1]),
+                        tma_3d=len(re.findall(r"cp\.async\.bulk\.tensor\.3d\.shared::\w+\.global", ptx)))
+    return out
+
+
 if __name__ == "__main__":
     which = dict(gemm=gemm, attention=attention_kernel, tl_attention=tl_attention, attention_prep=attention_prep,
-                 norm=norm_kernel)
+                 norm=norm_kernel, residual_gemm=residual_gemm)
     json.dump(which[sys.argv[1]](), sys.stdout)

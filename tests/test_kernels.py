@@ -350,6 +350,21 @@ def test_int_linear_residual_epilogue(m, n, k, bits, group_size, tma, batch):
             fn(a, a_scale, w, w_scale, w_zero, gs, packed, bias, torch.bfloat16, gate=one_gate)
 
 
+def test_residual_epilogues_compile_for_sm90(sm90_compile):
+    """The TMA GEMM's residual epilogue at CogVideoX's out-projection and FF down-projection shapes, fp8 and int8,
+    compiles for the H100 (Triton's bundled ptxas, no GPU): the residual in two parts loads them by 3-D TMA
+    descriptors, in the shared memory of one residual tile (the loads share a buffer), without spills or
+    serialized wgmma."""
+    out = sm90_compile("residual_gemm")
+    assert len(out) == 8
+    for name, report in out.items():
+        assert report["spill_stores"] == report["spill_loads"] == 0 and not report["wgmma_serialized"], (name, report)
+        assert report["shared"] <= int_gemm.SMEM_LIMIT, (name, report)
+        assert (report["tma_3d"] > 0) == name.endswith("parts=True"), (name, report)
+        if name.endswith("parts=True"):
+            assert report["shared"] == out[name.replace("parts=True", "parts=False")]["shared"], name
+
+
 @pytest.mark.parametrize("batch,tokens,prefix,tma,fp8", [
     (2, 34, 5, False, False), (3, 40, 39, True, False), (2, 70, 9, True, True), (1, 40, 1, True, True),
     (3, 20, 7, True, False), (2, 40, 0, True, False)] + [  # (20 tokens < the 32-row tile, no text: pointers)
