@@ -21,7 +21,9 @@ goes further, as :func:`fuse_ada_norm_single` does for PixArt: the attention and
 sequence [text, video] of the two norms' outputs only through q/k/v and the up-projection, so one launch
 normalizes, modulates (each part with its own scale and shift) and quantizes both parts into those layers' codes
 (``kernels.norm``'s ``prefix``), and neither the norm outputs, nor their concatenation, nor a quantization pass
-over it touches memory (eager and compiled).
+over it touches memory (eager and compiled); the output projection and the feed-forward down-projection add the
+text and video residuals, each with its own gate, in their GEMM epilogues, and 8-bit attention applies the q / k
+LayerNorms and rotary embedding as its preparation reads q and k.
 
 :func:`fuse_gelu` moves the tanh GELU of diffusers' ``GELU`` activation modules into the int8 GEMM epilogue of
 their (quantized) projection, which saves one read and one write of the widest activation of every block

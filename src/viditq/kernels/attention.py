@@ -15,6 +15,8 @@
 
 On sm_90 the preparation's five launches (statistics, their finish per head, the Q, K and V quantization) and the
 attention kernel chain by programmatic dependent launch (:mod:`pdl`); K's and V's quantization run alongside Q's.
+The preparation can also apply the model's per-head q / k LayerNorms (``qk_norm``) and rotary embedding (``rope``)
+as it reads q and k (CogVideoX's attention: ``viditq.fusion``), so the transformed q and k are never written.
 
 Head dims up to 256 are padded to a power of two (72 → 128) in the quantized copies; sequence lengths are padded
 to whole blocks and padded keys are masked. ``bias`` is an optional additive key-padding bias (B, H, Nkv), the
