@@ -77,7 +77,8 @@ def attention_kernel():
 
 def tl_attention():
     """The ``tl`` kernel of :mod:`attention` in fp8 mode at its default tiles (head dims 64 and 128): the SASS
-    loops."""
+    loops; at CogVideoX's tile also with the output quantized in the epilogue (``quant``: its loops, registers,
+    spills)."""
     out = {}
     b, h, n = 1, 2, 300
     with offline.sm90_compiles(attention._attn_fwd_kernel) as compiled:
@@ -88,6 +89,12 @@ def tl_attention():
                     ops, torch.empty(b, n, h, head_d, dtype=torch.bfloat16).transpose(1, 2), n, config)
                 out[f"d{head_d} m{config.block_m} n{config.block_n} w{config.num_warps}"] = dict(
                     loops=offline.mma_loops(compiled[-1]))
+        config = attention.default_config(64, "fp8")
+        quant = dict(scale=torch.ones(b), smooth=torch.ones(h * 64), token_scale=torch.empty(b * n, 1))
+        attention.attention_from_operands(
+            _fp8_operands(b * h, n, 64, config.block_m, config.block_n),
+            torch.empty(b, n, h, 64, dtype=torch.float8_e4m3fn).transpose(1, 2), n, config, quant)
+        out["quant"] = dict(loops=offline.mma_loops(compiled[-1]), **offline.ptxas_report(compiled[-1]))
     return out
 
 

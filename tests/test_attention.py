@@ -233,6 +233,35 @@ def test_kernel_applies_the_qk_transforms_it_is_given(shape, transforms, mode):
         torch.testing.assert_close(got.view(b, h, d), want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("smooth", [False, True])
+@pytest.mark.parametrize("shape", [(2, 2, 130, 130, 64), (1, 3, 70, 70, 32)])
+def test_kernel_writes_the_output_quantized_for_the_next_layer(shape, smooth):
+    """``quantized_attention_quant_out``: the epilogue writes fp8 codes of ``attention * smooth`` in the (B, N, H·D)
+    order the output projection reads, with one scale per batch entry bounded from V's channel scales (the
+    output is a convex combination of V's rows): never saturating, within fp8's rounding of the attention itself,
+    and the kernel's codes those of the reference (with the q / k norms as CogVideoX hands them over)."""
+    b, h, n_q, n_kv, d = shape
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2)
+               for x in realistic_qkv(b, h, n_q, n_kv, d, seed=sum(shape)))
+    norm = _qk_norm(d, seed=1)
+    g = torch.Generator().manual_seed(d)
+    smooth_inv = (torch.rand(h * d, generator=g) + 0.5).to(DEVICE) if smooth else None
+    codes, scales = KA.quantized_attention_quant_out_triton(q, k, v, qk_norm=norm, smooth=smooth_inv)
+    assert codes.shape == (b * n_q, h * d) and codes.dtype == torch.float8_e4m3fn and scales.shape == (b * n_q, 1)
+    ref_codes, ref_scales = KA.quantized_attention_quant_out_reference(q, k, v, qk_norm=norm, smooth=smooth_inv)
+    torch.testing.assert_close(scales, ref_scales, rtol=1e-5, atol=0)  # (the V scales' max, the same in both)
+    assert bool((scales.view(b, n_q) == scales.view(b, n_q)[:, :1]).all())  # one scale per batch entry
+    deq = codes.float() * scales
+    assert rel_l2(deq, ref_codes.float() * ref_scales) < 0.03
+    assert codes.float().abs().max() < 448  # the bound holds: nothing saturates
+    attn = KA.quantized_attention_reference(q, k, v, "fp8", qk_norm=norm).transpose(1, 2).reshape(b * n_q, h * d)
+    expected = attn.float() * (1 if smooth_inv is None else smooth_inv)
+    assert rel_l2(deq, expected) < 0.05  # fp8's rounding of the attention (and the bf16 reference's)
+    assert KA.quantized_attention_quant_out(q, k, v, qk_norm=norm, smooth=smooth_inv)[0].shape == codes.shape
+    with pytest.raises(ValueError, match="smooth must be"):
+        KA.quantized_attention_quant_out(q, k, v, smooth=torch.ones(h * d + 1, device=DEVICE))
+
+
 def test_qk_transform_bad_inputs():
     q, k, v = realistic_qkv(1, 1, 8, 8, 64)
     norm = _qk_norm(64)
@@ -401,9 +430,15 @@ def test_fp8_kernel_sass_hands_p_to_pv_without_shuffles(sm90_compile):
     """The fp8 kernel compiled for sm_90 (no GPU): one trip over a key block issues the Q·Kᵀ and P·V wgmma, one
     exp2 per score (+ the rows' rescale factors) and no indexed shuffle — P's registers are relabeled into the
     P·V operand's order, the keys of V stored in that order (``_pv_key_position``). Before: 16 ``SHFL.IDX``
-    (+ 16 ``PRMT``, 17 ``SEL``) of 559 instructions per trip at CogVideoX's tile; after: 512."""
+    (+ 16 ``PRMT``, 17 ``SEL``) of 559 instructions per trip at CogVideoX's tile; after: 512. The variant that
+    quantizes its output for the next layer has the same trip."""
     out = sm90_compile("tl_attention")
-    assert len(out) == 4, out
+    assert len(out) == 5, out
+    quant = out.pop("quant")  # the epilogue that quantizes the output leaves the key loop as it is, no spills
+    plain = out[next(name for name in out if name.startswith("d64 m64"))]
+    assert min(quant["loops"], key=lambda loop: loop["instructions"]) == min(plain["loops"],
+                                                                           key=lambda loop: loop["instructions"])
+    assert quant["spill_stores"] == quant["spill_loads"] == 0, quant
     for name, info in out.items():
         head_d, block_m, block_n, warps = (int(x[1:]) for x in name.split())
         trip = min(info["loops"], key=lambda loop: loop["instructions"])  # (TMA: the barrier waits' retry branches)

@@ -425,12 +425,14 @@ def test_norm_kernel_normalizes_a_prefix_and_x_as_one_sequence(fp8, n0):
         norm.layer_norm_modulate(x, w, bias, scale, shift, 1e-6, prefix=(x0, scale0.float(), shift0))
 
 
-@pytest.mark.parametrize("preset,attention", [("w8a8-fp8", None), ("w4a8-fp8", "fp8"), ("w8a8", None)])
+@pytest.mark.parametrize("preset,attention", [("w8a8-fp8", None), ("w4a8-fp8", "fp8"), ("w8a8", None),
+                                              ("w8a8-fp8", "int8")])
 def test_cogvideox_blocks_quantize_in_the_norm_kernel(monkeypatch, preset, attention):
     """Quantized CogVideoX blocks: one norm kernel quantizes the joint [text, video] input of q/k/v and of the
     feed-forward up-projection (those layers' own quantization calls go, the norm output is not written), the
     attention runs as diffusers' processor (8-bit where wrapped, and then the attention's preparation applies
-    the q / k LayerNorms instead of the norm modules): the unfused model's output up to rounding."""
+    the q / k LayerNorms instead of the norm modules; in fp8 mode with fp8 activations its epilogue also writes
+    the output projection's codes): the unfused model's output up to rounding."""
     from viditq.kernels import attention as KA
     from viditq.kernels import dispatch
     from viditq.testing import forward_output, sqnr_db
@@ -444,9 +446,11 @@ def test_cogvideox_blocks_quantize_in_the_norm_kernel(monkeypatch, preset, atten
     residuals, real_linear = [], dispatch.int_linear
     monkeypatch.setattr(dispatch, "int_linear",
                         lambda *a: residuals.append(a[13] is not None and a[13].shape[1]) or real_linear(*a))
-    qk_norms, real_attention = [], KA.quantized_attention  # (diffusers' path imported its own reference)
-    monkeypatch.setattr(KA, "quantized_attention",
-                        lambda *a, **k: qk_norms.append(k.get("qk_norm") is not None) or real_attention(*a, **k))
+    qk_norms, quant_outs = [], []  # (diffusers' path imported its own reference)
+    for name, seen in (("quantized_attention", qk_norms), ("quantized_attention_quant_out", quant_outs)):
+        monkeypatch.setattr(KA, name, functools.partial(
+            lambda real, seen, *a, **k: seen.append(k.get("qk_norm") is not None) or real(*a, **k),
+            getattr(KA, name), seen))
     norm_modules = [m for b in blocks for m in (b.attn1.norm_q, b.attn1.norm_k)]
     for m in norm_modules:
         m.forward = functools.partial(lambda m, *a: calls.append("qk norm") or type(m).forward(m, *a), m)
@@ -455,12 +459,15 @@ def test_cogvideox_blocks_quantize_in_the_norm_kernel(monkeypatch, preset, atten
         del m.forward
     unfused, fused, saved, quantized_attention = _both_forwards(monkeypatch, model, x, calls)
     assert quantized_attention == (len(blocks) if attention else 0)
-    assert qk_norms == [True] * (len(blocks) if attention else 0)  # 8-bit attention normalizes q and k itself
+    # 8-bit attention normalizes q and k itself, and in fp8 writes the output projection's codes (fp8 presets)
+    assert quant_outs == [True] * (len(blocks) if attention == "fp8" else 0)
+    assert qk_norms == [True] * (len(blocks) if attention == "int8" else 0)
     # the attention output projection and the FF down-projection add the residual in two parts, split at the text
     text_len = x["encoder_hidden_states"].shape[1]
     half = len(residuals) // 2  # (the unfused forward first)
     assert residuals[half:].count(text_len) == 2 * len(blocks) and not any(residuals[:half])
-    assert saved == 2 * len(blocks)  # per block: q/k/v (one shared call) and FF up, in the norm kernel
+    # per block: q/k/v (one shared call) and FF up in the norm kernel, the output projection's in the attention's
+    assert saved == (3 if attention == "fp8" else 2) * len(blocks)
     assert norm_calls == [False] * (2 * len(blocks))
     assert sqnr_db(unfused, fused) > 50  # float32: the norm's rounding, at most a rare code flip
     ref = forward_output(float_model, x)
@@ -515,9 +522,10 @@ def test_fused_cogvideox_block_rotates_the_video_tokens(monkeypatch, attention):
         from viditq.attention import apply_quantized_attention
 
         apply_quantized_attention(model, attention, min_kv_tokens=0)
-    ropes, real_attention = [], KA.quantized_attention
-    monkeypatch.setattr(KA, "quantized_attention",
-                        lambda *a, **k: ropes.append(k.get("rope") is not None) or real_attention(*a, **k))
+    ropes = []  # (fp8 attention with fp8 activations: the route that also writes the projection's codes)
+    for name in ("quantized_attention", "quantized_attention_quant_out"):
+        monkeypatch.setattr(KA, name, functools.partial(
+            lambda real, *a, **k: ropes.append(k.get("rope") is not None) or real(*a, **k), getattr(KA, name)))
     block = model.transformer_blocks[0].to(DEVICE)
     assert isinstance(block, fusion.FusedCogVideoXBlock)
     g = torch.Generator().manual_seed(5)

@@ -4,7 +4,9 @@
    their own pass (``F.layer_norm`` under ``torch.compile``, as Inductor ran them in the compiled blocks) and the
    preparation after it;
 2. the residual epilogue with the text and video residuals as two parts and split gates (``residual_prefix``)
-   against the plain GEMM plus the gated residual as its own (compiled) pass, and the one-residual epilogue.
+   against the plain GEMM plus the gated residual as its own (compiled) pass, and the one-residual epilogue;
+3. the attention writing its output as the output projection's fp8 codes (``quantized_attention_quant_out``)
+   against the attention's bf16 output and the projection's own quantization pass.
 
 CogVideoX-2B shapes: 2 x (226 text + 17 776 video) tokens, 1920 channels, 30 heads of 64; fp8 codes. CUDA-graph
 medians (``bench_attention.graph_bench``); also the largest difference between the fused and unfused results.
@@ -23,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_attention import graph_bench  # noqa: E402
 
 from viditq.kernels import attention as KA  # noqa: E402
-from viditq.kernels import int_gemm, reference  # noqa: E402
+from viditq.kernels import dispatch, int_gemm, reference  # noqa: E402
 
 B, T, S, C, H = 2, 226, 17776, 1920, 30
 D = C // H
@@ -57,6 +59,21 @@ def prep(res: dict) -> None:
     KA.attention_from_operands(f, out_f, T + S, cfg)
     res["prep: attention rel. difference, fused vs separate"] = float((out_f.float() - out_a.float()).norm()
                                                                       / out_a.float().norm())
+    # 3. the output projection's input: quantized by its own pass, or by the attention's epilogue
+    smooth = (torch.rand(C, device=DEVICE, generator=g) + 0.5).float()
+
+    def attention_then_quantize():
+        out = KA.quantized_attention_triton(q, k, v, "fp8", qk_norm=norm)
+        return dispatch.quantize_activation(out.transpose(1, 2).reshape(-1, C), 8, smooth, None, 1, 0, fp8=True)
+
+    def quantized_output():
+        return KA.quantized_attention_quant_out_triton(q, k, v, qk_norm=norm, smooth=smooth)
+
+    res["out: attention + its quantization pass (ms)"] = graph_bench(attention_then_quantize)
+    res["out: attention writing fp8 codes (ms)"] = graph_bench(quantized_output)
+    (c1, s1), (c2, s2) = attention_then_quantize(), quantized_output()
+    ref = c1.float() * s1
+    res["out: rel. difference of the dequantized inputs"] = float((c2.float() * s2 - ref).norm() / ref.norm())
 
 
 def residual(res: dict) -> None:

@@ -494,15 +494,24 @@ def _rope_args(image_rotary_emb, n_video: int, head_dim: int, text_len: int, dev
     return ok, ((*tables, text_len) if ok else None)
 
 
+def _quantizes_output_of_attention(out_proj, channels: int) -> bool:
+    """Whether the attention's fp8 epilogue can quantize ``out_proj``'s input for it: a QuantLinear with fp8
+    activations quantized per token by the plain kernel (:func:`_quantizes_own_input`), an input cache of its own,
+    no hooks."""
+    return (_quantizes_own_input(out_proj, channels) and out_proj.spec.fp8 and out_proj._input_cache is not None
+            and out_proj._input_cache.members == 1 and not _hooked(out_proj))
+
+
 def _attend_joint(attn, out_proj, x, text_len: int, image_rotary_emb, group: bool, hidden, enc, gates):
     """``[enc, hidden] + gates * attn(x)`` (B, T + N, C) for ``CogVideoXAttnProcessor2_0``'s arithmetic (no mask)
     on the joint sequence ``x`` = [text, video] that the norm kernel produced (q, k and v read its codes), through
     8-bit attention where the processor is wrapped, ``out_proj`` (:func:`_joint_output_projection`) adding the
     text and video residuals with their gates (B, 2, C) in its epilogue. There the 8-bit attention applies the
-    q / k LayerNorms (:func:`_qk_norm_args`) and the video tokens' rotary embedding itself."""
+    q / k LayerNorms (:func:`_qk_norm_args`) and the video tokens' rotary embedding itself, and in fp8 mode
+    writes its output as the projection's fp8 codes (:func:`_quantizes_output_of_attention`)."""
     from diffusers.models.embeddings import apply_rotary_emb
 
-    from .kernels.attention import quantized_attention
+    from .kernels.attention import quantized_attention, quantized_attention_quant_out
 
     batch = x.shape[0]
     projections = (attn.to_q, attn.to_k, attn.to_v)
@@ -515,6 +524,13 @@ def _attend_joint(attn, out_proj, x, text_len: int, image_rotary_emb, group: boo
         query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
         if not torch.compiler.is_compiling():
             attn.processor.counts["quantized"] += 1
+        if attn.processor.mode == "fp8" and _quantizes_output_of_attention(out_proj, attn.heads * head_dim):
+            # the attention's epilogue quantizes its output for the projection, which reads the codes only
+            codes = quantized_attention_quant_out(query, key, value, qk_norm=qk_norm, rope=rope,
+                                                  smooth=out_proj.smooth_inv)
+            out = torch.empty(batch, x.shape[1], attn.heads * head_dim, device=x.device, dtype=query.dtype)
+            out_proj._input_cache.prime(out, codes)
+            return _project(out_proj, out, hidden, gates, enc)
         out = quantized_attention(query, key, value, attn.processor.mode, qk_norm=qk_norm, rope=rope)
     else:
         query, key, value = _heads(attn, batch, query, key, value)
@@ -572,11 +588,17 @@ class FusedCogVideoXBlock(CogVideoXBlock):
 
 def fuse_cogvideox_blocks(model: nn.Module, group_qkv: bool = True) -> int:
     """Give every CogVideoX block (diffusers ``CogVideoXBlock``) whose q/k/v and feed-forward up-projection the
-    norm kernel can quantize (:func:`_quantizes_own_input`) the fused forward (idempotent); the up-projection
-    gets an input cache of its own. ``group_qkv``: q, k and v in one GEMM launch where the kernel can. Returns
-    how many blocks have it."""
+    norm kernel can quantize (:func:`_quantizes_own_input`) the fused forward (idempotent); the up-projection and
+    the attention's output projection get an input cache of their own. ``group_qkv``: q, k and v in one GEMM
+    launch where the kernel can. Returns how many blocks have it."""
     def layer_norm(block):
         ok = isinstance(block.norm1.norm, nn.LayerNorm) and isinstance(block.norm2.norm, nn.LayerNorm)
         return block.norm1.norm if ok else None
 
-    return _fuse_blocks(model, CogVideoXBlock, FusedCogVideoXBlock, layer_norm, True, group_qkv)
+    count = _fuse_blocks(model, CogVideoXBlock, FusedCogVideoXBlock, layer_norm, True, group_qkv)
+    for block in model.modules():  # the output projection reads the attention's fp8 codes through a cache of its own
+        out_proj = _joint_output_projection(block.attn1) if isinstance(block, FusedCogVideoXBlock) else None
+        if type(out_proj) is QuantLinear and _quantizes_own_input(out_proj, out_proj.spec.in_features) \
+                and out_proj._input_cache is None:
+            out_proj._input_cache, out_proj._input_index = SharedInputCache(1), 0
+    return count

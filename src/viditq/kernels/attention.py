@@ -141,9 +141,14 @@ def quantized_attention_reference(
     there.
     """
     _check_inputs(q, k, v, mode, bias, qk_norm, rope)
+    return _reference_float(q, k, v, mode, scale, bias, config, qk_norm, rope)[0].to(q.dtype)
+
+
+def _reference_float(q, k, v, mode, scale, bias, config, qk_norm, rope):
+    """:func:`quantized_attention_reference` in float32 (before the cast), and the fp8 V scales (B, H, D) (None
+    in int8 mode)."""
     config = config or default_config(padded_head_dim(q.shape[-1]), mode, k.shape[2])
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    out_dtype = q.dtype
     if qk_norm is not None:
         q, k = layer_norm_heads(q, *qk_norm[0:2], qk_norm[4]), layer_norm_heads(k, *qk_norm[2:4], qk_norm[4])
     if rope is not None:
@@ -171,7 +176,7 @@ def quantized_attention_reference(
             p = torch.exp2(s - s_max)
             p_mma = p.to(torch.bfloat16).float()
         out[:, :, rows] = (p_mma @ v_dq) / p.sum(dim=-1, keepdim=True)
-    return out.to(out_dtype)
+    return out, (v_scale[:, :, 0] if mode == "fp8" else None)
 
 
 def layer_norm_heads(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
@@ -501,6 +506,7 @@ def _attn_fwd_kernel(
     H, N_Q, N_KV, N_UNMASKED, D, NQ_PAD, NKV_PAD,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
     PV_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, TMA: tl.constexpr, PDL: tl.constexpr,
+    OutScale=None, Smooth=None, TokenScale=None, QUANT_OUT: tl.constexpr = False, HAS_SMOOTH: tl.constexpr = False,
 ):
     """One (BLOCK_M, HEAD_D) output tile of one head. Grid (Nq_pad / BLOCK_M, B·H): the query blocks of a head
     run next to each other, so that head's K and V stay in L2. ``TMA``: K8 and V are tensor descriptors."""
@@ -535,6 +541,13 @@ def _attn_fwd_kernel(
         out = out * tl.load(VScale + pid_bh * HEAD_D + offs_d)[None, :]
     b = pid_bh // H
     h = pid_bh % H
+    if QUANT_OUT:  # fp8 codes of the output (times the next layer's smoothing) with the batch entry's scale
+        if HAS_SMOOTH:
+            out = out * tl.load(Smooth + h * D + offs_d, mask=offs_d < D, other=0.0)[None, :]
+        token_scale = tl.load(OutScale + b)
+        out = tl.minimum(tl.maximum(out / token_scale, -448.0), 448.0)
+        if h == 0:  # every token of the entry carries that scale
+            tl.store(TokenScale + b * N_Q + offs_m, tl.zeros([BLOCK_M], tl.float32) + token_scale, mask=offs_m < N_Q)
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m < N_Q)[:, None] & (offs_d < D)[None, :])
 
@@ -712,11 +725,15 @@ def _tma_loads(ops: QuantizedOperands) -> bool:
 
 
 def attention_from_operands(
-    ops: QuantizedOperands, out: torch.Tensor, n_kv: int, config: AttentionConfig
+    ops: QuantizedOperands, out: torch.Tensor, n_kv: int, config: AttentionConfig, quant_out: dict | None = None,
 ) -> torch.Tensor:
     """Run the attention kernel into ``out`` (B, H, Nq, D) (any strides); with ``VIDITQ_WS_ATTENTION=1`` the fp8
-    mode on sm_90 goes to the warp-specialized Gluon kernel (:mod:`ws_attention`, slower so far) where it applies."""
-    if ws_attention is not None and ws_attention.applies(ops, out, config.block_m, config.block_n):
+    mode on sm_90 goes to the warp-specialized Gluon kernel (:mod:`ws_attention`, slower so far) where it applies.
+    ``quant_out = {"scale": (B,), "smooth": (H·D,) or None, "token_scale": (B·Nq,)}`` (float32): ``out`` is fp8
+    e4m3 and gets the codes of ``attention * smooth / scale[b]``, ``token_scale`` each token's scale
+    (:func:`quantized_attention_quant_out`)."""
+    if quant_out is None and ws_attention is not None \
+            and ws_attention.applies(ops, out, config.block_m, config.block_n):
         return ws_attention.attention(ops, out, n_kv, config.block_n)
     b, h, n_q, d = out.shape
     nkv_pad = ops.k8.shape[1]
@@ -735,7 +752,10 @@ def attention_from_operands(
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, HEAD_D=ops.q8.shape[2],
         PV_FP8=ops.v_scale is not None, HAS_BIAS=ops.bias is not None, TMA=tma,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl.launch_options(out.device),
-        maxnreg=config.max_registers if tma else None)  # (the register cap was measured with the TMA loads only)
+        maxnreg=config.max_registers if tma else None,  # (the register cap was measured with the TMA loads only)
+        **({} if quant_out is None else dict(
+            OutScale=quant_out["scale"], Smooth=quant_out["smooth"], TokenScale=quant_out["token_scale"],
+            QUANT_OUT=True, HAS_SMOOTH=quant_out["smooth"] is not None)))
     return out
 
 
@@ -760,6 +780,63 @@ def quantized_attention_triton(
     ops = quantize_operands(q, k, v, mode, scale, bias, config, qk_norm, rope)
     out = torch.empty((b, n_q, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
     return attention_from_operands(ops, out, k.shape[2], config)
+
+
+# ------------------------------------------------------------------------------------------ quantized output
+OUT_BOUND = 1.125  # |attention| <= this x max|v| per channel: P's fp8 rounding adds at most 1/16 of each probability
+# (and, below fp8's normal range, 2^-10 a key against a row sum of at least 448 — 4 % at 17 776 keys)
+
+
+def output_scale(v_scale: torch.Tensor, smooth: torch.Tensor | None, d: int) -> torch.Tensor:
+    """(B,) float32 fp8 scales of the attention output of each batch entry (times ``smooth`` (H·D,)): a bound on
+    it from V's per-channel fp8 scales ``v_scale`` (B, H, ≥ D) — the output is a convex combination of V's rows,
+    so no pass over it is needed to quantize it."""
+    b, h = v_scale.shape[:2]
+    amax = v_scale[:, :, :d].float()
+    if smooth is not None:
+        amax = amax * smooth.float().view(1, h, d)
+    return (amax.amax(dim=(1, 2)) * OUT_BOUND).clamp_min(1e-12)
+
+
+def _check_quant_out(q, mode, smooth):
+    if mode != "fp8":
+        raise ValueError(f"a quantized attention output needs the fp8 mode (V's scales bound it), got {mode!r}")
+    c = q.shape[1] * q.shape[3]
+    if smooth is not None and (smooth.shape != (c,) or smooth.dtype != torch.float32 or smooth.device != q.device):
+        raise ValueError(f"smooth must be a float32 vector of the {c} output channels on {q.device}, got "
+                         f"{tuple(smooth.shape)} {smooth.dtype} on {smooth.device}")
+
+
+def quantized_attention_quant_out_reference(q, k, v, scale=None, qk_norm=None, rope=None, smooth=None,
+                                            config=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantized_attention_quant_out` in PyTorch: the float32 reference attention, times ``smooth``,
+    quantized to fp8 with :func:`output_scale`."""
+    _check_inputs(q, k, v, "fp8", None, qk_norm, rope)
+    _check_quant_out(q, "fp8", smooth)
+    b, h, n, d = q.shape
+    out, v_scale = _reference_float(q, k, v, "fp8", scale, None, config, qk_norm, rope)
+    out = out.transpose(1, 2).reshape(b * n, h * d)
+    if smooth is not None:
+        out = out * smooth
+    s = output_scale(v_scale, smooth, d)  # (B,)
+    token_scale = s.repeat_interleave(n).view(b * n, 1)
+    return fake_quant_fp8(out / token_scale).to(torch.float8_e4m3fn), token_scale
+
+
+def quantized_attention_quant_out_triton(q, k, v, scale=None, qk_norm=None, rope=None, smooth=None,
+                                         config=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantized_attention_quant_out` with the kernel: its epilogue writes the fp8 codes."""
+    _check_inputs(q, k, v, "fp8", None, qk_norm, rope)
+    _check_quant_out(q, "fp8", smooth)
+    b, h, n_q, d = q.shape
+    config = config or default_config(padded_head_dim(d), "fp8", k.shape[2])
+    scale = d ** -0.5 if scale is None else scale
+    ops = quantize_operands(q, k, v, "fp8", scale, None, config, qk_norm, rope)
+    codes = torch.empty((b, n_q, h, d), dtype=torch.float8_e4m3fn, device=q.device)
+    token_scale = torch.empty((b * n_q, 1), dtype=torch.float32, device=q.device)
+    quant = dict(scale=output_scale(ops.v_scale.view(b, h, -1), smooth, d), smooth=smooth, token_scale=token_scale)
+    attention_from_operands(ops, codes.transpose(1, 2), k.shape[2], config, quant)
+    return codes.view(b * n_q, h * d), token_scale
 
 
 # ------------------------------------------------------------------------------------------ entry point
@@ -809,3 +886,47 @@ def quantized_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     norm = (None,) * 4 + (0.0,) if qk_norm is None else (*qk_norm[:4], float(qk_norm[4]))
     return _quantized_attention_op(q, k, v, bias, mode, scale, *norm, *((None, None, 0) if rope is None else rope))
+
+
+@torch.library.custom_op("viditq::quantized_attention_quant_out", mutates_args=())
+def _quantized_attention_quant_out_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+    q_norm_weight: torch.Tensor | None, q_norm_bias: torch.Tensor | None, k_norm_weight: torch.Tensor | None,
+    k_norm_bias: torch.Tensor | None, norm_eps: float, rope_cos: torch.Tensor | None, rope_sin: torch.Tensor | None,
+    rope_start: int, smooth: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    qk_norm = None if q_norm_weight is None else (q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, norm_eps)
+    rope = None if rope_cos is None else (rope_cos, rope_sin, rope_start)
+    if q.is_cuda and os.environ.get("VIDITQ_BACKEND", "auto") != "reference":
+        return quantized_attention_quant_out_triton(q, k, v, scale, qk_norm, rope, smooth)
+    return quantized_attention_quant_out_reference(q, k, v, scale, qk_norm, rope, smooth)
+
+
+@_quantized_attention_quant_out_op.register_fake
+def _(q, k, v, scale, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, norm_eps, rope_cos, rope_sin,
+      rope_start, smooth):
+    b, h, n_q, d = q.shape
+    return q.new_empty((b * n_q, h * d), dtype=torch.float8_e4m3fn), q.new_empty((b * n_q, 1), dtype=torch.float32)
+
+
+def quantized_attention_quant_out(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+    qk_norm: QKNorm | None = None,
+    rope: Rope | None = None,
+    smooth: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantized_attention` (fp8 mode) whose output comes quantized for the layer that reads it, the
+    attention's output projection: fp8 e4m3 codes (B·Nq, H·D) of ``attention * smooth`` (``smooth``: that layer's
+    ``smooth_inv``, or None) in the (B, Nq, H·D) order the projection reads, and float32 scales (B·Nq, 1) — one
+    value per batch entry, :func:`output_scale`'s bound (fp8 keeps its relative precision under a loose scale), so
+    the kernel's epilogue writes the codes and no quantization pass reads the output again. Kernel on CUDA,
+    reference elsewhere; one custom op under ``torch.compile``."""
+    _check_inputs(q, k, v, "fp8", None, qk_norm, rope)
+    _check_quant_out(q, "fp8", smooth)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    norm = (None,) * 4 + (0.0,) if qk_norm is None else (*qk_norm[:4], float(qk_norm[4]))
+    return _quantized_attention_quant_out_op(q, k, v, scale, *norm, *((None, None, 0) if rope is None else rope),
+                                             smooth)
