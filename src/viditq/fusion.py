@@ -528,7 +528,7 @@ def _attend_joint(attn, out_proj, x, text_len: int, image_rotary_emb, group: boo
             # the attention's epilogue quantizes its output for the projection, which reads the codes only
             codes = quantized_attention_quant_out(query, key, value, qk_norm=qk_norm, rope=rope,
                                                   smooth=out_proj.smooth_inv)
-            out = torch.empty(batch, x.shape[1], attn.heads * head_dim, device=x.device, dtype=query.dtype)
+            out = query.new_empty(()).expand(batch, x.shape[1], attn.heads * head_dim)  # (no storage of its own)
             out_proj._input_cache.prime(out, codes)
             return _project(out_proj, out, hidden, gates, enc)
         out = quantized_attention(query, key, value, attn.processor.mode, qk_norm=qk_norm, rope=rope)
@@ -597,7 +597,7 @@ def fuse_cogvideox_blocks(model: nn.Module, group_qkv: bool = True) -> int:
 
     count = _fuse_blocks(model, CogVideoXBlock, FusedCogVideoXBlock, layer_norm, True, group_qkv)
     for block in model.modules():  # the output projection reads the attention's fp8 codes through a cache of its own
-        out_proj = _joint_output_projection(block.attn1) if isinstance(block, FusedCogVideoXBlock) else None
+        out_proj = block.attn1.to_out[0] if isinstance(block, FusedCogVideoXBlock) else None
         if type(out_proj) is QuantLinear and _quantizes_own_input(out_proj, out_proj.spec.in_features) \
                 and out_proj._input_cache is None:
             out_proj._input_cache, out_proj._input_index = SharedInputCache(1), 0

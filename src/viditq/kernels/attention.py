@@ -783,19 +783,26 @@ def quantized_attention_triton(
 
 
 # ------------------------------------------------------------------------------------------ quantized output
-OUT_BOUND = 1.125  # |attention| <= this x max|v| per channel: P's fp8 rounding adds at most 1/16 of each probability
-# (and, below fp8's normal range, 2^-10 a key against a row sum of at least 448 — 4 % at 17 776 keys)
+def output_bound(n_kv: int) -> float:
+    """|attention| <= this x max|v| per channel: the output is a convex combination of V's rows, with P rounded to
+    fp8 against a row sum of the unrounded P (at least 448: the row max is shifted there). A normal P rounds by at
+    most 1/16 of itself; a subnormal one by at most 2^-10, X = n_kv · 2^-10 in all against a sum of at least
+    448 + X (a review found the worst case: each key just above 2^-10 rounding to 2^-9): 1.10 at CogVideoX's
+    17 776 keys, < 2 for any."""
+    x = n_kv * 2.0 ** -10
+    return 1.0 + 1.0 / 16.0 + x / (448.0 + x)
 
 
-def output_scale(v_scale: torch.Tensor, smooth: torch.Tensor | None, d: int) -> torch.Tensor:
-    """(B,) float32 fp8 scales of the attention output of each batch entry (times ``smooth`` (H·D,)): a bound on
-    it from V's per-channel fp8 scales ``v_scale`` (B, H, ≥ D) — the output is a convex combination of V's rows,
-    so no pass over it is needed to quantize it."""
+def output_scale(v_scale: torch.Tensor, smooth: torch.Tensor | None, d: int, n_kv: int) -> torch.Tensor:
+    """(B,) float32 fp8 scales of the attention output of each batch entry (times ``smooth`` (H·D,)) over
+    ``n_kv`` keys: a bound on it (:func:`output_bound`) from V's per-channel fp8 scales ``v_scale`` (B, H, ≥ D),
+    so no pass over the output is needed to quantize it. (fp8 keeps its relative precision under a loose scale,
+    down to about 1/10 000 of it.)"""
     b, h = v_scale.shape[:2]
     amax = v_scale[:, :, :d].float()
     if smooth is not None:
-        amax = amax * smooth.float().view(1, h, d)
-    return (amax.amax(dim=(1, 2)) * OUT_BOUND).clamp_min(1e-12)
+        amax = amax * smooth.float().abs().view(1, h, d)
+    return (amax.amax(dim=(1, 2)) * output_bound(n_kv)).clamp_min(1e-12)
 
 
 def _check_quant_out(q, mode, smooth):
@@ -818,7 +825,7 @@ def quantized_attention_quant_out_reference(q, k, v, scale=None, qk_norm=None, r
     out = out.transpose(1, 2).reshape(b * n, h * d)
     if smooth is not None:
         out = out * smooth
-    s = output_scale(v_scale, smooth, d)  # (B,)
+    s = output_scale(v_scale, smooth, d, k.shape[2])  # (B,)
     token_scale = s.repeat_interleave(n).view(b * n, 1)
     return fake_quant_fp8(out / token_scale).to(torch.float8_e4m3fn), token_scale
 
@@ -834,7 +841,8 @@ def quantized_attention_quant_out_triton(q, k, v, scale=None, qk_norm=None, rope
     ops = quantize_operands(q, k, v, "fp8", scale, None, config, qk_norm, rope)
     codes = torch.empty((b, n_q, h, d), dtype=torch.float8_e4m3fn, device=q.device)
     token_scale = torch.empty((b * n_q, 1), dtype=torch.float32, device=q.device)
-    quant = dict(scale=output_scale(ops.v_scale.view(b, h, -1), smooth, d), smooth=smooth, token_scale=token_scale)
+    quant = dict(scale=output_scale(ops.v_scale.view(b, h, -1), smooth, d, k.shape[2]),
+                 smooth=None if smooth is None else smooth.contiguous(), token_scale=token_scale)
     attention_from_operands(ops, codes.transpose(1, 2), k.shape[2], config, quant)
     return codes.view(b * n_q, h * d), token_scale
 
