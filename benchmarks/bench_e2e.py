@@ -225,9 +225,17 @@ KERNEL_CATEGORIES = (  # first match wins; names of cuBLAS / cuDNN / Triton / Py
     ("act_quant", ("_act_quant",)),
     ("w4_stage", ("_stage_int4",)),
     ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "_quant_gemm", "matmul")),
-    ("attention", ("flash", "fmha", "attention", "sdpa")),
-    ("norm", ("norm", "_ln_modulate")),
+    ("attention_prep", ("_attn_stats", "_quantize_blocks", "_quantize_v_fp8")),  # 8-bit attention's preparation
+    ("norm", ("norm", "_ln_modulate")),  # (before attention: Inductor names q/k norms "..._quantized_attention_...")
+    ("attention", ("_attn_fwd", "_attn_fp8_ws", "flash", "fmha", "attention", "sdpa")),
+    ("elementwise", ("triton_poi", "triton_red", "triton_per", "elementwise_kernel")),  # Inductor / ATen passes
 )
+
+
+def kernel_category(name: str) -> str:
+    """:data:`KERNEL_CATEGORIES`' category of a kernel name, else "other"."""
+    name = name.lower()
+    return next((c for c, keys in KERNEL_CATEGORIES if any(k in name for k in keys)), "other")
 
 
 def kernel_profile(fn, kwargs, top: int = 25) -> tuple[dict[str, float], list[tuple[str, int, float]]]:
@@ -241,8 +249,7 @@ def kernel_profile(fn, kwargs, top: int = 25) -> tuple[dict[str, float], list[tu
     totals: dict[str, float] = {}
     kernels = []
     for event in prof.key_averages():
-        name = event.key.lower()
-        category = next((c for c, keys in KERNEL_CATEGORIES if any(k in name for k in keys)), "other")
+        category = kernel_category(event.key)
         device_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
         totals[category] = totals.get(category, 0.0) + device_us / 1e3
         kernels.append((event.key[:120], event.count, device_us / 1e3))

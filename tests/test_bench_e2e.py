@@ -17,3 +17,26 @@ def test_weight_bytes_count_the_inner_tensors_of_wrapper_subclasses(benchmark_sc
     held = 2 * 32 * 64 + 32 * 2
     assert bench_e2e.module_bytes(model) == held
     assert bench_e2e.state_bytes(model) == held
+
+
+def test_kernel_profile_categories(benchmark_script):
+    """The profile's categories of the kernels a quantized CogVideoX forward ran on the H100 (session 25's names):
+    the 8-bit attention's kernel and preparation, Inductor's q/k norms (named after the attention they feed) as
+    norms, the residual passes as elementwise."""
+    category = benchmark_script("bench_e2e").kernel_category
+    assert {name: category(name) for name in (
+        "_attn_fwd_kernel", "_attn_stats_kernel", "_attn_stats_finish_kernel", "_quantize_blocks_kernel",
+        "_quantize_v_fp8_kernel", "_quant_gemm_tma_kernel", "_gemm_ws_kernel", "_act_quant_plain_kernel",
+        "_ln_modulate_kernel", "triton_per_fused_native_layer_norm_quantized_attention_transpose_view_3",
+        "triton_poi_fused_add_mul_slice_split_split_with_sizes_unsqueeze_view_6",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x128_4x1x1_cga1x1x1_kernel0_0",
+        "nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN", "Memset (Device)")} == {
+        "_attn_fwd_kernel": "attention", "_attn_stats_kernel": "attention_prep",
+        "_attn_stats_finish_kernel": "attention_prep", "_quantize_blocks_kernel": "attention_prep",
+        "_quantize_v_fp8_kernel": "attention_prep", "_quant_gemm_tma_kernel": "gemm", "_gemm_ws_kernel": "gemm",
+        "_act_quant_plain_kernel": "act_quant", "_ln_modulate_kernel": "norm",
+        "triton_per_fused_native_layer_norm_quantized_attention_transpose_view_3": "norm",
+        "triton_poi_fused_add_mul_slice_split_split_with_sizes_unsqueeze_view_6": "elementwise",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x128_4x1x1_cga1x1x1_kernel0_0":
+            "attention",
+        "nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN": "gemm", "Memset (Device)": "other"}
