@@ -367,12 +367,13 @@ def _norm_modulate(norm: nn.LayerNorm, x, scale, shift, layer, codes_only=False,
         y = norm(x) * (1 + scale) + shift
         return y if prefix is None else torch.cat([norm(prefix[0]) * (1 + prefix[1]) + prefix[2], y], dim=1)
     s = layer.spec
-    if prefix is not None:  # the kernel reads either part with its own batch stride (views of one sequence)
+    if prefix is None:
+        x, extra = x.contiguous(), ()
+    else:  # the kernel reads either part with its own batch stride (views of one sequence)
         x, x0 = (t if kernels.rows_contiguous(t) else t.contiguous() for t in (x, prefix[0]))
-    args = (x.contiguous() if prefix is None else x, norm.weight, norm.bias, scale[:, 0], shift[:, 0], norm.eps,
-            s.act_bits, layer.smooth_inv, s.fp8, not codes_only)
-    if prefix is not None:
-        args += (x0, prefix[1][:, 0], prefix[2][:, 0])
+        extra = (x0, prefix[1][:, 0], prefix[2][:, 0])
+    args = (x, norm.weight, norm.bias, scale[:, 0], shift[:, 0], norm.eps, s.act_bits, layer.smooth_inv, s.fp8,
+            not codes_only) + extra
     if torch.compiler.is_compiling():
         y, codes, qscale = torch.ops.viditq.layer_norm_modulate_quant(*args)
     else:

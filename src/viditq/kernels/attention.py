@@ -287,6 +287,17 @@ def _prepare_rows(x, mask, offs_n, offs_d, NormW, NormB, norm_eps, Cos, Sin, str
 
 
 @triton.jit
+def _load_prepared(X, stride_b, stride_h, stride_n, stride_d, b, h, offs_t, offs_d, mask, NormW, NormB, norm_eps,
+                   Cos, Sin, stride_rope, rope_start, rope_len, D, HEAD_D: tl.constexpr, HAS_NORM: tl.constexpr,
+                   HAS_ROPE: tl.constexpr):
+    """Tokens ``offs_t`` of head (b, h) of a (B, H, N, D) q or k as float32 rows through :func:`_prepare_rows`
+    (zero outside ``mask``)."""
+    ptrs = X + b * stride_b + h * stride_h + offs_t[:, None] * stride_n + offs_d[None, :] * stride_d
+    return _prepare_rows(tl.load(ptrs, mask=mask, other=0.0).to(tl.float32), mask, offs_t, offs_d, NormW, NormB,
+                         norm_eps, Cos, Sin, stride_rope, rope_start, rope_len, D, HEAD_D, HAS_NORM, HAS_ROPE)
+
+
+@triton.jit
 def _quantize_blocks_kernel(
     X, Mean, ChanScale, Codes, Scales, NormW, NormB, norm_eps, Cos, Sin, stride_rope, rope_start, rope_len,
     stride_xb, stride_xh, stride_xn, stride_xd,
@@ -384,9 +395,9 @@ def _attn_stats_kernel(
     q_end = tl.minimum(q_start + Q_PER_SPLIT, N_Q)
     for t in range(q_start, q_end, BLOCK_T):
         mask = ((t + offs_t) < q_end)[:, None] & d_ok
-        ptrs = Q + b * stride_qb + h * stride_qh + (t + offs_t)[:, None] * stride_qn + offs_d[None, :] * stride_qd
-        q = _prepare_rows(tl.load(ptrs, mask=mask, other=0.0).to(tl.float32), mask, t + offs_t, offs_d, NormQW,
-                          NormQB, norm_eps, Cos, Sin, stride_rope, rope_start, rope_len, D, HEAD_D, HAS_NORM, HAS_ROPE)
+        q = _load_prepared(Q, stride_qb, stride_qh, stride_qn, stride_qd, b, h, t + offs_t, offs_d, mask, NormQW,
+                           NormQB, norm_eps, Cos, Sin, stride_rope, rope_start, rope_len, D, HEAD_D, HAS_NORM,
+                           HAS_ROPE)
         q_amax = tl.maximum(q_amax, tl.abs(q))
     k_sum = tl.zeros([BLOCK_T, HEAD_D], dtype=tl.float32)
     k_min = tl.full([BLOCK_T, HEAD_D], float("inf"), dtype=tl.float32)
@@ -396,9 +407,9 @@ def _attn_stats_kernel(
     kv_end = tl.minimum(kv_start + KV_PER_SPLIT, N_KV)
     for t in range(kv_start, kv_end, BLOCK_T):
         mask = ((t + offs_t) < kv_end)[:, None] & d_ok
-        ptrs = K + b * stride_kb + h * stride_kh + (t + offs_t)[:, None] * stride_kn + offs_d[None, :] * stride_kd
-        k = _prepare_rows(tl.load(ptrs, mask=mask, other=0.0).to(tl.float32), mask, t + offs_t, offs_d, NormKW,
-                          NormKB, norm_eps, Cos, Sin, stride_rope, rope_start, rope_len, D, HEAD_D, HAS_NORM, HAS_ROPE)
+        k = _load_prepared(K, stride_kb, stride_kh, stride_kn, stride_kd, b, h, t + offs_t, offs_d, mask, NormKW,
+                           NormKB, norm_eps, Cos, Sin, stride_rope, rope_start, rope_len, D, HEAD_D, HAS_NORM,
+                           HAS_ROPE)
         k_sum += k
         k_min = tl.minimum(k_min, tl.where(mask, k, float("inf")))
         k_max = tl.maximum(k_max, tl.where(mask, k, float("-inf")))

@@ -123,8 +123,6 @@ def int_linear(
     if bias is not None:
         y = y + bias.float()
     y = apply_activation(y, activation)
-    if gate is not None and residual is None:
-        raise ValueError("a gate needs a residual")
     if residual is None and (gate is not None or residual_prefix is not None):
         raise ValueError("a gate needs a residual" if gate is not None else "a residual prefix needs a residual")
     if gate is not None and gate.dim() == 3 and residual_prefix is None:
