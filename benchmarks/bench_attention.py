@@ -30,6 +30,7 @@ SHAPES = {
     "cogvideox_self": (2, 30, 17776, 17776, 64, 0),
     "pixart_self": (2, 16, 4096, 4096, 72, 0),
     "pixart_cross": (2, 16, 4096, 120, 72, 30),
+    "wan_self": (2, 12, 32760, 32760, 128, 0),  # Wan2.1-T2V-1.3B, 81 frames 480x832
 }
 TILES = {  # (block_m, block_n, num_warps, num_stages[, max_registers]) tried per shape
     # (CogVideoX's 2-stage, 64 x 64 and 128 x 64 / 4-warp tiles: 6-12 % slower in the H100 sweep, dropped; 4 stages
@@ -37,6 +38,9 @@ TILES = {  # (block_m, block_n, num_warps, num_stages[, max_registers]) tried pe
     "cogvideox_self": [(64, 128, 4, 3, 128), (64, 128, 4, 3), (128, 64, 8, 3)],
     "pixart_self": [(128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3)],
     "pixart_cross": [(128, 64, 8, 3), (64, 64, 4, 3)],
+    # head dim 128 (sm_90a, Triton 3.6): 64 x 128 171 registers (2 programs per SM), 64 x 64 130 (3 programs),
+    # 128 x 128 / 8 warps 178 and 128 x 64 / 8 warps 130 (1 program); 64 x 128 capped at 168 serializes the wgmma
+    "wan_self": [(64, 128, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3)],
 }
 
 

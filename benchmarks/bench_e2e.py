@@ -1,9 +1,10 @@
 """End-to-end transformer forward: latency, weight bytes, peak memory, time to first forward (see NOTES.md).
 
 Models are built from their diffusers configs with random bf16 weights (random weights give real timings):
-PixArt-α 1024 (batch 2 = CFG, 4096 image + 120 text tokens) and CogVideoX-2B (49 frames 480x720, 17 550 + 226
-tokens). Each (model, variant) runs in its own subprocess with a timeout, so one failure or hang (a slow compile)
-does not lose the table and each peak-memory number starts clean.
+PixArt-α 1024 (batch 2 = CFG, 4096 image + 120 text tokens), CogVideoX-2B (49 frames 480x720, 17 550 + 226
+tokens) and Wan2.1-T2V-1.3B (81 frames 480x832: 32 760 tokens at head dim 128, 512 text tokens by
+cross-attention). Each (model, variant) runs in its own subprocess with a timeout, so one failure or hang (a slow
+compile) does not lose the table and each peak-memory number starts clean.
 
 Variant = base + optional ``_attn`` + run mode. Bases: ``bf16``, ``torchao_fp8`` (torchao's
 ``Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())``; reported as skipped when torchao cannot be
@@ -43,6 +44,7 @@ VARIANTS = ("bf16_eager", "bf16_graph", "bf16_compile", "bf16_compile_graph", "t
             "w4a8_fp8_blocks_graph", "w4a8_fp8_attn_blocks_graph")
 QUANT_BASES = ("w8a8", "w4a8", "w8a8_dynamic", "w8a8_fp8", "w8a8_fp8_dynamic", "w4a8_fp8")
 ATTENTION_MODE = "fp8"  # mode of the "_attn" variants
+MODELS = ("pixart", "cogvideox", "wan")
 
 
 class VariantUnavailable(Exception):
@@ -52,7 +54,7 @@ class VariantUnavailable(Exception):
 # ----------------------------------------------------------------------------------------- models and inputs
 def build_model(name: str, device: str, tiny: bool):
     """(model, forward kwargs) with random weights in bf16; ``tiny`` shrinks it for a CPU smoke test."""
-    from diffusers import CogVideoXTransformer3DModel, PixArtTransformer2DModel
+    from diffusers import CogVideoXTransformer3DModel, PixArtTransformer2DModel, WanTransformer3DModel
 
     torch.manual_seed(0)
     dtype = torch.bfloat16
@@ -92,7 +94,24 @@ def build_model(name: str, device: str, tiny: bool):
             return_dict=False,
         )
         return model, kwargs
-    raise ValueError(f"unknown model {name!r}; choose pixart or cogvideox")
+    if name == "wan":  # Wan2.1-T2V-1.3B, 81 frames 480x832: (16, 21, 60, 104) latents, 32 760 tokens, 512 text
+        cfg = dict(num_attention_heads=12, ffn_dim=8960, num_layers=30)
+        latents, tokens, text_dim = (2, 16, 21, 60, 104), 512, 4096
+        if tiny:
+            cfg = dict(num_attention_heads=2, attention_head_dim=32, text_dim=64, freq_dim=32, ffn_dim=128,
+                       num_layers=2, rope_max_seq_len=32)
+            latents, tokens, text_dim = (2, 16, 2, 16, 16), 8, 64
+        with torch.device(device):
+            model = WanTransformer3DModel(**cfg)
+        model = model.to(dtype).eval()
+        kwargs = dict(
+            hidden_states=torch.randn(*latents, device=device, dtype=dtype),
+            encoder_hidden_states=torch.randn(2, tokens, text_dim, device=device, dtype=dtype),
+            timestep=torch.tensor([500, 500], device=device),
+            return_dict=False,
+        )
+        return model, kwargs
+    raise ValueError(f"unknown model {name!r}; choose one of {MODELS}")
 
 
 def tensor_bytes(t: torch.Tensor) -> int:

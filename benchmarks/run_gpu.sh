@@ -10,6 +10,7 @@
 #   offload    CPU-offload check on quantized pipelines
 #   pixart     end to end PixArt-α 1024 (PIXART_VARIANTS), random bf16 weights, CFG batch 2
 #   cogvideox  end to end CogVideoX-2B 49x480x720 (COGVIDEOX_VARIANTS)
+#   wan        end to end Wan2.1-T2V-1.3B 81x480x832 (WAN_VARIANTS; not in the default STEPS)
 #   tune       the act-quant launch-shape sweep
 #   torchao    torchao fp8 rowwise + torch.compile on both models (TORCHAO_VARIANTS), with whatever time is left
 # Each (model, variant) of bench_e2e runs in its own subprocess with its own timeout. Results in $OUT:
@@ -27,6 +28,7 @@ TESTS_K=${TESTS_K:-}
 # (regional compilation, _blocks: the whole-model compile of quantized PixArt did not finish in 97 s on an H200)
 PIXART_VARIANTS=${PIXART_VARIANTS:-bf16_eager,bf16_compile,bf16_blocks_graph,w8a8_graph,w8a8_fp8_graph,w8a8_fp8_blocks_graph,w4a8_graph}
 COGVIDEOX_VARIANTS=${COGVIDEOX_VARIANTS:-bf16_eager,bf16_blocks_graph,w8a8_fp8_graph,w8a8_fp8_attn_blocks_graph,w4a8_graph}
+WAN_VARIANTS=${WAN_VARIANTS:-bf16_blocks_graph,w8a8_fp8_blocks_graph,w8a8_fp8_attn_blocks_graph}
 TORCHAO_VARIANTS=${TORCHAO_VARIANTS:-torchao_fp8_compile}
 TORCHAO_MODELS=${TORCHAO_MODELS:-pixart,cogvideox}
 RESERVE_S=12  # kept for the summary table
@@ -98,6 +100,11 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', dif
         --variant-timeout w8a8_fp8_attn_blocks_graph=150 --variant-timeout w4a8_fp8_attn_blocks_graph=150 \
         --deadline "{T}" --out "$OUT/e2e_cogvideox.json"
 
+    # (not measured yet: the timeouts assume ~2x CogVideoX's forward — 32 760 tokens at head dim 128)
+    wanted wan && step "e2e wan" "${WAN_STEP_S:-400}" python3 benchmarks/bench_e2e.py --models wan \
+        --variants "$WAN_VARIANTS" --iters 5 --timeout "${WAN_TIMEOUT:-180}" --deadline "{T}" \
+        --out "$OUT/e2e_wan.json"
+
     # the launch-shape sweep of the fused activation quantization (its sweep stops 25 s before the step's timeout)
     wanted tune && step "act quant tune" "${TUNE_STEP_S:-200}" python3 benchmarks/tune_act_quant.py --out "$OUT/act_quant.json" ${TUNE_ARGS:-} \
         --budget-s "{T}"
@@ -112,7 +119,7 @@ import json, os, sys
 
 out = sys.argv[1]
 runs, problems = [], []
-for name in ("e2e_pixart.json", "e2e_cogvideox.json", "e2e_torchao.json"):
+for name in ("e2e_pixart.json", "e2e_cogvideox.json", "e2e_wan.json", "e2e_torchao.json"):
     try:
         with open(os.path.join(out, name)) as f:
             res = json.load(f)

@@ -40,3 +40,13 @@ def test_kernel_profile_categories(benchmark_script):
         "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x128_4x1x1_cga1x1x1_kernel0_0":
             "attention",
         "nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN": "gemm", "Memset (Device)": "other"}
+
+
+def test_wan_builds_and_its_quantized_forward_matches_bf16(benchmark_script):
+    """The Wan2.1 model of the end-to-end bench (tiny config on the CPU): built, quantized with fp8 attention
+    routed, and its output within W8A8-fp8 error of the bf16 forward (the smoke test the GPU run relies on)."""
+    bench_e2e = benchmark_script("bench_e2e")
+    result = bench_e2e.run_one("wan", "w8a8_fp8_attn", iters=1, tiny=True)
+    assert result["quantized_layers"] == 20  # 2 blocks x (self q, k, v, o + cross q, k, v, o + FF up, down)
+    assert result["attention"]["modules"] == 4  # self- and cross-attention of both blocks
+    assert 0 < result["rel_err_vs_bf16"] < 0.05
