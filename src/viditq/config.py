@@ -4,16 +4,24 @@ A :class:`QuantConfig` says how every linear layer of a transformer is quantized
 
 * ``weight`` / ``act``: the default bit-widths and granularity (:class:`WeightSpec`, :class:`ActSpec`);
 * ``balance``: static-dynamic channel balancing (smoothing scales from calibration, then a Hadamard rotation);
-* ``keep_fp``: regexes of layer names left in high precision (embeddings, adaLN, final projection by default);
+* ``keep_fp``: regexes of layer names left in high precision (embeddings, adaLN, final projection by default;
+  setting it replaces those defaults, see :class:`QuantConfig`);
 * ``rules``: ordered per-layer overrides (:class:`LayerRule`, regex → bits), the output of mixed precision;
 * ``attention``: ``"bf16"`` (the model's own attention), ``"int8"`` or ``"fp8"`` (viditq's quantized attention).
+
+Nested sections may be given as the dataclasses or as mappings of their fields (as in YAML/JSON); every level
+rejects unknown fields and values of the wrong type with a ValueError that names the field.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import numbers
 import re
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +69,78 @@ def _check_bits(bits: int, what: str, allow_float: bool = False) -> None:
     raise ValueError(f"{what} bits must be an integer between 2 and 8{extra}, got {bits!r}")
 
 
+# -- field types: one check for every section ----------------------------------------------------------------
+# annotation -> (what a value must be, what a list's items must be, test)
+_SCALARS = {
+    bool: ("True or False", "booleans", lambda v: isinstance(v, bool)),
+    int: ("an integer", "integers", lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)),
+    float: ("a number", "numbers", lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)),
+    str: ("a string", "strings", lambda v: isinstance(v, str)),
+}
+
+
+@functools.cache
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _check_fields(obj, label: str) -> None:
+    """Check every field of dataclass ``obj`` against its annotation, ValueError naming ``label`` and the field
+    otherwise; lists become tuples, mappings the nested dataclass and a lone string in a tuple-of-strings field one
+    item (``keep_fp="proj_out"`` is one pattern, not its characters)."""
+    for name, hint in _field_types(type(obj)).items():
+        value = getattr(obj, name)
+        new = _conform(value, hint, f"{label} {name}".strip())
+        if new is not value:
+            object.__setattr__(obj, name, new)
+
+
+def _conform(value, hint, where: str):
+    optional = type(None) in typing.get_args(hint)  # ``X | None``: every optional field here has one other type
+    if optional:
+        if value is None:
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if dataclasses.is_dataclass(hint):
+        return _section(hint, value, where)
+    if typing.get_origin(hint) is tuple:
+        item, *rest = typing.get_args(hint)
+        size = None if rest == [Ellipsis] else 1 + len(rest)
+        if isinstance(value, str) and item is str and size is None:
+            value = (value,)
+        if isinstance(value, (list, tuple)) and size in (None, len(value)):
+            return tuple(_conform(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+        items = (f"{item.__name__}s or mappings of their fields" if dataclasses.is_dataclass(item)
+                 else _SCALARS[item][1])
+        expected = f"a list of {items}" if size is None else f"a (lo, hi) pair of {items}"  # size 2: timesteps
+    else:
+        expected, _, ok = _SCALARS[hint]
+        if ok(value):
+            return value
+    raise ValueError(f"{where} must be {expected}{' or None' if optional else ''}, got {value!r}")
+
+
+def _section(cls, value, where: str | None):
+    """``value`` as a ``cls``: itself, or built from a mapping of its fields (a nested YAML/JSON section or a
+    Python dict); ``where`` names the section in errors (None: the top level, a QuantConfig)."""
+    if isinstance(value, cls):
+        return value
+    fields = dataclasses.fields(cls)
+    known = ", ".join(f.name for f in fields)
+    section = f"section {where!r}" if where else cls.__name__
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{section} must be a {cls.__name__} or a mapping of its fields ({known}), got {value!r}")
+    unknown = [k for k in value if k not in {f.name for f in fields}]
+    missing = [f.name for f in fields if f.name not in value
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if unknown:
+        raise ValueError(f"unknown field{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))} in {section}; "
+                         f"known: {known}")
+    if missing:
+        raise ValueError(f"missing field{'s' * (len(missing) > 1)} {', '.join(map(repr, missing))} in {section}")
+    return cls(**value)
+
+
 @dataclass(frozen=True)
 class WeightSpec:
     """Weights: ``bits`` per output channel, or per ``group_size`` input channels when set.
@@ -80,6 +160,7 @@ class WeightSpec:
     gptq_temporal: float = 0.0
 
     def __post_init__(self):
+        _check_fields(self, "weight")
         _check_bits(self.bits, "weight")
         _check_format(self.format, self.bits, "weight")
         if self.format == "fp8" and (not self.symmetric or self.group_size is not None or self.per_tensor
@@ -113,6 +194,7 @@ class ActSpec:
     format: str = "int"
 
     def __post_init__(self):
+        _check_fields(self, "act")
         _check_bits(self.bits, "activation", allow_float=True)
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"activation granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
@@ -143,6 +225,7 @@ class BalanceSpec:
     rotate_min_gain: float = 0.1
 
     def __post_init__(self):
+        _check_fields(self, "balance")
         object.__setattr__(self, "alphas", tuple(float(a) for a in self.alphas))
         if self.smooth and (not self.alphas or any(not 0.0 <= a <= 1.0 for a in self.alphas)):
             raise ValueError(f"balance alphas must be a non-empty list of values in [0, 1], got {self.alphas!r}")
@@ -157,8 +240,9 @@ class BalanceSpec:
 class LayerRule:
     """Override for layers whose name matches ``pattern`` (re.search). Later rules win over earlier ones.
 
-    ``timesteps``: optional (lo, hi) range of diffusion timesteps (inclusive) in which the rule applies; a layer
-    with timestep rules keeps one weight copy per distinct weight precision it needs.
+    ``timesteps``: optional (lo, hi) range of diffusion timesteps (inclusive, ``lo <= hi``, the values the model's
+    ``timestep`` argument takes) in which the rule applies; a layer with timestep rules keeps one weight copy per
+    distinct weight precision it needs.
 
     ``act_bits=16``: activations not quantized. Where the layer has quantized activations at the same weight
     precision in another timestep range, the 16-bit range reuses those weights (no second copy): the balanced
@@ -173,6 +257,7 @@ class LayerRule:
     timesteps: tuple[float, float] | None = None
 
     def __post_init__(self):
+        _check_fields(self, f"rule {self.pattern!r}")
         try:
             re.compile(self.pattern)
         except re.error as e:
@@ -183,8 +268,9 @@ class LayerRule:
             _check_bits(self.act_bits, "rule activation", allow_float=True)
         if self.timesteps is not None:
             lo, hi = (float(t) for t in self.timesteps)
-            if lo > hi:
-                raise ValueError(f"rule timesteps must be (lo, hi) with lo <= hi, got {self.timesteps!r}")
+            if not lo <= hi:  # NaN too
+                raise ValueError(f"rule {self.pattern!r} timesteps must be (lo, hi) with lo <= hi (an inclusive range "
+                                 f"of diffusion timesteps), got {self.timesteps!r}")
             object.__setattr__(self, "timesteps", (lo, hi))
 
 
@@ -238,6 +324,7 @@ class MixedPrecisionSpec:
     cache: str | None = None
 
     def __post_init__(self):
+        _check_fields(self, "mixed_precision")
         _check_bits(self.high_bits, "mixed-precision high weight")
         if not 0.0 <= self.float_act_budget <= 1.0:
             raise ValueError(f"mixed precision float_act_budget must be in [0, 1], got {self.float_act_budget!r}")
@@ -249,8 +336,6 @@ class MixedPrecisionSpec:
         if self.timestep_ranges < 1:
             raise ValueError(f"timestep_ranges must be >= 1, got {self.timestep_ranges!r}")
         check_final_range_steps(self.final_range_steps, self.timestep_ranges)
-        if not isinstance(self.flicker, bool):
-            raise ValueError(f"mixed precision flicker must be True or False, got {self.flicker!r}")
         if self.groups not in MP_GROUPINGS:
             raise ValueError(f"mixed precision groups must be one of {MP_GROUPINGS}, got {self.groups!r}")
 
@@ -258,6 +343,14 @@ class MixedPrecisionSpec:
 @dataclass(frozen=True)
 class QuantConfig:
     """A quantization recipe (see the module docstring).
+
+    ``keep_fp``: regexes (``re.search`` on module names) of the layers kept in high precision; a single string is
+    one pattern. Setting it *replaces* the defaults (:data:`DEFAULT_KEEP_FP`: embeddings, timestep / adaLN
+    modulation, final projection), so ``keep_fp="proj_out"`` quantizes the embeddings and modulation layers. To add
+    patterns to the defaults: ``keep_fp=DEFAULT_KEEP_FP + (r"my_layer",)`` in Python; in YAML/JSON, which cannot
+    name the defaults, append to the list a saved config writes out (``save`` lists them all), or add a rule
+    ``{pattern: my_layer, keep_fp: true}`` (:class:`LayerRule`: keeps matching layers float on top of ``keep_fp``;
+    later rules win). ``keep_fp=()`` quantizes every linear layer.
 
     ``float_final_steps``: the last N denoising steps run every quantized layer with float activations on its
     quantized weights (no second copy). Resolved by :func:`viditq.quantize` into one
@@ -287,8 +380,7 @@ class QuantConfig:
     version: int = FORMAT_VERSION
 
     def __post_init__(self):
-        object.__setattr__(self, "keep_fp", tuple(self.keep_fp))
-        object.__setattr__(self, "rules", tuple(self.rules))
+        _check_fields(self, "")
         for pattern in self.keep_fp:
             try:
                 re.compile(pattern)
@@ -302,8 +394,6 @@ class QuantConfig:
         if self.conditioning_bits is not None and self.conditioning_bits not in CONDITIONING_BITS:
             raise ValueError(f"conditioning_bits must be None (float) or one of {CONDITIONING_BITS}, "
                              f"got {self.conditioning_bits!r}")
-        if not isinstance(self.ff_hand_off, bool):
-            raise ValueError(f"ff_hand_off must be true or false, got {self.ff_hand_off!r}")
         if self.calib_rows_per_layer < 1:
             raise ValueError(f"calib_rows_per_layer must be >= 1, got {self.calib_rows_per_layer}")
         if self.version > FORMAT_VERSION:
@@ -326,22 +416,9 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
-        d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown QuantConfig fields {sorted(unknown)}; known: {sorted(known)}")
-        if "weight" in d:
-            d["weight"] = WeightSpec(**d["weight"])
-        if "act" in d:
-            d["act"] = ActSpec(**d["act"])
-        if d.get("balance") is not None:
-            d["balance"] = BalanceSpec(**d["balance"])
-        if d.get("mixed_precision") is not None:
-            d["mixed_precision"] = MixedPrecisionSpec(**d["mixed_precision"])
-        if "rules" in d:
-            d["rules"] = tuple(LayerRule(**r) if isinstance(r, dict) else r for r in d["rules"])
-        return cls(**d)
+        """A QuantConfig from a mapping of its fields; nested sections are mappings too (``__post_init__`` builds
+        them). ValueError for unknown fields or values of the wrong type, at any level."""
+        return _section(cls, d, None)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -364,12 +441,28 @@ class QuantConfig:
         if path.suffix in (".yaml", ".yml"):
             import yaml
 
-            data = yaml.safe_load(text)
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                def at(mark):
+                    return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+                problem = getattr(e, "problem", None) or str(e)
+                context = getattr(e, "context", None)
+                context = f" ({context}{at(getattr(e, 'context_mark', None))})" if context else ""
+                raise ValueError(f"{path}: invalid YAML{at(getattr(e, 'problem_mark', None))}: "
+                                 f"{problem}{context}") from None
         else:
-            data = json.loads(text)
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of QuantConfig fields")
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
 
 # ------------------------------------------------------------------------------------------ presets
