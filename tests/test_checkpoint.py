@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import viditq
+from viditq.quantize import quantized_layers
 from viditq.testing import calibration_set, forward_output, tiny_inputs, tiny_model, tiny_pixart_pipeline
 
 
@@ -161,6 +162,7 @@ def test_pipeline_round_trip_generates_identical_images(tmp_path):
     assert len(calib) == 3 and calib[0]["hidden_states"].shape[0] == 4  # 2 prompts x 2 CFG branches
     viditq.quantize(pipe.transformer, "w4a8", calib)
     viditq.save_quantized(pipe, tmp_path / "pipe")
+    assert "viditq.load_pipeline" in (tmp_path / "pipe" / "README.md").read_text()  # (diffusers alone cannot)
     loaded = viditq.load_pipeline(tmp_path / "pipe")
     assert loaded.transformer.viditq_config.name == "w4a8"
 
@@ -213,3 +215,106 @@ def test_float_activation_ranges_round_trip_bit_identically(tmp_path):
     assert meta["switch_layers"]["transformer_blocks.0.attn1.to_q"]["float_act"] == {"w8a16": "w8a8"}
     assert viditq.memory_report(loaded).total_after == viditq.memory_report(model).total_after
     assert {k: v.shape for k, v in loaded.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+
+
+def _wan_with_float32_modules():
+    """A bf16 Wan as diffusers' ``from_pretrained(torch_dtype=torch.bfloat16)`` builds it: its
+    ``_keep_in_fp32_modules`` (norms, time embedding, modulation table) stay float32."""
+    model = tiny_model("wan").to(torch.bfloat16)
+    for name, p in model.named_parameters():
+        if any(k in name.split(".") for k in model._keep_in_fp32_modules):
+            p.data = p.data.float()
+    return model
+
+
+def _bf16(kwargs):
+    return {k: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kwargs.items()}
+
+
+@pytest.mark.parametrize("conditioning_bits", [None, 8])
+def test_mixed_dtype_model_round_trips(tmp_path, conditioning_bits):
+    """Every tensor of a bf16 Wan with its float32 modules comes back in its saved dtype; outputs bit-identical.
+    With weight-only conditioning layers the time embedding stays float (diffusers keeps it in float32, and Wan's
+    forward reads its parameters' dtype: quantized, it had none), its projection to the modulation is quantized."""
+    model = _wan_with_float32_modules()
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert torch.float32 in dtypes.values() and torch.bfloat16 in dtypes.values()
+    config = dataclasses.replace(viditq.PRESETS["w8a8"], conditioning_bits=conditioning_bits)
+    viditq.quantize(model, config, [_bf16(kw) for kw in calibration_set("wan", n=2)])
+    quantized = set(quantized_layers(model))
+    assert not any("time_embedder" in name for name in quantized)
+    assert ("condition_embedder.time_proj" in quantized) == (conditioning_bits is not None)
+    viditq.save_quantized(model, tmp_path / "ck")
+    meta = json.loads((tmp_path / "ck" / "viditq.json").read_text())
+    assert meta["dtype"] == "bfloat16" and meta["layer_dtypes"] == {}
+    loaded = viditq.load_quantized(tmp_path / "ck")
+    assert {n: t.dtype for n, t in loaded.state_dict().items()} == {n: t.dtype for n, t in model.state_dict().items()}
+    x = _bf16(tiny_inputs("wan", seed=3))
+    assert torch.equal(forward_output(model, x), forward_output(loaded, x))
+
+
+def test_save_refuses_to_replace_what_is_not_a_checkpoint(tmp_path, quantized_pixart):
+    """A non-empty directory or a file at the path (the float model's own folder, say) is kept, with an error
+    naming ``overwrite``; an empty directory and an earlier checkpoint are written over; overwrite=True replaces."""
+    model = quantized_pixart["w8a8"]
+    other = tmp_path / "float_model"
+    other.mkdir()
+    (other / "diffusion_pytorch_model.safetensors").write_bytes(b"float weights")
+    with pytest.raises(FileExistsError, match="not a viditq checkpoint.*overwrite"):
+        viditq.save_quantized(model, other)
+    assert (other / "diffusion_pytorch_model.safetensors").read_bytes() == b"float weights"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file"):
+        viditq.save_quantized(model, tmp_path / "file")
+    (tmp_path / "empty").mkdir()
+    viditq.save_quantized(model, tmp_path / "empty")
+    viditq.save_quantized(quantized_pixart["w4a8"], tmp_path / "empty")  # a checkpoint: replaced
+    assert viditq.load_quantized(tmp_path / "empty").viditq_config.name == "w4a8"
+    viditq.save_quantized(model, other, overwrite=True)
+    assert sorted(p.name for p in other.iterdir()) == ["config.json", "model.safetensors", "viditq.json"]
+    with pytest.raises(ValueError, match="current directory"):
+        viditq.save_quantized(model, ".")
+
+
+def test_loaders_point_to_each_other(tmp_path, quantized_pixart):
+    viditq.save_quantized(quantized_pixart["w8a8"], tmp_path / "ckpt")
+    with pytest.raises(FileNotFoundError, match="use viditq.load_quantized"):
+        viditq.load_pipeline(tmp_path / "ckpt")
+
+
+class _TwoDtypes(nn.Module):
+    """A bf16 layer feeding a float32 one (a module kept in float32 by hand)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(64, 64).bfloat16()
+        self.b = nn.Linear(64, 32)
+
+    def forward(self, x):
+        return self.b(self.a(x).float())
+
+
+def test_quantized_layer_keeps_its_own_float_dtype(tmp_path):
+    """A quantized layer in a float32 part of a bf16 model is saved with its output dtype (``layer_dtypes``) and
+    loads back with it: same dtypes, bit-identical output."""
+    config = dataclasses.replace(viditq.PRESETS["w8a8"], keep_fp=())
+    calib = [{"x": torch.randn(16, 64, generator=torch.Generator().manual_seed(i)).bfloat16()} for i in range(2)]
+    model = viditq.quantize(_TwoDtypes(), config, calib)
+    viditq.save_quantized(model, tmp_path / "ck")
+    meta = json.loads((tmp_path / "ck" / "viditq.json").read_text())
+    assert meta["dtype"] == "bfloat16" and meta["layer_dtypes"] == {"b": "float32"}  # (64 x 64 bf16 weights, 64 x 32 fp32)
+    loaded = viditq.load_quantized(tmp_path / "ck", model=_TwoDtypes())
+    assert loaded.a.float_dtype == torch.bfloat16 and loaded.b.float_dtype == torch.float32
+    assert {n: t.dtype for n, t in loaded.state_dict().items()} == {n: t.dtype for n, t in model.state_dict().items()}
+    x = calib[0]["x"]
+    assert torch.equal(model(x), loaded(x))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_load_names_an_unusable_device(tmp_path, quantized_pixart):
+    viditq.save_quantized(quantized_pixart["w8a8"], tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        viditq.load_quantized(tmp_path / "ckpt", device="cuda")
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        viditq.load_quantized(tmp_path / "ckpt", device="gpu")

@@ -72,6 +72,35 @@ def test_empty_prompts_rejected():
         viditq.quantize_pipeline(tiny_pixart_pipeline(), "w8a8", [], **KW)
 
 
+@pytest.mark.parametrize("mistake, error", [
+    (dict(preset="w8a9"), "unknown preset 'w8a9'"),
+    (dict(text_encoder_bits=6), "text_encoder_bits must be 8, 4 or None"),
+])
+def test_mistakes_are_caught_before_the_pipeline_changes(mistake, error):
+    """A typo in the preset or the text encoder's bits fails before the text encoder is quantized (the pipeline is
+    left as it was, so the corrected call works); a second quantization of the same pipeline is refused."""
+    pipe = tiny_pixart_pipeline()
+    args = {"preset": "w8a8", "prompts": PROMPTS[:1], **KW, **mistake}
+    with pytest.raises(ValueError, match=error):
+        viditq.quantize_pipeline(pipe, **args)
+    assert not any(isinstance(m, viditq.QuantLinear) for m in pipe.text_encoder.modules())
+    assert getattr(pipe.transformer, "viditq_config", None) is None
+    viditq.quantize_pipeline(pipe, "w8a8", PROMPTS[:1], **KW)
+    with pytest.raises(ValueError, match="text_encoder, transformer already quantized"):
+        viditq.quantize_pipeline(pipe, "w8a8", PROMPTS[:1], **KW)
+
+
+def test_unknown_pipeline_argument_is_caught_first():
+    """A misspelled pipeline argument (the embedded pipeline's __call__ names its arguments) fails before the text
+    encoder is quantized. (PixArt's __call__ takes **kwargs: there nothing can be checked.)"""
+    from viditq.models import load_t2i_pipeline
+
+    pipe = load_t2i_pipeline()
+    with pytest.raises(ValueError, match=r"does not take \['guidanc_scale'\]"):
+        viditq.quantize_pipeline(pipe, "w8a8", PROMPTS[:1], num_inference_steps=2, guidanc_scale=4.0)
+    assert not any(isinstance(m, viditq.QuantLinear) for m in pipe.text_encoder.modules())
+
+
 def test_embedded_pipeline_quantize_save_load_and_cli(tmp_path):
     """The shipped tiny T2I pipeline (a custom DiffusionPipeline class) round-trips through save/load and the CLI."""
     from typer.testing import CliRunner

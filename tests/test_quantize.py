@@ -194,6 +194,22 @@ def test_unknown_preset_is_rejected():
         viditq.quantize(tiny_model("pixart"), "int3", calibration_set("pixart", n=1))
 
 
+def test_wrong_objects_and_inputs_are_named():
+    """A pipeline instead of its transformer, another model's calibration kwargs, and inputs the forward fails on
+    (a missing timestep, float32 inputs for a bf16 model) each give one error naming the problem."""
+    from viditq.testing import tiny_pixart_pipeline
+
+    with pytest.raises(TypeError, match="expects a torch.nn.Module, got PixArtAlphaPipeline: pass pipe.transformer"):
+        viditq.quantize(tiny_pixart_pipeline(), "w8a8", calibration_set("pixart", n=1))
+    with pytest.raises(ValueError, match=r"sample 0 has arguments \['img_ids', 'pooled_projections', 'txt_ids'\]"):
+        viditq.quantize(tiny_model("pixart"), "w8a8", calibration_set("flux", n=1))
+    no_timestep = [{k: v for k, v in calibration_set("pixart", n=1)[0].items() if k != "timestep"}]
+    with pytest.raises(ValueError, match="calibration sample 0 failed in PixArtTransformer2DModel.forward"):
+        viditq.quantize(tiny_model("pixart"), "w8a8", no_timestep)
+    with pytest.raises(ValueError, match="sample 0 failed.*RuntimeError.*dtypes"):
+        viditq.quantize(tiny_model("pixart").to(torch.bfloat16), "w8a8", calibration_set("pixart", n=1))
+
+
 def test_quantizing_twice_is_rejected():
     model = viditq.quantize(tiny_model("sd3"), "w8a8", calibration_set("sd3", n=1))
     with pytest.raises(ValueError, match="already quantized"):

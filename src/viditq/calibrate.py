@@ -120,12 +120,33 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def check_calibration_kwargs(model: nn.Module, samples: list[dict]) -> None:
+    """Every sample's keys are arguments of ``model.forward`` (unless it takes ``**kwargs``): a ValueError naming
+    the unknown ones, instead of a TypeError from deep inside the forward."""
+    params = inspect.signature(model.forward).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    for i, sample in enumerate(samples):
+        unknown = sorted(set(sample) - set(params))
+        if unknown:
+            raise ValueError(f"calibration sample {i} has arguments {unknown} that {type(model).__name__}.forward "
+                             f"does not take (it takes {list(params)}); calibrate with this model's inputs")
+
+
 def run_calibration(model: nn.Module, samples: list[dict], desc: str = "calibrating") -> None:
-    """Replay every kwargs dict through ``model`` (moved to the model's device), no grad."""
+    """Replay every kwargs dict through ``model`` (moved to the model's device), no grad. A sample the forward
+    fails on raises a ValueError naming the sample (the forward's own error chained to it)."""
     device = model_device(model)
     with torch.no_grad():
-        for sample in progress(samples, desc=desc):
-            model(**_map_tensors(sample, lambda t: t.to(device)))
+        for i, sample in enumerate(progress(samples, desc=desc)):
+            try:
+                model(**_map_tensors(sample, lambda t: t.to(device)))
+            except torch.OutOfMemoryError:
+                raise
+            except (TypeError, ValueError, RuntimeError, AttributeError, IndexError, KeyError) as e:
+                raise ValueError(f"calibration sample {i} failed in {type(model).__name__}.forward: "
+                                 f"{type(e).__name__}: {e} — do its kwargs, dtypes and device match the model's "
+                                 "(calibrate with what the pipeline passes: viditq.capture_calibration)?") from e
 
 
 def collect_activation_stats(

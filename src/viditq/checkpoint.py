@@ -9,15 +9,22 @@ Layout of ``save_quantized(model, dir)``::
     dir/model.safetensors  the full state dict: packed integer weights, scales, smoothing and rotation tensors
 
 A pipeline is saved in the diffusers layout (``model_index.json``, scheduler, tokenizer, ...) with each
-quantized component in the format above in its subfolder, listed in ``viditq_pipeline.json``.
+quantized component in the format above in its subfolder, listed in ``viditq_pipeline.json`` (diffusers' own
+``from_pretrained`` cannot open it: :func:`load_pipeline` does).
+
+Models whose parameters are not all of one dtype (diffusers' ``_keep_in_fp32_modules``: Wan's norms and time
+embedding in float32 in a bfloat16 model) load back with each tensor in its saved dtype.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
+import logging
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -43,10 +50,41 @@ def _sha256(path: Path) -> str:
 
 
 def _float_dtype(model: nn.Module) -> torch.dtype:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
+    """The dtype of most of the model's float weights, by element count (a quantized layer's weights count in the
+    float dtype around it)."""
+    count = Counter()
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            count[module.float_dtype] += module.in_features * module.out_features
+        else:
+            for p in module.parameters(recurse=False):
+                if p.is_floating_point():
+                    count[p.dtype] += p.numel()
+    return count.most_common(1)[0][0] if count else torch.float32
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` holds a viditq checkpoint (a model's or a pipeline's)."""
+    path = Path(path)
+    return (path / META_FILE).is_file() or (path / PIPELINE_META_FILE).is_file()
+
+
+def check_writable(path: str | Path, overwrite: bool = False) -> Path:
+    """``path`` if :func:`save_quantized` may write there: absent, an empty directory or a viditq checkpoint (replaced
+    once the new one is complete); anything else only with ``overwrite``."""
+    path = Path(path)
+    if path.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
+        raise ValueError(f"cannot save a checkpoint to {path} (the current directory or one above it): name a new "
+                         "directory")
+    if overwrite or not path.exists() or is_checkpoint(path):
+        return path
+    if not path.is_dir():
+        raise FileExistsError(f"{path} exists and is a file; choose another path or pass overwrite=True "
+                              "(CLI: --overwrite) to replace it")
+    if any(path.iterdir()):
+        raise FileExistsError(f"{path} is a non-empty directory that is not a viditq checkpoint; choose another path "
+                              "or pass overwrite=True (CLI: --overwrite) to replace it and everything in it")
+    return path
 
 
 def atomic_directory(path: Path, write) -> None:
@@ -78,10 +116,13 @@ def _write_model(model: nn.Module, directory: Path) -> None:
     elif hasattr(getattr(model, "config", None), "save_pretrained"):  # transformers
         model.config.save_pretrained(directory)
     save_model(model, str(directory / TENSORS_FILE))
+    dtype = _float_dtype(model)
     meta = {
         "format_version": FORMAT_VERSION,
         "model_class": f"{cls.__module__}.{cls.__qualname__}",
-        "dtype": str(_float_dtype(model)).removeprefix("torch."),
+        "dtype": _dtype_name(dtype),
+        "layer_dtypes": {name: _dtype_name(m.float_dtype) for name, m in model.named_modules()
+                         if isinstance(m, QuantLinear) and m.float_dtype != dtype},
         "quant_config": config.to_dict(),
         "layers": {name: layer.spec.to_dict() for name, layer in quantized_layers(model).items()},
         "switch_layers": {name: m.schedule_dict() for name, m in model.named_modules()
@@ -90,6 +131,10 @@ def _write_model(model: nn.Module, directory: Path) -> None:
         "tensors_sha256": _sha256(directory / TENSORS_FILE),
     }
     (directory / META_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _is_pipeline(obj) -> bool:
@@ -105,7 +150,8 @@ def _write_pipeline(pipe, directory: Path) -> None:
     for name in quantized:
         setattr(pipe, name, None)  # diffusers skips None components; their model_index entry stays
     try:
-        pipe.save_pretrained(directory)
+        with _quiet("diffusers"):  # ("self.transformer=None ... cannot be saved": the skip above, not a failure)
+            pipe.save_pretrained(directory)
     finally:
         for name, component in quantized.items():
             setattr(pipe, name, component)
@@ -113,27 +159,61 @@ def _write_pipeline(pipe, directory: Path) -> None:
         _write_model(component, directory / name)
     (directory / PIPELINE_META_FILE).write_text(json.dumps(
         {"format_version": FORMAT_VERSION, "quantized_components": sorted(quantized)}, indent=2))
+    (directory / "README.md").write_text(
+        f"A {type(pipe).__name__} with quantized {', '.join(sorted(quantized))}, saved by viditq. "
+        "Open it with `viditq.load_pipeline(path)` (diffusers' `from_pretrained` cannot rebuild the quantized "
+        "components), or run `viditq generate --model path ...`.\n")
 
 
-def save_quantized(obj, path: str | Path) -> Path:
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    """Only errors from that logger (and its children) inside the block."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def save_quantized(obj, path: str | Path, overwrite: bool = False) -> Path:
     """Save a quantized model, or a diffusers pipeline with quantized components, to the directory ``path``.
 
     The directory is written next to ``path`` and renamed into place, so a crash never leaves a half-written
-    checkpoint behind (an existing ``path`` is replaced only once the new one is complete).
+    checkpoint behind (an existing checkpoint at ``path`` is replaced only once the new one is complete). Any other
+    existing file or non-empty directory at ``path`` is an error unless ``overwrite`` (it is then replaced whole).
     """
+    path = check_writable(path, overwrite)
     write = _write_pipeline if _is_pipeline(obj) else _write_model
-    atomic_directory(Path(path), lambda tmp: write(obj, tmp))
-    return Path(path)
+    atomic_directory(path, lambda tmp: write(obj, tmp))
+    return path
+
+
+def check_device(device: str | torch.device | None) -> torch.device | None:
+    """``device`` as a torch.device, or a ValueError naming the problem (an unknown name, CUDA not available)."""
+    if device is None:
+        return None
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}: expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} requested, but CUDA is not available to this torch "
+                         f"({torch.__version__}); use cpu")
+    return device
 
 
 def load_pipeline(path: str | Path, device: str | torch.device | None = None, **kwargs):
     """Load a pipeline saved by :func:`save_quantized` (quantized components restored, the rest by diffusers)."""
     from .models import pipeline_class_for
 
+    device = check_device(device)
     path = Path(path)
     meta_file = path / PIPELINE_META_FILE
     if not meta_file.is_file():
-        raise FileNotFoundError(f"{path} is not a quantized viditq pipeline (no {PIPELINE_META_FILE})")
+        hint = "; it is a single model's checkpoint: use viditq.load_quantized" if (path / META_FILE).is_file() else ""
+        raise FileNotFoundError(f"{path} is not a quantized viditq pipeline (no {PIPELINE_META_FILE}){hint}")
     meta = json.loads(meta_file.read_text())
     components = {name: load_quantized(path / name) for name in meta["quantized_components"]}
     pipe = pipeline_class_for(path).from_pretrained(path, **components, **kwargs)
@@ -144,7 +224,9 @@ def read_metadata(path: str | Path) -> dict:
     path = Path(path)
     meta_file = path / META_FILE
     if not meta_file.is_file():
-        raise FileNotFoundError(f"{path} is not a viditq checkpoint (no {META_FILE})")
+        hint = ("; it is a saved pipeline: use viditq.load_pipeline (or load_quantized on its quantized component's "
+                "subfolder)") if (path / PIPELINE_META_FILE).is_file() else ""
+        raise FileNotFoundError(f"{path} is not a viditq checkpoint (no {META_FILE}){hint}")
     try:
         meta = json.loads(meta_file.read_text())
     except json.JSONDecodeError as e:
@@ -178,8 +260,9 @@ def _build_model(path: Path, meta: dict) -> nn.Module:
             return cls.from_config(cls.load_config(path))
         if hasattr(cls, "config_class"):  # transformers
             return cls(cls.config_class.from_pretrained(path)).eval()
-    raise ValueError(f"{meta['model_class']} cannot be rebuilt from a saved config; "
-                     "pass the float model with load_quantized(path, model=...)")
+    raise ValueError(f"{meta['model_class']} cannot be rebuilt without a saved config ({path / 'config.json'} "
+                     "missing, or not a diffusers / transformers model); pass the float model with "
+                     "load_quantized(path, model=...)")
 
 
 def _float_linear(model: nn.Module, name: str, spec_dict: dict | None) -> nn.Linear:
@@ -201,6 +284,7 @@ def load_quantized(path: str | Path, model: nn.Module | None = None, device: str
     Diffusers models are rebuilt from the saved ``config.json``; any other module must be passed as ``model``
     (its float architecture; weights are overwritten). Forward outputs are bit-identical to the saved model's.
     """
+    device = check_device(device)
     path = Path(path)
     meta = read_metadata(path)
     tensors = _check_tensors_file(path, meta)
@@ -209,22 +293,25 @@ def load_quantized(path: str | Path, model: nn.Module | None = None, device: str
         model = _build_model(path, meta)
     elif getattr(model, "viditq_config", None) is not None:
         raise ValueError("load_quantized needs the float model architecture, got an already quantized model")
-    model = model.to(getattr(torch, meta["dtype"]))
+    nn.Module.to(model, getattr(torch, meta["dtype"]))  # (diffusers' .to warns of its float32 modules: see below)
+    layer_dtypes = {name: getattr(torch, d) for name, d in meta.get("layer_dtypes", {}).items()}
+
+    def quant_linear(name: str, linear: nn.Linear) -> QuantLinear:
+        spec = LayerSpec(**meta["layers"][name])
+        return QuantLinear(spec, out_dtype=layer_dtypes.get(name, linear.weight.dtype))
+
     switches = meta.get("switch_layers", {})
     for name, info in switches.items():  # timestep-dependent layers: one variant per precision
         stored_default = info.get("float_act", {}).get(info["default"], info["default"])
         linear = _float_linear(model, name, meta["layers"].get(f"{name}.variants.{stored_default}"))
-        variants = {key: linear if key == "fp" else
-                    QuantLinear(LayerSpec(**meta["layers"][f"{name}.variants.{key}"]), out_dtype=linear.weight.dtype)
+        variants = {key: linear if key == "fp" else quant_linear(f"{name}.variants.{key}", linear)
                     for key in info["variants"]}
         _set_submodule(model, name, TimestepSwitchLinear(variants, info["schedule"], info["default"],
                                                          info.get("float_act")))
     for name, spec_dict in meta["layers"].items():
         if any(name.startswith(f"{s}.variants.") for s in switches):
             continue
-        spec = LayerSpec(**spec_dict)
-        linear = _float_linear(model, name, spec_dict)
-        _set_submodule(model, name, QuantLinear(spec, out_dtype=linear.weight.dtype))
+        _set_submodule(model, name, quant_linear(name, _float_linear(model, name, spec_dict)))
     _load_tensors(model, tensors)
     _mark_quantized(model, config)
     return model.to(device) if device is not None else model
@@ -245,9 +332,28 @@ def _load_tensors(model: nn.Module, tensors: Path) -> None:
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    _cast_to_saved(model, state)
+    expected = model.state_dict()
     for name, value in state.items():
         want = expected[name]
         if value.dtype != want.dtype or value.shape != want.shape:
             raise ValueError(f"checkpoint tensor {name!r} is {value.dtype} {tuple(value.shape)}, the layer spec "
                              f"needs {want.dtype} {tuple(want.shape)}")
     model.load_state_dict(state, strict=False)
+
+
+def _cast_to_saved(model: nn.Module, state: dict) -> None:
+    """Float parameters and buffers outside the quantized layers to the dtype they were saved in (a model kept
+    partly in float32, as diffusers keeps ``_keep_in_fp32_modules``, comes back that way)."""
+    for module_name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            continue
+        for tensors in (module._parameters, module._buffers):
+            for name, t in tensors.items():
+                saved = state.get(f"{module_name}.{name}" if module_name else name)
+                if t is not None and saved is not None and t.is_floating_point() and saved.is_floating_point() \
+                        and t.dtype != saved.dtype:
+                    if isinstance(t, nn.Parameter):
+                        t.data = t.data.to(saved.dtype)
+                    else:
+                        tensors[name] = t.to(saved.dtype)

@@ -15,6 +15,7 @@ without offload on a GPU.
 """
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from .calibrate import capture_calibration, model_device
-from .config import ActSpec, QuantConfig, WeightSpec
+from .config import ActSpec, QuantConfig, WeightSpec, resolve_config
 from .layers import LayerSpec, QuantLinear, make_layer_spec
 from .memory import memory_report
 from .progress import progress
@@ -90,6 +91,16 @@ def quantize_pipeline(
     """
     if not prompts:
         raise ValueError("quantize_pipeline needs at least one calibration prompt")
+    config = resolve_config(preset)  # (everything is checked before the pipeline changes)
+    if text_encoder_bits not in (None, 8, 4):
+        raise ValueError(f"text_encoder_bits must be 8, 4 or None (keep float), got {text_encoder_bits!r}")
+    if getattr(pipe, "transformer", None) is None:
+        raise ValueError(f"{type(pipe).__name__} has no .transformer to quantize")
+    done = [name for name, c in pipe.components.items() if getattr(c, "viditq_config", None) is not None]
+    if done:
+        raise ValueError(f"the pipeline's {', '.join(done)} already quantized by viditq: quantize_pipeline "
+                         "needs the float pipeline (load it again)")
+    _check_call_kwargs(pipe, {"num_inference_steps": num_inference_steps, **pipe_kwargs})
     cosines = {}
     if text_encoder_bits is not None:
         for te_name, tok_name in text_encoder_pairs(pipe):
@@ -99,6 +110,17 @@ def quantize_pipeline(
             quantize_weights_only(te, text_encoder_bits, text_encoder_group_size)
             cosines[te_name] = embedding_cosine(ref, encode_text(te, tok, prompts, max_len))
     calib = capture_calibration(pipe, prompts, num_inference_steps=num_inference_steps, **pipe_kwargs)
-    quantize(pipe.transformer, preset, calib)
+    quantize(pipe.transformer, config, calib)
     pipe.quantization_report = {"text_embedding_cosine": cosines, "memory": memory_report(pipe).to_dict()}
     return pipe
+
+
+def _check_call_kwargs(pipe, kwargs: dict) -> None:
+    """The pipeline's ``__call__`` takes every key of ``kwargs`` (unless it takes ``**kwargs``)."""
+    params = inspect.signature(pipe.__call__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+        raise ValueError(f"{type(pipe).__name__}.__call__ does not take {unknown}; it takes "
+                         f"{[n for n in params if n != 'self']}")

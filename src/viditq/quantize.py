@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .balance import build_quant_linear, concat_linears, split_quant_linear
-from .calibrate import LayerStats, collect_activation_stats, validate_calibration
+from .calibrate import LayerStats, check_calibration_kwargs, collect_activation_stats, validate_calibration
 from .config import CONDITIONING_LAYERS, FLOAT_ACT_BITS, ActSpec, LayerRule, QuantConfig, WeightSpec, resolve_config
 from .gptq import apply_gptq, hessian_hooks
 from .layers import (
@@ -168,10 +168,13 @@ def plan_layers(model: nn.Module, config: QuantConfig) -> dict[str, tuple[nn.Lin
 
 
 def plan_schedules(model: nn.Module, config: QuantConfig) -> dict[str, tuple[nn.Linear, Precision, list]]:
-    """name → (linear, default precision, timestep schedule) for every linear layer quantized at some timestep."""
+    """name → (linear, default precision, timestep schedule) for every linear layer quantized at some timestep.
+    Layers inside the modules a diffusers model keeps in float32 (``_keep_in_fp32_modules``: Wan's time embedding,
+    whose forward reads its parameters' dtype) stay float whatever the config says."""
     plan = {}
+    fp32_modules = getattr(model, "_keep_in_fp32_modules", None) or ()
     for name, module in model.named_modules():
-        if type(module) is not nn.Linear:
+        if type(module) is not nn.Linear or any(m in name.split(".") for m in fp32_modules):
             continue
         default, schedule = layer_schedule(name, config)
         if default is not None or schedule:
@@ -196,10 +199,15 @@ def quantize(model: nn.Module, config: QuantConfig | str | Path, calib: Iterable
             :func:`shared_input_groups`) get one smoothing vector and rotation, chosen jointly from the shared
             activation statistics and their stacked weights, so their input is quantized once per forward.
     """
+    if not isinstance(model, nn.Module):
+        hint = (": pass pipe.transformer, or quantize the whole pipeline with viditq.quantize_pipeline"
+                if hasattr(model, "components") else "")
+        raise TypeError(f"viditq.quantize expects a torch.nn.Module, got {type(model).__name__}{hint}")
     config = resolve_config(config)
     if getattr(model, "viditq_config", None) is not None:
         raise ValueError("model is already quantized by viditq; quantize the float model")
     samples = validate_calibration(calib)
+    check_calibration_kwargs(model, samples)
     if config.mixed_precision is not None:
         from .mixed_precision import resolve_mixed_precision
 
