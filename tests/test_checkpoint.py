@@ -93,6 +93,8 @@ def test_memory_report(quantized_pixart):
     assert "total" in rep.table()
     float_rep = viditq.memory_report(tiny_model("pixart"))
     assert float_rep.total_before == float_rep.total_after == rep.total_before
+    kinds = {k for k in viditq.memory_report(quantized_pixart["w8a8-fp8"]).rows if "kept" not in k}
+    assert kinds == {"fp8 e4m3 per-channel sym"}  # (not labelled as int8)
 
 
 def test_generic_module_needs_model_argument(tmp_path):

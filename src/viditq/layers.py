@@ -73,6 +73,15 @@ class LayerSpec:
 
 
 class QuantLinear(nn.Module):
+    """A quantized ``nn.Linear``: what :func:`viditq.quantize` puts in place of each layer it quantizes.
+
+    Stores the weights as codes (int8, two int4 per byte, or fp8 e4m3) with per-channel or group scales, and the
+    layer's smoothing and rotation; ``forward`` balances and quantizes its input per token (unless the layer is
+    weight-only), runs the 8-bit product (Triton kernels on CUDA, the PyTorch reference elsewhere) and returns the
+    float dtype of the model around it. ``spec`` (:class:`LayerSpec`) says how; :meth:`from_linear` builds one from
+    a float layer; ``dequantized_weight()`` gives the weight it stands for.
+    """
+
     def __init__(self, spec: LayerSpec, out_dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
         self.spec = spec

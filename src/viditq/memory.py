@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,11 +50,9 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def memory_report(model) -> MemoryReport:
-    """Weight bytes of ``model`` by kind; QuantLinear layers are compared with their float equivalent.
-
-    For a diffusers pipeline the rows are its components (transformer, text_encoder, vae, ...).
-    """
+def memory_report(model: nn.Module | Any) -> MemoryReport:
+    """Weight bytes of a model, or of a diffusers pipeline's components (transformer, text_encoder, vae, ...: then
+    one row each), by kind; QuantLinear layers are compared with their float equivalent."""
     if not isinstance(model, nn.Module) and hasattr(model, "components"):
         return MemoryReport({name: (r.total_before, r.total_after) for name, comp in model.components.items()
                              if isinstance(comp, nn.Module) for r in [memory_report(comp)]})
@@ -87,4 +86,5 @@ def _quant_kind(layer: QuantLinear) -> tuple[str, int]:
     float_bytes = (s.in_features + s.bias) * s.out_features * itemsize
     g = "per-tensor" if s.weight_per_tensor else ("per-channel" if s.group_size == s.in_features else f"g{s.group_size}")
     mode = "weight-only" if s.weight_only else ("sym" if s.weight_symmetric else "asym")
-    return f"W{s.weight_bits} {g} {mode}", float_bytes
+    fmt = "fp8 e4m3" if s.fp8_weights else f"W{s.weight_bits}"
+    return f"{fmt} {g} {mode}", float_bytes
