@@ -564,6 +564,7 @@ def test_cli_sensitivity_writes_cache_heatmap_and_config(tmp_path):
     assert (tmp_path / "s" / "sensitivity.png").stat().st_size > 1000
     config = QuantConfig.load(tmp_path / "s" / "config.yaml")
     assert config.rules and config.mixed_precision is None and "executed" in res.output
+    assert config.name == "w4a8-mp-measured"  # (not the built-in preset's name)
     # the last of 4 calibration steps as a range of its own (the even split: 2 + 2 steps)
     args[args.index("--steps") + 1] = 4
     res = CliRunner().invoke(app, [str(a) for a in args + ["--final-range-steps", 1]], env={"COLUMNS": "200"})

@@ -78,12 +78,10 @@ def check_writable(path: str | Path, overwrite: bool = False) -> Path:
                          "directory")
     if overwrite or not path.exists() or is_checkpoint(path):
         return path
-    if not path.is_dir():
-        raise FileExistsError(f"{path} exists and is a file; choose another path or pass overwrite=True "
-                              "(CLI: --overwrite) to replace it")
-    if any(path.iterdir()):
-        raise FileExistsError(f"{path} is a non-empty directory that is not a viditq checkpoint; choose another path "
-                              "or pass overwrite=True (CLI: --overwrite) to replace it and everything in it")
+    if not path.is_dir() or any(path.iterdir()):
+        what, everything = ("a file", "") if not path.is_dir() else ("a non-empty directory", " and everything in it")
+        raise FileExistsError(f"{path} is {what} that is not a viditq checkpoint; choose another path, or pass "
+                              f"overwrite=True (CLI: --overwrite) to replace it{everything}")
     return path
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import math
 import re
 from pathlib import Path
@@ -155,6 +156,30 @@ def resolve_float_final_steps(config: QuantConfig, samples: list[dict]) -> Quant
     """``config`` with ``float_final_steps`` turned into its LayerRule (act_bits=16 in the final steps' range)."""
     rule = LayerRule(".*", act_bits=FLOAT_ACT_BITS, timesteps=final_steps_range(samples, config.float_final_steps))
     return dataclasses.replace(config, rules=config.rules + (rule,), float_final_steps=0)
+
+
+def float_final_range(config: QuantConfig) -> tuple[float, float] | None:
+    """The timestep range in which ``float_final_steps`` runs float activations (its resolved rule), or None."""
+    for rule in reversed(config.rules):
+        if (rule.pattern, rule.act_bits, rule.weight_bits, rule.keep_fp) == (".*", FLOAT_ACT_BITS, None, False) \
+                and rule.timesteps is not None:
+            return rule.timesteps
+    return None
+
+
+@contextlib.contextmanager
+def recorded_timesteps(model: nn.Module):
+    """A list that fills with the timestep of each of ``model``'s forward calls inside the block."""
+    params = list(inspect.signature(model.forward).parameters)
+    position = params.index("timestep") if "timestep" in params else None
+    seen: list[float | None] = []
+    handle = model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(current_timestep(args, kwargs,
+                                                                                                   position)),
+                                             with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()
 
 
 def plan_layers(model: nn.Module, config: QuantConfig) -> dict[str, tuple[nn.Linear, LayerSpec]]:
