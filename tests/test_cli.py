@@ -391,3 +391,19 @@ def test_generate_says_how_many_steps_run_float_activations(float_pipeline_dir):
     expected = sum(lo <= float(t) <= hi for t in pipe.scheduler.timesteps)
     assert 1 < expected < 6
     assert f"w8a8-float-last: float activations in {expected} of 6 steps" in res.output
+
+
+def test_embedded_writes_a_pipeline_to_try_the_commands_on(tmp_path):
+    """`viditq embedded t2i DIR` then `viditq quantize --model DIR --prompts DIR/prompts.txt`: the README's first
+    CLI steps work without any other file; an existing non-empty DIR is refused."""
+    res = run("embedded", "t2i", tmp_path / "t2i", "--prompts", 3)
+    assert res.exit_code == 0, res.output
+    prompts = (tmp_path / "t2i" / "prompts.txt").read_text().splitlines()
+    assert len(prompts) == 3 and all(prompts)
+    res = run("quantize", "--model", tmp_path / "t2i", "--prompts", tmp_path / "t2i" / "prompts.txt", "--out",
+              tmp_path / "q", "--steps", 2, "--device", "cpu", "--text-encoder-bits", 0)
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "q" / "transformer" / "viditq.json").is_file()
+    again = run("embedded", "t2i", tmp_path / "t2i")
+    assert again.exit_code == 2 and "not a viditq checkpoint" in again.output
+    assert run("embedded", "t2x", tmp_path / "x").exit_code == 2

@@ -339,6 +339,33 @@ def _layer_table(meta: dict) -> tuple[Table, str]:
 
 
 @app.command()
+def embedded(
+    kind: str = typer.Argument(..., metavar="KIND", help="t2i (images) or t2v (videos)."),
+    out: Path = typer.Argument(..., metavar="DIR", help="New directory for the pipeline and prompts.txt."),
+    prompts: int = typer.Option(16, min=1, help="Calibration prompts to write to DIR/prompts.txt."),
+):
+    """Write an embedded tiny pipeline (trained, shipped with viditq) to DIR as a diffusers folder, with
+    calibration prompts from its training distribution in DIR/prompts.txt: a model to try the other commands on
+    (`viditq quantize --model DIR --prompts DIR/prompts.txt ...`)."""
+    from .checkpoint import check_writable
+    from .models import load_t2i_pipeline, load_t2v_pipeline
+    from .models.data import model_scenes
+
+    loaders = {"t2i": load_t2i_pipeline, "t2v": load_t2v_pipeline}
+    if kind not in loaders:
+        raise typer.BadParameter(f"expected t2i or t2v, got {kind!r}", param_hint="KIND")
+    try:
+        check_writable(out)
+    except (FileExistsError, ValueError) as e:
+        raise typer.BadParameter(str(e).replace("pass overwrite=True (CLI: --overwrite) to replace it", "remove it"),
+                                 param_hint="DIR") from None
+    loaders[kind]().save_pretrained(out)
+    captions = [s.caption for s in model_scenes(kind, prompts, seed=99, split="train")]
+    (out / "prompts.txt").write_text("\n".join(captions) + "\n")
+    console.print(f"[green]wrote[/green] {out} and {out / 'prompts.txt'} ({len(captions)} prompts)")
+
+
+@app.command()
 def info(path: Path = typer.Argument(..., metavar="PATH",
                                      help="A viditq checkpoint or quantized pipeline directory.")):
     """Describe a quantized checkpoint: config, layers by bit-width, weight memory."""
