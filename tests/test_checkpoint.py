@@ -320,3 +320,22 @@ def test_load_names_an_unusable_device(tmp_path, quantized_pixart):
         viditq.load_quantized(tmp_path / "ckpt", device="cuda")
     with pytest.raises(ValueError, match="unknown device 'gpu'"):
         viditq.load_quantized(tmp_path / "ckpt", device="gpu")
+
+
+def test_loading_builds_no_float_weights(tmp_path, quantized_pixart, monkeypatch):
+    """The model is rebuilt with its parameters on the meta device (no float copy of the weights, no random init:
+    a float T5-XXL built first would take 19 GB) and its computed buffers real (PixArt's position table is not in
+    the checkpoint); the loaded model holds no meta tensor and gives the saved model's output."""
+    from viditq.checkpoint import _without_weights
+
+    built = _without_weights(lambda: tiny_model("pixart"))
+    assert all(p.is_meta for p in built.parameters())
+    assert not any(b.is_meta for b in built.buffers()) and any(True for _ in built.buffers())
+    viditq.save_quantized(quantized_pixart["w8a8"], tmp_path / "ckpt")
+    inits = []
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", lambda t, *a, **k: inits.append(t.is_meta) or t)
+    loaded = viditq.load_quantized(tmp_path / "ckpt")
+    assert inits and all(inits)  # (nn.Linear's init ran on meta tensors only)
+    assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+    x = tiny_inputs("pixart", seed=5)
+    assert torch.equal(forward_output(quantized_pixart["w8a8"], x), forward_output(loaded, x))

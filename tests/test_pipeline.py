@@ -64,6 +64,7 @@ def test_pipeline_round_trip_with_quantized_text_encoder(tmp_path, pipelines):
     viditq.save_quantized(q[4], tmp_path / "pipe")
     loaded = viditq.load_pipeline(tmp_path / "pipe")
     assert isinstance(loaded.text_encoder.encoder.block[0].layer[0].SelfAttention.q, viditq.QuantLinear)
+    assert loaded.text_encoder.shared.weight is loaded.text_encoder.encoder.embed_tokens.weight  # tied, as saved
     assert torch.equal(generate(q[4]), generate(loaded))
 
 

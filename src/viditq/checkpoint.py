@@ -255,12 +255,34 @@ def _build_model(path: Path, meta: dict) -> nn.Module:
                          "pass the float model with load_quantized(path, model=...)") from None
     if (path / "config.json").is_file():
         if hasattr(cls, "from_config") and hasattr(cls, "load_config"):  # diffusers
-            return cls.from_config(cls.load_config(path))
+            return _without_weights(lambda: cls.from_config(cls.load_config(path)))
         if hasattr(cls, "config_class"):  # transformers
-            return cls(cls.config_class.from_pretrained(path)).eval()
+            return _without_weights(lambda: cls(cls.config_class.from_pretrained(path)).eval())
     raise ValueError(f"{meta['model_class']} cannot be rebuilt without a saved config ({path / 'config.json'} "
                      "missing, or not a diffusers / transformers model); pass the float model with "
                      "load_quantized(path, model=...)")
+
+
+def _without_weights(build) -> nn.Module:
+    """``build()`` with every parameter on the meta device: no memory and no random init for weights the checkpoint
+    replaces (a float T5-XXL built first would take 19 GB), while buffers are built as usual (position tables
+    computed at init are not saved) — accelerate's ``init_empty_weights(include_buffers=False)``, which is not a
+    dependency here. A model whose construction needs real parameters is built normally."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and not param.is_meta:  # (a meta one is kept: tied weights stay one object)
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        return build()
+    except (NotImplementedError, RuntimeError):  # (an init that reads parameter values)
+        nn.Module.register_parameter = register
+        return build()
+    finally:
+        nn.Module.register_parameter = register
 
 
 def _float_linear(model: nn.Module, name: str, spec_dict: dict | None) -> nn.Linear:
@@ -322,11 +344,10 @@ def _load_tensors(model: nn.Module, tensors: Path) -> None:
         state = load_file(str(tensors))
     except SafetensorError as e:
         raise ValueError(f"cannot read {tensors}: {e}") from None
-    expected = model.state_dict()
-    saved_ptrs = {expected[name].data_ptr() for name in state if name in expected}
+    expected = model.state_dict(keep_vars=True)
+    saved = {id(expected[name]) for name in state if name in expected}
     # tied parameters (T5's shared / embed_tokens) are saved once: a missing name is fine if its twin is there
-    missing = sorted(n for n in set(expected) - set(state)
-                     if not expected[n].numel() or expected[n].data_ptr() not in saved_ptrs)
+    missing = sorted(n for n in set(expected) - set(state) if expected[n].numel() and id(expected[n]) not in saved)
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -337,7 +358,20 @@ def _load_tensors(model: nn.Module, tensors: Path) -> None:
         if value.dtype != want.dtype or value.shape != want.shape:
             raise ValueError(f"checkpoint tensor {name!r} is {value.dtype} {tuple(value.shape)}, the layer spec "
                              f"needs {want.dtype} {tuple(want.shape)}")
-    model.load_state_dict(state, strict=False)
+    twins = {}  # tied tensors: names of one object
+    for name, t in model.state_dict(keep_vars=True).items():
+        twins.setdefault(id(t), []).append(name)
+    model.load_state_dict(state, strict=False, assign=True)  # (assign: the meta parameters of _without_weights)
+    loaded = model.state_dict(keep_vars=True)
+    for names in twins.values():  # assign gave the saved name a new tensor: its twins take it too
+        source = next((n for n in names if n in state), None)
+        for name in names if source is not None else ():
+            module_name, _, attr = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            (module._parameters if attr in module._parameters else module._buffers)[attr] = loaded[source]
+    empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if empty:
+        raise ValueError(f"checkpoint does not match the model: no tensors for {empty[:5]}")
 
 
 def _cast_to_saved(model: nn.Module, state: dict) -> None:

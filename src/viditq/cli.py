@@ -16,7 +16,9 @@ from rich.table import Table
 
 from .config import FLOAT_ACT_BITS, MixedPrecisionSpec
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="viditq: quantize diffusion transformers.")
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="viditq: quantize diffusion transformers. Progress bars show when stderr is a terminal "
+                       "(VIDITQ_PROGRESS=1 shows them anyway, 0 hides them).")
 console = Console()
 
 
