@@ -442,6 +442,8 @@ def test_cogvideox_blocks_quantize_in_the_norm_kernel(monkeypatch, preset, atten
         from viditq.attention import apply_quantized_attention
 
         apply_quantized_attention(model, attention, min_kv_tokens=0)
+    ff_epilogue = preset == "w8a8"  # (off by default: the feed-forward's residual as a separate pass)
+    monkeypatch.setattr(fusion.FusedCogVideoXBlock, "ff_residual_in_epilogue", ff_epilogue)
     calls, norm_calls = _spy_quantization(monkeypatch, joint=True)
     residuals, real_linear = [], dispatch.int_linear
     monkeypatch.setattr(dispatch, "int_linear",
@@ -462,10 +464,11 @@ def test_cogvideox_blocks_quantize_in_the_norm_kernel(monkeypatch, preset, atten
     # 8-bit attention normalizes q and k itself, and in fp8 writes the output projection's codes (fp8 presets)
     assert quant_outs == [True] * (len(blocks) if attention == "fp8" else 0)
     assert qk_norms == [True] * (len(blocks) if attention == "int8" else 0)
-    # the attention output projection and the FF down-projection add the residual in two parts, split at the text
+    # the attention output projection (and with ff_epilogue the FF down-projection) adds the residual in two
+    # parts, split at the text
     text_len = x["encoder_hidden_states"].shape[1]
     half = len(residuals) // 2  # (the unfused forward first)
-    assert residuals[half:].count(text_len) == 2 * len(blocks) and not any(residuals[:half])
+    assert residuals[half:].count(text_len) == (2 if ff_epilogue else 1) * len(blocks) and not any(residuals[:half])
     # per block: q/k/v (one shared call) and FF up in the norm kernel, the output projection's in the attention's
     assert saved == (3 if attention == "fp8" else 2) * len(blocks)
     assert norm_calls == [False] * (2 * len(blocks))

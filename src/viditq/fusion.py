@@ -280,7 +280,7 @@ def _project(layer: nn.Module, x, residual, gate=None, residual_prefix=None):
     when hooked: a forward hook sees the layer's own output)."""
     if type(layer) is QuantLinear and not _hooked(layer):
         return layer(x, residual, gate, residual_prefix)
-    return add_residual(layer(x), residual, gate, residual_prefix)
+    return layer(x) if residual is None else add_residual(layer(x), residual, gate, residual_prefix)
 
 
 def _eval_tail(module: nn.Module, layers) -> list | None:
@@ -334,12 +334,13 @@ def _attend(attn, x, residual, gate=None, context=None, mask=None, group=False):
     return _project(tail[0], out, residual, gate)
 
 
-def _feed_forward(ff, x, residual, gate, residual_prefix=None):
+def _feed_forward(ff, x, residual=None, gate=None, residual_prefix=None):
     """``residual + gate * ff(x)`` (diffusers' FeedForward: its modules in turn, or the quantized hand-off of a
-    FusedFeedForward), the down-projection adding it (``residual_prefix``: :func:`_project`)."""
+    FusedFeedForward), the down-projection adding it (``residual_prefix``: :func:`_project`); ``ff(x)`` without a
+    residual."""
     tail = _eval_tail(ff, ff.net)
     if tail is None or _hooked(ff):
-        return add_residual(ff(x), residual, gate, residual_prefix)
+        return ff(x) if residual is None else add_residual(ff(x), residual, gate, residual_prefix)
     if _hand_off_ready(ff):
         x = _hand_off(ff, x)
     else:
@@ -561,10 +562,16 @@ class FusedCogVideoXBlock(CogVideoXBlock):
     concatenation, nor the quantization passes that would read them again touch memory. The residual stream
     runs as one [text, video] sequence too: the attention's output projection adds the text and video residuals,
     each with its own gate, in its GEMM epilogue (reading the two parts where they lie) and writes the joint
-    result, the second norm and the feed-forward's down-projection read its two parts as views, and the block
-    returns the video and text parts of the down-projection's output (views). Same arithmetic as diffusers'
-    forward up to rounding (the norm and modulation round once, in the kernel, and so do the projections with
-    their residual)."""
+    result, the second norm and the feed-forward reads its two parts as views, and the block returns the video and
+    text parts of the feed-forward's residual sum (views). Same arithmetic as diffusers' forward up to rounding
+    (the norm and modulation round once, in the kernel, and so does the output projection with its residual).
+
+    ``ff_residual_in_epilogue``: the feed-forward's down-projection adds its residual in the GEMM epilogue too.
+    Off: on the H100 (session 27) that epilogue at K = 5120 took 0.73 ms against 0.67 for the GEMM and a separate
+    gated-residual pass (Inductor's, under ``compile_blocks``), where at the output projection's K = 1920 it wins
+    (0.33 vs 0.36 ms)."""
+
+    ff_residual_in_epilogue = False
 
     def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, attention_kwargs=None):
         attn, c = self.attn1, hidden_states.shape[-1]
@@ -583,7 +590,10 @@ class FusedCogVideoXBlock(CogVideoXBlock):
         hidden_states, encoder_hidden_states = joint[:, text_len:], joint[:, :text_len]
         x, gates = _norm_modulate_joint(self.norm2, hidden_states, encoder_hidden_states, temb, up,
                                         _codes_only_ff(self.ff, up))
-        joint = _feed_forward(self.ff, x, hidden_states, gates, encoder_hidden_states)
+        if self.ff_residual_in_epilogue:
+            joint = _feed_forward(self.ff, x, hidden_states, gates, encoder_hidden_states)
+        else:
+            joint = add_residual(_feed_forward(self.ff, x), hidden_states, gates, encoder_hidden_states)
         return joint[:, text_len:], joint[:, :text_len]
 
 
