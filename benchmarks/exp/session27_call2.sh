@@ -22,6 +22,6 @@ if (( t > 60 )); then
     --variants bf16_blocks_graph,w8a8_fp8_attn_blocks_graph --iters 3 --timeout 150 --deadline $(( t - 5 )) \
     --out "$OUT/e2e_wan.json" > "$OUT/e2e_wan.txt" 2>&1
 fi
-echo "== cogvideox"; grep -h "^cogvideox " "$OUT"/e2e_cogvideox_*.txt | cut -c1-120
+echo "== cogvideox"; grep -H "^cogvideox " "$OUT"/e2e_cogvideox_*.txt | sed "s|.*/e2e_||" | cut -c1-120
 echo "== attention"; tail -15 "$OUT/ab_wan.txt"
 echo "== wan ($((SECONDS - start)) s)"; grep -E "^wan |ERROR|timed out|deadline" "$OUT/e2e_wan.txt" | cut -c1-150
