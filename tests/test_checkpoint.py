@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import warnings
 
 import pytest
 import torch
@@ -226,6 +227,7 @@ def _wan_with_float32_modules():
     for name, p in model.named_parameters():
         if any(k in name.split(".") for k in model._keep_in_fp32_modules):
             p.data = p.data.float()
+    model.rope = tiny_model("wan").rope  # (its rotary tables too: computed at init in float32, not saved)
     return model
 
 
@@ -242,7 +244,11 @@ def test_mixed_dtype_model_round_trips(tmp_path, conditioning_bits):
     dtypes = {n: p.dtype for n, p in model.named_parameters()}
     assert torch.float32 in dtypes.values() and torch.bfloat16 in dtypes.values()
     config = dataclasses.replace(viditq.PRESETS["w8a8"], conditioning_bits=conditioning_bits)
-    viditq.quantize(model, config, [_bf16(kw) for kw in calibration_set("wan", n=2)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        viditq.quantize(model, config, [_bf16(kw) for kw in calibration_set("wan", n=2)])
+    said = [str(w.message) for w in caught if "_keep_in_fp32_modules" in str(w.message)]
+    assert bool(said) == (conditioning_bits is not None) and all("time_embedder.linear_1" in m for m in said)
     quantized = set(quantized_layers(model))
     assert not any("time_embedder" in name for name in quantized)
     assert ("condition_embedder.time_proj" in quantized) == (conditioning_bits is not None)
@@ -251,6 +257,7 @@ def test_mixed_dtype_model_round_trips(tmp_path, conditioning_bits):
     assert meta["dtype"] == "bfloat16" and meta["layer_dtypes"] == {}
     loaded = viditq.load_quantized(tmp_path / "ck")
     assert {n: t.dtype for n, t in loaded.state_dict().items()} == {n: t.dtype for n, t in model.state_dict().items()}
+    assert {n: b.dtype for n, b in loaded.named_buffers()} == {n: b.dtype for n, b in model.named_buffers()}
     x = _bf16(tiny_inputs("wan", seed=3))
     assert torch.equal(forward_output(model, x), forward_output(loaded, x))
 
@@ -272,6 +279,13 @@ def test_save_refuses_to_replace_what_is_not_a_checkpoint(tmp_path, quantized_pi
     viditq.save_quantized(model, tmp_path / "empty")
     viditq.save_quantized(quantized_pixart["w4a8"], tmp_path / "empty")  # a checkpoint: replaced
     assert viditq.load_quantized(tmp_path / "empty").viditq_config.name == "w4a8"
+    (tmp_path / "empty" / "notes.txt").write_text("mine")  # a checkpoint with a file of the user's: kept
+    with pytest.raises(FileExistsError, match="not a viditq checkpoint alone"):
+        viditq.save_quantized(model, tmp_path / "empty")
+    assert (tmp_path / "empty" / "notes.txt").read_text() == "mine"
+    (tmp_path / "link").symlink_to(tmp_path / "empty")
+    with pytest.raises(ValueError, match="symbolic link"):
+        viditq.save_quantized(model, tmp_path / "link")
     viditq.save_quantized(model, other, overwrite=True)
     assert sorted(p.name for p in other.iterdir()) == ["config.json", "model.safetensors", "viditq.json"]
     with pytest.raises(ValueError, match="current directory"):
@@ -339,3 +353,23 @@ def test_loading_builds_no_float_weights(tmp_path, quantized_pixart, monkeypatch
     assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
     x = tiny_inputs("pixart", seed=5)
     assert torch.equal(forward_output(quantized_pixart["w8a8"], x), forward_output(loaded, x))
+
+
+class _SharedMemory(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.e1, self.e2, self.lin = nn.Embedding(10, 16), nn.Embedding(10, 16), nn.Linear(16, 16)
+        self.e2.weight = nn.Parameter(self.e1.weight.data)  # (same memory, another Parameter object)
+
+    def forward(self, ids):
+        return self.lin(self.e1(ids) + self.e2(ids))
+
+
+def test_weights_sharing_memory_load_as_saved(tmp_path):
+    """Two parameters over one memory are saved once and both filled on load (with ``model=``)."""
+    calib = [{"ids": torch.arange(10)[None].repeat(4, 1)}]
+    model = viditq.quantize(_SharedMemory(), dataclasses.replace(viditq.PRESETS["w8a8"], keep_fp=()), calib)
+    viditq.save_quantized(model, tmp_path / "ck")
+    loaded = viditq.load_quantized(tmp_path / "ck", model=_SharedMemory())
+    assert torch.equal(model(**calib[0]), loaded(**calib[0]))

@@ -159,8 +159,12 @@ def test_quantize_out_accepted(float_pipeline_dir, tmp_path, setup, no_loading):
     if setup == "overwrite":
         (out / "notes.txt").write_text("x")
         extra = ["--overwrite"]
-    elif setup != "empty":
-        (out / ("viditq.json" if setup == "checkpoint" else "viditq_pipeline.json")).write_text("{}")
+    elif setup == "checkpoint":
+        (out / "viditq.json").write_text("{}")
+    elif setup == "pipeline checkpoint":
+        (out / "viditq_pipeline.json").write_text("{}")
+        (out / "model_index.json").write_text('{"_class_name": "X", "transformer": ["viditq", "Q"]}')
+        (out / "transformer").mkdir()
     res = run("quantize", "--model", float_pipeline_dir / "float", "--prompts", tmp_path / "none.txt", "--out", out,
               *extra)
     assert res.exit_code == 2 and "prompt file not found" in res.output, res.output
@@ -186,7 +190,7 @@ def test_quantize_passes_overwrite_to_save_quantized(float_pipeline_dir, tmp_pat
 # --- simple arguments are checked before anything is loaded ---------------------------------------------------
 
 @pytest.mark.parametrize("args,message", [
-    (["--device", "gpu"], "Invalid value for --device: expected cpu, cuda, cuda:N or auto, got 'gpu'"),
+    (["--device", "gpu"], "Invalid value for --device: expected cpu, cuda, cuda:N, auto or another torch device, got 'gpu'"),
     (["--device", "cuda"], "Invalid value for --device: cuda requested but CUDA is not available"),
     (["--device", "cuda:1"], "Invalid value for --device: cuda:1 requested but CUDA is not available"),
     (["--steps", "0"], "Invalid value for '--steps'"),
@@ -207,7 +211,7 @@ def test_quantize_checks_arguments_before_loading(float_pipeline_dir, tmp_path, 
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--device", "tpu"], "Invalid value for --device: expected cpu, cuda, cuda:N or auto, got 'tpu'"),
+    (["--device", "tpu"], "Invalid value for --device: expected cpu, cuda, cuda:N, auto or another torch device, got 'tpu'"),
     (["--steps", "0"], "Invalid value for '--steps'"),
     (["--out", "img.jpgg"], "Invalid value for --out: img.jpgg: unknown file suffix '.jpgg'; use an image "
                             "(.png, .jpg, .jpeg, .webp) or a video (.gif, .mp4) suffix"),
@@ -405,5 +409,13 @@ def test_embedded_writes_a_pipeline_to_try_the_commands_on(tmp_path):
     assert res.exit_code == 0, res.output
     assert (tmp_path / "q" / "transformer" / "viditq.json").is_file()
     again = run("embedded", "t2i", tmp_path / "t2i")
-    assert again.exit_code == 2 and "not a viditq checkpoint" in again.output
+    assert again.exit_code == 2 and "exists and is not empty" in again.output
     assert run("embedded", "t2x", tmp_path / "x").exit_code == 2
+
+
+def test_embedded_never_writes_into_an_existing_directory(tmp_path):
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "viditq.json").write_text("{}")  # even a checkpoint: embedded writes a float pipeline
+    res = run("embedded", "t2i", tmp_path / "ck")
+    assert res.exit_code == 2 and "exists and is not empty" in res.output
+    assert [p.name for p in (tmp_path / "ck").iterdir()] == ["viditq.json"]

@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -207,3 +208,16 @@ def test_malformed_files_name_the_file_and_line(tmp_path, name, text, match):
         QuantConfig.load(tmp_path / name)
     with pytest.raises(ValueError, match=match):
         resolve_config(str(tmp_path / name))
+
+
+def test_numpy_numbers_and_paths_become_python_values():
+    """numpy numbers (from a sweep) and a pathlib cache path are accepted and stored as what JSON can write."""
+    import numpy as np
+
+    from viditq.config import MixedPrecisionSpec, QuantConfig, WeightSpec
+
+    cfg = QuantConfig("np", weight=WeightSpec(bits=np.int64(4), symmetric=np.bool_(False), group_size=np.int64(64)),
+                      calib_rows_per_layer=np.int32(128))
+    assert type(cfg.weight.bits) is int and type(cfg.weight.symmetric) is bool and type(cfg.calib_rows_per_layer) is int
+    assert QuantConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    assert MixedPrecisionSpec(cache=Path("/tmp/x.json"), budget_bits=np.float32(5)).cache == "/tmp/x.json"

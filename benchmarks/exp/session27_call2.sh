@@ -8,7 +8,7 @@
 set -u
 mkdir -p "$OUT"
 start=$SECONDS
-left() { echo $(( 470 - (SECONDS - start) )); }
+left() { echo $(( 430 - (SECONDS - start) )); }
 for pkg in new ff new ff; do
   PYTHONPATH=$PWD/.ab/$pkg:/tmp/site timeout 100 python3 benchmarks/bench_e2e.py --models cogvideox \
     --variants w8a8_fp8_attn_blocks_graph --iters 5 --timeout 95 --out "$OUT/e2e_cogvideox_$pkg.json" \

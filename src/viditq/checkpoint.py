@@ -64,24 +64,38 @@ def _float_dtype(model: nn.Module) -> torch.dtype:
 
 
 def is_checkpoint(path: str | Path) -> bool:
-    """Whether ``path`` holds a viditq checkpoint (a model's or a pipeline's)."""
+    """Whether ``path`` holds a viditq checkpoint (a model's or a pipeline's) and nothing else: replacing it loses
+    no other file."""
     path = Path(path)
-    return (path / META_FILE).is_file() or (path / PIPELINE_META_FILE).is_file()
+    if (path / META_FILE).is_file():
+        own = {META_FILE, TENSORS_FILE, "config.json"}
+    elif (path / PIPELINE_META_FILE).is_file() and (path / "model_index.json").is_file():
+        try:
+            index = json.loads((path / "model_index.json").read_text())
+        except (json.JSONDecodeError, OSError):
+            return False
+        own = {PIPELINE_META_FILE, "model_index.json", "README.md", *(k for k in index if not k.startswith("_"))}
+    else:
+        return False
+    return all(p.name in own for p in path.iterdir())
 
 
 def check_writable(path: str | Path, overwrite: bool = False) -> Path:
-    """``path`` if :func:`save_quantized` may write there: absent, an empty directory or a viditq checkpoint (replaced
-    once the new one is complete); anything else only with ``overwrite``."""
+    """``path`` if :func:`save_quantized` may write there: absent, an empty directory or a viditq checkpoint with
+    nothing else in it (replaced once the new one is complete); anything else only with ``overwrite``. Never the
+    current directory or one above it, nor a symbolic link (the rename would replace the link, not its target)."""
     path = Path(path)
     if path.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
         raise ValueError(f"cannot save a checkpoint to {path} (the current directory or one above it): name a new "
                          "directory")
+    if path.is_symlink():
+        raise ValueError(f"{path} is a symbolic link; save to the directory it points to ({path.resolve()})")
     if overwrite or not path.exists() or is_checkpoint(path):
         return path
     if not path.is_dir() or any(path.iterdir()):
         what, everything = ("a file", "") if not path.is_dir() else ("a non-empty directory", " and everything in it")
-        raise FileExistsError(f"{path} is {what} that is not a viditq checkpoint; choose another path, or pass "
-                              f"overwrite=True (CLI: --overwrite) to replace it{everything}")
+        raise FileExistsError(f"{path} is {what} that is not a viditq checkpoint alone; choose another path, or "
+                              f"pass overwrite=True (CLI: --overwrite) to replace it{everything}")
     return path
 
 
@@ -98,7 +112,10 @@ def atomic_directory(path: Path, write) -> None:
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        elif old.exists():  # (a file replaced with overwrite=True)
+            old.unlink()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -121,6 +138,7 @@ def _write_model(model: nn.Module, directory: Path) -> None:
         "dtype": _dtype_name(dtype),
         "layer_dtypes": {name: _dtype_name(m.float_dtype) for name, m in model.named_modules()
                          if isinstance(m, QuantLinear) and m.float_dtype != dtype},
+        "buffer_dtypes": {name: _dtype_name(b.dtype) for name, b in _unsaved_buffers(model) if b.is_floating_point()},
         "quant_config": config.to_dict(),
         "layers": {name: layer.spec.to_dict() for name, layer in quantized_layers(model).items()},
         "switch_layers": {name: m.schedule_dict() for name, m in model.named_modules()
@@ -313,12 +331,21 @@ def load_quantized(path: str | Path, model: nn.Module | None = None, device: str
         model = _build_model(path, meta)
     elif getattr(model, "viditq_config", None) is not None:
         raise ValueError("load_quantized needs the float model architecture, got an already quantized model")
-    nn.Module.to(model, getattr(torch, meta["dtype"]))  # (diffusers' .to warns of its float32 modules: see below)
+    dtype = getattr(torch, meta["dtype"])
+    if "buffer_dtypes" in meta:  # the saved tensors come with their dtype; the unsaved buffers (tables computed at
+        # init, such as Wan's rotary ones, float32 in a bf16 model) get the one they had
+        buffers = dict(_unsaved_buffers(model))
+        for name, d in meta["buffer_dtypes"].items():
+            if name in buffers:
+                module_name, _, attr = name.rpartition(".")
+                model.get_submodule(module_name)._buffers[attr] = buffers[name].to(getattr(torch, d))
+    else:  # (checkpoints written before session 27: the whole model in the checkpoint's dtype; diffusers' own .to
+        # warns about its float32 modules)
+        nn.Module.to(model, dtype)
     layer_dtypes = {name: getattr(torch, d) for name, d in meta.get("layer_dtypes", {}).items()}
 
     def quant_linear(name: str, linear: nn.Linear) -> QuantLinear:
-        spec = LayerSpec(**meta["layers"][name])
-        return QuantLinear(spec, out_dtype=layer_dtypes.get(name, linear.weight.dtype))
+        return QuantLinear(LayerSpec(**meta["layers"][name]), out_dtype=layer_dtypes.get(name, dtype))
 
     switches = meta.get("switch_layers", {})
     for name, info in switches.items():  # timestep-dependent layers: one variant per precision
@@ -345,9 +372,10 @@ def _load_tensors(model: nn.Module, tensors: Path) -> None:
     except SafetensorError as e:
         raise ValueError(f"cannot read {tensors}: {e}") from None
     expected = model.state_dict(keep_vars=True)
-    saved = {id(expected[name]) for name in state if name in expected}
+    saved = {_tensor_key(expected[name]) for name in state if name in expected}
     # tied parameters (T5's shared / embed_tokens) are saved once: a missing name is fine if its twin is there
-    missing = sorted(n for n in set(expected) - set(state) if expected[n].numel() and id(expected[n]) not in saved)
+    missing = sorted(n for n in set(expected) - set(state)
+                     if expected[n].numel() and _tensor_key(expected[n]) not in saved)
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -358,9 +386,9 @@ def _load_tensors(model: nn.Module, tensors: Path) -> None:
         if value.dtype != want.dtype or value.shape != want.shape:
             raise ValueError(f"checkpoint tensor {name!r} is {value.dtype} {tuple(value.shape)}, the layer spec "
                              f"needs {want.dtype} {tuple(want.shape)}")
-    twins = {}  # tied tensors: names of one object
+    twins = {}  # tied tensors: names of one tensor
     for name, t in model.state_dict(keep_vars=True).items():
-        twins.setdefault(id(t), []).append(name)
+        twins.setdefault(_tensor_key(t), []).append(name)
     model.load_state_dict(state, strict=False, assign=True)  # (assign: the meta parameters of _without_weights)
     loaded = model.state_dict(keep_vars=True)
     for names in twins.values():  # assign gave the saved name a new tensor: its twins take it too
@@ -372,6 +400,22 @@ def _load_tensors(model: nn.Module, tensors: Path) -> None:
     empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if empty:
         raise ValueError(f"checkpoint does not match the model: no tensors for {empty[:5]}")
+
+
+def _tensor_key(t: torch.Tensor):
+    """Equal for the names of one tensor: the same object (meta tensors have no memory), or the same memory."""
+    if t.is_meta:
+        return id(t)
+    return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride())
+
+
+def _unsaved_buffers(model: nn.Module):
+    """(name, buffer) of the non-persistent buffers outside the quantized layers (not in the state dict)."""
+    for module_name, module in model.named_modules():
+        if not isinstance(module, QuantLinear):
+            for attr in module._non_persistent_buffers_set:
+                if module._buffers.get(attr) is not None:
+                    yield (f"{module_name}.{attr}" if module_name else attr), module._buffers[attr]
 
 
 def _cast_to_saved(model: nn.Module, state: dict) -> None:

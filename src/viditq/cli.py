@@ -5,7 +5,6 @@ import dataclasses
 import difflib
 import inspect
 import json
-import re
 from collections import Counter
 from pathlib import Path
 from typing import Optional
@@ -100,21 +99,24 @@ def _check_out_file(out: Path, video: bool | None = None) -> None:
 
 
 def _device(device: str) -> str:
-    """The checked --device, with auto resolved (cuda if available, else cpu)."""
+    """The checked --device (anything torch names: cpu, cuda, cuda:N, mps, ...; CUDA must be there), with auto
+    resolved (cuda if available, else cpu)."""
     import torch
 
-    if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", device):
-        raise typer.BadParameter(f"expected cpu, cuda, cuda:N or auto, got {device!r}", param_hint="--device")
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise typer.BadParameter(f"expected cpu, cuda, cuda:N, auto or another torch device, got {device!r}",
+                                 param_hint="--device") from None
+    if parsed.type == "cuda":
         if not torch.cuda.is_available():
             raise typer.BadParameter(f"{device} requested but CUDA is not available to this torch "
                                      f"({torch.__version__}); use --device cpu", param_hint="--device")
-        index, count = int(device.partition(":")[2] or 0), torch.cuda.device_count()
-        if index >= count:
-            raise typer.BadParameter(f"{device} requested but {count} CUDA device(s) are visible",
-                                     param_hint="--device")
+        if (parsed.index or 0) >= torch.cuda.device_count():
+            raise typer.BadParameter(f"{device} requested but {torch.cuda.device_count()} CUDA device(s) are "
+                                     "visible", param_hint="--device")
     return device
 
 
@@ -161,14 +163,22 @@ def _read_prompts(path: Path) -> list[str]:
     return prompts
 
 
-def _load_any_pipeline(path: Path, device: str):
+def _load_any_pipeline(path: Path, device: str, float_only: bool = False):
+    """The pipeline at --model: a quantized one (unless ``float_only``: quantize needs the float pipeline) or any
+    diffusers folder; a corrupt checkpoint is a one-line error."""
     from .checkpoint import PIPELINE_META_FILE, load_pipeline
     from .models import pipeline_class_for
 
     if not path.is_dir():
         raise typer.BadParameter(f"not a directory: {path}", param_hint="--model")
     if (path / PIPELINE_META_FILE).is_file():
-        return load_pipeline(path, device=device)
+        if float_only:
+            raise typer.BadParameter(f"{path} is already quantized by viditq; quantize the float pipeline",
+                                     param_hint="--model")
+        try:
+            return load_pipeline(path, device=device)
+        except (ValueError, OSError, KeyError) as e:
+            raise typer.BadParameter(f"{path}: {e}", param_hint="--model") from None
     if not (path / "model_index.json").is_file():
         raise typer.BadParameter(f"{path} is not a diffusers pipeline directory (no model_index.json)",
                                  param_hint="--model")
@@ -221,7 +231,7 @@ def quantize(
         raise typer.BadParameter(f"expected 8, 4 or 0, got {text_encoder_bits}", param_hint="--text-encoder-bits")
     _check_out_dir(out, model, overwrite)
     prompt_list = _read_prompts(prompts)
-    pipe = _load_any_pipeline(model, device)
+    pipe = _load_any_pipeline(model, device, float_only=True)
     _check_call_args(pipe, pipe_kwargs)
     console.print(f"calibrating on {len(prompt_list)} prompts x {steps} steps")
     quantize_pipeline(pipe, config, prompt_list, text_encoder_bits=text_encoder_bits or None,
@@ -349,19 +359,16 @@ def embedded(
     """Write an embedded tiny pipeline (trained, shipped with viditq) to DIR as a diffusers folder, with
     calibration prompts from its training distribution in DIR/prompts.txt: a model to try the other commands on
     (`viditq quantize --model DIR --prompts DIR/prompts.txt ...`)."""
-    from .checkpoint import check_writable
+    from .checkpoint import atomic_directory
     from .models import load_t2i_pipeline, load_t2v_pipeline
     from .models.data import model_scenes
 
     loaders = {"t2i": load_t2i_pipeline, "t2v": load_t2v_pipeline}
     if kind not in loaders:
         raise typer.BadParameter(f"expected t2i or t2v, got {kind!r}", param_hint="KIND")
-    try:
-        check_writable(out)
-    except (FileExistsError, ValueError) as e:
-        raise typer.BadParameter(str(e).replace("pass overwrite=True (CLI: --overwrite) to replace it", "remove it"),
-                                 param_hint="DIR") from None
-    loaders[kind]().save_pretrained(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise typer.BadParameter(f"{out} exists and is not empty; name a new directory", param_hint="DIR")
+    atomic_directory(out, loaders[kind]().save_pretrained)
     captions = [s.caption for s in model_scenes(kind, prompts, seed=99, split="train")]
     (out / "prompts.txt").write_text("\n".join(captions) + "\n")
     console.print(f"[green]wrote[/green] {out} and {out / 'prompts.txt'} ({len(captions)} prompts)")
@@ -486,7 +493,7 @@ def sensitivity(
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     prompt_list = _read_prompts(prompts)
-    pipe = _load_any_pipeline(model, device)
+    pipe = _load_any_pipeline(model, device, float_only=True)
     _check_call_args(pipe, pipe_kwargs)
     console.print(f"calibrating on {len(prompt_list)} prompts x {steps} steps")
     calib = capture_calibration(pipe, prompt_list, num_inference_steps=steps, **pipe_kwargs)

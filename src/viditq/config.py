@@ -19,12 +19,15 @@ import functools
 import json
 import math
 import numbers
+import os
 import re
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 FORMAT_VERSION = 1
 
@@ -71,11 +74,11 @@ def _check_bits(bits: int, what: str, allow_float: bool = False) -> None:
 
 # -- field types: one check for every section ----------------------------------------------------------------
 # annotation -> (what a value must be, what a list's items must be, test)
-_SCALARS = {
-    bool: ("True or False", "booleans", lambda v: isinstance(v, bool)),
-    int: ("an integer", "integers", lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)),
-    float: ("a number", "numbers", lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)),
-    str: ("a string", "strings", lambda v: isinstance(v, str)),
+_SCALARS = {  # (numpy numbers pass as Python ones: a config must serialize to JSON)
+    bool: ("True or False", "booleans", lambda v: isinstance(v, (bool, np.bool_)), bool),
+    int: ("an integer", "integers", lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool), int),
+    float: ("a number", "numbers", lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool), float),
+    str: ("a string", "strings", lambda v: isinstance(v, (str, os.PathLike)), os.fspath),  # (a path: a cache file)
 }
 
 
@@ -114,9 +117,10 @@ def _conform(value, hint, where: str):
                  else _SCALARS[item][1])
         expected = f"a list of {items}" if size is None else f"a (lo, hi) pair of {items}"  # size 2: timesteps
     else:
-        expected, _, ok = _SCALARS[hint]
+        expected, _, ok, python = _SCALARS[hint]
         if ok(value):
-            return value
+            new = python(value)
+            return value if new == value and type(new) is type(value) else new
     raise ValueError(f"{where} must be {expected}{' or None' if optional else ''}, got {value!r}")
 
 

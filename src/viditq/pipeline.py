@@ -96,7 +96,10 @@ def quantize_pipeline(
         raise ValueError(f"text_encoder_bits must be 8, 4 or None (keep float), got {text_encoder_bits!r}")
     if getattr(pipe, "transformer", None) is None:
         raise ValueError(f"{type(pipe).__name__} has no .transformer to quantize")
-    done = [name for name, c in pipe.components.items() if getattr(c, "viditq_config", None) is not None]
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
+    targets = ["transformer"] + ([te for te, _ in text_encoder_pairs(pipe)] if text_encoder_bits else [])
+    done = [name for name in targets if getattr(pipe.components.get(name), "viditq_config", None) is not None]
     if done:
         raise ValueError(f"the pipeline's {', '.join(done)} already quantized by viditq: quantize_pipeline "
                          "needs the float pipeline (load it again)")

@@ -12,6 +12,7 @@ import functools
 import inspect
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import Iterable
 
@@ -196,14 +197,21 @@ def plan_schedules(model: nn.Module, config: QuantConfig) -> dict[str, tuple[nn.
     """name → (linear, default precision, timestep schedule) for every linear layer quantized at some timestep.
     Layers inside the modules a diffusers model keeps in float32 (``_keep_in_fp32_modules``: Wan's time embedding,
     whose forward reads its parameters' dtype) stay float whatever the config says."""
-    plan = {}
+    plan, kept = {}, []
     fp32_modules = getattr(model, "_keep_in_fp32_modules", None) or ()
     for name, module in model.named_modules():
-        if type(module) is not nn.Linear or any(m in name.split(".") for m in fp32_modules):
+        if type(module) is not nn.Linear:
             continue
         default, schedule = layer_schedule(name, config)
         if default is not None or schedule:
-            plan[name] = (module, default, schedule)
+            if any(m in name.split(".") for m in fp32_modules):
+                kept.append(name)
+            else:
+                plan[name] = (module, default, schedule)
+    if kept:
+        warnings.warn(f"{len(kept)} layers the config quantizes stay float: {type(model).__name__} keeps their "
+                      f"modules in float32 (_keep_in_fp32_modules): {kept[:4]}{' ...' if len(kept) > 4 else ''}",
+                      stacklevel=3)
     return plan
 
 
