@@ -78,40 +78,31 @@ def build_model(name: str, device: str, tiny: bool):
         )
         return model, kwargs
     if name == "cogvideox":
-        cfg = {}
+        cls, cfg = CogVideoXTransformer3DModel, {}
         latents, tokens, text_dim = (2, 13, 16, 60, 90), 226, 4096
         if tiny:
             cfg = dict(num_layers=2, num_attention_heads=2, attention_head_dim=32, text_embed_dim=64,
                        sample_height=16, sample_width=16, sample_frames=5, max_text_seq_length=8)
             latents, tokens, text_dim = (2, 2, 16, 16, 16), 8, 64
-        with torch.device(device):
-            model = CogVideoXTransformer3DModel(**cfg)
-        model = model.to(dtype).eval()
-        kwargs = dict(
-            hidden_states=torch.randn(*latents, device=device, dtype=dtype),
-            encoder_hidden_states=torch.randn(2, tokens, text_dim, device=device, dtype=dtype),
-            timestep=torch.tensor([500, 500], device=device),
-            return_dict=False,
-        )
-        return model, kwargs
-    if name == "wan":  # Wan2.1-T2V-1.3B, 81 frames 480x832: (16, 21, 60, 104) latents, 32 760 tokens, 512 text
-        cfg = dict(num_attention_heads=12, ffn_dim=8960, num_layers=30)
+    elif name == "wan":  # Wan2.1-T2V-1.3B, 81 frames 480x832: (16, 21, 60, 104) latents, 32 760 tokens, 512 text
+        cls, cfg = WanTransformer3DModel, dict(num_attention_heads=12, ffn_dim=8960, num_layers=30)
         latents, tokens, text_dim = (2, 16, 21, 60, 104), 512, 4096
         if tiny:
             cfg = dict(num_attention_heads=2, attention_head_dim=32, text_dim=64, freq_dim=32, ffn_dim=128,
                        num_layers=2, rope_max_seq_len=32)
             latents, tokens, text_dim = (2, 16, 2, 16, 16), 8, 64
-        with torch.device(device):
-            model = WanTransformer3DModel(**cfg)
-        model = model.to(dtype).eval()
-        kwargs = dict(
-            hidden_states=torch.randn(*latents, device=device, dtype=dtype),
-            encoder_hidden_states=torch.randn(2, tokens, text_dim, device=device, dtype=dtype),
-            timestep=torch.tensor([500, 500], device=device),
-            return_dict=False,
-        )
-        return model, kwargs
-    raise ValueError(f"unknown model {name!r}; choose one of {MODELS}")
+    else:
+        raise ValueError(f"unknown model {name!r}; choose one of {MODELS}")
+    with torch.device(device):
+        model = cls(**cfg)
+    model = model.to(dtype).eval()
+    kwargs = dict(
+        hidden_states=torch.randn(*latents, device=device, dtype=dtype),
+        encoder_hidden_states=torch.randn(2, tokens, text_dim, device=device, dtype=dtype),
+        timestep=torch.tensor([500, 500], device=device),
+        return_dict=False,
+    )
+    return model, kwargs
 
 
 def tensor_bytes(t: torch.Tensor) -> int:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Session 27's second device call (one H100, ~480 s): here `python benchmarks/ab_attention.py prepare new=a2cb338
-# ff=HEAD`; there carry [".whl", ".ab"], the install line, `OUT=$OUT bash benchmarks/exp/session27_call2.sh`.
+# Session 27's second device call (one H100, ~440 s), not run (no machine): here `python benchmarks/ab_attention.py prepare new=a2cb338
+# ff=975a435` (or ff=HEAD); there carry [".whl", ".ab"], the install line, `OUT=$OUT bash benchmarks/exp/session27_call2.sh`.
 # 1. CogVideoX W8A8-fp8 + fp8 attention, new (feed-forward residual in the GEMM epilogue) vs ff (as a separate
 #    Inductor pass), twice each. Prediction: ff 1-2 ms faster (call 1's kernel table: 0.73 vs 0.67 ms x 30).
 # 2. The fp8 attention at Wan2.1-1.3B's self-attention (2, 12, 32760, 128): bench_attention.TILES["wan_self"].
