@@ -120,17 +120,23 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def unknown_arguments(fn, keys) -> tuple[list[str], list[str]]:
+    """(the keys ``fn`` has no parameter for, sorted — none if it takes ``**kwargs``; the parameters it has)."""
+    params = inspect.signature(fn).parameters
+    names = [n for n in params if n != "self"]
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return [], names
+    return sorted(set(keys) - set(params)), names
+
+
 def check_calibration_kwargs(model: nn.Module, samples: list[dict]) -> None:
     """Every sample's keys are arguments of ``model.forward`` (unless it takes ``**kwargs``): a ValueError naming
     the unknown ones, instead of a TypeError from deep inside the forward."""
-    params = inspect.signature(model.forward).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
     for i, sample in enumerate(samples):
-        unknown = sorted(set(sample) - set(params))
+        unknown, params = unknown_arguments(model.forward, sample)
         if unknown:
             raise ValueError(f"calibration sample {i} has arguments {unknown} that {type(model).__name__}.forward "
-                             f"does not take (it takes {list(params)}); calibrate with this model's inputs")
+                             f"does not take (it takes {params}); calibrate with this model's inputs")
 
 
 def run_calibration(model: nn.Module, samples: list[dict], desc: str = "calibrating") -> None:

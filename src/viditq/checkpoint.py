@@ -207,17 +207,21 @@ def save_quantized(obj, path: str | Path, overwrite: bool = False) -> Path:
 
 
 def check_device(device: str | torch.device | None) -> torch.device | None:
-    """``device`` as a torch.device, or a ValueError naming the problem (an unknown name, CUDA not available)."""
+    """``device`` as a torch.device, or a ValueError naming the problem (an unknown name, CUDA not available, a
+    CUDA index past the visible devices)."""
     if device is None:
         return None
     try:
-        device = torch.device(device)
+        parsed = torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"unknown device {device!r}: expected cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} requested, but CUDA is not available to this torch "
-                         f"({torch.__version__}); use cpu")
-    return device
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{device} requested but CUDA is not available to this torch ({torch.__version__}); "
+                             "use cpu")
+        if (parsed.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"{device} requested but {torch.cuda.device_count()} CUDA device(s) are visible")
+    return parsed
 
 
 def load_pipeline(path: str | Path, device: str | torch.device | None = None, **kwargs):
@@ -337,8 +341,7 @@ def load_quantized(path: str | Path, model: nn.Module | None = None, device: str
         buffers = dict(_unsaved_buffers(model))
         for name, d in meta["buffer_dtypes"].items():
             if name in buffers:
-                module_name, _, attr = name.rpartition(".")
-                model.get_submodule(module_name)._buffers[attr] = buffers[name].to(getattr(torch, d))
+                _set_tensor(model, name, buffers[name].to(getattr(torch, d)))
     else:  # (checkpoints written before session 27: the whole model in the checkpoint's dtype; diffusers' own .to
         # warns about its float32 modules)
         nn.Module.to(model, dtype)
@@ -379,24 +382,24 @@ def _load_tensors(model: nn.Module, tensors: Path) -> None:
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    _cast_to_saved(model, state)
-    expected = model.state_dict()
+    # float tensors outside the quantized layers load in the dtype they were saved in (a model kept partly in
+    # float32, as diffusers keeps its _keep_in_fp32_modules, comes back that way)
+    quantized = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, QuantLinear))
     for name, value in state.items():
         want = expected[name]
-        if value.dtype != want.dtype or value.shape != want.shape:
+        free = value.is_floating_point() and want.is_floating_point() and not name.startswith(quantized)
+        if (value.dtype != want.dtype and not free) or value.shape != want.shape:
             raise ValueError(f"checkpoint tensor {name!r} is {value.dtype} {tuple(value.shape)}, the layer spec "
                              f"needs {want.dtype} {tuple(want.shape)}")
     twins = {}  # tied tensors: names of one tensor
-    for name, t in model.state_dict(keep_vars=True).items():
+    for name, t in expected.items():
         twins.setdefault(_tensor_key(t), []).append(name)
     model.load_state_dict(state, strict=False, assign=True)  # (assign: the meta parameters of _without_weights)
     loaded = model.state_dict(keep_vars=True)
     for names in twins.values():  # assign gave the saved name a new tensor: its twins take it too
         source = next((n for n in names if n in state), None)
         for name in names if source is not None else ():
-            module_name, _, attr = name.rpartition(".")
-            module = model.get_submodule(module_name)
-            (module._parameters if attr in module._parameters else module._buffers)[attr] = loaded[source]
+            _set_tensor(model, name, loaded[source])
     empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if empty:
         raise ValueError(f"checkpoint does not match the model: no tensors for {empty[:5]}")
@@ -418,18 +421,8 @@ def _unsaved_buffers(model: nn.Module):
                     yield (f"{module_name}.{attr}" if module_name else attr), module._buffers[attr]
 
 
-def _cast_to_saved(model: nn.Module, state: dict) -> None:
-    """Float parameters and buffers outside the quantized layers to the dtype they were saved in (a model kept
-    partly in float32, as diffusers keeps ``_keep_in_fp32_modules``, comes back that way)."""
-    for module_name, module in model.named_modules():
-        if isinstance(module, QuantLinear):
-            continue
-        for tensors in (module._parameters, module._buffers):
-            for name, t in tensors.items():
-                saved = state.get(f"{module_name}.{name}" if module_name else name)
-                if t is not None and saved is not None and t.is_floating_point() and saved.is_floating_point() \
-                        and t.dtype != saved.dtype:
-                    if isinstance(t, nn.Parameter):
-                        t.data = t.data.to(saved.dtype)
-                    else:
-                        tensors[name] = t.to(saved.dtype)
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Put ``value`` in place of the parameter or buffer ``name`` (as it is, no copy)."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    (module._parameters if attr in module._parameters else module._buffers)[attr] = value

@@ -67,15 +67,14 @@ def _parse_pipe_args(pairs: list[str], cli_args: dict[str, str]) -> dict:
 
 def _check_call_args(pipe, kwargs: dict) -> None:
     """BadParameter for ``kwargs`` the pipeline's ``__call__`` does not take (unchecked if it takes ``**kwargs``)."""
-    params = inspect.signature(type(pipe).__call__).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return
-    for key in kwargs:
-        if key not in params:
-            close = difflib.get_close_matches(key, [p for p in params if p != "self"], n=1)
-            hint = f"; did you mean {close[0]}?" if close else ""
-            raise typer.BadParameter(f"{type(pipe).__name__} takes no argument {key!r}{hint}",
-                                     param_hint="--pipe-arg")
+    from .calibrate import unknown_arguments
+
+    unknown, params = unknown_arguments(pipe.__call__, kwargs)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], params, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise typer.BadParameter(f"{type(pipe).__name__} takes no argument {unknown[0]!r}{hint}",
+                                 param_hint="--pipe-arg")
 
 
 def _pipeline_is_video(pipe) -> bool | None:
@@ -103,20 +102,19 @@ def _device(device: str) -> str:
     resolved (cuda if available, else cpu)."""
     import torch
 
+    from .checkpoint import check_device
+
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        parsed = torch.device(device)
+        torch.device(device)
     except (RuntimeError, TypeError):
         raise typer.BadParameter(f"expected cpu, cuda, cuda:N, auto or another torch device, got {device!r}",
                                  param_hint="--device") from None
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise typer.BadParameter(f"{device} requested but CUDA is not available to this torch "
-                                     f"({torch.__version__}); use --device cpu", param_hint="--device")
-        if (parsed.index or 0) >= torch.cuda.device_count():
-            raise typer.BadParameter(f"{device} requested but {torch.cuda.device_count()} CUDA device(s) are "
-                                     "visible", param_hint="--device")
+    try:
+        check_device(device)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--device") from None
     return device
 
 

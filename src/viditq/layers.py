@@ -661,13 +661,19 @@ def current_timestep(args: tuple, kwargs: dict, position: int | None) -> float |
     return float(t)
 
 
+def timestep_position(model: nn.Module) -> int | None:
+    """Where ``timestep`` stands among ``model.forward``'s parameters (for a positional call), or None."""
+    import inspect
+
+    params = list(inspect.signature(model.forward).parameters)
+    return params.index("timestep") if "timestep" in params else None
+
+
 def install_timestep_hook(model: nn.Module) -> int:
     """Make every TimestepSwitchLinear of ``model`` follow the ``timestep`` argument of ``model``'s forward.
 
     Idempotent (an earlier hook is replaced). Returns the number of switching layers.
     """
-    import inspect
-
     old = getattr(model, "_viditq_timestep_hook", None)
     if old is not None:
         old.remove()
@@ -675,8 +681,7 @@ def install_timestep_hook(model: nn.Module) -> int:
     switches = [m for m in model.modules() if isinstance(m, TimestepSwitchLinear)]
     if not switches:
         return 0
-    params = list(inspect.signature(model.forward).parameters)
-    position = params.index("timestep") if "timestep" in params else None
+    position = timestep_position(model)
 
     def hook(module, args, kwargs):
         t = current_timestep(args, kwargs, position)

@@ -15,14 +15,13 @@ without offload on a GPU.
 """
 from __future__ import annotations
 
-import inspect
 import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .calibrate import capture_calibration, model_device
+from .calibrate import capture_calibration, model_device, unknown_arguments
 from .config import ActSpec, QuantConfig, WeightSpec, resolve_config
 from .layers import LayerSpec, QuantLinear, make_layer_spec
 from .memory import memory_report
@@ -120,10 +119,6 @@ def quantize_pipeline(
 
 def _check_call_kwargs(pipe, kwargs: dict) -> None:
     """The pipeline's ``__call__`` takes every key of ``kwargs`` (unless it takes ``**kwargs``)."""
-    params = inspect.signature(pipe.__call__).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    unknown = sorted(set(kwargs) - set(params))
+    unknown, params = unknown_arguments(pipe.__call__, kwargs)
     if unknown:
-        raise ValueError(f"{type(pipe).__name__}.__call__ does not take {unknown}; it takes "
-                         f"{[n for n in params if n != 'self']}")
+        raise ValueError(f"{type(pipe).__name__}.__call__ does not take {unknown}; it takes {params}")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import inspect
 import math
 import re
 import warnings
@@ -25,7 +24,7 @@ from .config import CONDITIONING_LAYERS, FLOAT_ACT_BITS, ActSpec, LayerRule, Qua
 from .gptq import apply_gptq, hessian_hooks
 from .layers import (
     LayerSpec, QuantLinear, TimestepSwitchLinear, current_timestep, install_input_sharing, install_timestep_hook,
-    install_weight_staging, make_layer_spec,
+    install_weight_staging, make_layer_spec, timestep_position,
 )
 from .progress import progress
 
@@ -171,12 +170,9 @@ def float_final_range(config: QuantConfig) -> tuple[float, float] | None:
 @contextlib.contextmanager
 def recorded_timesteps(model: nn.Module):
     """A list that fills with the timestep of each of ``model``'s forward calls inside the block."""
-    params = list(inspect.signature(model.forward).parameters)
-    position = params.index("timestep") if "timestep" in params else None
-    seen: list[float | None] = []
-    handle = model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(current_timestep(args, kwargs,
-                                                                                                   position)),
-                                             with_kwargs=True)
+    position, seen = timestep_position(model), []
+    handle = model.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(current_timestep(args, kwargs, position)), with_kwargs=True)
     try:
         yield seen
     finally:
